@@ -1,0 +1,229 @@
+"""Evaluate a DeRefNet checkpoint or ONNX model on a data split with CSO-mAP.
+
+    csist evaluate --model models/derefnet.onnx --data data/seqcsist --split test
+    csist evaluate --model runs/derefnet/best.pt --data data/seqcsist --split test \
+        --refine centroid --out report.json --detections dets.json --plots plots/
+
+Scores the middle frames of all full 5-frame windows (frames 3..18 of each 20-frame trajectory,
+1-based) as the SeqCSIST paper does: CSO-mAP with AP05..AP25, broken down by the number of
+targets, count accuracy and the mean localisation error of matched targets. The peaks come
+from ``service.peaks``, the same code the service runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.peaks import REFINE_MODES, extract_peaks
+from training.data import read_split, window_middles, windows
+from training.metric import cso_map, count_accuracy, localisation_error
+
+WINDOW = 5
+
+
+def load_predictor(path: str | Path, threads: int | None = None):
+    """A function frames (n, T, 11, 11) -> HR maps (n, T-4, 33, 33) for a .pt or .onnx model."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OnnxPredictor(path, threads)
+    return TorchPredictor(path, threads)
+
+
+class OnnxPredictor:
+    def __init__(self, path: Path, threads: int | None = None, batch: int = 64):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.batch = batch
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        n, t = frames.shape[:2]
+        win = windows(frames.astype(np.float32), WINDOW)  # (n*(T-4), 5, 11, 11)
+        out = [self.session.run(None, {self.input: win[i : i + self.batch]})[0] for i in range(0, len(win), self.batch)]
+        maps = np.concatenate(out)
+        return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
+
+
+class TorchPredictor:
+    def __init__(self, path: Path, threads: int | None = None, batch: int = 8):
+        import torch
+
+        from training.train import load_checkpoint_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_checkpoint_model(path)
+        self.batch = batch
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        return predict_trajectories(self.model, frames, self.batch)
+
+
+def predict_trajectories(model, frames: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Torch model over whole trajectories, each frame encoded once: (n, T-4, 33, 33) maps."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch], dtype=np.float32)).to(device)
+            hr = model.forward_trajectories(x, with_symmetry=False)[0]
+            out.append((hr * model.cfg.scale).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def detections(maps: np.ndarray, threshold: float = 70.0, refine: str = "centroid", max_targets: int | None = None):
+    """Peaks of every map in (n, W, 33, 33): a flat list of (K, 3) arrays, trajectory-major."""
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    return [extract_peaks(m, threshold=threshold, refine=refine, max_targets=max_targets) for m in flat]
+
+
+def middle_truth(split) -> list[np.ndarray]:
+    """Ground truth of every window's middle frame, trajectory-major, matching ``detections``."""
+    mids = window_middles(split.frames.shape[1], WINDOW)
+    return [np.asarray(split.targets[t][i]) for t in range(split.n_trajectories) for i in mids]
+
+
+def score(dets: list, truth: list) -> dict:
+    """CSO-mAP overall and by target count, count accuracy and localisation error."""
+    report = {
+        "frames": len(truth),
+        "targets": int(sum(len(g) for g in truth)),
+        **cso_map(dets, truth),
+        "count_accuracy": 100.0 * count_accuracy(dets, truth),
+        "localisation_error_px": localisation_error(dets, truth),
+        "by_count": {},
+    }
+    counts = np.array([len(g) for g in truth])
+    for k in np.unique(counts):
+        idx = np.flatnonzero(counts == k)
+        d, g = [dets[i] for i in idx], [truth[i] for i in idx]
+        report["by_count"][str(int(k))] = {"frames": len(idx), **cso_map(d, g), "count_accuracy": 100.0 * count_accuracy(d, g)}
+    return report
+
+
+def evaluate(predictor, split, threshold: float = 70.0, refine: str = "centroid", max_targets: int | None = None):
+    """Run ``predictor`` on a split; returns (report, detections, maps)."""
+    t0 = time.perf_counter()
+    maps = predictor(split.frames)
+    seconds = time.perf_counter() - t0
+    dets = detections(maps, threshold, refine, max_targets)
+    report = score(dets, middle_truth(split))
+    report["inference_seconds"] = seconds
+    report["windows_per_second"] = maps.shape[0] * maps.shape[1] / max(seconds, 1e-9)
+    return report, dets, maps
+
+
+def save_detections(path: Path, split, dets: list) -> None:
+    mids = window_middles(split.frames.shape[1], WINDOW)
+    frames = []
+    for k, d in enumerate(dets):
+        t, i = divmod(k, len(mids))
+        frames.append({"trajectory": t, "frame": int(mids[i]), "detections": np.round(d, 6).tolist()})
+    path.write_text(json.dumps({"frames": frames}))
+
+
+def plot_windows(out_dir: Path, split, maps: np.ndarray, dets: list, count: int = 6) -> list[Path]:
+    """Input, output map, HR truth and found targets for the first ``count`` windows of a few trajectories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from service.physics import hr_map
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mids = window_middles(split.frames.shape[1], WINDOW)
+    written = []
+    picks = np.linspace(0, split.n_trajectories - 1, min(count, split.n_trajectories)).astype(int)
+    for t in picks:
+        w = len(mids) // 2
+        frame = mids[w]
+        truth = np.asarray(split.targets[t][frame])
+        found = dets[t * len(mids) + w]
+        fig, ax = plt.subplots(1, 3, figsize=(11, 3.8))
+        ax[0].imshow(split.frames[t, frame], cmap="gray", vmin=0, vmax=255)
+        ax[0].set_title(f"input: trajectory {t}, frame {frame}")
+        ax[1].imshow(maps[t, w], cmap="inferno", extent=(-0.5, 10.5, 10.5, -0.5))
+        ax[1].set_title("network output (HR map)")
+        ax[2].imshow(hr_map(truth), cmap="inferno", extent=(-0.5, 10.5, 10.5, -0.5))
+        ax[2].set_title("truth (HR map)")
+        for a in ax:
+            a.scatter(truth[:, 0], truth[:, 1], marker="+", c="cyan", s=80, label="truth")
+            if len(found):
+                a.scatter(found[:, 0], found[:, 1], marker="x", c="lime", s=50, label="found")
+        lo, hi = truth[:, :2].min(0) - 1.5, truth[:, :2].max(0) + 1.5
+        for a in ax[1:]:
+            a.set_xlim(lo[0], hi[0])
+            a.set_ylim(hi[1], lo[1])
+        ax[0].legend(loc="lower right", fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"window_t{t:04d}_f{frame:02d}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def format_report(r: dict) -> str:
+    aps = " ".join(f"{k} {r[k]:.2f}" for k in ("AP05", "AP10", "AP15", "AP20", "AP25"))
+    lines = [
+        f"CSO-mAP {r['mAP']:.2f}  ({aps})",
+        f"count accuracy {r['count_accuracy']:.2f} %  localisation error {r['localisation_error_px']:.4f} px"
+        f"  frames {r['frames']}  targets {r['targets']}",
+    ]
+    for k, v in r["by_count"].items():
+        lines.append(f"  K={k}: mAP {v['mAP']:.2f}  count accuracy {v['count_accuracy']:.2f} %  frames {v['frames']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csist evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint (.pt) or ONNX model (.onnx)")
+    p.add_argument("--data", required=True, help="data set root (csist simulate output or the published layout)")
+    p.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N trajectories")
+    p.add_argument("--threshold", type=float, default=70.0, help="peak brightness threshold (default 70, as the reference metric)")
+    p.add_argument("--refine", default="centroid", choices=REFINE_MODES, help="sub-cell peak refinement")
+    p.add_argument("--max-targets", type=int, default=None, help="keep at most this many peaks per frame")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: library default)")
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    p.add_argument("--detections", type=Path, default=None, help="write all detections as JSON here")
+    p.add_argument("--plots", type=Path, default=None, help="write PNGs of input, output, truth and found targets here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    split = read_split(args.data, args.split, limit=args.limit)
+    predictor = load_predictor(args.model, args.threads)
+    report, dets, maps = evaluate(predictor, split, args.threshold, args.refine, args.max_targets)
+    report.update(model=str(args.model), data=str(args.data), split=args.split, refine=args.refine, threshold=args.threshold)
+    print(format_report(report))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    if args.detections:
+        save_detections(args.detections, split, dets)
+    if args.plots:
+        for path in plot_windows(args.plots, split, maps, dets):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
