@@ -2,7 +2,11 @@
 
 The network outputs a ``ratio*size`` square HR map per window that is near zero except at
 target cells, where it approaches the target's brightness (~220-250). A target is a local
-maximum of that map above a brightness threshold (default 70, the reference metric's value):
+maximum of that map above a brightness threshold (default 70, the reference metric's value).
+
+``mode="cells"`` (the default, and the reference metric's rule): every cell above the threshold
+is a target; the centroid then ignores neighbours that are targets themselves.
+``mode="local_max"``:
 
 1. Candidates: cells strictly above ``threshold`` that are ``>=`` all their 8 neighbours
    (cells outside the map do not count). A *plateau* (8-connected cells of equal value) is a
@@ -40,6 +44,11 @@ import numpy as np
 from service.physics import RATIO, hr_to_lr
 
 REFINE_MODES = ("none", "centroid", "quadratic")
+# "cells": every HR cell above the threshold is a target (the reference CSO-mAP rule). SeqCSIST
+# targets sit 0.3 px = 0.9 HR cells from their group's centre, so two targets very often fall
+# in adjacent cells, and a local-maximum rule would merge them. "local_max": the rule above.
+PEAK_MODES = ("cells", "local_max")
+DEFAULT_MODE = "cells"
 DEFAULT_THRESHOLD = 70.0  # brightness threshold of the reference CSO-mAP code
 
 # Neighbourhood offsets (drow, dcol): the 3x3 block in row-major order, the 8 neighbours, and
@@ -58,6 +67,7 @@ def extract_peaks(
     max_targets: int | None = None,
     ratio: int = RATIO,
     nms_radius: int = 1,
+    mode: str = DEFAULT_MODE,
 ) -> np.ndarray:
     """Targets found in one HR map: float64 array (K, 3) of rows (x, y, brightness).
 
@@ -67,7 +77,7 @@ def extract_peaks(
     finite, an unknown ``refine`` or an invalid option.
     """
     maps = _as_maps(hr_map, ndim=2, name="hr_map")[None]
-    return _extract(maps, threshold, refine, max_targets, ratio, nms_radius)[0]
+    return _extract(maps, threshold, refine, max_targets, ratio, nms_radius, mode)[0]
 
 
 def extract_peaks_batch(
@@ -77,6 +87,7 @@ def extract_peaks_batch(
     max_targets: int | None = None,
     ratio: int = RATIO,
     nms_radius: int = 1,
+    mode: str = DEFAULT_MODE,
 ) -> list[np.ndarray]:
     """:func:`extract_peaks` for each map of a (B, H, W) stack, in one vectorised pass.
 
@@ -84,14 +95,16 @@ def extract_peaks_batch(
     :func:`extract_peaks` on each map, but with the per-call overhead paid once.
     """
     maps = _as_maps(hr_maps, ndim=3, name="hr_maps")
-    return _extract(maps, threshold, refine, max_targets, ratio, nms_radius)
+    return _extract(maps, threshold, refine, max_targets, ratio, nms_radius, mode)
 
 
-def _extract(maps, threshold, refine, max_targets, ratio, nms_radius) -> list[np.ndarray]:
+def _extract(maps, threshold, refine, max_targets, ratio, nms_radius, mode) -> list[np.ndarray]:
     """Peaks of a validated (B, H, W) float64 stack; see the module docstring."""
     threshold, max_targets, ratio, nms_radius = _check_options(
         threshold, refine, max_targets, ratio, nms_radius
     )
+    if mode not in PEAK_MODES:
+        raise ValueError(f"mode must be one of {PEAK_MODES}, got {mode!r}")
     n_maps, h, w = maps.shape
     if maps.size == 0:
         return [np.zeros((0, 3)) for _ in range(n_maps)]
@@ -104,7 +117,10 @@ def _extract(maps, threshold, refine, max_targets, ratio, nms_radius) -> list[np
     flat = padded.reshape(-1)
     offs = _offsets(w + 2)
 
-    cells = _candidates(flat, threshold, offs)
+    if mode == "cells":
+        cells = np.flatnonzero(flat > threshold)
+    else:
+        cells = _candidates(flat, threshold, offs)
     v = flat[cells]
     if n_maps == 1:
         order = np.argsort(-v, kind="stable")  # value descending, ties stay row-major
@@ -128,7 +144,10 @@ def _extract(maps, threshold, refine, max_targets, ratio, nms_radius) -> list[np
     out[:, 1], out[:, 0] = np.divmod(rest, w + 2)  # padded (row, column) = cell + 1
     out[:, :2] -= 1.0  # HR cell (column j, row i)
     if refine != "none" and cells.size:
-        out[:, :2] += (_centroid if refine == "centroid" else _quadratic)(flat, cells, v, offs)
+        if refine == "centroid":
+            out[:, :2] += _centroid(flat, cells, v, offs, threshold if mode == "cells" else None)
+        else:
+            out[:, :2] += _quadratic(flat, cells, v, offs)
     out[:, :2] = hr_to_lr(out[:, :2], ratio)
     out[:, 2] = v
     if n_maps == 1:
@@ -281,14 +300,20 @@ def _nms(b, rest, shape, radius: int, max_targets: int | None) -> np.ndarray:
     return keep
 
 
-def _centroid(flat, cells, v, offs) -> np.ndarray:
+def _centroid(flat, cells, v, offs, exclude_above: float | None = None) -> np.ndarray:
     """(dx, dy) columns: intensity-weighted centroid offset over the 3x3 neighbourhood.
+
+    With ``exclude_above`` set, neighbours above it (targets of their own) get no weight.
 
     Values are clipped at 0 (the -inf ring becomes 0, which cuts the neighbourhood at the
     border) so that negative network output cannot push the centroid away from the peak; the
     offset is then a convex combination of -1, 0, 1, i.e. within +-1 cell.
     """
     weights = np.maximum(flat[cells[:, None] + offs["block"]], 0.0)  # (K, 9)
+    if exclude_above is not None:
+        centre = weights[:, 4].copy()
+        weights[weights > exclude_above] = 0.0
+        weights[:, 4] = centre
     moments = weights @ _MOMENTS  # (K, 3): mass, sum of weight*dcol, sum of weight*drow
     mass = moments[:, :1]
     if (mass > 0).all():

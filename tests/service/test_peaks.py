@@ -8,7 +8,14 @@ from collections import deque
 import numpy as np
 import pytest
 
-from service.peaks import REFINE_MODES, extract_peaks, extract_peaks_batch
+from functools import partial
+
+from service import peaks
+from service.peaks import REFINE_MODES
+
+# Most of this file checks the local-maximum rule; mode="cells" has its own tests at the end.
+extract_peaks = partial(peaks.extract_peaks, mode="local_max")
+extract_peaks_batch = partial(peaks.extract_peaks_batch, mode="local_max")
 from service.physics import hr_map, hr_to_lr
 
 N = 33  # HR map side for ratio 3 over an 11 x 11 patch
@@ -482,3 +489,33 @@ def test_speed_batch():
     extract_peaks_batch(maps, refine="centroid")
     mean = (time.perf_counter() - start) / len(maps)
     assert mean < 1e-3, f"mean {mean * 1e6:.0f} us per map in a batch of 200"
+
+
+# ---------------------------------------------------------------------------------------------
+# mode="cells": every cell above the threshold (the reference CSO-mAP rule)
+
+
+def test_cells_mode_keeps_adjacent_targets():
+    # two targets 0.3 px apart fall in neighbouring HR cells; local maxima would merge them
+    m = np.zeros((N, N))
+    m[16, 16], m[16, 17], m[17, 17] = 240.0, 225.0, 71.0
+    m[15, 16] = 69.0  # below the threshold: no target, but it pulls the first centroid up
+    out = peaks.extract_peaks(m, refine="none")
+    np.testing.assert_allclose(out, [[5.0, 5.0, 240.0], [lr(17), 5.0, 225.0], [lr(17), lr(17), 71.0]], atol=1e-12)
+    assert len(extract_peaks(m, refine="none")) == 1
+    cen = peaks.extract_peaks(m, refine="centroid")
+    # neighbours that are targets get no weight: only the 69 above the 240 moves it
+    np.testing.assert_allclose(cen[0], [5.0, lr(16 - 69.0 / (240.0 + 69.0)), 240.0], atol=1e-12)
+    # the 225 sees the 69 diagonally (up-left) and ignores the 240 and the 71
+    np.testing.assert_allclose(cen[1, :2], [lr(17 - 69.0 / 294.0), lr(16 - 69.0 / 294.0)], atol=1e-12)
+
+
+def test_cells_mode_batch_and_bad_mode():
+    rng = np.random.default_rng(5)
+    maps = rng.uniform(0, 100, size=(4, N, N))
+    batch = peaks.extract_peaks_batch(maps, refine="centroid")
+    for m, got in zip(maps, batch):
+        np.testing.assert_allclose(got, peaks.extract_peaks(m, refine="centroid"))
+        assert len(got) == int((m > 70).sum())
+    with pytest.raises(ValueError, match="mode"):
+        peaks.extract_peaks(maps[0], mode="blobs")
