@@ -117,7 +117,7 @@ def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dic
         "export": {"exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}", **checks,
                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": extra.pop("export_command")},
         "training": {
-            "command": ckpt.get("command"),
+            "commands": extra.pop("train_commands") or ckpt["state"].get("commands") or [ckpt.get("command")],
             "steps": ckpt["state"]["step"],
             "train_seconds": round(ckpt["state"]["train_seconds"], 1),
             "hardware": ckpt.get("hardware"),
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-report", type=Path, action="append", default=[],
                    help="JSON report(s) of `csist evaluate` to record as the card's metrics (repeatable)")
     p.add_argument("--data-command", action="append", default=[], help="the csist simulate command(s) that made the data (repeatable)")
+    p.add_argument("--train-command", action="append", default=[],
+                   help="training command(s) to record in the card (default: those stored in the checkpoint)")
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the ONNX vs PyTorch check")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed between ONNX Runtime and PyTorch")
     return p
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"{r.get('split', 'test')}:{r.get('refine', 'centroid')}:{report.stem}"] = r
     command = "csist export " + " ".join(sys.argv[2:] if argv is None else argv)
     card = write_card(args.card or args.out.with_suffix(".json"), args.out, ckpt, checks,
-                      {"version": args.version, "export_command": command, "data": {"commands": args.data_command},
+                      {"version": args.version, "export_command": command, "train_commands": args.train_command, "data": {"commands": args.data_command},
                        "metrics": metrics, "host": {"machine": platform.machine(), "python": platform.python_version()}})
     print(f"wrote {args.out} ({card['bytes']} bytes, sha256 {card['sha256'][:12]}..., {checks['deform_conv_nodes']} DeformConv nodes, "
           f"max |onnx - torch| {checks['max_abs_diff_vs_torch']:.2e})")

@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     steps_per_epoch = math.ceil(n / args.batch)
     total_steps = max(1, round(args.epochs * steps_per_epoch))
     state = ckpt["state"] if ckpt else {"step": 0, "best_map": -1.0, "train_seconds": 0.0, "history": []}
+    command = "csist train " + " ".join(sys.argv[2:] if argv is None else argv)
+    state.setdefault("commands", []).append(command)
     stop = Stop()
-    start, last_save = time.time(), state["step"]
+    start = time.time()
     seconds_before = state["train_seconds"]
 
     def save(name: str, extra: dict | None = None) -> None:
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "loss_weights": asdict(weights),
             "state": state,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "command": "csist train " + " ".join(sys.argv[2:] if argv is None else argv),
+            "command": command,
             "hardware": {"device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": platform.processor()},
             "parameters": count_parameters(model),
             **(extra or {}),

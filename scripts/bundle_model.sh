@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# How the bundled model (models/derefnet.onnx + models/derefnet.json) is made, step by step.
+# Training is long on a 2-core CPU: run it in the background and resume with --resume.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CSIST=${CSIST:-.venv/bin/csist}
+RUN=${RUN:-runs/derefnet}
+TEST_SEED=${TEST_SEED:-1001}   # never used for training data
+TEST_DATA=data/seqcsist-test-s${TEST_SEED}
+
+step=${1:-all}
+if [[ $step == data || $step == all ]]; then
+  $CSIST simulate --out data/seqcsist --trajectories 5000 --seed 0
+  $CSIST simulate --out "$TEST_DATA" --trajectories 750 --seed "$TEST_SEED" --split 0,0,1
+fi
+if [[ $step == train || $step == all ]]; then
+  resume=()
+  [[ -f $RUN/last.pt ]] && resume=(--resume "$RUN/last.pt")
+  $CSIST train --data data/seqcsist --out "$RUN" --epochs 0.85 --lr 3e-4 --lr-min 1e-5 --threads 1 --seed 0 \
+    --val-trajectories 50 --val-every 250 --save-every 50 --max-minutes 125 "${resume[@]}"
+fi
+if [[ $step == evaluate || $step == all ]]; then
+  for refine in none centroid; do
+    $CSIST evaluate --model "$RUN/best.pt" --data "$TEST_DATA" --split test --refine "$refine" \
+      --out "$RUN/test_${refine}.json"
+  done
+fi
+if [[ $step == export || $step == all ]]; then
+  $CSIST export --checkpoint "$RUN/best.pt" --out models/derefnet.onnx \
+    --eval-report "$RUN/test_none.json" --eval-report "$RUN/test_centroid.json" \
+    --data-command "csist simulate --out data/seqcsist --trajectories 5000 --seed 0" \
+    --data-command "csist simulate --out $TEST_DATA --trajectories 750 --seed $TEST_SEED --split 0,0,1"
+  $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none \
+    --out "$RUN/test_none_onnx.json" --plots docs/img
+fi
