@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import platform
 import sys
@@ -24,19 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.model import file_sha256 as sha256
 from training.model import DeRefNet
 from training.train import load_checkpoint_model
 
 OPSET = 19
 INPUT, OUTPUT = "lr", "hr"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sample_windows(n: int = 16, seed: int = 0) -> np.ndarray:

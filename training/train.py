@@ -56,7 +56,7 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu") -> DeRefNet:
     return model.to(device).eval()
 
 
-def validate(model, split, threshold: float = 70.0, refine: str = "centroid") -> dict:
+def validate(model, split, threshold: float = 70.0, refine: str = "none") -> dict:
     maps = predict_trajectories(model, split.frames)
     return score(detections(maps, threshold, refine), middle_truth(split))
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from (e.g. RUN/last.pt)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training trajectories")
     p.add_argument("--val-trajectories", type=int, default=50, help="val subset size for validation mAP")
+    p.add_argument("--val-refine", default="none", choices=("none", "centroid"),
+                   help="peak refinement for the validation mAP that picks best.pt (default: cell centres, as the reference metric)")
     p.add_argument("--val-every", type=int, default=500, help="validate every N steps (and at each epoch end)")
     p.add_argument("--save-every", type=int, default=100, help="write last.pt every N steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (saving last.pt) after this many minutes")
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.out / name)
 
     def run_validation() -> dict:
-        r = validate(model, val)
+        r = validate(model, val, refine=args.val_refine)
         entry = {"step": state["step"], "val_mAP": r["mAP"], "val_count_accuracy": r["count_accuracy"]}
         state["history"].append(entry)
         tqdm.write(json.dumps(entry))

@@ -1,0 +1,250 @@
+"""Dynamic batching: windows from all requests and streams share one ONNX Runtime call.
+
+Callers ``submit`` a group of windows (one REST request, or the windows one WebSocket message
+completed) with their peak-extraction options and await a future. One worker task takes the
+first waiting group, keeps gathering groups until the batch holds ``max_batch`` windows or
+``max_wait`` has passed, and runs inference plus peak extraction in a dedicated thread, so that
+the event loop keeps accepting connections while the model runs. The queue is bounded in
+windows: a submit that does not fit raises ``Overloaded`` at once (the caller answers 503 or
+an error message) instead of letting memory grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.metrics import Metrics
+from service.peaks import extract_peaks_batch
+
+log = logging.getLogger("service.batcher")
+
+
+class Overloaded(RuntimeError):
+    """The inference queue is full; retry later."""
+
+
+class ShuttingDown(RuntimeError):
+    """The batcher no longer accepts work."""
+
+
+class InferenceFailed(RuntimeError):
+    """The model failed or produced a non-finite map for a window."""
+
+
+@dataclass(frozen=True)
+class PeakOptions:
+    """Peak-extraction settings of one group; hashable so that a batch can group by them."""
+
+    threshold: float
+    refine: str
+    max_targets: int | None = None
+    ratio: int = 3
+    mode: str | None = None  # peak rule of service.peaks; None: its default
+
+
+@dataclass
+class GroupResult:
+    """Answer for one submitted group: one (K, 3) target array per window, plus timings."""
+
+    peaks: list[np.ndarray]
+    queue_s: float
+    inference_s: float
+    postprocess_s: float
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    windows: np.ndarray  # (k, 5, H, W) float32
+    options: PeakOptions
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return int(self.windows.shape[0])
+
+
+class Batcher:
+    """Gathers submitted windows into batches and runs ``run_model`` on them off the loop."""
+
+    def __init__(
+        self,
+        run_model: Callable[[np.ndarray], np.ndarray],
+        metrics: Metrics,
+        max_batch: int = 64,
+        max_wait_s: float = 0.002,
+        max_queue: int = 4096,
+    ) -> None:
+        self._run_model = run_model
+        self._metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._items: deque[_Item] = deque()
+        self._queued = 0  # windows waiting (not yet taken by the worker)
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+
+    @property
+    def queued_windows(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        """Start the worker on the running loop."""
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csist-infer")
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name="csist-batcher")
+
+    def submit(self, windows: np.ndarray, options: PeakOptions) -> asyncio.Future:
+        """Queue a group of windows; the returned future resolves to a :class:`GroupResult`.
+
+        Raises Overloaded (queue full) or ShuttingDown immediately rather than waiting.
+        """
+        if self._closing or self._worker is None:
+            raise ShuttingDown("the service is shutting down")
+        k = int(windows.shape[0])
+        if k == 0:
+            raise ValueError("empty group")
+        if self._queued + k > self.max_queue:
+            raise Overloaded(
+                f"inference queue is full ({self._queued} of {self.max_queue} windows waiting)"
+            )
+        future = asyncio.get_running_loop().create_future()
+        self._items.append(_Item(windows, options, future))
+        self._queued += k
+        self._metrics.queue_windows.set(self._queued)
+        self._wakeup.set()
+        return future
+
+    async def stop(self) -> None:
+        """Refuse new work, finish everything already queued, then stop the worker."""
+        self._closing = True
+        if self._worker is None:
+            return
+        self._wakeup.set()
+        await self._worker
+        self._worker = None
+        self._executor.shutdown(wait=True)
+
+    async def _next_item(self, timeout: float | None) -> _Item | None:
+        """Pop the next item, waiting up to ``timeout`` (None: until one comes or we close)."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self._items:
+            if self._closing:
+                return None
+            remaining = None if deadline is None else deadline - time.perf_counter()
+            if remaining is not None and remaining <= 0:
+                return None
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return None
+        return self._items.popleft()
+
+    async def _gather(self) -> list[_Item] | None:
+        """The next batch: the first item plus whatever fits and arrives within max_wait."""
+        first = await self._next_item(None)
+        if first is None:
+            return None
+        batch, n = [first], first.size
+        deadline = time.perf_counter() + self.max_wait_s
+        while n < self.max_batch:
+            if self._items:
+                if n + self._items[0].size > self.max_batch:
+                    break  # the next group waits for the next batch, groups are not split
+                item = self._items.popleft()
+            else:
+                item = await self._next_item(deadline - time.perf_counter())
+                if item is None:
+                    break
+            batch.append(item)
+            n += item.size
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            if batch is None:
+                return
+            now = time.perf_counter()
+            for item in batch:
+                item.started = now
+                self._queued -= item.size
+            self._metrics.queue_windows.set(self._queued)
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, batch)
+            except Exception as exc:  # the model failed: every caller in the batch hears it
+                log.exception("inference failed")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(InferenceFailed(f"inference failed: {exc}"))
+                continue
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():  # a caller may have been cancelled meanwhile
+                    item.future.set_result(result)
+
+    def _run_batch(self, batch: list[_Item]) -> list[GroupResult]:
+        """Inference on all windows of the batch, then peak extraction grouped by options.
+
+        Runs in the executor thread. A single group larger than max_batch is run in chunks.
+        """
+        windows = (
+            batch[0].windows if len(batch) == 1 else np.concatenate([i.windows for i in batch])
+        )
+        n = windows.shape[0]
+        t0 = time.perf_counter()
+        maps = np.concatenate(
+            [self._run_model(windows[a : a + self.max_batch]) for a in range(0, n, self.max_batch)]
+        )
+        t1 = time.perf_counter()
+        if not np.isfinite(maps).all():
+            raise InferenceFailed("the model produced non-finite values")
+        self._metrics.inference_seconds.observe(t1 - t0)
+        self._metrics.batch_size.observe(n)
+
+        # Peak extraction, one vectorised call per distinct options.
+        bounds = np.cumsum([0] + [i.size for i in batch])
+        by_options: dict[PeakOptions, list[int]] = {}
+        for k, item in enumerate(batch):
+            by_options.setdefault(item.options, []).append(k)
+        peaks: list[list[np.ndarray] | None] = [None] * len(batch)
+        post: list[float] = [0.0] * len(batch)
+        for opts, members in by_options.items():
+            p0 = time.perf_counter()
+            sel = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in members])
+            kwargs = {} if opts.mode is None else {"mode": opts.mode}
+            found = extract_peaks_batch(
+                maps[sel],
+                threshold=opts.threshold,
+                refine=opts.refine,
+                max_targets=opts.max_targets,
+                ratio=opts.ratio,
+                **kwargs,
+            )
+            dt = time.perf_counter() - p0
+            at = 0
+            for k in members:
+                size = batch[k].size
+                peaks[k] = found[at : at + size]
+                post[k] = dt
+                at += size
+        results = []
+        for k, item in enumerate(batch):
+            queue_s = item.started - item.enqueued
+            self._metrics.queue_wait_seconds.observe(queue_s)
+            results.append(GroupResult(peaks[k], queue_s, t1 - t0, post[k], n))
+        return results

@@ -1,0 +1,99 @@
+"""Service settings: one ``Settings`` object, read from ``CSIST_*`` environment variables.
+
+Every knob an operator may need is here, with a default that works for ``make serve`` on a
+laptop; command-line flags of ``csist serve`` override the few that people change by hand
+(host, port, model, log level). Example: ``CSIST_MAX_BATCH_SIZE=128 csist serve``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The bundled model, found next to the package so that the service starts from any working
+# directory of a source checkout (``models/`` is not inside the ``service`` package).
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "derefnet.onnx"
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """All service settings; environment variable = ``CSIST_`` + upper-case field name."""
+
+    model_config = SettingsConfigDict(env_prefix="CSIST_", case_sensitive=False, extra="ignore")
+
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model file")
+    card_path: Path | None = Field(
+        None, description="model card JSON; default: the model path with a .json suffix"
+    )
+    providers: str = Field(
+        "auto",
+        description="ONNX Runtime execution providers, comma-separated in order of preference,"
+        " or 'auto' (CUDA when available, else CPU)",
+    )
+    threads: int = Field(0, ge=0, description="intra-op threads of ONNX Runtime (0 = its default)")
+    ort_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime threads busy-wait between runs (lower latency, more CPU)",
+    )
+    max_batch_size: int = Field(64, ge=1, le=4096, description="windows per inference call")
+    max_batch_wait_ms: float = Field(
+        2.0, ge=0.0, le=1000.0, description="how long the batcher waits to fill a batch"
+    )
+    max_queue_windows: int = Field(
+        4096, ge=1, description="windows waiting for inference before requests get 503"
+    )
+    max_tracks_per_connection: int = Field(256, ge=1, description="open tracks per WebSocket")
+    track_ttl_s: float = Field(
+        30.0, gt=0.0, description="seconds without frames after which a track expires"
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="largest accepted HTTP request body (bytes)"
+    )
+    max_message_bytes: int = Field(
+        65_536, ge=1024, description="largest accepted WebSocket message (bytes)"
+    )
+    ws_max_pending: int = Field(
+        1024,
+        ge=1,
+        description="answers queued for one WebSocket before the server stops reading from it",
+    )
+    api_token: SecretStr | None = Field(
+        None, description="if set, /unmix and /ws/unmix need 'Authorization: Bearer <token>'"
+    )
+    log_level: LogLevel = Field("info", description="log level of the JSON logs on stderr")
+    drain_s: float = Field(
+        1.0,
+        ge=0.0,
+        description="on SIGTERM, seconds of not-ready-but-serving before sockets close",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0.0, description="longest wait for in-flight work on shutdown"
+    )
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value):
+        """``CSIST_API_TOKEN=`` (empty) means no auth, not an empty password."""
+        return None if value in ("", None) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    def resolved_card_path(self) -> Path:
+        """The card next to the model unless configured otherwise."""
+        return (
+            self.card_path if self.card_path is not None else self.model_path.with_suffix(".json")
+        )
+
+    def provider_list(self) -> list[str] | None:
+        """Requested providers, or None for automatic choice."""
+        text = self.providers.strip()
+        if text.lower() in ("", "auto"):
+            return None
+        return [p.strip() for p in text.split(",") if p.strip()]

@@ -1,0 +1,198 @@
+"""Loading the ONNX model once, checking it against its card, and running it.
+
+The service refuses to start on a model it cannot vouch for: the file's SHA-256 must match the
+card, and the graph's inputs and outputs must be the window and HR-map shapes the API is built
+around. Those checks turn a wrong deployment into a clear start-up error instead of wrong
+answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.card import CardError, ModelCard, load_card
+from service import peaks
+from service.peaks import REFINE_MODES
+from service.physics import RATIO, SIZE
+from service.windows import WINDOW
+
+log = logging.getLogger("service.model")
+
+AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class ModelError(RuntimeError):
+    """The model cannot be served (missing, altered, or not the expected interface)."""
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks (models can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_providers(requested: list[str] | None) -> list[str]:
+    """Providers to ask ONNX Runtime for, in order, keeping only those this build has.
+
+    ``None`` means automatic: CUDA first when present, CPU always last. An explicitly requested
+    provider that is not available is skipped with a warning; CPU is the fallback of last resort.
+    """
+    available = set(ort.get_available_providers())
+    wanted = list(AUTO_PROVIDERS) if requested is None else list(requested)
+    chosen = [p for p in wanted if p in available]
+    for p in wanted:
+        if p not in available and requested is not None:
+            log.warning("execution provider not available, skipped", extra={"provider": p})
+    if not chosen:
+        chosen = ["CPUExecutionProvider"]
+    return chosen
+
+
+@dataclass
+class InferenceModel:
+    """An ONNX Runtime session plus the card that describes it."""
+
+    path: Path
+    card: ModelCard
+    sha256: str
+    session: ort.InferenceSession
+    input_name: str
+    output_name: str
+    requested_providers: list[str]
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def hr_size(self) -> int:
+        return self.card.physics.size * self.card.physics.ratio
+
+    def run(self, windows: np.ndarray) -> np.ndarray:
+        """HR maps (n, 33, 33) float32 of windows (n, 5, 11, 11); thread-safe (ORT sessions are)."""
+        x = np.ascontiguousarray(windows, dtype=np.float32)
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run the session once per batch size so that first requests do not pay for set-up."""
+        size = self.card.physics.size
+        for n in batch_sizes:
+            out = self.run(np.zeros((n, WINDOW, size, size), dtype=np.float32))
+            if out.shape != (n, self.hr_size, self.hr_size):
+                want = (n, self.hr_size, self.hr_size)
+                raise ModelError(f"model output has shape {out.shape}, expected {want}")
+
+    def metadata(self) -> dict:
+        """Identity of the model, as echoed in every answer."""
+        return {"name": self.card.name, "version": self.card.version, "sha256": self.sha256}
+
+
+def _check_card(card: ModelCard) -> None:
+    """The card must describe the interface this service speaks (11x11 patches, 5-frame windows)."""
+    phys = card.physics
+    if (phys.size, phys.ratio) != (SIZE, RATIO):
+        raise ModelError(
+            f"model card physics size={phys.size} ratio={phys.ratio}; this service serves "
+            f"size={SIZE} ratio={RATIO}"
+        )
+    want_in, want_out = [WINDOW, SIZE, SIZE], [SIZE * RATIO, SIZE * RATIO]
+    if list(card.inputs[0].shape[1:]) != want_in:
+        raise ModelError(
+            f"model card input shape {card.inputs[0].shape}, expected [batch, *{want_in}]"
+        )
+    if list(card.outputs[0].shape[1:]) != want_out:
+        raise ModelError(
+            f"model card output shape {card.outputs[0].shape}, expected [batch, *{want_out}]"
+        )
+    mode = card.postprocess.mode
+    peak_modes = getattr(peaks, "PEAK_MODES", None)
+    if mode is not None and (peak_modes is None or mode not in peak_modes):
+        raise ModelError(f"model card postprocess.mode={mode!r} is not one of {peak_modes}")
+    if card.postprocess.refine not in REFINE_MODES:
+        refine = card.postprocess.refine
+        raise ModelError(f"model card postprocess.refine={refine!r} is not one of {REFINE_MODES}")
+
+
+def _check_session(session: ort.InferenceSession, card: ModelCard) -> tuple[str, str]:
+    """The graph's input/output names and static dims must agree with the card."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    by_name_in = {i.name: i for i in inputs}
+    by_name_out = {o.name: o for o in outputs}
+    in_name, out_name = card.inputs[0].name, card.outputs[0].name
+    if in_name not in by_name_in:
+        raise ModelError(f"model has inputs {sorted(by_name_in)}, card says {in_name!r}")
+    if out_name not in by_name_out:
+        raise ModelError(f"model has outputs {sorted(by_name_out)}, card says {out_name!r}")
+    for what, node, spec in (
+        ("input", by_name_in[in_name], card.inputs[0]),
+        ("output", by_name_out[out_name], card.outputs[0]),
+    ):
+        dims = list(node.shape)
+        if len(dims) != len(spec.shape):
+            raise ModelError(f"model {what} {node.name!r} has shape {dims}, card says {spec.shape}")
+        for got, want in zip(dims[1:], spec.shape[1:], strict=True):
+            if isinstance(got, int) and isinstance(want, int) and got != want:
+                raise ModelError(
+                    f"model {what} {node.name!r} has shape {dims}, card says {spec.shape}"
+                )
+    return in_name, out_name
+
+
+def load_model(
+    model_path: str | Path,
+    card_path: str | Path | None = None,
+    providers: list[str] | None = None,
+    threads: int = 0,
+    spinning: bool = False,
+) -> InferenceModel:
+    """Load and verify the model; ModelError with a clear message when it cannot be served."""
+    model_path = Path(model_path)
+    card_path = Path(card_path) if card_path is not None else model_path.with_suffix(".json")
+    if not model_path.is_file():
+        raise ModelError(
+            f"model file not found: {model_path} (export one with `csist export`, "
+            "or point CSIST_MODEL_PATH / --model at it)"
+        )
+    try:
+        card = load_card(card_path)
+    except CardError as exc:
+        raise ModelError(str(exc)) from None
+    _check_card(card)
+    digest = file_sha256(model_path)
+    if digest.lower() != card.sha256.lower():
+        raise ModelError(
+            f"SHA-256 mismatch: {model_path} has {digest} but its card {card_path} says "
+            f"{card.sha256.lower()}; the model file was changed or the card belongs to another "
+            "model (re-export with `csist export` to write both)"
+        )
+    requested = resolve_providers(providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # ORT's worker threads busy-wait between runs by default; in a server that burns the CPU
+    # the event loop needs (measured: twice the CPU per window on 2 cores), so it is off.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise ModelError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+    in_name, out_name = _check_session(session, card)
+    return InferenceModel(
+        path=model_path,
+        card=card,
+        sha256=digest,
+        session=session,
+        input_name=in_name,
+        output_name=out_name,
+        requested_providers=requested,
+        providers=list(session.get_providers()),
+    )

@@ -1,0 +1,113 @@
+"""``POST /unmix``: frames of one track in, targets of every frame out."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.exceptions import RequestValidationError
+
+from service.batcher import InferenceFailed, Overloaded, ShuttingDown
+from service.deps import RuntimeDep, require_token
+from service.runtime import targets_payload
+from service.schemas import ErrorResponse, UnmixRequest, UnmixResponse
+from service.windows import sequence_windows, split_segments
+
+router = APIRouter(tags=["unmix"])
+
+ERROR_RESPONSES = {
+    401: {"model": ErrorResponse, "description": "API token required"},
+    413: {"model": ErrorResponse, "description": "request body too large"},
+    503: {"model": ErrorResponse, "description": "overloaded or shutting down; retry"},
+}
+
+
+def frame_indices(body: UnmixRequest) -> list[int]:
+    """The frames' indices: as given (on all frames), or 0, 1, 2, ... (on none).
+
+    Raises RequestValidationError (422) naming the frame when only some frames have one, or
+    when they do not increase.
+    """
+    given = [f.frame_index for f in body.frames]
+    if all(i is None for i in given):
+        return list(range(len(given)))
+    missing = [k for k, i in enumerate(given) if i is None]
+    if missing:
+        k = missing[0]
+        raise RequestValidationError(
+            [
+                {
+                    "type": "missing",
+                    "loc": ("body", "frames", k, "frame_index"),
+                    "msg": "frame_index must be given on all frames or on none",
+                }
+            ]
+        )
+    try:
+        split_segments(given)
+    except ValueError as exc:
+        k = next(k for k in range(1, len(given)) if given[k] <= given[k - 1])
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", "frames", k, "frame_index"),
+                    "msg": f"frame_index must increase along the track: {exc}",
+                }
+            ]
+        ) from None
+    return given
+
+
+@router.post(
+    "/unmix",
+    response_model=UnmixResponse,
+    responses=ERROR_RESPONSES,
+    dependencies=[Depends(require_token)],
+    summary="Unmix the targets of every frame of a short track",
+)
+async def unmix(body: UnmixRequest, runtime: RuntimeDep) -> dict:
+    """Each frame t is answered from the window of frames t-2..t+2 (edges replicated; a
+    frame_index gap starts a new segment), so 5 frames give 5 results and the middle one uses
+    no padding. Coordinates: x = column, y = row, pixel centres at integers, origin at the
+    patch's top-left pixel centre; sensor_x/sensor_y add the frame's origin."""
+    t0 = time.perf_counter()
+    metrics = runtime.metrics
+    indices = frame_indices(body)
+    frames = np.asarray([f.patch for f in body.frames], dtype=np.float32)
+    windows = np.concatenate([sequence_windows(frames[s]) for s in split_segments(indices)])
+    options = runtime.peak_options(body.options)
+    metrics.frames.labels("rest").inc(len(indices))
+    try:
+        result = await runtime.batcher.submit(windows, options)
+    except Overloaded as exc:
+        raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
+    except ShuttingDown as exc:
+        raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
+    except InferenceFailed as exc:
+        raise HTTPException(500, detail=str(exc)) from None
+    metrics.windows.labels("rest").inc(len(indices))
+    results = []
+    n_targets = 0
+    for frame, index, peaks in zip(body.frames, indices, result.peaks, strict=True):
+        n_targets += len(peaks)
+        results.append(
+            {
+                "frame_index": index,
+                "timestamp": frame.timestamp,
+                "targets": targets_payload(peaks, frame.origin),
+            }
+        )
+    metrics.targets.labels("rest").inc(n_targets)
+    return {
+        "track_id": body.track_id,
+        "results": results,
+        "model": runtime.model.metadata(),
+        "timing_ms": {
+            "queue": result.queue_s * 1000.0,
+            "inference": result.inference_s * 1000.0,
+            "postprocess": result.postprocess_s * 1000.0,
+            "total": (time.perf_counter() - t0) * 1000.0,
+        },
+    }

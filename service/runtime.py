@@ -1,0 +1,160 @@
+"""What the running service holds: settings, metrics, the model, the batcher, the streams.
+
+One ``Runtime`` lives on ``app.state.runtime``. It is created with the app (so that the server
+can reach it on SIGTERM) and filled in the lifespan (model loaded once, warmed, batcher
+started). It also owns the shutdown sequence: not ready -> drain delay -> flush and close the
+WebSocket streams -> finish queued inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.batcher import Batcher, PeakOptions
+from service.config import Settings
+from service.metrics import Metrics
+from service.model import InferenceModel, load_model
+
+if TYPE_CHECKING:
+    from service.schemas import Origin, UnmixOptions
+    from service.streaming import StreamSession
+
+log = logging.getLogger("service.runtime")
+
+CLOSE_REASON = "server shutting down"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    model: InferenceModel | None = None
+    batcher: Batcher | None = None
+    ready: bool = False
+    draining: bool = False
+    closing_streams: bool = False
+    sessions: set[StreamSession] = field(default_factory=set)
+    started_at: float = field(default_factory=time.time)
+
+    async def start(self) -> None:
+        """Load and verify the model, warm it up, start the batcher; then report ready."""
+        s = self.settings
+        t0 = time.perf_counter()
+        self.model = await asyncio.to_thread(
+            load_model,
+            s.model_path,
+            s.resolved_card_path(),
+            s.provider_list(),
+            s.threads,
+            s.ort_spinning,
+        )
+        sizes = (1,) if s.max_batch_size == 1 else (1, s.max_batch_size)
+        await asyncio.to_thread(self.model.warmup, sizes)
+        self.batcher = Batcher(
+            self.model.run,
+            self.metrics,
+            max_batch=s.max_batch_size,
+            max_wait_s=s.max_batch_wait_ms / 1000.0,
+            max_queue=s.max_queue_windows,
+        )
+        self.batcher.start()
+        card = self.model.card
+        self.metrics.model.info(
+            {
+                "name": card.name,
+                "version": card.version,
+                "sha256": self.model.sha256,
+                "providers": ",".join(self.model.providers),
+            }
+        )
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info(
+            "model loaded and warmed",
+            extra={
+                "model": str(self.model.path),
+                "model_name": card.name,
+                "model_version": card.version,
+                "sha256": self.model.sha256,
+                "providers": self.model.providers,
+                "requested_providers": self.model.requested_providers,
+                "load_ms": round((time.perf_counter() - t0) * 1000, 1),
+            },
+        )
+
+    async def drain(self, delay_s: float) -> None:
+        """SIGTERM: report not ready at once, keep serving ``delay_s`` (load balancers notice),
+        then flush and close every stream."""
+        if not self.draining:
+            self.draining = True
+            self.ready = False
+            self.metrics.ready.set(0)
+            log.info("draining: readiness now 503", extra={"drain_s": delay_s})
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        await self.close_streams()
+
+    async def close_streams(self, reason: str = CLOSE_REASON) -> None:
+        """Flush every open track of every WebSocket and close the sockets with ``reason``."""
+        self.closing_streams = True
+        sessions = list(self.sessions)
+        if sessions:
+            log.info("closing streams", extra={"connections": len(sessions)})
+            await asyncio.wait_for(
+                asyncio.gather(*(s.close(reason) for s in sessions), return_exceptions=True),
+                self.settings.shutdown_timeout_s,
+            )
+
+    async def stop(self) -> None:
+        """Lifespan end: no longer ready, streams closed, queued inference finished."""
+        self.ready = False
+        self.metrics.ready.set(0)
+        try:
+            await self.close_streams()
+        except TimeoutError:
+            log.warning("streams did not close in time")
+        if self.batcher is not None:
+            await self.batcher.stop()
+        log.info("stopped")
+
+    def peak_options(self, options: UnmixOptions | None) -> PeakOptions:
+        """Request options completed with the model card's defaults."""
+        card = self.model.card
+        threshold = card.postprocess.threshold
+        refine = card.postprocess.refine
+        max_targets = None
+        if options is not None:
+            if options.threshold is not None:
+                threshold = options.threshold
+            if options.refine is not None:
+                refine = options.refine
+            max_targets = options.max_targets
+        return PeakOptions(
+            float(threshold), refine, max_targets, card.physics.ratio, card.postprocess.mode
+        )
+
+
+def targets_payload(peaks: np.ndarray, origin: Origin | None) -> list[dict]:
+    """Rows (x, y, brightness) as API targets, with sensor coordinates when the origin is known."""
+    out = []
+    ox = oy = None
+    if origin is not None:
+        ox, oy = origin.x, origin.y
+    for x, y, b in peaks.tolist():
+        out.append(
+            {
+                "x": x,
+                "y": y,
+                "sensor_x": None if ox is None else x + ox,
+                "sensor_y": None if oy is None else y + oy,
+                "brightness": b,
+                "score": b,
+            }
+        )
+    return out

@@ -1,0 +1,115 @@
+"""Frames of one track to DeRefNet windows: the one rule used by REST and WebSocket.
+
+The model sees 5 consecutive frames and answers for the middle one, so frame ``t`` of a
+segment of ``n`` frames gets the window ``t-2 .. t+2`` with indices clipped to ``0 .. n-1``:
+edge frames are padded by replicating the first or last frame. Every frame thus gets exactly
+one window, and a streamed frame's window is complete as soon as frame ``t+2`` has arrived.
+
+Frame indices must increase along a track; a jump (gap) starts a new segment, because a window
+that spans a gap would show the model motion that did not happen.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+WINDOW = 5  # frames per window, the model's input
+HALF = WINDOW // 2  # frames each side of the middle one: the streaming latency
+_OFFSETS = np.arange(-HALF, HALF + 1)
+
+
+def window_indices(t, n: int) -> np.ndarray:
+    """Indices of the frames in frame ``t``'s window in a segment of ``n`` frames.
+
+    ``t`` may be an int (result shape (5,)) or an array of ints (result shape (*t.shape, 5)).
+    """
+    t = np.asarray(t, dtype=np.int64)
+    return np.clip(t[..., None] + _OFFSETS, 0, n - 1)
+
+
+def sequence_windows(frames: np.ndarray) -> np.ndarray:
+    """Windows (n, 5, H, W) for every frame of one segment (n, H, W), edges replicated."""
+    n = frames.shape[0]
+    return frames[window_indices(np.arange(n), n)]
+
+
+@dataclass
+class Window:
+    """A complete window and the metadata of its middle frame (whatever the caller attached)."""
+
+    frames: np.ndarray  # (5, H, W)
+    meta: Any
+
+
+class SegmentWindows:
+    """Streaming version of :func:`sequence_windows` for one segment of one track.
+
+    ``push`` a frame, get the windows that it completes (the window of the frame two earlier,
+    or nothing for the first two frames); ``flush`` at the end of the segment to get the
+    windows of the last (up to two) frames, padded by replicating the last frame. Only the last
+    5 frames are kept, so memory per track is constant.
+    """
+
+    def __init__(self) -> None:
+        self._frames: deque[np.ndarray] = deque(maxlen=WINDOW)
+        self._metas: deque[Any] = deque(maxlen=WINDOW)
+        self._count = 0  # frames pushed into this segment
+        self._emitted = 0  # frames whose window has been handed out
+
+    @property
+    def pending(self) -> int:
+        """Frames pushed whose window has not been handed out yet (0, 1 or 2)."""
+        return self._count - self._emitted
+
+    def push(self, frame: np.ndarray, meta: Any = None) -> list[Window]:
+        """Add the next frame; return the windows it completes."""
+        self._frames.append(frame)
+        self._metas.append(meta)
+        self._count += 1
+        return self._emit(until=self._count - HALF, n=None)
+
+    def flush(self) -> list[Window]:
+        """Windows of all remaining frames (end of segment); the segment starts over empty."""
+        out = self._emit(until=self._count, n=self._count)
+        self._frames.clear()
+        self._metas.clear()
+        self._count = self._emitted = 0
+        return out
+
+    def _emit(self, until: int, n: int | None) -> list[Window]:
+        """Windows of frames ``_emitted .. until-1``; ``n`` is the segment length if it ended.
+
+        While the segment is open, every window emitted lies inside the frames seen so far
+        (t + 2 < count), so clipping to the count is the same as clipping to the final length.
+        """
+        out = []
+        first = self._count - len(self._frames)  # segment index of the oldest buffered frame
+        total = self._count if n is None else n
+        for t in range(self._emitted, until):
+            idx = window_indices(t, total) - first
+            out.append(Window(np.stack([self._frames[i] for i in idx]), self._metas[t - first]))
+        self._emitted = max(self._emitted, until)
+        return out
+
+
+def split_segments(frame_indices: Sequence[int]) -> list[slice]:
+    """Consecutive runs of a strictly increasing index sequence, as slices; gaps split runs.
+
+    Raises ValueError naming the position if an index repeats or goes back.
+    """
+    starts = [0]
+    for k in range(1, len(frame_indices)):
+        prev, cur = frame_indices[k - 1], frame_indices[k]
+        if cur <= prev:
+            raise ValueError(
+                f"frame {k}: frame_index {cur} is not after the previous frame's {prev}"
+            )
+        if cur != prev + 1:
+            starts.append(k)
+    ends = starts[1:] + [len(frame_indices)]
+    return [slice(a, b) for a, b in zip(starts, ends, strict=True) if b > a]

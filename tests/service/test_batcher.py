@@ -1,0 +1,224 @@
+"""The batcher on its own: gathering, limits, overload, shutdown, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, InferenceFailed, Overloaded, PeakOptions, ShuttingDown
+from service.metrics import Metrics
+from service.peaks import extract_peaks
+
+OPTS = PeakOptions(threshold=70.0, refine="centroid")
+
+
+class FakeModel:
+    """Maps a window to a 33x33 map with one peak whose height/position encode the window."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[int] = []
+        self.threads: set[str] = set()
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        self.gate.wait(5)
+        self.calls.append(windows.shape[0])
+        self.threads.add(threading.current_thread().name)
+        out = np.zeros((windows.shape[0], 33, 33), dtype=np.float32)
+        for k, w in enumerate(windows):
+            v = float(w[2, 0, 0])  # the middle frame's first pixel
+            out[k, 16, 3 + int(v) % 27] = 100.0 + v
+        return out
+
+
+def windows_with(values) -> np.ndarray:
+    w = np.zeros((len(values), 5, 11, 11), dtype=np.float32)
+    w[:, 2, 0, 0] = values
+    return w
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_groups_share_one_call_and_get_their_own_answers():
+    model = FakeModel()
+
+    async def main():
+        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.05)
+        b.start()
+        futures = [b.submit(windows_with([v, v + 1]), OPTS) for v in (0, 10, 20)]
+        results = await asyncio.gather(*futures)
+        await b.stop()
+        return results
+
+    results = run(main())
+    assert model.calls == [6]  # 3 groups of 2 windows: one inference call
+    assert all(r.batch_size == 6 for r in results)
+    assert not any(name == threading.main_thread().name for name in model.threads)
+    for v, r in zip((0, 10, 20), results):
+        assert len(r.peaks) == 2
+        for k, peaks in enumerate(r.peaks):
+            value = v + k
+            expected = extract_peaks(model(windows_with([value]))[0], threshold=70.0)
+            np.testing.assert_allclose(peaks, expected)
+            assert peaks[0, 2] == 100.0 + value
+
+
+def test_max_batch_is_respected_and_big_groups_are_chunked():
+    model = FakeModel()
+
+    async def main():
+        b = Batcher(model, Metrics(), max_batch=4, max_wait_s=0.05)
+        b.start()
+        f1 = b.submit(windows_with([1, 2, 3]), OPTS)
+        f2 = b.submit(windows_with([4, 5]), OPTS)  # does not fit with f1: next batch
+        f3 = b.submit(windows_with(list(range(10))), OPTS)  # alone, in chunks of 4
+        r = await asyncio.gather(f1, f2, f3)
+        await b.stop()
+        return r
+
+    r1, r2, r3 = run(main())
+    assert model.calls == [3, 2, 4, 4, 2]
+    assert [len(r.peaks) for r in (r1, r2, r3)] == [3, 2, 10]
+    assert [p[0, 2] for p in r3.peaks] == [100.0 + v for v in range(10)]
+
+
+def test_options_apply_per_group():
+    model = FakeModel()
+
+    async def main():
+        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.05)
+        b.start()
+        low = b.submit(windows_with([5]), PeakOptions(threshold=70.0, refine="none"))
+        high = b.submit(windows_with([5]), PeakOptions(threshold=200.0, refine="none"))
+        r = await asyncio.gather(low, high)
+        await b.stop()
+        return r
+
+    low, high = run(main())
+    assert model.calls == [2]
+    assert low.peaks[0].shape == (1, 3) and high.peaks[0].shape == (0, 3)
+
+
+def test_full_queue_raises_overloaded_then_recovers():
+    model = FakeModel()
+    model.gate.clear()  # the first batch blocks in the model, the rest must queue
+
+    async def main():
+        b = Batcher(model, Metrics(), max_batch=2, max_wait_s=0.0, max_queue=4)
+        b.start()
+        first = b.submit(windows_with([1]), OPTS)
+        await asyncio.sleep(0.05)  # the worker took it and is stuck in the model
+        queued = [b.submit(windows_with([2, 3]), OPTS), b.submit(windows_with([4, 5]), OPTS)]
+        assert b.queued_windows == 4
+        with pytest.raises(Overloaded, match="queue is full"):
+            b.submit(windows_with([6]), OPTS)
+        model.gate.set()
+        await asyncio.gather(first, *queued)
+        later = await b.submit(windows_with([7]), OPTS)  # capacity is back
+        await b.stop()
+        return later
+
+    assert run(main()).peaks[0][0, 2] == 107.0
+
+
+def test_stop_finishes_queued_work_then_refuses():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def main():
+        b = Batcher(model, Metrics(), max_batch=1, max_wait_s=0.0)
+        b.start()
+        futures = [b.submit(windows_with([v]), OPTS) for v in range(3)]
+        stopping = asyncio.create_task(b.stop())
+        await asyncio.sleep(0.02)
+        with pytest.raises(ShuttingDown):
+            b.submit(windows_with([9]), OPTS)
+        model.gate.set()
+        await stopping
+        return [f.result() for f in futures]
+
+    results = run(main())
+    assert [r.peaks[0][0, 2] for r in results] == [100.0, 101.0, 102.0]
+
+
+def test_model_failure_reaches_every_caller_and_the_worker_survives():
+    calls = []
+
+    def flaky(windows):
+        calls.append(len(windows))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return np.zeros((len(windows), 33, 33), dtype=np.float32)
+
+    def nan_model(windows):
+        return np.full((len(windows), 33, 33), np.nan, dtype=np.float32)
+
+    async def main():
+        b = Batcher(flaky, Metrics(), max_batch=8, max_wait_s=0.02)
+        b.start()
+        f1, f2 = b.submit(windows_with([1]), OPTS), b.submit(windows_with([2]), OPTS)
+        errors = await asyncio.gather(f1, f2, return_exceptions=True)
+        ok = await b.submit(windows_with([3]), OPTS)
+        await b.stop()
+        b2 = Batcher(nan_model, Metrics(), max_batch=8, max_wait_s=0.0)
+        b2.start()
+        nan_error = await asyncio.gather(b2.submit(windows_with([1]), OPTS), return_exceptions=True)
+        await b2.stop()
+        return errors, ok, nan_error[0]
+
+    errors, ok, nan_error = run(main())
+    assert all(isinstance(e, InferenceFailed) and "boom" in str(e) for e in errors)
+    assert ok.peaks[0].shape == (0, 3)
+    assert isinstance(nan_error, InferenceFailed) and "non-finite" in str(nan_error)
+
+
+def test_metrics_record_batches():
+    model = FakeModel()
+    metrics = Metrics()
+
+    async def main():
+        b = Batcher(model, metrics, max_batch=64, max_wait_s=0.05)
+        b.start()
+        await asyncio.gather(*(b.submit(windows_with([v]), OPTS) for v in range(5)))
+        await b.stop()
+
+    run(main())
+    reg = metrics.registry
+    assert reg.get_sample_value("csist_batch_size_count") == 1
+    assert reg.get_sample_value("csist_batch_size_sum") == 5
+    assert reg.get_sample_value("csist_inference_seconds_count") == 1
+    assert reg.get_sample_value("csist_queue_wait_seconds_count") == 5
+    assert reg.get_sample_value("csist_queue_windows") == 0
+
+
+def test_inference_does_not_block_the_event_loop():
+    def slow_model(windows):
+        time.sleep(0.3)  # stands in for a long ONNX Runtime call
+        return np.zeros((len(windows), 33, 33), dtype=np.float32)
+
+    async def main():
+        b = Batcher(slow_model, Metrics(), max_batch=8, max_wait_s=0.0)
+        b.start()
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await b.submit(windows_with([1]), OPTS)
+        task.cancel()
+        await b.stop()
+        return ticks
+
+    assert run(main()) >= 10  # the loop kept running while the model ran

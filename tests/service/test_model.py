@@ -1,0 +1,189 @@
+"""Model loading and verification, the model card, settings, JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.card import CardError, load_card
+from service.config import Settings
+from service.logs import JsonFormatter, configure_logging
+from service.model import ModelError, file_sha256, load_model, resolve_providers
+from tests.service.conftest import CARD_METRICS, write_card
+
+
+def copy_model(standin_model, tmp_path):
+    dst = tmp_path / "derefnet.onnx"
+    shutil.copy(standin_model, dst)
+    shutil.copy(standin_model.with_suffix(".json"), dst.with_suffix(".json"))
+    return dst
+
+
+def test_loads_verifies_and_runs(standin_model, reference_session):
+    model = load_model(standin_model)
+    assert model.sha256 == file_sha256(standin_model)
+    assert model.providers == ["CPUExecutionProvider"]  # no CUDA on this machine
+    assert model.card.name == "derefnet" and model.card.metrics == CARD_METRICS
+    x = np.random.default_rng(0).uniform(0, 255, size=(3, 5, 11, 11)).astype(np.float32)
+    np.testing.assert_array_equal(model.run(x), reference_session.run(["hr"], {"lr": x})[0])
+    model.warmup((1, 4))
+
+
+def test_sha_mismatch_refuses_with_clear_message(standin_model, tmp_path):
+    path = copy_model(standin_model, tmp_path)
+    write_card(path, sha256="0" * 64)
+    with pytest.raises(ModelError, match="SHA-256 mismatch") as info:
+        load_model(path)
+    assert file_sha256(path) in str(info.value) and "0" * 64 in str(info.value)
+
+
+def test_missing_file_or_card(standin_model, tmp_path):
+    with pytest.raises(ModelError, match="model file not found"):
+        load_model(tmp_path / "nope.onnx")
+    path = copy_model(standin_model, tmp_path)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(ModelError, match="model card not found"):
+        load_model(path)
+
+
+def test_card_interface_must_match(standin_model, tmp_path):
+    path = copy_model(standin_model, tmp_path)
+    write_card(path, inputs=[{"name": "lr", "shape": ["batch", 3, 11, 11], "dtype": "float32"}])
+    with pytest.raises(ModelError, match="input shape"):
+        load_model(path)
+    write_card(path, inputs=[{"name": "frames", "shape": ["batch", 5, 11, 11], "dtype": "float32"}])
+    with pytest.raises(ModelError, match="card says 'frames'"):
+        load_model(path)
+    write_card(path, postprocess={"threshold": 70.0, "refine": "magic"})
+    with pytest.raises(ModelError, match="refine"):
+        load_model(path)
+
+
+def test_card_tolerates_extra_keys_and_names_problems(tmp_path):
+    path = tmp_path / "card.json"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "m",
+                "version": "1",
+                "sha256": "a" * 64,
+                "whatever": [1, 2],
+                "inputs": [{"name": "lr", "shape": ["batch", 5, 11, 11], "extra": 1}],
+                "outputs": [{"name": "hr", "shape": ["batch", 33, 33]}],
+            }
+        ).replace('"whatever"', '"metrics": {"cso_map": NaN}, "whatever"')
+    )
+    card = load_card(path)
+    assert card.metrics == {"cso_map": None}  # NaN would break JSON answers
+    assert card.postprocess.threshold == 70.0 and card.physics.ratio == 3
+    path.write_text(json.dumps({"name": "m", "version": "1", "sha256": "xyz"}))
+    with pytest.raises(CardError, match="sha256") as info:
+        load_card(path)
+    assert "inputs" in str(info.value)
+    path.write_text("{not json")
+    with pytest.raises(CardError, match="not readable JSON"):
+        load_card(path)
+
+
+def test_resolve_providers():
+    available = ort.get_available_providers()
+    auto = resolve_providers(None)
+    assert auto[-1] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in auto) == ("CUDAExecutionProvider" in available)
+    assert resolve_providers(["NoSuchProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert resolve_providers(["NoSuchProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CSIST_MODEL_PATH", str(tmp_path / "m.onnx"))
+    monkeypatch.setenv("CSIST_MAX_BATCH_SIZE", "128")
+    monkeypatch.setenv("CSIST_MAX_BATCH_WAIT_MS", "5.5")
+    monkeypatch.setenv("CSIST_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
+    monkeypatch.setenv("CSIST_API_TOKEN", "s3cret")
+    monkeypatch.setenv("CSIST_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("CSIST_TRACK_TTL_S", "2.5")
+    s = Settings()
+    assert s.model_path == tmp_path / "m.onnx"
+    assert s.resolved_card_path() == tmp_path / "m.json"
+    assert (s.max_batch_size, s.max_batch_wait_ms, s.track_ttl_s) == (128, 5.5, 2.5)
+    assert s.provider_list() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert s.api_token.get_secret_value() == "s3cret"
+    assert s.log_level == "debug"
+    monkeypatch.setenv("CSIST_API_TOKEN", "")
+    monkeypatch.setenv("CSIST_PROVIDERS", "auto")
+    s = Settings()
+    assert s.api_token is None and s.provider_list() is None
+    monkeypatch.setenv("CSIST_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Settings()
+
+
+def test_json_logs():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("info", stream=stream)
+        logging.getLogger("csist.test").info("hello %s", "world", extra={"route": "/unmix"})
+        try:
+            raise ValueError("bad")
+        except ValueError:
+            logging.getLogger("uvicorn.error").exception("failed")
+        logging.getLogger("csist.test").debug("hidden")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 2
+    assert lines[0]["message"] == "hello world" and lines[0]["route"] == "/unmix"
+    assert lines[0]["level"] == "info" and lines[0]["logger"] == "csist.test"
+    assert lines[0]["ts"].endswith("+00:00")
+    assert lines[1]["level"] == "error" and "ValueError: bad" in lines[1]["exc"]
+    assert JsonFormatter().format(logging.makeLogRecord({"msg": "x", "obj": object()}))
+
+
+def test_card_peak_mode_is_checked_and_used(standin_model, tmp_path):
+    from service.batcher import Batcher, PeakOptions
+    from service.metrics import Metrics
+    from service.peaks import extract_peaks
+    from service.runtime import Runtime
+
+    path = copy_model(standin_model, tmp_path)
+    write_card(path, postprocess={"threshold": 30.0, "refine": "centroid", "mode": "bogus"})
+    with pytest.raises(ModelError, match="postprocess.mode"):
+        load_model(path)
+    write_card(path, postprocess={"threshold": 30.0, "refine": "none", "mode": "local_max"})
+    model = load_model(path)
+    assert model.card.postprocess.mode == "local_max"
+    # two adjacent cells above the threshold: "cells" keeps both, "local_max" only the higher
+    hr = np.zeros((33, 33))
+    hr[10, 10], hr[10, 11] = 200.0, 150.0
+    assert len(extract_peaks(hr, 70.0, "none", mode="cells")) == 2
+    assert len(extract_peaks(hr, 70.0, "none", mode="local_max")) == 1
+    runtime = Runtime(Settings(model_path=path), Metrics(), model=model)
+    assert runtime.peak_options(None) == PeakOptions(30.0, "none", None, 3, "local_max")
+
+    def adjacent_cells(windows):
+        out = np.zeros((len(windows), 33, 33), dtype=np.float32)
+        out[:, 10, 10], out[:, 10, 11] = 200.0, 150.0
+        return out
+
+    async def run_both():
+        b = Batcher(adjacent_cells, Metrics(), max_batch=8, max_wait_s=0.01)
+        b.start()
+        w = np.zeros((1, 5, 11, 11), dtype=np.float32)
+        got = await asyncio.gather(
+            b.submit(w, PeakOptions(70.0, "none")),
+            b.submit(w, runtime.peak_options(None)),
+        )
+        await b.stop()
+        return [len(r.peaks[0]) for r in got]
+
+    assert asyncio.run(run_both()) == [2, 1]  # default rule "cells", the card's "local_max"
