@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.metrics import Metrics
-from service.peaks import extract_peaks_batch
+from service.postprocess import find_targets
 
 log = logging.getLogger("service.batcher")
 
@@ -226,14 +226,14 @@ class Batcher:
         for opts, members in by_options.items():
             p0 = time.perf_counter()
             sel = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in members])
-            kwargs = {} if opts.mode is None else {"mode": opts.mode}
-            found = extract_peaks_batch(
+            found = find_targets(
                 maps[sel],
+                windows[sel],
                 threshold=opts.threshold,
                 refine=opts.refine,
                 max_targets=opts.max_targets,
                 ratio=opts.ratio,
-                **kwargs,
+                mode=opts.mode,
             )
             dt = time.perf_counter() - p0
             at = 0

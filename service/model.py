@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from service.card import CardError, ModelCard, load_card
 from service import peaks
-from service.peaks import REFINE_MODES
+from service.postprocess import REFINE_MODES
 from service.physics import RATIO, SIZE
 from service.windows import WINDOW
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from service.peaks import REFINE_MODES
+from service.postprocess import REFINE_MODES
 from service.physics import RATIO, SIZE
 
 MAX_FRAMES = 64  # frames per REST request
@@ -20,7 +20,7 @@ MAX_PIXEL = 1e6  # |pixel| bound: keeps float32 model arithmetic finite
 MAX_COORD = 1e9  # |origin| bound, sensor pixels
 MAX_TRACK_ID = 256  # characters
 
-# The refine option grows with service.peaks.REFINE_MODES (e.g. "fit" later).
+# none | centroid | quadratic (peak refinement on the HR map) | fit (physics fit to the window)
 RefineMode = Literal[REFINE_MODES]  # type: ignore[valid-type]
 
 Pixel = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_PIXEL, le=MAX_PIXEL)]

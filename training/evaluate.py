@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.peaks import REFINE_MODES, extract_peaks
+from service.postprocess import REFINE_MODES, find_targets
 from training.data import read_split, window_middles, windows
 from training.metric import cso_map, count_accuracy, localisation_error
 
@@ -86,10 +86,19 @@ def predict_trajectories(model, frames: np.ndarray, batch: int = 8) -> np.ndarra
     return np.concatenate(out)
 
 
-def detections(maps: np.ndarray, threshold: float = 70.0, refine: str = "centroid", max_targets: int | None = None):
-    """Peaks of every map in (n, W, 33, 33): a flat list of (K, 3) arrays, trajectory-major."""
+def detections(maps: np.ndarray, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
+               frames: np.ndarray | None = None):
+    """Targets of every map in (n, W, 33, 33): a flat list of (K, 3) arrays, trajectory-major.
+
+    ``frames`` (n, T, 11, 11), the trajectories the maps came from, is needed for refine="fit".
+    """
     flat = maps.reshape(-1, *maps.shape[-2:])
-    return [extract_peaks(m, threshold=threshold, refine=refine, max_targets=max_targets) for m in flat]
+    win = None if frames is None else windows(frames, WINDOW)
+    out = []
+    for a in range(0, len(flat), 1024):  # bounded memory and a progress line per chunk
+        out += find_targets(flat[a : a + 1024], None if win is None else win[a : a + 1024],
+                            threshold=threshold, refine=refine, max_targets=max_targets)
+    return out
 
 
 def middle_truth(split) -> list[np.ndarray]:
@@ -116,13 +125,16 @@ def score(dets: list, truth: list) -> dict:
     return report
 
 
-def evaluate(predictor, split, threshold: float = 70.0, refine: str = "centroid", max_targets: int | None = None):
+def evaluate(predictor, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None):
     """Run ``predictor`` on a split; returns (report, detections, maps)."""
     t0 = time.perf_counter()
     maps = predictor(split.frames)
     seconds = time.perf_counter() - t0
-    dets = detections(maps, threshold, refine, max_targets)
+    t1 = time.perf_counter()
+    dets = detections(maps, threshold, refine, max_targets, frames=split.frames)
+    post = time.perf_counter() - t1
     report = score(dets, middle_truth(split))
+    report["postprocess_ms_per_window"] = 1000 * post / max(1, len(dets))
     report["inference_seconds"] = seconds
     report["windows_per_second"] = maps.shape[0] * maps.shape[1] / max(seconds, 1e-9)
     return report, dets, maps
@@ -198,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N trajectories")
     p.add_argument("--threshold", type=float, default=70.0, help="peak brightness threshold (default 70, as the reference metric)")
-    p.add_argument("--refine", default="centroid", choices=REFINE_MODES, help="sub-cell peak refinement")
+    p.add_argument("--refine", default="none", choices=REFINE_MODES,
+                   help="none: HR cell centres (as the reference metric); centroid/quadratic: sub-cell peak refinement "
+                        "on the map; fit: physics fit of the peaks to the window's 5 LR frames")
     p.add_argument("--max-targets", type=int, default=None, help="keep at most this many peaks per frame")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: library default)")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.model import file_sha256
-from service.peaks import extract_peaks
+from service.postprocess import find_targets
 from tests.service.conftest import CARD_THRESHOLD, simulate_track
 
 
@@ -26,13 +26,13 @@ def body_of(frames, **extra) -> dict:
 def expected_targets(
     session, frames, threshold=CARD_THRESHOLD, refine="centroid", max_targets=None
 ):
-    """Direct ONNX Runtime + extract_peaks, windows built here by hand (t-2..t+2, clamped)."""
+    """Direct ONNX Runtime + find_targets, windows built here by hand (t-2..t+2, clamped)."""
     n = len(frames)
     windows = np.stack(
         [np.stack([frames[min(max(t + d, 0), n - 1)] for d in (-2, -1, 0, 1, 2)]) for t in range(n)]
     ).astype(np.float32)
     maps = session.run(["hr"], {"lr": windows})[0]
-    return [extract_peaks(m, threshold, refine, max_targets) for m in maps]
+    return find_targets(maps, windows, threshold=threshold, refine=refine, max_targets=max_targets)
 
 
 def as_array(targets) -> np.ndarray:
@@ -64,9 +64,10 @@ def test_five_frames_give_five_results_with_model_and_timing(client, standin_mod
         {"refine": "none"},
         {"refine": "quadratic", "threshold": 20.0},
         {"refine": "centroid", "threshold": 10.0, "max_targets": 2},
+        {"refine": "fit"},
     ],
 )
-def test_rest_equals_model_plus_extract_peaks(client, reference_session, options):
+def test_rest_equals_model_plus_postprocessing(client, reference_session, options):
     frames = simulate_track(9, seed=2)
     r = client.post("/unmix", json=body_of(frames, options=options))
     assert r.status_code == 200, r.text
