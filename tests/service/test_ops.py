@@ -65,7 +65,7 @@ def test_docs_and_openapi(server):
         spec["paths"]
     )
     refine = spec["components"]["schemas"]["UnmixOptions"]["properties"]["refine"]["anyOf"][0]
-    assert refine["enum"] == ["none", "centroid", "quadratic"]
+    assert refine["enum"] == ["none", "centroid", "quadratic", "fit"]
 
 
 def test_prometheus_metrics_count_what_happened(start_server):
