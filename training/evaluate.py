@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from service.peaks import DEFAULT_MODE, PEAK_MODES
 from service.postprocess import REFINE_MODES, find_targets
+from service.refine import FitConfig
 from training.data import read_split, window_middles, windows
 from training.metric import cso_map, count_accuracy, localisation_error
 
@@ -86,19 +88,24 @@ def predict_trajectories(model, frames: np.ndarray, batch: int = 8) -> np.ndarra
     return np.concatenate(out)
 
 
+def is_8bit(frames: np.ndarray) -> bool:
+    """True for sensor frames as published (integers in 0..255), False for --float data."""
+    return bool(frames.min() >= 0 and frames.max() <= 255 and np.array_equal(frames, np.round(frames)))
+
+
 def detections(maps: np.ndarray, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
-               frames: np.ndarray | None = None):
+               frames: np.ndarray | None = None, mode: str = DEFAULT_MODE):
     """Targets of every map in (n, W, 33, 33): a flat list of (K, 3) arrays, trajectory-major.
 
-    ``frames`` (n, T, 11, 11), the trajectories the maps came from, is needed for refine="fit".
+    ``frames`` (n, T, 11, 11), the trajectories the maps came from, is needed for refine="fit";
+    float (unquantised) frames get a fit without 8-bit rounding and saturation.
     """
     flat = maps.reshape(-1, *maps.shape[-2:])
-    win = None if frames is None else windows(frames, WINDOW)
-    out = []
-    for a in range(0, len(flat), 1024):  # bounded memory and a progress line per chunk
-        out += find_targets(flat[a : a + 1024], None if win is None else win[a : a + 1024],
-                            threshold=threshold, refine=refine, max_targets=max_targets)
-    return out
+    win, fit = None, None
+    if refine == "fit" and frames is not None:
+        win = windows(frames, WINDOW)
+        fit = FitConfig() if is_8bit(frames) else FitConfig(quantized=False, saturation=None)
+    return find_targets(flat, win, threshold=threshold, refine=refine, max_targets=max_targets, mode=mode, fit_config=fit)
 
 
 def middle_truth(split) -> list[np.ndarray]:
@@ -125,13 +132,14 @@ def score(dets: list, truth: list) -> dict:
     return report
 
 
-def evaluate(predictor, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None):
+def evaluate(predictor, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
+             mode: str = DEFAULT_MODE):
     """Run ``predictor`` on a split; returns (report, detections, maps)."""
     t0 = time.perf_counter()
     maps = predictor(split.frames)
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    dets = detections(maps, threshold, refine, max_targets, frames=split.frames)
+    dets = detections(maps, threshold, refine, max_targets, frames=split.frames, mode=mode)
     post = time.perf_counter() - t1
     report = score(dets, middle_truth(split))
     report["postprocess_ms_per_window"] = 1000 * post / max(1, len(dets))
@@ -213,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", default="none", choices=REFINE_MODES,
                    help="none: HR cell centres (as the reference metric); centroid/quadratic: sub-cell peak refinement "
                         "on the map; fit: physics fit of the peaks to the window's 5 LR frames")
+    p.add_argument("--peak-mode", default=DEFAULT_MODE, choices=PEAK_MODES,
+                   help="cells: every HR cell above the threshold (the reference metric); local_max: local maxima only")
     p.add_argument("--max-targets", type=int, default=None, help="keep at most this many peaks per frame")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: library default)")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
@@ -225,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     split = read_split(args.data, args.split, limit=args.limit)
     predictor = load_predictor(args.model, args.threads)
-    report, dets, maps = evaluate(predictor, split, args.threshold, args.refine, args.max_targets)
-    report.update(model=str(args.model), data=str(args.data), split=args.split, refine=args.refine, threshold=args.threshold)
+    report, dets, maps = evaluate(predictor, split, args.threshold, args.refine, args.max_targets, args.peak_mode)
+    report.update(model=str(args.model), data=str(args.data), split=args.split, refine=args.refine,
+                  threshold=args.threshold, peak_mode=args.peak_mode, trajectories=split.n_trajectories)
     print(format_report(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

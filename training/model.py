@@ -332,6 +332,10 @@ def derefnet_loss(model: DeRefNet, frames, hr_truth, weights: LossWeights = Loss
 def fit_qinit(lr_frames: np.ndarray, hr_maps: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
     """Least-squares LR -> HR initialisation Qinit = X Y^T (Y Y^T)^-1 (DESIGN section 4.1).
 
+    Training passes the observed training frames as Y (8-bit, off-cell targets, clipped at
+    255) rather than Phi X: Qinit is then the best linear map from what the sensor really
+    delivers to the HR truth, which is what the network sees at inference.
+
     lr_frames (N, 11, 11) and hr_maps (N, 33, 33) in sensor units; the map is linear, so it
     applies equally to scaled inputs. A tiny ridge keeps Y Y^T invertible on small data sets.
     Returns (1089, 121) float32.

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data set root with train/ and val/ splits")
     p.add_argument("--out", required=True, type=Path, help="run directory for checkpoints and logs")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training trajectories (fractions allowed)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="Adam learning rate (paper: 1e-4); on --resume the stored rate is kept unless --lr-min is set")
     p.add_argument("--lr-min", type=float, default=None, help="cosine-decay the lr to this value over the run (default: constant)")
     p.add_argument("--batch", type=int, default=1, help="trajectories per step (1 = the paper's 20 frames)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -133,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
 
     n = train.n_trajectories
     steps_per_epoch = math.ceil(n / args.batch)
+    # The epoch permutations and step positions depend on these: a resume must keep them.
+    layout = {"batch": args.batch, "train_trajectories": n, "seed": args.seed}
+    if ckpt and ckpt["state"].get("layout", layout) != layout:
+        raise SystemExit(f"--resume: the run was made with {ckpt['state']['layout']}, not {layout}; "
+                         "keep --batch, --train-limit and --seed when resuming")
     total_steps = max(1, round(args.epochs * steps_per_epoch))
     state = ckpt["state"] if ckpt else {"step": 0, "best_map": -1.0, "train_seconds": 0.0, "history": []}
+    state["layout"] = layout
     command = "csist train " + " ".join(sys.argv[2:] if argv is None else argv)
     state.setdefault("commands", []).append(command)
     stop = Stop()
@@ -189,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{loss.item():.5f}", reg=f"{parts['reg']:.5f}", epoch=epoch)
         if state["step"] % 20 == 0:
             state.setdefault("losses", []).append([state["step"], loss.item(), parts["reg"]])
-        if state["step"] % args.save_every == 0:
-            save("last.pt")
+        # validate first, so that the last.pt written at this step knows a new best
         if state["step"] % args.val_every == 0 or state["step"] % steps_per_epoch == 0:
             run_validation()
+        if state["step"] % args.save_every == 0:
+            save("last.pt")
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             tqdm.write(f"time limit of {args.max_minutes} min reached")
             break

@@ -45,6 +45,9 @@ def test_train_writes_resumable_checkpoints(run):
     assert resumed["state"]["step"] == 8
     assert resumed["state"]["train_seconds"] >= last["state"]["train_seconds"]
     assert not torch.equal(resumed["model"]["head.fusion.body.0.weight"], last["model"]["head.fusion.body.0.weight"])
+    # a resume that would shuffle differently is refused instead of skipping trajectories
+    with pytest.raises(SystemExit, match="batch"):
+        train.main([*args, "--epochs", "3", "--batch", "2", "--resume", str(out / "last.pt")])
 
 
 def test_qinit_is_fitted_on_training_data(run, data):
