@@ -132,20 +132,31 @@ def score(dets: list, truth: list) -> dict:
     return report
 
 
-def evaluate(predictor, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
-             mode: str = DEFAULT_MODE):
-    """Run ``predictor`` on a split; returns (report, detections, maps)."""
+def predict(predictor, split) -> tuple[np.ndarray, dict]:
+    """HR maps (n, T-4, 33, 33) of a split and the inference timing."""
     t0 = time.perf_counter()
     maps = predictor(split.frames)
     seconds = time.perf_counter() - t0
+    return maps, {"inference_seconds": seconds, "windows_per_second": maps.shape[0] * maps.shape[1] / max(seconds, 1e-9)}
+
+
+def score_maps(maps, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
+               mode: str = DEFAULT_MODE) -> tuple[dict, list]:
+    """Targets from precomputed maps and their report; returns (report, detections)."""
     t1 = time.perf_counter()
     dets = detections(maps, threshold, refine, max_targets, frames=split.frames, mode=mode)
     post = time.perf_counter() - t1
     report = score(dets, middle_truth(split))
     report["postprocess_ms_per_window"] = 1000 * post / max(1, len(dets))
-    report["inference_seconds"] = seconds
-    report["windows_per_second"] = maps.shape[0] * maps.shape[1] / max(seconds, 1e-9)
-    return report, dets, maps
+    return report, dets
+
+
+def evaluate(predictor, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
+             mode: str = DEFAULT_MODE):
+    """Run ``predictor`` on a split; returns (report, detections, maps)."""
+    maps, timing = predict(predictor, split)
+    report, dets = score_maps(maps, split, threshold, refine, max_targets, mode)
+    return {**report, **timing}, dets, maps
 
 
 def save_detections(path: Path, split, dets: list) -> None:
@@ -218,9 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N trajectories")
     p.add_argument("--threshold", type=float, default=70.0, help="peak brightness threshold (default 70, as the reference metric)")
-    p.add_argument("--refine", default="none", choices=REFINE_MODES,
+    p.add_argument("--refine", nargs="+", default=["none"], choices=REFINE_MODES,
                    help="none: HR cell centres (as the reference metric); centroid/quadratic: sub-cell peak refinement "
-                        "on the map; fit: physics fit of the peaks to the window's 5 LR frames")
+                        "on the map; fit: physics fit of the peaks to the window's 5 LR frames. Several modes score "
+                        "the same network output each (--out then holds {'reports': [...]}; detections and plots "
+                        "use the last mode)")
     p.add_argument("--peak-mode", default=DEFAULT_MODE, choices=PEAK_MODES,
                    help="cells: every HR cell above the threshold (the reference metric); local_max: local maxima only")
     p.add_argument("--max-targets", type=int, default=None, help="keep at most this many peaks per frame")
@@ -235,13 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     split = read_split(args.data, args.split, limit=args.limit)
     predictor = load_predictor(args.model, args.threads)
-    report, dets, maps = evaluate(predictor, split, args.threshold, args.refine, args.max_targets, args.peak_mode)
-    report.update(model=str(args.model), data=str(args.data), split=args.split, refine=args.refine,
-                  threshold=args.threshold, peak_mode=args.peak_mode, trajectories=split.n_trajectories)
-    print(format_report(report))
+    maps, timing = predict(predictor, split)
+    reports = []
+    for refine in args.refine:
+        report, dets = score_maps(maps, split, args.threshold, refine, args.max_targets, args.peak_mode)
+        report.update(timing, model=str(args.model), data=str(args.data), split=args.split, refine=refine,
+                      threshold=args.threshold, peak_mode=args.peak_mode, trajectories=split.n_trajectories)
+        print(f"refine={refine}: " + format_report(report))
+        reports.append(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        args.out.write_text(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}, indent=2))
     if args.detections:
         save_detections(args.detections, split, dets)
     if args.plots:

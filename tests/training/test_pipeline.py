@@ -102,7 +102,7 @@ def test_evaluate_cli_outputs(exported, data, tmp_path):
     assert evaluate.main(["--model", str(exported), "--data", str(data), "--split", "test", "--out", str(report),
                           "--detections", str(dets), "--plots", str(plots), "--threshold", "0"]) == 0
     r = json.loads(report.read_text())
-    assert r["frames"] == 4 * 16 and set(r["by_count"]) <= {"2", "3", "4"}
+    assert r["frames"] == 4 * 16 and set(r["by_count"]) <= {"2", "3", "4"} and r["refine"] == "none"
     assert sum(v["frames"] for v in r["by_count"].values()) == 64
     frames = json.loads(dets.read_text())["frames"]
     assert len(frames) == 64 and frames[0]["trajectory"] == 0 and frames[0]["frame"] == 2 and frames[-1]["frame"] == 17
@@ -122,3 +122,13 @@ def test_perfect_maps_score_the_cell_centre_ceiling(data):
     assert 90 <= r["count_accuracy"] < 100
     assert r["AP25"] > 95  # a cell centre is at most sqrt(2)/6 = 0.236 px from its target
     assert 30 < r["mAP"] < 70 and r["AP05"] < 30
+
+
+def test_evaluate_scores_several_refinements_of_one_inference(exported, data, tmp_path):
+    report = tmp_path / "r.json"
+    assert evaluate.main(["--model", str(exported), "--data", str(data), "--split", "test", "--limit", "1",
+                          "--refine", "none", "fit", "--threshold", "10", "--out", str(report)]) == 0
+    reports = json.loads(report.read_text())["reports"]
+    assert [r["refine"] for r in reports] == ["none", "fit"]
+    assert reports[0]["inference_seconds"] == reports[1]["inference_seconds"]  # one inference
+    assert reports[0]["frames"] == reports[1]["frames"] == 16
