@@ -20,16 +20,14 @@ if [[ $step == train || $step == all ]]; then
     --val-trajectories 50 --val-every 250 --save-every 50 --max-minutes 125 "${resume[@]}"
 fi
 if [[ $step == evaluate || $step == all ]]; then
-  for refine in none centroid; do
-    $CSIST evaluate --model "$RUN/best.pt" --data "$TEST_DATA" --split test --refine "$refine" \
-      --out "$RUN/test_${refine}.json"
-  done
+  $CSIST evaluate --model "$RUN/best.pt" --data "$TEST_DATA" --split test --refine none centroid fit \
+    --out "$RUN/test_report.json"
 fi
 if [[ $step == export || $step == all ]]; then
   $CSIST export --checkpoint "$RUN/best.pt" --out models/derefnet.onnx \
-    --eval-report "$RUN/test_none.json" --eval-report "$RUN/test_centroid.json" \
+    --eval-report "$RUN/test_report.json" \
     --data-command "csist simulate --out data/seqcsist --trajectories 5000 --seed 0" \
     --data-command "csist simulate --out $TEST_DATA --trajectories 750 --seed $TEST_SEED --split 0,0,1"
-  $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none \
-    --out "$RUN/test_none_onnx.json" --plots docs/img
+  $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none fit \
+    --out "$RUN/test_report_onnx.json" --plots docs/img
 fi

@@ -7,6 +7,13 @@ first waiting group, keeps gathering groups until the batch holds ``max_batch`` 
 the event loop keeps accepting connections while the model runs. The queue is bounded in
 windows: a submit that does not fit raises ``Overloaded`` at once (the caller answers 503 or
 an error message) instead of letting memory grow.
+
+With the model's streaming parts (``encode``: frames -> features, ``head``: 5 features -> HR
+map), a group may carry a :class:`~service.windows.FeatureSlot` per frame of each window. The
+batch then encodes, in one call, every frame whose slot is still empty (each distinct slot once:
+a REST request's frames, or the new frame of each stream that sent one), stores the features in
+the slots, and runs only the head on the windows; a stream's later windows find their older
+frames already encoded. Groups without slots (or a model without parts) run the single graph.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 
 from service.metrics import Metrics
 from service.postprocess import find_targets
+from service.windows import WINDOW, FeatureSlot
 
 log = logging.getLogger("service.batcher")
 
@@ -66,6 +74,7 @@ class _Item:
     windows: np.ndarray  # (k, 5, H, W) float32
     options: PeakOptions
     future: asyncio.Future
+    slots: list[list[FeatureSlot]] | None = None  # (k lists of 5) when features may be cached
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
 
@@ -84,8 +93,14 @@ class Batcher:
         max_batch: int = 64,
         max_wait_s: float = 0.002,
         max_queue: int = 4096,
+        encode: Callable[[np.ndarray], np.ndarray] | None = None,
+        head: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self._run_model = run_model
+        self._encode = encode
+        self._head = head
+        self.frames_encoded = 0  # frames run through ``encode`` (feature-cache path)
+        self.windows_run = 0  # windows through ``head`` or the single graph
         self._metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -107,9 +122,20 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csist-infer")
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="csist-batcher")
 
-    def submit(self, windows: np.ndarray, options: PeakOptions) -> asyncio.Future:
+    @property
+    def caches_features(self) -> bool:
+        """Whether groups submitted with slots run encoder + head (else the single graph)."""
+        return self._encode is not None and self._head is not None
+
+    def submit(
+        self,
+        windows: np.ndarray,
+        options: PeakOptions,
+        slots: list[list[FeatureSlot]] | None = None,
+    ) -> asyncio.Future:
         """Queue a group of windows; the returned future resolves to a :class:`GroupResult`.
 
+        ``slots``: the feature slot of each frame of each window (see module docstring).
         Raises Overloaded (queue full) or ShuttingDown immediately rather than waiting.
         """
         if self._closing or self._worker is None:
@@ -122,7 +148,9 @@ class Batcher:
                 f"inference queue is full ({self._queued} of {self.max_queue} windows waiting)"
             )
         future = asyncio.get_running_loop().create_future()
-        self._items.append(_Item(windows, options, future))
+        if slots is not None and len(slots) != k:
+            raise ValueError(f"{len(slots)} slot rows for {k} windows")
+        self._items.append(_Item(windows, options, future, slots))
         self._queued += k
         self._metrics.queue_windows.set(self._queued)
         self._wakeup.set()
@@ -197,6 +225,30 @@ class Batcher:
                 if not item.future.done():  # a caller may have been cancelled meanwhile
                     item.future.set_result(result)
 
+    @staticmethod
+    def _chunked(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, size: int) -> np.ndarray:
+        return np.concatenate([fn(x[a : a + size]) for a in range(0, len(x), size)])
+
+    def _run_cached(self, batch: list[_Item]) -> np.ndarray:
+        """Encode every distinct frame whose slot is empty (one call), then run the head."""
+        pending: dict[int, tuple[FeatureSlot, np.ndarray]] = {}
+        for item in batch:
+            for w, row in enumerate(item.slots):
+                for k, slot in enumerate(row):
+                    if slot.features is None and id(slot) not in pending:
+                        pending[id(slot)] = (slot, item.windows[w, k])
+        if pending:
+            todo = list(pending.values())
+            frames = np.stack([frame for _, frame in todo])
+            feats = self._chunked(self._encode, frames, self.max_batch * WINDOW)
+            for (slot, _), f in zip(todo, feats, strict=True):
+                slot.features = f.copy()  # a view would keep the whole batch's array alive
+            self.frames_encoded += len(todo)
+        features = np.stack(
+            [np.stack([s.features for s in row]) for item in batch for row in item.slots]
+        )
+        return self._chunked(self._head, features, self.max_batch)
+
     def _run_batch(self, batch: list[_Item]) -> list[GroupResult]:
         """Inference on all windows of the batch, then peak extraction grouped by options.
 
@@ -207,9 +259,11 @@ class Batcher:
         )
         n = windows.shape[0]
         t0 = time.perf_counter()
-        maps = np.concatenate(
-            [self._run_model(windows[a : a + self.max_batch]) for a in range(0, n, self.max_batch)]
-        )
+        if self.caches_features and all(i.slots is not None for i in batch):
+            maps = self._run_cached(batch)
+        else:
+            maps = self._chunked(self._run_model, windows, self.max_batch)
+        self.windows_run += n
         t1 = time.perf_counter()
         if not np.isfinite(maps).all():
             raise InferenceFailed("the model produced non-finite values")

@@ -50,6 +50,17 @@ class PostprocessSpec(BaseModel):
     mode: str | None = None
 
 
+class PartSpec(BaseModel):
+    """One extra ONNX file of the model (the streaming encoder or head), verified like the main one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+
+
 class ModelCard(BaseModel):
     """The parts of the model card the service uses; extra keys are kept but not interpreted."""
 
@@ -65,6 +76,9 @@ class ModelCard(BaseModel):
     physics: PhysicsSpec = PhysicsSpec()
     postprocess: PostprocessSpec = PostprocessSpec()
     metrics: Any = {}  # shown as is at /v2/models/{name}
+    # Streaming parts written by ``csist export``: "encoder" (frames -> features) and "head"
+    # (5 frames' features -> HR map). Absent: the service runs the single graph only.
+    parts: dict[str, PartSpec] = {}
 
 
 def load_card(path: str | Path) -> ModelCard:

@@ -39,6 +39,15 @@ class Settings(BaseSettings):
         False,
         description="let ONNX Runtime threads busy-wait between runs (lower latency, more CPU)",
     )
+    ort_graph_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level"
+    )
+    ort_arena: bool = Field(True, description="ONNX Runtime CPU memory arena")
+    feature_cache: bool = Field(
+        True,
+        description="when the model card lists the streaming encoder and head, encode each frame"
+        " once and run only the head per window (else: the single graph on every window)",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="windows per inference call")
     max_batch_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="how long the batcher waits to fill a batch"

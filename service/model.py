@@ -4,6 +4,10 @@ The service refuses to start on a model it cannot vouch for: the file's SHA-256 
 card, and the graph's inputs and outputs must be the window and HR-map shapes the API is built
 around. Those checks turn a wrong deployment into a clear start-up error instead of wrong
 answers.
+
+When the card lists the streaming parts (``parts.encoder``: LR frames -> stage-9 features,
+``parts.head``: a window's 5 feature maps -> HR map), they are verified the same way and loaded
+beside the single graph, so that a stream encodes each frame once instead of in 5 windows.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.card import CardError, ModelCard, load_card
+from service.card import CardError, ModelCard, PartSpec, load_card
 from service import peaks
 from service.postprocess import REFINE_MODES
 from service.physics import RATIO, SIZE
@@ -25,6 +29,13 @@ from service.windows import WINDOW
 log = logging.getLogger("service.model")
 
 AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+ENCODER, HEAD = "encoder", "head"
 
 
 class ModelError(RuntimeError):
@@ -57,6 +68,38 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
     return chosen
 
 
+def session_options(
+    threads: int = 0, spinning: bool = False, graph_level: str = "all", arena: bool = True
+) -> ort.SessionOptions:
+    """ONNX Runtime session options of the service (the benchmark times the same knobs)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = GRAPH_LEVELS[graph_level]
+    options.enable_cpu_mem_arena = arena
+    options.log_severity_level = 3
+    # ORT's worker threads busy-wait between runs by default; in a server that burns the CPU
+    # the event loop needs (measured: twice the CPU per window on 2 cores), so it is off.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
+@dataclass
+class Part:
+    """One verified streaming part (encoder or head) in its own session."""
+
+    path: Path
+    sha256: str
+    session: ort.InferenceSession
+    input_name: str
+    output_name: str
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
 @dataclass
 class InferenceModel:
     """An ONNX Runtime session plus the card that describes it."""
@@ -69,6 +112,20 @@ class InferenceModel:
     output_name: str
     requested_providers: list[str]
     providers: list[str] = field(default_factory=list)
+    parts: dict[str, Part] = field(default_factory=dict)
+
+    @property
+    def has_parts(self) -> bool:
+        """Whether the streaming encoder and head are loaded (the feature cache is usable)."""
+        return ENCODER in self.parts and HEAD in self.parts
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        """Features (n, 1089) float32 of LR frames (n, 11, 11); needs :attr:`has_parts`."""
+        return self.parts[ENCODER].run(frames)
+
+    def head(self, features: np.ndarray) -> np.ndarray:
+        """HR maps (b, 33, 33) of windows' features (b, 5, 1089); needs :attr:`has_parts`."""
+        return self.parts[HEAD].run(features)
 
     @property
     def hr_size(self) -> int:
@@ -87,6 +144,12 @@ class InferenceModel:
             if out.shape != (n, self.hr_size, self.hr_size):
                 want = (n, self.hr_size, self.hr_size)
                 raise ModelError(f"model output has shape {out.shape}, expected {want}")
+            if self.has_parts:
+                feats = self.encode(np.zeros((n * WINDOW, size, size), dtype=np.float32))
+                out = self.head(feats.reshape(n, WINDOW, -1))
+                if out.shape != (n, self.hr_size, self.hr_size):
+                    want = (n, self.hr_size, self.hr_size)
+                    raise ModelError(f"model head output has shape {out.shape}, expected {want}")
 
     def metadata(self) -> dict:
         """Identity of the model, as echoed in every answer."""
@@ -119,8 +182,8 @@ def _check_card(card: ModelCard) -> None:
         raise ModelError(f"model card postprocess.refine={refine!r} is not one of {REFINE_MODES}")
 
 
-def _check_session(session: ort.InferenceSession, card: ModelCard) -> tuple[str, str]:
-    """The graph's input/output names and static dims must agree with the card."""
+def _check_session(session: ort.InferenceSession, card: ModelCard | PartSpec) -> tuple[str, str]:
+    """The graph's input/output names and static dims must agree with the card (or part)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     by_name_in = {i.name: i for i in inputs}
     by_name_out = {o.name: o for o in outputs}
@@ -144,14 +207,56 @@ def _check_session(session: ort.InferenceSession, card: ModelCard) -> tuple[str,
     return in_name, out_name
 
 
+def _part_shapes(name: str) -> tuple[list[int], list[int]]:
+    """Static input/output dims (after the batch dim) the service needs of a part."""
+    hr = SIZE * RATIO
+    if name == ENCODER:
+        return [SIZE, SIZE], [hr * hr]
+    return [WINDOW, hr * hr], [hr, hr]
+
+
+def _load_part(
+    name: str, spec: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str]
+) -> Part:
+    """Verify one streaming part (hash, tensor names and shapes) and open its session."""
+    path = directory / spec.file
+    if not path.is_file():
+        raise ModelError(f"model part {name!r} not found: {path} (listed in the model card)")
+    want_in, want_out = _part_shapes(name)
+    if list(spec.inputs[0].shape[1:]) != want_in or list(spec.outputs[0].shape[1:]) != want_out:
+        raise ModelError(
+            f"model card part {name!r} maps {spec.inputs[0].shape} -> {spec.outputs[0].shape}; "
+            f"expected [n, *{want_in}] -> [n, *{want_out}]"
+        )
+    digest = file_sha256(path)
+    if digest.lower() != spec.sha256.lower():
+        raise ModelError(
+            f"SHA-256 mismatch: model part {path} has {digest} but the card says "
+            f"{spec.sha256.lower()} (re-export with `csist export` to write both)"
+        )
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from None
+    in_name, out_name = _check_session(session, spec)
+    return Part(path, digest, session, in_name, out_name)
+
+
 def load_model(
     model_path: str | Path,
     card_path: str | Path | None = None,
     providers: list[str] | None = None,
     threads: int = 0,
     spinning: bool = False,
+    parts: bool = True,
+    graph_level: str = "all",
+    arena: bool = True,
 ) -> InferenceModel:
-    """Load and verify the model; ModelError with a clear message when it cannot be served."""
+    """Load and verify the model; ModelError with a clear message when it cannot be served.
+
+    ``parts``: also load the streaming encoder and head when the card lists them (both or
+    neither must be listed).
+    """
     model_path = Path(model_path)
     card_path = Path(card_path) if card_path is not None else model_path.with_suffix(".json")
     if not model_path.is_file():
@@ -172,15 +277,16 @@ def load_model(
             "model (re-export with `csist export` to write both)"
         )
     requested = resolve_providers(providers)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    # ORT's worker threads busy-wait between runs by default; in a server that burns the CPU
-    # the event loop needs (measured: twice the CPU per window on 2 cores), so it is off.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    options = session_options(threads, spinning, graph_level, arena)
+    listed = set(card.parts)
+    if listed and listed != {ENCODER, HEAD}:
+        raise ModelError(f"model card parts {sorted(listed)}; expected both 'encoder' and 'head'")
+    loaded = {}
+    if parts and listed:
+        loaded = {
+            name: _load_part(name, card.parts[name], model_path.parent, options, requested)
+            for name in (ENCODER, HEAD)
+        }
     try:
         session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -195,4 +301,5 @@ def load_model(
         output_name=out_name,
         requested_providers=requested,
         providers=list(session.get_providers()),
+        parts=loaded,
     )

@@ -53,6 +53,9 @@ class Runtime:
             s.provider_list(),
             s.threads,
             s.ort_spinning,
+            s.feature_cache,
+            s.ort_graph_level,
+            s.ort_arena,
         )
         sizes = (1,) if s.max_batch_size == 1 else (1, s.max_batch_size)
         await asyncio.to_thread(self.model.warmup, sizes)
@@ -62,6 +65,8 @@ class Runtime:
             max_batch=s.max_batch_size,
             max_wait_s=s.max_batch_wait_ms / 1000.0,
             max_queue=s.max_queue_windows,
+            encode=self.model.encode if self.model.has_parts else None,
+            head=self.model.head if self.model.has_parts else None,
         )
         self.batcher.start()
         card = self.model.card
@@ -83,6 +88,7 @@ class Runtime:
                 "model_version": card.version,
                 "sha256": self.model.sha256,
                 "providers": self.model.providers,
+                "feature_cache": self.model.has_parts,
                 "requested_providers": self.model.requested_providers,
                 "load_ms": round((time.perf_counter() - t0) * 1000, 1),
             },

@@ -13,6 +13,11 @@ Protocol (JSON text messages):
 
 Every frame gets exactly one result or one error. Tracks belong to the connection.
 
+Feature cache: each track's segment keeps a feature slot per buffered frame next to the frame
+itself (``refine="fit"`` needs the raw LR window); with the model's streaming parts the batcher
+encodes a frame once, in the batch of the first window that holds it (batched with the other
+tracks' and connections' frames), and later windows run only the head.
+
 Concurrency: a receive loop parses messages and updates track state (synchronously, so there
 are no races between tracks), submits completed windows to the batcher and puts the pending
 answer in a bounded per-connection outbox; a send loop awaits the outbox entries in order and
@@ -313,7 +318,9 @@ class StreamSession:
             groups.setdefault(w.meta.options, []).append(w)
         for options, group in groups.items():
             try:
-                future = self.rt.batcher.submit(np.stack([w.frames for w in group]), options)
+                future = self.rt.batcher.submit(
+                    np.stack([w.frames for w in group]), options, [w.slots for w in group]
+                )
             except (Overloaded, ShuttingDown) as exc:
                 code = "overloaded" if isinstance(exc, Overloaded) else "shutting_down"
                 for w in group:

@@ -7,6 +7,10 @@ one window, and a streamed frame's window is complete as soon as frame ``t+2`` h
 
 Frame indices must increase along a track; a jump (gap) starts a new segment, because a window
 that spans a gap would show the model motion that did not happen.
+
+Every frame also gets one :class:`FeatureSlot`, shared by the (up to 5) windows that hold it:
+with the streaming model parts, the batcher fills a slot with the frame's encoder features the
+first time a window needs it, and every later window of that frame reuses them.
 """
 
 from __future__ import annotations
@@ -38,12 +42,31 @@ def sequence_windows(frames: np.ndarray) -> np.ndarray:
     return frames[window_indices(np.arange(n), n)]
 
 
+class FeatureSlot:
+    """The encoder features of one frame, filled in once by the batcher (None until then).
+
+    Only the batcher's single inference thread writes it, so no lock is needed.
+    """
+
+    __slots__ = ("features",)
+
+    def __init__(self) -> None:
+        self.features: np.ndarray | None = None
+
+
+def sequence_slots(n: int) -> list[list[FeatureSlot]]:
+    """One slot per frame of a segment of ``n`` frames, arranged as its windows (n lists of 5)."""
+    slots = [FeatureSlot() for _ in range(n)]
+    return [[slots[i] for i in row] for row in window_indices(np.arange(n), n).tolist()]
+
+
 @dataclass
 class Window:
     """A complete window and the metadata of its middle frame (whatever the caller attached)."""
 
     frames: np.ndarray  # (5, H, W)
     meta: Any
+    slots: list[FeatureSlot] | None = None  # the 5 frames' feature slots, in window order
 
 
 class SegmentWindows:
@@ -57,6 +80,7 @@ class SegmentWindows:
 
     def __init__(self) -> None:
         self._frames: deque[np.ndarray] = deque(maxlen=WINDOW)
+        self._slots: deque[FeatureSlot] = deque(maxlen=WINDOW)
         self._metas: deque[Any] = deque(maxlen=WINDOW)
         self._count = 0  # frames pushed into this segment
         self._emitted = 0  # frames whose window has been handed out
@@ -69,6 +93,7 @@ class SegmentWindows:
     def push(self, frame: np.ndarray, meta: Any = None) -> list[Window]:
         """Add the next frame; return the windows it completes."""
         self._frames.append(frame)
+        self._slots.append(FeatureSlot())
         self._metas.append(meta)
         self._count += 1
         return self._emit(until=self._count - HALF, n=None)
@@ -77,6 +102,7 @@ class SegmentWindows:
         """Windows of all remaining frames (end of segment); the segment starts over empty."""
         out = self._emit(until=self._count, n=self._count)
         self._frames.clear()
+        self._slots.clear()
         self._metas.clear()
         self._count = self._emitted = 0
         return out
@@ -91,8 +117,14 @@ class SegmentWindows:
         first = self._count - len(self._frames)  # segment index of the oldest buffered frame
         total = self._count if n is None else n
         for t in range(self._emitted, until):
-            idx = window_indices(t, total) - first
-            out.append(Window(np.stack([self._frames[i] for i in idx]), self._metas[t - first]))
+            idx = (window_indices(t, total) - first).tolist()
+            out.append(
+                Window(
+                    np.stack([self._frames[i] for i in idx]),
+                    self._metas[t - first],
+                    [self._slots[i] for i in idx],
+                )
+            )
         self._emitted = max(self._emitted, until)
         return out
 

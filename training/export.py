@@ -9,11 +9,21 @@ and the training-only symmetry branch is not exported. Deformable convolutions a
 through ``torchvision.ops.deform_conv2d`` as ONNX ``DeformConv`` with torch's dynamo exporter
 (the legacy exporter fails on it). The export is checked with ``onnx.checker`` and against
 PyTorch on simulated windows in ONNX Runtime before the card is written.
+
+Beside the single graph it writes the two parts a stream needs (DESIGN section 7): the
+per-frame encoder ``<out>.encoder.onnx`` (``lr_frames`` (N, 11, 11) -> ``features`` (N, 1089),
+the stage-9 estimates in network units, i.e. divided by ``config.scale``) and the window head
+``<out>.head.onnx`` (``features`` (B, 5, 1089) -> ``hr`` (B, 33, 33) in sensor units, holding
+the DeformConv nodes). The window-position gates sigmoid(Linear(e_p)) depend on nothing but
+the weights, so the head multiplies by their 5 precomputed vectors. Encoder then head must equal
+the single graph within the tolerance (checked in ONNX Runtime); the card lists both parts under
+``parts`` with their hashes, and the service verifies them like the main file.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import platform
@@ -29,6 +39,49 @@ from training.train import load_checkpoint_model
 
 OPSET = 19
 INPUT, OUTPUT = "lr", "hr"
+ENCODER_INPUT, FEATURES = "lr_frames", "features"
+
+
+class FoldedGates(torch.nn.Module):
+    """The window-position encoding with its 5 gate vectors computed once (a constant)."""
+
+    def __init__(self, gates: torch.Tensor):
+        super().__init__()
+        self.register_buffer("gates", gates.detach().clone())  # (5, 1089)
+
+    def forward(self, feats):
+        return feats * self.gates
+
+
+class EncoderPart(torch.nn.Module):
+    """LR frames (N, 11, 11) in sensor units -> stage-9 features (N, 1089) in network units."""
+
+    def __init__(self, model: DeRefNet):
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, lr_frames):
+        return self.encoder(lr_frames, with_symmetry=False)[0]
+
+
+class HeadPart(torch.nn.Module):
+    """Features of a window (B, 5, 1089) -> middle HR map (B, 33, 33) in sensor units."""
+
+    def __init__(self, model: DeRefNet):
+        super().__init__()
+        head = copy.deepcopy(model.head)
+        with torch.no_grad():
+            head.temporal = FoldedGates(model.head.temporal.gates())
+        self.head = head
+        self.scale = float(model.cfg.scale)
+
+    def forward(self, features):
+        return self.head(features)[0] * self.scale
+
+
+def part_paths(out: Path) -> dict[str, Path]:
+    """Where the encoder and head of the single graph ``out`` go: ``<stem>.encoder.onnx`` etc."""
+    return {name: out.with_name(f"{out.stem}.{name}.onnx") for name in ("encoder", "head")}
 
 
 def sample_windows(n: int = 16, seed: int = 0) -> np.ndarray:
@@ -66,6 +119,90 @@ def export_onnx(model: DeRefNet, out: Path) -> None:
     )
 
 
+def export_parts(model: DeRefNet, out: Path) -> dict[str, Path]:
+    """Export the per-frame encoder and the window head next to ``out``; returns their paths."""
+    model = model.cpu().eval()
+    model.set_deform_mode("torchvision")
+    paths = part_paths(out)
+    windows = torch.from_numpy(sample_windows(2))
+    frames = windows.reshape(-1, *windows.shape[2:])  # (10, 11, 11)
+    with torch.no_grad():
+        feats = EncoderPart(model)(frames).reshape(windows.shape[0], windows.shape[1], -1)
+    n = torch.export.Dim("n", min=1, max=65536)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    specs = {
+        "encoder": (EncoderPart(model), frames, ENCODER_INPUT, FEATURES, {"lr_frames": {0: n}}),
+        "head": (HeadPart(model), feats, FEATURES, OUTPUT, {"features": {0: batch}}),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name, (module, example, in_name, out_name, dyn) in specs.items():
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(paths[name]),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[in_name],
+            output_names=[out_name],
+            dynamic_shapes=dyn,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    return paths
+
+
+def check_parts(single: Path, parts: dict[str, Path], windows: np.ndarray, stages: int, tol: float = 1e-3) -> dict:
+    """Encoder then head in ONNX Runtime equal to the single graph within ``tol``.
+
+    Also checks what the split promises: DeformConv only in the head, and 4 convolutions per
+    ISTA stage in the encoder (a fifth would be the training-only symmetry branch).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    ops = {}
+    for name, path in parts.items():
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto, full_check=True)
+        ops[name] = [n.op_type for n in proto.graph.node]
+    if "DeformConv" in ops["encoder"] or ops["head"].count("DeformConv") == 0:
+        raise RuntimeError("the DeformConv nodes must all be in the head")
+    if ops["encoder"].count("Conv") != 4 * stages:
+        raise RuntimeError(f"encoder has {ops['encoder'].count('Conv')} Conv nodes, expected {4 * stages} (symmetry branch exported?)")
+    cpu = ["CPUExecutionProvider"]
+    enc = ort.InferenceSession(str(parts["encoder"]), providers=cpu)
+    head = ort.InferenceSession(str(parts["head"]), providers=cpu)
+    whole = ort.InferenceSession(str(single), providers=cpu)
+    x = windows.astype(np.float32)
+    b, w = x.shape[:2]
+    feats = enc.run(None, {ENCODER_INPUT: x.reshape(b * w, *x.shape[2:])})[0]
+    got = head.run(None, {FEATURES: feats.reshape(b, w, -1)})[0]
+    want = whole.run(None, {INPUT: x})[0]
+    err = float(np.abs(got - want).max())
+    if not err <= tol:
+        raise RuntimeError(f"encoder+head differ from the single graph by {err:.3g} (> {tol})")
+    return {"max_abs_diff_vs_single_graph": err, "parity_windows": int(b),
+            "nodes": {k: len(v) for k, v in ops.items()}, "head_deform_conv_nodes": ops["head"].count("DeformConv")}
+
+
+def parts_card(parts: dict[str, Path], cfg: dict) -> dict:
+    """The card's ``parts`` entry: file, hash and tensor specs of the encoder and the head."""
+    hr = cfg["size"] * cfg["ratio"]
+    io = {
+        "encoder": ([{"name": ENCODER_INPUT, "shape": ["n", cfg["size"], cfg["size"]], "dtype": "float32",
+                      "units": "sensor counts (8-bit scale, 0..255), one frame per row"}],
+                    [{"name": FEATURES, "shape": ["n", hr * hr], "dtype": "float32",
+                      "units": f"stage-{cfg['stages']} HR estimate divided by config.scale"}]),
+        "head": ([{"name": FEATURES, "shape": ["batch", cfg["window"], hr * hr], "dtype": "float32",
+                   "units": "the encoder's features of the window's frames, in order"}],
+                 [{"name": OUTPUT, "shape": ["batch", hr, hr], "dtype": "float32",
+                   "units": "brightness of the middle frame's targets at their HR cells"}]),
+    }
+    return {name: {"file": path.name, "sha256": sha256(path), "bytes": path.stat().st_size,
+                   "inputs": io[name][0], "outputs": io[name][1]} for name, path in parts.items()}
+
+
 def check_onnx(model: DeRefNet, path: Path, windows: np.ndarray, tol: float = 1e-3) -> dict:
     """onnx.checker, DeformConv present, and ONNX Runtime CPU output equal to PyTorch within tol."""
     import onnx
@@ -89,6 +226,7 @@ def check_onnx(model: DeRefNet, path: Path, windows: np.ndarray, tol: float = 1e
 
 
 def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dict) -> dict:
+    """The model card (``extra`` may carry ``parts``, see :func:`parts_card`)."""
     cfg = ckpt["config"]
     card = {
         "name": "derefnet",
@@ -136,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training command(s) to record in the card (default: those stored in the checkpoint)")
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the ONNX vs PyTorch check")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed between ONNX Runtime and PyTorch")
+    p.add_argument("--no-parts", action="store_true",
+                   help="do not write the streaming parts (<out stem>.encoder.onnx, <out stem>.head.onnx)")
     return p
 
 
@@ -144,17 +284,28 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     model = load_checkpoint_model(args.checkpoint)
     export_onnx(model, args.out)
-    checks = check_onnx(model, args.out, sample_windows(args.parity_windows, seed=12345), args.tolerance)
+    parity = sample_windows(args.parity_windows, seed=12345)
+    checks = check_onnx(model, args.out, parity, args.tolerance)
+    parts = {}
+    if not args.no_parts:
+        paths = export_parts(model, args.out)
+        checks["parts"] = check_parts(args.out, paths, parity, ckpt["config"]["stages"], args.tolerance)
+        parts = {"parts": parts_card(paths, ckpt["config"])}
     metrics = {}
     for report in args.eval_report:
-        r = json.loads(report.read_text())
-        metrics[f"{r.get('split', 'test')}:{r.get('refine', 'centroid')}:{report.stem}"] = r
+        doc = json.loads(report.read_text())
+        for r in doc.get("reports", [doc]):
+            metrics[f"{report.stem}:{r.get('split', 'test')}:refine={r.get('refine', 'none')}"] = r
     command = "csist export " + " ".join(sys.argv[2:] if argv is None else argv)
     card = write_card(args.card or args.out.with_suffix(".json"), args.out, ckpt, checks,
                       {"version": args.version, "export_command": command, "train_commands": args.train_command, "data": {"commands": args.data_command},
-                       "metrics": metrics, "host": {"machine": platform.machine(), "python": platform.python_version()}})
+                       "metrics": metrics, "host": {"machine": platform.machine(), "python": platform.python_version()}, **parts})
     print(f"wrote {args.out} ({card['bytes']} bytes, sha256 {card['sha256'][:12]}..., {checks['deform_conv_nodes']} DeformConv nodes, "
           f"max |onnx - torch| {checks['max_abs_diff_vs_torch']:.2e})")
+    for part in card.get("parts", {}).values():
+        print(f"wrote {args.out.parent / part['file']} ({part['bytes']} bytes, sha256 {part['sha256'][:12]}...)")
+    if parts:
+        print(f"max |encoder+head - single graph| {checks['parts']['max_abs_diff_vs_single_graph']:.2e}")
     return 0
 
 

@@ -12,7 +12,7 @@ from service.batcher import InferenceFailed, Overloaded, ShuttingDown
 from service.deps import RuntimeDep, require_token
 from service.runtime import targets_payload
 from service.schemas import ErrorResponse, UnmixRequest, UnmixResponse
-from service.windows import sequence_windows, split_segments
+from service.windows import sequence_slots, sequence_windows, split_segments
 
 router = APIRouter(tags=["unmix"])
 
@@ -76,11 +76,15 @@ async def unmix(body: UnmixRequest, runtime: RuntimeDep) -> dict:
     metrics = runtime.metrics
     indices = frame_indices(body)
     frames = np.asarray([f.patch for f in body.frames], dtype=np.float32)
-    windows = np.concatenate([sequence_windows(frames[s]) for s in split_segments(indices)])
+    segments = split_segments(indices)
+    windows = np.concatenate([sequence_windows(frames[s]) for s in segments])
+    # One feature slot per distinct frame: with the streaming parts, each frame is encoded
+    # once per request although it appears in up to 5 windows.
+    slots = [row for s in segments for row in sequence_slots(s.stop - s.start)]
     options = runtime.peak_options(body.options)
     metrics.frames.labels("rest").inc(len(indices))
     try:
-        result = await runtime.batcher.submit(windows, options)
+        result = await runtime.batcher.submit(windows, options, slots)
     except Overloaded as exc:
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
     except ShuttingDown as exc:

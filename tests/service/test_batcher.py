@@ -12,6 +12,7 @@ import pytest
 from service.batcher import Batcher, InferenceFailed, Overloaded, PeakOptions, ShuttingDown
 from service.metrics import Metrics
 from service.peaks import extract_peaks
+from service.windows import FeatureSlot, sequence_slots, sequence_windows
 
 OPTS = PeakOptions(threshold=70.0, refine="centroid")
 
@@ -222,3 +223,47 @@ def test_inference_does_not_block_the_event_loop():
         return ticks
 
     assert run(main()) >= 10  # the loop kept running while the model ran
+
+
+class FakeParts:
+    """Encoder = first pixel of each frame; head = the single FakeModel rule on the middle
+    frame's feature, so cached and uncached answers must agree."""
+
+    def __init__(self):
+        self.encoded: list[int] = []
+        self.heads: list[int] = []
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        self.encoded.append(len(frames))
+        feats = np.zeros((len(frames), 1089), dtype=np.float32)
+        feats[:, 0] = frames[:, 0, 0]
+        return feats
+
+    def head(self, feats: np.ndarray) -> np.ndarray:
+        self.heads.append(len(feats))
+        return FakeModel()(windows_with(feats[:, 2, 0]))
+
+
+def test_cached_path_encodes_each_distinct_slot_once_per_batch_and_reuses_it():
+    parts, model = FakeParts(), FakeModel()
+
+    async def main():
+        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.05, encode=parts.encode, head=parts.head)
+        b.start()
+        frames = np.zeros((6, 11, 11), dtype=np.float32)
+        frames[:, 0, 0] = [3, 4, 5, 6, 7, 8]
+        slots = sequence_slots(6)
+        first = await b.submit(sequence_windows(frames), OPTS, slots)
+        assert parts.encoded == [6] and b.frames_encoded == 6  # 30 frame uses, 6 distinct
+        again = await b.submit(sequence_windows(frames), OPTS, slots)  # same slots: no encode
+        assert parts.encoded == [6] and parts.heads == [6, 6]
+        # a group without slots in the same batch sends the whole batch to the single graph
+        fresh = [[FeatureSlot() for _ in range(5)]]
+        mixed = await asyncio.gather(b.submit(windows_with([9]), OPTS, fresh), b.submit(windows_with([9]), OPTS))
+        await b.stop()
+        return first, again, mixed
+
+    first, again, mixed = run(main())
+    assert [p.tolist() for p in first.peaks] == [p.tolist() for p in again.peaks]
+    assert [round(p[0, 2]) for p in first.peaks] == [103, 104, 105, 106, 107, 108]
+    assert model.calls == [2] and mixed[0].peaks[0][0, 2] == mixed[1].peaks[0][0, 2] == 109.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -20,9 +22,12 @@ def test_service_starts_on_the_bundled_model_and_answers():
             meta = c.get("/v2/models/derefnet").json()
             frames = simulate_track(5, seed=0, spread=0.3)
             r = c.post("/unmix", json={"frames": [{"patch": f.tolist()} for f in frames]})
+        caches = live.runtime.batcher.caches_features
     finally:
         live.stop()
     assert r.status_code == 200, r.text
+    card = json.loads(DEFAULT_MODEL_PATH.with_suffix(".json").read_text())
+    assert caches == bool(card.get("parts"))  # exported with parts: the stream uses them
     out = r.json()
     assert len(out["results"]) == 5
     assert out["model"]["sha256"] == meta["sha256"]

@@ -63,3 +63,22 @@ def test_split_segments():
         split_segments([0, 1, 1])
     with pytest.raises(ValueError, match="not after"):
         split_segments([3, 2])
+
+
+def test_streamed_windows_share_one_slot_per_frame():
+    from service.windows import SegmentWindows, sequence_slots
+
+    seg = SegmentWindows()
+    got = []
+    for t in range(6):
+        got += seg.push(np.full((11, 11), t, dtype=np.float32), t)
+    got += seg.flush()
+    assert [w.meta for w in got] == list(range(6))
+    slot_of = {}
+    for w in got:
+        for frame, slot in zip(w.frames, w.slots, strict=True):
+            slot_of.setdefault(int(frame[0, 0]), set()).add(id(slot))
+    assert all(len(ids) == 1 for ids in slot_of.values()) and len(slot_of) == 6
+    rows = sequence_slots(4)
+    assert rows[0][0] is rows[0][1] is rows[0][2] and rows[3][4] is rows[3][3] is rows[2][3]
+    assert len({id(s) for r in rows for s in r}) == 4

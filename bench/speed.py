@@ -1,0 +1,474 @@
+r"""``csist bench speed``: every way of running DeRefNet, on the same simulated windows, one report.
+
+    csist bench speed --model models/derefnet.onnx --checkpoint runs/derefnet/best.pt \
+        --out bench/results/speed.json --markdown bench/results/speed.md
+
+In one process and one run (so that the ratios compare like with like):
+
+1. PyTorch eager, the training model (``DeRefNet.forward``, its training deform mode);
+2. ONNX Runtime, single graph, at batch 1, 8 and 32;
+3. ONNX Runtime, encoder + head in streaming mode: per step every track's new frame is encoded
+   (one call) and every track's window runs the head on cached features (one call);
+4. ONNX Runtime session options (graph level, threads, arena, spinning), each timed on 2 and 3;
+5. the real server end to end (``python -m service`` on loopback, a subprocess), fed over
+   WebSocket by the replay client (``training.replay``) with N tracks at a fixed offered rate and
+   at a saturating rate, with and without the feature cache; REST at a fixed offered load;
+6. FLOPs per window (``bench.flops``, counted analytically) and the machine's measured
+   convolution throughput, giving each mode's efficiency against that roofline.
+
+The server and the replay client share the machine, so end-to-end numbers include the client's
+CPU. ``--quick`` shrinks every duration (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import machine, md_table, simulated_trajectories, time_per_call, write_outputs
+from bench.flops import window_flops
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 8101  # data seed of the speed benchmark (never used in development)
+ORT_VARIANTS = {  # name -> service.model.session_options kwargs
+    "default (all, threads=auto, arena, no spin)": {},
+    "graph level extended": {"graph_level": "extended"},
+    "graph level basic": {"graph_level": "basic"},
+    "threads=1": {"threads": 1},
+    "threads=2": {"threads": 2},
+    "arena off": {"arena": False},
+    "spinning on": {"spinning": True},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# in-process measurements
+
+
+def conv_throughput(seconds: float) -> dict:
+    """GFLOP/s of a large 3x3 conv (32->32 channels, 33x33, batch 64) in torch and ORT.
+
+    The ORT figure is a single-Conv ONNX graph in the service's session options: the roofline
+    the model's own convolutions could reach on this machine.
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from service.model import session_options
+
+    x = np.random.default_rng(0).standard_normal((64, 32, 33, 33)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((32, 32, 3, 3)).astype(np.float32)
+    flops = 2 * 64 * 32 * 32 * 9 * 33 * 33
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    with torch.no_grad():
+        t_torch = time_per_call(lambda: torch.nn.functional.conv2d(xt, wt, padding=1), seconds)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 32, 33, 33])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 32, 33, 33])],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    t_ort = time_per_call(lambda: sess.run(None, {"x": x}), seconds)
+    a = np.random.default_rng(2).standard_normal((1024, 1024)).astype(np.float32)
+    t_mm = time_per_call(lambda: a @ a, seconds)
+    return {"method": "3x3 conv 32->32 ch on (64, 32, 33, 33), 2*Cin*Cout*9*H*W*N FLOPs; numpy 1024^3 matmul",
+            "torch_gflops": flops / t_torch / 1e9, "ort_gflops": flops / t_ort / 1e9,
+            "numpy_matmul_gflops": 2 * 1024**3 / t_mm / 1e9, "torch_threads": torch.get_num_threads()}
+
+
+class OrtModel:
+    """Single graph and (if the card lists them) encoder + head, in one set of session options."""
+
+    def __init__(self, model: Path, options: dict | None = None):
+        import onnxruntime as ort
+
+        from service.model import session_options
+
+        self.card = json.loads(model.with_suffix(".json").read_text())
+        opts = session_options(**(options or {}))
+        cpu = ["CPUExecutionProvider"]
+        self.single = ort.InferenceSession(str(model), opts, providers=cpu)
+        parts = self.card.get("parts") or {}
+        self.encoder = self.head = None
+        if "encoder" in parts and "head" in parts:
+            self.encoder = ort.InferenceSession(str(model.parent / parts["encoder"]["file"]), opts, providers=cpu)
+            self.head = ort.InferenceSession(str(model.parent / parts["head"]["file"]), opts, providers=cpu)
+
+    def run_single(self, windows: np.ndarray) -> np.ndarray:
+        return self.single.run(None, {"lr": windows})[0]
+
+    def streaming_step(self, trajectories: np.ndarray, cache: np.ndarray, t: int) -> np.ndarray:
+        """Frame t of every track: encode it (one call), then the head on the window ending at t.
+
+        ``cache`` (tracks, 5, 1089) is the tracks' ring of features, shifted in place.
+        """
+        feats = self.encoder.run(None, {"lr_frames": trajectories[:, t]})[0]
+        cache[:, :-1] = cache[:, 1:]
+        cache[:, -1] = feats
+        return self.head.run(None, {"features": cache})[0]
+
+
+def time_single(m: OrtModel, windows: np.ndarray, batch: int, seconds: float) -> float:
+    """Windows/s of the single graph at a batch size (cycling through the windows)."""
+    starts = list(range(0, len(windows) - batch + 1, batch)) or [0]
+    state = {"k": 0}
+
+    def call():
+        a = starts[state["k"] % len(starts)]
+        state["k"] += 1
+        m.run_single(windows[a : a + batch])
+
+    return batch / time_per_call(call, seconds)
+
+
+def time_streaming(m: OrtModel, trajectories: np.ndarray, tracks: int, seconds: float) -> float:
+    """Windows/s of encoder + head with cached features, ``tracks`` streams in step."""
+    traj = trajectories[:tracks] if len(trajectories) >= tracks else np.resize(trajectories, (tracks, *trajectories.shape[1:]))
+    traj = np.ascontiguousarray(traj)
+    cache = np.zeros((tracks, 5, m.head.get_inputs()[0].shape[2]), dtype=np.float32)
+    t_count = traj.shape[1]
+    state = {"t": 0}
+
+    def call():
+        m.streaming_step(traj, cache, state["t"] % t_count)
+        state["t"] += 1
+
+    return tracks / time_per_call(call, seconds)
+
+
+def ort_tuning(model: Path, windows: np.ndarray, trajectories: np.ndarray, seconds: float, rounds: int,
+               variants: dict[str, dict] | None = None) -> dict:
+    """Windows/s of every ``ORT_VARIANTS`` entry, measured round-robin ``rounds`` times (median).
+
+    Round-robin spreads slow phases of a shared machine over all variants instead of
+    penalising whichever ran during them. A variant is worth keeping only if it beats the
+    default by more than 5 % on the measurement that matters for its use (``keep``).
+    """
+    options = variants or ORT_VARIANTS  # the first entry is the baseline
+    variants = {name: OrtModel(model, opts) for name, opts in options.items()}
+    tests = {"single_batch32": lambda v: time_single(v, windows, 32, seconds)}
+    if next(iter(variants.values())).encoder is not None:
+        tests["streaming_32_tracks"] = lambda v: time_streaming(v, trajectories, 32, seconds)
+        tests["streaming_1_track"] = lambda v: time_streaming(v, trajectories, 1, seconds)
+    samples = {name: {t: [] for t in tests} for name in variants}
+    for _ in range(rounds):
+        for name, v in variants.items():
+            for t, fn in tests.items():
+                samples[name][t].append(fn(v))
+    out = {}
+    default = next(iter(options))
+    for name in variants:
+        entry = {"options": options[name], "rounds": rounds}
+        entry.update({t: float(np.median(x)) for t, x in samples[name].items()})
+        out[name] = entry
+    for name, entry in out.items():
+        entry["keep"] = {t: entry[t] > 1.05 * out[default][t] for t in tests} if name != default else None
+    return out
+
+
+def eager_rates(checkpoint: Path, windows: np.ndarray, batches: list[int], seconds: float) -> dict:
+    """Windows/s of the PyTorch training model (``DeRefNet.forward``) per batch size."""
+    import torch
+
+    from training.train import load_checkpoint_model
+
+    model = load_checkpoint_model(checkpoint).eval()
+    out = {"deform_mode": model.cfg.deform, "torch_threads": torch.get_num_threads()}
+    x = torch.from_numpy(windows)
+    for b in batches:
+        with torch.no_grad():
+            out[b] = b / time_per_call(lambda: model(x[:b]), seconds)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the real server
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m service`` on a free loopback port, with the given CSIST_* settings.
+
+    Ready when ``/readyz`` answers 200 (the model is loaded and warmed).
+    """
+
+    def __init__(self, model: Path, settings: dict[str, str], timeout: float = 120.0):
+        import httpx
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CSIST_")}
+        env.update({f"CSIST_{k.upper()}": str(v) for k, v in settings.items()})
+        env["PYTHONPATH"] = str(REPO)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        self.log_tail: list[str] = []
+
+        def pump():
+            for line in self.proc.stderr:
+                self.log_tail = (self.log_tail + [line.rstrip()])[-20:]
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the service did not start:\n" + "\n".join(self.log_tail))
+            time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def ws_run(port: int, tracks: int, rate: float, seconds: float, seed: int) -> dict:
+    """The replay client: ``tracks`` tracks at ``rate`` windows/s in total for ``seconds``."""
+    from training.replay import Replay, ReplayConfig
+
+    cfg = ReplayConfig(url=f"ws://127.0.0.1:{port}/ws/unmix", tracks=tracks, fps=rate / tracks,
+                       seconds=seconds, seed=seed, quiet=True, report_every=3600.0, drain_timeout=60.0)
+    replay = Replay(cfg, out=io.StringIO())
+    summary = asyncio.run(replay.run())
+    lat = np.asarray(replay.board.latencies) * 1e3
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    return {"offered_windows_per_s": rate, "tracks": tracks, "windows_per_s": summary["windows_per_s"],
+            "answered": summary["answered"], "missing": summary["missing"], "errors": summary["errors"],
+            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "ok": summary["ok"],
+            "cso_map": summary["cso_map"]}
+
+
+def rest_run(port: int, rate: float, seconds: float, frames: np.ndarray, per_request: int = 5) -> dict:
+    """Open-loop REST load: requests of ``per_request`` frames at ``rate`` windows/s."""
+    import httpx
+
+    bodies = [json.dumps({"frames": [{"patch": f.tolist()} for f in frames[k, :per_request]]})
+              for k in range(len(frames))]
+    period = per_request / rate
+    latencies: list[float] = []
+    failures = 0
+
+    async def one(client, body):
+        nonlocal failures
+        t0 = time.perf_counter()
+        r = await client.post("/unmix", content=body, headers={"content-type": "application/json"})
+        if r.status_code == 200:
+            latencies.append(time.perf_counter() - t0)
+        else:
+            failures += 1
+
+    async def main():
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            tasks, t0, k = [], time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                tasks.append(asyncio.create_task(one(client, bodies[k % len(bodies)])))
+                k += 1
+                await asyncio.sleep(max(0.0, t0 + k * period - time.perf_counter()))
+            await asyncio.gather(*tasks)
+            return time.perf_counter() - t0
+
+    elapsed = asyncio.run(main())
+    lat = np.asarray(latencies) * 1e3
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    return {"offered_windows_per_s": rate, "frames_per_request": per_request,
+            "windows_per_s": len(latencies) * per_request / elapsed, "requests": len(latencies),
+            "failures": failures, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99)}
+
+
+def server_runs(model: Path, args, frames: np.ndarray, cache: bool) -> dict:
+    """WebSocket at the fixed and the saturating rate, then REST, on one server process."""
+    settings = {"feature_cache": int(cache), "drain_s": 0, "log_level": "warning"}
+    server = ServerProcess(model, settings)
+    try:
+        cpu0 = server.cpu_seconds()
+        out = {"feature_cache": cache, "settings": {f"CSIST_{k.upper()}": v for k, v in settings.items()},
+               "ws_fixed": ws_run(server.port, args.tracks, args.rate, args.seconds, SEED),
+               "ws_saturation": ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1)}
+        if cache:
+            out["rest"] = rest_run(server.port, args.rest_rate, args.seconds, frames)
+        out["server_cpu_s"] = server.cpu_seconds() - cpu0
+        return out
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+
+
+def run(args) -> dict:
+    import torch
+
+    quick = args.quick
+    seconds = 0.05 if quick else args.measure_seconds
+    trajectories, _ = simulated_trajectories(max(args.windows // 16, 2), SEED)
+    from training.data import windows as all_windows
+
+    windows = np.ascontiguousarray(all_windows(trajectories)[: args.windows])
+    m = OrtModel(args.model)
+    cfg = m.card["config"]
+    flops = window_flops(cfg)
+    report: dict = {"machine": machine(), "model": str(args.model), "sha256": m.card.get("sha256"),
+                    "data": {"seed": SEED, "trajectories": int(len(trajectories)), "windows": int(len(windows))},
+                    "flops": flops, "conv_throughput": conv_throughput(seconds), "rows": []}
+    rows = report["rows"]
+    roof = report["conv_throughput"]["ort_gflops"] * 1e9
+
+    def add(mode: str, batch: int, rate: float, flops_per_window: int, **extra):
+        rows.append({"mode": mode, "batch": batch, "windows_per_s": rate,
+                     "gflops_per_s": rate * flops_per_window / 1e9,
+                     "roofline_fraction": rate * flops_per_window / roof, **extra})
+
+    batches = [1, 8, 32]
+    if args.checkpoint is not None and args.checkpoint.is_file():
+        eager = eager_rates(args.checkpoint, windows, [1, 32], seconds)
+        for b in (1, 32):
+            add(f"PyTorch eager ({eager['deform_mode']})", b, eager[b], flops["uncached_per_window"])
+    else:
+        eager = None
+        report["eager_skipped"] = f"no checkpoint at {args.checkpoint}"
+    for b in batches:
+        add("ONNX single graph", b, time_single(m, windows, b, seconds), flops["uncached_per_window"])
+    if m.encoder is not None:
+        for n in (1, 32):
+            add("ONNX encoder+head, streaming (cached features)", n, time_streaming(m, trajectories, n, seconds),
+                flops["streaming_per_window"])
+    by = {(r["mode"].split(" (")[0] if r["mode"].startswith("PyTorch") else r["mode"], r["batch"]): r["windows_per_s"] for r in rows}
+    ratios = {}
+    for b in (1, 32):
+        if ("PyTorch eager", b) in by:
+            ratios[f"onnx_single_vs_eager_batch{b}"] = by[("ONNX single graph", b)] / by[("PyTorch eager", b)]
+            key = ("ONNX encoder+head, streaming (cached features)", b)
+            if key in by:
+                ratios[f"onnx_streaming_vs_eager_batch{b}"] = by[key] / by[("PyTorch eager", b)]
+        key = ("ONNX encoder+head, streaming (cached features)", b)
+        if key in by:
+            ratios[f"cached_vs_uncached_batch{b}"] = by[key] / by[("ONNX single graph", b)]
+    report["ratios"] = ratios
+
+    if not args.no_tuning:
+        report["ort_tuning"] = ort_tuning(args.model, windows, trajectories, seconds, 1 if quick else args.tuning_rounds)
+
+    if not args.no_server:
+        server = {"cached": server_runs(args.model, args, trajectories, True)}
+        if m.encoder is not None and not args.no_uncached_server:
+            server["uncached"] = server_runs(args.model, args, trajectories, False)
+        report["server"] = server
+        c = server["cached"]
+        if "uncached" in server:
+            u = server["uncached"]["ws_saturation"]["windows_per_s"]
+            ratios["server_cached_vs_uncached_saturation"] = c["ws_saturation"]["windows_per_s"] / u if u else None
+        report["done_when"] = {
+            "ws_saturation_windows_per_s": c["ws_saturation"]["windows_per_s"], "target_windows_per_s": 150,
+            "ws_p99_ms_at_offered": c["ws_fixed"]["p99_ms"], "offered": args.rate, "target_p99_ms": 50,
+            "onnx_vs_eager_batch32": ratios.get("onnx_single_vs_eager_batch32"),
+            "onnx_streaming_vs_eager_batch32": ratios.get("onnx_streaming_vs_eager_batch32"), "target_ratio": 5}
+    report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    report["torch_threads"] = torch.get_num_threads()
+    return report
+
+
+def markdown(report: dict) -> str:
+    mach = report["machine"]
+    conv = report["conv_throughput"]
+    f = report["flops"]
+    out = [f"Machine: {mach['cpu']}, {mach['logical_cores']} logical cores; onnxruntime {mach['onnxruntime']}, "
+           f"torch {mach.get('torch', '-')}. Data: {report['data']['windows']} simulated windows (seed {report['data']['seed']}).\n",
+           f"FLOPs per window (counted, see bench/flops.py): {f['uncached_per_window'] / 1e9:.3f} GFLOP uncached "
+           f"(5 x {f['encoder_per_frame'] / 1e9:.3f} encoder + {f['head_per_window'] / 1e9:.3f} head), "
+           f"{f['streaming_per_window'] / 1e9:.3f} GFLOP streaming. Measured 3x3-conv throughput: "
+           f"{conv['ort_gflops']:.1f} GFLOP/s (ONNX Runtime), {conv['torch_gflops']:.1f} GFLOP/s (torch); "
+           f"roofline = ONNX Runtime figure.\n"]
+    rows = [[r["mode"], r["batch"], r["windows_per_s"], r["gflops_per_s"], 100 * r["roofline_fraction"]] for r in report["rows"]]
+    out.append(md_table(["mode", "batch / tracks", "windows/s", "GFLOP/s", "% of conv roofline"], rows))
+    if report.get("ratios"):
+        out.append("\nRatios (same run): " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items() if v is not None) + "\n")
+    if "ort_tuning" in report:
+        rows = [[name, e["single_batch32"], e.get("streaming_32_tracks"), e.get("streaming_1_track"),
+                 "-" if e["keep"] is None else ", ".join(k for k, v in e["keep"].items() if v) or "no"]
+                for name, e in report["ort_tuning"].items()]
+        out.append("\nONNX Runtime session options (windows/s, median of round-robin repeats; "
+                   "'faster on' = more than 5 % above the default):\n\n")
+        out.append(md_table(["options", "single graph, batch 32", "streaming, 32 tracks", "streaming, 1 track", "faster on"], rows))
+    if "server" in report:
+        rows = []
+        for name, s in report["server"].items():
+            for key, label in (("ws_fixed", "WebSocket, fixed rate"), ("ws_saturation", "WebSocket, saturating"), ("rest", "REST, fixed rate")):
+                if key in s:
+                    r = s[key]
+                    rows.append([f"{label} ({name})", r.get("tracks", "-"), r["offered_windows_per_s"], r["windows_per_s"],
+                                 r["p50_ms"], r["p95_ms"], r["p99_ms"]])
+        out.append("\nReal server end to end (loopback, client on the same machine):\n\n")
+        out.append(md_table(["load", "tracks", "offered windows/s", "windows/s", "p50 ms", "p95 ms", "p99 ms"], rows))
+        d = report["done_when"]
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        out.append(f"\nTargets: streaming sustains {d['ws_saturation_windows_per_s']} windows/s (target >= 150); "
+                   f"p99 {d['ws_p99_ms_at_offered']:.1f} ms at {d['offered']:g} windows/s offered (target < 50 ms); "
+                   f"ONNX / PyTorch eager at batch 32: single graph {fmt(d['onnx_vs_eager_batch32'])}, "
+                   f"encoder+head streaming {fmt(d['onnx_streaming_vs_eager_batch32'])} (target >= 5).\n")
+    return "".join(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=REPO / "models" / "derefnet.onnx", help="ONNX model (its card and parts next to it)")
+    p.add_argument("--checkpoint", type=Path, default=REPO / "runs" / "derefnet" / "best.pt",
+                   help="training checkpoint for the PyTorch eager row (skipped if missing)")
+    p.add_argument("--windows", type=int, default=512, help="simulated windows for the in-process measurements")
+    p.add_argument("--measure-seconds", type=float, default=2.0, help="seconds per in-process measurement")
+    p.add_argument("--tracks", type=int, default=8, help="concurrent WebSocket tracks of the replay client")
+    p.add_argument("--rate", type=float, default=100.0, help="fixed offered WebSocket load, windows/s (all tracks)")
+    p.add_argument("--max-rate", type=float, default=400.0, help="saturating offered WebSocket load, windows/s")
+    p.add_argument("--rest-rate", type=float, default=50.0, help="fixed offered REST load, windows/s (5 frames per request)")
+    p.add_argument("--seconds", type=float, default=15.0, help="seconds per end-to-end load phase")
+    p.add_argument("--no-server", action="store_true", help="skip the end-to-end server runs")
+    p.add_argument("--no-uncached-server", action="store_true", help="skip the server run without the feature cache")
+    p.add_argument("--no-tuning", action="store_true", help="skip the ONNX Runtime option sweep")
+    p.add_argument("--tuning-rounds", type=int, default=3, help="round-robin repetitions of the option sweep (median)")
+    p.add_argument("--quick", action="store_true", help="tiny durations (tests); numbers are not meaningful")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--markdown", type=Path, default=None, help="write the markdown tables here")
+
+
+def main(args) -> int:
+    if args.quick:
+        args.windows = min(args.windows, 64)
+        args.seconds = min(args.seconds, 1.0)
+    report = run(args)
+    text = markdown(report)
+    write_outputs(report, args.out, text, args.markdown)
+    print(text)
+    return 0

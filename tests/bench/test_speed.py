@@ -1,0 +1,87 @@
+"""``csist bench speed --quick`` on the tiny model: every row measured, server runs real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import cli
+from bench.flops import window_flops
+from training.model import DeRefNetConfig
+
+
+def test_flops_count_by_hand():
+    cfg = DeRefNetConfig(stages=1, channels=4, res_blocks=1).to_dict()
+    f = window_flops(cfg)
+    hw = 33 * 33
+    stage = 2 * hw * hw + 4 * hw + 2 * 9 * hw * (4 + 16 + 16 + 4) + 3 * 4 * hw
+    assert f["encoder_per_frame"] == 4 * 121 * hw + stage
+    assert f["uncached_per_window"] - f["streaming_per_window"] == 4 * f["encoder_per_frame"]
+    full = window_flops(DeRefNetConfig().to_dict())
+    assert 0.3e9 < full["encoder_per_frame"] < 0.5e9  # 9 stages of 32-channel 3x3 convs on 33x33
+
+
+def test_quick_speed_report(tiny_model, tmp_path):
+    out, md = tmp_path / "speed.json", tmp_path / "speed.md"
+    rc = cli.main(["speed", "--model", str(tiny_model), "--checkpoint", str(tiny_model.parent / "tiny.pt"),
+                   "--quick", "--windows", "32", "--tracks", "2", "--rate", "20", "--max-rate", "60",
+                   "--rest-rate", "10", "--seconds", "1", "--no-uncached-server", "--no-tuning",
+                   "--out", str(out), "--markdown", str(md)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    modes = {(r["mode"], r["batch"]) for r in report["rows"]}
+    assert {("ONNX single graph", 1), ("ONNX single graph", 8), ("ONNX single graph", 32),
+            ("ONNX encoder+head, streaming (cached features)", 32)} <= modes
+    assert any(m.startswith("PyTorch eager") for m, _ in modes)
+    for r in report["rows"]:
+        assert r["windows_per_s"] > 0 and 0 < r["roofline_fraction"]
+    assert report["conv_throughput"]["ort_gflops"] > 0.1
+    assert report["ratios"]["onnx_single_vs_eager_batch32"] > 0
+    s = report["server"]["cached"]
+    for key in ("ws_fixed", "ws_saturation"):
+        assert s[key]["ok"] and s[key]["answered"] > 0 and s[key]["missing"] == 0
+        assert s[key]["p50_ms"] <= s[key]["p99_ms"]
+    assert s["rest"]["requests"] > 0 and s["rest"]["failures"] == 0
+    assert report["done_when"]["target_windows_per_s"] == 150
+    text = md.read_text()
+    assert "| ONNX single graph | 32 |" in text and "WebSocket, fixed rate (cached)" in text
+
+
+def test_ort_option_sweep(tiny_model):
+    from bench.common import simulated_trajectories
+    from bench.speed import ORT_VARIANTS, ort_tuning
+    from training.data import windows
+
+    traj, _ = simulated_trajectories(2, seed=1)
+    names = list(ORT_VARIANTS)[:1] + ["arena off", "threads=1"]
+    out = ort_tuning(tiny_model, windows(traj)[:32], traj, 0.001, rounds=2,
+                     variants={k: ORT_VARIANTS[k] for k in names})
+    assert list(out) == names
+    default, *others = out.values()
+    assert default["keep"] is None and default["rounds"] == 2
+    for e in others:
+        assert set(e["keep"]) == {"single_batch32", "streaming_32_tracks", "streaming_1_track"}
+        for key, kept in e["keep"].items():
+            assert e[key] > 0 and kept == (e[key] > 1.05 * default[key])
+
+
+def test_streaming_step_equals_the_single_graph(tiny_model):
+    """The in-process streaming mode computes the same maps as the single graph."""
+    import numpy as np
+
+    from bench.common import simulated_trajectories
+    from bench.speed import OrtModel
+
+    traj, _ = simulated_trajectories(3, seed=2)
+    m = OrtModel(tiny_model)
+    cache = np.zeros((3, 5, 1089), dtype=np.float32)
+    for t in range(7):
+        maps = m.streaming_step(traj, cache, t)
+    want = m.run_single(np.ascontiguousarray(traj[:, 2:7]))
+    assert np.abs(maps - want).max() < 1e-3
+
+
+def test_unknown_subcommand_fails():
+    with pytest.raises(SystemExit):
+        cli.main(["nope"])

@@ -1,0 +1,74 @@
+"""``csist export`` writes the streaming encoder and head beside the single graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from service.model import file_sha256
+from training import export
+from training.train import load_checkpoint_model
+from tests.service.tiny_derefnet import tiny_model_path, write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return tiny_model_path(tmp_path_factory)
+
+
+def test_parts_are_listed_with_hashes_and_shapes(tiny_model):
+    card = json.loads(tiny_model.with_suffix(".json").read_text())
+    paths = export.part_paths(tiny_model)
+    assert {k: p.name for k, p in paths.items()} == {
+        "encoder": "derefnet.encoder.onnx", "head": "derefnet.head.onnx"}
+    for name, path in paths.items():
+        part = card["parts"][name]
+        assert part["file"] == path.name and part["sha256"] == file_sha256(path)
+    assert card["parts"]["encoder"]["inputs"][0]["shape"] == ["n", 11, 11]
+    assert card["parts"]["encoder"]["outputs"][0]["shape"] == ["n", 1089]
+    assert card["parts"]["head"]["inputs"][0]["shape"] == ["batch", 5, 1089]
+    assert card["parts"]["head"]["outputs"][0]["shape"] == ["batch", 33, 33]
+
+
+def test_parts_keep_the_units_of_the_torch_model(tiny_model):
+    """Features in network units (/scale), HR out in sensor units, equal to DeRefNet.forward."""
+    model = load_checkpoint_model(tiny_model.parent / "tiny.pt")
+    model.set_deform_mode("torchvision")
+    windows = export.sample_windows(3, seed=7)
+    enc = ort.InferenceSession(str(export.part_paths(tiny_model)["encoder"]))
+    head = ort.InferenceSession(str(export.part_paths(tiny_model)["head"]))
+    feats = enc.run(None, {"lr_frames": windows.reshape(-1, 11, 11)})[0]
+    with torch.no_grad():
+        want_feats = model.encoder(torch.from_numpy(windows.reshape(15, -1)), with_symmetry=False)[0]
+        want = model(torch.from_numpy(windows)).numpy()
+    np.testing.assert_allclose(feats, want_feats.numpy(), atol=1e-5)
+    got = head.run(None, {"features": feats.reshape(3, 5, -1)})[0]
+    assert np.abs(got - want).max() < 1e-3 and np.abs(want).max() > 10
+
+
+def test_folded_gates_equal_the_position_encoding(tiny_model):
+    model = load_checkpoint_model(tiny_model.parent / "tiny.pt")
+    part = export.HeadPart(model)
+    feats = torch.randn(2, 5, 1089)
+    with torch.no_grad():
+        assert torch.allclose(part.head.temporal(feats), model.head.temporal(feats), atol=1e-6)
+        assert torch.allclose(part(feats), model.head(feats)[0] * model.cfg.scale, atol=1e-4)
+
+
+def test_no_parts_flag_and_parity_failure(tmp_path, monkeypatch):
+    ckpt = write_checkpoint(tmp_path / "t.pt", seed=3)
+    out = tmp_path / "m.onnx"
+    assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--parity-windows", "2", "--no-parts"]) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert "parts" not in card and not (tmp_path / "m.encoder.onnx").exists()
+    # a head that is not the model's must fail the parity check against the single graph
+    model = load_checkpoint_model(ckpt)
+    with torch.no_grad():
+        model.head.fusion.body[-1].weight.mul_(2.0)
+    paths = export.export_parts(model, out)
+    with pytest.raises(RuntimeError, match="differ from the single graph"):
+        export.check_parts(out, paths, export.sample_windows(2, seed=1), stages=1)
