@@ -63,6 +63,7 @@ class Track:
     track_id: str
     segment: SegmentWindows = field(default_factory=SegmentWindows)
     last_index: int | None = None
+    last_origin: tuple[float, float] | None = None
     last_seen: float = field(default_factory=time.monotonic)
     frames: int = 0
 
@@ -240,6 +241,7 @@ class StreamSession:
             self.metrics.active_tracks.inc()
         track.last_seen = time.monotonic()
         windows: list[Window] = []
+        origin = None if msg.origin is None else (msg.origin.x, msg.origin.y)
         if track.last_index is not None:
             if msg.frame_index <= track.last_index:
                 await self._error(
@@ -250,13 +252,15 @@ class StreamSession:
                     f"{track.last_index}",
                 )
                 return
-            if msg.frame_index != track.last_index + 1:  # a gap: the old segment ends here
+            # a gap, or a re-centred patch: the old segment ends here
+            if msg.frame_index != track.last_index + 1 or origin != track.last_origin:
                 windows += track.segment.flush()
         meta = FrameMeta(
             msg.frame_index, msg.origin, msg.timestamp, self.rt.peak_options(msg.options)
         )
         windows += track.segment.push(np.asarray(msg.patch, dtype=np.float32), meta)
         track.last_index = msg.frame_index
+        track.last_origin = origin
         track.frames += 1
         self._frames += 1
         self.metrics.frames.labels("ws").inc()

@@ -129,9 +129,11 @@ class SegmentWindows:
         return out
 
 
-def split_segments(frame_indices: Sequence[int]) -> list[slice]:
+def split_segments(frame_indices: Sequence[int], origins: Sequence | None = None) -> list[slice]:
     """Consecutive runs of a strictly increasing index sequence, as slices; gaps split runs.
 
+    A change of the patch ``origin`` (the tracker re-centred its patch) splits runs too: a
+    window must show one patch position, or the model would read the shift as motion.
     Raises ValueError naming the position if an index repeats or goes back.
     """
     starts = [0]
@@ -141,7 +143,7 @@ def split_segments(frame_indices: Sequence[int]) -> list[slice]:
             raise ValueError(
                 f"frame {k}: frame_index {cur} is not after the previous frame's {prev}"
             )
-        if cur != prev + 1:
+        if cur != prev + 1 or (origins is not None and origins[k] != origins[k - 1]):
             starts.append(k)
     ends = starts[1:] + [len(frame_indices)]
     return [slice(a, b) for a, b in zip(starts, ends, strict=True) if b > a]

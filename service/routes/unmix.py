@@ -69,14 +69,15 @@ def frame_indices(body: UnmixRequest) -> list[int]:
 )
 async def unmix(body: UnmixRequest, runtime: RuntimeDep) -> dict:
     """Each frame t is answered from the window of frames t-2..t+2 (edges replicated; a
-    frame_index gap starts a new segment), so 5 frames give 5 results and the middle one uses
+    frame_index gap or a change of origin starts a new segment), so 5 frames give 5 results and the middle one uses
     no padding. Coordinates: x = column, y = row, pixel centres at integers, origin at the
     patch's top-left pixel centre; sensor_x/sensor_y add the frame's origin."""
     t0 = time.perf_counter()
     metrics = runtime.metrics
     indices = frame_indices(body)
     frames = np.asarray([f.patch for f in body.frames], dtype=np.float32)
-    segments = split_segments(indices)
+    origins = [None if f.origin is None else (f.origin.x, f.origin.y) for f in body.frames]
+    segments = split_segments(indices, origins)
     windows = np.concatenate([sequence_windows(frames[s]) for s in segments])
     # One feature slot per distinct frame: with the streaming parts, each frame is encoded
     # once per request although it appears in up to 5 windows.

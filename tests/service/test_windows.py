@@ -82,3 +82,11 @@ def test_streamed_windows_share_one_slot_per_frame():
     rows = sequence_slots(4)
     assert rows[0][0] is rows[0][1] is rows[0][2] and rows[3][4] is rows[3][3] is rows[2][3]
     assert len({id(s) for r in rows for s in r}) == 4
+
+
+def test_split_segments_on_origin_change():
+    from service.windows import split_segments
+
+    origins = [(0.0, 0.0)] * 3 + [(1.0, 0.0)] * 2
+    assert split_segments([0, 1, 2, 3, 4], origins) == [slice(0, 3), slice(3, 5)]
+    assert split_segments([0, 1, 2, 3, 4], [None] * 5) == [slice(0, 5)]

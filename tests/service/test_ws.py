@@ -345,3 +345,26 @@ def test_websocket_auth(start_server):
         "ended",
     ]
     assert asyncio.run(try_connect(suffix="?token=s3cret")) == ["result", "ended"]
+
+
+def test_a_recentred_patch_starts_a_new_segment(server):
+    """The tracker moves its patch (origin changes): windows never mix two patch positions."""
+    frames = simulate_track(8, seed=9)
+    a, b = {"x": 100.0, "y": 50.0}, {"x": 101.0, "y": 50.0}
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            for i in range(8):
+                await ws.send(frame_msg("r", i, frames[i], origin=a if i < 4 else b))
+            await ws.send(end_msg("r"))
+            return await recv_n(ws, 9)
+
+    msgs = asyncio.run(main())
+    results = [m for m in msgs if m["type"] == "result"]
+    assert [m["frame_index"] for m in results] == list(range(8))
+    want = rest_results(server.base_url, frames[:4], a) + rest_results(server.base_url, frames[4:], b)
+    assert [m["targets"] for m in results] == want
+    # REST splits the same way when one request carries both positions
+    body = {"frames": [{"patch": f.tolist(), "origin": a if i < 4 else b} for i, f in enumerate(frames)]}
+    r = httpx.post(f"{server.base_url}/unmix", json=body)
+    assert [res["targets"] for res in r.json()["results"]] == want
