@@ -256,12 +256,13 @@ class ServerProcess:
                 self.proc.wait(10)
 
 
-def ws_run(port: int, tracks: int, rate: float, seconds: float, seed: int) -> dict:
+def ws_run(port: int, tracks: int, rate: float, seconds: float, seed: int, refine: str | None = None) -> dict:
     """The replay client: ``tracks`` tracks at ``rate`` windows/s in total for ``seconds``."""
     from training.replay import Replay, ReplayConfig
 
     cfg = ReplayConfig(url=f"ws://127.0.0.1:{port}/ws/unmix", tracks=tracks, fps=rate / tracks,
-                       seconds=seconds, seed=seed, quiet=True, report_every=3600.0, drain_timeout=60.0)
+                       seconds=seconds, seed=seed, quiet=True, report_every=3600.0, drain_timeout=60.0,
+                       refine=refine)
     replay = Replay(cfg, out=io.StringIO())
     summary = asyncio.run(replay.run())
     lat = np.asarray(replay.board.latencies) * 1e3
@@ -272,11 +273,13 @@ def ws_run(port: int, tracks: int, rate: float, seconds: float, seed: int) -> di
             "cso_map": summary["cso_map"]}
 
 
-def rest_run(port: int, rate: float, seconds: float, frames: np.ndarray, per_request: int = 5) -> dict:
+def rest_run(port: int, rate: float, seconds: float, frames: np.ndarray, per_request: int = 5,
+             refine: str | None = None) -> dict:
     """Open-loop REST load: requests of ``per_request`` frames at ``rate`` windows/s."""
     import httpx
 
-    bodies = [json.dumps({"frames": [{"patch": f.tolist()} for f in frames[k, :per_request]]})
+    options = {} if refine is None else {"options": {"refine": refine}}
+    bodies = [json.dumps({"frames": [{"patch": f.tolist()} for f in frames[k, :per_request]], **options})
               for k in range(len(frames))]
     period = per_request / rate
     latencies: list[float] = []
@@ -316,10 +319,11 @@ def server_runs(model: Path, args, frames: np.ndarray, cache: bool) -> dict:
     try:
         cpu0 = server.cpu_seconds()
         out = {"feature_cache": cache, "settings": {f"CSIST_{k.upper()}": v for k, v in settings.items()},
-               "ws_fixed": ws_run(server.port, args.tracks, args.rate, args.seconds, SEED),
-               "ws_saturation": ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1)}
+               "refine": args.refine,
+               "ws_fixed": ws_run(server.port, args.tracks, args.rate, args.seconds, SEED, args.refine),
+               "ws_saturation": ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine)}
         if cache:
-            out["rest"] = rest_run(server.port, args.rest_rate, args.seconds, frames)
+            out["rest"] = rest_run(server.port, args.rest_rate, args.seconds, frames, refine=args.refine)
         out["server_cpu_s"] = server.cpu_seconds() - cpu0
         return out
     finally:
@@ -454,6 +458,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rate", type=float, default=400.0, help="saturating offered WebSocket load, windows/s")
     p.add_argument("--rest-rate", type=float, default=50.0, help="fixed offered REST load, windows/s (5 frames per request)")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per end-to-end load phase")
+    p.add_argument("--refine", default="none",
+                   help="refine option the server runs with (default none: the network's answer; 'fit' adds the "
+                        "physics fit, whose cost `csist evaluate` reports as postprocess_ms_per_window)")
     p.add_argument("--no-server", action="store_true", help="skip the end-to-end server runs")
     p.add_argument("--no-uncached-server", action="store_true", help="skip the server run without the feature cache")
     p.add_argument("--no-tuning", action="store_true", help="skip the ONNX Runtime option sweep")
