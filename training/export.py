@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from service.model import file_sha256 as sha256
+from service.peaks import DEFAULT_MODE
+from service.postprocess import REFINE_MODES
 from training.model import DeRefNet
 from training.train import load_checkpoint_model
 
@@ -243,7 +245,7 @@ def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dic
         "parameters": ckpt.get("parameters"),
         "physics": {"size": cfg["size"], "ratio": cfg["ratio"], "psf_sigma": cfg["psf_sigma"],
                     "hr_cell_centre": "(i + 0.5) / ratio - 0.5 LR px", "qinit": "least squares on the training split"},
-        "postprocess": {"threshold": 70.0, "refine": "centroid"},
+        "postprocess": extra.pop("postprocess"),
         "export": {"exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}", **checks,
                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": extra.pop("export_command")},
         "training": {
@@ -270,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-report", type=Path, action="append", default=[],
                    help="JSON report(s) of `csist evaluate` to record as the card's metrics (repeatable)")
     p.add_argument("--data-command", action="append", default=[], help="the csist simulate command(s) that made the data (repeatable)")
+    p.add_argument("--default-refine", default="fit", choices=REFINE_MODES,
+                   help="refine mode the service uses when a request names none (recorded in the card)")
+    p.add_argument("--default-threshold", type=float, default=70.0, help="peak threshold the service uses by default")
     p.add_argument("--train-command", action="append", default=[],
                    help="training command(s) to record in the card (default: those stored in the checkpoint)")
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the ONNX vs PyTorch check")
@@ -298,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics[f"{report.stem}:{r.get('split', 'test')}:refine={r.get('refine', 'none')}"] = r
     command = "csist export " + " ".join(sys.argv[2:] if argv is None else argv)
     card = write_card(args.card or args.out.with_suffix(".json"), args.out, ckpt, checks,
-                      {"version": args.version, "export_command": command, "train_commands": args.train_command, "data": {"commands": args.data_command},
+                      {"version": args.version, "export_command": command, "train_commands": args.train_command,
+                       "postprocess": {"threshold": args.default_threshold, "refine": args.default_refine, "mode": DEFAULT_MODE}, "data": {"commands": args.data_command},
                        "metrics": metrics, "host": {"machine": platform.machine(), "python": platform.python_version()}, **parts})
     print(f"wrote {args.out} ({card['bytes']} bytes, sha256 {card['sha256'][:12]}..., {checks['deform_conv_nodes']} DeformConv nodes, "
           f"max |onnx - torch| {checks['max_abs_diff_vs_torch']:.2e})")
