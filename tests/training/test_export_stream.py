@@ -47,7 +47,9 @@ def test_parts_keep_the_units_of_the_torch_model(tiny_model):
         want = model(torch.from_numpy(windows)).numpy()
     np.testing.assert_allclose(feats, want_feats.numpy(), atol=1e-5)
     got = head.run(None, {"features": feats.reshape(3, 5, -1)})[0]
-    assert np.abs(got - want).max() < 1e-3 and np.abs(want).max() > 10
+    # float32 in two runtimes: compare relative to the output's scale (sensor units, > 10)
+    scale = np.abs(want).max()
+    assert scale > 10 and np.abs(got - want).max() < 1e-3 + 2e-5 * scale
 
 
 def test_folded_gates_equal_the_position_encoding(tiny_model):
