@@ -25,24 +25,31 @@ The model of a window (frame ``f`` taken ``t_f`` frames after the middle one, -2
   only while the model is below 255.
 - The noise is configured or estimated from the pixels far from every target
   (:func:`estimate_noise`).
-- Priors: each network peak's position is bounded to +-``max_shift_px`` and pulled toward the
-  peak by a Gaussian prior of width ``prior_px`` (a residual ``(x - x_peak) / prior_px``);
+- Priors: each target's position is bounded to +-``max_shift_px`` of its start (below) and
+  pulled toward it by a Gaussian prior of width ``prior_px`` (a residual ``(x - x_peak) / prior_px``);
   brightness is bounded to ``brightness_range`` and pulled toward its centre by a Gaussian
   prior of width ``brightness_prior``; the velocity is bounded to +-``max_speed_px``.
 - Only pixels whose centre lies within ``crop_px`` of a start position (plus the possible
   motion) are fitted: a sigma-0.5 PSF puts < 1e-4 of a target's flux beyond 2.5 px.
 
-Count selection (``try_counts``): besides the fit with the network's K targets, K-1 and K+1
-targets are fitted, both started from the network's peaks (the K fit has bent its targets
-around a spare or a missing one, and made a poor start): K-1 without the peak the frames want
-least (smallest brightness in a linear fit at the peaks), K+1 with a new target where the peaks
-leave the most flux unexplained. The count with the lowest information criterion (``bic``:
-chi2 + p ln n; ``aic``: chi2 + 2p) wins, where a count other than the network's must win
-by ``count_margin``. A new target has no position prior. With
-``count_gates`` a trial runs only where the K fit hints at it (:func:`_count_hints`). (The
-first version merged the K fit's closest pair and split its target with the largest residual,
-as issue 7 proposed; on simulated windows with one peak missing that recovered CSO-mAP 68 at
-noise 0, adding at the residual 95; with one spurious peak, 81 against 97 for the drop.)
+Count and start (``try_counts``). The network's count is the weak part of its answer: the
+reference rule (every HR cell above 70 is a target) spreads one target over 1-3 adjacent cells,
+and on SeqCSIST-protocol data its count is right in only about a fifth of the windows. The
+frames know better. The forward model conserves flux, so K targets of brightness within
+``brightness_range`` put K lo .. K hi grey levels into the window (:func:`_flux_counts`), and
+every count within ``flux_z`` sigma of the measured flux is fitted (almost always exactly one).
+Where the flux is only a lower bound (saturated pixels, a target near the patch border), more
+targets are added one at a time while the information criterion (``bic``: chi2 + p ln n;
+``aic``: chi2 + 2p) keeps falling; among the fitted counts the lowest criterion wins. The start
+of a K-target fit (:func:`_start`): with more peaks than K, the centres of a brightness-weighted
+K-means clustering of the peaks (between the cells the network spread a target over); with K
+peaks, the peaks; with fewer, the peaks plus new targets where they leave flux unexplained (no
+position prior for those). A fit whose chi2 / dof exceeds ``retry_chi2`` (a local minimum) is
+started again from the K peaks with the least linear misfit and the better one kept. (The first
+version tried K-1, K and K+1 around the network's count, merging the closest pair and
+splitting the worst-fitted target as issue 7 proposed, later dropping the least wanted peak
+and adding one at the largest residual; it could not repair the network's usual error of 1-2
+spare cells: CSO-mAP 72.4 on clean data against 93 now.)
 
 Safety (``fallback``): the fit replaces the network's answer only when (0) the estimated noise
 is at most ``max_noise`` (garbage frames fail here), (1) the fit is finite, (2) its misfit is
@@ -68,8 +75,9 @@ the mismatch, less accurately than real windows.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -87,7 +95,12 @@ class FitConfig:
     """Settings of :func:`fit_window`; the defaults suit SeqCSIST-protocol 8-bit windows."""
 
     psf_sigma: float = SIGMA  # PSF standard deviation, LR px (the papers' 0.5)
-    prior_px: float | None = 0.1  # width of the pull toward each network peak, px; None = no pull
+    # width of the pull toward each start position, px; None = no pull. Measured on dev windows
+    # started from the network's peaks (CSO-mAP clean / sigma 2 / sigma 5): 0.1 -> 93.7 / 72.7
+    # / 56.7, 0.15 -> 93.7 / 73.7 / 58.9, 0.2 -> 93.9 / 72.5 / 58.6, 0.3 -> 93.7 / 68.7 / 56.1.
+    # In 8-bit frames of 4 targets within 0.6 px, configurations 0.07 px apart can fit equally
+    # well; the pull toward the network's answer decides between them.
+    prior_px: float | None = 0.15
     max_shift_px: float = 0.5  # a target stays within +-this of its start position, px
     # Brightness: bounds, and a Gaussian prior of this width (grey levels) toward the centre of
     # the range (None = flat within it). SeqCSIST draws U(220, 250). Both matter at noise:
@@ -101,16 +114,16 @@ class FitConfig:
     quantized: bool = True  # frames were rounded to integers: add 1/12 to the noise variance
     model_error: float = 0.0  # extra per-pixel error, grey levels (unmodelled physics)
     saturation: float | None = 255.0  # pixels >= this are lower bounds; None = no clipping
-    try_counts: bool = True  # compare K-1, K, K+1 targets and keep the best
-    count_gates: bool = True  # try K-1 / K+1 only where the K fit hints at them (faster)
-    # Another count must beat the network's criterion by this much. Measured on simulated
-    # windows: right count changes won by >= 55 (5th percentile), wrong ones never with 2-4
-    # targets, but by 7-12 among 5-8 crowded targets the data cannot resolve.
-    count_margin: float = 20.0
+    # Count selection: fit every count the window's flux allows (see the module docstring) and
+    # keep the one with the lowest information criterion. False: keep the network's count.
+    try_counts: bool = True
+    flux_z: float = 3.0  # the flux allows a count within this many sigma of its noise
     criterion: str = "bic"  # information criterion for the count and the fallback: bic | aic
-    max_targets: int = 8  # never add a target beyond this many
-    merge_px: float = 0.25  # count gate: two fitted targets this close hint at one too many, px
-    split_z: float = 3.0  # count gate: chi2 this many sigma above its mean hints at one too few
+    max_targets: int = 8  # never fit more targets than this
+    # A fit with chi2 / dof above this is likely a local minimum: it is also started from the
+    # subset of the peaks with the least linear misfit, and the better fit kept. On clean dev
+    # windows chi2 / dof is 0.77 at the median and 1.36 at the 95th percentile.
+    retry_chi2: float = 2.0
     solver: str = "lm"  # "lm": built-in projected Levenberg-Marquardt; "scipy": least_squares trf
     max_nfev: int = 20  # residual evaluations per fit (one count)
     tol: float = 1e-4  # stop when the cost falls by less than tol (relative) or the step is tiny
@@ -139,6 +152,8 @@ class FitConfig:
             raise ValueError(f"noise must be >= 0 or None, got {self.noise}")
         if self.max_nfev < 2 or self.max_targets < 1 or self.crop_px <= 0 or self.tol <= 0:
             raise ValueError("need max_nfev >= 2, max_targets >= 1, crop_px > 0, tol > 0")
+        if self.flux_z <= 0 or self.retry_chi2 <= 0:
+            raise ValueError(f"flux_z and retry_chi2 must be > 0, got {self.flux_z}, {self.retry_chi2}")
 
 
 @dataclass(frozen=True)
@@ -247,30 +262,37 @@ def fit_window(
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
 
-    # K targets: from the peaks, brightness by a linear fit at the peaks' positions
     v0 = _initial_velocity(win)
-    start = _separate(peaks_in)
-    start[:, 2] = _linear_brightness(win, start[:, :2], v0, start[:, 2])
-    has_prior = np.ones(k0, dtype=bool)
-    fit_k = _fit(win, start, v0, peaks_in[:, :2], has_prior, scale)
-    if win.scale is None:  # too few far pixels: noise from the K fit's residuals, then refit
-        dof = max(win.n - fit_k.n_params, 1)
-        scale = max(math.sqrt(float(fit_k.residual @ fit_k.residual) / dof), 1e-3)
-        fit_k = _fit(win, fit_k.targets, fit_k.velocity, peaks_in[:, :2], has_prior, scale, nfev0=fit_k.nfev)
-    fits = {k0: fit_k}
-    nfev = fit_k.nfev
-
     if cfg.try_counts:
-        want_fewer, want_more = _count_hints(win, fit_k)
-        if k0 >= 2 and want_fewer:
-            fits[k0 - 1] = _fit(win, *_drop(win, fit_k, start), scale)
-            nfev += fits[k0 - 1].nfev
-        if k0 < cfg.max_targets and want_more:
-            fits[k0 + 1] = _fit(win, *_add(win, fit_k, start), scale)
-            nfev += fits[k0 + 1].nfev
+        counts, open_ended = _flux_counts(win, frames)
+    else:
+        counts, open_ended = [min(k0, cfg.max_targets)], False
+    fits: dict[int, _Fit] = {}
+    best: _Fit | None = None
+    nfev = 0
+    k = counts[0]
+    # every count the flux allows; above that, where the flux is only a lower bound, one more
+    # at a time while the criterion keeps falling
+    while k <= cfg.max_targets and (k <= counts[-1] or (open_ended and best is fits[k - 1])):
+        start, has_prior = _start(win, peaks_in, k, v0)
+        fit = _fit(win, start, v0, start[:, :2], has_prior, scale)
+        if win.scale is None:  # too few far pixels: noise from this fit's residuals, then refit
+            dof = max(win.n - fit.n_params, 1)
+            scale = max(math.sqrt(float(fit.residual @ fit.residual) / dof), 1e-3)
+            fit = _fit(win, fit.targets, fit.velocity, fit.anchors, fit.has_prior, scale, nfev0=fit.nfev)
+            win.scale = scale
+        if k < k0 and fit.chi2 > cfg.retry_chi2 * max(win.n - fit.n_params, 1):
+            # a poor fit, likely a local minimum: also try the best subset of the peaks
+            alt_start = _best_subset(win, peaks_in, k, v0)
+            if alt_start is not None:
+                alt = _fit(win, alt_start, v0, alt_start[:, :2], np.ones(k, dtype=bool), scale, nfev0=fit.nfev)
+                fit = alt if alt.ic < fit.ic else replace(fit, nfev=alt.nfev)
+        fits[k] = fit
+        nfev += fit.nfev
+        if best is None or fit.ic < best.ic:
+            best = fit
+        k += 1
     ics: dict = {k: f.ic for k, f in fits.items()}
-    # another count must beat the network's by count_margin
-    best = min(fits.values(), key=lambda f: (f.ic + (cfg.count_margin if len(f.targets) != k0 else 0.0), len(f.targets)))
 
     if not (np.isfinite(best.targets).all() and math.isfinite(best.chi2)):
         return reject("fit not finite", nfev, s=scale, ics=ics)
@@ -281,8 +303,8 @@ def fit_window(
         # the network's answer on the same footing: its positions with brightness and velocity
         # refitted, penalised as if fitted like the others (so for the same count this
         # compares chi2: "explains the frames better")
-        a_net = _linear_brightness(win, peaks_in[:, :2], fit_k.velocity, peaks_in[:, 2])
-        r_net = win.data_residuals(win.model(np.column_stack([peaks_in[:, :2], a_net]), fit_k.velocity)) / scale
+        a_net = _linear_brightness(win, peaks_in[:, :2], best.velocity, peaks_in[:, 2])
+        r_net = win.data_residuals(win.model(np.column_stack([peaks_in[:, :2], a_net]), best.velocity)) / scale
         ics["network"] = _criterion(float(r_net @ r_net), 3 * k0 + 2, win.n, cfg.criterion)
         if not best.ic < ics["network"]:
             return reject("the fit does not explain the frames better than the peaks", nfev, best.chi2, best.velocity, scale, ics)
@@ -366,7 +388,15 @@ class _Window:
         self.any_sat = bool(self.sat.any())
         outside = np.ones((height, width), dtype=bool)
         outside[self.r0 : self.r1, self.c0 : self.c1] = False
-        self.noise = cfg.noise if cfg.noise is not None else estimate_noise(frames[:, outside], cfg.min_noise_pixels)
+        far = frames[:, outside]
+        self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
+        # mean level of a pixel without signal (noise clipped at 0 raises it above 0)
+        self.background = float(far.mean()) if far.size >= cfg.min_noise_pixels else None
+        # a target near the patch border loses flux over the edge
+        self.at_border = bool(
+            np.any(peaks[:, :2] < 1.0 + cfg.max_shift_px) or np.any(peaks[:, 0] > width - 2.0 - cfg.max_shift_px)
+            or np.any(peaks[:, 1] > height - 2.0 - cfg.max_shift_px)
+        )
         extra = (ROUNDING_VARIANCE if cfg.quantized else 0.0) + cfg.model_error**2
         self.scale = math.sqrt(self.noise**2 + extra) if self.noise is not None else None
         if self.scale is not None and self.scale == 0.0:  # float frames, no noise: any scale fits
@@ -640,13 +670,14 @@ def _criterion(chi2: float, n_params: int, n: int, kind: str) -> float:
     return chi2 + n_params * (math.log(n) if kind == "bic" else 2.0)
 
 
-def _fit(win: _Window, start: np.ndarray, v0, anchors: np.ndarray, has_prior: np.ndarray, scale: float, nfev0: int = 0) -> _Fit:
+def _fit(win: _Window, start: np.ndarray, v0, anchors: np.ndarray, has_prior: np.ndarray, scale: float, nfev0: int = 0,
+         max_nfev: int | None = None) -> _Fit:
     """Fit K = len(start) targets from ``start`` (K, 3); ``anchors`` (K, 2) centre bounds and priors."""
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)
     prob = _Problem(win, anchors, has_prior, scale)
     solve = _solve_lm if cfg.solver == "lm" else _solve_scipy
-    theta, nfev = solve(prob, prob.pack(start, v0), cfg.max_nfev, cfg.tol)
+    theta, nfev = solve(prob, prob.pack(start, v0), max_nfev or cfg.max_nfev, cfg.tol)
     targets, v = prob.unpack(theta)
     res = win.data_residuals(prob.model(theta))
     chi2 = float(res @ res) / scale**2
@@ -710,78 +741,128 @@ def _linear_brightness(win: _Window, xy: np.ndarray, v, fallback: np.ndarray) ->
     return np.clip(a, lo, hi)
 
 
-def _count_hints(win: _Window, fit: _Fit) -> tuple[bool, bool]:
-    """Whether the K fit hints at one target too many / too few (``count_gates``).
+def _flux_counts(win: _Window, frames: np.ndarray) -> tuple[list[int], bool]:
+    """Target counts the window's flux allows, and whether more are possible (open-ended).
 
-    Measured on simulated windows (scripts/refine_study.py): where K-1 targets explained the
-    frames better, the K fit had a target pinned at the lower brightness bound (it has no flux
-    of its own) or two targets on top of each other; where K+1 did, a target was pinned at the
-    upper bound (it explains two). A misfit far above the noise also asks for K+1 (a target
-    far from every peak was missed). With and without the gates, 300 degraded windows
-    (scripts/refine_study.py) at noise 0, 2 and 5 gave identical answers.
+    The forward model conserves energy: the fitted pixels of a frame sum to the targets'
+    brightness (plus background), so K targets of brightness within ``brightness_range``
+    (lo, hi) put a flux F with K lo <= F <= K hi, up to the noise of the sum. The counts
+    returned are those within ``flux_z`` sigma of that. Where the flux is only a lower bound
+    (pixels clipped at saturation, a target near the patch border, or no far pixels to measure
+    the background) the upper end is open: more targets are tried one at a time while they
+    lower the information criterion.
     """
     cfg = win.cfg
-    if not cfg.count_gates:
-        return True, True
     lo, hi = cfg.brightness_range
-    edge = 0.01 * (hi - lo)
-    t = fit.targets
-    d = np.hypot(t[:, None, 0] - t[None, :, 0], t[:, None, 1] - t[None, :, 1])
-    d[np.diag_indices(len(t))] = np.inf
-    fewer = bool(t[:, 2].min() <= lo + edge or d.min() < cfg.merge_px)
-    dof = max(win.n - fit.n_params, 1)
-    more = bool(t[:, 2].max() >= hi - edge or (fit.chi2 - dof) / math.sqrt(2.0 * dof) > cfg.split_z)
-    return fewer, more
+    img = win.obs.reshape(win.shape)
+    n_frames, n_px = img.shape[0], img[0].size
+    background = win.background if win.background is not None else 0.0
+    flux = float(img.sum(axis=(1, 2)).mean()) - background * n_px
+    s = win.scale if win.scale is not None else 1.0
+    sigma = s * math.sqrt(n_px / n_frames) + 1.0  # noise of the frame-mean sum (+1: rounding of bounds)
+    k_lo = max(1, math.ceil((flux - cfg.flux_z * sigma) / hi))
+    k_hi = math.floor((flux + cfg.flux_z * sigma) / lo)
+    open_ended = win.any_sat or win.at_border or win.background is None
+    if k_lo > k_hi:  # no count fits the brightness range (miscalibrated sensor?): nearest one
+        k_lo = k_hi = max(1, round(flux / (0.5 * (lo + hi))))
+    k_lo, k_hi = min(k_lo, cfg.max_targets), min(k_hi, cfg.max_targets)
+    return list(range(k_lo, k_hi + 1)), open_ended
 
 
-def _drop(win: _Window, fit: _Fit, start: np.ndarray):
-    """Start of the K-1 fit: the starting targets without the one the frames want least.
+def _start(win: _Window, peaks: np.ndarray, k: int, v) -> tuple[np.ndarray, np.ndarray]:
+    """Starting targets (k, 3) of a k-target fit, and which of them have a position prior.
 
-    That is the target with the smallest brightness in an unconstrained linear fit at the
-    starting positions (a spurious or duplicated peak gets little or negative flux). Like
-    :func:`_add`, this starts from the network's peaks, not from the K fit, which has bent its
-    targets around the spare one. (Measured on 51 simulated windows with a spurious peak,
-    CSO-mAP 97 / 92 / 87 at noise 0 / 2 / 5; dropping instead the target whose removal
-    raises the linear misfit least scored 91 / 79 / 73.)
+    With more than k peaks: the centres of a brightness-weighted k-means clustering of the
+    peaks (:func:`_cluster`). The network's cells-above-threshold rule spreads one target over
+    1-3 adjacent cells on SeqCSIST data, and the cluster centre sits between them, below the
+    1/3-px grid. (Measured on dev windows, CSO-mAP clean / sigma 2 / sigma 5: k-means 93.0 /
+    72.5 / 58.6; the subset of k peaks with the least linear misfit 88.7 / 66.4 / 55.4; the
+    best of three such subsets by the criterion after a short fit 93.4 / 71.4 / 55.0 at twice
+    the time. Across starts a lower criterion did not mean closer targets: the one that moves
+    further from its anchors fits the noise better.) With exactly k peaks: the peaks. With
+    fewer: all peaks plus new targets where they leave flux unexplained (:func:`_grow`), which
+    get no position prior.
     """
-    v = fit.velocity
-    keep_px = ~win.sat
-    cols = win.unit_columns(start[:, :2], v)
-    try:
-        a = np.linalg.lstsq(cols[keep_px], win.obs[keep_px], rcond=1e-6)[0]
-    except np.linalg.LinAlgError:
-        a = start[:, 2]
-    keep = np.arange(len(start)) != int(np.argmin(np.where(np.isfinite(a), a, -np.inf)))
-    rest = start[keep].copy()
-    rest[:, 2] = _linear_brightness(win, rest[:, :2], v, rest[:, 2])
-    return rest, v, fit.anchors[keep], fit.has_prior[keep]
+    if k < len(peaks):
+        start = np.column_stack([_cluster(peaks[:, :2], peaks[:, 2], k), np.zeros(k)])
+        has_prior = np.ones(k, dtype=bool)
+    elif k == len(peaks):
+        start, has_prior = np.array(peaks, dtype=np.float64), np.ones(k, dtype=bool)
+    else:
+        known = np.array(peaks, dtype=np.float64)
+        known[:, 2] = _linear_brightness(win, known[:, :2], v, known[:, 2])
+        start, has_prior = _grow(win, known, k, v), np.arange(k) < len(peaks)
+    start = _separate(start)
+    start[:, 2] = _linear_brightness(win, start[:, :2], v, np.full(k, np.mean(win.cfg.brightness_range)))
+    return start, has_prior
 
 
-def _add(win: _Window, fit: _Fit, start: np.ndarray):
-    """Start of the K+1 fit: the K starting targets plus one where they leave flux unexplained.
+def _best_subset(win: _Window, peaks: np.ndarray, k: int, v, max_subsets: int = 64) -> np.ndarray | None:
+    """The k of the peaks whose linear fit (brightness at fixed positions, saturated pixels left
+    out) leaves the least misfit, as a start (k, 3); None when there are more than
+    ``max_subsets`` subsets to score."""
+    c = len(peaks)
+    if math.comb(c, k) > max_subsets:
+        return None
+    keep = ~win.sat
+    a_mat = win.unit_columns(peaks[:, :2], v)[keep]
+    y = win.obs[keep]
+    gram, rhs = a_mat.T @ a_mat, a_mat.T @ y
+    gram[np.diag_indices(c)] += 1e-9 * max(float(np.trace(gram)), 1e-12)
+    subsets = np.array(list(itertools.combinations(range(c), k)))  # (M, k)
+    g = gram[subsets[:, :, None], subsets[:, None, :]]  # (M, k, k)
+    b = rhs[subsets]
+    a = np.linalg.solve(g, b[..., None])[..., 0]
+    explained = np.einsum("mk,mk->m", b, a) - np.where(a.min(axis=1) < 0.5 * win.cfg.brightness_range[0], np.inf, 0.0)
+    start = _separate(peaks[subsets[int(np.argmax(explained))]])
+    start[:, 2] = _linear_brightness(win, start[:, :2], v, start[:, 2])
+    return start
 
-    The K fit itself is no good start: it has pulled its targets toward the missing one. So
-    the residual is taken of the starting targets (the network's peaks with linearly fitted
-    brightness, the K fit's velocity), averaged over the frames; the new target starts at the
-    centroid of its positive peak (3 x 3 pixels), with the flux found there.
+
+def _cluster(xy: np.ndarray, weight: np.ndarray, k: int, iterations: int = 8) -> np.ndarray:
+    """(k, 2) centres of a weighted k-means clustering of the points ``xy`` (n > k).
+
+    Deterministic start: the heaviest point, then each time the point with the largest weight
+    times squared distance to the centres so far.
+    """
+    w = np.maximum(np.asarray(weight, dtype=np.float64), 1e-12)
+    first = int(np.argmax(w))
+    centres = [xy[first]]
+    d2 = ((xy - xy[first]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        nxt = int(np.argmax(w * d2))
+        centres.append(xy[nxt])
+        d2 = np.minimum(d2, ((xy - xy[nxt]) ** 2).sum(axis=1))
+    c = np.array(centres)
+    for _ in range(iterations):
+        label = np.argmin(((xy[:, None, :] - c[None]) ** 2).sum(axis=2), axis=1)
+        mass = np.bincount(label, weights=w, minlength=k)
+        moved = np.column_stack([np.bincount(label, weights=w * xy[:, i], minlength=k) for i in (0, 1)])
+        new = np.where(mass[:, None] > 0, moved / np.maximum(mass, 1e-300)[:, None], c)
+        if np.allclose(new, c):
+            break
+        c = new
+    return c
+
+
+def _grow(win: _Window, targets: np.ndarray, k: int, v) -> np.ndarray:
+    """``targets`` (m, 3) plus new ones, one at a time, where they leave the most flux unexplained.
+
+    Each new target starts at the centroid of the positive frame-mean residual's maximum
+    (3 x 3 pixels) with the flux found there: 3 x 3 pixels hold about 60 % of a PSF's flux.
     """
     lo, hi = win.cfg.brightness_range
-    v = fit.velocity
-    res = (win.obs - win.model(start, v)).reshape(win.shape).mean(axis=0)  # (R, C)
-    pos = np.maximum(res, 0.0)
-    r_pk, c_pk = np.unravel_index(int(np.argmax(pos)), pos.shape)
-    rs, cs = slice(max(r_pk - 1, 0), r_pk + 2), slice(max(c_pk - 1, 0), c_pk + 2)
-    block = pos[rs, cs]
-    mass = float(block.sum())
-    if mass > 0:
-        cx = float(block.sum(axis=0) @ np.arange(win.c0, win.c1)[cs]) / mass
-        cy = float(block.sum(axis=1) @ np.arange(win.r0, win.r1)[rs]) / mass
-    else:
-        cx, cy = win.c0 + c_pk, win.r0 + r_pk
-    new = [cx, cy, np.clip(mass / 0.6, lo, hi)]  # 3 x 3 pixels hold ~60 % of a PSF's flux
-    return (
-        np.vstack([start, new]),
-        v,
-        np.vstack([fit.anchors, new[:2]]),
-        np.append(fit.has_prior, False),
-    )
+    start = np.array(targets, dtype=np.float64)
+    cols, rows = np.arange(win.c0, win.c1), np.arange(win.r0, win.r1)
+    while len(start) < k:
+        res = np.maximum((win.obs - win.model(start, v)).reshape(win.shape).mean(axis=0), 0.0)  # (R, C)
+        r_pk, c_pk = np.unravel_index(int(np.argmax(res)), res.shape)
+        rs, cs = slice(max(r_pk - 1, 0), r_pk + 2), slice(max(c_pk - 1, 0), c_pk + 2)
+        block = res[rs, cs]
+        mass = float(block.sum())
+        if mass > 0:
+            x, y = float(block.sum(axis=0) @ cols[cs]) / mass, float(block.sum(axis=1) @ rows[rs]) / mass
+        else:
+            x, y = float(cols[c_pk]), float(rows[r_pk])
+        start = np.vstack([start, [x, y, float(np.clip(mass / 0.6, lo, hi))]])
+    return start

@@ -46,7 +46,9 @@ def test_fit_moves_cell_centres_onto_the_targets():
         return float(np.mean(errs))
 
     assert all(len(f) == len(t) for f, t in zip(fitted, truth))
-    assert mean_error(fitted) < 0.03 < mean_error(cells)
+    # cell centres are ~0.1 px off; 4 targets within 0.6 px in 8-bit frames leave the fit
+    # a few hundredths of a pixel of ambiguity
+    assert mean_error(fitted) < 0.04 and mean_error(cells) > 0.08
     assert all(np.all(np.diff(f[:, 2]) <= 0) for f in fitted)  # brightest first
     capped = find_targets(maps, wins, refine="fit", max_targets=1)
     assert all(len(f) == 1 for f in capped)
