@@ -481,11 +481,12 @@ class _Problem:
         """Fractions and model at theta, cached: Jacobians are asked for at the last point."""
         key = theta.tobytes()
         if key != self._key:
-            k = self.k
-            fx, fy = self.win.fractions(theta[:k], theta[k : 2 * k], theta[3 * k :])
+            k, win = self.k, self.win
+            pos = win.positions(theta[:k], theta[k : 2 * k], theta[3 * k :]).ravel()
+            fx, fy = win.split(pixel_fractions(pos, win.size, win.cfg.psf_sigma), k)
             fya = fy * theta[None, 2 * k : 3 * k, None]
             model = np.matmul(fya.transpose(0, 2, 1), fx).ravel()
-            self._key, self._state = key, (fx, fy, fya, model)
+            self._key, self._state = key, (fx, fy, fya, model, pos)
         return self._state
 
     def model(self, theta: np.ndarray) -> np.ndarray:
@@ -505,11 +506,10 @@ class _Problem:
         d model / d x_k = a_k fy_k (outer) dfx_k, d / d y_k = a_k dfy_k (outer) fx_k,
         d / d a_k = fy_k (outer) fx_k, d / d (vx, vy) = sum_k t_f d / d (x_k, y_k).
         """
-        fx, fy, fya, model = self._eval(theta)
+        fx, fy, fya, model, pos = self._eval(theta)
         k, win = self.k, self.win
         n = win.n
-        pos = win.positions(theta[:k], theta[k : 2 * k], theta[3 * k :])
-        dfx, dfy = win.split(pixel_fractions_grad(pos.ravel(), win.size, win.cfg.psf_sigma), k)
+        dfx, dfy = win.split(pixel_fractions_grad(pos, win.size, win.cfg.psf_sigma), k)
         n_frames = len(win.times)
         rows = np.empty((3, n_frames, k, fy.shape[2]))
         rows[0], rows[1], rows[2] = fya, dfy * theta[None, 2 * k : 3 * k, None], fy

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from service.peaks import DEFAULT_MODE, PEAK_MODES
 from service.postprocess import REFINE_MODES, find_targets
@@ -51,7 +52,9 @@ class OnnxPredictor:
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         n, t = frames.shape[:2]
         win = windows(frames.astype(np.float32), WINDOW)  # (n*(T-4), 5, 11, 11)
-        out = [self.session.run(None, {self.input: win[i : i + self.batch]})[0] for i in range(0, len(win), self.batch)]
+        starts = range(0, len(win), self.batch)
+        out = [self.session.run(None, {self.input: win[i : i + self.batch]})[0]
+               for i in tqdm(starts, desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty())]
         maps = np.concatenate(out)
         return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
 
@@ -80,7 +83,7 @@ def predict_trajectories(model, frames: np.ndarray, batch: int = 8) -> np.ndarra
     model.eval()
     out = []
     with torch.no_grad():
-        for i in range(0, len(frames), batch):
+        for i in tqdm(range(0, len(frames), batch), desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty()):
             x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch], dtype=np.float32)).to(device)
             hr = model.forward_trajectories(x, with_symmetry=False)[0]
             out.append((hr * model.cfg.scale).cpu().numpy())

@@ -34,7 +34,7 @@ def test_simulated_split_is_what_csist_simulate_writes(tmp_path):
 def test_seeds_are_new_and_distinct():
     seeds = [c[2] for c in CONDITIONS.values()]
     assert len(set(seeds)) == len(seeds)
-    assert not set(seeds) & {0, 1001, 3, 11, 20261121, 99, 777, 5}
+    assert not set(seeds) & {0, 1001, 3, 11, 20261121, 99, 777, 5, 4, 8101, 8301, 8302, 8305, 8306}
 
 
 def test_quick_accuracy_report(tiny_model, tmp_path):
@@ -54,4 +54,6 @@ def test_quick_accuracy_report(tiny_model, tmp_path):
     assert report["conditions"]["sigma5"]["noise"] == 5.0
     text = md.read_text()
     assert "| clean (2-4 targets, sigma 0) | 7301 | 51.55 |" in text
+    none = report["conditions"]["clean"]["modes"]["none"]
+    assert f"{none['mAP']:.2f} ({none['count_accuracy']:.0f} %)" in text
     assert "49.79" in text and "47.23" in text
