@@ -45,7 +45,8 @@ of a K-target fit (:func:`_start`): with more peaks than K, the centres of a bri
 K-means clustering of the peaks (between the cells the network spread a target over); with K
 peaks, the peaks; with fewer, the peaks plus new targets where they leave flux unexplained (no
 position prior for those). A fit whose chi2 / dof exceeds ``retry_chi2`` (a local minimum) is
-started again from the K peaks with the least linear misfit and the better one kept. (The first
+started again (:func:`_retry`: from the K peaks with the least linear misfit, or from the K-1
+fit plus a target at its largest residual) and the better one kept. (The first
 version tried K-1, K and K+1 around the network's count, merging the closest pair and
 splitting the worst-fitted target as issue 7 proposed, later dropping the least wanted peak
 and adding one at the largest residual; it could not repair the network's usual error of 1-2
@@ -281,11 +282,11 @@ def fit_window(
             scale = max(math.sqrt(float(fit.residual @ fit.residual) / dof), 1e-3)
             fit = _fit(win, fit.targets, fit.velocity, fit.anchors, fit.has_prior, scale, nfev0=fit.nfev)
             win.scale = scale
-        if k < k0 and fit.chi2 > cfg.retry_chi2 * max(win.n - fit.n_params, 1):
-            # a poor fit, likely a local minimum: also try the best subset of the peaks
-            alt_start = _best_subset(win, peaks_in, k, v0)
-            if alt_start is not None:
-                alt = _fit(win, alt_start, v0, alt_start[:, :2], np.ones(k, dtype=bool), scale, nfev0=fit.nfev)
+        if fit.chi2 > cfg.retry_chi2 * max(win.n - fit.n_params, 1):
+            # a poor fit, likely a local minimum: start again elsewhere, keep the better
+            alt = _retry(win, peaks_in, k, v0, fits.get(k - 1), scale)
+            if alt is not None:
+                alt.nfev += fit.nfev
                 fit = alt if alt.ic < fit.ic else replace(fit, nfev=alt.nfev)
         fits[k] = fit
         nfev += fit.nfev
@@ -795,6 +796,22 @@ def _start(win: _Window, peaks: np.ndarray, k: int, v) -> tuple[np.ndarray, np.n
     start = _separate(start)
     start[:, 2] = _linear_brightness(win, start[:, :2], v, np.full(k, np.mean(win.cfg.brightness_range)))
     return start, has_prior
+
+
+def _retry(win: _Window, peaks: np.ndarray, k: int, v0, previous: _Fit | None, scale: float) -> _Fit | None:
+    """A second k-target fit after a poor one: with more peaks than k, from the k peaks with the
+    least linear misfit; with fewer, from the (k-1)-target fit plus a target where it leaves the
+    most flux unexplained. None when there is no such start."""
+    if k < len(peaks):
+        start = _best_subset(win, peaks, k, v0)
+        if start is None:
+            return None
+        return _fit(win, start, v0, start[:, :2], np.ones(k, dtype=bool), scale)
+    if k > len(peaks) and previous is not None:
+        start = _separate(_grow(win, previous.targets, k, previous.velocity))
+        anchors = np.vstack([previous.anchors, start[-1:, :2]])
+        return _fit(win, start, previous.velocity, anchors, np.append(previous.has_prior, False), scale)
+    return None
 
 
 def _best_subset(win: _Window, peaks: np.ndarray, k: int, v, max_subsets: int = 64) -> np.ndarray | None:
