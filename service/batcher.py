@@ -3,8 +3,12 @@
 Callers ``submit`` a group of windows (one REST request, or the windows one WebSocket message
 completed) with their peak-extraction options and await a future. One worker task takes the
 first waiting group, keeps gathering groups until the batch holds ``max_batch`` windows or
-``max_wait`` has passed, and runs inference plus peak extraction in a dedicated thread, so that
-the event loop keeps accepting connections while the model runs. The queue is bounded in
+``max_wait`` has passed, and runs inference in a dedicated thread, so that the event loop keeps
+accepting connections while the model runs. Post-processing (peak extraction and, with
+``refine="fit"``, the physics fit) runs in a second thread: ONNX Runtime releases the GIL, so the
+next batch's inference overlaps the previous batch's fit instead of waiting for it. At most
+``MAX_POSTPROCESS_BACKLOG`` inferred batches wait for post-processing; then inference waits too.
+Post-processing takes batches in order, so a stream's answers keep their order. The queue is bounded in
 windows: a submit that does not fit raises ``Overloaded`` at once (the caller answers 503 or
 an error message) instead of letting memory grow.
 
@@ -33,6 +37,8 @@ from service.postprocess import find_targets
 from service.windows import WINDOW, FeatureSlot
 
 log = logging.getLogger("service.batcher")
+
+MAX_POSTPROCESS_BACKLOG = 2  # inferred batches that may wait for post-processing
 
 
 class Overloaded(RuntimeError):
@@ -110,6 +116,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._post_executor: ThreadPoolExecutor | None = None
         self._closing = False
 
     @property
@@ -120,6 +127,7 @@ class Batcher:
         """Start the worker on the running loop."""
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csist-infer")
+        self._post_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csist-post")
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="csist-batcher")
 
     @property
@@ -165,6 +173,7 @@ class Batcher:
         await self._worker
         self._worker = None
         self._executor.shutdown(wait=True)
+        self._post_executor.shutdown(wait=True)
 
     async def _next_item(self, timeout: float | None) -> _Item | None:
         """Pop the next item, waiting up to ``timeout`` (None: until one comes or we close)."""
@@ -204,26 +213,48 @@ class Batcher:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
+        backlog: deque[asyncio.Task] = deque()  # batches inferred, waiting for post-processing
         while True:
             batch = await self._gather()
             if batch is None:
-                return
+                break
             now = time.perf_counter()
             for item in batch:
                 item.started = now
                 self._queued -= item.size
             self._metrics.queue_windows.set(self._queued)
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, batch)
+                maps, infer_s = await loop.run_in_executor(self._executor, self._infer, batch)
             except Exception as exc:  # the model failed: every caller in the batch hears it
                 log.exception("inference failed")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(InferenceFailed(f"inference failed: {exc}"))
+                self._fail(batch, exc)
                 continue
-            for item, result in zip(batch, results, strict=True):
-                if not item.future.done():  # a caller may have been cancelled meanwhile
-                    item.future.set_result(result)
+            backlog.append(loop.create_task(self._finish(batch, maps, infer_s)))
+            while backlog and (backlog[0].done() or len(backlog) >= MAX_POSTPROCESS_BACKLOG):
+                await backlog.popleft()
+        for task in backlog:
+            await task
+
+    async def _finish(self, batch: list[_Item], maps: np.ndarray, infer_s: float) -> None:
+        """Post-process one inferred batch in the post-processing thread, answer its callers."""
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._post_executor, self._postprocess, batch, maps, infer_s
+            )
+        except Exception as exc:
+            log.exception("post-processing failed")
+            self._fail(batch, exc)
+            return
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():  # a caller may have been cancelled meanwhile
+                item.future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[_Item], exc: Exception) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(InferenceFailed(f"inference failed: {exc}"))
 
     @staticmethod
     def _chunked(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, size: int) -> np.ndarray:
@@ -249,14 +280,16 @@ class Batcher:
         )
         return self._chunked(self._head, features, self.max_batch)
 
-    def _run_batch(self, batch: list[_Item]) -> list[GroupResult]:
-        """Inference on all windows of the batch, then peak extraction grouped by options.
+    @staticmethod
+    def _windows(batch: list[_Item]) -> np.ndarray:
+        return batch[0].windows if len(batch) == 1 else np.concatenate([i.windows for i in batch])
 
-        Runs in the executor thread. A single group larger than max_batch is run in chunks.
+    def _infer(self, batch: list[_Item]) -> tuple[np.ndarray, float]:
+        """HR maps of all windows of the batch, and the seconds it took.
+
+        Runs in the inference thread. A single group larger than max_batch is run in chunks.
         """
-        windows = (
-            batch[0].windows if len(batch) == 1 else np.concatenate([i.windows for i in batch])
-        )
+        windows = self._windows(batch)
         n = windows.shape[0]
         t0 = time.perf_counter()
         if self.caches_features and all(i.slots is not None for i in batch):
@@ -264,13 +297,17 @@ class Batcher:
         else:
             maps = self._chunked(self._run_model, windows, self.max_batch)
         self.windows_run += n
-        t1 = time.perf_counter()
+        infer_s = time.perf_counter() - t0
         if not np.isfinite(maps).all():
             raise InferenceFailed("the model produced non-finite values")
-        self._metrics.inference_seconds.observe(t1 - t0)
+        self._metrics.inference_seconds.observe(infer_s)
         self._metrics.batch_size.observe(n)
+        return maps, infer_s
 
-        # Peak extraction, one vectorised call per distinct options.
+    def _postprocess(self, batch: list[_Item], maps: np.ndarray, infer_s: float) -> list[GroupResult]:
+        """Targets of every window, one vectorised call per distinct options (post thread)."""
+        windows = self._windows(batch)
+        n = windows.shape[0]
         bounds = np.cumsum([0] + [i.size for i in batch])
         by_options: dict[PeakOptions, list[int]] = {}
         for k, item in enumerate(batch):
@@ -300,5 +337,5 @@ class Batcher:
         for k, item in enumerate(batch):
             queue_s = item.started - item.enqueued
             self._metrics.queue_wait_seconds.observe(queue_s)
-            results.append(GroupResult(peaks[k], queue_s, t1 - t0, post[k], n))
+            results.append(GroupResult(peaks[k], queue_s, infer_s, post[k], n))
         return results

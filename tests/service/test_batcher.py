@@ -267,3 +267,45 @@ def test_cached_path_encodes_each_distinct_slot_once_per_batch_and_reuses_it():
     assert [p.tolist() for p in first.peaks] == [p.tolist() for p in again.peaks]
     assert [round(p[0, 2]) for p in first.peaks] == [103, 104, 105, 106, 107, 108]
     assert model.calls == [2] and mixed[0].peaks[0][0, 2] == mixed[1].peaks[0][0, 2] == 109.0
+
+
+def test_inference_overlaps_post_processing_and_answers_keep_their_order(monkeypatch):
+    """Batch 2's inference runs while batch 1 is post-processed; answers come back in order."""
+    import service.batcher as batcher_module
+
+    events: list[tuple[str, float]] = []
+    real = batcher_module.find_targets
+
+    def slow_find_targets(maps, *args, **kwargs):
+        events.append(("post-start", time.perf_counter()))
+        time.sleep(0.3)
+        events.append(("post-end", time.perf_counter()))
+        return real(maps, *args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "find_targets", slow_find_targets)
+
+    class TimedModel(FakeModel):
+        def __call__(self, windows):
+            events.append(("infer", time.perf_counter()))
+            return super().__call__(windows)
+
+    model = TimedModel()
+    done: list[int] = []
+
+    async def main():
+        b = Batcher(model, Metrics(), max_batch=1, max_wait_s=0.0)
+        b.start()
+        futures = [b.submit(windows_with([v]), OPTS) for v in (1, 2, 3)]
+        for v, f in zip((1, 2, 3), futures):
+            f.add_done_callback(lambda _, v=v: done.append(v))
+        results = await asyncio.gather(*futures)
+        await b.stop()
+        return results
+
+    results = run(main())
+    assert done == [1, 2, 3]
+    assert [r.peaks[0][0, 2] for r in results] == [101.0, 102.0, 103.0]
+    infer = [t for name, t in events if name == "infer"]
+    first_post_end = next(t for name, t in events if name == "post-end")
+    assert len(infer) == 3 and infer[1] < first_post_end  # overlapped, not serialised
+    assert sum(name == "post-start" for name, _ in events) == 3
