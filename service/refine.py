@@ -40,17 +40,18 @@ frames know better. The forward model conserves flux, so K targets of brightness
 every count within ``flux_z`` sigma of the measured flux is fitted (almost always exactly one).
 Where the flux is only a lower bound (saturated pixels, a target near the patch border), more
 targets are added one at a time while the information criterion (``bic``: chi2 + p ln n;
-``aic``: chi2 + 2p) keeps falling; among the fitted counts the lowest criterion wins. The start
-of a K-target fit (:func:`_start`): with more peaks than K, the centres of a brightness-weighted
-K-means clustering of the peaks (between the cells the network spread a target over); with K
-peaks, the peaks; with fewer, the peaks plus new targets where they leave flux unexplained (no
+``aic``: chi2 + 2p) keeps falling and the last fit leaves room for one (:func:`_may_grow`);
+among the fitted counts the lowest criterion wins. The start of a K-target fit
+(:func:`_start`): with more peaks than K, the centres of a brightness-weighted K-means
+clustering of the peaks (between the cells the network spread a target over); with K peaks,
+the peaks; with fewer, the peaks plus new targets where they leave flux unexplained (no
 position prior for those). A fit whose chi2 / dof exceeds ``retry_chi2`` (a local minimum) is
 started again (:func:`_retry`: from the K peaks with the least linear misfit, or from the K-1
-fit plus a target at its largest residual) and the better one kept. (The first
-version tried K-1, K and K+1 around the network's count, merging the closest pair and
-splitting the worst-fitted target as issue 7 proposed, later dropping the least wanted peak
-and adding one at the largest residual; it could not repair the network's usual error of 1-2
-spare cells: CSO-mAP 72.4 on clean data against 93 now.)
+fit plus a target at its largest residual) and the better one kept. (The first version tried
+K-1, K and K+1 around the network's count, merging the closest pair and splitting the
+worst-fitted target as issue 7 proposed, later dropping the least wanted peak and adding one
+at the largest residual; it could not repair the network's usual error of 1-2 spare cells:
+CSO-mAP 72.4 on clean data against 93 now.)
 
 Safety (``fallback``): the fit replaces the network's answer only when (0) the estimated noise
 is at most ``max_noise`` (garbage frames fail here), (1) the fit is finite, (2) its misfit is
@@ -125,6 +126,7 @@ class FitConfig:
     # subset of the peaks with the least linear misfit, and the better fit kept. On clean dev
     # windows chi2 / dof is 0.77 at the median and 1.36 at the 95th percentile.
     retry_chi2: float = 2.0
+    grow_chi2: float = 1.5  # where the flux is a lower bound, try one more target only past this chi2 / dof
     solver: str = "lm"  # "lm": built-in projected Levenberg-Marquardt; "scipy": least_squares trf
     max_nfev: int = 20  # residual evaluations per fit (one count)
     tol: float = 1e-4  # stop when the cost falls by less than tol (relative) or the step is tiny
@@ -153,8 +155,8 @@ class FitConfig:
             raise ValueError(f"noise must be >= 0 or None, got {self.noise}")
         if self.max_nfev < 2 or self.max_targets < 1 or self.crop_px <= 0 or self.tol <= 0:
             raise ValueError("need max_nfev >= 2, max_targets >= 1, crop_px > 0, tol > 0")
-        if self.flux_z <= 0 or self.retry_chi2 <= 0:
-            raise ValueError(f"flux_z and retry_chi2 must be > 0, got {self.flux_z}, {self.retry_chi2}")
+        if self.flux_z <= 0 or self.retry_chi2 <= 0 or self.grow_chi2 <= 0:
+            raise ValueError("flux_z, retry_chi2 and grow_chi2 must be > 0")
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def fit_window(
     k = counts[0]
     # every count the flux allows; above that, where the flux is only a lower bound, one more
     # at a time while the criterion keeps falling
-    while k <= cfg.max_targets and (k <= counts[-1] or (open_ended and best is fits[k - 1])):
+    while k <= cfg.max_targets and (k <= counts[-1] or (open_ended and best is fits[k - 1] and _may_grow(win, best))):
         start, has_prior = _start(win, peaks_in, k, v0)
         fit = _fit(win, start, v0, start[:, :2], has_prior, scale)
         if win.scale is None:  # too few far pixels: noise from this fit's residuals, then refit
@@ -796,6 +798,16 @@ def _start(win: _Window, peaks: np.ndarray, k: int, v) -> tuple[np.ndarray, np.n
     start = _separate(start)
     start[:, 2] = _linear_brightness(win, start[:, :2], v, np.full(k, np.mean(win.cfg.brightness_range)))
     return start, has_prior
+
+
+def _may_grow(win: _Window, fit: _Fit) -> bool:
+    """Whether one more target could explain the frames better than ``fit``: its misfit is above
+    ``grow_chi2`` times the degrees of freedom, or a target sits at the brightness upper bound
+    (it may be two). Measured on dev windows: with this gate, the same answers as always trying
+    one more, in a third less time on clean data (where 29 % of windows saturate)."""
+    hi = win.cfg.brightness_range[1]
+    dof = max(win.n - fit.n_params, 1)
+    return bool(fit.targets[:, 2].max() >= hi - 1e-3 * hi or fit.chi2 > win.cfg.grow_chi2 * dof)
 
 
 def _retry(win: _Window, peaks: np.ndarray, k: int, v0, previous: _Fit | None, scale: float) -> _Fit | None:
