@@ -2,6 +2,7 @@
 
     csist export --checkpoint runs/derefnet/best.pt --out models/derefnet.onnx \
         --eval-report runs/derefnet/test_report.json --data-command "csist simulate ..."
+    csist export --metrics-only --out models/derefnet.onnx --eval-report runs/eval/test_report.json
 
 The graph takes ``lr`` (batch, 5, 11, 11) in sensor units and returns ``hr`` (batch, 33, 33),
 the middle frame's HR map; Phi, Qinit and the folded window-position gates are constants in it
@@ -265,7 +266,7 @@ def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dic
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csist export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint (.pt)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="training checkpoint (.pt); required unless --metrics-only")
     p.add_argument("--out", type=Path, default=Path("models/derefnet.onnx"), help="ONNX file to write; the card goes next to it (.json)")
     p.add_argument("--card", type=Path, default=None, help="model card path (default: OUT with .json)")
     p.add_argument("--version", default="0.1.0", help="model version recorded in the card")
@@ -279,13 +280,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training command(s) to record in the card (default: those stored in the checkpoint)")
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the ONNX vs PyTorch check")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed between ONNX Runtime and PyTorch")
+    p.add_argument("--metrics-only", action="store_true",
+                   help="export nothing: replace the metrics of the existing card of --out with --eval-report (after a "
+                        "post-processing change); the ONNX file must still match the card's sha256")
     p.add_argument("--no-parts", action="store_true",
                    help="do not write the streaming parts (<out stem>.encoder.onnx, <out stem>.head.onnx)")
     return p
 
 
+def read_metrics(reports: list[Path]) -> dict:
+    """Card metrics from `csist evaluate` reports: one entry per report (and refine mode)."""
+    metrics = {}
+    for report in reports:
+        doc = json.loads(report.read_text())
+        for r in doc.get("reports", [doc]):
+            metrics[f"{report.stem}:{r.get('split', 'test')}:refine={r.get('refine', 'none')}"] = r
+    return metrics
+
+
+def update_metrics(card_path: Path, onnx_path: Path, reports: list[Path], command: str) -> dict:
+    """Replace the metrics of an existing card; its model file must be the one it describes."""
+    card = json.loads(card_path.read_text())
+    if sha256(onnx_path) != card.get("sha256"):
+        raise SystemExit(f"csist export: error: {onnx_path} does not match the sha256 in {card_path}; export it anew")
+    card["metrics"] = read_metrics(reports)
+    card["metrics_updated"] = {"command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = "csist export " + " ".join(sys.argv[2:] if argv is None else argv)
+    if args.metrics_only:
+        if not args.eval_report:
+            raise SystemExit("csist export: error: --metrics-only needs at least one --eval-report")
+        card_path = args.card or args.out.with_suffix(".json")
+        card = update_metrics(card_path, args.out, args.eval_report, command)
+        print(f"updated the metrics of {card_path}: {', '.join(card['metrics'])}")
+        return 0
+    if args.checkpoint is None:
+        raise SystemExit("csist export: error: --checkpoint is required (unless --metrics-only)")
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     model = load_checkpoint_model(args.checkpoint)
     export_onnx(model, args.out)
@@ -296,12 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = export_parts(model, args.out)
         checks["parts"] = check_parts(args.out, paths, parity, ckpt["config"]["stages"], args.tolerance)
         parts = {"parts": parts_card(paths, ckpt["config"])}
-    metrics = {}
-    for report in args.eval_report:
-        doc = json.loads(report.read_text())
-        for r in doc.get("reports", [doc]):
-            metrics[f"{report.stem}:{r.get('split', 'test')}:refine={r.get('refine', 'none')}"] = r
-    command = "csist export " + " ".join(sys.argv[2:] if argv is None else argv)
+    metrics = read_metrics(args.eval_report)
     card = write_card(args.card or args.out.with_suffix(".json"), args.out, ckpt, checks,
                       {"version": args.version, "export_command": command, "train_commands": args.train_command,
                        "postprocess": {"threshold": args.default_threshold, "refine": args.default_refine, "mode": DEFAULT_MODE}, "data": {"commands": args.data_command},

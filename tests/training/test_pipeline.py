@@ -109,6 +109,30 @@ def test_evaluate_cli_outputs(exported, data, tmp_path):
     assert len(list(plots.glob("*.png"))) == 4
 
 
+def test_export_metrics_only_updates_the_card_of_the_same_model(exported, data, tmp_path):
+    report = tmp_path / "again.json"
+    assert evaluate.main(["--model", str(exported), "--data", str(data), "--split", "test", "--out", str(report),
+                          "--threshold", "0", "--refine", "none", "centroid"]) == 0
+    card_path = tmp_path / "card.json"
+    card_path.write_text(exported.with_suffix(".json").read_text())
+    before = json.loads(card_path.read_text())
+    assert export.main(["--metrics-only", "--out", str(exported), "--card", str(card_path), "--eval-report", str(report)]) == 0
+    after = json.loads(card_path.read_text())
+    assert set(after["metrics"]) == {"again:test:refine=none", "again:test:refine=centroid"}
+    assert after["metrics"]["again:test:refine=none"]["mAP"] == json.loads(report.read_text())["reports"][0]["mAP"]
+    assert "--metrics-only" in after["metrics_updated"]["command"]
+    assert {k: v for k, v in after.items() if k not in ("metrics", "metrics_updated")} == \
+        {k: v for k, v in before.items() if k != "metrics"}
+    # a card that does not describe the file is refused, and left alone
+    after["sha256"] = "0" * 64
+    card_path.write_text(json.dumps(after))
+    with pytest.raises(SystemExit, match="sha256"):
+        export.main(["--metrics-only", "--out", str(exported), "--card", str(card_path), "--eval-report", str(report)])
+    assert json.loads(card_path.read_text())["sha256"] == "0" * 64
+    with pytest.raises(SystemExit, match="eval-report"):
+        export.main(["--metrics-only", "--out", str(exported), "--card", str(card_path)])
+
+
 def test_perfect_maps_score_the_cell_centre_ceiling(data):
     """A predictor that returns the true HR maps: every count right, mAP capped by the grid."""
     split = read_split(data, "test", progress=False)
