@@ -4,6 +4,7 @@
     csist train --data data/seqcsist --out runs/derefnet
     csist evaluate --model models/derefnet.onnx --data data/seqcsist --split test
     csist export --checkpoint runs/derefnet/best.pt --out models/derefnet.onnx
+    csist quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx
     csist serve --host 127.0.0.1 --port 8000
     csist bench speed|accuracy
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "train": ("training.train", "train DeRefNet on a simulated or published data set"),
     "evaluate": ("training.evaluate", "CSO-mAP of a checkpoint or ONNX model on a split"),
     "export": ("training.export", "export a checkpoint to ONNX and write its model card"),
+    "quantize": ("training.quantize", "int8 variant of an exported model (static QDQ) and its card"),
     "serve": ("service.main", "run the inference service (FastAPI + ONNX Runtime)"),
     "replay": ("training.replay", "stream simulated tracks to a running service"),
     "bench": ("bench.cli", "speed and accuracy benchmarks"),

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 
 from service.card import CardError, load_card
-from service.config import Settings
+from service.config import DEFAULT_MODEL_PATH, Settings
 from service.logs import JsonFormatter, configure_logging
 from service.model import ModelError, file_sha256, load_model, resolve_providers
-from tests.service.conftest import CARD_METRICS, write_card
+from tests.service.conftest import CARD_METRICS, simulate_track, write_card
 
 
 def copy_model(standin_model, tmp_path):
@@ -187,3 +187,25 @@ def test_card_peak_mode_is_checked_and_used(standin_model, tmp_path):
         return [len(r.peaks[0]) for r in got]
 
     assert asyncio.run(run_both()) == [2, 1]  # default rule "cells", the card's "local_max"
+
+
+INT8_MODEL = DEFAULT_MODEL_PATH.with_name("derefnet-int8.onnx")
+
+
+@pytest.mark.skipif(
+    not (INT8_MODEL.is_file() and DEFAULT_MODEL_PATH.is_file()),
+    reason="models/derefnet-int8.onnx not made yet (csist quantize)",
+)
+def test_bundled_int8_variant_verifies_and_stays_close_to_fp32():
+    """``CSIST_MODEL_PATH=models/derefnet-int8.onnx``: every hash checks, both paths run, and the
+    maps stay within a few % of the fp32 model's peak (the CSO-mAP gate is in its card)."""
+    int8, fp32 = load_model(INT8_MODEL), load_model(DEFAULT_MODEL_PATH)
+    assert int8.has_parts and int8.card.name == fp32.card.name
+    assert int8.card.version.endswith("+int8") and int8.sha256 != fp32.sha256
+    windows = np.stack([simulate_track(5, seed=s, spread=0.3) for s in range(4)]).astype(np.float32)
+    want = fp32.run(windows)
+    peak = np.abs(want).max()
+    assert peak > 70.0  # real targets, above the card's threshold
+    parts = int8.head(int8.encode(windows.reshape(-1, 11, 11)).reshape(4, 5, -1))
+    for got in (int8.run(windows), parts):
+        assert np.abs(got - want).max() < 0.05 * peak and np.abs(got - want).mean() < 0.005 * peak
