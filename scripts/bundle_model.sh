@@ -8,7 +8,7 @@ RUN=${RUN:-runs/derefnet}
 TEST_SEED=${TEST_SEED:-1001}   # never used for training data
 TEST_DATA=data/seqcsist-test-s${TEST_SEED}
 
-step=${1:-all}
+step=${1:-all}  # data, train, evaluate, export, all; or metrics, int8
 if [[ $step == data || $step == all ]]; then
   $CSIST simulate --out data/seqcsist --trajectories 5000 --seed 0
   $CSIST simulate --out "$TEST_DATA" --trajectories 750 --seed "$TEST_SEED" --split 0,0,1
@@ -30,4 +30,16 @@ if [[ $step == export || $step == all ]]; then
     --data-command "csist simulate --out $TEST_DATA --trajectories 750 --seed $TEST_SEED --split 0,0,1"
   $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none fit \
     --out "$RUN/test_report_onnx.json" --plots docs/img
+fi
+if [[ $step == metrics ]]; then
+  # after a post-processing change (the network unchanged): re-evaluate the bundled ONNX model and
+  # refresh the card's metrics without re-exporting
+  mkdir -p runs/eval3
+  $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none centroid fit \
+    --threads 1 --out runs/eval3/test_report.json --plots runs/eval3/plots
+  $CSIST export --metrics-only --out models/derefnet.onnx --eval-report runs/eval3/test_report.json
+fi
+if [[ $step == int8 ]]; then
+  $CSIST quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx --head \
+    --eval-data "$TEST_DATA" --max-map-drop 0.5
 fi
