@@ -289,13 +289,12 @@ class Batcher:
 
         Runs in the inference thread. A single group larger than max_batch is run in chunks.
         """
-        windows = self._windows(batch)
-        n = windows.shape[0]
+        n = sum(item.size for item in batch)
         t0 = time.perf_counter()
         if self.caches_features and all(i.slots is not None for i in batch):
             maps = self._run_cached(batch)
         else:
-            maps = self._chunked(self._run_model, windows, self.max_batch)
+            maps = self._chunked(self._run_model, self._windows(batch), self.max_batch)
         self.windows_run += n
         infer_s = time.perf_counter() - t0
         if not np.isfinite(maps).all():

@@ -267,7 +267,7 @@ def fit_window(
 
     v0 = _initial_velocity(win)
     if cfg.try_counts:
-        counts, open_ended = _flux_counts(win, frames)
+        counts, open_ended = _flux_counts(win)
     else:
         counts, open_ended = [min(k0, cfg.max_targets)], False
     fits: dict[int, _Fit] = {}
@@ -673,14 +673,13 @@ def _criterion(chi2: float, n_params: int, n: int, kind: str) -> float:
     return chi2 + n_params * (math.log(n) if kind == "bic" else 2.0)
 
 
-def _fit(win: _Window, start: np.ndarray, v0, anchors: np.ndarray, has_prior: np.ndarray, scale: float, nfev0: int = 0,
-         max_nfev: int | None = None) -> _Fit:
+def _fit(win: _Window, start: np.ndarray, v0, anchors: np.ndarray, has_prior: np.ndarray, scale: float, nfev0: int = 0) -> _Fit:
     """Fit K = len(start) targets from ``start`` (K, 3); ``anchors`` (K, 2) centre bounds and priors."""
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)
     prob = _Problem(win, anchors, has_prior, scale)
     solve = _solve_lm if cfg.solver == "lm" else _solve_scipy
-    theta, nfev = solve(prob, prob.pack(start, v0), max_nfev or cfg.max_nfev, cfg.tol)
+    theta, nfev = solve(prob, prob.pack(start, v0), cfg.max_nfev, cfg.tol)
     targets, v = prob.unpack(theta)
     res = win.data_residuals(prob.model(theta))
     chi2 = float(res @ res) / scale**2
@@ -744,7 +743,7 @@ def _linear_brightness(win: _Window, xy: np.ndarray, v, fallback: np.ndarray) ->
     return np.clip(a, lo, hi)
 
 
-def _flux_counts(win: _Window, frames: np.ndarray) -> tuple[list[int], bool]:
+def _flux_counts(win: _Window) -> tuple[list[int], bool]:
     """Target counts the window's flux allows, and whether more are possible (open-ended).
 
     The forward model conserves energy: the fitted pixels of a frame sum to the targets'

@@ -330,16 +330,17 @@ def windows(frames: np.ndarray, length: int = WINDOW) -> np.ndarray:
 
     ``frames`` (n_traj, T, H, W) -> (n_traj * (T - length + 1), length, H, W); window ``w`` of
     trajectory ``t`` is row ``t * (T - length + 1) + w`` and its middle frame is
-    ``window_middles(T, length)[w]``.
+    ``window_middles(T, length)[w]``. Any trailing shape works the same, e.g. per-frame
+    features (n_traj, T, F) -> (n_windows, length, F).
     """
     frames = np.asarray(frames)
-    if frames.ndim != 4:
-        raise ValueError(f"frames must be (n_traj, T, H, W), got {frames.shape}")
-    n, T, h, w = frames.shape
+    if frames.ndim < 3:
+        raise ValueError(f"frames must be (n_traj, T, H, W) (or (n_traj, T, ...)), got {frames.shape}")
+    n, T = frames.shape[:2]
     if length < 1 or length > T:
         raise ValueError(f"window length {length} does not fit {T} frames")
-    view = np.lib.stride_tricks.sliding_window_view(frames, length, axis=1)  # (n, T-L+1, H, W, L)
-    return np.ascontiguousarray(np.moveaxis(view, -1, 2)).reshape(n * (T - length + 1), length, h, w)
+    view = np.lib.stride_tricks.sliding_window_view(frames, length, axis=1)  # (n, T-L+1, ..., L)
+    return np.ascontiguousarray(np.moveaxis(view, -1, 2)).reshape(n * (T - length + 1), length, *frames.shape[2:])
 
 
 def window_middles(T: int = FRAMES_PER_TRAJECTORY, length: int = WINDOW) -> np.ndarray:

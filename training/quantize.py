@@ -40,19 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model import file_sha256
+from service.model import ENCODER, HEAD, file_sha256, session_options
+from service.windows import WINDOW
+from training.data import windows
+from training.export import part_paths
 
-WINDOW = 5
-ENCODER, HEAD = "encoder", "head"
 DEFAULT_SEED = 9401  # not a seed of the training/test/benchmark data of this project
 # Graph nodes whose weights come from the head carry initializers named "head.*" (the exporter
 # keeps the PyTorch parameter names), which is how the single graph's head is told apart.
 HEAD_PREFIX = "head."
-
-
-def part_paths(out: Path) -> dict[str, Path]:
-    """Where the int8 parts go: ``<stem>.encoder.onnx`` and ``<stem>.head.onnx`` (as export)."""
-    return {name: out.with_name(f"{out.stem}.{name}.onnx") for name in (ENCODER, HEAD)}
 
 
 def calibration_frames(trajectories: int, seed: int) -> np.ndarray:
@@ -65,19 +61,6 @@ def calibration_frames(trajectories: int, seed: int) -> np.ndarray:
         clean, _ = simulate_trajectory(rng, params)
         out.append(render(clean, params.noise, rng, False).astype(np.float32))
     return np.stack(out)
-
-
-def feature_windows(features: np.ndarray) -> np.ndarray:
-    """Every full window (n * (T-4), 5, F) of per-frame features (n, T, F), trajectory-major."""
-    n, t = features.shape[:2]
-    return np.stack([features[:, i : i + WINDOW] for i in range(t - WINDOW + 1)], 1).reshape(
-        n * (t - WINDOW + 1), WINDOW, *features.shape[2:]
-    )
-
-
-def frame_windows(frames: np.ndarray) -> np.ndarray:
-    """Every full window (n * (T-4), 5, 11, 11) of trajectories (n, T, 11, 11)."""
-    return feature_windows(frames)
 
 
 class ArrayReader:
@@ -115,10 +98,7 @@ def nodes_to_quantize(path: Path, ops: list[str], head: bool) -> list[str]:
 def session(path: Path, threads: int = 0):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def run_batched(sess, x: np.ndarray, batch: int) -> np.ndarray:
@@ -177,7 +157,7 @@ def stream_maps(encoder, head, frames: np.ndarray, batch: int = 64) -> np.ndarra
     encoded once, then the head on every window of features."""
     n, t = frames.shape[:2]
     feats = run_batched(encoder, frames.reshape(-1, *frames.shape[2:]).astype(np.float32), batch * WINDOW)
-    maps = run_batched(head, feature_windows(feats.reshape(n, t, -1)), batch)
+    maps = run_batched(head, windows(feats.reshape(n, t, -1)), batch)
     return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
 
 
@@ -195,16 +175,16 @@ def evaluate_stream(encoder, head, split, threshold: float, refine: str) -> dict
             "threshold": threshold, "path": "encoder+head (streaming, as the service)"}
 
 
-def parity(single_fp32, single_q, parts_fp32: dict, parts_q: dict, windows: np.ndarray) -> dict:
+def parity(single_fp32, single_q, parts_fp32: dict, parts_q: dict, held_out: np.ndarray) -> dict:
     """Max and mean |int8 - fp32| of the HR maps (sensor units) on held-out windows."""
-    b = len(windows)
-    flat = windows.reshape(-1, *windows.shape[2:])
+    b = len(held_out)
+    flat = held_out.reshape(-1, *held_out.shape[2:])
 
     def parts_run(p):
         return p[HEAD].run(None, {"features": p[ENCODER].run(None, {"lr_frames": flat})[0].reshape(b, WINDOW, -1)})[0]
 
-    ref = single_fp32.run(None, {"lr": windows})[0]
-    got_single = single_q.run(None, {"lr": windows})[0]
+    ref = single_fp32.run(None, {"lr": held_out})[0]
+    got_single = single_q.run(None, {"lr": held_out})[0]
     got_parts = parts_run(parts_q)
     ref_parts = parts_run(parts_fp32)
     return {
@@ -299,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     feats = run_batched(enc32, frames.reshape(-1, *frames.shape[2:]), 320).reshape(*frames.shape[:2], -1)
     readers = {
         ENCODER: ArrayReader("lr_frames", frames.reshape(-1, *frames.shape[2:])),
-        HEAD: ArrayReader("features", feature_windows(feats)),
-        "single": ArrayReader(src_card["inputs"][0]["name"], frame_windows(frames)),
+        HEAD: ArrayReader("features", windows(feats)),
+        "single": ArrayReader(src_card["inputs"][0]["name"], windows(frames)),
     }
     graphs = {}
     graphs[ENCODER] = quantize_graph(src_parts[ENCODER], out_parts[ENCODER], readers[ENCODER], ops, True,
@@ -318,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         check_deform_fp32(path)
     quant_seconds = time.perf_counter() - t0
 
-    held_out = frame_windows(calibration_frames(max(1, -(-args.parity_windows // 16)), args.seed + 1))[: args.parity_windows]
+    held_out = windows(calibration_frames(max(1, -(-args.parity_windows // 16)), args.seed + 1))[: args.parity_windows]
     parts_q = {k: session(p, args.threads) for k, p in out_parts.items()}
     diff = parity(session(args.model, args.threads), session(args.out, args.threads),
                   {ENCODER: enc32, HEAD: head32}, parts_q, np.ascontiguousarray(held_out))

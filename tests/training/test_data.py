@@ -187,3 +187,10 @@ def test_windows_and_middles():
     assert data.windows(frames, length=3).shape == (n * 18, 3, 11, 11)
     np.testing.assert_array_equal(data.window_middles(20, 3), np.arange(1, 19))
     np.testing.assert_array_equal(data.window_middles(7, 5), [2, 3, 4])
+
+
+def test_windows_of_per_frame_features():
+    feats = np.arange(2 * 7 * 3, dtype=np.float32).reshape(2, 7, 3)  # (n_traj, T, F)
+    w = data.windows(feats)
+    assert w.shape == (2 * 3, 5, 3)
+    np.testing.assert_array_equal(w[4], feats[1, 1:6])

@@ -64,7 +64,7 @@ def test_encoder_int8_card_loads_in_the_service(model_dir):
     model = load_model(out)  # verifies every hash and the interface, as `csist serve` does
     assert model.has_parts and model.card.name == "derefnet" and model.card.version == "0.1.0+int8"
     ref = load_model(model_dir / "derefnet.onnx")
-    windows = quantize.frame_windows(quantize.calibration_frames(1, seed=5))[:4]
+    windows = quantize.windows(quantize.calibration_frames(1, seed=5))[:4]
     want = ref.run(windows)
     scale = np.abs(want).max()
     got_single = model.run(windows)
