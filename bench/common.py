@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,33 @@ def time_per_call(fn: Callable[[], object], min_seconds: float, min_calls: int =
         elapsed = time.perf_counter() - t0
         if calls >= min_calls and elapsed >= min_seconds:
             return elapsed / calls
+
+
+def calls_per_second_parallel(fns: list[Callable[[], object]], min_seconds: float, warmup: int = 2) -> float:
+    """Calls per second of all ``fns`` together, each called in a loop in its own thread."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    start = threading.Barrier(len(fns) + 1)
+    stop = threading.Event()
+    counts = [0] * len(fns)
+
+    def loop(k: int) -> None:
+        start.wait()
+        while not stop.is_set():
+            fns[k]()
+            counts[k] += 1
+
+    threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(len(fns))]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(min_seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
 
 
 def machine() -> dict:

@@ -23,10 +23,10 @@ def encoder_flops(cfg: dict) -> dict:
     c = cfg["channels"]
     init = 2 * (2 * n_lr * hw)  # Phi^T L and Qinit L
     per_stage = (
-        2 * hw * hw  # h Phi^T Phi
+        2 * (2 * n_lr * hw)  # (h Phi^T) Phi, computed as two products with Phi (DeRefNet.IstaStage)
         + 4 * hw  # r = h - rho*(..) + rho*Phi^T L
         + conv(1, c, 3, hw) + conv(c, c, 3, hw)  # forward transform G
-        + 3 * c * hw  # soft threshold
+        + 2 * c * hw  # soft threshold g - clip(g, -theta, theta)
         + conv(c, c, 3, hw) + conv(c, 1, 3, hw)  # inverse transform
     )
     return {"init": init, "per_stage": per_stage, "stages": cfg["stages"], "total": init + cfg["stages"] * per_stage}

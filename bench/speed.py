@@ -9,7 +9,10 @@ In one process and one run (so that the ratios compare like with like):
 2. ONNX Runtime, single graph, at batch 1, 8 and 32;
 3. ONNX Runtime, encoder + head in streaming mode: per step every track's new frame is encoded
    (one call) and every track's window runs the head on cached features (one call);
-4. ONNX Runtime session options (graph level, threads, arena, spinning), each timed on 2 and 3;
+   2 and 3 again with ``--workers`` threads calling single-threaded sessions at once (the
+   service's inference workers);
+4. ONNX Runtime session options (graph level, threads, arena, spinning, workers), each timed on
+   2 and 3;
 5. the real server end to end (``python -m service`` on loopback, a subprocess), fed over
    WebSocket by the replay client (``training.replay``) with N tracks at a fixed offered rate and
    at a saturating rate, with and without the feature cache; REST at a fixed offered load;
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, md_table, simulated_trajectories, time_per_call, write_outputs
+from bench.common import calls_per_second_parallel, machine, md_table, simulated_trajectories, time_per_call, write_outputs
 from bench.flops import window_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +51,7 @@ ORT_VARIANTS = {  # name -> service.model.session_options kwargs
     "threads=2": {"threads": 2},
     "arena off": {"arena": False},
     "spinning on": {"spinning": True},
+    "2 workers x threads=1": {"threads": 1, "workers": 2},
 }
 
 
@@ -99,7 +103,9 @@ class OrtModel:
         from service.model import session_options
 
         self.card = json.loads(model.with_suffix(".json").read_text())
-        opts = session_options(**(options or {}))
+        options = dict(options or {})
+        self.workers = options.pop("workers", 1)  # threads calling the sessions at once
+        opts = session_options(**options)
         cpu = ["CPUExecutionProvider"]
         self.single = ort.InferenceSession(str(model), opts, providers=cpu)
         parts = self.card.get("parts") or {}
@@ -122,32 +128,49 @@ class OrtModel:
         return self.head.run(None, {"features": cache})[0]
 
 
-def time_single(m: OrtModel, windows: np.ndarray, batch: int, seconds: float) -> float:
-    """Windows/s of the single graph at a batch size (cycling through the windows)."""
+def time_single(m: OrtModel, windows: np.ndarray, batch: int, seconds: float, workers: int = 1) -> float:
+    """Windows/s of the single graph at a batch size (cycling through the windows); with
+    ``workers`` > 1, that many threads call it at once."""
     starts = list(range(0, len(windows) - batch + 1, batch)) or [0]
-    state = {"k": 0}
 
-    def call():
-        a = starts[state["k"] % len(starts)]
-        state["k"] += 1
-        m.run_single(windows[a : a + batch])
+    def caller():
+        state = {"k": 0}
 
-    return batch / time_per_call(call, seconds)
+        def call():
+            a = starts[state["k"] % len(starts)]
+            state["k"] += 1
+            m.run_single(windows[a : a + batch])
+
+        return call
+
+    if workers == 1:
+        return batch / time_per_call(caller(), seconds)
+    return batch * calls_per_second_parallel([caller() for _ in range(workers)], seconds)
 
 
-def time_streaming(m: OrtModel, trajectories: np.ndarray, tracks: int, seconds: float) -> float:
-    """Windows/s of encoder + head with cached features, ``tracks`` streams in step."""
+def time_streaming(m: OrtModel, trajectories: np.ndarray, tracks: int, seconds: float, workers: int = 1) -> float:
+    """Windows/s of encoder + head with cached features, ``tracks`` streams in step.
+
+    With ``workers`` > 1, that many threads each run their own ``tracks`` streams through the
+    same sessions at once, as the service's inference workers do.
+    """
     traj = trajectories[:tracks] if len(trajectories) >= tracks else np.resize(trajectories, (tracks, *trajectories.shape[1:]))
     traj = np.ascontiguousarray(traj)
-    cache = np.zeros((tracks, 5, m.head.get_inputs()[0].shape[2]), dtype=np.float32)
     t_count = traj.shape[1]
-    state = {"t": 0}
 
-    def call():
-        m.streaming_step(traj, cache, state["t"] % t_count)
-        state["t"] += 1
+    def stepper():
+        cache = np.zeros((tracks, 5, m.head.get_inputs()[0].shape[2]), dtype=np.float32)
+        state = {"t": 0}
 
-    return tracks / time_per_call(call, seconds)
+        def call():
+            m.streaming_step(traj, cache, state["t"] % t_count)
+            state["t"] += 1
+
+        return call
+
+    if workers == 1:
+        return tracks / time_per_call(stepper(), seconds)
+    return tracks * calls_per_second_parallel([stepper() for _ in range(workers)], seconds)
 
 
 def ort_tuning(model: Path, windows: np.ndarray, trajectories: np.ndarray, seconds: float, rounds: int,
@@ -160,10 +183,10 @@ def ort_tuning(model: Path, windows: np.ndarray, trajectories: np.ndarray, secon
     """
     options = variants or ORT_VARIANTS  # the first entry is the baseline
     variants = {name: OrtModel(model, opts) for name, opts in options.items()}
-    tests = {"single_batch32": lambda v: time_single(v, windows, 32, seconds)}
+    tests = {"single_batch32": lambda v: time_single(v, windows, 32, seconds, v.workers)}
     if next(iter(variants.values())).encoder is not None:
-        tests["streaming_32_tracks"] = lambda v: time_streaming(v, trajectories, 32, seconds)
-        tests["streaming_1_track"] = lambda v: time_streaming(v, trajectories, 1, seconds)
+        tests["streaming_32_tracks"] = lambda v: time_streaming(v, trajectories, 32, seconds, v.workers)
+        tests["streaming_1_track"] = lambda v: time_streaming(v, trajectories, 1, seconds, v.workers)
     samples = {name: {t: [] for t in tests} for name in variants}
     for _ in range(rounds):
         for name, v in variants.items():
@@ -314,7 +337,7 @@ def rest_run(port: int, rate: float, seconds: float, frames: np.ndarray, per_req
 
 def server_runs(model: Path, args, frames: np.ndarray, cache: bool) -> dict:
     """WebSocket at the fixed and the saturating rate, then REST, on one server process."""
-    settings = {"feature_cache": int(cache), "drain_s": 0, "log_level": "warning"}
+    settings = {"feature_cache": int(cache), "inference_workers": args.workers, "drain_s": 0, "log_level": "warning"}
     server = ServerProcess(model, settings)
     try:
         cpu0 = server.cpu_seconds()
@@ -371,8 +394,22 @@ def run(args) -> dict:
         for n in (1, 32):
             add("ONNX encoder+head, streaming (cached features)", n, time_streaming(m, trajectories, n, seconds),
                 flops["streaming_per_window"])
+    workers = args.workers
+    if workers > 1:  # the service's default on the CPU: one single-threaded call per core
+        m1 = OrtModel(args.model, {"threads": 1})
+        label = f"{workers} workers x 1 thread"
+        add(f"ONNX single graph, {label}", 32, time_single(m1, windows, 32, seconds, workers), flops["uncached_per_window"])
+        if m1.encoder is not None:
+            for n in (1, 32):
+                add(f"ONNX encoder+head, streaming, {label}", n, time_streaming(m1, trajectories, n, seconds, workers),
+                    flops["streaming_per_window"])
     by = {(r["mode"].split(" (")[0] if r["mode"].startswith("PyTorch") else r["mode"], r["batch"]): r["windows_per_s"] for r in rows}
     ratios = {}
+    if workers > 1 and ("PyTorch eager", 32) in by:
+        for what, mode in (("single", "ONNX single graph"), ("streaming", "ONNX encoder+head, streaming")):
+            key = (f"{mode}, {workers} workers x 1 thread", 32)
+            if key in by:
+                ratios[f"onnx_{what}_{workers}_workers_vs_eager_batch32"] = by[key] / by[("PyTorch eager", 32)]
     for b in (1, 32):
         if ("PyTorch eager", b) in by:
             ratios[f"onnx_single_vs_eager_batch{b}"] = by[("ONNX single graph", b)] / by[("PyTorch eager", b)]
@@ -400,7 +437,9 @@ def run(args) -> dict:
             "ws_saturation_windows_per_s": c["ws_saturation"]["windows_per_s"], "target_windows_per_s": 150,
             "ws_p99_ms_at_offered": c["ws_fixed"]["p99_ms"], "offered": args.rate, "target_p99_ms": 50,
             "onnx_vs_eager_batch32": ratios.get("onnx_single_vs_eager_batch32"),
-            "onnx_streaming_vs_eager_batch32": ratios.get("onnx_streaming_vs_eager_batch32"), "target_ratio": 5}
+            "onnx_streaming_vs_eager_batch32": ratios.get("onnx_streaming_vs_eager_batch32"),
+            "onnx_streaming_workers_vs_eager_batch32": ratios.get(f"onnx_streaming_{workers}_workers_vs_eager_batch32"),
+            "workers": workers, "target_ratio": 5}
     report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     report["torch_threads"] = torch.get_num_threads()
     return report
@@ -443,7 +482,9 @@ def markdown(report: dict) -> str:
         out.append(f"\nTargets: streaming sustains {d['ws_saturation_windows_per_s']} windows/s (target >= 150); "
                    f"p99 {d['ws_p99_ms_at_offered']:.1f} ms at {d['offered']:g} windows/s offered (target < 50 ms); "
                    f"ONNX / PyTorch eager at batch 32: single graph {fmt(d['onnx_vs_eager_batch32'])}, "
-                   f"encoder+head streaming {fmt(d['onnx_streaming_vs_eager_batch32'])} (target >= 5).\n")
+                   f"encoder+head streaming {fmt(d['onnx_streaming_vs_eager_batch32'])}, "
+                   f"encoder+head streaming on {d.get('workers', 1)} workers "
+                   f"{fmt(d.get('onnx_streaming_workers_vs_eager_batch32'))} (target >= 5).\n")
     return "".join(out)
 
 
@@ -461,6 +502,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", default="none",
                    help="refine option the server runs with (default none: the network's answer; 'fit' adds the "
                         "physics fit, whose cost `csist evaluate` reports as postprocess_ms_per_window)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="inference workers of the parallel rows (default: one per core, the service's default)")
     p.add_argument("--no-server", action="store_true", help="skip the end-to-end server runs")
     p.add_argument("--no-uncached-server", action="store_true", help="skip the server run without the feature cache")
     p.add_argument("--no-tuning", action="store_true", help="skip the ONNX Runtime option sweep")

@@ -2,7 +2,7 @@
 # Entry point of the csist-unmix images.
 #
 #   (no arguments)      the service: `csist serve` on $CSIST_HOST:$CSIST_PORT (0.0.0.0:8000);
-#                       every other setting comes from the CSIST_* variables (docs/service.md)
+#                       every other setting comes from the CSIST_* variables (README, Configuration)
 #   --flag ...          the same with extra `csist serve` flags, e.g. --log-level debug
 #   serve [--flag ...]  the same
 #   replay ...          `csist replay ...`: the detector stand-in (docker-compose.yml)

@@ -8,7 +8,7 @@ RUN=${RUN:-runs/derefnet}
 TEST_SEED=${TEST_SEED:-1001}   # never used for training data
 TEST_DATA=data/seqcsist-test-s${TEST_SEED}
 
-step=${1:-all}  # data, train, evaluate, export, all; or metrics, int8
+step=${1:-all}  # data, train, evaluate, export, all; or metrics, int8, reexport
 if [[ $step == data || $step == all ]]; then
   $CSIST simulate --out data/seqcsist --trajectories 5000 --seed 0
   $CSIST simulate --out "$TEST_DATA" --trajectories 750 --seed "$TEST_SEED" --split 0,0,1
@@ -31,7 +31,20 @@ if [[ $step == export || $step == all ]]; then
   $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none fit \
     --out "$RUN/test_report_onnx.json" --plots docs/img
 fi
-if [[ $step == metrics ]]; then
+if [[ $step == reexport ]]; then
+  # after a change to the inference graph alone (same checkpoint, same weights): export again,
+  # keeping the data and training commands the card records, then refresh metrics and int8
+  mapfile -t recorded < <(.venv/bin/python -c '
+import json
+card = json.load(open("models/derefnet.json"))
+for flag, key in (("--data-command", "data"), ("--train-command", "training")):
+    for command in card[key]["commands"]:
+        print(flag)
+        print(command)')
+  $CSIST export --checkpoint "$RUN/best.pt" --out models/derefnet.onnx \
+    --eval-report "$RUN/test_report.json" "${recorded[@]}"
+fi
+if [[ $step == metrics || $step == reexport ]]; then
   # after a post-processing change (the network unchanged): re-evaluate the bundled ONNX model and
   # refresh the card's metrics without re-exporting
   mkdir -p runs/eval3
@@ -39,7 +52,7 @@ if [[ $step == metrics ]]; then
     --threads 1 --out runs/eval3/test_report.json --plots runs/eval3/plots
   $CSIST export --metrics-only --out models/derefnet.onnx --eval-report runs/eval3/test_report.json
 fi
-if [[ $step == int8 ]]; then
+if [[ $step == int8 || $step == reexport ]]; then
   $CSIST quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx --head \
     --eval-data "$TEST_DATA" --max-map-drop 0.5
 fi

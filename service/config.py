@@ -7,6 +7,8 @@ laptop; command-line flags of ``csist serve`` override the few that people chang
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +18,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The bundled model, found next to the package so that the service starts from any working
 # directory of a source checkout (``models/`` is not inside the ``service`` package).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "derefnet.onnx"
+
+def available_cpus() -> int:
+    """CPU cores this process may use: its affinity, capped by a cgroup v2 quota (containers)."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -34,7 +48,19 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers, comma-separated in order of preference,"
         " or 'auto' (CUDA when available, else CPU)",
     )
-    threads: int = Field(0, ge=0, description="intra-op threads of ONNX Runtime (0 = its default)")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="intra-op threads of each ONNX Runtime call (0 = 1 with several inference"
+        " workers, else ONNX Runtime's default)",
+    )
+    inference_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="batches inferred at the same time, each in its own thread (0 = one per CPU"
+        " core on the CPU provider, 1 with CUDA)",
+    )
     ort_spinning: bool = Field(
         False,
         description="let ONNX Runtime threads busy-wait between runs (lower latency, more CPU)",
@@ -99,6 +125,16 @@ class Settings(BaseSettings):
         return (
             self.card_path if self.card_path is not None else self.model_path.with_suffix(".json")
         )
+
+    def parallelism(self, cuda: bool) -> tuple[int, int]:
+        """(inference workers, ONNX Runtime intra-op threads) with the automatic choices made.
+
+        On the CPU, one single-threaded call per core beats one call over all cores for this
+        model's small tensors (``csist bench speed`` measures both); a GPU takes one call at a time.
+        """
+        workers = self.inference_workers or (1 if cuda else available_cpus())
+        threads = self.threads or (1 if workers > 1 else 0)
+        return workers, threads
 
     def provider_list(self) -> list[str] | None:
         """Requested providers, or None for automatic choice."""

@@ -19,7 +19,7 @@ import numpy as np
 from service.batcher import Batcher, PeakOptions
 from service.config import Settings
 from service.metrics import Metrics
-from service.model import InferenceModel, load_model
+from service.model import InferenceModel, load_model, resolve_providers
 
 if TYPE_CHECKING:
     from service.schemas import Origin, UnmixOptions
@@ -46,12 +46,14 @@ class Runtime:
         """Load and verify the model, warm it up, start the batcher; then report ready."""
         s = self.settings
         t0 = time.perf_counter()
+        cuda = "CUDAExecutionProvider" in resolve_providers(s.provider_list(), quiet=True)
+        workers, threads = s.parallelism(cuda)
         self.model = await asyncio.to_thread(
             load_model,
             s.model_path,
             s.resolved_card_path(),
             s.provider_list(),
-            s.threads,
+            threads,
             s.ort_spinning,
             s.feature_cache,
             s.ort_graph_level,
@@ -67,6 +69,7 @@ class Runtime:
             max_queue=s.max_queue_windows,
             encode=self.model.encode if self.model.has_parts else None,
             head=self.model.head if self.model.has_parts else None,
+            workers=workers,
         )
         self.batcher.start()
         card = self.model.card
@@ -89,6 +92,8 @@ class Runtime:
                 "sha256": self.model.sha256,
                 "providers": self.model.providers,
                 "feature_cache": self.model.has_parts,
+                "inference_workers": workers,
+                "ort_threads": threads,
                 "requested_providers": self.model.requested_providers,
                 "load_ms": round((time.perf_counter() - t0) * 1000, 1),
             },

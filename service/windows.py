@@ -15,6 +15,7 @@ first time a window needs it, and every later window of that frame reuses them.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,13 +46,31 @@ def sequence_windows(frames: np.ndarray) -> np.ndarray:
 class FeatureSlot:
     """The encoder features of one frame, filled in once by the batcher (None until then).
 
-    Only the batcher's single inference thread writes it, so no lock is needed.
+    With several inference workers, the batch that finds a slot empty claims it (``claim``,
+    on the event loop, in batch order) and encodes the frame; a later batch whose windows hold
+    the same frame waits for ``ready`` instead of encoding it again. Only the claiming batch
+    writes ``features``, then sets ``ready``, so no lock is needed.
     """
 
-    __slots__ = ("features",)
+    __slots__ = ("features", "ready")
 
     def __init__(self) -> None:
         self.features: np.ndarray | None = None
+        self.ready: threading.Event | None = None  # set once claimed; fires when features are in
+
+    def claim(self) -> bool:
+        """Make this slot the caller's to fill; False if it is filled or claimed already."""
+        if self.features is not None or self.ready is not None:
+            return False
+        self.ready = threading.Event()
+        return True
+
+    def fill(self, features: np.ndarray | None) -> None:
+        """Store the claimed frame's features (None: the claiming batch failed) and wake waiters."""
+        self.features = features
+        event, self.ready = self.ready, None
+        if event is not None:
+            event.set()
 
 
 def sequence_slots(n: int) -> list[list[FeatureSlot]]:

@@ -210,6 +210,7 @@ def build_card(src_card: dict, out: Path, paths: dict[str, Path], info: dict) ->
     card["precision"] = info.pop("precision")
     # The fp32 metrics do not describe this model: only what was measured on it is listed.
     card["metrics"] = info.pop("metrics")
+    card.pop("metrics_updated", None)  # a refresh of the fp32 card's metrics, not of these
     card["quantization"] = info
     return card
 

@@ -15,29 +15,33 @@ def test_flops_count_by_hand():
     cfg = DeRefNetConfig(stages=1, channels=4, res_blocks=1).to_dict()
     f = window_flops(cfg)
     hw = 33 * 33
-    stage = 2 * hw * hw + 4 * hw + 2 * 9 * hw * (4 + 16 + 16 + 4) + 3 * 4 * hw
+    stage = 2 * 2 * 121 * hw + 4 * hw + 2 * 9 * hw * (4 + 16 + 16 + 4) + 2 * 4 * hw
     assert f["encoder_per_frame"] == 4 * 121 * hw + stage
     assert f["uncached_per_window"] - f["streaming_per_window"] == 4 * f["encoder_per_frame"]
     full = window_flops(DeRefNetConfig().to_dict())
-    assert 0.3e9 < full["encoder_per_frame"] < 0.5e9  # 9 stages of 32-channel 3x3 convs on 33x33
+    assert 0.3e9 < full["encoder_per_frame"] < 0.4e9  # 9 stages of 32-channel 3x3 convs on 33x33
 
 
 def test_quick_speed_report(tiny_model, tmp_path):
     out, md = tmp_path / "speed.json", tmp_path / "speed.md"
     rc = cli.main(["speed", "--model", str(tiny_model), "--checkpoint", str(tiny_model.parent / "tiny.pt"),
                    "--quick", "--windows", "32", "--tracks", "2", "--rate", "20", "--max-rate", "60",
-                   "--rest-rate", "10", "--seconds", "1", "--no-uncached-server", "--no-tuning",
+                   "--rest-rate", "10", "--seconds", "1", "--no-uncached-server", "--no-tuning", "--workers", "2",
                    "--out", str(out), "--markdown", str(md)])
     assert rc == 0
     report = json.loads(out.read_text())
     modes = {(r["mode"], r["batch"]) for r in report["rows"]}
     assert {("ONNX single graph", 1), ("ONNX single graph", 8), ("ONNX single graph", 32),
-            ("ONNX encoder+head, streaming (cached features)", 32)} <= modes
+            ("ONNX encoder+head, streaming (cached features)", 32),
+            ("ONNX single graph, 2 workers x 1 thread", 32),
+            ("ONNX encoder+head, streaming, 2 workers x 1 thread", 32)} <= modes
     assert any(m.startswith("PyTorch eager") for m, _ in modes)
     for r in report["rows"]:
         assert r["windows_per_s"] > 0 and 0 < r["roofline_fraction"]
     assert report["conv_throughput"]["ort_gflops"] > 0.1
     assert report["ratios"]["onnx_single_vs_eager_batch32"] > 0
+    assert report["ratios"]["onnx_streaming_2_workers_vs_eager_batch32"] > 0
+    assert report["server"]["cached"]["settings"]["CSIST_INFERENCE_WORKERS"] == 2
     s = report["server"]["cached"]
     for key in ("ws_fixed", "ws_saturation"):
         assert s[key]["ok"] and s[key]["answered"] > 0 and s[key]["missing"] == 0
@@ -54,7 +58,7 @@ def test_ort_option_sweep(tiny_model):
     from training.data import windows
 
     traj, _ = simulated_trajectories(2, seed=1)
-    names = list(ORT_VARIANTS)[:1] + ["arena off", "threads=1"]
+    names = list(ORT_VARIANTS)[:1] + ["arena off", "threads=1", "2 workers x threads=1"]
     out = ort_tuning(tiny_model, windows(traj)[:32], traj, 0.001, rounds=2,
                      variants={k: ORT_VARIANTS[k] for k in names})
     assert list(out) == names

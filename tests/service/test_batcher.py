@@ -309,3 +309,106 @@ def test_inference_overlaps_post_processing_and_answers_keep_their_order(monkeyp
     first_post_end = next(t for name, t in events if name == "post-end")
     assert len(infer) == 3 and infer[1] < first_post_end  # overlapped, not serialised
     assert sum(name == "post-start" for name, _ in events) == 3
+
+
+def test_workers_run_batches_at_the_same_time_and_answers_keep_their_order():
+    """Two workers: batch 2 starts while batch 1 still runs; answers leave in batch order."""
+    running, overlap = [0], [0]
+    lock = threading.Lock()
+
+    class SlowModel(FakeModel):
+        def __call__(self, windows):
+            with lock:
+                running[0] += 1
+                overlap[0] = max(overlap[0], running[0])
+            # the first batch is the slowest, so an unordered answer would overtake it
+            time.sleep(0.4 if windows[0, 2, 0, 0] == 1 else 0.1)
+            with lock:
+                running[0] -= 1
+            return super().__call__(windows)
+
+    done: list[int] = []
+
+    async def main():
+        b = Batcher(SlowModel(), Metrics(), max_batch=1, max_wait_s=0.0, workers=2)
+        b.start()
+        futures = [b.submit(windows_with([v]), OPTS) for v in (1, 2, 3, 4)]
+        for v, f in zip((1, 2, 3, 4), futures):
+            f.add_done_callback(lambda _, v=v: done.append(v))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*futures)
+        elapsed = time.perf_counter() - t0
+        await b.stop()
+        return results, elapsed
+
+    results, elapsed = run(main())
+    assert overlap[0] == 2  # never more than the 2 workers at once
+    assert done == [1, 2, 3, 4]
+    assert [r.peaks[0][0, 2] for r in results] == [101.0, 102.0, 103.0, 104.0]
+    assert elapsed < 0.65  # serial would be 0.7 s: 0.4 + 3 x 0.1
+
+
+def test_workers_must_be_positive():
+    with pytest.raises(ValueError, match="workers"):
+        Batcher(FakeModel(), Metrics(), workers=0)
+
+
+class GatedParts(FakeParts):
+    """FakeParts whose first encode call waits for ``gate`` (and may fail)."""
+
+    def __init__(self, fail_first: bool = False):
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.fail_first = fail_first
+        self.lock = threading.Lock()
+
+    def encode(self, frames):
+        with self.lock:
+            first = not self.encoded
+            out = super().encode(frames)
+        if first:
+            self.entered.set()
+            self.gate.wait(5)
+            if self.fail_first:
+                raise RuntimeError("encoder exploded")
+        return out
+
+
+def _stream_batches(parts: GatedParts):
+    """Batch 1: frames 0-5 of a segment (6 windows); batch 2: the same windows again, sent while
+    batch 1 is still encoding. Returns both results (or exceptions) and the batcher."""
+
+    async def main():
+        b = Batcher(FakeModel(), Metrics(), max_batch=6, max_wait_s=0.0,
+                    encode=parts.encode, head=parts.head, workers=2)
+        b.start()
+        frames = np.zeros((6, 11, 11), dtype=np.float32)
+        frames[:, 0, 0] = [3, 4, 5, 6, 7, 8]
+        slots = sequence_slots(6)
+        first = b.submit(sequence_windows(frames), OPTS, slots)
+        await asyncio.to_thread(parts.entered.wait, 5)
+        second = b.submit(sequence_windows(frames), OPTS, slots)
+        await asyncio.sleep(0.2)  # batch 2 is dispatched and waits on batch 1's frames
+        parts.gate.set()
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        await b.stop()
+        return results, b
+
+    return run(main())
+
+
+def test_a_frame_being_encoded_by_another_batch_is_waited_for_not_encoded_again():
+    parts = GatedParts()
+    (first, second), b = _stream_batches(parts)
+    assert parts.encoded == [6] and b.frames_encoded == 6  # batch 2 encoded nothing
+    assert [round(p[0, 2]) for p in first.peaks] == [103, 104, 105, 106, 107, 108]
+    assert [p.tolist() for p in second.peaks] == [p.tolist() for p in first.peaks]
+
+
+def test_when_the_encoding_batch_fails_the_waiting_batch_encodes_itself():
+    parts = GatedParts(fail_first=True)
+    (first, second), b = _stream_batches(parts)
+    assert isinstance(first, InferenceFailed) and "encoder exploded" in str(first)
+    assert [round(p[0, 2]) for p in second.peaks] == [103, 104, 105, 106, 107, 108]
+    assert b.frames_encoded == 6  # batch 1's count never landed; batch 2 encoded all 6

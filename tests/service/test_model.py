@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from service.card import CardError, load_card
-from service.config import DEFAULT_MODEL_PATH, Settings
+from service.config import DEFAULT_MODEL_PATH, Settings, available_cpus
 from service.logs import JsonFormatter, configure_logging
 from service.model import ModelError, file_sha256, load_model, resolve_providers
 from tests.service.conftest import CARD_METRICS, simulate_track, write_card
@@ -122,6 +123,24 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert s.api_token is None and s.provider_list() is None
     monkeypatch.setenv("CSIST_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError, match="max_batch_size"):
+        Settings()
+
+
+def test_parallelism_defaults_to_one_single_threaded_worker_per_core(monkeypatch):
+    cores = available_cpus()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    s = Settings()
+    assert s.parallelism(cuda=False) == (cores, 1 if cores > 1 else 0)
+    assert s.parallelism(cuda=True) == (1, 0)  # a GPU takes one call at a time
+    monkeypatch.setenv("CSIST_INFERENCE_WORKERS", "3")
+    assert Settings().parallelism(cuda=True) == (3, 1)
+    monkeypatch.setenv("CSIST_THREADS", "2")
+    assert Settings().parallelism(cuda=False) == (3, 2)  # explicit threads are kept
+    monkeypatch.setenv("CSIST_INFERENCE_WORKERS", "1")
+    monkeypatch.setenv("CSIST_THREADS", "0")
+    assert Settings().parallelism(cuda=False) == (1, 0)  # one worker: ONNX Runtime's own threads
+    monkeypatch.setenv("CSIST_INFERENCE_WORKERS", "-1")
+    with pytest.raises(ValueError, match="inference_workers"):
         Settings()
 
 

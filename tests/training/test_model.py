@@ -48,6 +48,34 @@ def test_inference_skips_symmetry_branch():
     assert sym == [None, None]
 
 
+def test_ista_stage_is_the_textbook_iteration():
+    """The factored gradient step and the clip form of the soft threshold compute SeqCSIST
+    eqs. 4-7 as written: r = h - rho h Phi^T Phi + rho Phi^T L, h' = G~(sign(g) max(|g| - theta, 0))."""
+    torch.manual_seed(3)
+    model = DeRefNet(DeRefNetConfig(**SMALL))
+    enc, stage = model.encoder, model.encoder.stages[0]
+    with torch.no_grad():
+        stage.theta.fill_(0.05)
+        h, lr = torch.rand(4, 1089) * 0.3, torch.rand(4, 121)
+        phitb = lr @ enc.phi
+        got, _ = stage(h, enc.phi, phitb, with_symmetry=False)
+        r = h - stage.rho * (h @ (enc.phi.T @ enc.phi)) + stage.rho * phitb
+        g = stage.forward_transform(r.view(-1, 1, 33, 33))
+        soft = torch.sign(g) * torch.relu(torch.abs(g) - stage.theta)
+        want = stage.inverse_transform(soft).view(-1, 1089)
+        assert (soft == 0).any() and (soft != 0).any()  # the threshold acts on this input
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_with_the_old_phitphi_buffer_still_load():
+    model = DeRefNet(DeRefNetConfig(**SMALL))
+    state = model.state_dict()
+    state["encoder.phitphi"] = model.encoder.phi.T @ model.encoder.phi  # stored before the factoring
+    fresh = DeRefNet(DeRefNetConfig(**SMALL))
+    fresh.load_state_dict(state)  # strict: no unexpected key
+    assert "encoder.phitphi" not in fresh.state_dict()
+
+
 def test_temporal_gates_depend_on_window_position():
     model = DeRefNet(DeRefNetConfig(**SMALL))
     torch.nn.init.normal_(model.head.temporal.mlp.weight, std=0.01)

@@ -54,8 +54,9 @@ def test_encoder_int8_card_loads_in_the_service(model_dir):
     assert q["calibration"]["seed"] == quantize.DEFAULT_SEED and q["calibration"]["frames"] == 3 * 20
     assert q["command"].startswith("csist quantize --model ") and "--calibration-trajectories 3" in q["command"]
     assert q["source"]["sha256"] == fp32["sha256"] and card["metrics"] == {}
-    # tiny model: 1 stage = 4 convs + 3 MatMuls (Phi, Phi^T, Phi^T Phi), all quantized
-    assert q["graphs"]["encoder"]["nodes_quantized"] == 7 and q["graphs"]["single"]["nodes_quantized"] == 7
+    # tiny model: 1 stage = 4 convs + 4 MatMuls (Phi^T L, Qinit L, and h Phi^T then (.) Phi in
+    # the gradient step), all quantized
+    assert q["graphs"]["encoder"]["nodes_quantized"] == 8 and q["graphs"]["single"]["nodes_quantized"] == 8
     enc_ops = ops(model_dir / "derefnet-int8.encoder.onnx")
     assert enc_ops.count("QuantizeLinear") > 0 and enc_ops.count("Conv") == 4
     single_ops = ops(out)
@@ -95,7 +96,7 @@ def test_nodes_to_quantize_leaves_the_head_alone(tiny_model):
     names = quantize.nodes_to_quantize(tiny_model, ["Conv", "MatMul"], head=False)
     graph = onnx.load(str(tiny_model)).graph
     by_name = {n.name: n for n in graph.node}
-    assert len(names) == 7
+    assert len(names) == 8  # 4 convs + 4 MatMuls of the one encoder stage
     assert all(not any(i.startswith("head.") for i in by_name[n].input) for n in names)
     with_head = quantize.nodes_to_quantize(tiny_model, ["Conv", "MatMul", "DeformConv"], head=True)
     assert len(with_head) > len(names)
