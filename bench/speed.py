@@ -335,9 +335,22 @@ def rest_run(port: int, rate: float, seconds: float, frames: np.ndarray, per_req
             "failures": failures, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99)}
 
 
+def server_settings(pairs: list[str]) -> dict[str, str]:
+    """``--server-setting NAME=VALUE`` pairs as service settings (``CSIST_`` prefix optional)."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--server-setting wants NAME=VALUE, got {pair!r}")
+        name = name.strip().lower()
+        out[name.removeprefix("csist_")] = value.strip()
+    return out
+
+
 def server_runs(model: Path, args, frames: np.ndarray, cache: bool) -> dict:
     """WebSocket at the fixed and the saturating rate, then REST, on one server process."""
     settings = {"feature_cache": int(cache), "inference_workers": args.workers, "drain_s": 0, "log_level": "warning"}
+    settings.update(server_settings(args.server_setting))
     server = ServerProcess(model, settings)
     try:
         cpu0 = server.cpu_seconds()
@@ -455,7 +468,7 @@ def markdown(report: dict) -> str:
            f"(5 x {f['encoder_per_frame'] / 1e9:.3f} encoder + {f['head_per_window'] / 1e9:.3f} head), "
            f"{f['streaming_per_window'] / 1e9:.3f} GFLOP streaming. Measured 3x3-conv throughput: "
            f"{conv['ort_gflops']:.1f} GFLOP/s (ONNX Runtime), {conv['torch_gflops']:.1f} GFLOP/s (torch); "
-           f"roofline = ONNX Runtime figure.\n"]
+           f"roofline = ONNX Runtime figure.\n\n"]
     rows = [[r["mode"], r["batch"], r["windows_per_s"], r["gflops_per_s"], 100 * r["roofline_fraction"]] for r in report["rows"]]
     out.append(md_table(["mode", "batch / tracks", "windows/s", "GFLOP/s", "% of conv roofline"], rows))
     if report.get("ratios"):
@@ -504,6 +517,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "physics fit, whose cost `csist evaluate` reports as postprocess_ms_per_window)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="inference workers of the parallel rows (default: one per core, the service's default)")
+    p.add_argument("--server-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra service setting for the server runs, e.g. max_batch_size=16 (repeatable)")
     p.add_argument("--no-server", action="store_true", help="skip the end-to-end server runs")
     p.add_argument("--no-uncached-server", action="store_true", help="skip the server run without the feature cache")
     p.add_argument("--no-tuning", action="store_true", help="skip the ONNX Runtime option sweep")

@@ -7,6 +7,7 @@ CSIST=${CSIST:-.venv/bin/csist}
 RUN=${RUN:-runs/derefnet}
 TEST_SEED=${TEST_SEED:-1001}   # never used for training data
 TEST_DATA=data/seqcsist-test-s${TEST_SEED}
+EVAL=${EVAL:-runs/eval4}       # where the metrics step writes its report (session 2 used runs/eval3)
 
 step=${1:-all}  # data, train, evaluate, export, all; or metrics, int8, reexport
 if [[ $step == data || $step == all ]]; then
@@ -47,10 +48,10 @@ fi
 if [[ $step == metrics || $step == reexport ]]; then
   # after a post-processing change (the network unchanged): re-evaluate the bundled ONNX model and
   # refresh the card's metrics without re-exporting
-  mkdir -p runs/eval3
+  mkdir -p "$EVAL"
   $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none centroid fit \
-    --threads 1 --out runs/eval3/test_report.json --plots runs/eval3/plots
-  $CSIST export --metrics-only --out models/derefnet.onnx --eval-report runs/eval3/test_report.json
+    --threads 1 --out "$EVAL/test_report.json" --plots "$EVAL/plots"
+  $CSIST export --metrics-only --out models/derefnet.onnx --eval-report "$EVAL/test_report.json"
 fi
 if [[ $step == int8 || $step == reexport ]]; then
   $CSIST quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx --head \

@@ -27,6 +27,7 @@ def test_quick_speed_report(tiny_model, tmp_path):
     rc = cli.main(["speed", "--model", str(tiny_model), "--checkpoint", str(tiny_model.parent / "tiny.pt"),
                    "--quick", "--windows", "32", "--tracks", "2", "--rate", "20", "--max-rate", "60",
                    "--rest-rate", "10", "--seconds", "1", "--no-uncached-server", "--no-tuning", "--workers", "2",
+                   "--server-setting", "CSIST_MAX_BATCH_SIZE=16",
                    "--out", str(out), "--markdown", str(md)])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -41,7 +42,8 @@ def test_quick_speed_report(tiny_model, tmp_path):
     assert report["conv_throughput"]["ort_gflops"] > 0.1
     assert report["ratios"]["onnx_single_vs_eager_batch32"] > 0
     assert report["ratios"]["onnx_streaming_2_workers_vs_eager_batch32"] > 0
-    assert report["server"]["cached"]["settings"]["CSIST_INFERENCE_WORKERS"] == 2
+    settings = report["server"]["cached"]["settings"]
+    assert settings["CSIST_INFERENCE_WORKERS"] == 2 and settings["CSIST_MAX_BATCH_SIZE"] == "16"
     s = report["server"]["cached"]
     for key in ("ws_fixed", "ws_saturation"):
         assert s[key]["ok"] and s[key]["answered"] > 0 and s[key]["missing"] == 0
@@ -50,6 +52,14 @@ def test_quick_speed_report(tiny_model, tmp_path):
     assert report["done_when"]["target_windows_per_s"] == 150
     text = md.read_text()
     assert "| ONNX single graph | 32 |" in text and "WebSocket, fixed rate (cached)" in text
+
+
+def test_server_settings_parse():
+    from bench.speed import server_settings
+
+    assert server_settings(["max_batch_size=16", "CSIST_THREADS = 2"]) == {"max_batch_size": "16", "threads": "2"}
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        server_settings(["max_batch_size"])
 
 
 def test_ort_option_sweep(tiny_model):
