@@ -40,6 +40,7 @@ import numpy as np
 
 from bench.common import calls_per_second_parallel, machine, md_table, simulated_trajectories, time_per_call, write_outputs
 from bench.flops import window_flops
+from service.config import available_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 8101  # data seed of the speed benchmark (never used in development)
@@ -515,7 +516,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", default="none",
                    help="refine option the server runs with (default none: the network's answer; 'fit' adds the "
                         "physics fit, whose cost `csist evaluate` reports as postprocess_ms_per_window)")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--workers", type=int, default=available_cpus(),
                    help="inference workers of the parallel rows (default: one per core, the service's default)")
     p.add_argument("--server-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="extra service setting for the server runs, e.g. max_batch_size=16 (repeatable)")

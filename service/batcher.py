@@ -47,6 +47,7 @@ from service.windows import WINDOW, FeatureSlot
 log = logging.getLogger("service.batcher")
 
 MAX_POSTPROCESS_BACKLOG = 2  # inferred batches that may wait for post-processing
+Claim = tuple[FeatureSlot, np.ndarray, threading.Event]  # a claimed slot, its frame, the claim
 
 
 class Overloaded(RuntimeError):
@@ -249,7 +250,7 @@ class Batcher:
         if previous is not None:
             await asyncio.wait([previous])  # each batch awaits the one before it: all are done
 
-    def _claim(self, batch: list[_Item]) -> list[tuple[FeatureSlot, np.ndarray]] | None:
+    def _claim(self, batch: list[_Item]) -> list[Claim] | None:
         """On the loop, in batch order: the empty slots this batch will encode, claimed."""
         if not self._uses_parts(batch):
             return None
@@ -257,14 +258,15 @@ class Batcher:
         for item in batch:
             for w, row in enumerate(item.slots):
                 for k, slot in enumerate(row):
-                    if slot.claim():
-                        claims.append((slot, item.windows[w, k]))
+                    event = slot.claim()
+                    if event is not None:
+                        claims.append((slot, item.windows[w, k], event))
         return claims
 
     async def _run(
         self,
         batch: list[_Item],
-        claims: list[tuple[FeatureSlot, np.ndarray]] | None,
+        claims: list[Claim] | None,
         previous: asyncio.Task | None,
         free_workers: asyncio.Semaphore,
         in_flight: asyncio.Semaphore,
@@ -274,32 +276,35 @@ class Batcher:
         results: list[GroupResult] | None = None
         error: Exception | None = None
         try:
-            maps, infer_s = await loop.run_in_executor(self._executor, self._infer, batch, claims)
-        except Exception as exc:  # the model failed: every caller in the batch hears it
-            log.exception("inference failed")
-            error = exc
-        finally:
-            for slot, _ in claims or ():
-                if slot.ready is not None:  # never encoded: later batches must not wait on it
-                    slot.fill(None)
-            free_workers.release()
-        if error is None:
             try:
-                results = await loop.run_in_executor(
-                    self._post_executor, self._postprocess, batch, maps, infer_s
+                maps, infer_s = await loop.run_in_executor(
+                    self._executor, self._infer, batch, claims
                 )
-            except Exception as exc:
-                log.exception("post-processing failed")
+            except Exception as exc:  # the model failed: every caller in the batch hears it
+                log.exception("inference failed")
                 error = exc
-        if previous is not None:
-            await asyncio.wait([previous])  # its outcome is its callers', not ours
-        in_flight.release()
-        if error is not None:
-            self._fail(batch, error)
-            return
-        for item, result in zip(batch, results, strict=True):
-            if not item.future.done():  # a caller may have been cancelled meanwhile
-                item.future.set_result(result)
+            finally:
+                for slot, _, event in claims or ():
+                    slot.fill(None, event)  # no-op unless never filled: don't leave it claimed
+                free_workers.release()
+            if error is None:
+                try:
+                    results = await loop.run_in_executor(
+                        self._post_executor, self._postprocess, batch, maps, infer_s
+                    )
+                except Exception as exc:
+                    log.exception("post-processing failed")
+                    error = exc
+            if previous is not None:
+                await asyncio.wait([previous])  # its outcome is its callers', not ours
+        finally:
+            in_flight.release()
+            if results is None:  # failed, or cancelled (the loop is going away)
+                self._fail(batch, error or ShuttingDown("the service is shutting down"))
+        if results is not None:
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():  # a caller may have been cancelled meanwhile
+                    item.future.set_result(result)
 
     @staticmethod
     def _fail(batch: list[_Item], exc: Exception) -> None:
@@ -319,44 +324,48 @@ class Batcher:
     def _uses_parts(self, batch: list[_Item]) -> bool:
         return self.caches_features and all(i.slots is not None for i in batch)
 
-    def _run_cached(
-        self, batch: list[_Item], claims: list[tuple[FeatureSlot, np.ndarray]]
-    ) -> np.ndarray:
+    def _run_cached(self, batch: list[_Item], claims: list[Claim]) -> np.ndarray:
         """Encode the claimed frames (one call), wait for frames other batches encode, run the head."""
         try:
             if claims:
-                frames = np.stack([frame for _, frame in claims])
+                frames = np.stack([frame for _, frame, _ in claims])
                 feats = self._chunked(self._encode, frames, self.max_batch * WINDOW)
-                for (slot, _), f in zip(claims, feats, strict=True):
-                    slot.fill(f.copy())  # a view would keep the whole batch's array alive
+                for (slot, _, event), f in zip(claims, feats, strict=True):
+                    slot.fill(f.copy(), event)  # a view would keep the whole batch's array alive
                 self._count(frames=len(claims))
         finally:
-            for slot, _ in claims:
-                if slot.ready is not None:  # the encoder failed: waiters must not hang
-                    slot.fill(None)
-        rows = []
-        for item in batch:
-            for w, row in enumerate(item.slots):
-                feats = []
-                for k, slot in enumerate(row):
-                    event = slot.ready
-                    if event is not None:
-                        event.wait()
-                    if slot.features is None:  # its batch failed: encode it here
-                        slot.features = self._encode(item.windows[w, k][None])[0].copy()
-                        self._count(frames=1)
-                    feats.append(slot.features)
-                rows.append(np.stack(feats))
+            for slot, _, event in claims:
+                slot.fill(None, event)  # the encoder failed: give the claims up, waiters go on
+        rows = [
+            np.stack([self._features(slot, item.windows[w, k]) for k, slot in enumerate(row)])
+            for item in batch
+            for w, row in enumerate(item.slots)
+        ]
         return self._chunked(self._head, np.stack(rows), self.max_batch)
+
+    def _features(self, slot: FeatureSlot, frame: np.ndarray) -> np.ndarray:
+        """A frame's features: already there, or after the batch encoding it is done; if that
+        batch failed, encoded here (claimed first, so that no one else encodes it too)."""
+        while slot.features is None:
+            event = slot.claim()
+            if event is None:
+                slot.wait()
+                continue
+            features = None
+            try:
+                features = self._encode(frame[None])[0].copy()
+                self._count(frames=1)
+            finally:
+                slot.fill(features, event)
+        return slot.features
 
     @staticmethod
     def _windows(batch: list[_Item]) -> np.ndarray:
         return batch[0].windows if len(batch) == 1 else np.concatenate([i.windows for i in batch])
 
-    def _infer(
-        self, batch: list[_Item], claims: list[tuple[FeatureSlot, np.ndarray]] | None
-    ) -> tuple[np.ndarray, float]:
-        """HR maps of all windows of the batch, and the seconds it took.
+    def _infer(self, batch: list[_Item], claims: list[Claim] | None) -> tuple[np.ndarray, float]:
+        """HR maps of all windows of the batch, and the seconds it took (including any wait for
+        frames that another batch encodes).
 
         Runs in an inference thread. A single group larger than max_batch is run in chunks.
         """

@@ -19,9 +19,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # directory of a source checkout (``models/`` is not inside the ``service`` package).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "derefnet.onnx"
 
+MAX_WORKERS = 64
+
+
 def available_cpus() -> int:
-    """CPU cores this process may use: its affinity, capped by a cgroup v2 quota (containers)."""
-    n = len(os.sched_getaffinity(0))
+    """CPU cores this process may use: its affinity (Linux; else all cores), capped by a cgroup
+    v2 quota as Docker sets one (cgroup v1 and systemd limits are not read)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    n = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
         if quota != "max":
@@ -57,7 +62,7 @@ class Settings(BaseSettings):
     inference_workers: int = Field(
         0,
         ge=0,
-        le=64,
+        le=MAX_WORKERS,
         description="batches inferred at the same time, each in its own thread (0 = one per CPU"
         " core on the CPU provider, 1 with CUDA)",
     )
@@ -132,7 +137,7 @@ class Settings(BaseSettings):
         On the CPU, one single-threaded call per core beats one call over all cores for this
         model's small tensors (``csist bench speed`` measures both); a GPU takes one call at a time.
         """
-        workers = self.inference_workers or (1 if cuda else available_cpus())
+        workers = self.inference_workers or (1 if cuda else min(available_cpus(), MAX_WORKERS))
         threads = self.threads or (1 if workers > 1 else 0)
         return workers, threads
 

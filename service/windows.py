@@ -43,34 +43,48 @@ def sequence_windows(frames: np.ndarray) -> np.ndarray:
     return frames[window_indices(np.arange(n), n)]
 
 
+_SLOT_LOCK = threading.Lock()  # claim/fill are a few bytecodes; one lock for all slots is enough
+
+
 class FeatureSlot:
     """The encoder features of one frame, filled in once by the batcher (None until then).
 
     With several inference workers, the batch that finds a slot empty claims it (``claim``,
     on the event loop, in batch order) and encodes the frame; a later batch whose windows hold
-    the same frame waits for ``ready`` instead of encoding it again. Only the claiming batch
-    writes ``features``, then sets ``ready``, so no lock is needed.
+    the same frame waits for the claim's event (``ready``) instead of encoding it again. Only
+    the holder of the claim may ``fill`` it; filling with None (the encoder failed) gives the
+    slot up, and a waiter then claims and encodes it itself.
     """
 
     __slots__ = ("features", "ready")
 
     def __init__(self) -> None:
         self.features: np.ndarray | None = None
-        self.ready: threading.Event | None = None  # set once claimed; fires when features are in
+        self.ready: threading.Event | None = None  # the open claim's event, if any
 
-    def claim(self) -> bool:
-        """Make this slot the caller's to fill; False if it is filled or claimed already."""
-        if self.features is not None or self.ready is not None:
-            return False
-        self.ready = threading.Event()
+    def claim(self) -> threading.Event | None:
+        """Claim the empty slot: the event to pass to ``fill``; None if filled or claimed."""
+        with _SLOT_LOCK:
+            if self.features is not None or self.ready is not None:
+                return None
+            self.ready = threading.Event()
+            return self.ready
+
+    def fill(self, features: np.ndarray | None, claim: threading.Event) -> bool:
+        """Store the features of the frame claimed with ``claim`` (None: give the claim up) and
+        wake the waiters. False, doing nothing, if ``claim`` is no longer this slot's claim."""
+        with _SLOT_LOCK:
+            if self.ready is not claim:
+                return False
+            self.features, self.ready = features, None
+        claim.set()
         return True
 
-    def fill(self, features: np.ndarray | None) -> None:
-        """Store the claimed frame's features (None: the claiming batch failed) and wake waiters."""
-        self.features = features
-        event, self.ready = self.ready, None
+    def wait(self) -> None:
+        """Block until the open claim, if any, is filled or given up."""
+        event = self.ready
         if event is not None:
-            event.set()
+            event.wait()
 
 
 def sequence_slots(n: int) -> list[list[FeatureSlot]]:

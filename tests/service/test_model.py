@@ -142,6 +142,9 @@ def test_parallelism_defaults_to_one_single_threaded_worker_per_core(monkeypatch
     monkeypatch.setenv("CSIST_INFERENCE_WORKERS", "-1")
     with pytest.raises(ValueError, match="inference_workers"):
         Settings()
+    monkeypatch.delattr(os, "sched_getaffinity")  # not on macOS or Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert 1 <= available_cpus() <= 3
 
 
 def test_json_logs():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.windows import SegmentWindows, sequence_windows, split_segments, window_indices
+from service.windows import FeatureSlot, SegmentWindows, sequence_windows, split_segments, window_indices
 
 
 def test_window_indices_replicate_edges():
@@ -90,3 +90,18 @@ def test_split_segments_on_origin_change():
     origins = [(0.0, 0.0)] * 3 + [(1.0, 0.0)] * 2
     assert split_segments([0, 1, 2, 3, 4], origins) == [slice(0, 3), slice(3, 5)]
     assert split_segments([0, 1, 2, 3, 4], [None] * 5) == [slice(0, 5)]
+
+
+def test_feature_slot_claims_belong_to_one_holder():
+    slot = FeatureSlot()
+    first = slot.claim()
+    assert first is not None and slot.claim() is None  # claimed: nobody else encodes it
+    assert slot.fill(None, first) and slot.features is None and first.is_set()  # given up
+    second = slot.claim()  # free again: a waiter takes it over
+    assert second is not None and second is not first
+    assert not slot.fill(np.ones(3, np.float32), first)  # a stale claim cannot fill or release
+    assert slot.ready is second and slot.features is None
+    assert slot.fill(np.ones(3, np.float32), second) and second.is_set()
+    assert slot.claim() is None and slot.ready is None  # filled for good
+    slot.wait()  # nothing open: returns at once
+    np.testing.assert_array_equal(slot.features, np.ones(3))
