@@ -129,6 +129,14 @@ class OrtModel:
         return self.head.run(None, {"features": cache})[0]
 
 
+def windows_per_second(make_call, per_call: int, seconds: float, workers: int) -> float:
+    """``per_call`` windows per call of ``make_call()``; with ``workers`` > 1, that many threads
+    each call their own ``make_call()`` at once."""
+    if workers == 1:
+        return per_call / time_per_call(make_call(), seconds)
+    return per_call * calls_per_second_parallel([make_call() for _ in range(workers)], seconds)
+
+
 def time_single(m: OrtModel, windows: np.ndarray, batch: int, seconds: float, workers: int = 1) -> float:
     """Windows/s of the single graph at a batch size (cycling through the windows); with
     ``workers`` > 1, that many threads call it at once."""
@@ -144,9 +152,7 @@ def time_single(m: OrtModel, windows: np.ndarray, batch: int, seconds: float, wo
 
         return call
 
-    if workers == 1:
-        return batch / time_per_call(caller(), seconds)
-    return batch * calls_per_second_parallel([caller() for _ in range(workers)], seconds)
+    return windows_per_second(caller, batch, seconds, workers)
 
 
 def time_streaming(m: OrtModel, trajectories: np.ndarray, tracks: int, seconds: float, workers: int = 1) -> float:
@@ -169,9 +175,7 @@ def time_streaming(m: OrtModel, trajectories: np.ndarray, tracks: int, seconds: 
 
         return call
 
-    if workers == 1:
-        return tracks / time_per_call(stepper(), seconds)
-    return tracks * calls_per_second_parallel([stepper() for _ in range(workers)], seconds)
+    return windows_per_second(stepper, tracks, seconds, workers)
 
 
 def ort_tuning(model: Path, windows: np.ndarray, trajectories: np.ndarray, seconds: float, rounds: int,

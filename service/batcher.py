@@ -326,16 +326,12 @@ class Batcher:
 
     def _run_cached(self, batch: list[_Item], claims: list[Claim]) -> np.ndarray:
         """Encode the claimed frames (one call), wait for frames other batches encode, run the head."""
-        try:
-            if claims:
-                frames = np.stack([frame for _, frame, _ in claims])
-                feats = self._chunked(self._encode, frames, self.max_batch * WINDOW)
-                for (slot, _, event), f in zip(claims, feats, strict=True):
-                    slot.fill(f.copy(), event)  # a view would keep the whole batch's array alive
-                self._count(frames=len(claims))
-        finally:
-            for slot, _, event in claims:
-                slot.fill(None, event)  # the encoder failed: give the claims up, waiters go on
+        if claims:  # on failure, ``_run`` gives the claims up and the waiters go on
+            frames = np.stack([frame for _, frame, _ in claims])
+            feats = self._chunked(self._encode, frames, self.max_batch * WINDOW)
+            for (slot, _, event), f in zip(claims, feats, strict=True):
+                slot.fill(f.copy(), event)  # a view would keep the whole batch's array alive
+            self._count(frames=len(claims))
         rows = [
             np.stack([self._features(slot, item.windows[w, k]) for k, slot in enumerate(row)])
             for item in batch

@@ -51,18 +51,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_providers(requested: list[str] | None, quiet: bool = False) -> list[str]:
+def resolve_providers(requested: list[str] | None) -> list[str]:
     """Providers to ask ONNX Runtime for, in order, keeping only those this build has.
 
     ``None`` means automatic: CUDA first when present, CPU always last. An explicitly requested
-    provider that is not available is skipped with a warning (``quiet``: without); CPU is the
-    fallback of last resort.
+    provider that is not available is skipped with a warning; CPU is the fallback of last resort.
     """
     available = set(ort.get_available_providers())
     wanted = list(AUTO_PROVIDERS) if requested is None else list(requested)
     chosen = [p for p in wanted if p in available]
     for p in wanted:
-        if p not in available and requested is not None and not quiet:
+        if p not in available and requested is not None:
             log.warning("execution provider not available, skipped", extra={"provider": p})
     if not chosen:
         chosen = ["CPUExecutionProvider"]

@@ -46,13 +46,13 @@ class Runtime:
         """Load and verify the model, warm it up, start the batcher; then report ready."""
         s = self.settings
         t0 = time.perf_counter()
-        cuda = "CUDAExecutionProvider" in resolve_providers(s.provider_list(), quiet=True)
-        workers, threads = s.parallelism(cuda)
+        providers = resolve_providers(s.provider_list())
+        workers, threads = s.parallelism(cuda="CUDAExecutionProvider" in providers)
         self.model = await asyncio.to_thread(
             load_model,
             s.model_path,
             s.resolved_card_path(),
-            s.provider_list(),
+            providers,
             threads,
             s.ort_spinning,
             s.feature_cache,
