@@ -61,6 +61,40 @@ class PartSpec(BaseModel):
     outputs: list[TensorSpec] = Field(min_length=1)
 
 
+class FileSpec(BaseModel):
+    """A file of the model beside the card, with its hash."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+
+
+class DeformStepSpec(BaseModel):
+    """One DeformConv of the head: tensor names in the head graph, weight keys in the .npz."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str
+    offset: str
+    output: str
+    weight: str
+    bias: str
+
+
+class HeadSplitSpec(BaseModel):
+    """The head cut at its DeformConv nodes by ``csist split-head`` (for the native kernel)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    head: str  # the parts.head file it was cut from
+    input: str
+    output: str
+    segments: list[FileSpec] = Field(min_length=2)
+    deform: list[DeformStepSpec] = Field(min_length=1)
+    weights: FileSpec
+
+
 class ModelCard(BaseModel):
     """The parts of the model card the service uses; extra keys are kept but not interpreted."""
 
@@ -79,6 +113,9 @@ class ModelCard(BaseModel):
     # Streaming parts written by ``csist export``: "encoder" (frames -> features) and "head"
     # (5 frames' features -> HR map). Absent: the service runs the single graph only.
     parts: dict[str, PartSpec] = {}
+    # The head as graph segments between its DeformConv nodes, which the service's native
+    # kernel computes (service/deform.py). Absent: ONNX Runtime runs the whole head.
+    head_split: HeadSplitSpec | None = None
 
 
 def load_card(path: str | Path) -> ModelCard:

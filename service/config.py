@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         description="when the model card lists the streaming encoder and head, encode each frame"
         " once and run only the head per window (else: the single graph on every window)",
     )
+    deform_kernel: Literal["auto", "native", "onnxruntime"] = Field(
+        "auto",
+        description="who computes the head's deformable convolutions: the service's native CPU"
+        " kernel between the head's graph segments (needs the card's head_split; 'auto' uses it"
+        " when it can, 'native' refuses to start without it) or ONNX Runtime's DeformConv",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="windows per inference call")
     max_batch_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="how long the batcher waits to fill a batch"

@@ -8,6 +8,11 @@ answers.
 When the card lists the streaming parts (``parts.encoder``: LR frames -> stage-9 features,
 ``parts.head``: a window's 5 feature maps -> HR map), they are verified the same way and loaded
 beside the single graph, so that a stream encodes each frame once instead of in 5 windows.
+
+When the card also has ``head_split`` (written by ``csist split-head``) and the native kernel of
+``service/deform.py`` is built, the head runs on the CPU as its graph segments with that kernel
+computing the DeformConv nodes between them (``deform_kernel``: "auto" uses it when it can,
+"native" requires it, "onnxruntime" never uses it). The split files are verified like the rest.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
-from service.card import CardError, ModelCard, PartSpec, load_card
-from service import peaks
+from service.card import CardError, FileSpec, HeadSplitSpec, ModelCard, PartSpec, load_card
+from service import deform, peaks
 from service.postprocess import REFINE_MODES
 from service.physics import RATIO, SIZE
 from service.windows import WINDOW
@@ -36,6 +42,7 @@ GRAPH_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 ENCODER, HEAD = "encoder", "head"
+DEFORM_KERNELS = ("auto", "native", "onnxruntime")
 
 
 class ModelError(RuntimeError):
@@ -101,6 +108,57 @@ class Part:
 
 
 @dataclass
+class DeformStep:
+    """One DeformConv of the head, computed outside ONNX Runtime between two segments."""
+
+    input: str
+    offset: str
+    output: str
+    kernel: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class SplitHead:
+    """The window head as ONNX Runtime segments with its DeformConv nodes computed in between.
+
+    Tensors keep their names in the head graph: segment ``i`` reads what the head input and the
+    earlier segments and steps produced, then step ``i`` adds its output.
+    """
+
+    segments: list[ort.InferenceSession]
+    steps: list[DeformStep]
+    input_name: str
+    output_name: str
+
+    def __post_init__(self):
+        if len(self.segments) != len(self.steps) + 1:
+            raise ModelError(f"head split has {len(self.segments)} segments for {len(self.steps)} DeformConv steps")
+        self._io = [([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]) for s in self.segments]
+        known = {self.input_name}
+        for i, (inputs, outputs) in enumerate(self._io):
+            missing = sorted(set(inputs) - known)
+            if missing:
+                raise ModelError(f"head segment {i} needs {missing}, which nothing before it produces")
+            known.update(outputs)
+            if i < len(self.steps):
+                step = self.steps[i]
+                if step.input not in known or step.offset not in known:
+                    raise ModelError(f"DeformConv step {i} needs {step.input!r} and {step.offset!r}")
+                known.add(step.output)
+        if self.output_name not in known:
+            raise ModelError(f"head split never produces its output {self.output_name!r}")
+
+    def run(self, features: np.ndarray) -> np.ndarray:
+        env = {self.input_name: np.ascontiguousarray(features, dtype=np.float32)}
+        for i, (session, (inputs, outputs)) in enumerate(zip(self.segments, self._io)):
+            env.update(zip(outputs, session.run(outputs, {name: env[name] for name in inputs})))
+            if i < len(self.steps):
+                step = self.steps[i]
+                env[step.output] = step.kernel(env[step.input], env[step.offset])
+        return env[self.output_name]
+
+
+@dataclass
 class InferenceModel:
     """An ONNX Runtime session plus the card that describes it."""
 
@@ -113,6 +171,12 @@ class InferenceModel:
     requested_providers: list[str]
     providers: list[str] = field(default_factory=list)
     parts: dict[str, Part] = field(default_factory=dict)
+    split_head: SplitHead | None = None
+
+    @property
+    def deform_kernel(self) -> str:
+        """Which code computes the head's DeformConv: "native" or "onnxruntime"."""
+        return "native" if self.split_head is not None else "onnxruntime"
 
     @property
     def has_parts(self) -> bool:
@@ -125,6 +189,8 @@ class InferenceModel:
 
     def head(self, features: np.ndarray) -> np.ndarray:
         """HR maps (b, 33, 33) of windows' features (b, 5, 1089); needs :attr:`has_parts`."""
+        if self.split_head is not None:
+            return self.split_head.run(features)
         return self.parts[HEAD].run(features)
 
     @property
@@ -242,6 +308,45 @@ def _load_part(
     return Part(path, digest, session, in_name, out_name)
 
 
+def _verified_file(spec: FileSpec, directory: Path, what: str) -> Path:
+    path = directory / spec.file
+    if not path.is_file():
+        raise ModelError(f"{what} not found: {path} (listed in the model card)")
+    digest = file_sha256(path)
+    if digest.lower() != spec.sha256.lower():
+        raise ModelError(
+            f"SHA-256 mismatch: {what} {path} has {digest} but the card says {spec.sha256.lower()} "
+            "(split the head anew with `csist split-head`)"
+        )
+    return path
+
+
+def _load_split_head(
+    spec: HeadSplitSpec, head: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str]
+) -> SplitHead:
+    """Verify the head's segments and DeformConv weights and set up the native kernels."""
+    if spec.head != head.file:
+        raise ModelError(f"head_split was cut from {spec.head!r}, but the card's head is {head.file!r}")
+    sessions = []
+    for i, seg in enumerate(spec.segments):
+        path = _verified_file(seg, directory, f"head segment {i}")
+        try:
+            sessions.append(ort.InferenceSession(str(path), sess_options=options, providers=providers))
+        except Exception as exc:
+            raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from None
+    npz = _verified_file(spec.weights, directory, "DeformConv weights")
+    try:
+        with np.load(npz, allow_pickle=False) as arrays:
+            weights = {name: arrays[name] for name in arrays.files}
+        steps = [
+            DeformStep(d.input, d.offset, d.output, deform.DeformConv3x3(weights[d.weight], weights[d.bias]))
+            for d in spec.deform
+        ]
+    except (KeyError, ValueError, OSError) as exc:
+        raise ModelError(f"DeformConv weights {npz} do not fit the card's head_split: {exc}") from None
+    return SplitHead(sessions, steps, spec.input, spec.output)
+
+
 def load_model(
     model_path: str | Path,
     card_path: str | Path | None = None,
@@ -251,12 +356,15 @@ def load_model(
     parts: bool = True,
     graph_level: str = "all",
     arena: bool = True,
+    deform_kernel: str = "auto",
 ) -> InferenceModel:
     """Load and verify the model; ModelError with a clear message when it cannot be served.
 
     ``parts``: also load the streaming encoder and head when the card lists them (both or
-    neither must be listed).
+    neither must be listed). ``deform_kernel``: see the module docstring.
     """
+    if deform_kernel not in DEFORM_KERNELS:
+        raise ModelError(f"deform_kernel={deform_kernel!r} is not one of {DEFORM_KERNELS}")
     model_path = Path(model_path)
     card_path = Path(card_path) if card_path is not None else model_path.with_suffix(".json")
     if not model_path.is_file():
@@ -287,6 +395,21 @@ def load_model(
             name: _load_part(name, card.parts[name], model_path.parent, options, requested)
             for name in (ENCODER, HEAD)
         }
+    split = None
+    if deform_kernel != "onnxruntime":
+        why_not = None
+        if not loaded:
+            why_not = "the streaming parts are not loaded (card without parts, or feature cache off)"
+        elif card.head_split is None:
+            why_not = "the model card has no head_split (run `csist split-head`)"
+        elif not deform.AVAILABLE:
+            why_not = "the native kernel service._deform is not built (install with a C compiler)"
+        elif requested[0] != "CPUExecutionProvider":
+            why_not = f"the head runs on {requested[0]}, the native kernel on the CPU"
+        if why_not is None:
+            split = _load_split_head(card.head_split, card.parts[HEAD], model_path.parent, options, requested)
+        elif deform_kernel == "native":
+            raise ModelError(f"deform_kernel='native' cannot be used: {why_not}")
     try:
         session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -302,4 +425,5 @@ def load_model(
         requested_providers=requested,
         providers=list(session.get_providers()),
         parts=loaded,
+        split_head=split,
     )

@@ -58,6 +58,7 @@ class Runtime:
             s.feature_cache,
             s.ort_graph_level,
             s.ort_arena,
+            s.deform_kernel,
         )
         sizes = (1,) if s.max_batch_size == 1 else (1, s.max_batch_size)
         await asyncio.to_thread(self.model.warmup, sizes)
@@ -79,6 +80,7 @@ class Runtime:
                 "version": card.version,
                 "sha256": self.model.sha256,
                 "providers": ",".join(self.model.providers),
+                "deform_kernel": self.model.deform_kernel,
             }
         )
         self.ready = True
@@ -92,6 +94,7 @@ class Runtime:
                 "sha256": self.model.sha256,
                 "providers": self.model.providers,
                 "feature_cache": self.model.has_parts,
+                "deform_kernel": self.model.deform_kernel,
                 "inference_workers": workers,
                 "ort_threads": threads,
                 "requested_providers": self.model.requested_providers,

@@ -18,7 +18,9 @@ the stage-9 estimates in network units, i.e. divided by ``config.scale``) and th
 the DeformConv nodes). The window-position gates sigmoid(Linear(e_p)) depend on nothing but
 the weights, so the head multiplies by their 5 precomputed vectors. Encoder then head must equal
 the single graph within the tolerance (checked in ONNX Runtime); the card lists both parts under
-``parts`` with their hashes, and the service verifies them like the main file.
+``parts`` with their hashes, and the service verifies them like the main file. Last, the head is
+cut at its DeformConv nodes for the service's native kernel (``csist split-head``; skipped with
+a note when that kernel is not built).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from service.model import file_sha256 as sha256
 from service.peaks import DEFAULT_MODE
 from service.postprocess import REFINE_MODES
 from training.model import DeRefNet
+from training.split_head import split_for_native_kernel
 from training.train import load_checkpoint_model
 
 OPSET = 19
@@ -342,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out.parent / part['file']} ({part['bytes']} bytes, sha256 {part['sha256'][:12]}...)")
     if parts:
         print(f"max |encoder+head - single graph| {checks['parts']['max_abs_diff_vs_single_graph']:.2e}")
+        split_for_native_kernel(args.out, parity)
     return 0
 
 

@@ -44,6 +44,7 @@ from service.model import ENCODER, HEAD, file_sha256, session_options
 from service.windows import WINDOW
 from training.data import windows
 from training.export import part_paths
+from training.split_head import split_for_native_kernel
 
 DEFAULT_SEED = 9401  # not a seed of the training/test/benchmark data of this project
 # Graph nodes whose weights come from the head carry initializers named "head.*" (the exporter
@@ -211,6 +212,7 @@ def build_card(src_card: dict, out: Path, paths: dict[str, Path], info: dict) ->
     # The fp32 metrics do not describe this model: only what was measured on it is listed.
     card["metrics"] = info.pop("metrics")
     card.pop("metrics_updated", None)  # a refresh of the fp32 card's metrics, not of these
+    card.pop("head_split", None)  # cut from the fp32 head; main() splits this model's own head
     card["quantization"] = info
     return card
 
@@ -351,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     card_path = args.out.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {args.out} and {', '.join(p.name for p in out_parts.values())} and {card_path}")
+    split_for_native_kernel(args.out, held_out)
     print(f"max |int8 - fp32| on {diff['windows']} held-out windows: single graph {diff['single_graph_max_abs_diff']:.3g}, "
           f"encoder+head {diff['parts_max_abs_diff']:.3g} (peak {diff['hr_peak']:.1f})")
     return 0

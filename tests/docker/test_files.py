@@ -202,6 +202,9 @@ def test_dockerignore_keeps_data_runs_venvs_and_checkpoints_out():
         "training/data.py",
         "models/derefnet.onnx",
         "models/derefnet.json",
+        "models/derefnet.head.deform.npz",  # the native kernel's weights, listed in the card
+        "setup.py",
+        "service/_native/deform.c",
         "docker/entrypoint.sh",
         "docker/healthcheck.py",
         "docker/requirements.py",

@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from service import deform
 from service.config import DEFAULT_MODEL_PATH, Settings
 from tests.service.conftest import LiveServer, simulate_track
 
@@ -23,11 +24,14 @@ def test_service_starts_on_the_bundled_model_and_answers():
             frames = simulate_track(5, seed=0, spread=0.3)
             r = c.post("/unmix", json={"frames": [{"patch": f.tolist()} for f in frames]})
         caches = live.runtime.batcher.caches_features
+        kernel = live.runtime.model.deform_kernel
     finally:
         live.stop()
     assert r.status_code == 200, r.text
     card = json.loads(DEFAULT_MODEL_PATH.with_suffix(".json").read_text())
     assert caches == bool(card.get("parts"))  # exported with parts: the stream uses them
+    if card.get("head_split") and deform.AVAILABLE:
+        assert kernel == "native"  # the default (auto) uses the head's split when it can
     out = r.json()
     assert len(out["results"]) == 5
     assert out["model"]["sha256"] == meta["sha256"]

@@ -1,0 +1,136 @@
+"""``csist split-head``: the head cut at its DeformConv nodes, verified and run with the native kernel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from service import deform
+from service.model import ModelError, file_sha256, load_model
+from training import export, split_head
+from tests.service.tiny_derefnet import tiny_model_path
+
+pytestmark = pytest.mark.skipif(not deform.AVAILABLE, reason="service._deform is not built")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return tiny_model_path(tmp_path_factory)
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    """A private copy of the tiny model's directory, to alter."""
+    for path in tiny_model.parent.iterdir():
+        if path.is_file():
+            shutil.copy(path, tmp_path / path.name)
+    return tmp_path / tiny_model.name
+
+
+def features(model, n=3, seed=5):
+    windows = export.sample_windows(n, seed=seed)
+    return model.encode(windows.reshape(-1, 11, 11)).reshape(n, 5, -1)
+
+
+def test_export_splits_the_head_and_records_it(tiny_model):
+    card = json.loads(tiny_model.with_suffix(".json").read_text())
+    entry = card["head_split"]
+    assert entry["head"] == card["parts"]["head"]["file"]
+    assert [s["file"] for s in entry["segments"]] == [f"derefnet.head.seg{i}.onnx" for i in range(3)]
+    for spec in [*entry["segments"], entry["weights"]]:
+        assert file_sha256(tiny_model.parent / spec["file"]) == spec["sha256"]
+    ops = [[n.op_type for n in onnx.load(str(tiny_model.parent / s["file"])).graph.node] for s in entry["segments"]]
+    assert all("DeformConv" not in o for o in ops) and all(ops)
+    assert len(entry["deform"]) == 2
+    diffs = entry["check"]["relative_diff"]
+    assert diffs["segments_vs_head"] < 1e-6 and diffs["native_kernel_vs_onnxruntime_deformconv"] < 1e-4
+
+
+def test_native_head_equals_the_onnx_head(tiny_model):
+    native = load_model(tiny_model, deform_kernel="native")
+    plain = load_model(tiny_model, deform_kernel="onnxruntime")
+    assert native.deform_kernel == "native" and plain.deform_kernel == "onnxruntime"
+    assert load_model(tiny_model).deform_kernel == "native"  # auto
+    feats = features(native)
+    want = plain.head(feats)
+    got = native.head(feats)
+    assert got.shape == want.shape == (3, 33, 33)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    # the deformable sampling matters in this model: zero offsets would change the answer
+    assert np.abs(want).max() > 10
+
+
+def test_altered_segment_or_weights_are_refused(model_copy):
+    card = json.loads(model_copy.with_suffix(".json").read_text())
+    seg = model_copy.parent / card["head_split"]["segments"][1]["file"]
+    original = seg.read_bytes()
+    seg.write_bytes(original + b"\0")
+    with pytest.raises(ModelError, match="SHA-256 mismatch: head segment 1"):
+        load_model(model_copy)
+    assert load_model(model_copy, deform_kernel="onnxruntime").deform_kernel == "onnxruntime"
+    seg.write_bytes(original)
+    (model_copy.parent / card["head_split"]["weights"]["file"]).unlink()
+    with pytest.raises(ModelError, match="DeformConv weights not found"):
+        load_model(model_copy)
+
+
+def test_native_required_but_not_possible(model_copy):
+    card_path = model_copy.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    del card["head_split"]
+    card_path.write_text(json.dumps(card))
+    assert load_model(model_copy).deform_kernel == "onnxruntime"  # auto falls back
+    with pytest.raises(ModelError, match="no head_split"):
+        load_model(model_copy, deform_kernel="native")
+    with pytest.raises(ModelError, match="streaming parts are not loaded"):
+        load_model(model_copy, parts=False, deform_kernel="native")
+    with pytest.raises(ModelError, match="deform_kernel='fast'"):
+        load_model(model_copy, deform_kernel="fast")
+
+
+def test_split_from_another_head_is_refused(model_copy):
+    card_path = model_copy.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["head_split"]["head"] = "other.head.onnx"
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="was cut from 'other.head.onnx'"):
+        load_model(model_copy)
+
+
+def test_resplit_gives_the_same_files(model_copy):
+    card_path = model_copy.with_suffix(".json")
+    before = json.loads(card_path.read_text())["head_split"]
+    assert split_head.main(["--model", str(model_copy), "--parity-windows", "3"]) == 0
+    after = json.loads(card_path.read_text())["head_split"]
+    assert [s["sha256"] for s in after["segments"]] == [s["sha256"] for s in before["segments"]]
+    assert after["weights"]["sha256"] == before["weights"]["sha256"]
+    assert after["check"]["windows"] == 3
+
+
+def test_unsupported_deformconv_is_refused(model_copy):
+    card = json.loads(model_copy.with_suffix(".json").read_text())
+    head = model_copy.parent / card["parts"]["head"]["file"]
+    proto = onnx.load(str(head))
+    node = next(n for n in proto.graph.node if n.op_type == "DeformConv")
+    for attr in node.attribute:
+        if attr.name == "dilations":
+            attr.ints[:] = [2, 2]
+    onnx.save(proto, str(head))
+    with pytest.raises(split_head.SplitError, match="dilations"):
+        split_head.split_graph(head)
+
+
+def test_cli_help_and_missing_head(model_copy, capsys):
+    with pytest.raises(SystemExit) as exc:
+        split_head.main(["--help"])
+    assert exc.value.code == 0 and "DeformConv" in capsys.readouterr().out
+    card_path = model_copy.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    del card["parts"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(SystemExit, match="lists no streaming head"):
+        split_head.main(["--model", str(model_copy)])
