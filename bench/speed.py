@@ -53,6 +53,7 @@ ORT_VARIANTS = {  # name -> service.model.session_options kwargs
     "arena off": {"arena": False},
     "spinning on": {"spinning": True},
     "2 workers x threads=1": {"threads": 1, "workers": 2},
+    "2 workers x threads=1, native deform": {"threads": 1, "workers": 2, "deform_kernel": "native"},
 }
 
 
@@ -95,6 +96,18 @@ def conv_throughput(seconds: float) -> dict:
             "numpy_matmul_gflops": 2 * 1024**3 / t_mm / 1e9, "torch_threads": torch.get_num_threads()}
 
 
+def native_split_head(model: Path, card: dict, opts):
+    """The service's split head (segments + native DeformConv kernel) of ``model``; it must exist."""
+    from service import deform
+    from service.card import load_card
+    from service.model import load_split_head
+
+    spec = load_card(model.with_suffix(".json"))
+    if spec.head_split is None or not deform.AVAILABLE:
+        raise SystemExit(f"csist bench speed: {model}'s card has no head_split or service._deform is not built")
+    return load_split_head(spec.head_split, spec.parts["head"], model.parent, opts, ["CPUExecutionProvider"])
+
+
 class OrtModel:
     """Single graph and (if the card lists them) encoder + head, in one set of session options."""
 
@@ -106,6 +119,7 @@ class OrtModel:
         self.card = json.loads(model.with_suffix(".json").read_text())
         options = dict(options or {})
         self.workers = options.pop("workers", 1)  # threads calling the sessions at once
+        kernel = options.pop("deform_kernel", "onnxruntime")  # or "native": the head's split
         opts = session_options(**options)
         cpu = ["CPUExecutionProvider"]
         self.single = ort.InferenceSession(str(model), opts, providers=cpu)
@@ -114,6 +128,14 @@ class OrtModel:
         if "encoder" in parts and "head" in parts:
             self.encoder = ort.InferenceSession(str(model.parent / parts["encoder"]["file"]), opts, providers=cpu)
             self.head = ort.InferenceSession(str(model.parent / parts["head"]["file"]), opts, providers=cpu)
+        self.split_head = None
+        if kernel == "native" and self.head is not None:
+            self.split_head = native_split_head(model, self.card, opts)
+
+    def run_head(self, features: np.ndarray) -> np.ndarray:
+        if self.split_head is not None:
+            return self.split_head.run(features)
+        return self.head.run(None, {"features": features})[0]
 
     def run_single(self, windows: np.ndarray) -> np.ndarray:
         return self.single.run(None, {"lr": windows})[0]
@@ -126,7 +148,7 @@ class OrtModel:
         feats = self.encoder.run(None, {"lr_frames": trajectories[:, t]})[0]
         cache[:, :-1] = cache[:, 1:]
         cache[:, -1] = feats
-        return self.head.run(None, {"features": cache})[0]
+        return self.run_head(cache)
 
 
 def windows_per_second(make_call, per_call: int, seconds: float, workers: int) -> float:
@@ -412,6 +434,12 @@ def run(args) -> dict:
         for n in (1, 32):
             add("ONNX encoder+head, streaming (cached features)", n, time_streaming(m, trajectories, n, seconds),
                 flops["streaming_per_window"])
+    native = m.encoder is not None and m.card.get("head_split") is not None
+    if native:  # the head's DeformConv in the service's native kernel (what the service runs)
+        mn = OrtModel(args.model, {"deform_kernel": "native"})
+        for n in (1, 32):
+            add("ONNX encoder+head + native deform, streaming", n, time_streaming(mn, trajectories, n, seconds),
+                flops["streaming_per_window"])
     workers = args.workers
     if workers > 1:  # the service's default on the CPU: one single-threaded call per core
         m1 = OrtModel(args.model, {"threads": 1})
@@ -421,10 +449,16 @@ def run(args) -> dict:
             for n in (1, 32):
                 add(f"ONNX encoder+head, streaming, {label}", n, time_streaming(m1, trajectories, n, seconds, workers),
                     flops["streaming_per_window"])
+        if native:
+            m1n = OrtModel(args.model, {"threads": 1, "deform_kernel": "native"})
+            for n in (1, 32):
+                add(f"ONNX encoder+head + native deform, streaming, {label}", n,
+                    time_streaming(m1n, trajectories, n, seconds, workers), flops["streaming_per_window"])
     by = {(r["mode"].split(" (")[0] if r["mode"].startswith("PyTorch") else r["mode"], r["batch"]): r["windows_per_s"] for r in rows}
     ratios = {}
     if workers > 1 and ("PyTorch eager", 32) in by:
-        for what, mode in (("single", "ONNX single graph"), ("streaming", "ONNX encoder+head, streaming")):
+        for what, mode in (("single", "ONNX single graph"), ("streaming", "ONNX encoder+head, streaming"),
+                           ("streaming_native", "ONNX encoder+head + native deform, streaming")):
             key = (f"{mode}, {workers} workers x 1 thread", 32)
             if key in by:
                 ratios[f"onnx_{what}_{workers}_workers_vs_eager_batch32"] = by[key] / by[("PyTorch eager", 32)]
@@ -434,6 +468,9 @@ def run(args) -> dict:
             key = ("ONNX encoder+head, streaming (cached features)", b)
             if key in by:
                 ratios[f"onnx_streaming_vs_eager_batch{b}"] = by[key] / by[("PyTorch eager", b)]
+            key = ("ONNX encoder+head + native deform, streaming", b)
+            if key in by:
+                ratios[f"onnx_streaming_native_vs_eager_batch{b}"] = by[key] / by[("PyTorch eager", b)]
         key = ("ONNX encoder+head, streaming (cached features)", b)
         if key in by:
             ratios[f"cached_vs_uncached_batch{b}"] = by[key] / by[("ONNX single graph", b)]
@@ -457,6 +494,8 @@ def run(args) -> dict:
             "onnx_vs_eager_batch32": ratios.get("onnx_single_vs_eager_batch32"),
             "onnx_streaming_vs_eager_batch32": ratios.get("onnx_streaming_vs_eager_batch32"),
             "onnx_streaming_workers_vs_eager_batch32": ratios.get(f"onnx_streaming_{workers}_workers_vs_eager_batch32"),
+            "onnx_streaming_native_workers_vs_eager_batch32":
+                ratios.get(f"onnx_streaming_native_{workers}_workers_vs_eager_batch32"),
             "workers": workers, "target_ratio": 5}
     report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     report["torch_threads"] = torch.get_num_threads()
@@ -502,7 +541,8 @@ def markdown(report: dict) -> str:
                    f"ONNX / PyTorch eager at batch 32: single graph {fmt(d['onnx_vs_eager_batch32'])}, "
                    f"encoder+head streaming {fmt(d['onnx_streaming_vs_eager_batch32'])}, "
                    f"encoder+head streaming on {d.get('workers', 1)} workers "
-                   f"{fmt(d.get('onnx_streaming_workers_vs_eager_batch32'))} (target >= 5).\n")
+                   f"{fmt(d.get('onnx_streaming_workers_vs_eager_batch32'))}, with the native deform kernel "
+                   f"{fmt(d.get('onnx_streaming_native_workers_vs_eager_batch32'))} (target >= 5).\n")
     return "".join(out)
 
 

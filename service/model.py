@@ -321,7 +321,7 @@ def _verified_file(spec: FileSpec, directory: Path, what: str) -> Path:
     return path
 
 
-def _load_split_head(
+def load_split_head(
     spec: HeadSplitSpec, head: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str]
 ) -> SplitHead:
     """Verify the head's segments and DeformConv weights and set up the native kernels."""
@@ -407,7 +407,7 @@ def load_model(
         elif requested[0] != "CPUExecutionProvider":
             why_not = f"the head runs on {requested[0]}, the native kernel on the CPU"
         if why_not is None:
-            split = _load_split_head(card.head_split, card.parts[HEAD], model_path.parent, options, requested)
+            split = load_split_head(card.head_split, card.parts[HEAD], model_path.parent, options, requested)
         elif deform_kernel == "native":
             raise ModelError(f"deform_kernel='native' cannot be used: {why_not}")
     try:
