@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from service.config import available_cpus
 from service.card import CardError, FileSpec, HeadSplitSpec, ModelCard, PartSpec, load_card
 from service import deform, peaks
 from service.postprocess import REFINE_MODES
@@ -324,7 +325,11 @@ def _verified_file(spec: FileSpec, directory: Path, what: str) -> Path:
 def load_split_head(
     spec: HeadSplitSpec, head: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str]
 ) -> SplitHead:
-    """Verify the head's segments and DeformConv weights and set up the native kernels."""
+    """Verify the head's segments and DeformConv weights and set up the native kernels.
+
+    The kernels use as many threads as the sessions' intra-op setting (0: one per CPU core).
+    """
+    threads = options.intra_op_num_threads or available_cpus()
     if spec.head != head.file:
         raise ModelError(f"head_split was cut from {spec.head!r}, but the card's head is {head.file!r}")
     sessions = []
@@ -339,7 +344,7 @@ def load_split_head(
         with np.load(npz, allow_pickle=False) as arrays:
             weights = {name: arrays[name] for name in arrays.files}
         steps = [
-            DeformStep(d.input, d.offset, d.output, deform.DeformConv3x3(weights[d.weight], weights[d.bias]))
+            DeformStep(d.input, d.offset, d.output, deform.DeformConv3x3(weights[d.weight], weights[d.bias], threads))
             for d in spec.deform
         ]
     except (KeyError, ValueError, OSError) as exc:

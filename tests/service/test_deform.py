@@ -123,3 +123,13 @@ def test_releases_the_gil():
         spinner.join()
     assert seconds > 0.05, "call too short to tell"
     assert during > 0.4 * rate * seconds
+
+
+def test_threads_split_the_batch_without_changing_the_answer():
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    one, three = deform.DeformConv3x3(weight), deform.DeformConv3x3(weight, threads=3)
+    for n in (1, 2, 7):
+        x = rng.standard_normal((n, 32, 9, 9)).astype(np.float32)
+        offset = rng.standard_normal((n, 18, 9, 9)).astype(np.float32)
+        np.testing.assert_array_equal(three(x, offset), one(x, offset))
