@@ -1,6 +1,7 @@
 """Evaluate a DeRefNet checkpoint or ONNX model on a data split with CSO-mAP.
 
     csist evaluate --model models/derefnet.onnx --data data/seqcsist --split test
+    csist evaluate --model models/derefnet.onnx --data data/seqcsist --split test --path stream
     csist evaluate --model runs/derefnet/best.pt --data data/seqcsist --split test \
         --refine centroid --out report.json --detections dets.json --plots plots/
 
@@ -30,12 +31,48 @@ from training.metric import cso_map, count_accuracy, localisation_error
 WINDOW = 5
 
 
-def load_predictor(path: str | Path, threads: int | None = None):
-    """A function frames (n, T, 11, 11) -> HR maps (n, T-4, 33, 33) for a .pt or .onnx model."""
+def load_predictor(path: str | Path, threads: int | None = None, stream: bool = False, deform_kernel: str = "auto"):
+    """A function frames (n, T, 11, 11) -> HR maps (n, T-4, 33, 33) for a .pt or .onnx model.
+
+    ``stream``: an .onnx model run the way the service streams it (:class:`StreamPredictor`).
+    """
     path = Path(path)
+    if stream:
+        if path.suffix != ".onnx":
+            raise SystemExit("csist evaluate: error: --path stream needs an exported .onnx model")
+        return StreamPredictor(path, threads, deform_kernel)
     if path.suffix == ".onnx":
         return OnnxPredictor(path, threads)
     return TorchPredictor(path, threads)
+
+
+class StreamPredictor:
+    """The service's streaming path: ``service.model.load_model`` (card and hashes verified),
+    each frame encoded once, then the head on every window of features, with the head's
+    DeformConv in the native kernel when ``deform_kernel`` selects it (as the service does)."""
+
+    def __init__(self, path: Path, threads: int | None = None, deform_kernel: str = "auto", batch: int = 64):
+        from service.model import ModelError, load_model
+
+        try:
+            self.model = load_model(path, threads=threads or 0, deform_kernel=deform_kernel)
+        except ModelError as exc:
+            raise SystemExit(f"csist evaluate: error: {exc}") from None
+        if not self.model.has_parts:
+            raise SystemExit(f"csist evaluate: error: the card of {path} lists no streaming encoder and head")
+        self.batch = batch
+        self.deform_kernel = self.model.deform_kernel
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        n, t = frames.shape[:2]
+        flat = frames.reshape(n * t, *frames.shape[2:]).astype(np.float32)
+        step = self.batch * WINDOW
+        feats = np.concatenate([self.model.encode(flat[i : i + step]) for i in range(0, len(flat), step)])
+        win = windows(feats.reshape(n, t, -1), WINDOW)  # (n*(T-4), 5, 1089)
+        starts = range(0, len(win), self.batch)
+        maps = np.concatenate([self.model.head(win[i : i + self.batch])
+                               for i in tqdm(starts, desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty())])
+        return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
 
 
 class OnnxPredictor:
@@ -241,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cells: every HR cell above the threshold (the reference metric); local_max: local maxima only")
     p.add_argument("--max-targets", type=int, default=None, help="keep at most this many peaks per frame")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: library default)")
+    p.add_argument("--path", choices=("single", "stream"), default="single",
+                   help="single: the .onnx single graph on every window; stream: the service's streaming path "
+                        "(encoder once per frame, head per window, card and hashes verified)")
+    p.add_argument("--deform-kernel", choices=("auto", "native", "onnxruntime"), default="auto",
+                   help="with --path stream: who computes the head's DeformConv (as CSIST_DEFORM_KERNEL)")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--detections", type=Path, default=None, help="write all detections as JSON here")
     p.add_argument("--plots", type=Path, default=None, help="write PNGs of input, output, truth and found targets here")
@@ -250,13 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     split = read_split(args.data, args.split, limit=args.limit)
-    predictor = load_predictor(args.model, args.threads)
+    predictor = load_predictor(args.model, args.threads, args.path == "stream", args.deform_kernel)
+    path = {"path": args.path, **({"deform_kernel": predictor.deform_kernel} if args.path == "stream" else {})}
     maps, timing = predict(predictor, split)
     reports = []
     for refine in args.refine:
         report, dets = score_maps(maps, split, args.threshold, refine, args.max_targets, args.peak_mode)
         report.update(timing, model=str(args.model), data=str(args.data), split=args.split, refine=refine,
-                      threshold=args.threshold, peak_mode=args.peak_mode, trajectories=split.n_trajectories)
+                      threshold=args.threshold, peak_mode=args.peak_mode, trajectories=split.n_trajectories, **path)
         print(f"refine={refine}: " + format_report(report))
         reports.append(report)
     if args.out:

@@ -30,27 +30,34 @@
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* unaligned loads allowed */
 #define PB 4  /* output pixels per register block: 4 x 2 x 16 accumulators */
 
-/* Columns of output pixel p: col[k * cin + c] = bilinear sample of channel c for tap k. */
+/* Columns of output pixel p: col[k * cin + c] = bilinear sample of channel c for tap k. The
+ * four corners are summed in registers and stored once (a corner outside the map gets weight
+ * 0 and a valid address), so no column value makes a round trip through memory. */
 INLINE void sample_columns(const float *restrict xt, const float *restrict off, int h, int w,
                            int cin, int p, float *restrict col) {
     const int hw = h * w, i = p / w, j = p % w;
     for (int k = 0; k < 9; k++) {
         float *restrict ck = col + k * cin;
-        for (int c = 0; c < cin; c++) ck[c] = 0.0f;
         const float py = (float)(i + k / 3 - 1) + off[(2 * k) * hw + p];
         const float px = (float)(j + k % 3 - 1) + off[(2 * k + 1) * hw + p];
-        if (!(py > -1.0f && py < (float)h && px > -1.0f && px < (float)w)) continue;
+        if (!(py > -1.0f && py < (float)h && px > -1.0f && px < (float)w)) {
+            for (int c = 0; c < cin; c++) ck[c] = 0.0f;
+            continue;
+        }
         const float fy = floorf(py), fx = floorf(px);
         const int y0 = (int)fy, x0 = (int)fx;
         const float ly = py - fy, lx = px - fx;
-        const float wts[4] = {(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx};
-        const int ys[4] = {y0, y0, y0 + 1, y0 + 1}, xs[4] = {x0, x0 + 1, x0, x0 + 1};
-        for (int q = 0; q < 4; q++) {
-            if (ys[q] < 0 || ys[q] >= h || xs[q] < 0 || xs[q] >= w) continue;
-            const float *restrict src = xt + (ys[q] * w + xs[q]) * cin;
-            const float a = wts[q];
-            for (int c = 0; c < cin; c++) ck[c] += a * src[c];
-        }
+        const int ok_y0 = y0 >= 0, ok_y1 = y0 + 1 < h, ok_x0 = x0 >= 0, ok_x1 = x0 + 1 < w;
+        const float w00 = ok_y0 && ok_x0 ? (1 - ly) * (1 - lx) : 0.0f;
+        const float w01 = ok_y0 && ok_x1 ? (1 - ly) * lx : 0.0f;
+        const float w10 = ok_y1 && ok_x0 ? ly * (1 - lx) : 0.0f;
+        const float w11 = ok_y1 && ok_x1 ? ly * lx : 0.0f;
+        const float *restrict s00 = xt + (ok_y0 && ok_x0 ? y0 * w + x0 : 0) * cin;
+        const float *restrict s01 = xt + (ok_y0 && ok_x1 ? y0 * w + x0 + 1 : 0) * cin;
+        const float *restrict s10 = xt + (ok_y1 && ok_x0 ? (y0 + 1) * w + x0 : 0) * cin;
+        const float *restrict s11 = xt + (ok_y1 && ok_x1 ? (y0 + 1) * w + x0 + 1 : 0) * cin;
+        for (int c = 0; c < cin; c++)
+            ck[c] = w00 * s00[c] + w01 * s01[c] + w10 * s10[c] + w11 * s11[c];
     }
 }
 
