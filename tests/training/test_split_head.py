@@ -134,3 +134,10 @@ def test_cli_help_and_missing_head(model_copy, capsys):
     card_path.write_text(json.dumps(card))
     with pytest.raises(SystemExit, match="lists no streaming head"):
         split_head.main(["--model", str(model_copy)])
+
+
+def test_without_the_built_kernel_auto_falls_back_and_native_refuses(tiny_model, monkeypatch):
+    monkeypatch.setattr(deform, "AVAILABLE", False)
+    assert load_model(tiny_model).deform_kernel == "onnxruntime"
+    with pytest.raises(ModelError, match="not built"):
+        load_model(tiny_model, deform_kernel="native")
