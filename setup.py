@@ -11,7 +11,10 @@ setup(
         Extension(
             "service._deform",
             sources=["service/_native/deform.c"],
-            extra_compile_args=["-O3", "-fno-wrapv", "-std=c11", "-Wall"],
+            # gnu11, not c11: strict ISO mode turns off fused multiply-add contraction (about
+            # 20 % slower here); -fno-wrapv undoes Python's -fwrapv, which blocks vectorizing
+            # the kernel's index arithmetic (its sizes are bounded so that nothing overflows).
+            extra_compile_args=["-O3", "-fno-wrapv", "-std=gnu11", "-Wall"],
             optional=True,
         )
     ]

@@ -87,7 +87,8 @@ class HeadSplitSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    head: str  # the parts.head file it was cut from
+    head: str  # the parts.head file it was cut from, and that file's hash
+    head_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     input: str
     output: str
     segments: list[FileSpec] = Field(min_length=2)

@@ -330,8 +330,11 @@ def load_split_head(
     The kernels use as many threads as the sessions' intra-op setting (0: one per CPU core).
     """
     threads = options.intra_op_num_threads or available_cpus()
-    if spec.head != head.file:
-        raise ModelError(f"head_split was cut from {spec.head!r}, but the card's head is {head.file!r}")
+    if spec.head != head.file or spec.head_sha256.lower() != head.sha256.lower():
+        raise ModelError(
+            f"head_split was cut from {spec.head!r} (sha256 {spec.head_sha256[:12]}...), but the card's "
+            f"head is {head.file!r} (sha256 {head.sha256[:12]}...): run `csist split-head` again"
+        )
     sessions = []
     for i, seg in enumerate(spec.segments):
         path = _verified_file(seg, directory, f"head segment {i}")

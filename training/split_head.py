@@ -6,8 +6,8 @@
 ONNX Runtime's CPU ``DeformConv`` was 61 % of the head's time; the service has a faster kernel of
 its own (``service/deform.py``) but cannot put it inside an ONNX Runtime graph without a custom-op
 library. So the head (``parts.head`` of the card) is cut into the graph segments between its
-DeformConv nodes, ``<head stem>.seg0.onnx`` ... ``.seg<n>.onnx``, and their weights go to
-``<head stem>.deform.npz``; the service runs segment, kernel, segment, ... with the tensors
+DeformConv nodes, ``<model stem>.head.seg0.onnx`` ... ``.seg<n>.onnx``, and their weights go to
+``<model stem>.head.deform.npz``; the service runs segment, kernel, segment, ... with the tensors
 named as in the head. Constant sub-graphs (e.g. an int8 model's weight DequantizeLinear nodes)
 are copied into every segment that uses them rather than passed between segments.
 
@@ -32,7 +32,9 @@ import numpy as np
 
 from service.model import file_sha256
 
+# What the native kernel computes, and the ONNX DeformConv defaults of each attribute.
 DEFORM_ATTRS = {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 1, "offset_group": 1}
+ONNX_DEFAULTS = {"strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1, "offset_group": 1}
 
 
 class SplitError(ValueError):
@@ -48,7 +50,7 @@ def _attrs(node) -> dict:
 def _check_deform(node, consts: dict) -> None:
     attrs = _attrs(node)
     for name, want in DEFORM_ATTRS.items():
-        got = attrs.get(name, want)
+        got = attrs.get(name, ONNX_DEFAULTS[name])
         if (list(got) if isinstance(got, (list, tuple)) else got) != want:
             raise SplitError(f"{node.name}: {name}={got}, the native kernel needs {want}")
     if len(node.input) > 4 and node.input[4]:
@@ -122,6 +124,9 @@ def split_graph(head_path: Path):
         if not outputs:
             raise SplitError(f"segment {s} of {head_path} has no outputs")
         used = [inits[name] for name in sorted(consumed(nodes) & set(inits))]
+        missing = [t for t in [*inputs, *outputs] if t not in infos]
+        if missing:
+            raise SplitError(f"{head_path}: no type/shape information for the cut tensors {missing}")
         graph = helper.make_graph(nodes, f"{g.name or 'head'}_seg{s}", [infos[i] for i in inputs],
                                   [infos[o] for o in outputs], used)
         proto = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
@@ -147,8 +152,13 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
 
 
-def split_paths(head: Path, n_segments: int) -> tuple[list[Path], Path]:
-    return [head.with_name(f"{head.stem}.seg{s}.onnx") for s in range(n_segments)], head.with_name(f"{head.stem}.deform.npz")
+def split_paths(model: Path, n_segments: int, suffix: str = "") -> tuple[list[Path], Path]:
+    """``<model stem>.head.seg<i>.onnx`` and ``<model stem>.head.deform.npz``: named after the model,
+    not its head file, so that two models sharing one head (an int8 encoder with the fp32 head)
+    never share, overwrite or delete each other's split."""
+    stem = f"{model.stem}.head"
+    return ([model.with_name(f"{stem}.seg{s}{suffix}.onnx") for s in range(n_segments)],
+            model.with_name(f"{stem}.deform{suffix}.npz"))
 
 
 def onnxruntime_deform(weight: np.ndarray, bias: np.ndarray):
@@ -168,7 +178,7 @@ def onnxruntime_deform(weight: np.ndarray, bias: np.ndarray):
     return lambda x, offset: session.run(["y"], {"x": x, "offset": offset})[0]
 
 
-def check_split(model_path: Path, windows: np.ndarray, tolerance: float) -> dict:
+def check_split(model_path: Path, windows: np.ndarray, tolerance: float, card_path: Path | None = None) -> dict:
     """Three measurements on the features of ``windows``, in ONNX Runtime:
 
     1. segments with ONNX Runtime's DeformConv between them vs the whole head (the cut is right),
@@ -180,7 +190,7 @@ def check_split(model_path: Path, windows: np.ndarray, tolerance: float) -> dict
     """
     from service.model import DeformStep, SplitHead, load_model
 
-    loaded = load_model(model_path, providers=["CPUExecutionProvider"], deform_kernel="native")
+    loaded = load_model(model_path, card_path, providers=["CPUExecutionProvider"], deform_kernel="native")
     native = loaded.split_head
     b, w = windows.shape[:2]
     feats = loaded.encode(windows.reshape(b * w, *windows.shape[2:])).reshape(b, w, -1)
@@ -222,32 +232,39 @@ def split_head(model_path: Path, windows: np.ndarray, tolerance: float, command:
         raise SplitError(f"{card_path} lists no streaming head (parts.head); export with parts first")
     head_path = model_path.parent / head["file"]
     protos, steps, weights = split_graph(head_path)
-    seg_paths, npz_path = split_paths(head_path, len(protos))
-    for proto, path in zip(protos, seg_paths, strict=True):
-        onnx.save(proto, str(path))
-    save_npz(npz_path, weights)
-    card.pop("head_split", None)
-    card["head_split"] = {
-        "head": head["file"],
-        "input": head["inputs"][0]["name"],
-        "output": head["outputs"][0]["name"],
-        "segments": [{"file": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in seg_paths],
-        "deform": steps,
-        "weights": {"file": npz_path.name, "sha256": file_sha256(npz_path)},
-        "command": command,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    # Written and checked under temporary names with a temporary card, then renamed into place
+    # and the card replaced: a failed or interrupted split leaves the previous one intact.
+    tmp_segs, tmp_npz = split_paths(model_path, len(protos), ".tmp")
+    seg_paths, npz_path = split_paths(model_path, len(protos))
+    tmp_card = card_path.with_name(card_path.name + ".tmp")
     try:
-        check = check_split(model_path, windows, tolerance)
-    except Exception:
-        card.pop("head_split")
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
-        for path in [*seg_paths, npz_path]:
+        for proto, path in zip(protos, tmp_segs, strict=True):
+            onnx.save(proto, str(path))
+        save_npz(tmp_npz, weights)
+
+        def entry(segs, npz):
+            return {
+                "head": head["file"],
+                "head_sha256": head["sha256"],
+                "input": head["inputs"][0]["name"],
+                "output": head["outputs"][0]["name"],
+                "segments": [{"file": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in segs],
+                "deform": steps,
+                "weights": {"file": npz.name, "sha256": file_sha256(npz)},
+                "command": command,
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+
+        tmp_card.write_text(json.dumps({**card, "head_split": entry(tmp_segs, tmp_npz)}, indent=2) + "\n")
+        check = check_split(model_path, windows, tolerance, tmp_card)
+        for src, dst in zip([*tmp_segs, tmp_npz], [*seg_paths, npz_path], strict=True):
+            src.replace(dst)
+        card["head_split"] = {**entry(seg_paths, npz_path), "check": {**check, "tolerance_relative": tolerance}}
+        tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+        tmp_card.replace(card_path)
+    finally:
+        for path in [*tmp_segs, tmp_npz, tmp_card]:
             path.unlink(missing_ok=True)
-        raise
-    card["head_split"]["check"] = {**check, "tolerance_relative": tolerance}
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card["head_split"]
 
 

@@ -16,6 +16,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +33,7 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* unaligned lo
 
 /* Columns of output pixel p: col[k * cin + c] = bilinear sample of channel c for tap k. The
  * four corners are summed in registers and stored once (a corner outside the map gets weight
- * 0 and a valid address), so no column value makes a round trip through memory. */
+ * 0 and reads the zero row hw of xt), so no column value makes a round trip through memory. */
 INLINE void sample_columns(const float *restrict xt, const float *restrict off, int h, int w,
                            int cin, int p, float *restrict col) {
     const int hw = h * w, i = p / w, j = p % w;
@@ -52,10 +53,11 @@ INLINE void sample_columns(const float *restrict xt, const float *restrict off, 
         const float w01 = ok_y0 && ok_x1 ? (1 - ly) * lx : 0.0f;
         const float w10 = ok_y1 && ok_x0 ? ly * (1 - lx) : 0.0f;
         const float w11 = ok_y1 && ok_x1 ? ly * lx : 0.0f;
-        const float *restrict s00 = xt + (ok_y0 && ok_x0 ? y0 * w + x0 : 0) * cin;
-        const float *restrict s01 = xt + (ok_y0 && ok_x1 ? y0 * w + x0 + 1 : 0) * cin;
-        const float *restrict s10 = xt + (ok_y1 && ok_x0 ? (y0 + 1) * w + x0 : 0) * cin;
-        const float *restrict s11 = xt + (ok_y1 && ok_x1 ? (y0 + 1) * w + x0 + 1 : 0) * cin;
+        /* xt row hw is zeros: an outside corner reads it (0 * a NaN pixel would be NaN). */
+        const float *restrict s00 = xt + (ok_y0 && ok_x0 ? y0 * w + x0 : hw) * cin;
+        const float *restrict s01 = xt + (ok_y0 && ok_x1 ? y0 * w + x0 + 1 : hw) * cin;
+        const float *restrict s10 = xt + (ok_y1 && ok_x0 ? (y0 + 1) * w + x0 : hw) * cin;
+        const float *restrict s11 = xt + (ok_y1 && ok_x1 ? (y0 + 1) * w + x0 + 1 : hw) * cin;
         for (int c = 0; c < cin; c++)
             ck[c] = w00 * s00[c] + w01 * s01[c] + w10 * s10[c] + w11 * s11[c];
     }
@@ -93,8 +95,8 @@ INLINE void gemm_block_any(const float *restrict col, int kdim, const float *res
 }
 
 /* One map: x (cin, h, w), off (18, h, w) -> out (cout, h, w). wt is (9 * cin, cout) with
- * wt[(k * cin + c) * cout + o] = weight[o, c, k / 3, k % 3]. xt (h*w*cin) and col (PB*9*cin)
- * are scratch. */
+ * wt[(k * cin + c) * cout + o] = weight[o, c, k / 3, k % 3]. xt ((h*w + 1) * cin) and col
+ * (PB*9*cin) are scratch. Indices within a map are int: run() bounds a map's size. */
 INLINE void deform_map(const float *restrict x, const float *restrict off,
                        const float *restrict wt, const float *restrict bias, float *restrict out,
                        const int cin, const int cout, int h, int w, float *restrict xt,
@@ -102,6 +104,7 @@ INLINE void deform_map(const float *restrict x, const float *restrict off,
     const int hw = h * w, kdim = 9 * cin;
     for (int c = 0; c < cin; c++)
         for (int p = 0; p < hw; p++) xt[p * cin + c] = x[c * hw + p];
+    for (int c = 0; c < cin; c++) xt[hw * cin + c] = 0.0f;
     for (int p0 = 0; p0 < hw; p0 += PB) {
         const int np = hw - p0 < PB ? hw - p0 : PB;
         for (int pb = 0; pb < PB; pb++) {
@@ -121,18 +124,23 @@ TARGETS static void deform_maps(const float *x, const float *off, const float *w
     const int64_t hw = (int64_t)h * w;
     if (cin == 32 && cout == 32)
         for (int b = 0; b < n; b++)
-            deform_map(x + b * 32 * hw, off + b * 18 * hw, wt, bias, out + b * 32 * hw, 32, 32, h,
-                       w, xt, col);
+            deform_map(x + (int64_t)b * 32 * hw, off + (int64_t)b * 18 * hw, wt, bias,
+                       out + (int64_t)b * 32 * hw, 32, 32, h, w, xt, col);
     else
         for (int b = 0; b < n; b++)
-            deform_map(x + b * cin * hw, off + b * 18 * hw, wt, bias, out + b * cout * hw, cin,
-                       cout, h, w, xt, col);
+            deform_map(x + (int64_t)b * cin * hw, off + (int64_t)b * 18 * hw, wt, bias,
+                       out + (int64_t)b * cout * hw, cin, cout, h, w, xt, col);
 }
 
 static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t n_floats, int writable,
                       const char *name) {
-    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
+    if (view->format == NULL || strcmp(view->format, "f") != 0) {
+        PyErr_Format(PyExc_TypeError, "%s: expected float32 values", name);
+        PyBuffer_Release(view);
+        return -1;
+    }
     if (view->itemsize != 4 || view->len != n_floats * 4) {
         PyErr_Format(PyExc_ValueError, "%s: expected %zd float32 values, got %zd bytes",
                      name, n_floats, view->len);
@@ -149,18 +157,22 @@ static PyObject *run(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOOiiiii", &ox, &ooff, &owt, &obias, &oout, &n, &cin, &cout,
                           &h, &w))
         return NULL;
-    if (n < 0 || cin < 1 || cout < 1 || h < 1 || w < 1 || cin > 4096 || cout > 4096) {
+    /* Indices within one map are int: keep a map's largest array (9*cin columns or 18 offset
+     * channels or cout outputs, per pixel, plus the zero row) well inside INT_MAX. */
+    const Py_ssize_t hw = (Py_ssize_t)h * w;
+    const Py_ssize_t widest = 9 * (Py_ssize_t)(cin > cout ? cin : cout) + 18;
+    if (n < 0 || cin < 1 || cout < 1 || h < 1 || w < 1 || cin > 4096 || cout > 4096 ||
+        (hw + 1) * widest > INT_MAX / 2) {
         PyErr_SetString(PyExc_ValueError, "deform: bad dimensions");
         return NULL;
     }
-    const Py_ssize_t hw = (Py_ssize_t)h * w;
     Py_buffer bx, boff, bwt, bbias, bout;
-    if (get_buffer(ox, &bx, n * cin * hw, 0, "x") < 0) return NULL;
-    if (get_buffer(ooff, &boff, n * 18 * hw, 0, "offset") < 0) goto fail_x;
+    if (get_buffer(ox, &bx, (Py_ssize_t)n * cin * hw, 0, "x") < 0) return NULL;
+    if (get_buffer(ooff, &boff, (Py_ssize_t)n * 18 * hw, 0, "offset") < 0) goto fail_x;
     if (get_buffer(owt, &bwt, (Py_ssize_t)9 * cin * cout, 0, "weight") < 0) goto fail_off;
     if (get_buffer(obias, &bbias, cout, 0, "bias") < 0) goto fail_wt;
-    if (get_buffer(oout, &bout, n * cout * hw, 1, "out") < 0) goto fail_bias;
-    float *xt = malloc(sizeof(float) * hw * cin);
+    if (get_buffer(oout, &bout, (Py_ssize_t)n * cout * hw, 1, "out") < 0) goto fail_bias;
+    float *xt = malloc(sizeof(float) * (hw + 1) * cin);
     float *col = malloc(sizeof(float) * PB * 9 * cin);
     if (!xt || !col) {
         free(xt);

@@ -133,3 +133,29 @@ def test_threads_split_the_batch_without_changing_the_answer():
         x = rng.standard_normal((n, 32, 9, 9)).astype(np.float32)
         offset = rng.standard_normal((n, 18, 9, 9)).astype(np.float32)
         np.testing.assert_array_equal(three(x, offset), one(x, offset))
+
+
+def test_outside_corners_do_not_read_a_pixel():
+    """A corner outside the map reads zeros, not pixel (0, 0): an inf there stays local."""
+    x = np.ones((1, 2, 8, 8), np.float32)
+    x[0, :, 0, 0] = np.inf
+    offset = np.full((1, 18, 8, 8), 0.5, np.float32)  # every sample half a pixel down-right
+    out = deform.DeformConv3x3(np.ones((3, 2, 3, 3), np.float32))(x, offset)
+    assert np.isfinite(out[:, :, 2:, 2:]).all()  # samples there never reach pixel (0, 0)
+    want = ort_deform(np.ones_like(x), offset, np.ones((3, 2, 3, 3), np.float32), np.zeros(3, np.float32))
+    np.testing.assert_allclose(out[:, :, 2:, 2:], want[:, :, 2:, 2:], rtol=1e-6)
+
+
+def test_raw_entry_point_checks_types_and_sizes():
+    from service import _deform
+
+    f32 = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    with pytest.raises(TypeError, match="x: expected float32"):
+        _deform.run(np.zeros((1, 1, 2, 2), np.int32), f32(1, 18, 2, 2), f32(9, 1), f32(1), f32(1, 1, 2, 2), 1, 1, 1, 2, 2)
+    with pytest.raises(ValueError, match="offset: expected 72 float32 values"):
+        _deform.run(f32(1, 1, 2, 2), f32(1, 18, 2, 1), f32(9, 1), f32(1), f32(1, 1, 2, 2), 1, 1, 1, 2, 2)
+    with pytest.raises(ValueError, match="bad dimensions"):
+        _deform.run(f32(1), f32(1), f32(1), f32(1), f32(1), 1, 4096, 4096, 1000, 1000)
+    # sizes are computed in 64 bits: a huge batch does not wrap around to the small buffer
+    with pytest.raises(ValueError, match="x: expected"):
+        _deform.run(f32(0), f32(0), f32(9 * 4096), f32(1), f32(0), 2**20, 4096, 1, 1, 1)

@@ -141,3 +141,36 @@ def test_without_the_built_kernel_auto_falls_back_and_native_refuses(tiny_model,
     assert load_model(tiny_model).deform_kernel == "onnxruntime"
     with pytest.raises(ModelError, match="not built"):
         load_model(tiny_model, deform_kernel="native")
+
+
+def test_failed_split_leaves_the_previous_one_intact(model_copy):
+    card_path = model_copy.with_suffix(".json")
+    before = card_path.read_text()
+    files = sorted(p.name for p in model_copy.parent.iterdir())
+    with pytest.raises(split_head.SplitError, match="native kernel differs"):
+        split_head.split_head(model_copy, export.sample_windows(2), 0.0, "test")  # tolerance 0 fails
+    assert card_path.read_text() == before
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == files  # no .tmp left, none removed
+    assert load_model(model_copy).deform_kernel == "native"
+
+
+def test_two_models_sharing_a_head_get_their_own_split(model_copy):
+    """An int8 encoder next to the fp32 head (csist quantize without --head) names the same head."""
+    other = model_copy.with_name("other.onnx")
+    shutil.copy(model_copy, other)
+    shutil.copy(model_copy.with_suffix(".json"), other.with_suffix(".json"))
+    mine = json.loads(model_copy.with_suffix(".json").read_text())["head_split"]
+    entry = split_head.split_head(other, export.sample_windows(2), 1e-4, "test")
+    assert [s["file"] for s in entry["segments"]] == [f"other.head.seg{i}.onnx" for i in range(3)]
+    for spec in [*mine["segments"], mine["weights"]]:  # the first model's files are untouched
+        assert file_sha256(model_copy.parent / spec["file"]) == spec["sha256"]
+    assert load_model(model_copy).deform_kernel == load_model(other).deform_kernel == "native"
+
+
+def test_head_changed_after_the_split_is_refused(model_copy):
+    card_path = model_copy.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["head_split"]["head_sha256"] = "0" * 64
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="run `csist split-head` again"):
+        load_model(model_copy)
