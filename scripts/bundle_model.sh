@@ -9,7 +9,7 @@ TEST_SEED=${TEST_SEED:-1001}   # never used for training data
 TEST_DATA=data/seqcsist-test-s${TEST_SEED}
 EVAL=${EVAL:-runs/eval4}       # where the metrics step writes its report (session 2 used runs/eval3)
 
-step=${1:-all}  # data, train, evaluate, export, all; or metrics, int8, reexport
+step=${1:-all}  # data, train, evaluate, export, all; or metrics, int8, reexport, split
 if [[ $step == data || $step == all ]]; then
   $CSIST simulate --out data/seqcsist --trajectories 5000 --seed 0
   $CSIST simulate --out "$TEST_DATA" --trajectories 750 --seed "$TEST_SEED" --split 0,0,1
@@ -56,4 +56,9 @@ fi
 if [[ $step == int8 || $step == reexport ]]; then
   $CSIST quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx --head \
     --eval-data "$TEST_DATA" --max-map-drop 0.5
+fi
+if [[ $step == split ]]; then
+  # cut the existing heads for the native DeformConv kernel (export and quantize do this themselves)
+  $CSIST split-head --model models/derefnet.onnx
+  $CSIST split-head --model models/derefnet-int8.onnx
 fi
