@@ -96,7 +96,7 @@ def conv_throughput(seconds: float) -> dict:
             "numpy_matmul_gflops": 2 * 1024**3 / t_mm / 1e9, "torch_threads": torch.get_num_threads()}
 
 
-def native_split_head(model: Path, card: dict, opts):
+def native_split_head(model: Path, opts):
     """The service's split head (segments + native DeformConv kernel) of ``model``; it must exist."""
     from service import deform
     from service.card import load_card
@@ -130,7 +130,7 @@ class OrtModel:
             self.head = ort.InferenceSession(str(model.parent / parts["head"]["file"]), opts, providers=cpu)
         self.split_head = None
         if kernel == "native" and self.head is not None:
-            self.split_head = native_split_head(model, self.card, opts)
+            self.split_head = native_split_head(model, opts)
 
     def run_head(self, features: np.ndarray) -> np.ndarray:
         if self.split_head is not None:

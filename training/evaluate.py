@@ -26,6 +26,7 @@ from service.peaks import DEFAULT_MODE, PEAK_MODES
 from service.postprocess import REFINE_MODES, find_targets
 from service.refine import FitConfig
 from training.data import read_split, window_middles, windows
+from service.model import DEFORM_KERNELS
 from training.metric import cso_map, count_accuracy, localisation_error
 
 WINDOW = 5
@@ -64,15 +65,22 @@ class StreamPredictor:
         self.deform_kernel = self.model.deform_kernel
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        n, t = frames.shape[:2]
-        flat = frames.reshape(n * t, *frames.shape[2:]).astype(np.float32)
-        step = self.batch * WINDOW
-        feats = np.concatenate([self.model.encode(flat[i : i + step]) for i in range(0, len(flat), step)])
-        win = windows(feats.reshape(n, t, -1), WINDOW)  # (n*(T-4), 5, 1089)
-        starts = range(0, len(win), self.batch)
-        maps = np.concatenate([self.model.head(win[i : i + self.batch])
-                               for i in tqdm(starts, desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty())])
-        return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
+        return stream_maps(self.model.encode, self.model.head, frames, self.batch)
+
+
+def stream_maps(encode, head, frames: np.ndarray, batch: int = 64) -> np.ndarray:
+    """HR maps (n, T-4, 33, 33) of trajectories (n, T, 11, 11) as the service streams them: every
+    frame encoded once (``encode``: (m, 11, 11) -> (m, 1089)), then ``head`` ((b, 5, 1089) ->
+    (b, 33, 33)) on every window of features, ``batch`` windows per call."""
+    n, t = frames.shape[:2]
+    flat = frames.reshape(n * t, *frames.shape[2:]).astype(np.float32)
+    step = batch * WINDOW
+    feats = np.concatenate([encode(flat[i : i + step]) for i in range(0, len(flat), step)])
+    win = windows(feats.reshape(n, t, -1), WINDOW)  # (n*(T-4), 5, 1089)
+    starts = range(0, len(win), batch)
+    maps = np.concatenate([head(win[i : i + batch])
+                           for i in tqdm(starts, desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty())])
+    return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
 
 
 class OnnxPredictor:
@@ -281,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", choices=("single", "stream"), default="single",
                    help="single: the .onnx single graph on every window; stream: the service's streaming path "
                         "(encoder once per frame, head per window, card and hashes verified)")
-    p.add_argument("--deform-kernel", choices=("auto", "native", "onnxruntime"), default="auto",
+    p.add_argument("--deform-kernel", choices=DEFORM_KERNELS, default="auto",
                    help="with --path stream: who computes the head's DeformConv (as CSIST_DEFORM_KERNEL)")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--detections", type=Path, default=None, help="write all detections as JSON here")

@@ -154,12 +154,14 @@ def check_deform_fp32(path: Path) -> None:
 
 
 def stream_maps(encoder, head, frames: np.ndarray, batch: int = 64) -> np.ndarray:
-    """HR maps (n, T-4, 33, 33) of trajectories as the service streams them: each frame
-    encoded once, then the head on every window of features."""
-    n, t = frames.shape[:2]
-    feats = run_batched(encoder, frames.reshape(-1, *frames.shape[2:]).astype(np.float32), batch * WINDOW)
-    maps = run_batched(head, windows(feats.reshape(n, t, -1)), batch)
-    return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
+    """``training.evaluate.stream_maps`` (the service's streaming order) on two ORT sessions."""
+    from training.evaluate import stream_maps as streamed
+
+    def call(sess):
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x})[0]
+
+    return streamed(call(encoder), call(head), frames, batch)
 
 
 def evaluate_stream(encoder, head, split, threshold: float, refine: str) -> dict:
