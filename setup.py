@@ -1,7 +1,7 @@
-"""Build step of the one compiled piece, service._deform (see service/_native/deform.c).
+"""Build step of the compiled pieces, service._deform and service._conv (see service/_native/).
 
-Everything else is declared in pyproject.toml. The extension is optional: without a C compiler
-the install still succeeds and the service runs ONNX Runtime's DeformConv instead.
+Everything else is declared in pyproject.toml. Both extensions are optional: without a C compiler
+the install still succeeds and the service runs ONNX Runtime's DeformConv and Conv instead.
 """
 
 from setuptools import Extension, setup
@@ -16,6 +16,14 @@ setup(
             # the kernel's index arithmetic (its sizes are bounded so that nothing overflows).
             extra_compile_args=["-O3", "-fno-wrapv", "-std=gnu11", "-Wall"],
             optional=True,
-        )
+        ),
+        Extension(
+            "service._conv",
+            sources=["service/_native/conv.c"],
+            # No -m flags: the AMX functions carry target attributes, so the module imports
+            # (and says AMX is unusable) on any CPU; -fno-wrapv and gnu11 as above.
+            extra_compile_args=["-O3", "-fno-wrapv", "-std=gnu11", "-Wall"],
+            optional=True,
+        ),
     ]
 )

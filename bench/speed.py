@@ -43,6 +43,7 @@ from bench.flops import window_flops
 from service.config import available_cpus
 
 REPO = Path(__file__).resolve().parents[1]
+AMX_MODE = "ONNX encoder+head + AMX bf16 conv + native deform, streaming"
 SEED = 8101  # data seed of the speed benchmark (never used in development)
 ORT_VARIANTS = {  # name -> service.model.session_options kwargs
     "default (all, threads=auto, arena, no spin)": {},
@@ -54,6 +55,7 @@ ORT_VARIANTS = {  # name -> service.model.session_options kwargs
     "spinning on": {"spinning": True},
     "2 workers x threads=1": {"threads": 1, "workers": 2},
     "2 workers x threads=1, native deform": {"threads": 1, "workers": 2, "deform_kernel": "native"},
+    "2 workers x threads=1, AMX kernels": {"threads": 1, "workers": 2, "deform_kernel": "native", "conv_kernel": "amx"},
 }
 
 
@@ -91,50 +93,57 @@ def conv_throughput(seconds: float) -> dict:
     t_ort = time_per_call(lambda: sess.run(None, {"x": x}), seconds)
     a = np.random.default_rng(2).standard_normal((1024, 1024)).astype(np.float32)
     t_mm = time_per_call(lambda: a @ a, seconds)
-    return {"method": "3x3 conv 32->32 ch on (64, 32, 33, 33), 2*Cin*Cout*9*H*W*N FLOPs; numpy 1024^3 matmul",
-            "torch_gflops": flops / t_torch / 1e9, "ort_gflops": flops / t_ort / 1e9,
-            "numpy_matmul_gflops": 2 * 1024**3 / t_mm / 1e9, "torch_threads": torch.get_num_threads()}
+    out = {"method": "3x3 conv 32->32 ch on (64, 32, 33, 33), 2*Cin*Cout*9*H*W*N FLOPs; numpy 1024^3 matmul",
+           "torch_gflops": flops / t_torch / 1e9, "ort_gflops": flops / t_ort / 1e9,
+           "numpy_matmul_gflops": 2 * 1024**3 / t_mm / 1e9, "torch_threads": torch.get_num_threads()}
+    from service import conv
 
-
-def native_split_head(model: Path, opts):
-    """The service's split head (segments + native DeformConv kernel) of ``model``; it must exist."""
-    from service import deform
-    from service.card import load_card
-    from service.model import load_split_head
-
-    spec = load_card(model.with_suffix(".json"))
-    if spec.head_split is None or not deform.AVAILABLE:
-        raise SystemExit(f"csist bench speed: {model}'s card has no head_split or service._deform is not built")
-    return load_split_head(spec.head_split, spec.parts["head"], model.parent, opts, ["CPUExecutionProvider"])
+    if conv.AMX:  # the service's bfloat16 kernel on one thread (ORT's figure uses every core)
+        kernel = conv.Conv3x3(w, None, "amx")
+        out["amx_bf16_1_thread_gflops"] = flops / time_per_call(lambda: kernel(x), seconds) / 1e9
+    return out
 
 
 class OrtModel:
-    """Single graph and (if the card lists them) encoder + head, in one set of session options."""
+    """Single graph and (if the card lists them) encoder + head, in one set of session options.
+
+    ``deform_kernel="native"`` / ``conv_kernel="amx"`` load the streaming parts through
+    ``service.model.load_model`` with those kernels (what the service runs); they must be usable.
+    """
 
     def __init__(self, model: Path, options: dict | None = None):
         import onnxruntime as ort
 
-        from service.model import session_options
+        from service.model import ModelError, load_model, session_options
 
         self.card = json.loads(model.with_suffix(".json").read_text())
         options = dict(options or {})
         self.workers = options.pop("workers", 1)  # threads calling the sessions at once
-        kernel = options.pop("deform_kernel", "onnxruntime")  # or "native": the head's split
+        deform_kernel = options.pop("deform_kernel", "onnxruntime")
+        conv_kernel = options.pop("conv_kernel", "onnxruntime")
         opts = session_options(**options)
         cpu = ["CPUExecutionProvider"]
         self.single = ort.InferenceSession(str(model), opts, providers=cpu)
         parts = self.card.get("parts") or {}
-        self.encoder = self.head = None
+        self.encoder = self.head = self.loaded = None
         if "encoder" in parts and "head" in parts:
             self.encoder = ort.InferenceSession(str(model.parent / parts["encoder"]["file"]), opts, providers=cpu)
             self.head = ort.InferenceSession(str(model.parent / parts["head"]["file"]), opts, providers=cpu)
-        self.split_head = None
-        if kernel == "native" and self.head is not None:
-            self.split_head = native_split_head(model, opts)
+        if self.encoder is not None and (deform_kernel, conv_kernel) != ("onnxruntime", "onnxruntime"):
+            try:
+                self.loaded = load_model(model, providers=cpu, deform_kernel=deform_kernel, conv_kernel=conv_kernel,
+                                         **options)
+            except ModelError as exc:
+                raise SystemExit(f"csist bench speed: {exc}") from None
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        if self.loaded is not None:
+            return self.loaded.encode(frames)
+        return self.encoder.run(None, {"lr_frames": frames})[0]
 
     def run_head(self, features: np.ndarray) -> np.ndarray:
-        if self.split_head is not None:
-            return self.split_head.run(features)
+        if self.loaded is not None:
+            return self.loaded.head(features)
         return self.head.run(None, {"features": features})[0]
 
     def run_single(self, windows: np.ndarray) -> np.ndarray:
@@ -145,7 +154,7 @@ class OrtModel:
 
         ``cache`` (tracks, 5, 1089) is the tracks' ring of features, shifted in place.
         """
-        feats = self.encoder.run(None, {"lr_frames": trajectories[:, t]})[0]
+        feats = self.encode(trajectories[:, t])
         cache[:, :-1] = cache[:, 1:]
         cache[:, -1] = feats
         return self.run_head(cache)
@@ -292,6 +301,16 @@ class ServerProcess:
                 raise RuntimeError("the service did not start:\n" + "\n".join(self.log_tail))
             time.sleep(0.1)
 
+    def kernels(self) -> dict[str, str]:
+        """deform_kernel and conv_kernel the server chose, from its csist_model_info metric."""
+        import re
+
+        import httpx
+
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+        info = next((line for line in text.splitlines() if line.startswith("csist_model_info{")), "")
+        return {k: v for k, v in re.findall(r'(\w+_kernel)="([^"]*)"', info)}
+
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -382,7 +401,7 @@ def server_runs(model: Path, args, frames: np.ndarray, cache: bool) -> dict:
     try:
         cpu0 = server.cpu_seconds()
         out = {"feature_cache": cache, "settings": {f"CSIST_{k.upper()}": v for k, v in settings.items()},
-               "refine": args.refine,
+               "refine": args.refine, **server.kernels(),
                "ws_fixed": ws_run(server.port, args.tracks, args.rate, args.seconds, SEED, args.refine),
                "ws_saturation": ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine)}
         if cache:
@@ -434,12 +453,20 @@ def run(args) -> dict:
         for n in (1, 32):
             add("ONNX encoder+head, streaming (cached features)", n, time_streaming(m, trajectories, n, seconds),
                 flops["streaming_per_window"])
-    native = m.encoder is not None and m.card.get("head_split") is not None
-    if native:  # the head's DeformConv in the service's native kernel (what the service runs)
+    from service import conv, deform
+
+    native = m.encoder is not None and m.card.get("head_split") is not None and deform.AVAILABLE
+    amx = m.encoder is not None and m.card.get("amx_split") is not None and conv.AMX and deform.AVAILABLE
+    report["amx"] = {"used": amx, "why_not": None if amx else (conv.WHY_NOT_AMX if not conv.AMX else "no amx_split in the card")}
+    if native:  # the head's DeformConv in the service's native kernel
         mn = OrtModel(args.model, {"deform_kernel": "native"})
         for n in (1, 32):
             add("ONNX encoder+head + native deform, streaming", n, time_streaming(mn, trajectories, n, seconds),
                 flops["streaming_per_window"])
+    if amx:  # and the convolutions in the bfloat16 AMX kernels (what the service runs on an AMX CPU)
+        ma = OrtModel(args.model, {"deform_kernel": "native", "conv_kernel": "amx"})
+        for n in (1, 32):
+            add(AMX_MODE, n, time_streaming(ma, trajectories, n, seconds), flops["streaming_per_window"])
     workers = args.workers
     if workers > 1:  # the service's default on the CPU: one single-threaded call per core
         m1 = OrtModel(args.model, {"threads": 1})
@@ -454,11 +481,17 @@ def run(args) -> dict:
             for n in (1, 32):
                 add(f"ONNX encoder+head + native deform, streaming, {label}", n,
                     time_streaming(m1n, trajectories, n, seconds, workers), flops["streaming_per_window"])
+        if amx:
+            m1a = OrtModel(args.model, {"threads": 1, "deform_kernel": "native", "conv_kernel": "amx"})
+            for n in (1, 32):
+                add(f"{AMX_MODE}, {label}", n, time_streaming(m1a, trajectories, n, seconds, workers),
+                    flops["streaming_per_window"])
     by = {(r["mode"].split(" (")[0] if r["mode"].startswith("PyTorch") else r["mode"], r["batch"]): r["windows_per_s"] for r in rows}
     ratios = {}
     if workers > 1 and ("PyTorch eager", 32) in by:
         for what, mode in (("single", "ONNX single graph"), ("streaming", "ONNX encoder+head, streaming"),
-                           ("streaming_native", "ONNX encoder+head + native deform, streaming")):
+                           ("streaming_native", "ONNX encoder+head + native deform, streaming"),
+                           ("streaming_amx", AMX_MODE)):
             key = (f"{mode}, {workers} workers x 1 thread", 32)
             if key in by:
                 ratios[f"onnx_{what}_{workers}_workers_vs_eager_batch32"] = by[key] / by[("PyTorch eager", 32)]
@@ -471,6 +504,8 @@ def run(args) -> dict:
             key = ("ONNX encoder+head + native deform, streaming", b)
             if key in by:
                 ratios[f"onnx_streaming_native_vs_eager_batch{b}"] = by[key] / by[("PyTorch eager", b)]
+            if (AMX_MODE, b) in by:
+                ratios[f"onnx_streaming_amx_vs_eager_batch{b}"] = by[(AMX_MODE, b)] / by[("PyTorch eager", b)]
         key = ("ONNX encoder+head, streaming (cached features)", b)
         if key in by:
             ratios[f"cached_vs_uncached_batch{b}"] = by[key] / by[("ONNX single graph", b)]
@@ -496,6 +531,9 @@ def run(args) -> dict:
             "onnx_streaming_workers_vs_eager_batch32": ratios.get(f"onnx_streaming_{workers}_workers_vs_eager_batch32"),
             "onnx_streaming_native_workers_vs_eager_batch32":
                 ratios.get(f"onnx_streaming_native_{workers}_workers_vs_eager_batch32"),
+            "onnx_streaming_amx_workers_vs_eager_batch32":
+                ratios.get(f"onnx_streaming_amx_{workers}_workers_vs_eager_batch32"),
+            "server_conv_kernel": c.get("conv_kernel"),
             "workers": workers, "target_ratio": 5}
     report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     report["torch_threads"] = torch.get_num_threads()
@@ -511,8 +549,10 @@ def markdown(report: dict) -> str:
            f"FLOPs per window (counted, see bench/flops.py): {f['uncached_per_window'] / 1e9:.3f} GFLOP uncached "
            f"(5 x {f['encoder_per_frame'] / 1e9:.3f} encoder + {f['head_per_window'] / 1e9:.3f} head), "
            f"{f['streaming_per_window'] / 1e9:.3f} GFLOP streaming. Measured 3x3-conv throughput: "
-           f"{conv['ort_gflops']:.1f} GFLOP/s (ONNX Runtime), {conv['torch_gflops']:.1f} GFLOP/s (torch); "
-           f"roofline = ONNX Runtime figure.\n\n"]
+           f"{conv['ort_gflops']:.1f} GFLOP/s (ONNX Runtime, float32), {conv['torch_gflops']:.1f} GFLOP/s (torch)"
+           + (f", {conv['amx_bf16_1_thread_gflops']:.1f} GFLOP/s (the service's bfloat16 AMX kernel, one thread)"
+              if "amx_bf16_1_thread_gflops" in conv else "")
+           + "; roofline = the ONNX Runtime float32 figure (rows with the AMX kernels can exceed it).\n\n"]
     rows = [[r["mode"], r["batch"], r["windows_per_s"], r["gflops_per_s"], 100 * r["roofline_fraction"]] for r in report["rows"]]
     out.append(md_table(["mode", "batch / tracks", "windows/s", "GFLOP/s", "% of conv roofline"], rows))
     if report.get("ratios"):
@@ -542,7 +582,9 @@ def markdown(report: dict) -> str:
                    f"encoder+head streaming {fmt(d['onnx_streaming_vs_eager_batch32'])}, "
                    f"encoder+head streaming on {d.get('workers', 1)} workers "
                    f"{fmt(d.get('onnx_streaming_workers_vs_eager_batch32'))}, with the native deform kernel "
-                   f"{fmt(d.get('onnx_streaming_native_workers_vs_eager_batch32'))} (target >= 5).\n")
+                   f"{fmt(d.get('onnx_streaming_native_workers_vs_eager_batch32'))}, with the AMX kernels "
+                   f"{fmt(d.get('onnx_streaming_amx_workers_vs_eager_batch32'))} (target >= 5). "
+                   f"The server ran with conv_kernel={d.get('server_conv_kernel')}.\n")
     return "".join(out)
 
 

@@ -9,7 +9,7 @@ TEST_SEED=${TEST_SEED:-1001}   # never used for training data
 TEST_DATA=data/seqcsist-test-s${TEST_SEED}
 EVAL=${EVAL:-runs/eval4}       # where the metrics step writes its report (session 2 used runs/eval3)
 
-step=${1:-all}  # data, train, evaluate, export, all; or metrics, int8, reexport, split
+step=${1:-all}  # data, train, evaluate, export, all; or metrics, int8, reexport, split, amx
 if [[ $step == data || $step == all ]]; then
   $CSIST simulate --out data/seqcsist --trajectories 5000 --seed 0
   $CSIST simulate --out "$TEST_DATA" --trajectories 750 --seed "$TEST_SEED" --split 0,0,1
@@ -61,4 +61,8 @@ if [[ $step == split ]]; then
   # cut the existing heads for the native DeformConv kernel (export and quantize do this themselves)
   $CSIST split-head --model models/derefnet.onnx
   $CSIST split-head --model models/derefnet-int8.onnx
+fi
+if [[ $step == amx || $step == split || $step == reexport || $step == all ]]; then
+  # the bfloat16 AMX split of the fp32 model, kept only if CSO-mAP drops by at most 0.5 (needs an AMX CPU)
+  $CSIST split-amx --model models/derefnet.onnx --eval-data "$TEST_DATA" --refine none fit --max-map-drop 0.5
 fi

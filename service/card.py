@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.peaks import DEFAULT_THRESHOLD
 
@@ -70,30 +70,66 @@ class FileSpec(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
 
 
-class DeformStepSpec(BaseModel):
-    """One DeformConv of the head: tensor names in the head graph, weight keys in the .npz."""
+class StepSpec(BaseModel):
+    """One node of a split graph computed by a native kernel: tensor names in the graph, weight
+    keys in the split's .npz. DeformConv reads (x, offset) and runs on the float32 kernel of
+    service/deform.py, or with ``kernel`` "amx" on its bfloat16 AMX kernel; Conv reads x and runs
+    on ``kernel`` "amx" or "direct" (service/conv.py), ending with the ``activation`` folded in
+    from the graph (the soft threshold with its ``clip`` bounds)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    input: str
-    offset: str
+    op: Literal["Conv", "DeformConv"]
+    inputs: list[str] = Field(min_length=1, max_length=2)
     output: str
     weight: str
     bias: str
+    kernel: Literal["amx", "direct"] | None = None
+    activation: Literal["none", "relu", "soft_threshold"] = "none"
+    clip: list[float] | None = Field(default=None, min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if len(self.inputs) != (2 if self.op == "DeformConv" else 1):
+            raise ValueError(f"{self.op} step takes {2 if self.op == 'DeformConv' else 1} inputs, got {self.inputs}")
+        if self.op == "Conv" and self.kernel is None:
+            raise ValueError("a Conv step names its kernel")
+        if self.op == "DeformConv" and self.kernel not in (None, "amx"):
+            raise ValueError("a DeformConv step's kernel is the float32 one (none named) or amx")
+        if (self.activation == "soft_threshold") != (self.clip is not None):
+            raise ValueError("clip [lo, hi] goes with activation soft_threshold, and only with it")
+        return self
 
 
-class HeadSplitSpec(BaseModel):
-    """The head cut at its DeformConv nodes by ``csist split-head`` (for the native kernel)."""
+class SplitSpec(BaseModel):
+    """A streaming part cut at the nodes native kernels compute (``csist split-head`` / ``split-amx``):
+    ONNX segment i (None when no node falls between two steps), then step i, ..., last segment."""
 
     model_config = ConfigDict(extra="allow")
 
-    head: str  # the parts.head file it was cut from, and that file's hash
-    head_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    part: str  # the parts.<name> file it was cut from, and that file's hash
+    part_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     input: str
     output: str
-    segments: list[FileSpec] = Field(min_length=2)
-    deform: list[DeformStepSpec] = Field(min_length=1)
+    segments: list[FileSpec | None] = Field(min_length=2)
+    steps: list[StepSpec] = Field(min_length=1)
     weights: FileSpec
+
+    @model_validator(mode="after")
+    def _interleaved(self):
+        if len(self.segments) != len(self.steps) + 1:
+            raise ValueError(f"{len(self.segments)} segments for {len(self.steps)} steps (need one more)")
+        return self
+
+
+class AmxSplitSpec(BaseModel):
+    """Encoder and head cut at their 32-channel Convs too, for the bfloat16 AMX kernel."""
+
+    model_config = ConfigDict(extra="allow")
+
+    precision: Literal["bfloat16"]
+    encoder: SplitSpec
+    head: SplitSpec
 
 
 class ModelCard(BaseModel):
@@ -116,7 +152,10 @@ class ModelCard(BaseModel):
     parts: dict[str, PartSpec] = {}
     # The head as graph segments between its DeformConv nodes, which the service's native
     # kernel computes (service/deform.py). Absent: ONNX Runtime runs the whole head.
-    head_split: HeadSplitSpec | None = None
+    head_split: SplitSpec | None = None
+    # Encoder and head cut at their DeformConv and 32-channel Conv nodes, for the native kernels
+    # with the bfloat16 AMX convolution (service/conv.py). Absent: no AMX path.
+    amx_split: AmxSplitSpec | None = None
 
 
 def load_card(path: str | Path) -> ModelCard:

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         " kernel between the head's graph segments (needs the card's head_split; 'auto' uses it"
         " when it can, 'native' refuses to start without it) or ONNX Runtime's DeformConv",
     )
+    conv_kernel: Literal["auto", "amx", "onnxruntime"] = Field(
+        "auto",
+        description="who computes the 3x3 convolutions of encoder and head: the service's native"
+        " kernels (bfloat16 on Intel AMX for the 32-channel ones; needs the card's amx_split, which"
+        " records the accuracy it measured, and an AMX CPU; 'auto' uses them when it can, 'amx'"
+        " refuses to start without them) or ONNX Runtime's float32 Conv",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="windows per inference call")
     max_batch_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="how long the batcher waits to fill a batch"

@@ -13,6 +13,11 @@ When the card also has ``head_split`` (written by ``csist split-head``) and the 
 ``service/deform.py`` is built, the head runs on the CPU as its graph segments with that kernel
 computing the DeformConv nodes between them (``deform_kernel``: "auto" uses it when it can,
 "native" requires it, "onnxruntime" never uses it). The split files are verified like the rest.
+
+When the card has ``amx_split`` (written by ``csist split-amx``, with the accuracy it measured)
+and the CPU has AMX, encoder and head both run as segments with their 32-channel 3x3 Convs
+computed in bfloat16 by ``service/conv.py`` and their DeformConvs by the native kernel
+(``conv_kernel``: "auto" uses it when it can, "amx" requires it, "onnxruntime" never uses it).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.config import available_cpus
-from service.card import CardError, FileSpec, HeadSplitSpec, ModelCard, PartSpec, load_card
-from service import deform, peaks
+from service.card import CardError, FileSpec, ModelCard, PartSpec, SplitSpec, load_card
+from service import conv, deform, peaks
 from service.postprocess import REFINE_MODES
 from service.physics import RATIO, SIZE
 from service.windows import WINDOW
@@ -44,6 +49,7 @@ GRAPH_LEVELS = {
 }
 ENCODER, HEAD = "encoder", "head"
 DEFORM_KERNELS = ("auto", "native", "onnxruntime")
+CONV_KERNELS = ("auto", "amx", "onnxruntime")
 
 
 class ModelError(RuntimeError):
@@ -109,53 +115,61 @@ class Part:
 
 
 @dataclass
-class DeformStep:
-    """One DeformConv of the head, computed outside ONNX Runtime between two segments."""
+class Step:
+    """One node of a split part computed by a native kernel: ``output = kernel(*inputs)``."""
 
-    input: str
-    offset: str
+    op: str
+    inputs: tuple[str, ...]
     output: str
-    kernel: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    kernel: Callable[..., np.ndarray]
 
 
 @dataclass
-class SplitHead:
-    """The window head as ONNX Runtime segments with its DeformConv nodes computed in between.
+class SplitGraph:
+    """A streaming part as ONNX Runtime segments with native kernels computing the nodes between.
 
-    Tensors keep their names in the head graph: segment ``i`` reads what the head input and the
-    earlier segments and steps produced, then step ``i`` adds its output.
+    Tensors keep their names in the part's graph: segment ``i`` (None when no node falls between
+    two steps) reads what the input and the earlier segments and steps produced, then step ``i``
+    adds its output.
     """
 
-    segments: list[ort.InferenceSession]
-    steps: list[DeformStep]
+    name: str
+    segments: list[ort.InferenceSession | None]
+    steps: list[Step]
     input_name: str
     output_name: str
 
     def __post_init__(self):
         if len(self.segments) != len(self.steps) + 1:
-            raise ModelError(f"head split has {len(self.segments)} segments for {len(self.steps)} DeformConv steps")
-        self._io = [([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]) for s in self.segments]
+            raise ModelError(f"{self.name} split has {len(self.segments)} segments for {len(self.steps)} steps")
+        self._io = [([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]) if s else ([], [])
+                    for s in self.segments]
         known = {self.input_name}
         for i, (inputs, outputs) in enumerate(self._io):
             missing = sorted(set(inputs) - known)
             if missing:
-                raise ModelError(f"head segment {i} needs {missing}, which nothing before it produces")
+                raise ModelError(f"{self.name} segment {i} needs {missing}, which nothing before it produces")
             known.update(outputs)
             if i < len(self.steps):
                 step = self.steps[i]
-                if step.input not in known or step.offset not in known:
-                    raise ModelError(f"DeformConv step {i} needs {step.input!r} and {step.offset!r}")
+                if not set(step.inputs) <= known:
+                    raise ModelError(f"{step.op} step {i} of the {self.name} needs {list(step.inputs)}")
                 known.add(step.output)
         if self.output_name not in known:
-            raise ModelError(f"head split never produces its output {self.output_name!r}")
+            raise ModelError(f"{self.name} split never produces its output {self.output_name!r}")
 
-    def run(self, features: np.ndarray) -> np.ndarray:
-        env = {self.input_name: np.ascontiguousarray(features, dtype=np.float32)}
+    @property
+    def ops(self) -> set[str]:
+        return {step.op for step in self.steps}
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        env = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
         for i, (session, (inputs, outputs)) in enumerate(zip(self.segments, self._io)):
-            env.update(zip(outputs, session.run(outputs, {name: env[name] for name in inputs})))
+            if session is not None:
+                env.update(zip(outputs, session.run(outputs, {name: env[name] for name in inputs})))
             if i < len(self.steps):
                 step = self.steps[i]
-                env[step.output] = step.kernel(env[step.input], env[step.offset])
+                env[step.output] = step.kernel(*(env[name] for name in step.inputs))
         return env[self.output_name]
 
 
@@ -172,12 +186,18 @@ class InferenceModel:
     requested_providers: list[str]
     providers: list[str] = field(default_factory=list)
     parts: dict[str, Part] = field(default_factory=dict)
-    split_head: SplitHead | None = None
+    split_head: SplitGraph | None = None
+    split_encoder: SplitGraph | None = None
 
     @property
     def deform_kernel(self) -> str:
         """Which code computes the head's DeformConv: "native" or "onnxruntime"."""
         return "native" if self.split_head is not None else "onnxruntime"
+
+    @property
+    def conv_kernel(self) -> str:
+        """Which code computes the 32-channel 3x3 Convs: "amx" (bfloat16) or "onnxruntime"."""
+        return "amx" if self.split_encoder is not None else "onnxruntime"
 
     @property
     def has_parts(self) -> bool:
@@ -186,6 +206,8 @@ class InferenceModel:
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """Features (n, 1089) float32 of LR frames (n, 11, 11); needs :attr:`has_parts`."""
+        if self.split_encoder is not None:
+            return self.split_encoder.run(frames)
         return self.parts[ENCODER].run(frames)
 
     def head(self, features: np.ndarray) -> np.ndarray:
@@ -309,7 +331,7 @@ def _load_part(
     return Part(path, digest, session, in_name, out_name)
 
 
-def _verified_file(spec: FileSpec, directory: Path, what: str) -> Path:
+def _verified_file(spec: FileSpec, directory: Path, what: str, command: str) -> Path:
     path = directory / spec.file
     if not path.is_file():
         raise ModelError(f"{what} not found: {path} (listed in the model card)")
@@ -317,42 +339,58 @@ def _verified_file(spec: FileSpec, directory: Path, what: str) -> Path:
     if digest.lower() != spec.sha256.lower():
         raise ModelError(
             f"SHA-256 mismatch: {what} {path} has {digest} but the card says {spec.sha256.lower()} "
-            "(split the head anew with `csist split-head`)"
+            f"(split anew with `{command}`)"
         )
     return path
 
 
-def load_split_head(
-    spec: HeadSplitSpec, head: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str]
-) -> SplitHead:
-    """Verify the head's segments and DeformConv weights and set up the native kernels.
+def load_split(
+    name: str, spec: SplitSpec, part: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str]
+) -> SplitGraph:
+    """Verify a split part's segments and weights and set up its native kernels.
 
     The kernels use as many threads as the sessions' intra-op setting (0: one per CPU core).
     """
     threads = options.intra_op_num_threads or available_cpus()
-    if spec.head != head.file or spec.head_sha256.lower() != head.sha256.lower():
+    command = "csist split-amx" if spec.steps and any(s.op == "Conv" for s in spec.steps) else "csist split-head"
+    if spec.part != part.file or spec.part_sha256.lower() != part.sha256.lower():
         raise ModelError(
-            f"head_split was cut from {spec.head!r} (sha256 {spec.head_sha256[:12]}...), but the card's "
-            f"head is {head.file!r} (sha256 {head.sha256[:12]}...): run `csist split-head` again"
+            f"the {name} split was cut from {spec.part!r} (sha256 {spec.part_sha256[:12]}...), but the card's "
+            f"{name} is {part.file!r} (sha256 {part.sha256[:12]}...): run `{command}` again"
         )
     sessions = []
     for i, seg in enumerate(spec.segments):
-        path = _verified_file(seg, directory, f"head segment {i}")
+        if seg is None:
+            sessions.append(None)
+            continue
+        path = _verified_file(seg, directory, f"{name} segment {i}", command)
         try:
             sessions.append(ort.InferenceSession(str(path), sess_options=options, providers=providers))
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from None
-    npz = _verified_file(spec.weights, directory, "DeformConv weights")
+    npz = _verified_file(spec.weights, directory, f"{name} split weights", command)
     try:
         with np.load(npz, allow_pickle=False) as arrays:
-            weights = {name: arrays[name] for name in arrays.files}
-        steps = [
-            DeformStep(d.input, d.offset, d.output, deform.DeformConv3x3(weights[d.weight], weights[d.bias], threads))
-            for d in spec.deform
-        ]
+            weights = {key: arrays[key] for key in arrays.files}
+        steps = []
+        for s in spec.steps:
+            if s.op == "DeformConv":
+                kernel = deform.DeformConv3x3(weights[s.weight], weights[s.bias], threads, s.kernel or "native")
+            else:
+                kernel = conv.Conv3x3(weights[s.weight], weights[s.bias], s.kernel, s.activation, s.clip, threads)
+            steps.append(Step(s.op, tuple(s.inputs), s.output, kernel))
     except (KeyError, ValueError, OSError) as exc:
-        raise ModelError(f"DeformConv weights {npz} do not fit the card's head_split: {exc}") from None
-    return SplitHead(sessions, steps, spec.input, spec.output)
+        raise ModelError(f"split weights {npz} do not fit the card's {name} split: {exc}") from None
+    return SplitGraph(name, sessions, steps, spec.input, spec.output)
+
+
+def _native_blocker(loaded: dict, requested: list[str]) -> str | None:
+    """Why no split part can run here (None: it can)."""
+    if not loaded:
+        return "the streaming parts are not loaded (card without parts, or feature cache off)"
+    if requested[0] != "CPUExecutionProvider":
+        return f"the parts run on {requested[0]}, the native kernels on the CPU"
+    return None
 
 
 def load_model(
@@ -365,14 +403,17 @@ def load_model(
     graph_level: str = "all",
     arena: bool = True,
     deform_kernel: str = "auto",
+    conv_kernel: str = "auto",
 ) -> InferenceModel:
     """Load and verify the model; ModelError with a clear message when it cannot be served.
 
     ``parts``: also load the streaming encoder and head when the card lists them (both or
-    neither must be listed). ``deform_kernel``: see the module docstring.
+    neither must be listed). ``deform_kernel``, ``conv_kernel``: see the module docstring.
     """
     if deform_kernel not in DEFORM_KERNELS:
         raise ModelError(f"deform_kernel={deform_kernel!r} is not one of {DEFORM_KERNELS}")
+    if conv_kernel not in CONV_KERNELS:
+        raise ModelError(f"conv_kernel={conv_kernel!r} is not one of {CONV_KERNELS}")
     model_path = Path(model_path)
     card_path = Path(card_path) if card_path is not None else model_path.with_suffix(".json")
     if not model_path.is_file():
@@ -403,19 +444,33 @@ def load_model(
             name: _load_part(name, card.parts[name], model_path.parent, options, requested)
             for name in (ENCODER, HEAD)
         }
-    split = None
-    if deform_kernel != "onnxruntime":
-        why_not = None
-        if not loaded:
-            why_not = "the streaming parts are not loaded (card without parts, or feature cache off)"
-        elif card.head_split is None:
-            why_not = "the model card has no head_split (run `csist split-head`)"
-        elif not deform.AVAILABLE:
+    split_head = split_encoder = None
+    if conv_kernel != "onnxruntime":
+        why_not = _native_blocker(loaded, requested)
+        if why_not is None and card.amx_split is None:
+            why_not = "the model card has no amx_split (run `csist split-amx`)"
+        if why_not is None and deform_kernel == "onnxruntime":
+            why_not = "deform_kernel='onnxruntime' (the AMX split computes DeformConv natively)"
+        if why_not is None and not conv.AMX:
+            why_not = conv.WHY_NOT_AMX
+        if why_not is None and not deform.AVAILABLE:
             why_not = "the native kernel service._deform is not built (install with a C compiler)"
-        elif requested[0] != "CPUExecutionProvider":
-            why_not = f"the head runs on {requested[0]}, the native kernel on the CPU"
         if why_not is None:
-            split = load_split_head(card.head_split, card.parts[HEAD], model_path.parent, options, requested)
+            amx = card.amx_split
+            split_encoder = load_split(ENCODER, amx.encoder, card.parts[ENCODER], model_path.parent, options, requested)
+            split_head = load_split(HEAD, amx.head, card.parts[HEAD], model_path.parent, options, requested)
+        elif conv_kernel == "amx":
+            raise ModelError(f"conv_kernel='amx' cannot be used: {why_not}")
+        else:
+            log.info("AMX convolution not used", extra={"reason": why_not})
+    if split_head is None and deform_kernel != "onnxruntime":
+        why_not = _native_blocker(loaded, requested)
+        if why_not is None and card.head_split is None:
+            why_not = "the model card has no head_split (run `csist split-head`)"
+        if why_not is None and not deform.AVAILABLE:
+            why_not = "the native kernel service._deform is not built (install with a C compiler)"
+        if why_not is None:
+            split_head = load_split(HEAD, card.head_split, card.parts[HEAD], model_path.parent, options, requested)
         elif deform_kernel == "native":
             raise ModelError(f"deform_kernel='native' cannot be used: {why_not}")
     try:
@@ -433,5 +488,6 @@ def load_model(
         requested_providers=requested,
         providers=list(session.get_providers()),
         parts=loaded,
-        split_head=split,
+        split_head=split_head,
+        split_encoder=split_encoder,
     )

@@ -59,6 +59,7 @@ class Runtime:
             s.ort_graph_level,
             s.ort_arena,
             s.deform_kernel,
+            s.conv_kernel,
         )
         sizes = (1,) if s.max_batch_size == 1 else (1, s.max_batch_size)
         await asyncio.to_thread(self.model.warmup, sizes)
@@ -81,6 +82,7 @@ class Runtime:
                 "sha256": self.model.sha256,
                 "providers": ",".join(self.model.providers),
                 "deform_kernel": self.model.deform_kernel,
+                "conv_kernel": self.model.conv_kernel,
             }
         )
         self.ready = True
@@ -95,6 +97,7 @@ class Runtime:
                 "providers": self.model.providers,
                 "feature_cache": self.model.has_parts,
                 "deform_kernel": self.model.deform_kernel,
+                "conv_kernel": self.model.conv_kernel,
                 "inference_workers": workers,
                 "ort_threads": threads,
                 "requested_providers": self.model.requested_providers,

@@ -6,6 +6,7 @@
     csist export --checkpoint runs/derefnet/best.pt --out models/derefnet.onnx
     csist quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx
     csist split-head --model models/derefnet.onnx
+    csist split-amx --model models/derefnet.onnx
     csist serve --host 127.0.0.1 --port 8000
     csist bench speed|accuracy
 
@@ -25,6 +26,7 @@ COMMANDS = {
     "export": ("training.export", "export a checkpoint to ONNX and write its model card"),
     "quantize": ("training.quantize", "int8 variant of an exported model (static QDQ) and its card"),
     "split-head": ("training.split_head", "cut the head at its DeformConv nodes for the native kernel"),
+    "split-amx": ("training.split_amx", "cut encoder and head at their Convs for the bfloat16 AMX kernel"),
     "serve": ("service.main", "run the inference service (FastAPI + ONNX Runtime)"),
     "replay": ("training.replay", "stream simulated tracks to a running service"),
     "bench": ("bench.cli", "speed and accuracy benchmarks"),

@@ -26,13 +26,14 @@ from service.peaks import DEFAULT_MODE, PEAK_MODES
 from service.postprocess import REFINE_MODES, find_targets
 from service.refine import FitConfig
 from training.data import read_split, window_middles, windows
-from service.model import DEFORM_KERNELS
+from service.model import CONV_KERNELS, DEFORM_KERNELS
 from training.metric import cso_map, count_accuracy, localisation_error
 
 WINDOW = 5
 
 
-def load_predictor(path: str | Path, threads: int | None = None, stream: bool = False, deform_kernel: str = "auto"):
+def load_predictor(path: str | Path, threads: int | None = None, stream: bool = False, deform_kernel: str = "auto",
+                   conv_kernel: str = "auto"):
     """A function frames (n, T, 11, 11) -> HR maps (n, T-4, 33, 33) for a .pt or .onnx model.
 
     ``stream``: an .onnx model run the way the service streams it (:class:`StreamPredictor`).
@@ -41,7 +42,7 @@ def load_predictor(path: str | Path, threads: int | None = None, stream: bool = 
     if stream:
         if path.suffix != ".onnx":
             raise SystemExit("csist evaluate: error: --path stream needs an exported .onnx model")
-        return StreamPredictor(path, threads, deform_kernel)
+        return StreamPredictor(path, threads, deform_kernel, conv_kernel)
     if path.suffix == ".onnx":
         return OnnxPredictor(path, threads)
     return TorchPredictor(path, threads)
@@ -50,19 +51,22 @@ def load_predictor(path: str | Path, threads: int | None = None, stream: bool = 
 class StreamPredictor:
     """The service's streaming path: ``service.model.load_model`` (card and hashes verified),
     each frame encoded once, then the head on every window of features, with the head's
-    DeformConv in the native kernel when ``deform_kernel`` selects it (as the service does)."""
+    DeformConv in the native kernel when ``deform_kernel`` selects it and the 32-channel Convs in
+    the bfloat16 AMX kernel when ``conv_kernel`` does (as the service does)."""
 
-    def __init__(self, path: Path, threads: int | None = None, deform_kernel: str = "auto", batch: int = 64):
+    def __init__(self, path: Path, threads: int | None = None, deform_kernel: str = "auto",
+                 conv_kernel: str = "auto", batch: int = 64):
         from service.model import ModelError, load_model
 
         try:
-            self.model = load_model(path, threads=threads or 0, deform_kernel=deform_kernel)
+            self.model = load_model(path, threads=threads or 0, deform_kernel=deform_kernel, conv_kernel=conv_kernel)
         except ModelError as exc:
             raise SystemExit(f"csist evaluate: error: {exc}") from None
         if not self.model.has_parts:
             raise SystemExit(f"csist evaluate: error: the card of {path} lists no streaming encoder and head")
         self.batch = batch
         self.deform_kernel = self.model.deform_kernel
+        self.conv_kernel = self.model.conv_kernel
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         return stream_maps(self.model.encode, self.model.head, frames, self.batch)
@@ -291,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(encoder once per frame, head per window, card and hashes verified)")
     p.add_argument("--deform-kernel", choices=DEFORM_KERNELS, default="auto",
                    help="with --path stream: who computes the head's DeformConv (as CSIST_DEFORM_KERNEL)")
+    p.add_argument("--conv-kernel", choices=CONV_KERNELS, default="auto",
+                   help="with --path stream: who computes the 32-channel Convs, amx being bfloat16 (as CSIST_CONV_KERNEL)")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--detections", type=Path, default=None, help="write all detections as JSON here")
     p.add_argument("--plots", type=Path, default=None, help="write PNGs of input, output, truth and found targets here")
@@ -300,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     split = read_split(args.data, args.split, limit=args.limit)
-    predictor = load_predictor(args.model, args.threads, args.path == "stream", args.deform_kernel)
-    path = {"path": args.path, **({"deform_kernel": predictor.deform_kernel} if args.path == "stream" else {})}
+    predictor = load_predictor(args.model, args.threads, args.path == "stream", args.deform_kernel, args.conv_kernel)
+    path = {"path": args.path, **({"deform_kernel": predictor.deform_kernel, "conv_kernel": predictor.conv_kernel}
+                                  if args.path == "stream" else {})}
     maps, timing = predict(predictor, split)
     reports = []
     for refine in args.refine:

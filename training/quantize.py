@@ -215,6 +215,7 @@ def build_card(src_card: dict, out: Path, paths: dict[str, Path], info: dict) ->
     card["metrics"] = info.pop("metrics")
     card.pop("metrics_updated", None)  # a refresh of the fp32 card's metrics, not of these
     card.pop("head_split", None)  # cut from the fp32 head; main() splits this model's own head
+    card.pop("amx_split", None)  # cut from the fp32 parts (and int8 Convs are not the AMX kernel's)
     card["quantization"] = info
     return card
 

@@ -8,6 +8,7 @@ import pytest
 
 from bench import cli
 from bench.flops import window_flops
+from service import conv, deform
 from training.model import DeRefNetConfig
 
 
@@ -49,6 +50,7 @@ def test_quick_speed_report(tiny_model, tmp_path):
         assert s[key]["ok"] and s[key]["answered"] > 0 and s[key]["missing"] == 0
         assert s[key]["p50_ms"] <= s[key]["p99_ms"]
     assert s["rest"]["requests"] > 0 and s["rest"]["failures"] == 0
+    assert s["conv_kernel"] == "onnxruntime"  # from the server's csist_model_info: 4 channels, no amx_split
     assert report["done_when"]["target_windows_per_s"] == 150
     text = md.read_text()
     assert "| ONNX single graph | 32 |" in text and "WebSocket, fixed rate (cached)" in text
@@ -94,6 +96,36 @@ def test_streaming_step_equals_the_single_graph(tiny_model):
         maps = m.streaming_step(traj, cache, t)
     want = m.run_single(np.ascontiguousarray(traj[:, 2:7]))
     assert np.abs(maps - want).max() < 1e-3
+
+
+@pytest.mark.skipif(not (conv.AMX and deform.AVAILABLE), reason=f"no AMX here: {conv.WHY_NOT_AMX}")
+def test_streaming_step_with_the_amx_kernels(tmp_path_factory, tmp_path):
+    """The AMX rows run the service's split parts: close to the single graph, not equal to it."""
+    import shutil
+
+    import numpy as np
+
+    from bench.common import simulated_trajectories
+    from bench.speed import OrtModel
+    from tests.service.tiny_derefnet import tiny_model_path
+    from training import split_amx
+
+    src = tiny_model_path(tmp_path_factory, channels=32)
+    for path in src.parent.iterdir():
+        if path.is_file():
+            shutil.copy(path, tmp_path / path.name)
+    model = tmp_path / src.name
+    assert split_amx.main(["--model", str(model), "--parity-windows", "2"]) == 0
+    traj, _ = simulated_trajectories(3, seed=2)
+    m = OrtModel(model, {"threads": 1, "deform_kernel": "native", "conv_kernel": "amx"})
+    assert m.loaded.conv_kernel == "amx"
+    cache = np.zeros((3, 5, 1089), dtype=np.float32)
+    for t in range(7):
+        maps = m.streaming_step(traj, cache, t)
+    want = m.run_single(np.ascontiguousarray(traj[:, 2:7]))
+    assert 0 < np.abs(maps - want).max() < 2e-2 * np.abs(want).max()
+    with pytest.raises(SystemExit, match="no amx_split"):
+        OrtModel(src.parent / src.name, {"conv_kernel": "amx"})
 
 
 def test_unknown_subcommand_fails():

@@ -205,6 +205,8 @@ def test_dockerignore_keeps_data_runs_venvs_and_checkpoints_out():
         "models/derefnet.head.deform.npz",  # the native kernel's weights, listed in the card
         "setup.py",
         "service/_native/deform.c",
+        "service/_native/conv.c",
+        "models/derefnet.amx.encoder.weights.npz",  # the AMX split's weights, listed in the card
         "docker/entrypoint.sh",
         "docker/healthcheck.py",
         "docker/requirements.py",

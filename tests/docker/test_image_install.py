@@ -80,7 +80,7 @@ def test_install_steps_give_the_service_without_torch(image):
         "import importlib.util as u, json; "
         "print(json.dumps({m: u.find_spec(m) is not None for m in "
         "('torch', 'torchvision', 'onnx', 'onnxruntime', 'fastapi', 'uvicorn', 'websockets', "
-        "'cv2', 'scipy', 'service', 'training', 'service._deform')}))"
+        "'cv2', 'scipy', 'service', 'training', 'service._deform', 'service._conv')}))"
     )
     found = json.loads(
         subprocess.run(
@@ -98,6 +98,7 @@ def test_install_steps_give_the_service_without_torch(image):
     ), found
     assert found["service"] and found["training"]
     assert found["service._deform"], "pip did not compile the native DeformConv kernel"
+    assert found["service._conv"], "pip did not compile the native (AMX) convolution kernels"
     dists = subprocess.run(
         [venv_python(image), "-m", "pip", "list", "--format=json"],
         env=image.process_env(),

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from service import deform
+from service import conv, deform
 from service.config import DEFAULT_MODEL_PATH, Settings
 from tests.service.conftest import LiveServer, simulate_track
 
@@ -25,6 +25,7 @@ def test_service_starts_on_the_bundled_model_and_answers():
             r = c.post("/unmix", json={"frames": [{"patch": f.tolist()} for f in frames]})
         caches = live.runtime.batcher.caches_features
         kernel = live.runtime.model.deform_kernel
+        conv_kernel = live.runtime.model.conv_kernel
     finally:
         live.stop()
     assert r.status_code == 200, r.text
@@ -32,6 +33,10 @@ def test_service_starts_on_the_bundled_model_and_answers():
     assert caches == bool(card.get("parts"))  # exported with parts: the stream uses them
     if card.get("head_split") and deform.AVAILABLE:
         assert kernel == "native"  # the default (auto) uses the head's split when it can
+    if card.get("amx_split") and deform.AVAILABLE and conv.AMX:
+        assert conv_kernel == "amx"  # and the AMX split on a CPU that has AMX
+    else:
+        assert conv_kernel == "onnxruntime"
     out = r.json()
     assert len(out["results"]) == 5
     assert out["model"]["sha256"] == meta["sha256"]

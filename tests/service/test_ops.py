@@ -162,6 +162,7 @@ def test_prometheus_metrics_count_what_happened(start_server):
             sha256=live.runtime.model.sha256,
             providers="CPUExecutionProvider",
             deform_kernel="onnxruntime",  # the stand-in model has no streaming head to split
+            conv_kernel="onnxruntime",
         )
         == 1
     )

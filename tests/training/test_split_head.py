@@ -39,15 +39,15 @@ def features(model, n=3, seed=5):
 def test_export_splits_the_head_and_records_it(tiny_model):
     card = json.loads(tiny_model.with_suffix(".json").read_text())
     entry = card["head_split"]
-    assert entry["head"] == card["parts"]["head"]["file"]
+    assert entry["part"] == card["parts"]["head"]["file"]
     assert [s["file"] for s in entry["segments"]] == [f"derefnet.head.seg{i}.onnx" for i in range(3)]
     for spec in [*entry["segments"], entry["weights"]]:
         assert file_sha256(tiny_model.parent / spec["file"]) == spec["sha256"]
     ops = [[n.op_type for n in onnx.load(str(tiny_model.parent / s["file"])).graph.node] for s in entry["segments"]]
     assert all("DeformConv" not in o for o in ops) and all(ops)
-    assert len(entry["deform"]) == 2
+    assert [s["op"] for s in entry["steps"]] == ["DeformConv"] * 2
     diffs = entry["check"]["relative_diff"]
-    assert diffs["segments_vs_head"] < 1e-6 and diffs["native_kernel_vs_onnxruntime_deformconv"] < 1e-4
+    assert diffs["segments_vs_head"] < 1e-6 and diffs["deform_kernel_vs_onnxruntime"] < 1e-4
 
 
 def test_native_head_equals_the_onnx_head(tiny_model):
@@ -74,7 +74,7 @@ def test_altered_segment_or_weights_are_refused(model_copy):
     assert load_model(model_copy, deform_kernel="onnxruntime").deform_kernel == "onnxruntime"
     seg.write_bytes(original)
     (model_copy.parent / card["head_split"]["weights"]["file"]).unlink()
-    with pytest.raises(ModelError, match="DeformConv weights not found"):
+    with pytest.raises(ModelError, match="head split weights not found"):
         load_model(model_copy)
 
 
@@ -95,7 +95,7 @@ def test_native_required_but_not_possible(model_copy):
 def test_split_from_another_head_is_refused(model_copy):
     card_path = model_copy.with_suffix(".json")
     card = json.loads(card_path.read_text())
-    card["head_split"]["head"] = "other.head.onnx"
+    card["head_split"]["part"] = "other.head.onnx"
     card_path.write_text(json.dumps(card))
     with pytest.raises(ModelError, match="was cut from 'other.head.onnx'"):
         load_model(model_copy)
@@ -170,7 +170,7 @@ def test_two_models_sharing_a_head_get_their_own_split(model_copy):
 def test_head_changed_after_the_split_is_refused(model_copy):
     card_path = model_copy.with_suffix(".json")
     card = json.loads(card_path.read_text())
-    card["head_split"]["head_sha256"] = "0" * 64
+    card["head_split"]["part_sha256"] = "0" * 64
     card_path.write_text(json.dumps(card))
     with pytest.raises(ModelError, match="run `csist split-head` again"):
         load_model(model_copy)

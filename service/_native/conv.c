@@ -1,0 +1,658 @@
+/* 3x3 convolutions (stride 1, padding 1, dilation 1, one group) for DeRefNet's streaming parts
+ * (service/conv.py is their Python face):
+ *
+ * - amx_conv: on Intel AMX tiles in bfloat16, for the 32-channel convolutions;
+ * - direct_conv: float32, direct, for the convolutions with 1 to 8 input or output channels,
+ *   which ONNX Runtime ran at under a tenth of its 32-channel speed (its blocked-layout
+ *   convolution reorders tensors that have one channel).
+ *
+ * Both can end with an activation folded in from the graph: ReLU, or the soft threshold of the
+ * ISTA stages, y = x - clip(x, lo, hi).
+ *
+ * AMX:
+ *
+ * Why it exists: after the feature cache and the native deformable convolution, ONNX Runtime's
+ * float32 Conv was about 80 % of the encoder's time and half the head's; on a CPU with AMX
+ * (Intel Sapphire Rapids and later) one TDPBF16PS instruction does 16 x 16 x 32 multiply-adds.
+ * Inputs and weights are rounded to bfloat16 (8-bit mantissa); products are summed in float32.
+ *
+ * The convolution is computed as out^T = W_t x^T summed over the 9 taps t, without im2col:
+ * the input is stored zero-padded and channel-pair-interleaved, P[pair][q] = (x[2 pair][q],
+ * x[2 pair + 1][q]) at flat padded position q = (row + 1) * (w + 2) + col + 1, which is exactly
+ * the VNNI layout of an AMX B tile: 16 channel pairs by 16 consecutive positions. Tap t reads
+ * the same buffer shifted by its flat offset, so every B tile is one strided load. Output rows
+ * are computed over the padded width (2 of w + 2 columns wasted) and copied out per row.
+ *
+ * The functions that use AMX or AVX-512 carry target attributes, so the module itself imports
+ * on any x86-64 CPU; amx_usable() says whether the CPU and the kernel allow AMX, and amx_conv()
+ * refuses to run until it has said yes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TARGETS
+#endif
+
+#define ACT_NONE 0
+#define ACT_RELU 1
+#define ACT_SHRINK 2
+
+/* dst (h, w) = act(src + bias), src rows wp apart; one loop per activation so each vectorizes. */
+TARGETS static void copy_rows(const float *src, int wp, float *dst, int h, int w, float bias,
+                              int act, float lo, float hi) {
+    for (int y = 0; y < h; y++, src += wp, dst += w) {
+        if (act == ACT_RELU)
+            for (int i = 0; i < w; i++) dst[i] = src[i] + bias > 0.0f ? src[i] + bias : 0.0f;
+        else if (act == ACT_SHRINK)
+            for (int i = 0; i < w; i++) {
+                const float v = src[i] + bias;
+                dst[i] = v - (v < lo ? lo : (v > hi ? hi : v));
+            }
+        else
+            for (int i = 0; i < w; i++) dst[i] = src[i] + bias;
+    }
+}
+
+/* ---- direct float32 convolution ---------------------------------------------------------
+ * Same padded flat layout as the AMX kernel below: channel c of a map is stored zero-bordered,
+ * position q = (row + 1) * (w + 2) + col + 1, so tap t of 16 consecutive outputs is one vector
+ * load at q + s_t whatever the row. Each vector of input serves OB output channels, whose 16-wide
+ * accumulators stay in registers. */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void direct_block(const float *restrict xp, const float *restrict wt, int cin, int rows,
+                         int wp, int q0, int n_out, int ob, int pv, float *restrict O) {
+    /* ob output channels x pv vectors of 16 positions: with few outputs, several positions keep
+     * independent accumulators, so the FMAs do not wait on each other */
+    v16 acc[16][4];
+    for (int p = 0; p < n_out; p += 16 * pv) {
+        const int q = q0 + p;
+        for (int o = 0; o < ob; o++)
+            for (int j = 0; j < pv; j++) acc[o][j] = (v16){0};
+        for (int c = 0; c < cin; c++)
+            for (int t = 0; t < 9; t++) {
+                const float *src = xp + (int64_t)c * rows + q + (t / 3 - 1) * wp + (t % 3 - 1);
+                const float *k = wt + (int64_t)c * 9 + t;
+                for (int j = 0; j < pv; j++) {
+                    const v16 v = *(const v16 *)(src + 16 * j);
+                    for (int o = 0; o < ob; o++) acc[o][j] += k[(int64_t)o * cin * 9] * v;
+                }
+            }
+        for (int o = 0; o < ob; o++)
+            for (int j = 0; j < pv; j++) *(v16 *)(O + (int64_t)o * rows + q + 16 * j) = acc[o][j];
+    }
+}
+
+/* n maps x (n, cin, h, w) -> out (n, cout, h, w); weight (cout, cin, 3, 3) as in ONNX; xp
+ * (cin * rows) and O (cout * rows) are scratch, rows from direct_rows(). */
+static int direct_rows(int h, int w) {
+    const int wp = w + 2, n_out = ((h - 1) * wp + w + 63) / 64 * 64;
+    return wp + 1 + n_out + wp + 1 + 16;
+}
+
+TARGETS static void direct_maps(const float *x, const float *weight, const float *bias, int act,
+                                float lo, float hi, float *out, int n, int cin, int cout, int h,
+                                int w, float *xp, float *O) {
+    const int wp = w + 2, hw = h * w, q0 = wp + 1, rows = direct_rows(h, w);
+    const int n_out = ((h - 1) * wp + w + 63) / 64 * 64; /* whole blocks of up to 4 vectors */
+    memset(xp, 0, sizeof(float) * (size_t)cin * rows);
+    for (int b = 0; b < n; b++) {
+        const float *xb = x + (int64_t)b * cin * hw;
+        float *ob = out + (int64_t)b * cout * hw;
+        for (int c = 0; c < cin; c++)
+            for (int y = 0; y < h; y++)
+                memcpy(xp + (int64_t)c * rows + q0 + y * wp, xb + (int64_t)c * hw + y * w, sizeof(float) * w);
+        /* literal block sizes let the compiler keep the accumulators in registers */
+        for (int o = 0; o < cout;) {
+            const float *wo = weight + (int64_t)o * cin * 9;
+            float *Oo = O + (int64_t)o * rows;
+            const int left = cout - o;
+            if (left >= 16) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 16, 1, Oo); o += 16; }
+            else if (left >= 8) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 8, 2, Oo); o += 8; }
+            else if (left >= 4) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 4, 4, Oo); o += 4; }
+            else if (left >= 2) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 2, 4, Oo); o += 2; }
+            else { direct_block(xp, wo, cin, rows, wp, q0, n_out, 1, 4, Oo); o += 1; }
+        }
+        for (int o = 0; o < cout; o++)
+            copy_rows(O + (int64_t)o * rows + q0, wp, ob + (int64_t)o * hw, h, w, bias[o], act, lo, hi);
+    }
+}
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Empty string when AMX can be used on this thread's process, else why not. */
+static const char *amx_check(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return "CPUID leaf 7 is missing";
+    if (!(d & (1u << 24)) || !(d & (1u << 22))) return "the CPU has no AMX-TILE/AMX-BF16";
+    if (!(b & (1u << 16))) return "the CPU has no AVX-512";
+    __get_cpuid_count(7, 1, &a, &b, &c, &d);
+    if (!(a & (1u << 5))) return "the CPU has no AVX512-BF16";
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return "the OS does not enable XSAVE";
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0x60000) != 0x60000) return "the OS does not enable the AMX tile state (XCR0)";
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0)
+        return "the kernel refused AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)";
+    return "";
+}
+
+/* Geometry of one map in the padded flat layout. */
+typedef struct {
+    int h, w, wp, q0, n_out, rows;
+} geometry;
+
+static geometry geometry_of(int h, int w) {
+    geometry g;
+    g.h = h;
+    g.w = w;
+    g.wp = w + 2;
+    g.q0 = g.wp + 1;                               /* first output position */
+    g.n_out = ((h - 1) * g.wp + w + 31) / 32 * 32; /* positions computed, whole 32-blocks */
+    g.rows = g.q0 + g.n_out + g.wp + 1 + 16;       /* + the last taps' reach */
+    return g;
+}
+
+/* r[i] (16 x 32-bit) -> r[i] = column i of the 16 x 16 matrix the rows formed. */
+AMX_TARGET static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 4; k++) {
+            t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
+        }
+    for (int k = 0; k < 8; k++) {
+        r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
+    }
+}
+
+/* All 8 tiles 16 rows x 64 bytes (palette 1), for this thread until _tile_release(). */
+AMX_TARGET static void load_tile_config(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* The AMX product of 32 rows: with A_t[i] the row of i (A_t + i * cin, cin bf16) for tap t,
+ * O[(j + nb) * 16 + k][i] (rows ostride apart) = sum over t and the 32-channel chunks c of
+ * A_t[i][c] . B_tc, for output tiles j and j + 1 (if there is one). Four C tiles (2 x 16 rows
+ * by 2 x 16 outputs) stay in tile registers; they are stored to S[32][32] and each 16 x 16
+ * block transposed into O. */
+AMX_TARGET static void tile_block(const uint16_t *const A[9], const uint16_t *wt, int cin, int ntiles,
+                                  int j, float *S, float *O, int64_t ostride) {
+    const int chunks = cin / 32, pair = j + 1 < ntiles;
+    __m512i r[16];
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int t = 0; t < 9; t++)
+        for (int c = 0; c < chunks; c++) {
+            const uint16_t *a = A[t] + c * 32;
+            const uint16_t *B = wt + (((int64_t)t * chunks + c) * ntiles + j) * 512;
+            _tile_loadd(4, a, cin * 2);
+            _tile_loadd(5, a + 16 * cin, cin * 2);
+            _tile_loadd(6, B, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            if (pair) {
+                _tile_loadd(7, B + 512, 64);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+    _tile_stored(0, S, 128);
+    _tile_stored(2, S + 16 * 32, 128);
+    if (pair) {
+        _tile_stored(1, S + 16, 128);
+        _tile_stored(3, S + 16 * 32 + 16, 128);
+    }
+    for (int half = 0; half < 2; half++)
+        for (int nb = 0; nb <= pair; nb++) {
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(S + (half * 16 + i) * 32 + nb * 16);
+            transpose16(r);
+            float *o = O + (int64_t)(j + nb) * 16 * ostride + half * 16;
+            for (int k = 0; k < 16; k++) _mm512_storeu_si512(o + (int64_t)k * ostride, r[k]);
+        }
+}
+
+/* x (cin, h, w) float32 -> P[q][cin] bf16, position-major: a position's 32 channels of a chunk
+ * are one 64-byte row of an AMX A tile. Channel pairs are interleaved in 32-bit lanes, then
+ * each 16 positions x 16 pairs block is transposed. The padding stays zero from the caller. */
+AMX_TARGET static void pack_input(const float *x, int cin, geometry g, uint16_t *P) {
+    const int hw = g.h * g.w;
+    __m512i r[16];
+    for (int y = 0; y < g.h; y++)
+        for (int x0 = 0; x0 < g.w; x0 += 16) {
+            const int valid = g.w - x0 < 16 ? g.w - x0 : 16;
+            const __mmask16 m = (__mmask16)((1u << valid) - 1);
+            for (int c = 0; c < cin; c += 32) {
+                for (int k = 0; k < 16; k++) {
+                    const float *a = x + (int64_t)(c + 2 * k) * hw + y * g.w + x0;
+                    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, a)));
+                    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, a + hw)));
+                    r[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+                }
+                transpose16(r);
+                uint16_t *d = P + (int64_t)(g.q0 + y * g.wp + x0) * cin + c;
+                for (int p = 0; p < valid; p++) _mm512_storeu_si512(d + (int64_t)p * cin, r[p]);
+            }
+        }
+}
+
+/* n maps x (n, cin, h, w) -> out (n, cout_out, h, w). wt: B tiles (VNNI) [9][cin/32][cout/16]
+ * [16 pairs][16 outputs][2] bf16 (see service/conv.py), zero beyond cout_out; cin a multiple of
+ * 32, cout of 16. Tile C[16 positions][16 outputs] += A[16 positions][32 channels] B: the A rows
+ * are contiguous 64-byte positions of P, and the 18 weight tiles stay in L1. P, S and O are
+ * scratch. */
+AMX_TARGET static void amx_maps(const float *x, const uint16_t *wt, const float *bias, int act, float lo, float hi,
+                                 float *out, int n, int cin, int cout, int cout_out, int h, int w,
+                                 uint16_t *P, float *S, float *O) {
+    const geometry g = geometry_of(h, w);
+    const int ntiles = cout / 16, hw = h * w;
+    load_tile_config();
+    memset(P, 0, sizeof(uint16_t) * (size_t)g.rows * cin);
+    for (int b = 0; b < n; b++) {
+        pack_input(x + (int64_t)b * cin * hw, cin, g, P);
+        for (int j = 0; j < ntiles; j += 2) {
+            for (int p = 0; p < g.n_out; p += 32) {
+                const int q = g.q0 + p;
+                const uint16_t *A[9];
+                for (int t = 0; t < 9; t++) A[t] = P + (int64_t)(q + (t / 3 - 1) * g.wp + (t % 3 - 1)) * cin;
+                tile_block(A, wt, cin, ntiles, j, S, O + q, g.rows);
+            }
+        }
+        float *ob = out + (int64_t)b * cout_out * hw;
+        for (int o = 0; o < cout_out; o++)
+            copy_rows(O + (int64_t)o * g.rows + g.q0, g.wp, ob + (int64_t)o * hw, h, w, bias[o], act, lo, hi);
+    }
+    _tile_release();
+}
+
+/* ---- deformable convolution on AMX ---------------------------------------------------------
+ * The same function as service/_native/deform.c (torchvision / ONNX DeformConv sampling: tap k
+ * of pixel (i, j) reads (i + k/3 - 1 + dy_k, j + k%3 - 1 + dx_k) bilinearly, a point at or
+ * beyond one pixel outside the map or NaN reads 0, a corner outside the map reads 0), with the
+ * sampled columns rounded to bfloat16 and multiplied on AMX tiles: for 32 pixels at a time the
+ * 9 taps' samples are written as 9 x 2 A tiles [16 pixels][32 channels], then
+ * C[16 pixels][16 outputs] += A B as in amx_maps. */
+
+/* x (cin, hw) -> xt (hw + 1, cin) channel-last, row hw zero: a corner is one contiguous vector. */
+AMX_TARGET static void to_channel_last(const float *x, int cin, int hw, float *xt) {
+    __m512i r[16];
+    for (int p0 = 0; p0 < hw; p0 += 16) {
+        const int valid = hw - p0 < 16 ? hw - p0 : 16;
+        const __mmask16 m = (__mmask16)((1u << valid) - 1);
+        for (int c0 = 0; c0 < cin; c0 += 16) {
+            for (int k = 0; k < 16; k++)
+                r[k] = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, x + (int64_t)(c0 + k) * hw + p0));
+            transpose16(r);
+            for (int p = 0; p < valid; p++) _mm512_storeu_si512(xt + (int64_t)(p0 + p) * cin + c0, r[p]);
+        }
+    }
+    memset(xt + (int64_t)hw * cin, 0, sizeof(float) * cin);
+}
+
+/* col rows of pixels p0 .. p0 + 31 (tap k, pixel i at row k * 32 + i, cin bf16 each); pixels
+ * at or past hw get zero rows. rowf / colf: each pixel's row and column as floats. The corner
+ * weights and indices of 16 pixels are computed at once in vectors, then each pixel's 4 corners
+ * are summed over all channels. */
+AMX_TARGET static void sample_block(const float *xt, const float *off, const float *rowf,
+                                    const float *colf, int h, int w, int cin, int p0,
+                                    uint16_t *col) {
+    const int hw = h * w;
+    float wt4[4][32] __attribute__((aligned(64)));
+    int32_t ix4[4][32] __attribute__((aligned(64)));
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    const __m512 fh = _mm512_set1_ps((float)h), fw = _mm512_set1_ps((float)w), m1 = _mm512_set1_ps(-1.0f);
+    const __m512i vw = _mm512_set1_epi32(w), vh = _mm512_set1_epi32(h), vhw = _mm512_set1_epi32(hw);
+    const __m512i izero = _mm512_setzero_si512(), ione = _mm512_set1_epi32(1);
+    for (int k = 0; k < 9; k++) {
+        for (int g = 0; g < 2; g++) {
+            const int base = p0 + 16 * g, valid = hw - base;
+            const __mmask16 m = valid >= 16 ? 0xffff : (valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1));
+            const __m512 py = _mm512_add_ps(_mm512_maskz_loadu_ps(m, rowf + base),
+                _mm512_add_ps(_mm512_set1_ps((float)(k / 3 - 1)), _mm512_maskz_loadu_ps(m, off + (int64_t)(2 * k) * hw + base)));
+            const __m512 px = _mm512_add_ps(_mm512_maskz_loadu_ps(m, colf + base),
+                _mm512_add_ps(_mm512_set1_ps((float)(k % 3 - 1)), _mm512_maskz_loadu_ps(m, off + (int64_t)(2 * k + 1) * hw + base)));
+            /* ordered compares: a NaN coordinate is outside */
+            __mmask16 in = m & _mm512_cmp_ps_mask(py, m1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(py, fh, _CMP_LT_OQ) &
+                           _mm512_cmp_ps_mask(px, m1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(px, fw, _CMP_LT_OQ);
+            const __m512 fy = _mm512_maskz_roundscale_ps(in, py, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __m512 fx = _mm512_maskz_roundscale_ps(in, px, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __m512 ly = _mm512_maskz_sub_ps(in, py, fy), lx = _mm512_maskz_sub_ps(in, px, fx);
+            const __m512i y0 = _mm512_maskz_cvttps_epi32(in, fy), x0 = _mm512_maskz_cvttps_epi32(in, fx);
+            const __m512i y1 = _mm512_add_epi32(y0, ione), x1 = _mm512_add_epi32(x0, ione);
+            const __mmask16 oy0 = in & _mm512_cmpge_epi32_mask(y0, izero), oy1 = in & _mm512_cmplt_epi32_mask(y1, vh);
+            const __mmask16 ox0 = _mm512_cmpge_epi32_mask(x0, izero), ox1 = _mm512_cmplt_epi32_mask(x1, vw);
+            const __m512 hy = _mm512_sub_ps(one, ly), hx = _mm512_sub_ps(one, lx);
+            const __m512i r0 = _mm512_mullo_epi32(y0, vw), r1 = _mm512_mullo_epi32(y1, vw);
+            const __mmask16 k00 = oy0 & ox0, k01 = oy0 & ox1, k10 = oy1 & ox0, k11 = oy1 & ox1;
+            _mm512_store_ps(wt4[0] + 16 * g, _mm512_mask_mul_ps(zero, k00, hy, hx));
+            _mm512_store_ps(wt4[1] + 16 * g, _mm512_mask_mul_ps(zero, k01, hy, lx));
+            _mm512_store_ps(wt4[2] + 16 * g, _mm512_mask_mul_ps(zero, k10, ly, hx));
+            _mm512_store_ps(wt4[3] + 16 * g, _mm512_mask_mul_ps(zero, k11, ly, lx));
+            _mm512_store_si512(ix4[0] + 16 * g, _mm512_mask_add_epi32(vhw, k00, r0, x0));
+            _mm512_store_si512(ix4[1] + 16 * g, _mm512_mask_add_epi32(vhw, k01, r0, x1));
+            _mm512_store_si512(ix4[2] + 16 * g, _mm512_mask_add_epi32(vhw, k10, r1, x0));
+            _mm512_store_si512(ix4[3] + 16 * g, _mm512_mask_add_epi32(vhw, k11, r1, x1));
+        }
+        for (int i = 0; i < 32; i++) {
+            uint16_t *ck = col + ((int64_t)k * 32 + i) * cin;
+            const __m512 w00 = _mm512_set1_ps(wt4[0][i]), w01 = _mm512_set1_ps(wt4[1][i]);
+            const __m512 w10 = _mm512_set1_ps(wt4[2][i]), w11 = _mm512_set1_ps(wt4[3][i]);
+            /* an outside corner reads the zero row hw (0 * a NaN pixel would be NaN) */
+            const float *s00 = xt + (int64_t)ix4[0][i] * cin, *s01 = xt + (int64_t)ix4[1][i] * cin;
+            const float *s10 = xt + (int64_t)ix4[2][i] * cin, *s11 = xt + (int64_t)ix4[3][i] * cin;
+            for (int c = 0; c < cin; c += 32) {
+                __m512 a = _mm512_mul_ps(w00, _mm512_loadu_ps(s00 + c));
+                __m512 b = _mm512_mul_ps(w00, _mm512_loadu_ps(s00 + c + 16));
+                a = _mm512_fmadd_ps(w01, _mm512_loadu_ps(s01 + c), a);
+                b = _mm512_fmadd_ps(w01, _mm512_loadu_ps(s01 + c + 16), b);
+                a = _mm512_fmadd_ps(w10, _mm512_loadu_ps(s10 + c), a);
+                b = _mm512_fmadd_ps(w10, _mm512_loadu_ps(s10 + c + 16), b);
+                a = _mm512_fmadd_ps(w11, _mm512_loadu_ps(s11 + c), a);
+                b = _mm512_fmadd_ps(w11, _mm512_loadu_ps(s11 + c + 16), b);
+                _mm512_storeu_si512(ck + c, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+            }
+        }
+    }
+}
+
+/* n maps x (n, cin, h, w), off (n, 18, h, w) -> out (n, cout_out, h, w); wt as for amx_maps.
+ * Scratch: xt ((hw + 1) * cin floats), col (9 * 32 * cin bf16), S (32 * 32 floats), O (cout *
+ * hwp floats), rowf and colf (hwp floats each); hwp = hw rounded up to 32. */
+AMX_TARGET static void amx_deform_maps(const float *x, const float *off, const uint16_t *wt,
+                                       const float *bias, float *out, int n, int cin, int cout,
+                                       int cout_out, int h, int w, float *xt, uint16_t *col,
+                                       float *S, float *O, float *rowf, float *colf) {
+    const int hw = h * w, hwp = (hw + 31) / 32 * 32, ntiles = cout / 16;
+    for (int p = 0; p < hwp; p++) {
+        rowf[p] = (float)(p / w);
+        colf[p] = (float)(p % w);
+    }
+    load_tile_config();
+    for (int b = 0; b < n; b++) {
+        const float *ob_off = off + (int64_t)b * 18 * hw;
+        to_channel_last(x + (int64_t)b * cin * hw, cin, hw, xt);
+        for (int p0 = 0; p0 < hwp; p0 += 32) {
+            sample_block(xt, ob_off, rowf, colf, h, w, cin, p0, col);
+            for (int j = 0; j < ntiles; j += 2) {
+                const uint16_t *A[9];
+                for (int t = 0; t < 9; t++) A[t] = col + (int64_t)t * 32 * cin;
+                tile_block(A, wt, cin, ntiles, j, S, O + p0, hwp);
+            }
+        }
+        float *ob = out + (int64_t)b * cout_out * hw;
+        for (int o = 0; o < cout_out; o++)
+            copy_rows(O + (int64_t)o * hwp, hw, ob + (int64_t)o * hw, 1, hw, bias[o], ACT_NONE, 0.0f, 0.0f);
+    }
+    _tile_release();
+}
+#else
+#define HAVE_AMX 0
+#endif
+
+static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t n_items, const char *format,
+                      int writable, const char *name) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
+    if (view->format == NULL || strcmp(view->format, format) != 0) {
+        PyErr_Format(PyExc_TypeError, "%s: expected items of format %s, got %s", name, format,
+                     view->format ? view->format : "bytes");
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (view->len != n_items * view->itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd items, got %zd bytes", name, n_items,
+                     view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static int usable_cached = -1;
+static const char *why_not = "not checked";
+
+/* amx_usable() -> (bool, reason): whether amx_conv() may run here. */
+static PyObject *amx_usable(PyObject *self, PyObject *args) {
+    if (usable_cached < 0) {
+#if HAVE_AMX
+        why_not = amx_check();
+        usable_cached = why_not[0] == '\0';
+#else
+        why_not = "built without AMX support (needs x86-64 Linux and GCC 11 or later)";
+        usable_cached = 0;
+#endif
+    }
+    return Py_BuildValue("(Os)", usable_cached ? Py_True : Py_False, why_not);
+}
+
+/* Buffers shared by both entry points: x (n, cin, h, w), weight, bias (cout_out), out. */
+typedef struct {
+    Py_buffer x, wt, bias, out;
+    int held;
+} buffers;
+
+static void release(buffers *b) {
+    Py_buffer *all[] = {&b->x, &b->wt, &b->bias, &b->out};
+    for (int i = 0; i < b->held; i++) PyBuffer_Release(all[i]);
+}
+
+static int get_all(buffers *b, PyObject *ox, PyObject *owt, PyObject *obias, PyObject *oout, int n,
+                   int cin, int cout_out, int h, int w, Py_ssize_t n_weight, const char *wformat) {
+    const Py_ssize_t hw = (Py_ssize_t)h * w;
+    b->held = 0;
+    if (get_buffer(ox, &b->x, (Py_ssize_t)n * cin * hw, "f", 0, "x") < 0) return -1;
+    b->held = 1;
+    if (get_buffer(owt, &b->wt, n_weight, wformat, 0, "weight") < 0) goto fail;
+    b->held = 2;
+    if (get_buffer(obias, &b->bias, cout_out, "f", 0, "bias") < 0) goto fail;
+    b->held = 3;
+    if (get_buffer(oout, &b->out, (Py_ssize_t)n * cout_out * hw, "f", 1, "out") < 0) goto fail;
+    b->held = 4;
+    return 0;
+fail:
+    release(b);
+    return -1;
+}
+
+/* Positions inside a map are int: keep a padded map and its scratch far from INT_MAX. */
+static int bad_sizes(int n, int cin, int cout, int h, int w, int act) {
+    return n < 0 || cin < 1 || cout < 1 || cin > 1024 || cout > 1024 || h < 1 || w < 1 ||
+           h > 4096 || w > 4096 || (int64_t)(h + 3) * (w + 2) * 1024 > INT32_MAX || act < 0 ||
+           act > ACT_SHRINK;
+}
+
+/* Nonzero, with the Python error set, unless AMX is usable and the sizes are the AMX kernels':
+ * cin a multiple of 32, cout (tile rows) of 16 with cout_out of them real, a bounded map. */
+static int amx_refuses(const char *what, int n, int cin, int cout, int cout_out, int h, int w, int act) {
+    if (usable_cached != 1) {
+        PyErr_Format(PyExc_RuntimeError, "AMX is not usable here: %s (call amx_usable() first)", why_not);
+        return 1;
+    }
+    if (bad_sizes(n, cin, cout, h, w, act) || cin < 32 || cin % 32 || cout < 16 || cout % 16 ||
+        cout_out < 1 || cout_out > cout || cout - cout_out >= 16) {
+        PyErr_Format(PyExc_ValueError, "%s: bad dimensions (cin %% 32, cout %% 16, map size) or activation", what);
+        return 1;
+    }
+    return 0;
+}
+
+/* direct_conv(x, weight, bias, act, lo, hi, out, n, cin, cout, h, w): all float32. */
+static PyObject *direct_conv(PyObject *self, PyObject *args) {
+    PyObject *ox, *owt, *obias, *oout;
+    int act, n, cin, cout, h, w;
+    float lo, hi;
+    if (!PyArg_ParseTuple(args, "OOOiffOiiiii", &ox, &owt, &obias, &act, &lo, &hi, &oout, &n, &cin,
+                          &cout, &h, &w))
+        return NULL;
+    if (bad_sizes(n, cin, cout, h, w, act)) {
+        PyErr_SetString(PyExc_ValueError, "direct conv: bad dimensions or activation");
+        return NULL;
+    }
+    buffers b;
+    if (get_all(&b, ox, owt, obias, oout, n, cin, cout, h, w, (Py_ssize_t)cout * cin * 9, "f") < 0)
+        return NULL;
+    const int rows = direct_rows(h, w);
+    float *xp = malloc(sizeof(float) * (size_t)cin * rows);
+    float *O = malloc(sizeof(float) * (size_t)cout * rows);
+    if (!xp || !O) {
+        free(xp);
+        free(O);
+        release(&b);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    direct_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, h, w, xp, O);
+    Py_END_ALLOW_THREADS
+    free(xp);
+    free(O);
+    release(&b);
+    Py_RETURN_NONE;
+}
+
+/* amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w): x, bias, out float32;
+ * wt uint16 (bf16 A tiles of cout rows, cout_out of them real). */
+static PyObject *amx_conv(PyObject *self, PyObject *args) {
+    PyObject *ox, *owt, *obias, *oout;
+    int act, n, cin, cout, cout_out, h, w;
+    float lo, hi;
+    if (!PyArg_ParseTuple(args, "OOOiffOiiiiii", &ox, &owt, &obias, &act, &lo, &hi, &oout, &n,
+                          &cin, &cout, &cout_out, &h, &w))
+        return NULL;
+    if (amx_refuses("amx conv", n, cin, cout, cout_out, h, w, act)) return NULL;
+#if HAVE_AMX
+    buffers b;
+    if (get_all(&b, ox, owt, obias, oout, n, cin, cout_out, h, w, (Py_ssize_t)9 * cin * cout, "H") < 0)
+        return NULL;
+    const geometry g = geometry_of(h, w);
+    uint16_t *P = aligned_alloc(64, sizeof(uint16_t) * (size_t)g.rows * cin);
+    float *S = aligned_alloc(64, sizeof(float) * 32 * 32);
+    float *O = aligned_alloc(64, sizeof(float) * (size_t)cout * g.rows);
+    if (!P || !S || !O) {
+        free(P);
+        free(S);
+        free(O);
+        release(&b);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    amx_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, cout_out, h, w, P, S, O);
+    Py_END_ALLOW_THREADS
+    free(P);
+    free(S);
+    free(O);
+    release(&b);
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, why_not);
+    return NULL;
+#endif
+}
+
+/* amx_deform(x, offset, wt, bias, out, n, cin, cout, cout_out, h, w): x, offset, bias, out
+ * float32; wt uint16 (bf16 B tiles as for amx_conv). */
+static PyObject *amx_deform(PyObject *self, PyObject *args) {
+    PyObject *ox, *ooff, *owt, *obias, *oout;
+    int n, cin, cout, cout_out, h, w;
+    if (!PyArg_ParseTuple(args, "OOOOOiiiiii", &ox, &ooff, &owt, &obias, &oout, &n, &cin, &cout,
+                          &cout_out, &h, &w))
+        return NULL;
+    if (amx_refuses("amx deform", n, cin, cout, cout_out, h, w, ACT_NONE)) return NULL;
+#if HAVE_AMX
+    buffers b;
+    if (get_all(&b, ox, owt, obias, oout, n, cin, cout_out, h, w, (Py_ssize_t)9 * cin * cout, "H") < 0)
+        return NULL;
+    Py_buffer boff;
+    if (get_buffer(ooff, &boff, (Py_ssize_t)n * 18 * h * w, "f", 0, "offset") < 0) {
+        release(&b);
+        return NULL;
+    }
+    const int64_t hw = (int64_t)h * w, hwp = (hw + 31) / 32 * 32;
+    float *xt = aligned_alloc(64, sizeof(float) * (size_t)((hw + 1) * cin + 16));
+    uint16_t *col = aligned_alloc(64, sizeof(uint16_t) * (size_t)9 * 32 * cin);
+    float *S = aligned_alloc(64, sizeof(float) * 32 * 32);
+    float *O = aligned_alloc(64, sizeof(float) * (size_t)(cout * hwp));
+    float *rc = aligned_alloc(64, sizeof(float) * (size_t)(2 * hwp));
+    if (!xt || !col || !S || !O || !rc) {
+        free(xt);
+        free(col);
+        free(S);
+        free(O);
+        free(rc);
+        PyBuffer_Release(&boff);
+        release(&b);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    amx_deform_maps(b.x.buf, boff.buf, b.wt.buf, b.bias.buf, b.out.buf, n, cin, cout, cout_out, h, w,
+                    xt, col, S, O, rc, rc + hwp);
+    Py_END_ALLOW_THREADS
+    free(rc);
+    free(xt);
+    free(col);
+    free(S);
+    free(O);
+    PyBuffer_Release(&boff);
+    release(&b);
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, why_not);
+    return NULL;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"amx_deform", amx_deform, METH_VARARGS,
+     "amx_deform(x, offset, wt, bias, out, n, cin, cout, cout_out, h, w): see conv.c"},
+    {"amx_usable", amx_usable, METH_NOARGS, "amx_usable() -> (bool, reason): whether amx_conv() can run here"},
+    {"amx_conv", amx_conv, METH_VARARGS,
+     "amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w): see conv.c"},
+    {"direct_conv", direct_conv, METH_VARARGS,
+     "direct_conv(x, weight, bias, act, lo, hi, out, n, cin, cout, h, w): see conv.c"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_conv", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__conv(void) { return PyModule_Create(&module); }

@@ -1,0 +1,144 @@
+"""``csist split-amx``: encoder and head cut at their convolutions, checked, and served on AMX."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from service import conv, deform
+from service.model import ModelError, file_sha256, load_model
+from training import export, split_amx
+from tests.service.tiny_derefnet import tiny_model_path
+
+pytestmark = [pytest.mark.skipif(not conv.AMX, reason=f"no AMX here: {conv.WHY_NOT_AMX}"),
+              pytest.mark.skipif(not deform.AVAILABLE, reason="service._deform is not built")]
+
+
+@pytest.fixture(scope="module")
+def split_model(tmp_path_factory):
+    """The 32-channel tiny model, split for AMX once (in its own directory copy)."""
+    src = tiny_model_path(tmp_path_factory, channels=32)
+    out = tmp_path_factory.mktemp("amx")
+    for path in src.parent.iterdir():
+        if path.is_file():
+            shutil.copy(path, out / path.name)
+    model = out / src.name
+    assert split_amx.main(["--model", str(model), "--parity-windows", "3"]) == 0
+    return model
+
+
+@pytest.fixture
+def model_copy(split_model, tmp_path):
+    for path in split_model.parent.iterdir():
+        if path.is_file():
+            shutil.copy(path, tmp_path / path.name)
+    return tmp_path / split_model.name
+
+
+def test_card_records_the_split_and_its_checks(split_model):
+    card = json.loads(split_model.with_suffix(".json").read_text())
+    entry = card["amx_split"]
+    assert entry["precision"] == "bfloat16" and entry["command"].startswith("csist split-amx --model")
+    enc, head = entry["encoder"], entry["head"]
+    assert enc["part"] == card["parts"]["encoder"]["file"] and head["part"] == card["parts"]["head"]["file"]
+    # one ISTA stage: 1->32 direct (+ReLU), 32->32 AMX (+soft threshold), 32->32 AMX (+ReLU), 32->1 direct
+    assert [(s["kernel"], s["activation"]) for s in enc["steps"]] == [
+        ("direct", "relu"), ("amx", "soft_threshold"), ("amx", "relu"), ("direct", "none")]
+    lo, hi = enc["steps"][1]["clip"]
+    assert lo == -hi and hi > 0
+    ops = [(s["op"], s.get("kernel")) for s in head["steps"]]
+    assert ops.count(("DeformConv", "amx")) == 2 and ops.count(("Conv", "amx")) == 4  # 2 offsets + 1 res block
+    for part in (enc, head):
+        for spec in [*(s for s in part["segments"] if s), part["weights"]]:
+            assert file_sha256(split_model.parent / spec["file"]) == spec["sha256"]
+        for seg in (s for s in part["segments"] if s):
+            nodes = onnx.load(str(split_model.parent / seg["file"])).graph.node
+            assert not any(n.op_type == "DeformConv" for n in nodes)
+    d = entry["check"]["relative_diff"]
+    assert d["segments_vs_encoder"] < 1e-6 and d["segments_vs_head"] < 1e-5
+    assert d["direct_conv_kernel_vs_onnxruntime"] < 1e-5
+    assert 1e-5 < d["amx_conv_kernel_vs_onnxruntime"] < 2e-2  # bfloat16: close, not exact
+
+
+def test_served_split_is_close_to_float32(split_model):
+    amx = load_model(split_model)  # auto picks the AMX split on this CPU
+    fp32 = load_model(split_model, conv_kernel="onnxruntime")
+    assert (amx.conv_kernel, amx.deform_kernel) == ("amx", "native")
+    assert fp32.conv_kernel == "onnxruntime" and fp32.split_encoder is None
+    windows = export.sample_windows(4, seed=9)
+    frames = windows.reshape(-1, 11, 11)
+    feats_amx, feats = amx.encode(frames), fp32.encode(frames)
+    assert np.abs(feats_amx - feats).max() < 2e-2 * np.abs(feats).max()
+    maps_amx = amx.head(feats.reshape(4, 5, -1))
+    maps = fp32.head(feats.reshape(4, 5, -1))
+    assert maps.shape == maps_amx.shape == (4, 33, 33)
+    assert np.abs(maps_amx - maps).max() < 2e-2 * np.abs(maps).max()
+    assert not np.array_equal(maps_amx, maps)  # it really ran another kernel
+
+
+def test_conv_kernel_choices(model_copy):
+    with pytest.raises(ModelError, match="conv_kernel='fast'"):
+        load_model(model_copy, conv_kernel="fast")
+    with pytest.raises(ModelError, match="deform_kernel='onnxruntime'"):
+        load_model(model_copy, conv_kernel="amx", deform_kernel="onnxruntime")
+    assert load_model(model_copy, deform_kernel="onnxruntime").conv_kernel == "onnxruntime"  # auto steps back
+    card_path = model_copy.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    del card["amx_split"]
+    card_path.write_text(json.dumps(card))
+    assert load_model(model_copy).conv_kernel == "onnxruntime"
+    with pytest.raises(ModelError, match="no amx_split"):
+        load_model(model_copy, conv_kernel="amx")
+
+
+def test_without_amx_auto_falls_back_and_amx_refuses(split_model, monkeypatch):
+    monkeypatch.setattr(conv, "AMX", False)
+    monkeypatch.setattr(conv, "WHY_NOT_AMX", "the CPU has no AMX-TILE/AMX-BF16")
+    assert load_model(split_model).conv_kernel == "onnxruntime"
+    with pytest.raises(ModelError, match="no AMX-TILE"):
+        load_model(split_model, conv_kernel="amx")
+
+
+def test_altered_or_stale_split_is_refused(model_copy):
+    card_path = model_copy.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    seg = model_copy.parent / next(s for s in card["amx_split"]["encoder"]["segments"] if s)["file"]
+    original = seg.read_bytes()
+    seg.write_bytes(original + b"\0")
+    with pytest.raises(ModelError, match="SHA-256 mismatch: encoder segment"):
+        load_model(model_copy)
+    assert load_model(model_copy, conv_kernel="onnxruntime").conv_kernel == "onnxruntime"  # not needed then
+    seg.write_bytes(original)
+    card["amx_split"]["head"]["part_sha256"] = "0" * 64
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="run `csist split-amx` again"):
+        load_model(model_copy)
+
+
+def test_resplit_is_deterministic_and_a_failed_one_keeps_the_old(model_copy):
+    card_path = model_copy.with_suffix(".json")
+    before = json.loads(card_path.read_text())["amx_split"]
+    assert split_amx.main(["--model", str(model_copy), "--parity-windows", "2"]) == 0
+    after = json.loads(card_path.read_text())["amx_split"]
+    for part in ("encoder", "head"):
+        assert [s and s["sha256"] for s in after[part]["segments"]] == [s and s["sha256"] for s in before[part]["segments"]]
+        assert after[part]["weights"]["sha256"] == before[part]["weights"]["sha256"]
+    text, files = card_path.read_text(), sorted(p.name for p in model_copy.parent.iterdir())
+    with pytest.raises(SystemExit, match="amx_conv_kernel_vs_onnxruntime"):
+        split_amx.main(["--model", str(model_copy), "--parity-windows", "2", "--bf16-tolerance", "0"])
+    assert card_path.read_text() == text
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == files  # no .tmp left, none removed
+    assert load_model(model_copy).conv_kernel == "amx"
+
+
+def test_a_model_without_amx_convolutions_is_refused(tmp_path_factory, capsys):
+    small = tiny_model_path(tmp_path_factory)  # 4 channels: nothing for the AMX kernel
+    with pytest.raises(SystemExit, match="no Conv the AMX kernel computes"):
+        split_amx.main(["--model", str(small), "--parity-windows", "2"])
+    with pytest.raises(SystemExit) as exc:
+        split_amx.main(["--help"])
+    assert exc.value.code == 0 and "bfloat16" in capsys.readouterr().out

@@ -1,0 +1,167 @@
+"""Cut the streaming encoder and head at their 32-channel Convs, for the bfloat16 AMX kernel.
+
+    csist split-amx --model models/derefnet.onnx                 # split and check (AMX CPU needed)
+    csist split-amx --model models/derefnet.onnx --eval-data data/seqcsist-test-s1001 \
+        --max-map-drop 0.5                                       # how the bundled model was split
+    CSIST_CONV_KERNEL=onnxruntime csist serve                    # serve without it
+
+On a CPU with AMX (Intel Sapphire Rapids and later) ``service/conv.py`` computes a 3x3 Conv with
+32-channel input several times faster than ONNX Runtime's float32 Conv, in bfloat16 with float32
+sums. The service cannot put it inside an ONNX Runtime graph, so, as ``csist split-head`` does
+for the DeformConv nodes, this command cuts both streaming parts (``parts.encoder`` and
+``parts.head`` of the card) into the graph segments between the nodes the native kernels compute
+(every DeformConv, and every Conv the AMX kernel takes, with a Relu after it folded in):
+``<model stem>.amx.encoder.seg<i>.onnx`` / ``.amx.head.seg<i>.onnx`` and their weights in
+``<model stem>.amx.encoder.weights.npz`` / ``.amx.head.weights.npz``. The card's ``amx_split``
+records the files, their SHA-256, the steps and the checks:
+
+- the cut: segments with ONNX Runtime's own float32 nodes between them vs the whole part (must
+  stay within ``--tolerance``),
+- each kernel vs ONNX Runtime's node on the same tensors (the AMX Conv within
+  ``--bf16-tolerance``: bfloat16 keeps 8 significant bits),
+- the split as the service runs it vs the whole part (recorded),
+- with ``--eval-data``: the CSO-mAP of the streaming path with ONNX Runtime's float32 Convs and
+  with the AMX kernel (same threshold and refinement), and with ``--max-map-drop`` the command
+  fails, leaving the previous split in place, when bfloat16 loses more than that.
+
+Only a float32 model's Convs qualify (an int8 model's weights come out of DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training.split_head import PartSplit, SplitError, check_graph, load_card_part, replace_card_entry, split_graph
+
+
+def evaluate_kernels(model_path: Path, card_path: Path, data: Path, split_name: str, limit: int | None,
+                     threshold: float, refines: list[str], threads: int) -> dict:
+    """CSO-mAP of the streaming path with float32 Convs (ONNX Runtime) and with the AMX kernel."""
+    from service.model import load_model
+    from training.data import read_split
+    from training.evaluate import score_maps, stream_maps
+
+    split = read_split(data, split_name, limit=limit)
+    out = {"data": str(data), "split": split_name, "threshold": threshold, "trajectories": int(split.frames.shape[0])}
+    for kernel in ("onnxruntime", "amx"):
+        model = load_model(model_path, card_path, providers=["CPUExecutionProvider"], threads=threads,
+                           conv_kernel=kernel)
+        t0 = time.perf_counter()
+        maps = stream_maps(model.encode, model.head, split.frames)
+        seconds = time.perf_counter() - t0
+        out[kernel] = {"inference_seconds": round(seconds, 2)}
+        for refine in refines:
+            report, _ = score_maps(maps, split, threshold, refine)
+            out[kernel][f"refine={refine}"] = {k: report[k] for k in ("mAP", "AP05", "AP10", "count_accuracy")}
+    out["map_drop"] = {r: out["onnxruntime"][f"refine={r}"]["mAP"] - out["amx"][f"refine={r}"]["mAP"] for r in refines}
+    return out
+
+
+def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_tolerance: float, command: str,
+              evaluation: dict | None = None, max_map_drop: float | None = None) -> dict:
+    """Split encoder and head of ``model_path``, check, optionally score, and record ``amx_split``."""
+    from service import conv
+    from service.model import load_model
+
+    if not conv.AMX:
+        raise SplitError(f"the AMX kernel cannot run here, so the split cannot be checked: {conv.WHY_NOT_AMX}")
+    card_path, card, encoder = load_card_part(model_path, "encoder")
+    head = load_card_part(model_path, "head")[2]
+    splits = {name: PartSplit(model_path, f"amx.{name}", "weights", part, *split_graph(model_path.parent / part["file"], convs=True))
+              for name, part in (("encoder", encoder), ("head", head))}
+    if not any(s.get("kernel") == "amx" for s in splits["encoder"].steps):
+        raise SplitError(f"the encoder of {model_path} has no Conv the AMX kernel computes (float32, 32-channel input)")
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    def entry(suffix):
+        return {"precision": "bfloat16", **{name: s.entry(suffix) for name, s in splits.items()},
+                "command": command, "date": date}
+
+    def check(tmp_card):
+        model = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx")
+        flat = frames.reshape(-1, *frames.shape[2:])
+        feats = model.parts["encoder"].run(flat).reshape(*frames.shape[:2], -1)
+        diffs = {**check_graph(model.split_encoder, model.parts["encoder"], flat),
+                 **{f"head_{k}" if not k.endswith("head") else k: v
+                    for k, v in check_graph(model.split_head, model.parts["head"], feats).items()}}
+        for key in diffs:
+            limit = bf16_tolerance if "amx_" in key else (None if "split_vs" in key else tolerance)
+            if limit is not None and not diffs[key] <= limit:
+                raise SplitError(f"{key} is {diffs[key]:.3g} of the largest output (> {limit})")
+        result = {"windows": int(frames.shape[0]), "relative_diff": diffs, "tolerance_relative": tolerance,
+                  "bf16_tolerance_relative": bf16_tolerance}
+        if evaluation is not None:
+            acc = evaluate_kernels(model_path, tmp_card, **evaluation)
+            result["accuracy"] = acc
+            worst = max(acc["map_drop"].values())
+            if max_map_drop is not None and worst > max_map_drop:
+                raise SplitError(f"CSO-mAP drops by {worst:.3f} with the AMX kernel (> --max-map-drop {max_map_drop})")
+        return result
+
+    return replace_card_entry(card_path, card, "amx_split", list(splits.values()), entry, check)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csist split-amx", description=__doc__, formatter_class=_Formatter)
+    p.add_argument("--model", type=Path, default=Path("models/derefnet.onnx"),
+                   help="exported float32 model whose card (.json beside it) lists the streaming parts")
+    p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the checks")
+    p.add_argument("--seed", type=int, default=12345, help="seed of those windows")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |cut - part| and |native DeformConv - ONNX Runtime|, relative to the largest output")
+    p.add_argument("--bf16-tolerance", type=float, default=2e-2,
+                   help="largest allowed |AMX Conv - ONNX Runtime Conv|, relative to the largest output")
+    p.add_argument("--eval-data", type=Path, default=None, help="data set root (csist simulate output) to score both kernels on")
+    p.add_argument("--eval-split", default="test", help="split of --eval-data to score")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N trajectories")
+    p.add_argument("--threshold", type=float, default=70.0, help="peak threshold of the evaluation")
+    p.add_argument("--refine", nargs="+", default=["none"], help="refinements to score (as csist evaluate --refine)")
+    p.add_argument("--max-map-drop", type=float, default=None,
+                   help="with --eval-data: fail (keeping the previous split) if CSO-mAP drops more than this")
+    p.add_argument("--threads", type=int, default=0, help="threads for the evaluation (0: one per core)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from service.model import ModelError
+    from training.export import sample_windows
+
+    command = "csist split-amx " + " ".join(sys.argv[2:] if argv is None else argv)
+    evaluation = None
+    if args.eval_data is not None:
+        evaluation = {"data": args.eval_data, "split_name": args.eval_split, "limit": args.eval_limit,
+                      "threshold": args.threshold, "refines": args.refine, "threads": args.threads}
+    try:
+        entry = split_amx(args.model, sample_windows(args.parity_windows, seed=args.seed), args.tolerance,
+                          args.bf16_tolerance, command, evaluation, args.max_map_drop)
+    except (SplitError, ModelError, FileNotFoundError) as exc:
+        raise SystemExit(f"csist split-amx: error: {exc}") from None
+    for name in ("encoder", "head"):
+        e = entry[name]
+        kinds = [(s["op"], s.get("kernel")) for s in e["steps"]]
+        print(f"{name}: {sum(1 for s in e['segments'] if s)} ONNX segments, {len(kinds)} native steps "
+              f"(Conv: {kinds.count(('Conv', 'amx'))} AMX, {kinds.count(('Conv', 'direct'))} direct float32; "
+              f"DeformConv: {kinds.count(('DeformConv', 'amx'))} AMX, {kinds.count(('DeformConv', None))} float32)")
+    print("max difference relative to the largest output: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in entry["check"]["relative_diff"].items()))
+    acc = entry["check"].get("accuracy")
+    if acc:
+        for r, drop in acc["map_drop"].items():
+            print(f"CSO-mAP refine={r}: float32 {acc['onnxruntime'][f'refine={r}']['mAP']:.2f}, "
+                  f"AMX bfloat16 {acc['amx'][f'refine={r}']['mAP']:.2f} (drop {drop:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
