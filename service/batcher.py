@@ -8,7 +8,9 @@ the event loop keeps accepting connections while the model runs. With several wo
 CPU core by default), batches run at the same time, each ONNX Runtime call on one thread: on
 this model's small 33 x 33 tensors that gets more out of the cores than one call spread over
 them (measured in ``csist bench speed``). A new batch is gathered only when a worker is free,
-so batches fill up while the workers are busy.
+so batches fill up while the workers are busy; when several workers are idle, what was gathered
+is shared out among them, so that a burst of frames (every track's frame at once) does not wait
+for one core.
 
 Post-processing (peak extraction and, with ``refine="fit"``, the physics fit) runs in its own
 thread: ONNX Runtime releases the GIL, so the next batches' inference overlaps the previous
@@ -132,6 +134,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._post_executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._busy = 0  # workers holding a batch
 
     @property
     def queued_windows(self) -> int:
@@ -208,7 +211,13 @@ class Batcher:
         return self._items.popleft()
 
     async def _gather(self) -> list[_Item] | None:
-        """The next batch: the first item plus whatever fits and arrives within max_wait."""
+        """The next batch: the first item plus whatever fits and arrives within max_wait.
+
+        When other workers are idle at the end of the wait, the gathered groups are shared out:
+        this batch keeps the first 1 / (idle + 1) of the windows (whole groups) and the rest go
+        back to the front of the queue for the next worker, so that a burst (every track's
+        frame at once) runs on all idle cores instead of one.
+        """
         first = await self._next_item(None)
         if first is None:
             return None
@@ -225,6 +234,14 @@ class Batcher:
                     break
             batch.append(item)
             n += item.size
+        idle_others = self.workers - self._busy  # _busy counts this batch's worker already
+        if idle_others > 0 and len(batch) > 1:
+            share, kept, keep = -(-n // (idle_others + 1)), 0, 0
+            while kept < share:
+                kept += batch[keep].size
+                keep += 1
+            self._items.extendleft(reversed(batch[keep:]))
+            batch = batch[:keep]
         return batch
 
     async def _work(self) -> None:
@@ -235,6 +252,7 @@ class Batcher:
         while True:
             await in_flight.acquire()
             await free_workers.acquire()
+            self._busy += 1  # this batch's worker (only the loop touches the count)
             batch = await self._gather()
             if batch is None:
                 break
@@ -286,6 +304,7 @@ class Batcher:
             finally:
                 for slot, _, event in claims or ():
                     slot.fill(None, event)  # no-op unless never filled: don't leave it claimed
+                self._busy -= 1
                 free_workers.release()
             if error is None:
                 try:

@@ -412,3 +412,34 @@ def test_when_the_encoding_batch_fails_the_waiting_batch_encodes_itself():
     assert isinstance(first, InferenceFailed) and "encoder exploded" in str(first)
     assert [round(p[0, 2]) for p in second.peaks] == [103, 104, 105, 106, 107, 108]
     assert b.frames_encoded == 6  # batch 1's count never landed; batch 2 encoded all 6
+
+
+def test_a_burst_is_shared_out_among_idle_workers_and_answers_keep_their_order():
+    """8 single-window groups at once on 2 idle workers: two batches of 4 that run together,
+    not one batch of 8; with one worker, one batch of 8."""
+
+    class SlowModel(FakeModel):
+        def __call__(self, windows):
+            time.sleep(0.05 * len(windows))
+            return super().__call__(windows)
+
+    async def burst(workers):
+        model = SlowModel()
+        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.02, workers=workers)
+        b.start()
+        done: list[int] = []
+        futures = [b.submit(windows_with([v]), OPTS) for v in range(8)]
+        for v, f in enumerate(futures):
+            f.add_done_callback(lambda _, v=v: done.append(v))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*futures)
+        elapsed = time.perf_counter() - t0
+        await b.stop()
+        assert done == list(range(8))
+        assert [r.peaks[0][0, 2] for r in results] == [100.0 + v for v in range(8)]
+        return model.calls, elapsed
+
+    calls, elapsed = run(burst(2))
+    assert calls == [4, 4] and elapsed < 0.35  # one batch of 8 would take 0.4 s
+    calls, _ = run(burst(1))
+    assert calls == [8]

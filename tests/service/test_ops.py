@@ -109,9 +109,10 @@ def test_prometheus_metrics_count_what_happened(start_server):
         return targets, after_rest, mid
 
     rest_targets, after_rest, mid = asyncio.run(traffic())
-    # 4 concurrent requests of 5 windows shared inference calls
+    # 4 concurrent requests of 5 windows shared inference calls (fewer calls than requests; a
+    # gathered batch is shared out between the 2 workers when the other one is idle)
     assert value(after_rest, "csist_batch_size", "csist_batch_size_sum") == 20
-    assert value(after_rest, "csist_batch_size", "csist_batch_size_count") <= 2
+    assert value(after_rest, "csist_batch_size", "csist_batch_size_count") <= 3
     assert value(mid, "csist_active_tracks") == 2
     assert value(mid, "csist_ws_connections") == 1
     m = scrape(live.base_url)
