@@ -218,6 +218,8 @@ def ort_tuning(model: Path, windows: np.ndarray, trajectories: np.ndarray, secon
     default by more than 5 % on the measurement that matters for its use (``keep``).
     """
     options = variants or ORT_VARIANTS  # the first entry is the baseline
+    skipped = {name: why for name, opts in options.items() if (why := variant_blocker(model, opts))}
+    options = {name: opts for name, opts in options.items() if name not in skipped}
     variants = {name: OrtModel(model, opts) for name, opts in options.items()}
     tests = {"single_batch32": lambda v: time_single(v, windows, 32, seconds, v.workers)}
     if next(iter(variants.values())).encoder is not None:
@@ -236,7 +238,20 @@ def ort_tuning(model: Path, windows: np.ndarray, trajectories: np.ndarray, secon
         out[name] = entry
     for name, entry in out.items():
         entry["keep"] = {t: entry[t] > 1.05 * out[default][t] for t in tests} if name != default else None
+    out.update({name: {"skipped": why} for name, why in skipped.items()})
     return out
+
+
+def variant_blocker(model: Path, options: dict) -> str | None:
+    """Why an option variant's native kernels cannot run on ``model`` here (None: they can)."""
+    from service import conv, deform
+
+    card = json.loads(model.with_suffix(".json").read_text())
+    if options.get("deform_kernel") == "native" and not (deform.AVAILABLE and card.get("head_split")):
+        return "no head_split in the card, or service._deform not built"
+    if options.get("conv_kernel") == "amx" and not (conv.AMX and card.get("amx_split")):
+        return conv.WHY_NOT_AMX if not conv.AMX else "no amx_split in the card"
+    return None
 
 
 def eager_rates(checkpoint: Path, windows: np.ndarray, batches: list[int], seconds: float) -> dict:
@@ -558,7 +573,8 @@ def markdown(report: dict) -> str:
     if report.get("ratios"):
         out.append("\nRatios (same run): " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items() if v is not None) + "\n")
     if "ort_tuning" in report:
-        rows = [[name, e["single_batch32"], e.get("streaming_32_tracks"), e.get("streaming_1_track"),
+        rows = [[name, "-", "-", "-", f"skipped: {e['skipped']}"] if "skipped" in e else
+                [name, e["single_batch32"], e.get("streaming_32_tracks"), e.get("streaming_1_track"),
                  "-" if e["keep"] is None else ", ".join(k for k, v in e["keep"].items() if v) or "no"]
                 for name, e in report["ort_tuning"].items()]
         out.append("\nONNX Runtime session options (windows/s, median of round-robin repeats; "

@@ -94,6 +94,7 @@ class _Item:
     slots: list[list[FeatureSlot]] | None = None  # (k lists of 5) when features may be cached
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
+    shared_out: bool = False  # put back by a batch that shared its groups out: no second wait
 
     @property
     def size(self) -> int:
@@ -135,6 +136,7 @@ class Batcher:
         self._post_executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._busy = 0  # workers holding a batch
+        self._in_flight = 0  # batches inferred or post-processed, not yet answered
 
     @property
     def queued_windows(self) -> int:
@@ -222,7 +224,7 @@ class Batcher:
         if first is None:
             return None
         batch, n = [first], first.size
-        deadline = time.perf_counter() + self.max_wait_s
+        deadline = time.perf_counter() + (0.0 if first.shared_out else self.max_wait_s)
         while n < self.max_batch:
             if self._items:
                 if n + self._items[0].size > self.max_batch:
@@ -234,12 +236,16 @@ class Batcher:
                     break
             batch.append(item)
             n += item.size
-        idle_others = self.workers - self._busy  # _busy counts this batch's worker already
+        # _busy and _in_flight count this batch already; a share is only worth splitting off if a
+        # worker and an in-flight slot are free for it now
+        idle_others = min(self.workers - self._busy, self.workers + MAX_POSTPROCESS_BACKLOG - self._in_flight)
         if idle_others > 0 and len(batch) > 1:
             share, kept, keep = -(-n // (idle_others + 1)), 0, 0
             while kept < share:
                 kept += batch[keep].size
                 keep += 1
+            for item in batch[keep:]:
+                item.shared_out = True
             self._items.extendleft(reversed(batch[keep:]))
             batch = batch[:keep]
         return batch
@@ -251,8 +257,9 @@ class Batcher:
         previous: asyncio.Task | None = None  # the batch answered just before the next one
         while True:
             await in_flight.acquire()
+            self._in_flight += 1
             await free_workers.acquire()
-            self._busy += 1  # this batch's worker (only the loop touches the count)
+            self._busy += 1  # this batch's worker (only the loop touches the counts)
             batch = await self._gather()
             if batch is None:
                 break
@@ -317,6 +324,7 @@ class Batcher:
             if previous is not None:
                 await asyncio.wait([previous])  # its outcome is its callers', not ours
         finally:
+            self._in_flight -= 1
             in_flight.release()
             if results is None:  # failed, or cancelled (the loop is going away)
                 self._fail(batch, error or ShuttingDown("the service is shutting down"))

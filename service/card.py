@@ -98,6 +98,8 @@ class StepSpec(BaseModel):
             raise ValueError("a DeformConv step's kernel is the float32 one (none named) or amx")
         if (self.activation == "soft_threshold") != (self.clip is not None):
             raise ValueError("clip [lo, hi] goes with activation soft_threshold, and only with it")
+        if self.clip is not None and not self.clip[0] <= self.clip[1]:
+            raise ValueError(f"clip {self.clip}: lo must not exceed hi")
         return self
 
 
@@ -114,6 +116,21 @@ class SplitSpec(BaseModel):
     segments: list[FileSpec | None] = Field(min_length=2)
     steps: list[StepSpec] = Field(min_length=1)
     weights: FileSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_the_deform_only_format(cls, data):
+        """Cards split before the format was generic (session 4): head/head_sha256/deform."""
+        if isinstance(data, dict) and "deform" in data and "steps" not in data:
+            data = dict(data)
+            data.setdefault("part", data.pop("head", None))
+            data.setdefault("part_sha256", data.pop("head_sha256", None))
+            data["steps"] = [
+                {"op": "DeformConv", "inputs": [d.get("input"), d.get("offset")], "output": d.get("output"),
+                 "weight": d.get("weight"), "bias": d.get("bias")} if isinstance(d, dict) else d
+                for d in data.pop("deform")
+            ]
+        return data
 
     @model_validator(mode="after")
     def _interleaved(self):

@@ -191,8 +191,12 @@ class InferenceModel:
 
     @property
     def deform_kernel(self) -> str:
-        """Which code computes the head's DeformConv: "native" or "onnxruntime"."""
-        return "native" if self.split_head is not None else "onnxruntime"
+        """Which code computes the head's DeformConv: "native" (float32), "amx" (bfloat16, the AMX
+        split) or "onnxruntime"."""
+        if self.split_head is None:
+            return "onnxruntime"
+        amx = any(s.op == "DeformConv" and getattr(s.kernel, "kernel", None) == "amx" for s in self.split_head.steps)
+        return "amx" if amx else "native"
 
     @property
     def conv_kernel(self) -> str:
@@ -379,8 +383,9 @@ def load_split(
             else:
                 kernel = conv.Conv3x3(weights[s.weight], weights[s.bias], s.kernel, s.activation, s.clip, threads)
             steps.append(Step(s.op, tuple(s.inputs), s.output, kernel))
-    except (KeyError, ValueError, OSError) as exc:
-        raise ModelError(f"split weights {npz} do not fit the card's {name} split: {exc}") from None
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a kernel cannot run here
+        raise ModelError(f"split weights {npz} do not fit the card's {name} split, or its kernels cannot run here: "
+                         f"{exc}") from None
     return SplitGraph(name, sessions, steps, spec.input, spec.output)
 
 

@@ -105,9 +105,11 @@ def folded_activation(out: str, consumers: dict, consts: dict, graph_outputs: se
         sub = next((n for n in after if n.op_type == "Sub"), None)
         if (clip is not None and sub is not None and len(clip.input) == 3 and clip.input[0] == out
                 and clip.input[1] in consts and clip.input[2] in consts
-                and list(sub.input) == [out, clip.output[0]] and consumers.get(clip.output[0]) == [sub]):
+                and list(sub.input) == [out, clip.output[0]] and consumers.get(clip.output[0]) == [sub]
+                and clip.output[0] not in graph_outputs):
             lo, hi = float(consts[clip.input[1]]), float(consts[clip.input[2]])
-            return "soft_threshold", [lo, hi], [clip, sub], sub.output[0]
+            if lo <= hi:  # (lo > hi is a constant hi in ONNX; the card refuses it, so keep the nodes)
+                return "soft_threshold", [lo, hi], [clip, sub], sub.output[0]
     return None
 
 

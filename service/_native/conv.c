@@ -44,16 +44,21 @@
 #define ACT_RELU 1
 #define ACT_SHRINK 2
 
-/* dst (h, w) = act(src + bias), src rows wp apart; one loop per activation so each vectorizes. */
+/* dst (h, w) = act(src + bias), src rows wp apart; one loop per activation so each vectorizes.
+ * As ONNX: Relu keeps a NaN (so the service's finiteness check still sees it), and Clip is
+ * min(max(v, lo), hi), which is hi for every v when lo > hi. */
 TARGETS static void copy_rows(const float *src, int wp, float *dst, int h, int w, float bias,
                               int act, float lo, float hi) {
     for (int y = 0; y < h; y++, src += wp, dst += w) {
         if (act == ACT_RELU)
-            for (int i = 0; i < w; i++) dst[i] = src[i] + bias > 0.0f ? src[i] + bias : 0.0f;
-        else if (act == ACT_SHRINK)
             for (int i = 0; i < w; i++) {
                 const float v = src[i] + bias;
-                dst[i] = v - (v < lo ? lo : (v > hi ? hi : v));
+                dst[i] = v > 0.0f || v != v ? v : 0.0f;
+            }
+        else if (act == ACT_SHRINK)
+            for (int i = 0; i < w; i++) {
+                const float v = src[i] + bias, c = v < lo ? lo : v;
+                dst[i] = v - (c > hi ? hi : c);
             }
         else
             for (int i = 0; i < w; i++) dst[i] = src[i] + bias;
@@ -147,12 +152,13 @@ static const char *amx_check(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return "CPUID leaf 7 is missing";
     if (!(d & (1u << 24)) || !(d & (1u << 22))) return "the CPU has no AMX-TILE/AMX-BF16";
-    if (!(b & (1u << 16))) return "the CPU has no AVX-512";
+    if (!(b & (1u << 16)) || !(b & (1u << 30))) return "the CPU has no AVX-512F/AVX-512BW";
     __get_cpuid_count(7, 1, &a, &b, &c, &d);
     if (!(a & (1u << 5))) return "the CPU has no AVX512-BF16";
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return "the OS does not enable XSAVE";
     unsigned lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xE6) != 0xE6) return "the OS does not enable the AVX-512 state (XCR0)";
     if ((lo & 0x60000) != 0x60000) return "the OS does not enable the AMX tile state (XCR0)";
     if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0)
         return "the kernel refused AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)";

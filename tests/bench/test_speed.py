@@ -131,3 +131,17 @@ def test_streaming_step_with_the_amx_kernels(tmp_path_factory, tmp_path):
 def test_unknown_subcommand_fails():
     with pytest.raises(SystemExit):
         cli.main(["nope"])
+
+
+def test_option_sweep_skips_variants_whose_kernels_cannot_run(tiny_model):
+    """The tiny model (4 channels) has no amx_split: its AMX variant is reported as skipped."""
+    from bench.common import simulated_trajectories
+    from bench.speed import ORT_VARIANTS, ort_tuning
+    from training.data import windows
+
+    traj, _ = simulated_trajectories(2, seed=1)
+    names = list(ORT_VARIANTS)[:1] + ["2 workers x threads=1, AMX kernels"]
+    out = ort_tuning(tiny_model, windows(traj)[:8], traj, 0.001, rounds=1,
+                     variants={k: ORT_VARIANTS[k] for k in names})
+    assert "skipped" in out["2 workers x threads=1, AMX kernels"]
+    assert out[names[0]]["single_batch32"] > 0

@@ -180,3 +180,18 @@ def test_amx_refuses_to_run_without_amx(monkeypatch):
     monkeypatch.setattr(conv, "AMX", False)
     with pytest.raises(RuntimeError, match="cannot run here"):
         conv.Conv3x3(np.zeros((32, 32, 3, 3), np.float32), kernel="amx")
+
+
+@pytest.mark.parametrize("kernel,cin,cout", [("direct", 1, 32)] + ([("amx", 32, 32)] if conv.AMX else []))
+def test_folded_activations_follow_onnx_for_nan_and_reversed_bounds(kernel, cin, cout):
+    """Relu keeps a NaN (the service's finiteness check must still see it); Clip is
+    min(max(v, lo), hi) as in ONNX, even with lo > hi (which the card refuses anyway)."""
+    x, weight, bias = operands(1, cin, cout, 5, 6)
+    x[0, :, 2, 3] = np.nan
+    y = conv.Conv3x3(weight, bias, kernel, "relu")(x)
+    assert np.isnan(y[0, :, 2, 3]).all() and np.isfinite(y[0, :, 0, 0]).all()
+    assert (y[np.isfinite(y)] >= 0).all()
+    clean = operands(1, cin, cout, 5, 6)[0]
+    plain = conv.Conv3x3(weight, bias, kernel, "none")(clean)
+    reversed_bounds = conv.Conv3x3(weight, bias, kernel, "soft_threshold", (0.5, -0.5))(clean)
+    np.testing.assert_allclose(reversed_bounds, plain - (-0.5), rtol=1e-6, atol=1e-6)

@@ -67,7 +67,7 @@ def test_card_records_the_split_and_its_checks(split_model):
 def test_served_split_is_close_to_float32(split_model):
     amx = load_model(split_model)  # auto picks the AMX split on this CPU
     fp32 = load_model(split_model, conv_kernel="onnxruntime")
-    assert (amx.conv_kernel, amx.deform_kernel) == ("amx", "native")
+    assert (amx.conv_kernel, amx.deform_kernel) == ("amx", "amx")
     assert fp32.conv_kernel == "onnxruntime" and fp32.split_encoder is None
     windows = export.sample_windows(4, seed=9)
     frames = windows.reshape(-1, 11, 11)
