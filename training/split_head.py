@@ -16,6 +16,12 @@ group and one offset group, weight and bias constant, no mask; anything else is 
 split is checked in ONNX Runtime on simulated windows (see :func:`check_split`) before the card
 keeps its ``head_split`` entry: the files, their SHA-256, the tensor names and the measured
 differences.
+
+The cutting itself is generic and shared with ``csist split-amx`` (``training/split_amx.py``):
+:func:`split_graph` cuts any part at the nodes native kernels compute (a segment may be empty
+between two of them), :class:`PartSplit` writes and renames the files, :func:`check_graph`
+compares a split with its whole part, and :func:`replace_card_entry` swaps the card's entry in
+only after the check.
 """
 
 from __future__ import annotations
