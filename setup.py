@@ -11,6 +11,7 @@ setup(
         Extension(
             "service._deform",
             sources=["service/_native/deform.c"],
+            depends=["service/_native/native.h"],
             # gnu11, not c11: strict ISO mode turns off fused multiply-add contraction (about
             # 20 % slower here); -fno-wrapv undoes Python's -fwrapv, which blocks vectorizing
             # the kernel's index arithmetic (its sizes are bounded so that nothing overflows).
@@ -20,6 +21,7 @@ setup(
         Extension(
             "service._conv",
             sources=["service/_native/conv.c"],
+            depends=["service/_native/native.h"],
             # No -m flags: the AMX functions carry target attributes, so the module imports
             # (and says AMX is unusable) on any CPU; -fno-wrapv and gnu11 as above.
             extra_compile_args=["-O3", "-fno-wrapv", "-std=gnu11", "-Wall"],

@@ -218,9 +218,13 @@ def ort_tuning(model: Path, windows: np.ndarray, trajectories: np.ndarray, secon
     default by more than 5 % on the measurement that matters for its use (``keep``).
     """
     options = variants or ORT_VARIANTS  # the first entry is the baseline
-    skipped = {name: why for name, opts in options.items() if (why := variant_blocker(model, opts))}
-    options = {name: opts for name, opts in options.items() if name not in skipped}
-    variants = {name: OrtModel(model, opts) for name, opts in options.items()}
+    variants, skipped = {}, {}
+    for name, opts in options.items():
+        try:
+            variants[name] = OrtModel(model, opts)
+        except SystemExit as exc:  # its native kernels cannot run here (the model loader says why)
+            skipped[name] = str(exc).removeprefix("csist bench speed: ")
+    options = {name: opts for name, opts in options.items() if name in variants}
     tests = {"single_batch32": lambda v: time_single(v, windows, 32, seconds, v.workers)}
     if next(iter(variants.values())).encoder is not None:
         tests["streaming_32_tracks"] = lambda v: time_streaming(v, trajectories, 32, seconds, v.workers)
@@ -240,18 +244,6 @@ def ort_tuning(model: Path, windows: np.ndarray, trajectories: np.ndarray, secon
         entry["keep"] = {t: entry[t] > 1.05 * out[default][t] for t in tests} if name != default else None
     out.update({name: {"skipped": why} for name, why in skipped.items()})
     return out
-
-
-def variant_blocker(model: Path, options: dict) -> str | None:
-    """Why an option variant's native kernels cannot run on ``model`` here (None: they can)."""
-    from service import conv, deform
-
-    card = json.loads(model.with_suffix(".json").read_text())
-    if options.get("deform_kernel") == "native" and not (deform.AVAILABLE and card.get("head_split")):
-        return "no head_split in the card, or service._deform not built"
-    if options.get("conv_kernel") == "amx" and not (conv.AMX and card.get("amx_split")):
-        return conv.WHY_NOT_AMX if not conv.AMX else "no amx_split in the card"
-    return None
 
 
 def eager_rates(checkpoint: Path, windows: np.ndarray, batches: list[int], seconds: float) -> dict:

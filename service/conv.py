@@ -64,6 +64,23 @@ def in_slices(run, pool: ThreadPoolExecutor | None, threads: int, n: int, *array
         part.result()
 
 
+def checked_weights(weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(C_out, C_in, 3, 3) float32 weight and (C_out,) bias (zeros when None), or ValueError."""
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    if weight.ndim != 4 or weight.shape[2:] != (3, 3):
+        raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {weight.shape}")
+    cout = weight.shape[0]
+    bias = np.zeros(cout, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if bias.shape != (cout,):
+        raise ValueError(f"bias must be ({cout},), got {bias.shape}")
+    return weight, bias
+
+
+def thread_pool(threads: int, name: str) -> ThreadPoolExecutor | None:
+    """The pool that :func:`in_slices` spreads a batch over (None for one thread)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 1 else None
+
+
 def to_bfloat16(a: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounded to nearest even like the CPU's VCVTNEPS2BF16."""
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -92,10 +109,7 @@ class Conv3x3:
             raise RuntimeError(WHY_NOT_AMX)
         if kernel == "amx" and not AMX:
             raise RuntimeError(f"the AMX convolution cannot run here: {WHY_NOT_AMX}")
-        weight = np.ascontiguousarray(weight, dtype=np.float32)
-        if weight.ndim != 4 or weight.shape[2:] != (3, 3):
-            raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {weight.shape}")
-        self.weight = weight
+        self.weight, self.bias = weight, bias = checked_weights(weight, bias)
         self.cout, self.cin = weight.shape[:2]
         if kernel not in KERNELS:
             raise ValueError(f"kernel {kernel!r} is not one of {KERNELS}")
@@ -104,9 +118,6 @@ class Conv3x3:
         self.kernel = kernel
         if kernel == "amx":
             self.packed, self.cout_tiles = pack_weight(weight)
-        self.bias = np.zeros(self.cout, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-        if self.bias.shape != (self.cout,):
-            raise ValueError(f"bias must be ({self.cout},), got {self.bias.shape}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {tuple(ACTIVATIONS)}")
         if (activation == "soft_threshold") != (clip is not None):
@@ -114,7 +125,7 @@ class Conv3x3:
         self.activation = activation
         self.clip = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
         self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="conv") if self.threads > 1 else None
+        self._pool = thread_pool(self.threads, "conv")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -49,25 +49,19 @@ class DeformConv3x3:
             raise RuntimeError(f"the AMX deformable convolution cannot run here: {conv.WHY_NOT_AMX}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel {kernel!r} is not one of {KERNELS}")
-        weight = np.asarray(weight, dtype=np.float32)
-        if weight.ndim != 4 or weight.shape[2:] != (3, 3):
-            raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {weight.shape}")
-        self.weight = weight
+        self.weight, self.bias = weight, _ = conv.checked_weights(weight, bias)
         self.cout, self.cin = weight.shape[:2]
         self.kernel = kernel
         if kernel == "amx":
             if not amx_takes(self.cin, self.cout):
                 raise ValueError(f"the AMX kernel needs C_in a multiple of 32 and C_out >= 16, got {weight.shape}")
             self.packed, self.cout_tiles = conv.pack_weight(weight)
-        # (9 * C_in, C_out): row k * C_in + c holds the weights of tap k, input channel c.
-        self.wt = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(9 * self.cin, self.cout))
-        self.bias = np.zeros(self.cout, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
-        if self.bias.shape != (self.cout,):
-            raise ValueError(f"bias must be ({self.cout},), got {self.bias.shape}")
+        else:  # (9 * C_in, C_out): row k * C_in + c holds the weights of tap k, input channel c
+            self.wt = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(9 * self.cin, self.cout))
         # threads > 1: a batch is cut into that many slices computed at once (the kernel itself
         # is single-threaded), for a caller that gives each call all cores (one inference worker).
         self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="deform") if self.threads > 1 else None
+        self._pool = conv.thread_pool(self.threads, "deform")
 
     def __call__(self, x: np.ndarray, offset: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -293,21 +293,22 @@ class PartSplit:
 TMP = ".tmp"
 
 
-def onnxruntime_node(node, inputs: list[str], weights: dict[str, np.ndarray]):
-    """One ONNX Runtime node as a callable (*inputs) -> output, the reference of the checks."""
+def onnxruntime_nodes(nodes: list, inputs: list[str], consts: dict[str, np.ndarray]):
+    """A few ONNX nodes run by ONNX Runtime as a callable (*inputs) -> the last node's output,
+    the reference of the checks."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    f32 = TensorProto.FLOAT
+    f32, out = TensorProto.FLOAT, nodes[-1].output[0]
     graph = helper.make_graph(
-        [node], node.op_type, [helper.make_tensor_value_info(n, f32, [None] * 4) for n in inputs],
-        [helper.make_tensor_value_info(node.output[-1], f32, [None] * 4)],
-        [numpy_helper.from_array(a, n) for n, a in weights.items()])
+        nodes, nodes[0].op_type, [helper.make_tensor_value_info(n, f32, [None] * 4) for n in inputs],
+        [helper.make_tensor_value_info(out, f32, [None] * 4)],
+        [numpy_helper.from_array(np.asarray(a), n) for n, a in consts.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     onnx.checker.check_model(proto)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return lambda *xs: session.run([node.output[-1]], dict(zip(inputs, xs)))[0]
+    return lambda *xs: session.run([out], dict(zip(inputs, xs)))[0]
 
 
 def onnxruntime_deform(weight: np.ndarray, bias: np.ndarray):
@@ -315,14 +316,12 @@ def onnxruntime_deform(weight: np.ndarray, bias: np.ndarray):
     from onnx import helper
 
     node = helper.make_node("DeformConv", ["x", "w", "offset", "b"], ["y"], pads=[1, 1, 1, 1])
-    return onnxruntime_node(node, ["x", "offset"], {"w": weight, "b": bias})
+    return onnxruntime_nodes([node], ["x", "offset"], {"w": weight, "b": bias})
 
 
 def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "none", clip=None):
     """ONNX Runtime's float32 Conv, then the activation a step folded in, as a callable x -> y."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])]
     consts = {"w": weight, "b": bias}
@@ -331,15 +330,7 @@ def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "no
     elif activation == "soft_threshold":
         consts.update(lo=np.float32(clip[0]), hi=np.float32(clip[1]))
         nodes += [helper.make_node("Clip", ["y", "lo", "hi"], ["c"]), helper.make_node("Sub", ["y", "c"], ["z"])]
-    out = nodes[-1].output[0]
-    f32 = TensorProto.FLOAT
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", f32, [None] * 4)],
-                              [helper.make_tensor_value_info(out, f32, [None] * 4)],
-                              [numpy_helper.from_array(np.asarray(a), n) for n, a in consts.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
-    onnx.checker.check_model(proto)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return lambda x: session.run([out], {"x": x})[0]
+    return onnxruntime_nodes(nodes, ["x"], consts)
 
 
 def check_graph(native, whole, x: np.ndarray) -> dict:

@@ -27,18 +27,10 @@
  * on any x86-64 CPU; amx_usable() says whether the CPU and the kernel allow AMX, and amx_conv()
  * refuses to run until it has said yes.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "native.h"
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <math.h>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TARGETS
-#endif
 
 #define ACT_NONE 0
 #define ACT_RELU 1
@@ -70,8 +62,6 @@ TARGETS static void copy_rows(const float *src, int wp, float *dst, int h, int w
  * position q = (row + 1) * (w + 2) + col + 1, so tap t of 16 consecutive outputs is one vector
  * load at q + s_t whatever the row. Each vector of input serves OB output channels, whose 16-wide
  * accumulators stay in registers. */
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-#define INLINE static inline __attribute__((always_inline))
 
 INLINE void direct_block(const float *restrict xp, const float *restrict wt, int cin, int rows,
                          int wp, int q0, int n_out, int ob, int pv, float *restrict O) {
@@ -437,25 +427,6 @@ AMX_TARGET static void amx_deform_maps(const float *x, const float *off, const u
 #define HAVE_AMX 0
 #endif
 
-static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t n_items, const char *format,
-                      int writable, const char *name) {
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
-    if (view->format == NULL || strcmp(view->format, format) != 0) {
-        PyErr_Format(PyExc_TypeError, "%s: expected items of format %s, got %s", name, format,
-                     view->format ? view->format : "bytes");
-        PyBuffer_Release(view);
-        return -1;
-    }
-    if (view->len != n_items * view->itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd items, got %zd bytes", name, n_items,
-                     view->len);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
 static int usable_cached = -1;
 static const char *why_not = "not checked";
 
@@ -502,6 +473,20 @@ fail:
     return -1;
 }
 
+/* One 64-byte-aligned block for k scratch arrays of the given byte sizes; part[i] points into
+ * it. Returns the block (to free) or NULL with MemoryError set. */
+static void *scratch(int k, const size_t *bytes, void **part) {
+    size_t total = 0;
+    for (int i = 0; i < k; i++) total += (bytes[i] + 63) / 64 * 64;
+    char *block = aligned_alloc(64, total);
+    if (!block) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (size_t i = 0, at = 0; i < (size_t)k; at += (bytes[i] + 63) / 64 * 64, i++) part[i] = block + at;
+    return block;
+}
+
 /* Positions inside a map are int: keep a padded map and its scratch far from INT_MAX. */
 static int bad_sizes(int n, int cin, int cout, int h, int w, int act) {
     return n < 0 || cin < 1 || cout < 1 || cin > 1024 || cout > 1024 || h < 1 || w < 1 ||
@@ -540,19 +525,16 @@ static PyObject *direct_conv(PyObject *self, PyObject *args) {
     if (get_all(&b, ox, owt, obias, oout, n, cin, cout, h, w, (Py_ssize_t)cout * cin * 9, "f") < 0)
         return NULL;
     const int rows = direct_rows(h, w);
-    float *xp = malloc(sizeof(float) * (size_t)cin * rows);
-    float *O = malloc(sizeof(float) * (size_t)cout * rows);
-    if (!xp || !O) {
-        free(xp);
-        free(O);
+    const size_t bytes[] = {sizeof(float) * (size_t)cin * rows, sizeof(float) * (size_t)cout * rows};
+    void *part[2], *block = scratch(2, bytes, part);
+    if (!block) {
         release(&b);
-        return PyErr_NoMemory();
+        return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    direct_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, h, w, xp, O);
+    direct_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, h, w, part[0], part[1]);
     Py_END_ALLOW_THREADS
-    free(xp);
-    free(O);
+    free(block);
     release(&b);
     Py_RETURN_NONE;
 }
@@ -572,22 +554,18 @@ static PyObject *amx_conv(PyObject *self, PyObject *args) {
     if (get_all(&b, ox, owt, obias, oout, n, cin, cout_out, h, w, (Py_ssize_t)9 * cin * cout, "H") < 0)
         return NULL;
     const geometry g = geometry_of(h, w);
-    uint16_t *P = aligned_alloc(64, sizeof(uint16_t) * (size_t)g.rows * cin);
-    float *S = aligned_alloc(64, sizeof(float) * 32 * 32);
-    float *O = aligned_alloc(64, sizeof(float) * (size_t)cout * g.rows);
-    if (!P || !S || !O) {
-        free(P);
-        free(S);
-        free(O);
+    const size_t bytes[] = {sizeof(uint16_t) * (size_t)g.rows * cin, sizeof(float) * 32 * 32,
+                            sizeof(float) * (size_t)cout * g.rows};
+    void *part[3], *block = scratch(3, bytes, part);
+    if (!block) {
         release(&b);
-        return PyErr_NoMemory();
+        return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    amx_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, cout_out, h, w, P, S, O);
+    amx_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, cout_out, h, w, part[0],
+             part[1], part[2]);
     Py_END_ALLOW_THREADS
-    free(P);
-    free(S);
-    free(O);
+    free(block);
     release(&b);
     Py_RETURN_NONE;
 #else
@@ -615,30 +593,21 @@ static PyObject *amx_deform(PyObject *self, PyObject *args) {
         return NULL;
     }
     const int64_t hw = (int64_t)h * w, hwp = (hw + 31) / 32 * 32;
-    float *xt = aligned_alloc(64, sizeof(float) * (size_t)((hw + 1) * cin + 16));
-    uint16_t *col = aligned_alloc(64, sizeof(uint16_t) * (size_t)9 * 32 * cin);
-    float *S = aligned_alloc(64, sizeof(float) * 32 * 32);
-    float *O = aligned_alloc(64, sizeof(float) * (size_t)(cout * hwp));
-    float *rc = aligned_alloc(64, sizeof(float) * (size_t)(2 * hwp));
-    if (!xt || !col || !S || !O || !rc) {
-        free(xt);
-        free(col);
-        free(S);
-        free(O);
-        free(rc);
+    const size_t bytes[] = {sizeof(float) * (size_t)((hw + 1) * cin + 16), sizeof(uint16_t) * (size_t)9 * 32 * cin,
+                            sizeof(float) * 32 * 32, sizeof(float) * (size_t)(cout * hwp),
+                            sizeof(float) * (size_t)(2 * hwp)};
+    void *part[5], *block = scratch(5, bytes, part);
+    if (!block) {
         PyBuffer_Release(&boff);
         release(&b);
-        return PyErr_NoMemory();
+        return NULL;
     }
+    float *rc = part[4];
     Py_BEGIN_ALLOW_THREADS
     amx_deform_maps(b.x.buf, boff.buf, b.wt.buf, b.bias.buf, b.out.buf, n, cin, cout, cout_out, h, w,
-                    xt, col, S, O, rc, rc + hwp);
+                    part[0], part[1], part[2], part[3], rc, rc + hwp);
     Py_END_ALLOW_THREADS
-    free(rc);
-    free(xt);
-    free(col);
-    free(S);
-    free(O);
+    free(block);
     PyBuffer_Release(&boff);
     release(&b);
     Py_RETURN_NONE;

@@ -13,22 +13,11 @@
  * size reads 0, and each of its four bilinear corners outside the map reads 0. NaN offsets
  * read 0.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "native.h"
 #include <math.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TARGETS
-#endif
-#define INLINE static inline __attribute__((always_inline))
-
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* unaligned loads allowed */
 #define PB 4  /* output pixels per register block: 4 x 2 x 16 accumulators */
 
 /* Columns of output pixel p: col[k * cin + c] = bilinear sample of channel c for tap k. The
@@ -132,24 +121,6 @@ TARGETS static void deform_maps(const float *x, const float *off, const float *w
                        out + (int64_t)b * cout * hw, cin, cout, h, w, xt, col);
 }
 
-static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t n_floats, int writable,
-                      const char *name) {
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
-    if (view->format == NULL || strcmp(view->format, "f") != 0) {
-        PyErr_Format(PyExc_TypeError, "%s: expected float32 values", name);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    if (view->itemsize != 4 || view->len != n_floats * 4) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd float32 values, got %zd bytes",
-                     name, n_floats, view->len);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
 /* run(x, offset, wt, bias, out, n, cin, cout, h, w): float32 C-contiguous buffers. */
 static PyObject *run(PyObject *self, PyObject *args) {
     PyObject *ox, *ooff, *owt, *obias, *oout;
@@ -167,11 +138,11 @@ static PyObject *run(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_buffer bx, boff, bwt, bbias, bout;
-    if (get_buffer(ox, &bx, (Py_ssize_t)n * cin * hw, 0, "x") < 0) return NULL;
-    if (get_buffer(ooff, &boff, (Py_ssize_t)n * 18 * hw, 0, "offset") < 0) goto fail_x;
-    if (get_buffer(owt, &bwt, (Py_ssize_t)9 * cin * cout, 0, "weight") < 0) goto fail_off;
-    if (get_buffer(obias, &bbias, cout, 0, "bias") < 0) goto fail_wt;
-    if (get_buffer(oout, &bout, (Py_ssize_t)n * cout * hw, 1, "out") < 0) goto fail_bias;
+    if (get_buffer(ox, &bx, (Py_ssize_t)n * cin * hw, "f", 0, "x") < 0) return NULL;
+    if (get_buffer(ooff, &boff, (Py_ssize_t)n * 18 * hw, "f", 0, "offset") < 0) goto fail_x;
+    if (get_buffer(owt, &bwt, (Py_ssize_t)9 * cin * cout, "f", 0, "weight") < 0) goto fail_off;
+    if (get_buffer(obias, &bbias, cout, "f", 0, "bias") < 0) goto fail_wt;
+    if (get_buffer(oout, &bout, (Py_ssize_t)n * cout * hw, "f", 1, "out") < 0) goto fail_bias;
     float *xt = malloc(sizeof(float) * (hw + 1) * cin);
     float *col = malloc(sizeof(float) * PB * 9 * cin);
     if (!xt || !col) {
