@@ -40,6 +40,7 @@ else:
 KERNELS = ("amx", "direct")
 ACTIVATIONS = {"none": 0, "relu": 1, "soft_threshold": 2}
 DIRECT_MAX_CHANNELS = 8  # direct when C_in or C_out is at most this
+CHAIN_MAX = 16  # convs in one ConvChain (the native side's limit)
 
 
 def kernel_for(cin: int, cout: int) -> str | None:
@@ -142,3 +143,54 @@ class Conv3x3:
             _conv.amx_conv(x, self.packed, self.bias, act, lo, hi, out, n, self.cin, self.cout_tiles, self.cout, h, w)
         else:
             _conv.direct_conv(x, self.weight, self.bias, act, lo, hi, out, n, self.cin, self.cout, h, w)
+
+    def layer(self) -> tuple:
+        """This conv as one layer of :class:`ConvChain` (the tuple ``_conv.chain_conv`` reads)."""
+        amx = self.kernel == "amx"
+        wt, cout = (self.packed, self.cout_tiles) if amx else (self.weight, self.cout)
+        return (int(amx), wt, self.bias, ACTIVATIONS[self.activation], *self.clip, self.cin, cout, self.cout)
+
+
+def chains_into(first: Conv3x3, second: Conv3x3) -> bool:
+    """Whether ``second`` can follow ``first`` in one :class:`ConvChain`: it reads all of
+    ``first``'s outputs. (An AMX conv's input has a multiple of 32 channels, so an AMX conv feeding
+    one has whole 32-channel rows, which the native side writes straight from its tiles.)"""
+    return second.cin == first.cout
+
+
+class ConvChain:
+    """Consecutive convs whose intermediate results feed only the next conv, in one native call.
+
+    Computes exactly what the convs compute one after another (the same bfloat16 rounding and
+    float32 sums), but the intermediates stay in the layouts the kernels read (planar float32
+    maps for a direct conv, position-major bfloat16 rows for an AMX conv) instead of going back
+    to NCHW float32 between convs; an ISTA stage (direct, AMX, AMX, direct) is one call. Needs
+    AMX (the split parts that have chains run on it).
+    """
+
+    def __init__(self, convs: list[Conv3x3]):
+        if not AMX:
+            raise RuntimeError(f"the conv chain cannot run here: {WHY_NOT_AMX}")
+        if not 2 <= len(convs) <= CHAIN_MAX:
+            raise ValueError(f"a chain has 2 to {CHAIN_MAX} convs, got {len(convs)}")
+        for a, b in zip(convs, convs[1:]):
+            if not chains_into(a, b):
+                raise ValueError(f"a {b.kernel} conv of {b.cin} input channels cannot follow a {a.kernel} conv "
+                                 f"of {a.cout} outputs in a chain")
+        self.convs = list(convs)
+        self.cin, self.cout = convs[0].cin, convs[-1].cout
+        self.threads = max(c.threads for c in convs)
+        self._pool = thread_pool(self.threads, "conv-chain")
+        self._layers = tuple(c.layer() for c in convs)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != self.cin:
+            raise ValueError(f"x must be (N, {self.cin}, H, W), got {x.shape}")
+        out = np.empty((x.shape[0], self.cout, *x.shape[2:]), np.float32)
+        in_slices(self._run, self._pool, self.threads, x.shape[0], x, out)
+        return out
+
+    def _run(self, x: np.ndarray, out: np.ndarray) -> None:
+        n, _, h, w = x.shape
+        _conv.chain_conv(x, out, n, h, w, self._layers)

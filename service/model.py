@@ -349,11 +349,13 @@ def _verified_file(spec: FileSpec, directory: Path, what: str, command: str) -> 
 
 
 def load_split(
-    name: str, spec: SplitSpec, part: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str]
+    name: str, spec: SplitSpec, part: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str],
+    fuse: bool = True,
 ) -> SplitGraph:
     """Verify a split part's segments and weights and set up its native kernels.
 
     The kernels use as many threads as the sessions' intra-op setting (0: one per CPU core).
+    ``fuse``: join runs of AMX-split convs into chains (:func:`fused_chains`).
     """
     threads = options.intra_op_num_threads or available_cpus()
     command = "csist split-amx" if spec.steps and any(s.op == "Conv" for s in spec.steps) else "csist split-head"
@@ -386,7 +388,49 @@ def load_split(
     except (KeyError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a kernel cannot run here
         raise ModelError(f"split weights {npz} do not fit the card's {name} split, or its kernels cannot run here: "
                          f"{exc}") from None
+    if fuse:
+        sessions, steps = fused_chains(sessions, steps, spec.output)
     return SplitGraph(name, sessions, steps, spec.input, spec.output)
+
+
+def fused_chains(
+    segments: list[ort.InferenceSession | None], steps: list[Step], output: str
+) -> tuple[list[ort.InferenceSession | None], list[Step]]:
+    """The split with each run of native Conv steps that feed only each other as one chain step.
+
+    Steps ``i`` and ``i + 1`` join when no segment runs between them, step ``i + 1`` reads only
+    step ``i``'s output, and nothing else reads it (no later segment or step, not the part's
+    output). The chain computes the same numbers (see :class:`service.conv.ConvChain`).
+    """
+    readers: dict[str, int] = {output: 1}
+    for session in segments:
+        for i in session.get_inputs() if session is not None else ():
+            readers[i.name] = readers.get(i.name, 0) + 1
+    for step in steps:
+        for name in step.inputs:
+            readers[name] = readers.get(name, 0) + 1
+
+    def joins(a: Step, b: Step, between: ort.InferenceSession | None) -> bool:
+        return (conv.AMX and between is None and isinstance(a.kernel, conv.Conv3x3) and isinstance(b.kernel, conv.Conv3x3)
+                and b.inputs == (a.output,) and readers.get(a.output) == 1 and conv.chains_into(a.kernel, b.kernel)
+                and len(runs[-1]) < conv.CHAIN_MAX)
+
+    runs: list[list[int]] = []
+    for i, step in enumerate(steps):
+        if runs and runs[-1][-1] == i - 1 and joins(steps[i - 1], step, segments[i]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    new_segments, new_steps = [segments[0]], []
+    for run in runs:
+        if len(run) == 1:
+            new_steps.append(steps[run[0]])
+        else:
+            first, last = steps[run[0]], steps[run[-1]]
+            chain = conv.ConvChain([steps[i].kernel for i in run])
+            new_steps.append(Step("ConvChain", first.inputs, last.output, chain))
+        new_segments.append(segments[run[-1] + 1])
+    return new_segments, new_steps
 
 
 def _native_blocker(loaded: dict, requested: list[str]) -> str | None:
@@ -409,11 +453,14 @@ def load_model(
     arena: bool = True,
     deform_kernel: str = "auto",
     conv_kernel: str = "auto",
+    fuse_convs: bool = True,
 ) -> InferenceModel:
     """Load and verify the model; ModelError with a clear message when it cannot be served.
 
     ``parts``: also load the streaming encoder and head when the card lists them (both or
     neither must be listed). ``deform_kernel``, ``conv_kernel``: see the module docstring.
+    ``fuse_convs``: run the AMX split's consecutive convs as chains (the same numbers, fewer
+    copies; off only to compare).
     """
     if deform_kernel not in DEFORM_KERNELS:
         raise ModelError(f"deform_kernel={deform_kernel!r} is not one of {DEFORM_KERNELS}")
@@ -462,8 +509,9 @@ def load_model(
             why_not = "the native kernel service._deform is not built (install with a C compiler)"
         if why_not is None:
             amx = card.amx_split
-            split_encoder = load_split(ENCODER, amx.encoder, card.parts[ENCODER], model_path.parent, options, requested)
-            split_head = load_split(HEAD, amx.head, card.parts[HEAD], model_path.parent, options, requested)
+            split_encoder = load_split(ENCODER, amx.encoder, card.parts[ENCODER], model_path.parent, options, requested,
+                                       fuse_convs)
+            split_head = load_split(HEAD, amx.head, card.parts[HEAD], model_path.parent, options, requested, fuse_convs)
         elif conv_kernel == "amx":
             raise ModelError(f"conv_kernel='amx' cannot be used: {why_not}")
         else:

@@ -84,12 +84,19 @@ def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_toler
                 "command": command, "date": date}
 
     def check(tmp_card):
-        model = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx")
+        # each kernel is checked on its own; the service then runs runs of convs as chains
+        model = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx",
+                           fuse_convs=False)
+        chained = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx")
         flat = frames.reshape(-1, *frames.shape[2:])
         feats = model.parts["encoder"].run(flat).reshape(*frames.shape[:2], -1)
         diffs = {**check_graph(model.split_encoder, model.parts["encoder"], flat),
                  **{f"head_{k}" if not k.endswith("head") else k: v
                     for k, v in check_graph(model.split_head, model.parts["head"], feats).items()}}
+        for name, x in (("encoder", flat), ("head", feats)):
+            want = getattr(model, f"split_{name}").run(x)
+            got = getattr(chained, f"split_{name}").run(x)
+            diffs[f"chains_vs_steps_{name}"] = float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
         for key in diffs:
             limit = bf16_tolerance if "amx_" in key else (None if "split_vs" in key else tolerance)
             if limit is not None and not diffs[key] <= limit:

@@ -423,6 +423,179 @@ AMX_TARGET static void amx_deform_maps(const float *x, const float *off, const u
     }
     _tile_release();
 }
+
+/* ---- a chain of convolutions in one call ----------------------------------------------------
+ * Consecutive convs of a split part whose intermediate results feed only the next conv (an ISTA
+ * stage: direct 1 -> 32, AMX 32 -> 32 twice, direct 32 -> 1; a residual block's two AMX convs).
+ * Run one by one, every conv converts its input from NCHW float32 and its output back; in a
+ * chain the intermediates stay in the layout the next conv reads, all in the padded flat
+ * geometry of the kernels above (position q = (row + 1) * (w + 2) + col + 1):
+ * - a direct conv reads and writes planar float32 maps O[c][q];
+ * - an AMX conv reads position-major bfloat16 rows P[q][c]; it writes P for a next AMX conv
+ *   straight from its C tiles (rows are positions: no transpose), or planar maps otherwise.
+ * The padding positions are zeroed after each conv, so they read as the next conv's zero
+ * padding. The computation is the one the convs do one by one (same bfloat16 rounding points,
+ * same float32 sums): only the copies between them go. */
+
+typedef struct {
+    int amx, cin, cout, cout_out, act; /* cout: tile rows (AMX, a multiple of 16) or cout_out */
+    float lo, hi;
+    const void *wt; /* AMX: packed bf16 B tiles; direct: (cout, cin, 3, 3) float32 */
+    const float *bias;
+    float *planar;  /* cout * rows floats, unless the next conv is AMX and this one too */
+    uint16_t *pm;   /* rows * cout bf16 when the next conv is AMX */
+} chain_layer;
+
+/* Bias, activation, and zero at the padding positions of planar maps O (cout of them, rows
+ * apart), positions q0 .. q0 + n_out - 1 (the ones the kernels computed). */
+AMX_TARGET static void finish_planar(float *O, int cout, int rows, int q0, int n_out, const uint8_t *valid,
+                                     const float *bias, int act, float lo, float hi) {
+    for (int o = 0; o < cout; o++) {
+        float *src = O + (int64_t)o * rows + q0;
+        const float b = bias[o];
+        for (int p = 0; p < n_out; p++) {
+            const float v = src[p] + b;
+            float r;
+            if (act == ACT_RELU)
+                r = v > 0.0f || v != v ? v : 0.0f;
+            else if (act == ACT_SHRINK) {
+                const float c = v < lo ? lo : v;
+                r = v - (c > hi ? hi : c);
+            } else
+                r = v;
+            src[p] = valid[p] ? r : 0.0f;
+        }
+    }
+}
+
+/* The activation of 16 values, as in copy_rows (vectorised). */
+AMX_TARGET static inline __m512 activate16(__m512 v, int act, __m512 lo, __m512 hi) {
+    if (act == ACT_RELU) /* not (v <= 0), unordered: keeps v > 0 and NaN */
+        return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NLE_UQ), v);
+    if (act == ACT_SHRINK) {
+        const __m512 c = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ), v, lo);
+        return _mm512_sub_ps(v, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(c, hi, _CMP_GT_OQ), c, hi));
+    }
+    return v;
+}
+
+/* planar float32 maps O (cin of them, rows apart) -> position-major bf16 P[q][cin], positions
+ * q0 .. q0 + n_out - 1 (16 at a time, as pack_input). */
+AMX_TARGET static void planar_to_pm(const float *O, int cin, int rows, int q0, int n_out, uint16_t *P) {
+    __m512i r[16];
+    for (int q = q0; q < q0 + n_out; q += 16)
+        for (int c = 0; c < cin; c += 32) {
+            for (int k = 0; k < 16; k++) {
+                const float *a = O + (int64_t)(c + 2 * k) * rows + q;
+                const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a)));
+                const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + rows)));
+                r[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+            }
+            transpose16(r);
+            for (int p = 0; p < 16; p++) _mm512_storeu_si512(P + (int64_t)(q + p) * cin + c, r[p]);
+        }
+}
+
+/* One AMX conv of 32 positions (from q) into the next AMX conv's rows: the C tiles of output
+ * tiles j, j + 1 are stored to S[32 positions][32 outputs], then bias and activation are applied
+ * and each position's 32 outputs written as one 64-byte bf16 row of Pn (zero at padding). */
+AMX_TARGET static void tile_block_pm(const uint16_t *const A[9], const chain_layer *l, int j, int q,
+                                     const uint8_t *valid, float *S, uint16_t *Pn) {
+    const int chunks = l->cin / 32, ntiles = l->cout / 16;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int t = 0; t < 9; t++)
+        for (int c = 0; c < chunks; c++) {
+            const uint16_t *a = A[t] + c * 32;
+            const uint16_t *B = (const uint16_t *)l->wt + (((int64_t)t * chunks + c) * ntiles + j) * 512;
+            _tile_loadd(4, a, l->cin * 2);
+            _tile_loadd(5, a + 16 * l->cin, l->cin * 2);
+            _tile_loadd(6, B, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_loadd(7, B + 512, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    _tile_stored(0, S, 128);
+    _tile_stored(2, S + 16 * 32, 128);
+    _tile_stored(1, S + 16, 128);
+    _tile_stored(3, S + 16 * 32 + 16, 128);
+    const __m512 b0 = _mm512_loadu_ps(l->bias + j * 16), b1 = _mm512_loadu_ps(l->bias + j * 16 + 16);
+    const __m512 lo = _mm512_set1_ps(l->lo), hi = _mm512_set1_ps(l->hi);
+    for (int i = 0; i < 32; i++) {
+        __m512i row = _mm512_setzero_si512();
+        if (valid[i]) {
+            const __m512 v0 = activate16(_mm512_add_ps(_mm512_loadu_ps(S + i * 32), b0), l->act, lo, hi);
+            const __m512 v1 = activate16(_mm512_add_ps(_mm512_loadu_ps(S + i * 32 + 16), b1), l->act, lo, hi);
+            row = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
+        }
+        _mm512_storeu_si512(Pn + (int64_t)(q + i) * l->cout + j * 16, row);
+    }
+}
+
+/* n maps x (n, cin0, h, w) -> out (n, cout_out of the last, h, w) through the L convs. in_planar
+ * (cin0 * rows floats) or in_pm (rows * cin0 bf16) is the first conv's input; each layer's
+ * planar / pm buffers are zero outside q0 .. q0 + n_out - 1 (the caller's memset). */
+AMX_TARGET static void chain_maps(const float *x, float *out, int n, int h, int w, int L, chain_layer *ly,
+                                  float *in_planar, uint16_t *in_pm, const uint8_t *valid, float *S) {
+    const int wp = w + 2, hw = h * w, q0 = wp + 1, rows = direct_rows(h, w);
+    const int n_out = ((h - 1) * wp + w + 63) / 64 * 64;
+    const int cin0 = ly[0].cin;
+    load_tile_config();
+    for (int b = 0; b < n; b++) {
+        const float *xb = x + (int64_t)b * cin0 * hw;
+        if (ly[0].amx) {
+            geometry g = geometry_of(h, w);
+            g.rows = rows;
+            pack_input(xb, cin0, g, in_pm);
+        } else
+            for (int c = 0; c < cin0; c++)
+                for (int y = 0; y < h; y++)
+                    memcpy(in_planar + (int64_t)c * rows + q0 + y * wp, xb + (int64_t)c * hw + y * w, sizeof(float) * w);
+        for (int k = 0; k < L; k++) {
+            chain_layer *l = &ly[k];
+            const int last = k == L - 1, next_amx = !last && ly[k + 1].amx;
+            if (l->amx) {
+                const uint16_t *P = k == 0 ? in_pm : ly[k - 1].pm;
+                for (int j = 0; j < l->cout / 16; j += 2)
+                    for (int p = 0; p < n_out; p += 32) {
+                        const int q = q0 + p;
+                        const uint16_t *A[9];
+                        for (int t = 0; t < 9; t++) A[t] = P + (int64_t)(q + (t / 3 - 1) * wp + (t % 3 - 1)) * l->cin;
+                        if (next_amx)
+                            tile_block_pm(A, l, j, q, valid + p, S, l->pm);
+                        else
+                            tile_block(A, l->wt, l->cin, l->cout / 16, j, S, l->planar + q, rows);
+                    }
+            } else {
+                const float *xp = k == 0 ? in_planar : ly[k - 1].planar;
+                for (int o = 0; o < l->cout;) {
+                    const float *wo = (const float *)l->wt + (int64_t)o * l->cin * 9;
+                    float *Oo = l->planar + (int64_t)o * rows;
+                    const int left = l->cout - o;
+                    if (left >= 16) { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 16, 1, Oo); o += 16; }
+                    else if (left >= 8) { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 8, 2, Oo); o += 8; }
+                    else if (left >= 4) { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 4, 4, Oo); o += 4; }
+                    else if (left >= 2) { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 2, 4, Oo); o += 2; }
+                    else { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 1, 4, Oo); o += 1; }
+                }
+            }
+            if (last) {
+                float *ob = out + (int64_t)b * l->cout_out * hw;
+                for (int o = 0; o < l->cout_out; o++)
+                    copy_rows(l->planar + (int64_t)o * rows + q0, wp, ob + (int64_t)o * hw, h, w, l->bias[o], l->act,
+                              l->lo, l->hi);
+            } else if (!(l->amx && next_amx)) {
+                finish_planar(l->planar, l->cout_out, rows, q0, n_out, valid, l->bias, l->act, l->lo, l->hi);
+                if (next_amx) planar_to_pm(l->planar, l->cout_out, rows, q0, n_out, l->pm);
+            }
+        }
+    }
+    _tile_release();
+}
 #else
 #define HAVE_AMX 0
 #endif
@@ -617,12 +790,108 @@ static PyObject *amx_deform(PyObject *self, PyObject *args) {
 #endif
 }
 
+#define CHAIN_MAX 16
+
+/* chain_conv(x, out, n, h, w, layers): layers a sequence of (amx, wt, bias, act, lo, hi, cin,
+ * cout, cout_out) tuples, each as for amx_conv (amx = 1) or direct_conv (amx = 0, cout = cout_out);
+ * x (n, cin of the first, h, w) and out (n, cout_out of the last, h, w) float32. */
+static PyObject *chain_conv(PyObject *self, PyObject *args) {
+    PyObject *ox, *oout, *olayers;
+    int n, h, w;
+    if (!PyArg_ParseTuple(args, "OOiiiO", &ox, &oout, &n, &h, &w, &olayers)) return NULL;
+    if (usable_cached != 1) {
+        PyErr_Format(PyExc_RuntimeError, "AMX is not usable here: %s (call amx_usable() first)", why_not);
+        return NULL;
+    }
+#if HAVE_AMX
+    PyObject *seq = PySequence_Fast(olayers, "layers must be a sequence of tuples");
+    if (!seq) return NULL;
+    const Py_ssize_t L = PySequence_Fast_GET_SIZE(seq);
+    chain_layer ly[CHAIN_MAX];
+    Py_buffer views[2 * CHAIN_MAX + 2];
+    int held = 0;
+    PyObject *result = NULL;
+    void *block = NULL;
+    if (L < 1 || L > CHAIN_MAX) {
+        PyErr_Format(PyExc_ValueError, "chain conv: 1 to %d layers, got %zd", CHAIN_MAX, L);
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < L; k++) {
+        PyObject *owt, *obias;
+        chain_layer *l = &ly[k];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "iOOiffiii", &l->amx, &owt, &obias, &l->act, &l->lo,
+                              &l->hi, &l->cin, &l->cout, &l->cout_out))
+            goto done;
+        if (l->amx ? amx_refuses("chain conv", n, l->cin, l->cout, l->cout_out, h, w, l->act)
+                   : bad_sizes(n, l->cin, l->cout, h, w, l->act) || l->cout != l->cout_out) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "chain conv: bad dimensions of layer %zd", k);
+            goto done;
+        }
+        /* an AMX conv feeding an AMX conv writes its rows whole: all its outputs are real */
+        if (k > 0 && (l->cin != ly[k - 1].cout_out ||
+                      (l->amx && ly[k - 1].amx && (ly[k - 1].cout != ly[k - 1].cout_out || l->cin % 32)))) {
+            PyErr_Format(PyExc_ValueError, "chain conv: layer %zd does not take layer %zd's output", k, k - 1);
+            goto done;
+        }
+        const Py_ssize_t n_weight = (Py_ssize_t)9 * l->cin * l->cout;
+        if (get_buffer(owt, &views[held], n_weight, l->amx ? "H" : "f", 0, "weight") < 0) goto done;
+        l->wt = views[held++].buf;
+        if (get_buffer(obias, &views[held], l->cout_out, "f", 0, "bias") < 0) goto done;
+        l->bias = views[held++].buf;
+    }
+    const int64_t hw = (int64_t)h * w;
+    if (get_buffer(ox, &views[held], (Py_ssize_t)(n * hw * ly[0].cin), "f", 0, "x") < 0) goto done;
+    const float *x = views[held++].buf;
+    if (get_buffer(oout, &views[held], (Py_ssize_t)(n * hw * ly[L - 1].cout_out), "f", 1, "out") < 0) goto done;
+    float *out = views[held++].buf;
+    const int wp = w + 2, rows = direct_rows(h, w), n_out = ((h - 1) * wp + w + 63) / 64 * 64;
+    size_t bytes[2 * CHAIN_MAX + 3];
+    bytes[0] = ly[0].amx ? sizeof(uint16_t) * (size_t)rows * ly[0].cin : sizeof(float) * (size_t)rows * ly[0].cin;
+    bytes[1] = (size_t)n_out;
+    bytes[2] = sizeof(float) * 32 * 32;
+    for (Py_ssize_t k = 0; k < L; k++) {
+        const int next_amx = k + 1 < L && ly[k + 1].amx;
+        bytes[3 + 2 * k] = ly[k].amx && next_amx ? 0 : sizeof(float) * (size_t)rows * ly[k].cout;
+        bytes[4 + 2 * k] = next_amx ? sizeof(uint16_t) * (size_t)rows * ly[k].cout_out : 0;
+    }
+    void *part[2 * CHAIN_MAX + 3];
+    block = scratch(3 + 2 * (int)L, bytes, part);
+    if (!block) goto done;
+    for (Py_ssize_t k = 0; k < L; k++) {
+        ly[k].planar = part[3 + 2 * k];
+        ly[k].pm = part[4 + 2 * k];
+    }
+    uint8_t *valid = part[1];
+    for (int p = 0; p < n_out; p++) valid[p] = p / wp < h && p % wp < w;
+    Py_BEGIN_ALLOW_THREADS
+    memset(part[0], 0, bytes[0]);
+    for (Py_ssize_t k = 0; k < L; k++) {
+        if (bytes[3 + 2 * k]) memset(ly[k].planar, 0, bytes[3 + 2 * k]);
+        if (bytes[4 + 2 * k]) memset(ly[k].pm, 0, bytes[4 + 2 * k]);
+    }
+    chain_maps(x, out, n, h, w, (int)L, ly, part[0], part[0], valid, part[2]);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(block);
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    Py_DECREF(seq);
+    return result;
+#else
+    PyErr_SetString(PyExc_RuntimeError, why_not);
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"amx_deform", amx_deform, METH_VARARGS,
      "amx_deform(x, offset, wt, bias, out, n, cin, cout, cout_out, h, w): see conv.c"},
     {"amx_usable", amx_usable, METH_NOARGS, "amx_usable() -> (bool, reason): whether amx_conv() can run here"},
     {"amx_conv", amx_conv, METH_VARARGS,
      "amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w): see conv.c"},
+    {"chain_conv", chain_conv, METH_VARARGS,
+     "chain_conv(x, out, n, h, w, layers): consecutive convs in one call, see conv.c"},
     {"direct_conv", direct_conv, METH_VARARGS,
      "direct_conv(x, weight, bias, act, lo, hi, out, n, cin, cout, h, w): see conv.c"},
     {NULL, NULL, 0, NULL},

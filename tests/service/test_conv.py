@@ -195,3 +195,69 @@ def test_folded_activations_follow_onnx_for_nan_and_reversed_bounds(kernel, cin,
     plain = conv.Conv3x3(weight, bias, kernel, "none")(clean)
     reversed_bounds = conv.Conv3x3(weight, bias, kernel, "soft_threshold", (0.5, -0.5))(clean)
     np.testing.assert_allclose(reversed_bounds, plain - (-0.5), rtol=1e-6, atol=1e-6)
+
+
+def chain_of(*layers, seed=0):
+    """Conv3x3s from (kernel, cin, cout, activation, clip) tuples, random weights and biases."""
+    rng = np.random.default_rng(seed)
+    convs = []
+    for kernel, cin, cout, activation, clip in layers:
+        weight = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
+        convs.append(conv.Conv3x3(weight, rng.standard_normal(cout).astype(np.float32), kernel, activation, clip))
+    return convs
+
+
+CHAINS = {
+    "ista stage": [("direct", 1, 32, "relu", None), ("amx", 32, 32, "soft_threshold", (-0.3, 0.2)),
+                   ("amx", 32, 32, "relu", None), ("direct", 32, 1, "none", None)],
+    "residual body": [("amx", 32, 32, "relu", None), ("amx", 32, 32, "none", None)],
+    "every hand-over": [("direct", 5, 32, "relu", None), ("amx", 32, 64, "relu", None), ("amx", 64, 32, "relu", None),
+                        ("direct", 32, 4, "soft_threshold", (-0.1, 0.1)), ("direct", 4, 32, "relu", None),
+                        ("amx", 32, 18, "none", None)],
+}
+
+
+@needs_amx
+@pytest.mark.parametrize("name", list(CHAINS))
+@pytest.mark.parametrize("n,h,w", [(3, 33, 33), (2, 7, 9), (1, 1, 1), (2, 16, 40)])
+def test_chain_computes_exactly_what_the_convs_do_one_by_one(name, n, h, w):
+    """Same bfloat16 rounding points and float32 sums: bit for bit, padding included (odd sizes,
+    a 1 x 1 map, widths past one 16-position vector)."""
+    convs = chain_of(*CHAINS[name])
+    x = (3 * np.random.default_rng(1).standard_normal((n, convs[0].cin, h, w))).astype(np.float32)
+    expected = x
+    for c in convs:
+        expected = c(expected)
+    got = conv.ConvChain(convs)(x)
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+@needs_amx
+def test_chain_keeps_nan_and_splits_the_batch_identically():
+    convs = chain_of(*CHAINS["ista stage"])
+    x = np.random.default_rng(2).standard_normal((5, 1, 33, 33)).astype(np.float32)
+    x[3, 0, 10, 10] = np.nan
+    one = conv.ConvChain(convs)(x)
+    assert np.isnan(one[3]).any() and np.isfinite(one[[0, 1, 2, 4]]).all()
+    threaded = [conv.Conv3x3(c.weight, c.bias, c.kernel, c.activation,
+                             c.clip if c.activation == "soft_threshold" else None, threads=2) for c in convs]
+    np.testing.assert_array_equal(conv.ConvChain(threaded)(x), one)
+
+
+@needs_amx
+def test_chain_refuses_convs_that_do_not_fit():
+    with pytest.raises(ValueError, match="2 to"):
+        conv.ConvChain(chain_of(("amx", 32, 32, "relu", None)))
+    with pytest.raises(ValueError, match="cannot follow"):  # channel counts differ
+        conv.ConvChain(chain_of(("amx", 32, 32, "relu", None), ("direct", 5, 32, "none", None)))
+    chain = conv.ConvChain(chain_of(*CHAINS["residual body"]))
+    with pytest.raises(ValueError, match=r"x must be \(N, 32, H, W\)"):
+        chain(np.zeros((1, 5, 4, 4), np.float32))
+    layers = list(chain._layers)
+    layers[1] = (1, layers[1][1], layers[1][2], 0, 0.0, 0.0, 16, 32, 32)  # C_in 16 after 32 outputs
+    with pytest.raises(ValueError, match="bad dimensions|does not take"):
+        conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 32, 4, 4), np.float32), 1, 4, 4, layers)
+    with pytest.raises(ValueError, match="expected"):  # output of the wrong size
+        conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 31, 4, 4), np.float32), 1, 4, 4,
+                              chain._layers)

@@ -62,6 +62,7 @@ def test_card_records_the_split_and_its_checks(split_model):
     assert d["segments_vs_encoder"] < 1e-6 and d["segments_vs_head"] < 1e-5
     assert d["direct_conv_kernel_vs_onnxruntime"] < 1e-5
     assert 1e-5 < d["amx_conv_kernel_vs_onnxruntime"] < 2e-2  # bfloat16: close, not exact
+    assert d["chains_vs_steps_encoder"] == d["chains_vs_steps_head"] == 0.0  # the same numbers
 
 
 def test_served_split_is_close_to_float32(split_model):
@@ -78,6 +79,26 @@ def test_served_split_is_close_to_float32(split_model):
     assert maps.shape == maps_amx.shape == (4, 33, 33)
     assert np.abs(maps_amx - maps).max() < 2e-2 * np.abs(maps).max()
     assert not np.array_equal(maps_amx, maps)  # it really ran another kernel
+
+
+def test_served_split_runs_its_conv_runs_as_chains_with_the_same_numbers(split_model):
+    """Each ISTA stage (direct, AMX, AMX, direct; nothing else reads the intermediates) is one
+    chain step; a residual body's two AMX convs too; a conv whose output other nodes read stays
+    alone. Chained or not, the numbers are the same bit for bit."""
+    fused, plain = load_model(split_model), load_model(split_model, fuse_convs=False)
+    stages = json.loads(split_model.with_suffix(".json").read_text())["config"]["stages"]
+    encoder_ops = [s.op for s in fused.split_encoder.steps]
+    assert encoder_ops == ["ConvChain"] * stages
+    assert all(len(s.kernel.convs) == 4 for s in fused.split_encoder.steps)
+    assert len(plain.split_encoder.steps) == 4 * stages and "ConvChain" not in plain.split_encoder.ops
+    assert len(fused.split_encoder.segments) == len(fused.split_encoder.steps) + 1
+    head_ops = [s.op for s in fused.split_head.steps]
+    assert "ConvChain" in head_ops and "DeformConv" in head_ops and "Conv" in head_ops
+    assert len(fused.split_head.steps) < len(plain.split_head.steps)
+    frames = export.sample_windows(6, seed=11).reshape(-1, 11, 11)
+    feats = fused.encode(frames)
+    np.testing.assert_array_equal(feats, plain.encode(frames))
+    np.testing.assert_array_equal(fused.head(feats.reshape(6, 5, -1)), plain.head(feats.reshape(6, 5, -1)))
 
 
 def test_conv_kernel_choices(model_copy):
