@@ -56,6 +56,8 @@ ORT_VARIANTS = {  # name -> service.model.session_options kwargs
     "2 workers x threads=1": {"threads": 1, "workers": 2},
     "2 workers x threads=1, native deform": {"threads": 1, "workers": 2, "deform_kernel": "native"},
     "2 workers x threads=1, AMX kernels": {"threads": 1, "workers": 2, "deform_kernel": "native", "conv_kernel": "amx"},
+    "2 workers x threads=1, AMX kernels, convs one by one": {"threads": 1, "workers": 2, "deform_kernel": "native",
+                                                             "conv_kernel": "amx", "fuse_convs": False},
 }
 
 
@@ -121,6 +123,7 @@ class OrtModel:
         self.workers = options.pop("workers", 1)  # threads calling the sessions at once
         deform_kernel = options.pop("deform_kernel", "onnxruntime")
         conv_kernel = options.pop("conv_kernel", "onnxruntime")
+        fuse_convs = options.pop("fuse_convs", True)
         opts = session_options(**options)
         cpu = ["CPUExecutionProvider"]
         self.single = ort.InferenceSession(str(model), opts, providers=cpu)
@@ -132,7 +135,7 @@ class OrtModel:
         if self.encoder is not None and (deform_kernel, conv_kernel) != ("onnxruntime", "onnxruntime"):
             try:
                 self.loaded = load_model(model, providers=cpu, deform_kernel=deform_kernel, conv_kernel=conv_kernel,
-                                         **options)
+                                         fuse_convs=fuse_convs, **options)
             except ModelError as exc:
                 raise SystemExit(f"csist bench speed: {exc}") from None
 
