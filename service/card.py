@@ -70,16 +70,21 @@ class FileSpec(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
 
 
+ATTENTION_WEIGHTS = ("nb_weight", "nb_bias", "mix_weight", "mix_bias")
+
+
 class StepSpec(BaseModel):
     """One node of a split graph computed by a native kernel: tensor names in the graph, weight
     keys in the split's .npz. DeformConv reads (x, offset) and runs on the float32 kernel of
     service/deform.py, or with ``kernel`` "amx" on its bfloat16 AMX kernel; Conv reads x and runs
     on ``kernel`` "amx" or "direct" (service/conv.py), ending with the ``activation`` folded in
-    from the graph (the soft threshold with its ``clip`` bounds)."""
+    from the graph (the soft threshold with its ``clip`` bounds); Attention reads (mid, nb) and
+    runs DeRefNet's selective attention (service/attention.py): ``weight``/``bias`` the mid
+    squeeze, ``extra`` the keys of the others."""
 
     model_config = ConfigDict(extra="ignore")
 
-    op: Literal["Conv", "DeformConv"]
+    op: Literal["Conv", "DeformConv", "Attention"]
     inputs: list[str] = Field(min_length=1, max_length=2)
     output: str
     weight: str
@@ -87,11 +92,16 @@ class StepSpec(BaseModel):
     kernel: Literal["amx", "direct"] | None = None
     activation: Literal["none", "relu", "soft_threshold"] = "none"
     clip: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    extra: dict[str, str] | None = None  # Attention: the keys of its other weights
 
     @model_validator(mode="after")
     def _consistent(self):
-        if len(self.inputs) != (2 if self.op == "DeformConv" else 1):
-            raise ValueError(f"{self.op} step takes {2 if self.op == 'DeformConv' else 1} inputs, got {self.inputs}")
+        takes = 1 if self.op == "Conv" else 2
+        if len(self.inputs) != takes:
+            raise ValueError(f"{self.op} step takes {takes} inputs, got {self.inputs}")
+        if self.op == "Attention" and (self.kernel is not None or self.activation != "none"
+                                       or set(self.extra or {}) != set(ATTENTION_WEIGHTS)):
+            raise ValueError(f"an Attention step has no kernel or activation and names its weights {ATTENTION_WEIGHTS}")
         if self.op == "Conv" and self.kernel is None:
             raise ValueError("a Conv step names its kernel")
         if self.op == "DeformConv" and self.kernel not in (None, "amx"):

@@ -32,8 +32,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.config import available_cpus
-from service.card import CardError, FileSpec, ModelCard, PartSpec, SplitSpec, load_card
-from service import conv, deform, peaks
+from service.card import ATTENTION_WEIGHTS, CardError, FileSpec, ModelCard, PartSpec, SplitSpec, load_card
+from service import attention, conv, deform, peaks
 from service.postprocess import REFINE_MODES
 from service.physics import RATIO, SIZE
 from service.windows import WINDOW
@@ -387,7 +387,10 @@ def load_split(
             weights = {key: arrays[key] for key in arrays.files}
         steps = []
         for s in spec.steps:
-            if s.op == "DeformConv":
+            if s.op == "Attention":
+                kernel = attention.SelectiveAttention(weights[s.weight], weights[s.bias],
+                                                      *(weights[s.extra[k]] for k in ATTENTION_WEIGHTS), threads=threads)
+            elif s.op == "DeformConv":
                 kernel = deform.DeformConv3x3(weights[s.weight], weights[s.bias], threads, s.kernel or "native")
             else:
                 kernel = conv.Conv3x3(weights[s.weight], weights[s.bias], s.kernel, s.activation, s.clip, threads)

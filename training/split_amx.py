@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds = [(s["op"], s.get("kernel")) for s in e["steps"]]
         print(f"{name}: {sum(1 for s in e['segments'] if s)} ONNX segments, {len(kinds)} native steps "
               f"(Conv: {kinds.count(('Conv', 'amx'))} AMX, {kinds.count(('Conv', 'direct'))} direct float32; "
-              f"DeformConv: {kinds.count(('DeformConv', 'amx'))} AMX, {kinds.count(('DeformConv', None))} float32)")
+              f"DeformConv: {kinds.count(('DeformConv', 'amx'))} AMX, {kinds.count(('DeformConv', None))} float32; "
+              f"selective attention: {kinds.count(('Attention', None))})")
     print("max difference relative to the largest output: "
           + ", ".join(f"{k} {v:.1e}" for k, v in entry["check"]["relative_diff"].items()))
     acc = entry["check"].get("accuracy")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.card import ATTENTION_WEIGHTS
 from service.model import file_sha256
 
 # What the native kernel computes, and the ONNX DeformConv defaults of each attribute.
@@ -119,6 +120,98 @@ def folded_activation(out: str, consumers: dict, consts: dict, graph_outputs: se
     return None
 
 
+
+
+def selective_attention(sigmoid, producer: dict, consumers: dict, consts: dict, graph_outputs: set):
+    """The nodes of DeRefNet's selective attention around ``sigmoid`` (``SelectiveAttention`` in
+    training/model.py), which service/attention.py computes as one step, or None when they are
+    not exactly that: a = Conv1x1(mid), b = Conv1x1(nb), c = Concat(a, b), s = Sigmoid(Conv3x3(
+    Concat(ReduceMean(c), ReduceMax(c)))) over channels, y = Concat(a * s[:, 0:1], b * s[:, 1:]),
+    with constant weights and no intermediate read by anything else.
+
+    Returns {"nodes", "inputs": [mid, nb], "output", "weights": (wa, ba, wb, bb, wmix, bmix)}."""
+
+    def only(name, *readers):
+        return name not in graph_outputs and sorted(map(id, consumers.get(name, []))) == sorted(map(id, readers))
+
+    def const_list(name):
+        return consts[name].reshape(-1).tolist() if name in consts else None
+
+    def conv_weights(node, kernel, pads):
+        attrs = _attrs(node)
+        w = consts.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if w is None or w.ndim != 4 or tuple(w.shape[2:]) != (kernel, kernel):
+            return None
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or list(attrs.get("pads", [0] * 4)) != [pads] * 4:
+            return None
+        if any(list(attrs.get(k, [1, 1])) != [1, 1] for k in ("strides", "dilations")) or attrs.get("group", 1) != 1:
+            return None
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        if has_bias and node.input[2] not in consts:
+            return None
+        bias = consts[node.input[2]] if has_bias else np.zeros(w.shape[0], np.float32)
+        return w.astype(np.float32), bias.astype(np.float32)
+
+    def channel_axis(node):
+        axes = const_list(node.input[1]) if len(node.input) > 1 and node.input[1] else _attrs(node).get("axes")
+        return axes is not None and list(axes) in ([1], [-3]) and _attrs(node).get("keepdims", 1) == 1
+
+    def concat(node, n):
+        return node is not None and node.op_type == "Concat" and _attrs(node).get("axis") in (1, -3) and len(node.input) == n
+
+    mix = producer.get(sigmoid.input[0])
+    cat2 = producer.get(mix.input[0]) if mix is not None else None
+    if mix is None or conv_weights(mix, 3, 1) is None or not concat(cat2, 2):
+        return None
+    mean, amax = producer.get(cat2.input[0]), producer.get(cat2.input[1])
+    if (mean is None or amax is None or mean.op_type != "ReduceMean" or amax.op_type != "ReduceMax"
+            or mean.input[0] != amax.input[0] or not channel_axis(mean) or not channel_axis(amax)):
+        return None
+    cat1 = producer.get(mean.input[0])
+    if not concat(cat1, 2):
+        return None
+    conv_a, conv_b = producer.get(cat1.input[0]), producer.get(cat1.input[1])
+    wa = conv_weights(conv_a, 1, 0) if conv_a is not None else None
+    wb = conv_weights(conv_b, 1, 0) if conv_b is not None else None
+    wmix = conv_weights(mix, 3, 1)
+    if wa is None or wb is None or wa[0].shape != wb[0].shape or wmix[0].shape != (2, 2, 3, 3):
+        return None
+    slices = consumers.get(sigmoid.output[0], [])
+    if len(slices) != 2 or any(n.op_type != "Slice" or len(n.input) < 4 for n in slices):
+        return None
+    picks = {}
+    for sl in slices:
+        starts, ends, axes = (const_list(sl.input[i]) for i in (1, 2, 3))
+        steps = const_list(sl.input[4]) if len(sl.input) > 4 and sl.input[4] else [1]
+        if axes not in ([1], [-3]) or steps != [1] or starts is None or ends is None:
+            return None
+        if starts == [0] and ends == [1]:
+            picks[0] = sl
+        elif starts == [1] and ends[0] >= 2:
+            picks[1] = sl
+    if set(picks) != {0, 1}:
+        return None
+    a, b = conv_a.output[0], conv_b.output[0]
+    muls = []
+    for x, sl in ((a, picks[0]), (b, picks[1])):
+        after = consumers.get(sl.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Mul" or sorted(after[0].input) != sorted([x, sl.output[0]]):
+            return None
+        muls.append(after[0])
+    cat3 = consumers.get(muls[0].output[0], [None])[0]
+    if not concat(cat3, 2) or list(cat3.input) != [muls[0].output[0], muls[1].output[0]]:
+        return None
+    internal = [(a, (cat1, muls[0])), (b, (cat1, muls[1])), (cat1.output[0], (mean, amax)), (mean.output[0], (cat2,)),
+                (amax.output[0], (cat2,)), (cat2.output[0], (mix,)), (mix.output[0], (sigmoid,)),
+                (sigmoid.output[0], tuple(slices)), (picks[0].output[0], (muls[0],)), (picks[1].output[0], (muls[1],)),
+                (muls[0].output[0], (cat3,)), (muls[1].output[0], (cat3,))]
+    if not all(only(name, *readers) for name, readers in internal):
+        return None
+    return {"nodes": [conv_a, conv_b, cat1, mean, amax, cat2, mix, sigmoid, *slices, *muls, cat3],
+            "inputs": [conv_a.input[0], conv_b.input[0]], "output": cat3.output[0],
+            "weights": (*wa, *wb, *wmix)}
+
+
 def split_graph(path: Path, convs: bool = False):
     """(segment ModelProtos or None, step dicts, weight arrays) of the part at ``path``, cut at
     every DeformConv and, with ``convs``, at every Conv a kernel of service/conv.py computes (a
@@ -146,12 +239,26 @@ def split_graph(path: Path, convs: bool = False):
         if node.op_type != "DeformConv" and node.input and all(i in const_names for i in node.input if i):
             const_names.update(node.output)
             const_nodes.append(node)
+    # With convs: DeRefNet's selective attention, one native step at the place of its last node.
+    producer_of = {out: node for node in g.node for out in node.output}
+    attention_at: dict[int, dict] = {}
+    for node in g.node if convs else ():
+        group = selective_attention(node, producer_of, consumers, consts, graph_outputs) if node.op_type == "Sigmoid" else None
+        if group is not None:
+            attention_at[id(group["nodes"][-1])] = group
+    in_attention = {id(n) for group in attention_at.values() for n in group["nodes"][:-1]}
     segments, steps, current, folded = [], [], [], set()
     for node in g.node:
-        if node in const_nodes or id(node) in folded:
+        if node in const_nodes or id(node) in folded or id(node) in in_attention:
             continue
         kernel = native_conv(node, consts) if convs else None
-        if node.op_type == "DeformConv" or kernel is not None:
+        if id(node) in attention_at:
+            group = attention_at[id(node)]
+            segments.append(current)
+            steps.append({"op": "Attention", "node": None, "inputs": group["inputs"], "output": group["output"],
+                          "group": group})
+            current = []
+        elif node.op_type == "DeformConv" or kernel is not None:
             step = {"op": node.op_type, "node": node}
             if node.op_type == "DeformConv":
                 _check_deform(node, consts)
@@ -216,6 +323,12 @@ def split_graph(path: Path, convs: bool = False):
         protos.append(proto)
     for k, step in enumerate(steps):
         node = step.pop("node")
+        if step["op"] == "Attention":
+            wa, ba, wb, bb, wmix, bmix = step.pop("group")["weights"]
+            keys = [f"weight{k}", f"bias{k}", *(f"{role}{k}" for role in ATTENTION_WEIGHTS)]
+            weights.update(zip(keys, (wa, ba, wb, bb, wmix, bmix)))
+            step.update(weight=keys[0], bias=keys[1], extra=dict(zip(ATTENTION_WEIGHTS, keys[2:])))
+            continue
         weight = consts[node.input[1]].astype(np.float32)
         bias_at = 3 if node.op_type == "DeformConv" else 2
         has_bias = len(node.input) > bias_at and bool(node.input[bias_at])
@@ -333,6 +446,27 @@ def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "no
     return onnxruntime_nodes(nodes, ["x"], consts)
 
 
+def onnxruntime_attention(att):
+    """DeRefNet's selective attention as ONNX Runtime runs its nodes, a callable (mid, nb) -> y,
+    with the weights of a service.attention.SelectiveAttention."""
+    from onnx import helper
+
+    axes, one, two, zero = np.array([1]), np.array([1]), np.array([2]), np.array([0])
+    nodes = [helper.make_node("Conv", ["mid", "wa", "ba"], ["a"]), helper.make_node("Conv", ["nb", "wb", "bb"], ["b"]),
+             helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+             helper.make_node("ReduceMean", ["c", "axes"], ["mean"]), helper.make_node("ReduceMax", ["c", "axes"], ["max"]),
+             helper.make_node("Concat", ["mean", "max"], ["stats"], axis=1),
+             helper.make_node("Conv", ["stats", "wmix", "bmix"], ["g"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["g"], ["s"]),
+             helper.make_node("Slice", ["s", "zero", "one", "axes"], ["s0"]),
+             helper.make_node("Slice", ["s", "one", "two", "axes"], ["s1"]),
+             helper.make_node("Mul", ["a", "s0"], ["m0"]), helper.make_node("Mul", ["b", "s1"], ["m1"]),
+             helper.make_node("Concat", ["m0", "m1"], ["y"], axis=1)]
+    consts = {"wa": att.w_mid, "ba": att.b_mid, "wb": att.w_nb, "bb": att.b_nb, "wmix": att.w_mix, "bmix": att.b_mix,
+              "axes": axes, "zero": zero, "one": one, "two": two}
+    return onnxruntime_nodes(nodes, ["mid", "nb"], consts)
+
+
 def check_graph(native, whole, x: np.ndarray) -> dict:
     """Relative to the largest output of ``whole`` (the uncut part) on ``x``:
 
@@ -348,7 +482,9 @@ def check_graph(native, whole, x: np.ndarray) -> dict:
 
     def reference(step):
         k = step.kernel
-        if step.op == "DeformConv":
+        if step.op == "Attention":
+            ref, key = onnxruntime_attention(k), "attention_kernel_vs_onnxruntime"
+        elif step.op == "DeformConv":
             ref = onnxruntime_deform(k.weight, k.bias)
             key = "amx_deform_kernel_vs_onnxruntime" if k.kernel == "amx" else "deform_kernel_vs_onnxruntime"
         else:
@@ -401,11 +537,22 @@ def load_card_part(model_path: Path, name: str) -> tuple[Path, dict, dict]:
     return card_path, card, part
 
 
+def entry_files(entry) -> set[str]:
+    """The file names a card's split entry lists (segments and weights, at any depth)."""
+    if isinstance(entry, dict):
+        own = {entry["file"]} if isinstance(entry.get("file"), str) else set()
+        return own.union(*(entry_files(v) for k, v in entry.items() if k in ("segments", "weights", "encoder", "head")))
+    if isinstance(entry, list):
+        return set().union(*(entry_files(v) for v in entry))
+    return set()
+
+
 def replace_card_entry(card_path: Path, card: dict, key: str, splits: list[PartSplit], make_entry, check) -> dict:
     """Write the splits under temporary names, check them with a temporary card holding
     ``make_entry(TMP)``, then rename them into place and write the card with ``make_entry("")``
     plus the check's result: a failed or interrupted split leaves the previous one intact."""
     tmp_card = card_path.with_name(card_path.name + TMP)
+    old_files = entry_files(card.get(key))
     try:
         for split in splits:
             split.write()
@@ -416,6 +563,10 @@ def replace_card_entry(card_path: Path, card: dict, key: str, splits: list[PartS
         card[key] = {**make_entry(""), "check": result}
         tmp_card.write_text(json.dumps(card, indent=2) + "\n")
         tmp_card.replace(card_path)
+        # files of the previous split that this one does not use (a cut that moved): nothing reads them
+        for name in old_files - entry_files(card[key]):
+            if Path(name).name == name and name.startswith(f"{splits[0].model.stem}.{splits[0].tag.split('.')[0]}"):
+                (card_path.parent / name).unlink(missing_ok=True)
     finally:
         for split in splits:
             split.remove_temporary()

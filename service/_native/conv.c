@@ -121,6 +121,88 @@ TARGETS static void direct_maps(const float *x, const float *weight, const float
     }
 }
 
+/* ---- the selective attention of DeRefNet's alignment (SelectiveAttention in training/model.py)
+ * mid, nb (c, h, w) -> out (2 half, h, w): a = Wm mid + bm and b = Wn nb + bn (1x1 convs to
+ * half channels each), the channel mean and max of (a, b) as 2 maps, s = sigmoid(3x3 conv of
+ * those (padding 1) + bmix), out = (a * s_0, b * s_1). float32 throughout. In ONNX Runtime it
+ * was 13 nodes, with reorders and copies between them, for a few multiply-adds per value. */
+
+/* ATT_BLOCK outputs x 32 positions from p: 16 accumulators in registers (a literal block size
+ * lets the compiler keep them there), each input vector used ATT_BLOCK times. */
+#define ATT_BLOCK 8
+INLINE void pointwise_block(const float *restrict x, const float *restrict wt, const float *restrict bias, int cin,
+                            int hw, int p, float *restrict out) {
+    v16 acc[ATT_BLOCK][2];
+    for (int o = 0; o < ATT_BLOCK; o++) acc[o][0] = acc[o][1] = (v16){0} + bias[o];
+    for (int c = 0; c < cin; c++) {
+        const v16 v0 = *(const v16 *)(x + (int64_t)c * hw + p), v1 = *(const v16 *)(x + (int64_t)c * hw + p + 16);
+        for (int o = 0; o < ATT_BLOCK; o++) {
+            acc[o][0] += wt[(int64_t)o * cin + c] * v0;
+            acc[o][1] += wt[(int64_t)o * cin + c] * v1;
+        }
+    }
+    for (int o = 0; o < ATT_BLOCK; o++) {
+        *(v16 *)(out + (int64_t)o * hw + p) = acc[o][0];
+        *(v16 *)(out + (int64_t)o * hw + p + 16) = acc[o][1];
+    }
+}
+
+/* out[o][p] = bias[o] + sum_c wt[o][c] x[c][p], o < cout, positions p < hw (a 1x1 conv). */
+TARGETS static void pointwise(const float *x, const float *wt, const float *bias, int cin, int cout, int hw,
+                              float *out) {
+    const int hv = hw / 32 * 32, ov = cout / ATT_BLOCK * ATT_BLOCK;
+    for (int p = 0; p < hv; p += 32) /* the input's 32 positions stay in L1 for every block */
+        for (int o0 = 0; o0 < ov; o0 += ATT_BLOCK)
+            pointwise_block(x, wt + (int64_t)o0 * cin, bias + o0, cin, hw, p, out + (int64_t)o0 * hw);
+    for (int o = 0; o < cout; o++) /* the rest: positions past the last 32, outputs past the last block */
+        for (int p = o < ov ? hv : 0; p < hw; p++) {
+            float acc = bias[o];
+            for (int c = 0; c < cin; c++) acc += wt[(int64_t)o * cin + c] * x[(int64_t)c * hw + p];
+            out[(int64_t)o * hw + p] = acc;
+        }
+}
+
+/* stats: 2 maps (mean, max over the 2 half channels of out) in the padded flat layout of the
+ * direct conv (rows apart, borders zero); gate: scratch 2 * rows. */
+TARGETS static void attention_maps(const float *mid, const float *nb, const float *wm, const float *bm,
+                                   const float *wn, const float *bn, const float *wmix, const float *bmix,
+                                   float *out, int n, int c, int half, int h, int w, float *stats, float *gate) {
+    const int hw = h * w, wp = w + 2, q0 = wp + 1, rows = direct_rows(h, w);
+    const int n_out = ((h - 1) * wp + w + 63) / 64 * 64, cc = 2 * half;
+    memset(stats, 0, sizeof(float) * 2 * (size_t)rows);
+    for (int b = 0; b < n; b++) {
+        float *ob = out + (int64_t)b * cc * hw;
+        pointwise(mid + (int64_t)b * c * hw, wm, bm, c, half, hw, ob);
+        pointwise(nb + (int64_t)b * c * hw, wn, bn, c, half, hw, ob + (int64_t)half * hw);
+        for (int y = 0; y < h; y++) {
+            float *mean = stats + q0 + y * wp, *mx = stats + rows + q0 + y * wp;
+            for (int x = 0; x < w; x++) {
+                mean[x] = 0.0f;
+                mx[x] = ob[y * w + x];
+            }
+            for (int o = 0; o < cc; o++) {
+                const float *a = ob + (int64_t)o * hw + y * w;
+                for (int x = 0; x < w; x++) {
+                    mean[x] += a[x];
+                    mx[x] = a[x] > mx[x] || a[x] != a[x] ? a[x] : mx[x]; /* a NaN wins, as in ReduceMax */
+                }
+            }
+            for (int x = 0; x < w; x++) mean[x] /= (float)cc;
+        }
+        /* the 3x3 2 -> 2 conv over the padded maps, 16 positions a vector */
+        direct_block(stats, wmix, 2, rows, wp, q0, n_out, 2, 4, gate);
+        for (int k = 0; k < 2; k++) {
+            float *sk = gate + (int64_t)k * rows; /* the sigmoid map, compacted to (h, w) in place */
+            for (int y = 0; y < h; y++)
+                for (int x = 0; x < w; x++) sk[y * w + x] = 1.0f / (1.0f + expf(-(sk[q0 + y * wp + x] + bmix[k])));
+            for (int o = 0; o < half; o++) {
+                float *a = ob + ((int64_t)k * half + o) * hw;
+                for (int p = 0; p < hw; p++) a[p] *= sk[p];
+            }
+        }
+    }
+}
+
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #include <cpuid.h>
 #include <immintrin.h>
@@ -884,12 +966,50 @@ done:
 #endif
 }
 
+/* attention(mid, nb, wm, bm, wn, bn, wmix, bmix, out, n, c, half, h, w): all float32; wm, wn
+ * (half, c), bm, bn (half), wmix (2, 2, 3, 3), bmix (2), out (n, 2 half, h, w). */
+static PyObject *attention(PyObject *self, PyObject *args) {
+    PyObject *o[9];
+    int n, c, half, h, w;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOiiiii", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &n,
+                          &c, &half, &h, &w))
+        return NULL;
+    if (bad_sizes(n, c, 2 * half, h, w, ACT_NONE) || half < 1) {
+        PyErr_SetString(PyExc_ValueError, "attention: bad dimensions");
+        return NULL;
+    }
+    const Py_ssize_t hw = (Py_ssize_t)h * w;
+    const Py_ssize_t sizes[9] = {n * c * hw, n * c * hw, (Py_ssize_t)half * c, half, (Py_ssize_t)half * c, half, 36, 2,
+                                 n * 2 * half * hw};
+    const char *names[9] = {"mid", "nb", "mid weight", "mid bias", "nb weight", "nb bias", "mix weight", "mix bias", "out"};
+    Py_buffer v[9];
+    int held = 0;
+    for (; held < 9; held++)
+        if (get_buffer(o[held], &v[held], sizes[held], "f", held == 8, names[held]) < 0) goto fail;
+    const int rows = direct_rows(h, w);
+    const size_t bytes[] = {sizeof(float) * 2 * (size_t)rows, sizeof(float) * 2 * (size_t)rows};
+    void *part[2], *block = scratch(2, bytes, part);
+    if (!block) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    attention_maps(v[0].buf, v[1].buf, v[2].buf, v[3].buf, v[4].buf, v[5].buf, v[6].buf, v[7].buf, v[8].buf, n, c,
+                   half, h, w, part[0], part[1]);
+    Py_END_ALLOW_THREADS
+    free(block);
+    for (int i = 0; i < 9; i++) PyBuffer_Release(&v[i]);
+    Py_RETURN_NONE;
+fail:
+    for (int i = 0; i < held; i++) PyBuffer_Release(&v[i]);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"amx_deform", amx_deform, METH_VARARGS,
      "amx_deform(x, offset, wt, bias, out, n, cin, cout, cout_out, h, w): see conv.c"},
     {"amx_usable", amx_usable, METH_NOARGS, "amx_usable() -> (bool, reason): whether amx_conv() can run here"},
     {"amx_conv", amx_conv, METH_VARARGS,
      "amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w): see conv.c"},
+    {"attention", attention, METH_VARARGS,
+     "attention(mid, nb, wm, bm, wn, bn, wmix, bmix, out, n, c, half, h, w): see conv.c"},
     {"chain_conv", chain_conv, METH_VARARGS,
      "chain_conv(x, out, n, h, w, layers): consecutive convs in one call, see conv.c"},
     {"direct_conv", direct_conv, METH_VARARGS,

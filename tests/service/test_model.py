@@ -231,3 +231,24 @@ def test_bundled_int8_variant_verifies_and_stays_close_to_fp32():
     parts = int8.head(int8.encode(windows.reshape(-1, 11, 11)).reshape(4, 5, -1))
     for got in (int8.run(windows), parts):
         assert np.abs(got - want).max() < 0.05 * peak and np.abs(got - want).mean() < 0.005 * peak
+
+
+def test_split_step_specs_are_validated():
+    """An Attention step names its four other weights and has no kernel or activation; a Conv
+    step names its kernel; the clip bounds go with the soft threshold."""
+    from pydantic import ValidationError
+
+    from service.card import StepSpec
+
+    extra = {"nb_weight": "w_nb", "nb_bias": "b_nb", "mix_weight": "w_mix", "mix_bias": "b_mix"}
+    ok = StepSpec(op="Attention", inputs=["mid", "nb"], output="y", weight="w", bias="b", extra=extra)
+    assert ok.extra == extra
+    for bad in ({"extra": {k: v for k, v in extra.items() if k != "mix_bias"}}, {"extra": None},
+                {"extra": extra, "kernel": "amx"}, {"extra": extra, "inputs": ["mid"]}):
+        with pytest.raises(ValidationError):
+            StepSpec(**{"op": "Attention", "inputs": ["mid", "nb"], "output": "y", "weight": "w", "bias": "b", **bad})
+    with pytest.raises(ValidationError, match="names its kernel"):
+        StepSpec(op="Conv", inputs=["x"], output="y", weight="w", bias="b")
+    with pytest.raises(ValidationError, match="lo must not exceed hi"):
+        StepSpec(op="Conv", inputs=["x"], output="y", weight="w", bias="b", kernel="amx",
+                 activation="soft_threshold", clip=[1.0, -1.0])

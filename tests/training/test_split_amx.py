@@ -52,6 +52,12 @@ def test_card_records_the_split_and_its_checks(split_model):
     assert lo == -hi and hi > 0
     ops = [(s["op"], s.get("kernel")) for s in head["steps"]]
     assert ops.count(("DeformConv", "amx")) == 2 and ops.count(("Conv", "amx")) == 4  # 2 offsets + 1 res block
+    # the selective attention is one native step (its 2 -> 2 conv with it), reading the two embeddings
+    attention_steps = [s for s in head["steps"] if s["op"] == "Attention"]
+    assert len(attention_steps) == 1 and ops.count(("Conv", "direct")) == 5  # 2 embeddings, out, fusion in, out
+    assert set(attention_steps[0]["extra"]) == {"nb_weight", "nb_bias", "mix_weight", "mix_bias"}
+    embeddings = [s["output"] for s in head["steps"][:2]]
+    assert attention_steps[0]["inputs"] == embeddings
     for part in (enc, head):
         for spec in [*(s for s in part["segments"] if s), part["weights"]]:
             assert file_sha256(split_model.parent / spec["file"]) == spec["sha256"]
@@ -63,6 +69,7 @@ def test_card_records_the_split_and_its_checks(split_model):
     assert d["direct_conv_kernel_vs_onnxruntime"] < 1e-5
     assert 1e-5 < d["amx_conv_kernel_vs_onnxruntime"] < 2e-2  # bfloat16: close, not exact
     assert d["chains_vs_steps_encoder"] == d["chains_vs_steps_head"] == 0.0  # the same numbers
+    assert d["head_attention_kernel_vs_onnxruntime"] < 1e-5  # float32, against ONNX Runtime's 13 nodes
 
 
 def test_served_split_is_close_to_float32(split_model):
@@ -154,6 +161,43 @@ def test_resplit_is_deterministic_and_a_failed_one_keeps_the_old(model_copy):
     assert card_path.read_text() == text
     assert sorted(p.name for p in model_copy.parent.iterdir()) == files  # no .tmp left, none removed
     assert load_model(model_copy).conv_kernel == "amx"
+
+
+def test_resplit_removes_the_files_only_the_previous_split_used(model_copy):
+    """A cut that moved (here: a segment the previous card listed that this split does not make)
+    leaves no orphan; files the card never listed are not touched."""
+    card_path = model_copy.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    stale, foreign = f"{model_copy.stem}.amx.head.seg99.onnx", f"{model_copy.stem}.amx.notes.txt"
+    for name in (stale, foreign):
+        (model_copy.parent / name).write_text("x")
+    card["amx_split"]["head"]["segments"].append({"file": stale, "sha256": "0" * 64, "bytes": 1})
+    card_path.write_text(json.dumps(card))
+    assert split_amx.main(["--model", str(model_copy), "--parity-windows", "2"]) == 0
+    assert not (model_copy.parent / stale).exists() and (model_copy.parent / foreign).exists()
+    listed = {s["file"] for p in ("encoder", "head") for s in json.loads(card_path.read_text())["amx_split"][p]["segments"] if s}
+    assert all((model_copy.parent / name).is_file() for name in listed)
+
+
+def test_attention_is_left_to_onnx_runtime_unless_it_is_exactly_the_kernels(split_model, tmp_path):
+    """An intermediate of the attention that something else reads (here: a graph output) keeps the
+    nodes in ONNX Runtime; its 3x3 conv is then a direct conv step again."""
+    import onnx
+    from onnx import helper
+
+    from training.split_head import split_graph
+
+    card = json.loads(split_model.with_suffix(".json").read_text())
+    head = onnx.load(str(split_model.parent / card["parts"]["head"]["file"]))
+    assert any(s.get("op") == "Attention" for s in split_graph(split_model.parent / card["parts"]["head"]["file"],
+                                                                convs=True)[1])
+    stats = next(n for n in head.graph.node if n.op_type == "ReduceMax").output[0]
+    head.graph.output.append(helper.make_tensor_value_info(stats, onnx.TensorProto.FLOAT, None))
+    altered = tmp_path / "head.onnx"
+    onnx.save(head, str(altered))
+    steps = split_graph(altered, convs=True)[1]
+    assert not any(s["op"] == "Attention" for s in steps)
+    assert [s["kernel"] for s in steps if s["op"] == "Conv"].count("direct") == 6  # with the 2 -> 2 conv
 
 
 def test_a_model_without_amx_convolutions_is_refused(tmp_path_factory, capsys):
