@@ -78,7 +78,8 @@ class StepSpec(BaseModel):
     keys in the split's .npz. DeformConv reads (x, offset) and runs on the float32 kernel of
     service/deform.py, or with ``kernel`` "amx" on its bfloat16 AMX kernel; Conv reads x and runs
     on ``kernel`` "amx" or "direct" (service/conv.py), ending with the ``activation`` folded in
-    from the graph (the soft threshold with its ``clip`` bounds); Attention reads (mid, nb) and
+    from the graph (the soft threshold with its ``clip`` bounds) and, with ``residual``, the Add
+    of its second input after it; Attention reads (mid, nb) and
     runs DeRefNet's selective attention (service/attention.py): ``weight``/``bias`` the mid
     squeeze, ``extra`` the keys of the others."""
 
@@ -93,10 +94,13 @@ class StepSpec(BaseModel):
     activation: Literal["none", "relu", "soft_threshold"] = "none"
     clip: list[float] | None = Field(default=None, min_length=2, max_length=2)
     extra: dict[str, str] | None = None  # Attention: the keys of its other weights
+    residual: bool = False  # Conv: adds its second input after the activation (a residual Add)
 
     @model_validator(mode="after")
     def _consistent(self):
-        takes = 1 if self.op == "Conv" else 2
+        takes = 1 + self.residual if self.op == "Conv" else 2
+        if self.residual and self.op != "Conv":
+            raise ValueError("only a Conv step folds a residual Add")
         if len(self.inputs) != takes:
             raise ValueError(f"{self.op} step takes {takes} inputs, got {self.inputs}")
         if self.op == "Attention" and (self.kernel is not None or self.activation != "none"

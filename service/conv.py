@@ -11,7 +11,8 @@ was most of the remaining time. Two kernels replace it in a part split by ``csis
   Runtime ran at under a tenth of its 32-channel speed.
 
 Either can end with an activation folded in from the graph: ``"relu"``, or the ISTA stages' soft
-threshold ``"soft_threshold"``, y = x - clip(x, lo, hi).
+threshold ``"soft_threshold"``, y = x - clip(x, lo, hi); and then with a residual Add (a residual
+block's x + body(x)), given as a second input.
 
     conv = Conv3x3(weight, bias, "amx", "relu")   # weight (C_out, C_in, 3, 3)
     y = conv(x)                                   # x (N, C_in, H, W) -> (N, C_out, H, W)
@@ -105,7 +106,8 @@ class Conv3x3:
     """Stride 1, padding 1, dilation 1, one group, then an optional activation."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None, kernel: str = "amx",
-                 activation: str = "none", clip: tuple[float, float] | None = None, threads: int = 1):
+                 activation: str = "none", clip: tuple[float, float] | None = None, threads: int = 1,
+                 residual: bool = False):
         if _conv is None:
             raise RuntimeError(WHY_NOT_AMX)
         if kernel == "amx" and not AMX:
@@ -125,24 +127,27 @@ class Conv3x3:
             raise ValueError("clip=(lo, hi) goes with activation='soft_threshold', and only with it")
         self.activation = activation
         self.clip = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
+        self.residual = bool(residual)
         self.threads = max(1, int(threads))
         self._pool = thread_pool(self.threads, "conv")
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """act(conv(x) + bias), plus ``residual`` (N, C_out, H, W) if the conv was made with one."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != self.cin:
             raise ValueError(f"x must be (N, {self.cin}, H, W), got {x.shape}")
         out = np.empty((x.shape[0], self.cout, *x.shape[2:]), np.float32)
-        in_slices(self._run, self._pool, self.threads, x.shape[0], x, out)
+        in_slices(self._run, self._pool, self.threads, x.shape[0], x, out, *checked_residual(self, out, residual))
         return out
 
-    def _run(self, x: np.ndarray, out: np.ndarray) -> None:
+    def _run(self, x: np.ndarray, out: np.ndarray, res: np.ndarray | None = None) -> None:
         act, (lo, hi) = ACTIVATIONS[self.activation], self.clip
         n, _, h, w = x.shape
         if self.kernel == "amx":
-            _conv.amx_conv(x, self.packed, self.bias, act, lo, hi, out, n, self.cin, self.cout_tiles, self.cout, h, w)
+            _conv.amx_conv(x, self.packed, self.bias, act, lo, hi, out, n, self.cin, self.cout_tiles, self.cout, h, w,
+                           res)
         else:
-            _conv.direct_conv(x, self.weight, self.bias, act, lo, hi, out, n, self.cin, self.cout, h, w)
+            _conv.direct_conv(x, self.weight, self.bias, act, lo, hi, out, n, self.cin, self.cout, h, w, res)
 
     def layer(self) -> tuple:
         """This conv as one layer of :class:`ConvChain` (the tuple ``_conv.chain_conv`` reads)."""
@@ -151,11 +156,25 @@ class Conv3x3:
         return (int(amx), wt, self.bias, ACTIVATIONS[self.activation], *self.clip, self.cin, cout, self.cout)
 
 
+def checked_residual(conv, out: np.ndarray, residual: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """() or (residual,) as the native call takes it; ValueError unless the conv (or chain) adds a
+    residual exactly when one is given, of the output's shape."""
+    if conv.residual != (residual is not None):
+        raise ValueError("this conv adds a residual: pass one" if conv.residual else "this conv takes no residual")
+    if residual is None:
+        return ()
+    residual = np.ascontiguousarray(residual, dtype=np.float32)
+    if residual.shape != out.shape:
+        raise ValueError(f"residual must be {out.shape}, got {residual.shape}")
+    return (residual,)
+
+
 def chains_into(first: Conv3x3, second: Conv3x3) -> bool:
     """Whether ``second`` can follow ``first`` in one :class:`ConvChain`: it reads all of
-    ``first``'s outputs. (An AMX conv's input has a multiple of 32 channels, so an AMX conv feeding
-    one has whole 32-channel rows, which the native side writes straight from its tiles.)"""
-    return second.cin == first.cout
+    ``first``'s outputs, and ``first`` adds no residual (only a chain's last conv may). (An AMX
+    conv's input has a multiple of 32 channels, so an AMX conv feeding one has whole 32-channel
+    rows, which the native side writes straight from its tiles.)"""
+    return second.cin == first.cout and not first.residual
 
 
 class ConvChain:
@@ -179,18 +198,19 @@ class ConvChain:
                                  f"of {a.cout} outputs in a chain")
         self.convs = list(convs)
         self.cin, self.cout = convs[0].cin, convs[-1].cout
+        self.residual = convs[-1].residual
         self.threads = max(c.threads for c in convs)
         self._pool = thread_pool(self.threads, "conv-chain")
         self._layers = tuple(c.layer() for c in convs)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != self.cin:
             raise ValueError(f"x must be (N, {self.cin}, H, W), got {x.shape}")
         out = np.empty((x.shape[0], self.cout, *x.shape[2:]), np.float32)
-        in_slices(self._run, self._pool, self.threads, x.shape[0], x, out)
+        in_slices(self._run, self._pool, self.threads, x.shape[0], x, out, *checked_residual(self, out, residual))
         return out
 
-    def _run(self, x: np.ndarray, out: np.ndarray) -> None:
+    def _run(self, x: np.ndarray, out: np.ndarray, res: np.ndarray | None = None) -> None:
         n, _, h, w = x.shape
-        _conv.chain_conv(x, out, n, h, w, self._layers)
+        _conv.chain_conv(x, out, n, h, w, self._layers, res)

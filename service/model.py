@@ -16,8 +16,10 @@ computing the DeformConv nodes between them (``deform_kernel``: "auto" uses it w
 
 When the card has ``amx_split`` (written by ``csist split-amx``, with the accuracy it measured)
 and the CPU has AMX, encoder and head both run as segments with their 32-channel 3x3 Convs
-computed in bfloat16 by ``service/conv.py`` and their DeformConvs by the native kernel
-(``conv_kernel``: "auto" uses it when it can, "amx" requires it, "onnxruntime" never uses it).
+computed in bfloat16 by ``service/conv.py``, their DeformConvs by the native kernel and the
+head's selective attention by ``service/attention.py`` (``conv_kernel``: "auto" uses it when it
+can, "amx" requires it, "onnxruntime" never uses it). Runs of convs that feed only each other
+(an ISTA stage, a residual body) are joined into one chain call at load (:func:`fused_chains`).
 """
 
 from __future__ import annotations
@@ -393,7 +395,8 @@ def load_split(
             elif s.op == "DeformConv":
                 kernel = deform.DeformConv3x3(weights[s.weight], weights[s.bias], threads, s.kernel or "native")
             else:
-                kernel = conv.Conv3x3(weights[s.weight], weights[s.bias], s.kernel, s.activation, s.clip, threads)
+                kernel = conv.Conv3x3(weights[s.weight], weights[s.bias], s.kernel, s.activation, s.clip, threads,
+                                      s.residual)
             steps.append(Step(s.op, tuple(s.inputs), s.output, kernel))
     except (KeyError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a kernel cannot run here
         raise ModelError(f"split weights {npz} do not fit the card's {name} split, or its kernels cannot run here: "
@@ -408,9 +411,10 @@ def fused_chains(
 ) -> tuple[list[ort.InferenceSession | None], list[Step]]:
     """The split with each run of native Conv steps that feed only each other as one chain step.
 
-    Steps ``i`` and ``i + 1`` join when no segment runs between them, step ``i + 1`` reads only
-    step ``i``'s output, and nothing else reads it (no later segment or step, not the part's
-    output). The chain computes the same numbers (see :class:`service.conv.ConvChain`).
+    Steps ``i`` and ``i + 1`` join when no segment runs between them, step ``i + 1`` reads
+    step ``i``'s output (and, if it adds a residual, that as its second input), and nothing else
+    reads it (no later segment or step, not the part's output). Only a chain's last conv adds a
+    residual. The chain computes the same numbers (see :class:`service.conv.ConvChain`).
     """
     readers: dict[str, int] = {output: 1}
     for session in segments:
@@ -422,7 +426,8 @@ def fused_chains(
 
     def joins(a: Step, b: Step, between: ort.InferenceSession | None) -> bool:
         return (conv.AMX and between is None and isinstance(a.kernel, conv.Conv3x3) and isinstance(b.kernel, conv.Conv3x3)
-                and b.inputs == (a.output,) and readers.get(a.output) == 1 and conv.chains_into(a.kernel, b.kernel)
+                and b.inputs[0] == a.output and a.output not in b.inputs[1:] and readers.get(a.output) == 1
+                and conv.chains_into(a.kernel, b.kernel)
                 and len(runs[-1]) < conv.CHAIN_MAX)
 
     runs: list[list[int]] = []
@@ -438,7 +443,7 @@ def fused_chains(
         else:
             first, last = steps[run[0]], steps[run[-1]]
             chain = conv.ConvChain([steps[i].kernel for i in run])
-            new_steps.append(Step("ConvChain", first.inputs, last.output, chain))
+            new_steps.append(Step("ConvChain", first.inputs + last.inputs[1:], last.output, chain))
         new_segments.append(segments[run[-1] + 1])
     return new_segments, new_steps
 

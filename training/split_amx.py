@@ -10,7 +10,9 @@ On a CPU with AMX (Intel Sapphire Rapids and later) ``service/conv.py`` computes
 sums. The service cannot put it inside an ONNX Runtime graph, so, as ``csist split-head`` does
 for the DeformConv nodes, this command cuts both streaming parts (``parts.encoder`` and
 ``parts.head`` of the card) into the graph segments between the nodes the native kernels compute
-(every DeformConv, and every Conv the AMX kernel takes, with a Relu after it folded in):
+(every DeformConv, every Conv the AMX or direct kernel takes, with a Relu or soft threshold
+after it folded in, and the head's selective attention as one float32 step when its nodes are
+exactly that function, see ``selective_attention`` in training/split_head.py):
 ``<model stem>.amx.encoder.seg<i>.onnx`` / ``.amx.head.seg<i>.onnx`` and their weights in
 ``<model stem>.amx.encoder.weights.npz`` / ``.amx.head.weights.npz``. The card's ``amx_split``
 records the files, their SHA-256, the steps and the checks:
@@ -19,6 +21,8 @@ records the files, their SHA-256, the steps and the checks:
   stay within ``--tolerance``),
 - each kernel vs ONNX Runtime's node on the same tensors (the AMX Conv within
   ``--bf16-tolerance``: bfloat16 keeps 8 significant bits),
+- the convs the service chains (service/conv.py ``ConvChain``) vs the same convs one by one
+  (``chains_vs_steps_*``, within ``--tolerance``; they compute the same numbers),
 - the split as the service runs it vs the whole part (recorded),
 - with ``--eval-data``: the CSO-mAP of the streaming path with ONNX Runtime's float32 Convs and
   with the AMX kernel (same threshold and refinement), and with ``--max-map-drop`` the command

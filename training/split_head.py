@@ -19,7 +19,7 @@ differences.
 
 The cutting itself is generic and shared with ``csist split-amx`` (``training/split_amx.py``):
 :func:`split_graph` cuts any part at the nodes native kernels compute (a segment may be empty
-between two of them), :class:`PartSplit` writes and renames the files, :func:`check_graph`
+between two of them; for split-amx also at the selective attention, :func:`selective_attention`), :class:`PartSplit` writes and renames the files, :func:`check_graph`
 compares a split with its whole part, and :func:`replace_card_entry` swaps the card's entry in
 only after the check.
 """
@@ -120,6 +120,21 @@ def folded_activation(out: str, consumers: dict, consts: dict, graph_outputs: se
     return None
 
 
+
+
+def folded_residual(out: str, consumers: dict, available: set, graph_outputs: set, dims: dict):
+    """The residual Add after a native Conv's (activated) output ``out`` that its step can add
+    instead: (the other input, the Add node) when an Add is ``out``'s only reader and its other
+    input is a tensor of the same shape already computed when the Conv runs (``available``), as in
+    a residual block's x + body(x); else None."""
+    after = consumers.get(out, [])
+    if out in graph_outputs or len(after) != 1 or after[0].op_type != "Add" or len(after[0].input) != 2:
+        return None
+    add = after[0]
+    other = add.input[1] if add.input[0] == out else add.input[0]
+    if other == out or other not in available or dims.get(other) is None or dims.get(other) != dims.get(out):
+        return None
+    return other, add
 
 
 def selective_attention(sigmoid, producer: dict, consumers: dict, consts: dict, graph_outputs: set):
@@ -247,8 +262,17 @@ def split_graph(path: Path, convs: bool = False):
         if group is not None:
             attention_at[id(group["nodes"][-1])] = group
     in_attention = {id(n) for group in attention_at.values() for n in group["nodes"][:-1]}
+    def dims_of(info):
+        shape = info.type.tensor_type.shape
+        return tuple(d.dim_param or d.dim_value for d in shape.dim) if info.type.tensor_type.HasField("shape") else None
+
+    dims = {name: dims_of(info) for name, info in infos.items()}
+    # runtime tensors computed before each node (a folded residual must be one of them)
+    available = {i.name for i in g.input} - set(inits)
     segments, steps, current, folded = [], [], [], set()
     for node in g.node:
+        ready = set(available)
+        available.update(o for o in node.output if o not in const_names)
         if node in const_nodes or id(node) in folded or id(node) in in_attention:
             continue
         kernel = native_conv(node, consts) if convs else None
@@ -272,6 +296,11 @@ def split_graph(path: Path, convs: bool = False):
                 if folded_act is not None:
                     step["activation"], step["clip"], dropped, step["output"] = folded_act
                     folded.update(id(n) for n in dropped)
+                res = folded_residual(step["output"], consumers, ready, graph_outputs, dims)
+                if res is not None:
+                    step["inputs"].append(res[0])
+                    step["residual"], step["output"] = True, res[1].output[0]
+                    folded.add(id(res[1]))
             segments.append(current)
             steps.append(step)
             current = []
@@ -432,8 +461,10 @@ def onnxruntime_deform(weight: np.ndarray, bias: np.ndarray):
     return onnxruntime_nodes([node], ["x", "offset"], {"w": weight, "b": bias})
 
 
-def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "none", clip=None):
-    """ONNX Runtime's float32 Conv, then the activation a step folded in, as a callable x -> y."""
+def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "none", clip=None,
+                     residual: bool = False):
+    """ONNX Runtime's float32 Conv, then the activation a step folded in, as a callable x -> y
+    (with ``residual``: (x, r) -> y + r, the Add a step folded in)."""
     from onnx import helper
 
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])]
@@ -443,7 +474,9 @@ def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "no
     elif activation == "soft_threshold":
         consts.update(lo=np.float32(clip[0]), hi=np.float32(clip[1]))
         nodes += [helper.make_node("Clip", ["y", "lo", "hi"], ["c"]), helper.make_node("Sub", ["y", "c"], ["z"])]
-    return onnxruntime_nodes(nodes, ["x"], consts)
+    if residual:
+        nodes.append(helper.make_node("Add", [nodes[-1].output[0], "r"], ["sum"]))
+    return onnxruntime_nodes(nodes, ["x", "r"] if residual else ["x"], consts)
 
 
 def onnxruntime_attention(att):
@@ -489,7 +522,8 @@ def check_graph(native, whole, x: np.ndarray) -> dict:
             key = "amx_deform_kernel_vs_onnxruntime" if k.kernel == "amx" else "deform_kernel_vs_onnxruntime"
         else:
             clip = k.clip if k.activation == "soft_threshold" else None
-            ref, key = onnxruntime_conv(k.weight, k.bias, k.activation, clip), f"{k.kernel}_conv_kernel_vs_onnxruntime"
+            ref = onnxruntime_conv(k.weight, k.bias, k.activation, clip, k.residual)
+            key = f"{k.kernel}_conv_kernel_vs_onnxruntime"
 
         def run(*xs):
             want, got = ref(*xs), step.kernel(*xs)

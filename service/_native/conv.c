@@ -36,12 +36,13 @@
 #define ACT_RELU 1
 #define ACT_SHRINK 2
 
-/* dst (h, w) = act(src + bias), src rows wp apart; one loop per activation so each vectorizes.
+/* dst (h, w) = act(src + bias) (+ res (h, w) when not NULL), src rows wp apart; one loop per
+ * activation so each vectorizes.
  * As ONNX: Relu keeps a NaN (so the service's finiteness check still sees it), and Clip is
  * min(max(v, lo), hi), which is hi for every v when lo > hi. */
 TARGETS static void copy_rows(const float *src, int wp, float *dst, int h, int w, float bias,
-                              int act, float lo, float hi) {
-    for (int y = 0; y < h; y++, src += wp, dst += w) {
+                              int act, float lo, float hi, const float *res) {
+    for (int y = 0; y < h; y++, src += wp, dst += w, res = res ? res + w : NULL) {
         if (act == ACT_RELU)
             for (int i = 0; i < w; i++) {
                 const float v = src[i] + bias;
@@ -54,6 +55,8 @@ TARGETS static void copy_rows(const float *src, int wp, float *dst, int h, int w
             }
         else
             for (int i = 0; i < w; i++) dst[i] = src[i] + bias;
+        if (res) /* a residual Add after the conv (and its activation), folded in from the graph */
+            for (int i = 0; i < w; i++) dst[i] += res[i];
     }
 }
 
@@ -95,7 +98,7 @@ static int direct_rows(int h, int w) {
 
 TARGETS static void direct_maps(const float *x, const float *weight, const float *bias, int act,
                                 float lo, float hi, float *out, int n, int cin, int cout, int h,
-                                int w, float *xp, float *O) {
+                                int w, float *xp, float *O, const float *res) {
     const int wp = w + 2, hw = h * w, q0 = wp + 1, rows = direct_rows(h, w);
     const int n_out = ((h - 1) * wp + w + 63) / 64 * 64; /* whole blocks of up to 4 vectors */
     memset(xp, 0, sizeof(float) * (size_t)cin * rows);
@@ -117,7 +120,8 @@ TARGETS static void direct_maps(const float *x, const float *weight, const float
             else { direct_block(xp, wo, cin, rows, wp, q0, n_out, 1, 4, Oo); o += 1; }
         }
         for (int o = 0; o < cout; o++)
-            copy_rows(O + (int64_t)o * rows + q0, wp, ob + (int64_t)o * hw, h, w, bias[o], act, lo, hi);
+            copy_rows(O + (int64_t)o * rows + q0, wp, ob + (int64_t)o * hw, h, w, bias[o], act, lo, hi,
+                      res ? res + ((int64_t)b * cout + o) * hw : NULL);
     }
 }
 
@@ -363,7 +367,7 @@ AMX_TARGET static void pack_input(const float *x, int cin, geometry g, uint16_t 
  * scratch. */
 AMX_TARGET static void amx_maps(const float *x, const uint16_t *wt, const float *bias, int act, float lo, float hi,
                                  float *out, int n, int cin, int cout, int cout_out, int h, int w,
-                                 uint16_t *P, float *S, float *O) {
+                                 uint16_t *P, float *S, float *O, const float *res) {
     const geometry g = geometry_of(h, w);
     const int ntiles = cout / 16, hw = h * w;
     load_tile_config();
@@ -380,7 +384,8 @@ AMX_TARGET static void amx_maps(const float *x, const uint16_t *wt, const float 
         }
         float *ob = out + (int64_t)b * cout_out * hw;
         for (int o = 0; o < cout_out; o++)
-            copy_rows(O + (int64_t)o * g.rows + g.q0, g.wp, ob + (int64_t)o * hw, h, w, bias[o], act, lo, hi);
+            copy_rows(O + (int64_t)o * g.rows + g.q0, g.wp, ob + (int64_t)o * hw, h, w, bias[o], act, lo, hi,
+                      res ? res + ((int64_t)b * cout_out + o) * hw : NULL);
     }
     _tile_release();
 }
@@ -501,7 +506,7 @@ AMX_TARGET static void amx_deform_maps(const float *x, const float *off, const u
         }
         float *ob = out + (int64_t)b * cout_out * hw;
         for (int o = 0; o < cout_out; o++)
-            copy_rows(O + (int64_t)o * hwp, hw, ob + (int64_t)o * hw, 1, hw, bias[o], ACT_NONE, 0.0f, 0.0f);
+            copy_rows(O + (int64_t)o * hwp, hw, ob + (int64_t)o * hw, 1, hw, bias[o], ACT_NONE, 0.0f, 0.0f, NULL);
     }
     _tile_release();
 }
@@ -622,7 +627,8 @@ AMX_TARGET static void tile_block_pm(const uint16_t *const A[9], const chain_lay
  * (cin0 * rows floats) or in_pm (rows * cin0 bf16) is the first conv's input; each layer's
  * planar / pm buffers are zero outside q0 .. q0 + n_out - 1 (the caller's memset). */
 AMX_TARGET static void chain_maps(const float *x, float *out, int n, int h, int w, int L, chain_layer *ly,
-                                  float *in_planar, uint16_t *in_pm, const uint8_t *valid, float *S) {
+                                  float *in_planar, uint16_t *in_pm, const uint8_t *valid, float *S,
+                                  const float *res) {
     const int wp = w + 2, hw = h * w, q0 = wp + 1, rows = direct_rows(h, w);
     const int n_out = ((h - 1) * wp + w + 63) / 64 * 64;
     const int cin0 = ly[0].cin;
@@ -669,7 +675,7 @@ AMX_TARGET static void chain_maps(const float *x, float *out, int n, int h, int 
                 float *ob = out + (int64_t)b * l->cout_out * hw;
                 for (int o = 0; o < l->cout_out; o++)
                     copy_rows(l->planar + (int64_t)o * rows + q0, wp, ob + (int64_t)o * hw, h, w, l->bias[o], l->act,
-                              l->lo, l->hi);
+                              l->lo, l->hi, res ? res + ((int64_t)b * l->cout_out + o) * hw : NULL);
             } else if (!(l->amx && next_amx)) {
                 finish_planar(l->planar, l->cout_out, rows, q0, n_out, valid, l->bias, l->act, l->lo, l->hi);
                 if (next_amx) planar_to_pm(l->planar, l->cout_out, rows, q0, n_out, l->pm);
@@ -701,19 +707,23 @@ static PyObject *amx_usable(PyObject *self, PyObject *args) {
 
 /* Buffers shared by both entry points: x (n, cin, h, w), weight, bias (cout_out), out. */
 typedef struct {
-    Py_buffer x, wt, bias, out;
+    Py_buffer x, wt, bias, out, res;
     int held;
+    const float *residual; /* res.buf, or NULL without a residual */
 } buffers;
 
 static void release(buffers *b) {
-    Py_buffer *all[] = {&b->x, &b->wt, &b->bias, &b->out};
+    Py_buffer *all[] = {&b->x, &b->wt, &b->bias, &b->out, &b->res};
     for (int i = 0; i < b->held; i++) PyBuffer_Release(all[i]);
 }
 
+/* ores: NULL or None, or the residual (n, cout_out, h, w) float32 added after the activation. */
 static int get_all(buffers *b, PyObject *ox, PyObject *owt, PyObject *obias, PyObject *oout, int n,
-                   int cin, int cout_out, int h, int w, Py_ssize_t n_weight, const char *wformat) {
+                   int cin, int cout_out, int h, int w, Py_ssize_t n_weight, const char *wformat,
+                   PyObject *ores) {
     const Py_ssize_t hw = (Py_ssize_t)h * w;
     b->held = 0;
+    b->residual = NULL;
     if (get_buffer(ox, &b->x, (Py_ssize_t)n * cin * hw, "f", 0, "x") < 0) return -1;
     b->held = 1;
     if (get_buffer(owt, &b->wt, n_weight, wformat, 0, "weight") < 0) goto fail;
@@ -722,6 +732,11 @@ static int get_all(buffers *b, PyObject *ox, PyObject *owt, PyObject *obias, PyO
     b->held = 3;
     if (get_buffer(oout, &b->out, (Py_ssize_t)n * cout_out * hw, "f", 1, "out") < 0) goto fail;
     b->held = 4;
+    if (ores != NULL && ores != Py_None) {
+        if (get_buffer(ores, &b->res, (Py_ssize_t)n * cout_out * hw, "f", 0, "residual") < 0) goto fail;
+        b->held = 5;
+        b->residual = b->res.buf;
+    }
     return 0;
 fail:
     release(b);
@@ -764,20 +779,20 @@ static int amx_refuses(const char *what, int n, int cin, int cout, int cout_out,
     return 0;
 }
 
-/* direct_conv(x, weight, bias, act, lo, hi, out, n, cin, cout, h, w): all float32. */
+/* direct_conv(x, weight, bias, act, lo, hi, out, n, cin, cout, h, w[, residual]): all float32. */
 static PyObject *direct_conv(PyObject *self, PyObject *args) {
-    PyObject *ox, *owt, *obias, *oout;
+    PyObject *ox, *owt, *obias, *oout, *ores = Py_None;
     int act, n, cin, cout, h, w;
     float lo, hi;
-    if (!PyArg_ParseTuple(args, "OOOiffOiiiii", &ox, &owt, &obias, &act, &lo, &hi, &oout, &n, &cin,
-                          &cout, &h, &w))
+    if (!PyArg_ParseTuple(args, "OOOiffOiiiii|O", &ox, &owt, &obias, &act, &lo, &hi, &oout, &n, &cin,
+                          &cout, &h, &w, &ores))
         return NULL;
     if (bad_sizes(n, cin, cout, h, w, act)) {
         PyErr_SetString(PyExc_ValueError, "direct conv: bad dimensions or activation");
         return NULL;
     }
     buffers b;
-    if (get_all(&b, ox, owt, obias, oout, n, cin, cout, h, w, (Py_ssize_t)cout * cin * 9, "f") < 0)
+    if (get_all(&b, ox, owt, obias, oout, n, cin, cout, h, w, (Py_ssize_t)cout * cin * 9, "f", ores) < 0)
         return NULL;
     const int rows = direct_rows(h, w);
     const size_t bytes[] = {sizeof(float) * (size_t)cin * rows, sizeof(float) * (size_t)cout * rows};
@@ -787,26 +802,27 @@ static PyObject *direct_conv(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    direct_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, h, w, part[0], part[1]);
+    direct_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, h, w, part[0], part[1],
+                b.residual);
     Py_END_ALLOW_THREADS
     free(block);
     release(&b);
     Py_RETURN_NONE;
 }
 
-/* amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w): x, bias, out float32;
- * wt uint16 (bf16 A tiles of cout rows, cout_out of them real). */
+/* amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w[, residual]): x, bias,
+ * out, residual float32; wt uint16 (bf16 A tiles of cout rows, cout_out of them real). */
 static PyObject *amx_conv(PyObject *self, PyObject *args) {
-    PyObject *ox, *owt, *obias, *oout;
+    PyObject *ox, *owt, *obias, *oout, *ores = Py_None;
     int act, n, cin, cout, cout_out, h, w;
     float lo, hi;
-    if (!PyArg_ParseTuple(args, "OOOiffOiiiiii", &ox, &owt, &obias, &act, &lo, &hi, &oout, &n,
-                          &cin, &cout, &cout_out, &h, &w))
+    if (!PyArg_ParseTuple(args, "OOOiffOiiiiii|O", &ox, &owt, &obias, &act, &lo, &hi, &oout, &n,
+                          &cin, &cout, &cout_out, &h, &w, &ores))
         return NULL;
     if (amx_refuses("amx conv", n, cin, cout, cout_out, h, w, act)) return NULL;
 #if HAVE_AMX
     buffers b;
-    if (get_all(&b, ox, owt, obias, oout, n, cin, cout_out, h, w, (Py_ssize_t)9 * cin * cout, "H") < 0)
+    if (get_all(&b, ox, owt, obias, oout, n, cin, cout_out, h, w, (Py_ssize_t)9 * cin * cout, "H", ores) < 0)
         return NULL;
     const geometry g = geometry_of(h, w);
     const size_t bytes[] = {sizeof(uint16_t) * (size_t)g.rows * cin, sizeof(float) * 32 * 32,
@@ -818,7 +834,7 @@ static PyObject *amx_conv(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     amx_maps(b.x.buf, b.wt.buf, b.bias.buf, act, lo, hi, b.out.buf, n, cin, cout, cout_out, h, w, part[0],
-             part[1], part[2]);
+             part[1], part[2], b.residual);
     Py_END_ALLOW_THREADS
     free(block);
     release(&b);
@@ -840,7 +856,7 @@ static PyObject *amx_deform(PyObject *self, PyObject *args) {
     if (amx_refuses("amx deform", n, cin, cout, cout_out, h, w, ACT_NONE)) return NULL;
 #if HAVE_AMX
     buffers b;
-    if (get_all(&b, ox, owt, obias, oout, n, cin, cout_out, h, w, (Py_ssize_t)9 * cin * cout, "H") < 0)
+    if (get_all(&b, ox, owt, obias, oout, n, cin, cout_out, h, w, (Py_ssize_t)9 * cin * cout, "H", NULL) < 0)
         return NULL;
     Py_buffer boff;
     if (get_buffer(ooff, &boff, (Py_ssize_t)n * 18 * h * w, "f", 0, "offset") < 0) {
@@ -874,13 +890,14 @@ static PyObject *amx_deform(PyObject *self, PyObject *args) {
 
 #define CHAIN_MAX 16
 
-/* chain_conv(x, out, n, h, w, layers): layers a sequence of (amx, wt, bias, act, lo, hi, cin,
- * cout, cout_out) tuples, each as for amx_conv (amx = 1) or direct_conv (amx = 0, cout = cout_out);
- * x (n, cin of the first, h, w) and out (n, cout_out of the last, h, w) float32. */
+/* chain_conv(x, out, n, h, w, layers[, residual]): layers a sequence of (amx, wt, bias, act, lo,
+ * hi, cin, cout, cout_out) tuples, each as for amx_conv (amx = 1) or direct_conv (amx = 0, cout =
+ * cout_out); x (n, cin of the first, h, w), out and residual (n, cout_out of the last, h, w)
+ * float32; the residual is added to the last conv's output. */
 static PyObject *chain_conv(PyObject *self, PyObject *args) {
-    PyObject *ox, *oout, *olayers;
+    PyObject *ox, *oout, *olayers, *ores = Py_None;
     int n, h, w;
-    if (!PyArg_ParseTuple(args, "OOiiiO", &ox, &oout, &n, &h, &w, &olayers)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOiiiO|O", &ox, &oout, &n, &h, &w, &olayers, &ores)) return NULL;
     if (usable_cached != 1) {
         PyErr_Format(PyExc_RuntimeError, "AMX is not usable here: %s (call amx_usable() first)", why_not);
         return NULL;
@@ -890,7 +907,7 @@ static PyObject *chain_conv(PyObject *self, PyObject *args) {
     if (!seq) return NULL;
     const Py_ssize_t L = PySequence_Fast_GET_SIZE(seq);
     chain_layer ly[CHAIN_MAX];
-    Py_buffer views[2 * CHAIN_MAX + 2];
+    Py_buffer views[2 * CHAIN_MAX + 3];
     int held = 0;
     PyObject *result = NULL;
     void *block = NULL;
@@ -926,6 +943,11 @@ static PyObject *chain_conv(PyObject *self, PyObject *args) {
     const float *x = views[held++].buf;
     if (get_buffer(oout, &views[held], (Py_ssize_t)(n * hw * ly[L - 1].cout_out), "f", 1, "out") < 0) goto done;
     float *out = views[held++].buf;
+    const float *res = NULL;
+    if (ores != Py_None) {
+        if (get_buffer(ores, &views[held], (Py_ssize_t)(n * hw * ly[L - 1].cout_out), "f", 0, "residual") < 0) goto done;
+        res = views[held++].buf;
+    }
     const int wp = w + 2, rows = direct_rows(h, w), n_out = ((h - 1) * wp + w + 63) / 64 * 64;
     size_t bytes[2 * CHAIN_MAX + 3];
     bytes[0] = ly[0].amx ? sizeof(uint16_t) * (size_t)rows * ly[0].cin : sizeof(float) * (size_t)rows * ly[0].cin;
@@ -951,7 +973,7 @@ static PyObject *chain_conv(PyObject *self, PyObject *args) {
         if (bytes[3 + 2 * k]) memset(ly[k].planar, 0, bytes[3 + 2 * k]);
         if (bytes[4 + 2 * k]) memset(ly[k].pm, 0, bytes[4 + 2 * k]);
     }
-    chain_maps(x, out, n, h, w, (int)L, ly, part[0], part[0], valid, part[2]);
+    chain_maps(x, out, n, h, w, (int)L, ly, part[0], part[0], valid, part[2], res);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);

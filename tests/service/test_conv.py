@@ -261,3 +261,34 @@ def test_chain_refuses_convs_that_do_not_fit():
     with pytest.raises(ValueError, match="expected"):  # output of the wrong size
         conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 31, 4, 4), np.float32), 1, 4, 4,
                               chain._layers)
+
+
+@pytest.mark.parametrize("kernel,cin,cout", [("direct", 5, 32), ("direct", 32, 1)] + ([("amx", 32, 32)] if conv.AMX else []))
+def test_a_folded_residual_is_added_after_the_activation(kernel, cin, cout):
+    """A residual block's x + body(x): the Add a step folds in, after the activation."""
+    x, weight, bias = operands(3, cin, cout, 7, 9)
+    r = np.random.default_rng(5).standard_normal((3, cout, 7, 9)).astype(np.float32)
+    plain = conv.Conv3x3(weight, bias, kernel, "relu")(x)
+    with_r = conv.Conv3x3(weight, bias, kernel, "relu", residual=True)
+    np.testing.assert_array_equal(with_r(x, r), plain + r)
+    np.testing.assert_array_equal(conv.Conv3x3(weight, bias, kernel, "relu", threads=2, residual=True)(x, r), plain + r)
+    with pytest.raises(ValueError, match="adds a residual: pass one"):
+        with_r(x)
+    with pytest.raises(ValueError, match=r"residual must be \(3, %d, 7, 9\)" % cout):
+        with_r(x, r[:, :, :6])
+    with pytest.raises(ValueError, match="takes no residual"):
+        conv.Conv3x3(weight, bias, kernel, "relu")(x, r)
+
+
+@needs_amx
+def test_a_chain_adds_the_residual_of_its_last_conv_only():
+    body = chain_of(*CHAINS["residual body"])
+    last = body[1]
+    with_r = [body[0], conv.Conv3x3(last.weight, last.bias, "amx", "none", residual=True)]
+    x = np.random.default_rng(6).standard_normal((2, 32, 33, 33)).astype(np.float32)
+    np.testing.assert_array_equal(conv.ConvChain(with_r)(x, x), conv.ConvChain(body)(x) + x)
+    first_r = [conv.Conv3x3(body[0].weight, body[0].bias, "amx", "relu", residual=True), last]
+    with pytest.raises(ValueError, match="cannot follow"):
+        conv.ConvChain(first_r)
+    with pytest.raises(ValueError, match="adds a residual"):
+        conv.ConvChain(with_r)(x)

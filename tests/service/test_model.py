@@ -247,6 +247,12 @@ def test_split_step_specs_are_validated():
                 {"extra": extra, "kernel": "amx"}, {"extra": extra, "inputs": ["mid"]}):
         with pytest.raises(ValidationError):
             StepSpec(**{"op": "Attention", "inputs": ["mid", "nb"], "output": "y", "weight": "w", "bias": "b", **bad})
+    conv = {"op": "Conv", "output": "y", "weight": "w", "bias": "b", "kernel": "amx"}
+    assert StepSpec(**conv, inputs=["x", "r"], residual=True).residual
+    with pytest.raises(ValidationError, match="takes 2 inputs"):  # the residual is the second
+        StepSpec(**conv, inputs=["x"], residual=True)
+    with pytest.raises(ValidationError, match="only a Conv step"):
+        StepSpec(op="DeformConv", inputs=["x", "o"], output="y", weight="w", bias="b", residual=True)
     with pytest.raises(ValidationError, match="names its kernel"):
         StepSpec(op="Conv", inputs=["x"], output="y", weight="w", bias="b")
     with pytest.raises(ValidationError, match="lo must not exceed hi"):

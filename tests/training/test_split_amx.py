@@ -58,6 +58,10 @@ def test_card_records_the_split_and_its_checks(split_model):
     assert set(attention_steps[0]["extra"]) == {"nb_weight", "nb_bias", "mix_weight", "mix_bias"}
     embeddings = [s["output"] for s in head["steps"][:2]]
     assert attention_steps[0]["inputs"] == embeddings
+    # the residual block's Add is folded into its second conv, which reads the block's input too
+    (res_step,) = [s for s in head["steps"] if s.get("residual")]
+    first = head["steps"][head["steps"].index(res_step) - 1]
+    assert res_step["inputs"] == [first["output"], first["inputs"][0]] and res_step["kernel"] == "amx"
     for part in (enc, head):
         for spec in [*(s for s in part["segments"] if s), part["weights"]]:
             assert file_sha256(split_model.parent / spec["file"]) == spec["sha256"]
@@ -101,6 +105,8 @@ def test_served_split_runs_its_conv_runs_as_chains_with_the_same_numbers(split_m
     assert len(fused.split_encoder.segments) == len(fused.split_encoder.steps) + 1
     head_ops = [s.op for s in fused.split_head.steps]
     assert "ConvChain" in head_ops and "DeformConv" in head_ops and "Conv" in head_ops
+    (block,) = [s for s in fused.split_head.steps if s.op == "ConvChain"]
+    assert block.kernel.residual and block.inputs[0] == block.inputs[1]  # x + body(x)
     assert len(fused.split_head.steps) < len(plain.split_head.steps)
     frames = export.sample_windows(6, seed=11).reshape(-1, 11, 11)
     feats = fused.encode(frames)
