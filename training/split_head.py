@@ -263,8 +263,11 @@ def split_graph(path: Path, convs: bool = False):
             attention_at[id(group["nodes"][-1])] = group
     in_attention = {id(n) for group in attention_at.values() for n in group["nodes"][:-1]}
     def dims_of(info):
-        shape = info.type.tensor_type.shape
-        return tuple(d.dim_param or d.dim_value for d in shape.dim) if info.type.tensor_type.HasField("shape") else None
+        """Static sizes and symbolic names; None when any dimension is unknown (never equal)."""
+        if not info.type.tensor_type.HasField("shape"):
+            return None
+        dims = tuple(d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim)
+        return None if any(d in ("", 0) for d in dims) else dims
 
     dims = {name: dims_of(info) for name, info in infos.items()}
     # runtime tensors computed before each node (a folded residual must be one of them)
@@ -600,7 +603,10 @@ def replace_card_entry(card_path: Path, card: dict, key: str, splits: list[PartS
         # files of the previous split that this one does not use (a cut that moved): nothing reads them
         for name in old_files - entry_files(card[key]):
             if Path(name).name == name and name.startswith(f"{splits[0].model.stem}.{splits[0].tag.split('.')[0]}"):
-                (card_path.parent / name).unlink(missing_ok=True)
+                try:
+                    (card_path.parent / name).unlink(missing_ok=True)
+                except OSError as exc:  # the split itself succeeded; an orphan only takes space
+                    print(f"note: could not remove {name}, which the previous split used: {exc}", file=sys.stderr)
     finally:
         for split in splits:
             split.remove_temporary()

@@ -918,7 +918,12 @@ static PyObject *chain_conv(PyObject *self, PyObject *args) {
     for (Py_ssize_t k = 0; k < L; k++) {
         PyObject *owt, *obias;
         chain_layer *l = &ly[k];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "iOOiffiii", &l->amx, &owt, &obias, &l->act, &l->lo,
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, k);
+        if (!PyTuple_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "chain conv: layer %zd is not a tuple", k);
+            goto done;
+        }
+        if (!PyArg_ParseTuple(item, "iOOiffiii", &l->amx, &owt, &obias, &l->act, &l->lo,
                               &l->hi, &l->cin, &l->cout, &l->cout_out))
             goto done;
         if (l->amx ? amx_refuses("chain conv", n, l->cin, l->cout, l->cout_out, h, w, l->act)
@@ -1001,8 +1006,8 @@ static PyObject *attention(PyObject *self, PyObject *args) {
         return NULL;
     }
     const Py_ssize_t hw = (Py_ssize_t)h * w;
-    const Py_ssize_t sizes[9] = {n * c * hw, n * c * hw, (Py_ssize_t)half * c, half, (Py_ssize_t)half * c, half, 36, 2,
-                                 n * 2 * half * hw};
+    const Py_ssize_t nchw = (Py_ssize_t)n * c * hw, out = (Py_ssize_t)n * 2 * half * hw; /* no int overflow */
+    const Py_ssize_t sizes[9] = {nchw, nchw, (Py_ssize_t)half * c, half, (Py_ssize_t)half * c, half, 36, 2, out};
     const char *names[9] = {"mid", "nb", "mid weight", "mid bias", "nb weight", "nb bias", "mix weight", "mix bias", "out"};
     Py_buffer v[9];
     int held = 0;
@@ -1029,13 +1034,13 @@ static PyMethodDef methods[] = {
      "amx_deform(x, offset, wt, bias, out, n, cin, cout, cout_out, h, w): see conv.c"},
     {"amx_usable", amx_usable, METH_NOARGS, "amx_usable() -> (bool, reason): whether amx_conv() can run here"},
     {"amx_conv", amx_conv, METH_VARARGS,
-     "amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w): see conv.c"},
+     "amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w[, residual]): see conv.c"},
     {"attention", attention, METH_VARARGS,
      "attention(mid, nb, wm, bm, wn, bn, wmix, bmix, out, n, c, half, h, w): see conv.c"},
     {"chain_conv", chain_conv, METH_VARARGS,
-     "chain_conv(x, out, n, h, w, layers): consecutive convs in one call, see conv.c"},
+     "chain_conv(x, out, n, h, w, layers[, residual]): consecutive convs in one call, see conv.c"},
     {"direct_conv", direct_conv, METH_VARARGS,
-     "direct_conv(x, weight, bias, act, lo, hi, out, n, cin, cout, h, w): see conv.c"},
+     "direct_conv(x, weight, bias, act, lo, hi, out, n, cin, cout, h, w[, residual]): see conv.c"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -258,6 +258,9 @@ def test_chain_refuses_convs_that_do_not_fit():
     layers[1] = (1, layers[1][1], layers[1][2], 0, 0.0, 0.0, 16, 32, 32)  # C_in 16 after 32 outputs
     with pytest.raises(ValueError, match="bad dimensions|does not take"):
         conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 32, 4, 4), np.float32), 1, 4, 4, layers)
+    with pytest.raises(TypeError, match="layer 0 is not a tuple"):
+        conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 32, 4, 4), np.float32), 1, 4, 4,
+                              [list(chain._layers[0])])
     with pytest.raises(ValueError, match="expected"):  # output of the wrong size
         conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 31, 4, 4), np.float32), 1, 4, 4,
                               chain._layers)
