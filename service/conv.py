@@ -102,8 +102,34 @@ def pack_weight(weight: np.ndarray) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(to_bfloat16(w)), tiles * 16
 
 
-class Conv3x3:
-    """Stride 1, padding 1, dilation 1, one group, then an optional activation."""
+class _MapsOp:
+    """What Conv3x3 and ConvChain share: x (N, cin, H, W) -> (N, cout, H, W), plus a residual of
+    the output's shape when the op adds one; the batch is spread over ``threads``; ``_run(x, out,
+    *residual)`` is the native call."""
+
+    cin: int
+    cout: int
+    residual: bool
+    threads: int
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != self.cin:
+            raise ValueError(f"x must be (N, {self.cin}, H, W), got {x.shape}")
+        out = np.empty((x.shape[0], self.cout, *x.shape[2:]), np.float32)
+        if self.residual != (residual is not None):
+            raise ValueError("this conv adds a residual: pass one" if self.residual else "this conv takes no residual")
+        extra = ()
+        if residual is not None:
+            extra = (np.ascontiguousarray(residual, dtype=np.float32),)
+            if extra[0].shape != out.shape:
+                raise ValueError(f"residual must be {out.shape}, got {extra[0].shape}")
+        in_slices(self._run, self._pool, self.threads, x.shape[0], x, out, *extra)
+        return out
+
+
+class Conv3x3(_MapsOp):
+    """Stride 1, padding 1, dilation 1, one group, then an optional activation (and residual)."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None, kernel: str = "amx",
                  activation: str = "none", clip: tuple[float, float] | None = None, threads: int = 1,
@@ -131,15 +157,6 @@ class Conv3x3:
         self.threads = max(1, int(threads))
         self._pool = thread_pool(self.threads, "conv")
 
-    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        """act(conv(x) + bias), plus ``residual`` (N, C_out, H, W) if the conv was made with one."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != self.cin:
-            raise ValueError(f"x must be (N, {self.cin}, H, W), got {x.shape}")
-        out = np.empty((x.shape[0], self.cout, *x.shape[2:]), np.float32)
-        in_slices(self._run, self._pool, self.threads, x.shape[0], x, out, *checked_residual(self, out, residual))
-        return out
-
     def _run(self, x: np.ndarray, out: np.ndarray, res: np.ndarray | None = None) -> None:
         act, (lo, hi) = ACTIVATIONS[self.activation], self.clip
         n, _, h, w = x.shape
@@ -156,19 +173,6 @@ class Conv3x3:
         return (int(amx), wt, self.bias, ACTIVATIONS[self.activation], *self.clip, self.cin, cout, self.cout)
 
 
-def checked_residual(conv, out: np.ndarray, residual: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    """() or (residual,) as the native call takes it; ValueError unless the conv (or chain) adds a
-    residual exactly when one is given, of the output's shape."""
-    if conv.residual != (residual is not None):
-        raise ValueError("this conv adds a residual: pass one" if conv.residual else "this conv takes no residual")
-    if residual is None:
-        return ()
-    residual = np.ascontiguousarray(residual, dtype=np.float32)
-    if residual.shape != out.shape:
-        raise ValueError(f"residual must be {out.shape}, got {residual.shape}")
-    return (residual,)
-
-
 def chains_into(first: Conv3x3, second: Conv3x3) -> bool:
     """Whether ``second`` can follow ``first`` in one :class:`ConvChain`: it reads all of
     ``first``'s outputs, and ``first`` adds no residual (only a chain's last conv may). (An AMX
@@ -177,7 +181,7 @@ def chains_into(first: Conv3x3, second: Conv3x3) -> bool:
     return second.cin == first.cout and not first.residual
 
 
-class ConvChain:
+class ConvChain(_MapsOp):
     """Consecutive convs whose intermediate results feed only the next conv, in one native call.
 
     Computes exactly what the convs compute one after another (the same bfloat16 rounding and
@@ -202,14 +206,6 @@ class ConvChain:
         self.threads = max(c.threads for c in convs)
         self._pool = thread_pool(self.threads, "conv-chain")
         self._layers = tuple(c.layer() for c in convs)
-
-    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != self.cin:
-            raise ValueError(f"x must be (N, {self.cin}, H, W), got {x.shape}")
-        out = np.empty((x.shape[0], self.cout, *x.shape[2:]), np.float32)
-        in_slices(self._run, self._pool, self.threads, x.shape[0], x, out, *checked_residual(self, out, residual))
-        return out
 
     def _run(self, x: np.ndarray, out: np.ndarray, res: np.ndarray | None = None) -> None:
         n, _, h, w = x.shape

@@ -89,6 +89,22 @@ INLINE void direct_block(const float *restrict xp, const float *restrict wt, int
     }
 }
 
+/* All cout outputs into planar maps O (rows apart); weight (cout, cin, 3, 3) as in ONNX. Literal
+ * block sizes let the compiler keep the accumulators in registers. */
+INLINE void direct_outputs(const float *xp, const float *weight, int cin, int cout, int rows, int wp, int q0,
+                           int n_out, float *O) {
+    for (int o = 0; o < cout;) {
+        const float *wo = weight + (int64_t)o * cin * 9;
+        float *Oo = O + (int64_t)o * rows;
+        const int left = cout - o;
+        if (left >= 16) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 16, 1, Oo); o += 16; }
+        else if (left >= 8) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 8, 2, Oo); o += 8; }
+        else if (left >= 4) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 4, 4, Oo); o += 4; }
+        else if (left >= 2) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 2, 4, Oo); o += 2; }
+        else { direct_block(xp, wo, cin, rows, wp, q0, n_out, 1, 4, Oo); o += 1; }
+    }
+}
+
 /* n maps x (n, cin, h, w) -> out (n, cout, h, w); weight (cout, cin, 3, 3) as in ONNX; xp
  * (cin * rows) and O (cout * rows) are scratch, rows from direct_rows(). */
 static int direct_rows(int h, int w) {
@@ -108,17 +124,7 @@ TARGETS static void direct_maps(const float *x, const float *weight, const float
         for (int c = 0; c < cin; c++)
             for (int y = 0; y < h; y++)
                 memcpy(xp + (int64_t)c * rows + q0 + y * wp, xb + (int64_t)c * hw + y * w, sizeof(float) * w);
-        /* literal block sizes let the compiler keep the accumulators in registers */
-        for (int o = 0; o < cout;) {
-            const float *wo = weight + (int64_t)o * cin * 9;
-            float *Oo = O + (int64_t)o * rows;
-            const int left = cout - o;
-            if (left >= 16) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 16, 1, Oo); o += 16; }
-            else if (left >= 8) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 8, 2, Oo); o += 8; }
-            else if (left >= 4) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 4, 4, Oo); o += 4; }
-            else if (left >= 2) { direct_block(xp, wo, cin, rows, wp, q0, n_out, 2, 4, Oo); o += 2; }
-            else { direct_block(xp, wo, cin, rows, wp, q0, n_out, 1, 4, Oo); o += 1; }
-        }
+        direct_outputs(xp, weight, cin, cout, rows, wp, q0, n_out, O);
         for (int o = 0; o < cout; o++)
             copy_rows(O + (int64_t)o * rows + q0, wp, ob + (int64_t)o * hw, h, w, bias[o], act, lo, hi,
                       res ? res + ((int64_t)b * cout + o) * hw : NULL);
@@ -294,14 +300,12 @@ AMX_TARGET static void load_tile_config(void) {
 }
 
 /* The AMX product of 32 rows: with A_t[i] the row of i (A_t + i * cin, cin bf16) for tap t,
- * O[(j + nb) * 16 + k][i] (rows ostride apart) = sum over t and the 32-channel chunks c of
- * A_t[i][c] . B_tc, for output tiles j and j + 1 (if there is one). Four C tiles (2 x 16 rows
- * by 2 x 16 outputs) stay in tile registers; they are stored to S[32][32] and each 16 x 16
- * block transposed into O. */
-AMX_TARGET static void tile_block(const uint16_t *const A[9], const uint16_t *wt, int cin, int ntiles,
-                                  int j, float *S, float *O, int64_t ostride) {
-    const int chunks = cin / 32, pair = j + 1 < ntiles;
-    __m512i r[16];
+ * S[i][nb * 16 + k] = sum over t and the 32-channel chunks c of A_t[i][c] . B_tc for output
+ * tiles j and, with pair, j + 1. Four C tiles (2 x 16 rows by 2 x 16 outputs) stay in tile
+ * registers over the taps, then are stored to S[32][32]. */
+AMX_TARGET static inline void tile_product(const uint16_t *const A[9], const uint16_t *wt, int cin, int ntiles,
+                                           int j, int pair, float *S) {
+    const int chunks = cin / 32;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -327,6 +331,15 @@ AMX_TARGET static void tile_block(const uint16_t *const A[9], const uint16_t *wt
         _tile_stored(1, S + 16, 128);
         _tile_stored(3, S + 16 * 32 + 16, 128);
     }
+}
+
+/* tile_product, then O[(j + nb) * 16 + k][i] (rows ostride apart) = S[i][nb * 16 + k]: each
+ * 16 x 16 block transposed into O. */
+AMX_TARGET static void tile_block(const uint16_t *const A[9], const uint16_t *wt, int cin, int ntiles,
+                                  int j, float *S, float *O, int64_t ostride) {
+    const int pair = j + 1 < ntiles;
+    __m512i r[16];
+    tile_product(A, wt, cin, ntiles, j, pair, S);
     for (int half = 0; half < 2; half++)
         for (int nb = 0; nb <= pair; nb++) {
             for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(S + (half * 16 + i) * 32 + nb * 16);
@@ -334,6 +347,19 @@ AMX_TARGET static void tile_block(const uint16_t *const A[9], const uint16_t *wt
             float *o = O + (int64_t)(j + nb) * 16 * ostride + half * 16;
             for (int k = 0; k < 16; k++) _mm512_storeu_si512(o + (int64_t)k * ostride, r[k]);
         }
+}
+
+/* 16 positions x 32 channels (channel c at src + c * stride; m: the positions read) -> r[p]:
+ * position p's 32 channels in bf16, channel pairs interleaved in 32-bit lanes (one 64-byte row
+ * of an AMX A tile); the 16 x 16 block of pairs is transposed. */
+AMX_TARGET static inline void pack_rows16(const float *src, int64_t stride, __mmask16 m, __m512i r[16]) {
+    for (int k = 0; k < 16; k++) {
+        const float *a = src + (int64_t)(2 * k) * stride;
+        const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, a)));
+        const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, a + stride)));
+        r[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+    }
+    transpose16(r);
 }
 
 /* x (cin, h, w) float32 -> P[q][cin] bf16, position-major: a position's 32 channels of a chunk
@@ -347,13 +373,7 @@ AMX_TARGET static void pack_input(const float *x, int cin, geometry g, uint16_t 
             const int valid = g.w - x0 < 16 ? g.w - x0 : 16;
             const __mmask16 m = (__mmask16)((1u << valid) - 1);
             for (int c = 0; c < cin; c += 32) {
-                for (int k = 0; k < 16; k++) {
-                    const float *a = x + (int64_t)(c + 2 * k) * hw + y * g.w + x0;
-                    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, a)));
-                    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, a + hw)));
-                    r[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-                }
-                transpose16(r);
+                pack_rows16(x + (int64_t)c * hw + y * g.w + x0, hw, m, r);
                 uint16_t *d = P + (int64_t)(g.q0 + y * g.wp + x0) * cin + c;
                 for (int p = 0; p < valid; p++) _mm512_storeu_si512(d + (int64_t)p * cin, r[p]);
             }
@@ -572,13 +592,7 @@ AMX_TARGET static void planar_to_pm(const float *O, int cin, int rows, int q0, i
     __m512i r[16];
     for (int q = q0; q < q0 + n_out; q += 16)
         for (int c = 0; c < cin; c += 32) {
-            for (int k = 0; k < 16; k++) {
-                const float *a = O + (int64_t)(c + 2 * k) * rows + q;
-                const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a)));
-                const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + rows)));
-                r[k] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-            }
-            transpose16(r);
+            pack_rows16(O + (int64_t)c * rows + q, rows, 0xffff, r);
             for (int p = 0; p < 16; p++) _mm512_storeu_si512(P + (int64_t)(q + p) * cin + c, r[p]);
         }
 }
@@ -588,28 +602,7 @@ AMX_TARGET static void planar_to_pm(const float *O, int cin, int rows, int q0, i
  * and each position's 32 outputs written as one 64-byte bf16 row of Pn (zero at padding). */
 AMX_TARGET static void tile_block_pm(const uint16_t *const A[9], const chain_layer *l, int j, int q,
                                      const uint8_t *valid, float *S, uint16_t *Pn) {
-    const int chunks = l->cin / 32, ntiles = l->cout / 16;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int t = 0; t < 9; t++)
-        for (int c = 0; c < chunks; c++) {
-            const uint16_t *a = A[t] + c * 32;
-            const uint16_t *B = (const uint16_t *)l->wt + (((int64_t)t * chunks + c) * ntiles + j) * 512;
-            _tile_loadd(4, a, l->cin * 2);
-            _tile_loadd(5, a + 16 * l->cin, l->cin * 2);
-            _tile_loadd(6, B, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_loadd(7, B + 512, 64);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-    _tile_stored(0, S, 128);
-    _tile_stored(2, S + 16 * 32, 128);
-    _tile_stored(1, S + 16, 128);
-    _tile_stored(3, S + 16 * 32 + 16, 128);
+    tile_product(A, l->wt, l->cin, l->cout / 16, j, 1, S);
     const __m512 b0 = _mm512_loadu_ps(l->bias + j * 16), b1 = _mm512_loadu_ps(l->bias + j * 16 + 16);
     const __m512 lo = _mm512_set1_ps(l->lo), hi = _mm512_set1_ps(l->hi);
     for (int i = 0; i < 32; i++) {
@@ -660,16 +653,7 @@ AMX_TARGET static void chain_maps(const float *x, float *out, int n, int h, int 
                     }
             } else {
                 const float *xp = k == 0 ? in_planar : ly[k - 1].planar;
-                for (int o = 0; o < l->cout;) {
-                    const float *wo = (const float *)l->wt + (int64_t)o * l->cin * 9;
-                    float *Oo = l->planar + (int64_t)o * rows;
-                    const int left = l->cout - o;
-                    if (left >= 16) { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 16, 1, Oo); o += 16; }
-                    else if (left >= 8) { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 8, 2, Oo); o += 8; }
-                    else if (left >= 4) { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 4, 4, Oo); o += 4; }
-                    else if (left >= 2) { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 2, 4, Oo); o += 2; }
-                    else { direct_block(xp, wo, l->cin, rows, wp, q0, n_out, 1, 4, Oo); o += 1; }
-                }
+                direct_outputs(xp, l->wt, l->cin, l->cout, rows, wp, q0, n_out, l->planar);
             }
             if (last) {
                 float *ob = out + (int64_t)b * l->cout_out * hw;
