@@ -403,18 +403,23 @@ def server_settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def server_runs(model: Path, args, frames: np.ndarray, cache: bool) -> dict:
-    """WebSocket at the fixed and the saturating rate, then REST, on one server process."""
-    settings = {"feature_cache": int(cache), "inference_workers": args.workers, "drain_s": 0, "log_level": "warning"}
+def server_runs(model: Path, args, frames: np.ndarray, cache: bool, pair_cache: bool = True,
+                fixed_only: bool = False) -> dict:
+    """WebSocket at the fixed and the saturating rate, then REST, on one server process
+    (``fixed_only``: the fixed-rate WebSocket run alone)."""
+    settings = {"feature_cache": int(cache), "pair_cache": int(pair_cache), "inference_workers": args.workers,
+                "drain_s": 0, "log_level": "warning"}
     settings.update(server_settings(args.server_setting))
     server = ServerProcess(model, settings)
     try:
         cpu0 = server.cpu_seconds()
-        out = {"feature_cache": cache, "settings": {f"CSIST_{k.upper()}": v for k, v in settings.items()},
+        out = {"feature_cache": cache, "pair_cache": pair_cache,
+               "settings": {f"CSIST_{k.upper()}": v for k, v in settings.items()},
                "refine": args.refine, **server.kernels(),
-               "ws_fixed": ws_run(server.port, args.tracks, args.rate, args.seconds, SEED, args.refine),
-               "ws_saturation": ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine)}
-        if cache:
+               "ws_fixed": ws_run(server.port, args.tracks, args.rate, args.seconds, SEED, args.refine)}
+        if not fixed_only:
+            out["ws_saturation"] = ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine)
+        if cache and not fixed_only:
             out["rest"] = rest_run(server.port, args.rest_rate, args.seconds, frames, refine=args.refine)
         out["server_cpu_s"] = server.cpu_seconds() - cpu0
         return out
@@ -526,6 +531,9 @@ def run(args) -> dict:
 
     if not args.no_server:
         server = {"cached": server_runs(args.model, args, trajectories, True)}
+        if "align" in m.card.get("parts", {}) and not args.no_pair_ab:
+            # the same fixed load with the window's head run whole when it completes
+            server["cached, no pair cache"] = server_runs(args.model, args, trajectories, True, False, True)
         if m.encoder is not None and not args.no_uncached_server:
             server["uncached"] = server_runs(args.model, args, trajectories, False)
         report["server"] = server
@@ -619,6 +627,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra service setting for the server runs, e.g. max_batch_size=16 (repeatable)")
     p.add_argument("--no-server", action="store_true", help="skip the end-to-end server runs")
     p.add_argument("--no-uncached-server", action="store_true", help="skip the server run without the feature cache")
+    p.add_argument("--no-pair-ab", action="store_true",
+                   help="skip the fixed-rate server run with CSIST_PAIR_CACHE=0 (the head run whole per window)")
     p.add_argument("--no-tuning", action="store_true", help="skip the ONNX Runtime option sweep")
     p.add_argument("--tuning-rounds", type=int, default=3, help="round-robin repetitions of the option sweep (median)")
     p.add_argument("--quick", action="store_true", help="tiny durations (tests); numbers are not meaningful")

@@ -12,10 +12,13 @@ so batches fill up while the workers are busy; when several workers are idle, wh
 is shared out among them, so that a burst of frames (every track's frame at once) does not wait
 for one core.
 
-Post-processing (peak extraction and, with ``refine="fit"``, the physics fit) runs in its own
-thread: ONNX Runtime releases the GIL, so the next batches' inference overlaps the previous
-batch's fit. At most ``workers + MAX_POSTPROCESS_BACKLOG`` batches are in flight; then the
-gathering waits too. Answers are released in batch order, so a stream's answers keep their
+Peak extraction takes a fraction of a millisecond and runs in the worker right after the
+model. The physics fit (``refine="fit"``) takes milliseconds per window and runs in its own
+thread instead: the kernels release the GIL, so the next batches' inference overlaps the
+previous batch's fit. (Handed to that thread too, the cheap extraction waited for a core
+the workers held.)
+At most ``workers + MAX_POSTPROCESS_BACKLOG`` batches are in flight; then the gathering waits
+too. Answers are released in batch order, so a stream's answers keep their
 order. The queue is bounded in windows: a submit that does not fit raises ``Overloaded`` at
 once (the caller answers 503 or an error message) instead of letting memory grow.
 
@@ -27,6 +30,16 @@ frames in one call, stores the features and runs only the head on the windows. A
 by an earlier batch still running is waited for, not encoded twice; a stream's later windows
 find their older frames already encoded. Groups without slots (or a model without parts) run
 the single graph.
+
+With the head's halves (``align``: one neighbour aligned to the middle frame, ``fuse``: the
+aligned neighbours -> HR map), a window's head is its 4 pairs and the fusion, and a group may
+carry a pair slot per neighbour, shared with *early work*: when a stream's frame t + 1 arrives,
+the window of frame t still lacks frame t + 2, but its neighbours t - 2, t - 1 and t + 1 can be
+aligned already, and those of frame t + 1's window up to frame t (:meth:`Batcher.submit_early`). Early work runs only when no window waits and
+is dropped, oldest first, when it piles up; a window finds its pairs aligned (or waits for the
+batch aligning them, or aligns them itself), so that when its last frame comes it runs the
+encoder on that frame, one pair and the fusion instead of four pairs (the README's speed
+section measures the server with and without).
 """
 
 from __future__ import annotations
@@ -44,12 +57,14 @@ import numpy as np
 
 from service.metrics import Metrics
 from service.postprocess import find_targets
-from service.windows import WINDOW, FeatureSlot
+from service.windows import HALF, NEIGHBOURS, WINDOW, FeatureSlot, fuse_features, pair_features
 
 log = logging.getLogger("service.batcher")
 
 MAX_POSTPROCESS_BACKLOG = 2  # inferred batches that may wait for post-processing
+EARLY_BATCH = 4  # early windows (about 6 pairs) per batch: a burst waits at most that long
 Claim = tuple[FeatureSlot, np.ndarray, threading.Event]  # a claimed slot, its frame, the claim
+PairClaim = tuple  # (pair slot, claim event, its _Item, window row, window position)
 
 
 class Overloaded(RuntimeError):
@@ -89,9 +104,11 @@ class GroupResult:
 @dataclass
 class _Item:
     windows: np.ndarray  # (k, 5, H, W) float32
-    options: PeakOptions
-    future: asyncio.Future
-    slots: list[list[FeatureSlot]] | None = None  # (k lists of 5) when features may be cached
+    options: PeakOptions | None
+    future: asyncio.Future | None  # None for early work (nobody waits for it)
+    slots: list[list[FeatureSlot | None]] | None = None  # (k lists of 5) when features may be cached
+    pairs: list[list[FeatureSlot]] | None = None  # (k lists of 4) aligned neighbours, NEIGHBOURS order
+    early: bool = False  # a window short of frames (None slots): only the pairs it has are computed
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     shared_out: bool = False  # put back by a batch that shared its groups out: no second wait
@@ -114,6 +131,8 @@ class Batcher:
         encode: Callable[[np.ndarray], np.ndarray] | None = None,
         head: Callable[[np.ndarray], np.ndarray] | None = None,
         workers: int = 1,
+        align: Callable[[np.ndarray], np.ndarray] | None = None,
+        fuse: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -121,14 +140,20 @@ class Batcher:
         self._run_model = run_model
         self._encode = encode
         self._head = head
+        self._align = align
+        self._fuse = fuse
         self.frames_encoded = 0  # frames run through ``encode`` (feature-cache path)
-        self.windows_run = 0  # windows through ``head`` or the single graph
+        self.windows_run = 0  # windows through ``head`` (or ``fuse``) or the single graph
+        self.pairs_aligned = 0  # neighbours run through ``align``
+        self.early_pairs = 0  # ... of them, in early batches (before their window was complete)
         self._counts = threading.Lock()  # the counters are bumped by several worker threads
         self._metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._items: deque[_Item] = deque()
+        self._early: deque[_Item] = deque(maxlen=max_queue)  # a full queue drops its oldest
+        self._early_runs: set[asyncio.Task] = set()
         self._queued = 0  # windows waiting (not yet taken by the worker)
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -156,15 +181,39 @@ class Batcher:
         """Whether groups submitted with slots run encoder + head (else the single graph)."""
         return self._encode is not None and self._head is not None
 
+    @property
+    def caches_pairs(self) -> bool:
+        """Whether those groups run encoder + align + fuse instead, so that :meth:`submit_early`
+        can align a window's first neighbours before its last frame comes."""
+        return self.caches_features and self._align is not None and self._fuse is not None
+
+    def submit_early(self, frames: np.ndarray, slots: list[FeatureSlot | None], pairs: list[FeatureSlot]) -> bool:
+        """Queue the work a window allows before it is complete: encode the frames it has and
+        align those neighbours to the middle frame, into ``slots`` / ``pairs``.
+
+        ``frames`` (5, H, W); the rows whose ``slots`` entry is None (frames still to come) are
+        not read. Early work runs
+        only when no window waits (a burst is never queued behind it) and is dropped, oldest
+        first, when it piles up; a window whose pairs are not ready computes them itself.
+        Returns False (nothing queued) when pairs are not cached or the batcher is closing.
+        """
+        if not self.caches_pairs or self._closing or self._worker is None:
+            return False
+        self._early.append(_Item(frames[None], None, None, [slots], [pairs], early=True))
+        self._wakeup.set()
+        return True
+
     def submit(
         self,
         windows: np.ndarray,
         options: PeakOptions,
         slots: list[list[FeatureSlot]] | None = None,
+        pairs: list[list[FeatureSlot]] | None = None,
     ) -> asyncio.Future:
         """Queue a group of windows; the returned future resolves to a :class:`GroupResult`.
 
-        ``slots``: the feature slot of each frame of each window (see module docstring).
+        ``slots``: the feature slot of each frame of each window (see module docstring);
+        ``pairs``: the slots of each window's aligned neighbours (shared with early work).
         Raises Overloaded (queue full) or ShuttingDown immediately rather than waiting.
         """
         if self._closing or self._worker is None:
@@ -179,7 +228,9 @@ class Batcher:
         future = asyncio.get_running_loop().create_future()
         if slots is not None and len(slots) != k:
             raise ValueError(f"{len(slots)} slot rows for {k} windows")
-        self._items.append(_Item(windows, options, future, slots))
+        if pairs is not None and (slots is None or len(pairs) != k):
+            raise ValueError(f"pair slots need feature slots, and one row per window ({k})")
+        self._items.append(_Item(windows, options, future, slots, pairs))
         self._queued += k
         self._metrics.queue_windows.set(self._queued)
         self._wakeup.set()
@@ -196,10 +247,13 @@ class Batcher:
         self._executor.shutdown(wait=True)
         self._post_executor.shutdown(wait=True)
 
-    async def _next_item(self, timeout: float | None) -> _Item | None:
-        """Pop the next item, waiting up to ``timeout`` (None: until one comes or we close)."""
+    async def _next_item(self, timeout: float | None, early: bool = False) -> _Item | None:
+        """Pop the next item, waiting up to ``timeout`` (None: until one comes or we close);
+        with ``early``, early work when no window waits."""
         deadline = None if timeout is None else time.perf_counter() + timeout
         while not self._items:
+            if early and self._early:
+                return self._early.popleft()
             if self._closing:
                 return None
             remaining = None if deadline is None else deadline - time.perf_counter()
@@ -220,10 +274,15 @@ class Batcher:
         back to the front of the queue for the next worker, so that a burst (every track's
         frame at once) runs on all idle cores instead of one.
         """
-        first = await self._next_item(None)
+        first = await self._next_item(None, early=True)
         if first is None:
             return None
         batch, n = [first], first.size
+        if first.early:
+            while self._early and n < EARLY_BATCH:
+                batch.append(self._early.popleft())
+                n += 1
+            return batch
         deadline = time.perf_counter() + (0.0 if first.shared_out else self.max_wait_s)
         while n < self.max_batch:
             if self._items:
@@ -240,15 +299,25 @@ class Batcher:
         # worker and an in-flight slot are free for it now
         idle_others = min(self.workers - self._busy, self.workers + MAX_POSTPROCESS_BACKLOG - self._in_flight)
         if idle_others > 0 and len(batch) > 1:
-            share, kept, keep = -(-n // (idle_others + 1)), 0, 0
-            while kept < share:
-                kept += batch[keep].size
-                keep += 1
-            for item in batch[keep:]:
-                item.shared_out = True
-            self._items.extendleft(reversed(batch[keep:]))
-            batch = batch[:keep]
+            batch = self._keep(batch, -(-n // (idle_others + 1)))
+        elif self.workers > 1 and len(batch) > 1 and not first.shared_out:
+            # the others are busy: take a fair share of what waits and leave the rest to the
+            # next worker that frees (or to this one, if it frees first): a backlog that one
+            # worker takes whole would leave the others idle while it works through it
+            batch = self._keep(batch, -(-self._queued // self.workers))
         return batch
+
+    def _keep(self, batch: list[_Item], windows: int) -> list[_Item]:
+        """The first groups of ``batch`` holding at least ``windows`` windows; the rest go back
+        to the front of the queue (marked: they have waited, no second gathering wait)."""
+        kept, keep = 0, 0
+        while kept < windows and keep < len(batch):
+            kept += batch[keep].size
+            keep += 1
+        for item in batch[keep:]:
+            item.shared_out = True
+        self._items.extendleft(reversed(batch[keep:]))
+        return batch[:keep]
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -264,34 +333,58 @@ class Batcher:
             if batch is None:
                 break
             now = time.perf_counter()
+            early = batch[0].early
             for item in batch:
                 item.started = now
-                self._queued -= item.size
+                self._queued -= 0 if early else item.size
             self._metrics.queue_windows.set(self._queued)
             claims = self._claim(batch)
+            if early:  # no answers: not in the answer order, and nothing to do if all is done
+                if not claims[0] and not claims[1]:
+                    self._busy -= 1
+                    free_workers.release()
+                    self._in_flight -= 1
+                    in_flight.release()
+                    continue
+                run = loop.create_task(self._run(batch, claims, None, free_workers, in_flight))
+                self._early_runs.add(run)
+                run.add_done_callback(self._early_runs.discard)
+                continue
             previous = loop.create_task(
                 self._run(batch, claims, previous, free_workers, in_flight)
             )
         if previous is not None:
             await asyncio.wait([previous])  # each batch awaits the one before it: all are done
+        if self._early_runs:
+            await asyncio.wait(list(self._early_runs))
 
-    def _claim(self, batch: list[_Item]) -> list[Claim] | None:
-        """On the loop, in batch order: the empty slots this batch will encode, claimed."""
+    def _claim(self, batch: list[_Item]) -> tuple[list[Claim], list[PairClaim] | None] | None:
+        """On the loop, in batch order: the empty slots this batch will encode and the empty
+        pair slots it will align, claimed."""
         if not self._uses_parts(batch):
             return None
-        claims = []
+        claims, pair_claims = [], [] if self.caches_pairs else None
         for item in batch:
             for w, row in enumerate(item.slots):
                 for k, slot in enumerate(row):
-                    event = slot.claim()
+                    event = slot.claim() if slot is not None else None
                     if event is not None:
                         claims.append((slot, item.windows[w, k], event))
-        return claims
+            if pair_claims is None:
+                continue
+            if item.pairs is None:  # a REST group: its pairs are its own
+                item.pairs = [[FeatureSlot() for _ in NEIGHBOURS] for _ in range(item.size)]
+            for w, row in enumerate(item.pairs):
+                for slot, p in zip(row, NEIGHBOURS, strict=True):
+                    event = slot.claim() if item.slots[w][p] is not None else None
+                    if event is not None:
+                        pair_claims.append((slot, event, item, w, p))
+        return claims, pair_claims
 
     async def _run(
         self,
         batch: list[_Item],
-        claims: list[Claim] | None,
+        claims: tuple[list[Claim], list[PairClaim] | None] | None,
         previous: asyncio.Task | None,
         free_workers: asyncio.Semaphore,
         in_flight: asyncio.Semaphore,
@@ -301,19 +394,27 @@ class Batcher:
         results: list[GroupResult] | None = None
         error: Exception | None = None
         try:
+            # peak extraction is a fraction of a millisecond: done by the worker, it does not
+            # wait for the post thread to get a core; the physics fit overlaps the next batches
+            inline = not any(item.options is not None and item.options.refine == "fit" for item in batch)
             try:
-                maps, infer_s = await loop.run_in_executor(
-                    self._executor, self._infer, batch, claims
+                maps, infer_s, results = await loop.run_in_executor(
+                    self._executor, self._infer, batch, claims, inline
                 )
-            except Exception as exc:  # the model failed: every caller in the batch hears it
+            except Exception as exc:  # the model or the peak extraction failed: all hear it
                 log.exception("inference failed")
                 error = exc
             finally:
-                for slot, _, event in claims or ():
+                frames, pairs = claims or ((), None)
+                for slot, _, event in frames:
                     slot.fill(None, event)  # no-op unless never filled: don't leave it claimed
+                for slot, event, *_ in pairs or ():
+                    slot.fill(None, event)
                 self._busy -= 1
                 free_workers.release()
-            if error is None:
+            if batch[0].early:
+                return  # nobody waits for early work; a failure leaves the pairs to their windows
+            if error is None and results is None:
                 try:
                     results = await loop.run_in_executor(
                         self._post_executor, self._postprocess, batch, maps, infer_s
@@ -330,65 +431,114 @@ class Batcher:
                 self._fail(batch, error or ShuttingDown("the service is shutting down"))
         if results is not None:
             for item, result in zip(batch, results, strict=True):
-                if not item.future.done():  # a caller may have been cancelled meanwhile
+                if item.future is not None and not item.future.done():  # a caller may have been cancelled meanwhile
                     item.future.set_result(result)
 
     @staticmethod
     def _fail(batch: list[_Item], exc: Exception) -> None:
         for item in batch:
-            if not item.future.done():
+            if item.future is not None and not item.future.done():
                 item.future.set_exception(InferenceFailed(f"inference failed: {exc}"))
 
     @staticmethod
     def _chunked(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, size: int) -> np.ndarray:
         return np.concatenate([fn(x[a : a + size]) for a in range(0, len(x), size)])
 
-    def _count(self, frames: int = 0, windows: int = 0) -> None:
+    def _count(self, frames: int = 0, windows: int = 0, pairs: int = 0, early: bool = False) -> None:
         with self._counts:
             self.frames_encoded += frames
             self.windows_run += windows
+            self.pairs_aligned += pairs
+            self.early_pairs += pairs if early else 0
 
     def _uses_parts(self, batch: list[_Item]) -> bool:
         return self.caches_features and all(i.slots is not None for i in batch)
 
-    def _run_cached(self, batch: list[_Item], claims: list[Claim]) -> np.ndarray:
-        """Encode the claimed frames (one call), wait for frames other batches encode, run the head."""
-        if claims:  # on failure, ``_run`` gives the claims up and the waiters go on
-            frames = np.stack([frame for _, frame, _ in claims])
-            feats = self._chunked(self._encode, frames, self.max_batch * WINDOW)
-            for (slot, _, event), f in zip(claims, feats, strict=True):
+    def _run_cached(self, batch: list[_Item], claims: tuple[list[Claim], list[PairClaim] | None]) -> np.ndarray | None:
+        """Encode the claimed frames (one call), wait for frames other batches encode; then run
+        the head, or align the claimed pairs (one call), wait for pairs other batches align and
+        fuse. An early batch stops after the pairs (None)."""
+        frames, pairs = claims
+        if frames:  # on failure, ``_run`` gives the claims up and the waiters go on
+            x = np.stack([frame for _, frame, _ in frames])
+            feats = self._chunked(self._encode, x, self.max_batch * WINDOW)
+            for (slot, _, event), f in zip(frames, feats, strict=True):
                 slot.fill(f.copy(), event)  # a view would keep the whole batch's array alive
-            self._count(frames=len(claims))
-        rows = [
-            np.stack([self._features(slot, item.windows[w, k]) for k, slot in enumerate(row)])
-            for item in batch
-            for w, row in enumerate(item.slots)
-        ]
-        return self._chunked(self._head, np.stack(rows), self.max_batch)
+            self._count(frames=len(frames))
+        if pairs is None:
+            rows = [
+                np.stack([self._features(slot, item.windows[w, k]) for k, slot in enumerate(row)])
+                for item in batch
+                for w, row in enumerate(item.slots)
+            ]
+            return self._chunked(self._head, np.stack(rows), self.max_batch)
+        if pairs:
+            x = np.stack([self._pair_input(item, w, p) for _, _, item, w, p in pairs])  # (P, 5, F)
+            aligned = self._chunked(self._align, x, self.max_batch * len(NEIGHBOURS))
+            for (slot, event, *_), a in zip(pairs, aligned, strict=True):
+                slot.fill(a.copy(), event)
+            self._count(pairs=len(pairs), early=batch[0].early)
+        if batch[0].early:
+            return None
+        mids, rows = [], []
+        for item in batch:
+            for w, row in enumerate(item.pairs):
+                mids.append(self._features(item.slots[w][HALF], item.windows[w, HALF]))
+                rows.append(np.stack([self._aligned(slot, item, w, p) for slot, p in zip(row, NEIGHBOURS)]))
+        return self._chunked(self._fuse, fuse_features(np.stack(mids), np.stack(rows)), self.max_batch)
+
+    def _pair_input(self, item: _Item, w: int, p: int) -> np.ndarray:
+        """The align input (5, F) of window ``w``'s neighbour at position ``p``."""
+        slots = item.slots[w]
+        mid = self._features(slots[HALF], item.windows[w, HALF])
+        nb = self._features(slots[p], item.windows[w, p])
+        return pair_features(mid[None], nb[None], [p])[0]
+
+    def _aligned(self, slot: FeatureSlot, item: _Item, w: int, p: int) -> np.ndarray:
+        """A pair's aligned neighbour (see :meth:`_ensure`)."""
+
+        def align() -> np.ndarray:
+            aligned = self._align(self._pair_input(item, w, p)[None])[0].copy()
+            self._count(pairs=1)
+            return aligned
+
+        return self._ensure(slot, align)
 
     def _features(self, slot: FeatureSlot, frame: np.ndarray) -> np.ndarray:
-        """A frame's features: already there, or after the batch encoding it is done; if that
-        batch failed, encoded here (claimed first, so that no one else encodes it too)."""
+        """A frame's features (see :meth:`_ensure`)."""
+
+        def encode() -> np.ndarray:
+            features = self._encode(frame[None])[0].copy()
+            self._count(frames=1)
+            return features
+
+        return self._ensure(slot, encode)
+
+    @staticmethod
+    def _ensure(slot: FeatureSlot, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The slot's array: already there, or after the batch computing it is done; if that
+        batch failed, computed here (claimed first, so that no one else computes it too)."""
         while slot.features is None:
             event = slot.claim()
             if event is None:
                 slot.wait()
                 continue
-            features = None
+            value = None
             try:
-                features = self._encode(frame[None])[0].copy()
-                self._count(frames=1)
+                value = compute()
             finally:
-                slot.fill(features, event)
+                slot.fill(value, event)
         return slot.features
 
     @staticmethod
     def _windows(batch: list[_Item]) -> np.ndarray:
         return batch[0].windows if len(batch) == 1 else np.concatenate([i.windows for i in batch])
 
-    def _infer(self, batch: list[_Item], claims: list[Claim] | None) -> tuple[np.ndarray, float]:
-        """HR maps of all windows of the batch, and the seconds it took (including any wait for
-        frames that another batch encodes).
+    def _infer(
+        self, batch: list[_Item], claims: list[Claim] | None, inline: bool = False
+    ) -> tuple[np.ndarray, float, list[GroupResult] | None]:
+        """HR maps of all windows of the batch, the seconds they took (including any wait for
+        frames that another batch encodes) and, if ``inline``, the answers.
 
         Runs in an inference thread. A single group larger than max_batch is run in chunks.
         """
@@ -398,13 +548,15 @@ class Batcher:
             maps = self._run_cached(batch, claims)
         else:
             maps = self._chunked(self._run_model, self._windows(batch), self.max_batch)
+        if maps is None:  # early work: nothing to answer, not a batch of windows
+            return None, time.perf_counter() - t0, None
         self._count(windows=n)
         infer_s = time.perf_counter() - t0
         if not np.isfinite(maps).all():
             raise InferenceFailed("the model produced non-finite values")
         self._metrics.inference_seconds.observe(infer_s)
         self._metrics.batch_size.observe(n)
-        return maps, infer_s
+        return maps, infer_s, self._postprocess(batch, maps, infer_s) if inline else None
 
     def _postprocess(self, batch: list[_Item], maps: np.ndarray, infer_s: float) -> list[GroupResult]:
         """Targets of every window, one vectorised call per distinct options (post thread)."""

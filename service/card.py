@@ -161,6 +161,10 @@ class AmxSplitSpec(BaseModel):
     precision: Literal["bfloat16"]
     encoder: SplitSpec
     head: SplitSpec
+    # The head as its two halves, when the card lists them as parts: one neighbour's alignment
+    # and the fusion (the service then aligns a window's neighbours before its last frame comes).
+    align: SplitSpec | None = None
+    fuse: SplitSpec | None = None
 
 
 class ModelCard(BaseModel):
@@ -179,7 +183,9 @@ class ModelCard(BaseModel):
     postprocess: PostprocessSpec = PostprocessSpec()
     metrics: Any = {}  # shown as is at /v2/models/{name}
     # Streaming parts written by ``csist export``: "encoder" (frames -> features) and "head"
-    # (5 frames' features -> HR map). Absent: the service runs the single graph only.
+    # (5 frames' features -> HR map), and optionally the head's halves "align" (one neighbour
+    # aligned to the middle frame) and "fuse" (aligned neighbours -> HR map). Absent: the
+    # service runs the single graph only.
     parts: dict[str, PartSpec] = {}
     # The head as graph segments between its DeformConv nodes, which the service's native
     # kernel computes (service/deform.py). Absent: ONNX Runtime runs the whole head.

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         description="when the model card lists the streaming encoder and head, encode each frame"
         " once and run only the head per window (else: the single graph on every window)",
     )
+    pair_cache: bool = Field(
+        True,
+        description="when the model card lists the head's halves (align, fuse) and they run on the"
+        " same kernels as the head, align a stream's window neighbour by neighbour as soon as each"
+        " pair is known, so that a completed window waits only for its last neighbour and the fusion",
+    )
     deform_kernel: Literal["auto", "native", "onnxruntime"] = Field(
         "auto",
         description="who computes the head's deformable convolutions: the service's native CPU"

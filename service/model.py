@@ -50,6 +50,7 @@ GRAPH_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 ENCODER, HEAD = "encoder", "head"
+ALIGN, FUSE = "align", "fuse"  # the head's halves (optional parts): see InferenceModel.align
 DEFORM_KERNELS = ("auto", "native", "onnxruntime")
 # The AMX split's segments are the glue between the native kernels (matrix products, 1x1 convs,
 # reductions, concatenations). ONNX Runtime's NCHWc layout transformer reorders tensors to and
@@ -195,6 +196,8 @@ class InferenceModel:
     parts: dict[str, Part] = field(default_factory=dict)
     split_head: SplitGraph | None = None
     split_encoder: SplitGraph | None = None
+    split_align: SplitGraph | None = None
+    split_fuse: SplitGraph | None = None
 
     @property
     def deform_kernel(self) -> str:
@@ -217,15 +220,33 @@ class InferenceModel:
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """Features (n, 1089) float32 of LR frames (n, 11, 11); needs :attr:`has_parts`."""
-        if self.split_encoder is not None:
-            return self.split_encoder.run(frames)
-        return self.parts[ENCODER].run(frames)
+        return self._run_part(ENCODER, frames)
 
     def head(self, features: np.ndarray) -> np.ndarray:
         """HR maps (b, 33, 33) of windows' features (b, 5, 1089); needs :attr:`has_parts`."""
-        if self.split_head is not None:
-            return self.split_head.run(features)
-        return self.parts[HEAD].run(features)
+        return self._run_part(HEAD, features)
+
+    @property
+    def has_pairs(self) -> bool:
+        """Whether the head's halves run with the same kernels as the head: then a window's
+        neighbours can be aligned one by one (:meth:`align`) and the window finished later
+        (:meth:`fuse`), giving the head's map."""
+        if ALIGN not in self.parts or FUSE not in self.parts or not self.has_parts:
+            return False
+        return self.split_head is None or (self.split_align is not None and self.split_fuse is not None)
+
+    def align(self, pair_features: np.ndarray) -> np.ndarray:
+        """Aligned neighbours (p, 1089) of ``service.windows.pair_features`` (p, 5, 1089)."""
+        return self._run_part(ALIGN, pair_features)
+
+    def fuse(self, stack: np.ndarray) -> np.ndarray:
+        """HR maps (b, 33, 33) of ``service.windows.fuse_features`` (b, 5, 1089)."""
+        return self._run_part(FUSE, stack)
+
+    def _run_part(self, name: str, x: np.ndarray) -> np.ndarray:
+        """A streaming part on ``x``: its split (native kernels between segments) when loaded."""
+        split = getattr(self, f"split_{name}")
+        return split.run(x) if split is not None else self.parts[name].run(x)
 
     @property
     def hr_size(self) -> int:
@@ -250,6 +271,11 @@ class InferenceModel:
                 if out.shape != (n, self.hr_size, self.hr_size):
                     want = (n, self.hr_size, self.hr_size)
                     raise ModelError(f"model head output has shape {out.shape}, expected {want}")
+            if self.has_pairs:
+                aligned = self.align(np.zeros((n, WINDOW, self.hr_size**2), dtype=np.float32))
+                out = self.fuse(np.zeros((n, WINDOW, self.hr_size**2), dtype=np.float32))
+                if aligned.shape != (n, self.hr_size**2) or out.shape != (n, self.hr_size, self.hr_size):
+                    raise ModelError(f"model align/fuse outputs have shapes {aligned.shape}, {out.shape}")
 
     def metadata(self) -> dict:
         """Identity of the model, as echoed in every answer."""
@@ -312,6 +338,8 @@ def _part_shapes(name: str) -> tuple[list[int], list[int]]:
     hr = SIZE * RATIO
     if name == ENCODER:
         return [SIZE, SIZE], [hr * hr]
+    if name == ALIGN:
+        return [WINDOW, hr * hr], [hr * hr]
     return [WINDOW, hr * hr], [hr, hr]
 
 
@@ -503,15 +531,17 @@ def load_model(
     requested = resolve_providers(providers)
     options = session_options(threads, spinning, graph_level, arena)
     listed = set(card.parts)
-    if listed and listed != {ENCODER, HEAD}:
-        raise ModelError(f"model card parts {sorted(listed)}; expected both 'encoder' and 'head'")
+    if listed and listed not in ({ENCODER, HEAD}, {ENCODER, HEAD, ALIGN, FUSE}):
+        raise ModelError(
+            f"model card parts {sorted(listed)}; expected 'encoder' and 'head' (and optionally 'align' and 'fuse')"
+        )
     loaded = {}
     if parts and listed:
         loaded = {
             name: _load_part(name, card.parts[name], model_path.parent, options, requested)
-            for name in (ENCODER, HEAD)
+            for name in sorted(listed)
         }
-    split_head = split_encoder = None
+    split_head = split_encoder = split_align = split_fuse = None
     if conv_kernel != "onnxruntime":
         why_not = _native_blocker(loaded, requested)
         if why_not is None and card.amx_split is None:
@@ -528,6 +558,12 @@ def load_model(
                                        fuse_convs, AMX_GLUE_DISABLED_OPTIMIZERS)
             split_head = load_split(HEAD, amx.head, card.parts[HEAD], model_path.parent, options, requested, fuse_convs,
                                     AMX_GLUE_DISABLED_OPTIMIZERS)
+            if ALIGN in loaded and amx.align is not None and amx.fuse is not None:
+                split_align, split_fuse = (
+                    load_split(name, spec, card.parts[name], model_path.parent, options, requested, fuse_convs,
+                               AMX_GLUE_DISABLED_OPTIMIZERS)
+                    for name, spec in ((ALIGN, amx.align), (FUSE, amx.fuse))
+                )
         elif conv_kernel == "amx":
             raise ModelError(f"conv_kernel='amx' cannot be used: {why_not}")
         else:
@@ -559,4 +595,6 @@ def load_model(
         parts=loaded,
         split_head=split_head,
         split_encoder=split_encoder,
+        split_align=split_align,
+        split_fuse=split_fuse,
     )

@@ -9,6 +9,7 @@ WebSocket streams -> finish queued inference.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class Runtime:
             s.deform_kernel,
             s.conv_kernel,
         )
+        pairs = s.pair_cache and self.model.has_pairs
         sizes = (1,) if s.max_batch_size == 1 else (1, s.max_batch_size)
         await asyncio.to_thread(self.model.warmup, sizes)
         self.batcher = Batcher(
@@ -72,6 +74,8 @@ class Runtime:
             encode=self.model.encode if self.model.has_parts else None,
             head=self.model.head if self.model.has_parts else None,
             workers=workers,
+            align=self.model.align if pairs else None,
+            fuse=self.model.fuse if pairs else None,
         )
         self.batcher.start()
         card = self.model.card
@@ -85,6 +89,12 @@ class Runtime:
                 "conv_kernel": self.model.conv_kernel,
             }
         )
+        # Everything loaded so far (the model, the sessions, the libraries' objects) lives as long
+        # as the process: out of the collector's sight, a full collection no longer walks it.
+        # Walking it took 30-75 ms with the GIL held, a stall of every worker and the event loop
+        # that showed as the latency tail (see the README's speed section).
+        gc.collect()
+        gc.freeze()
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
@@ -96,6 +106,7 @@ class Runtime:
                 "sha256": self.model.sha256,
                 "providers": self.model.providers,
                 "feature_cache": self.model.has_parts,
+                "pair_cache": pairs,
                 "deform_kernel": self.model.deform_kernel,
                 "conv_kernel": self.model.conv_kernel,
                 "inference_workers": workers,

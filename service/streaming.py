@@ -41,7 +41,7 @@ from starlette.websockets import WebSocket
 from service.batcher import Overloaded, PeakOptions, ShuttingDown
 from service.runtime import Runtime, targets_payload
 from service.schemas import CLIENT_MESSAGE, EndMessage, FrameMessage, Origin, describe_errors
-from service.windows import SegmentWindows, Window
+from service.windows import HALF, SegmentWindows, Window
 
 log = logging.getLogger("service.ws")
 
@@ -265,6 +265,11 @@ class StreamSession:
         self._frames += 1
         self.metrics.frames.labels("ws").inc()
         await self._submit(track.track_id, windows)
+        if self.rt.batcher.caches_pairs:
+            for early in track.segment.early():
+                mid = early.frames[HALF]  # rows of frames still to come are not read
+                frames = np.stack([mid if f is None else f for f in early.frames])
+                self.rt.batcher.submit_early(frames, early.slots, early.pairs)
 
     async def _on_end(self, msg: EndMessage) -> None:
         track = self.tracks.pop(msg.track_id, None)
@@ -323,7 +328,8 @@ class StreamSession:
         for options, group in groups.items():
             try:
                 future = self.rt.batcher.submit(
-                    np.stack([w.frames for w in group]), options, [w.slots for w in group]
+                    np.stack([w.frames for w in group]), options, [w.slots for w in group],
+                    [w.pairs for w in group],
                 )
             except (Overloaded, ShuttingDown) as exc:
                 code = "overloaded" if isinstance(exc, Overloaded) else "shutting_down"

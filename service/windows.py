@@ -26,6 +26,26 @@ import numpy as np
 WINDOW = 5  # frames per window, the model's input
 HALF = WINDOW // 2  # frames each side of the middle one: the streaming latency
 _OFFSETS = np.arange(-HALF, HALF + 1)
+NEIGHBOURS = tuple(p for p in range(WINDOW) if p != HALF)  # window positions aligned to the middle
+
+
+def pair_features(mid: np.ndarray, nb: np.ndarray, positions) -> np.ndarray:
+    """Input (P, 5, F) of the model's ``align`` part: the middle frame's features (P, F) in row
+    HALF, the neighbour's (P, F) in row ``positions[i]``, zeros elsewhere (the part gates every
+    row by its window position and adds the neighbour rows, so zeros leave the pair exact)."""
+    out = np.zeros((len(mid), WINDOW, mid.shape[-1]), dtype=np.float32)
+    out[:, HALF] = mid
+    out[np.arange(len(mid)), np.asarray(positions, dtype=np.int64)] = nb
+    return out
+
+
+def fuse_features(mid: np.ndarray, aligned: np.ndarray) -> np.ndarray:
+    """Input (B, 5, F) of the model's ``fuse`` part: the 4 aligned neighbours (B, 4, F) in their
+    window positions around the middle frame's features (B, F)."""
+    out = np.empty((len(mid), WINDOW, mid.shape[-1]), dtype=np.float32)
+    out[:, HALF] = mid
+    out[:, list(NEIGHBOURS)] = aligned
+    return out
 
 
 def window_indices(t, n: int) -> np.ndarray:
@@ -95,11 +115,16 @@ def sequence_slots(n: int) -> list[list[FeatureSlot]]:
 
 @dataclass
 class Window:
-    """A complete window and the metadata of its middle frame (whatever the caller attached)."""
+    """A complete window and the metadata of its middle frame (whatever the caller attached).
 
-    frames: np.ndarray  # (5, H, W)
+    An *early* window (:meth:`SegmentWindows.early`) lacks its last frame or two: their
+    ``frames`` and ``slots`` entries are None, and only the pairs of the other neighbours can be
+    computed."""
+
+    frames: np.ndarray | list  # (5, H, W); a list with None for the frames still to come
     meta: Any
-    slots: list[FeatureSlot] | None = None  # the 5 frames' feature slots, in window order
+    slots: list[FeatureSlot | None] | None = None  # the 5 frames' feature slots, in window order
+    pairs: list[FeatureSlot] | None = None  # the 4 aligned neighbours' slots, in NEIGHBOURS order
 
 
 class SegmentWindows:
@@ -115,6 +140,7 @@ class SegmentWindows:
         self._frames: deque[np.ndarray] = deque(maxlen=WINDOW)
         self._slots: deque[FeatureSlot] = deque(maxlen=WINDOW)
         self._metas: deque[Any] = deque(maxlen=WINDOW)
+        self._pairs: deque[list[FeatureSlot]] = deque(maxlen=WINDOW)  # per middle frame
         self._count = 0  # frames pushed into this segment
         self._emitted = 0  # frames whose window has been handed out
 
@@ -128,8 +154,30 @@ class SegmentWindows:
         self._frames.append(frame)
         self._slots.append(FeatureSlot())
         self._metas.append(meta)
+        self._pairs.append([FeatureSlot() for _ in NEIGHBOURS])
         self._count += 1
         return self._emit(until=self._count - HALF, n=None)
+
+    def early(self) -> list[Window]:
+        """The windows not complete yet whose middle frame is here (the last two frames'), with
+        None for the frames still to come.
+
+        Their neighbours that are here are final whatever comes next (frames before the segment
+        replicate its first one), so they can be aligned to the middle frame while the stream
+        waits: the newest frame's window has its 2 earlier neighbours, the one before it 3.
+        """
+        first = self._count - len(self._frames)
+        out = []
+        for t in range(max(self._emitted, self._count - HALF), self._count):
+            idx = (window_indices(t, self._count) - first).tolist()
+            here = [t + p - HALF < self._count for p in range(WINDOW)]
+            out.append(Window(
+                [self._frames[i] if ok else None for i, ok in zip(idx, here)],
+                self._metas[t - first],
+                [self._slots[i] if ok else None for i, ok in zip(idx, here)],
+                self._pairs[t - first],
+            ))
+        return out
 
     def flush(self) -> list[Window]:
         """Windows of all remaining frames (end of segment); the segment starts over empty."""
@@ -137,6 +185,7 @@ class SegmentWindows:
         self._frames.clear()
         self._slots.clear()
         self._metas.clear()
+        self._pairs.clear()
         self._count = self._emitted = 0
         return out
 
@@ -156,6 +205,7 @@ class SegmentWindows:
                     np.stack([self._frames[i] for i in idx]),
                     self._metas[t - first],
                     [self._slots[i] for i in idx],
+                    self._pairs[t - first],
                 )
             )
         self._emitted = max(self._emitted, until)

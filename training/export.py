@@ -18,7 +18,15 @@ the stage-9 estimates in network units, i.e. divided by ``config.scale``) and th
 the DeformConv nodes). The window-position gates sigmoid(Linear(e_p)) depend on nothing but
 the weights, so the head multiplies by their 5 precomputed vectors. Encoder then head must equal
 the single graph within the tolerance (checked in ONNX Runtime); the card lists both parts under
-``parts`` with their hashes, and the service verifies them like the main file. Last, the head is
+``parts`` with their hashes, and the service verifies them like the main file.
+
+The head is also written as its two halves, so that a stream can align a window's neighbours
+one by one before the window's last frame arrives: ``<out>.align.onnx`` (``pair_features``
+(P, 5, 1089): the middle frame's features in row 2 and one neighbour's in its position's row,
+zeros elsewhere -> ``aligned`` (P, 1089), that neighbour aligned by the TDFA) and
+``<out>.fuse.onnx`` (``stack`` (B, 5, 1089): the 4 aligned neighbours around the middle
+frame's features -> ``hr`` (B, 33, 33)). The layouts are ``service.windows.pair_features`` and
+``fuse_features``; align then fuse must equal the head within the tolerance. Last, the head is
 cut at its DeformConv nodes for the service's native kernel (``csist split-head``; skipped with
 a note when that kernel is not built).
 """
@@ -39,6 +47,7 @@ import torch
 from service.model import file_sha256 as sha256
 from service.peaks import DEFAULT_MODE
 from service.postprocess import REFINE_MODES
+from service.windows import HALF, NEIGHBOURS, fuse_features, pair_features
 from training.model import DeRefNet
 from training.split_head import split_for_native_kernel
 from training.train import load_checkpoint_model
@@ -46,6 +55,7 @@ from training.train import load_checkpoint_model
 OPSET = 19
 INPUT, OUTPUT = "lr", "hr"
 ENCODER_INPUT, FEATURES = "lr_frames", "features"
+PAIR_FEATURES, ALIGNED, STACK = "pair_features", "aligned", "stack"
 
 
 class FoldedGates(torch.nn.Module):
@@ -85,9 +95,63 @@ class HeadPart(torch.nn.Module):
         return self.head(features)[0] * self.scale
 
 
+class AlignPart(torch.nn.Module):
+    """One neighbour aligned to the middle frame (TDFA, SeqCSIST section IV-B): the head's
+    alignment for a single (middle, neighbour, position) pair.
+
+    ``pair_features`` (P, 5, 1089) holds the middle frame's features in row 2 and the
+    neighbour's in its window position's row, zeros elsewhere (``service.windows.pair_features``):
+    every row is gated by its position's vector and the neighbour rows are added, which leaves
+    the one non-zero row exactly. Output: the aligned neighbour (P, 1089) in network units.
+    """
+
+    def __init__(self, model: DeRefNet):
+        super().__init__()
+        cfg = model.cfg
+        with torch.no_grad():
+            self.register_buffer("gates", model.head.temporal.gates().detach().clone())  # (5, 1089)
+        self.align = copy.deepcopy(model.head.align)
+        self.mid, self.hr = cfg.window // 2, cfg.hr
+        self.neighbours = [p for p in range(cfg.window) if p != self.mid]
+
+    def forward(self, pair_features):
+        p = pair_features.shape[0]
+        x = pair_features * self.gates  # (P, 5, 1089)
+        mid = x[:, self.mid].reshape(p, 1, self.hr, self.hr)  # (P, 1, 33, 33)
+        nb = x[:, self.neighbours].sum(1).reshape(p, 1, self.hr, self.hr)  # (P, 1, 33, 33)
+        return self.align(mid, nb).reshape(p, self.hr * self.hr)
+
+
+class FusePart(torch.nn.Module):
+    """The head after the alignment: the 4 aligned neighbours around the middle frame -> HR map.
+
+    ``stack`` (B, 5, 1089) holds the aligned neighbours in rows 0, 1, 3, 4 and the middle
+    frame's features (ungated) in row 2 (``service.windows.fuse_features``); the output is the
+    middle HR map (B, 33, 33) in sensor units, as the head's.
+    """
+
+    def __init__(self, model: DeRefNet):
+        super().__init__()
+        cfg = model.cfg
+        gates = torch.ones(cfg.window, cfg.hr * cfg.hr)
+        with torch.no_grad():
+            gates[cfg.window // 2] = model.head.temporal.gates()[cfg.window // 2]
+        self.register_buffer("gates", gates)  # (5, 1089): the middle row's gate, ones elsewhere
+        self.fusion = copy.deepcopy(model.head.fusion)
+        self.hr, self.scale = cfg.hr, float(cfg.scale)
+
+    def forward(self, stack):
+        b, w, _ = stack.shape
+        x = (stack * self.gates).reshape(b, w, self.hr, self.hr)  # (B, 5, 33, 33)
+        return self.fusion(x) * self.scale
+
+
+PART_NAMES = ("encoder", "head", "align", "fuse")
+
+
 def part_paths(out: Path) -> dict[str, Path]:
-    """Where the encoder and head of the single graph ``out`` go: ``<stem>.encoder.onnx`` etc."""
-    return {name: out.with_name(f"{out.stem}.{name}.onnx") for name in ("encoder", "head")}
+    """Where the parts of the single graph ``out`` go: ``<stem>.encoder.onnx`` etc."""
+    return {name: out.with_name(f"{out.stem}.{name}.onnx") for name in PART_NAMES}
 
 
 def sample_windows(n: int = 16, seed: int = 0) -> np.ndarray:
@@ -136,9 +200,15 @@ def export_parts(model: DeRefNet, out: Path) -> dict[str, Path]:
         feats = EncoderPart(model)(frames).reshape(windows.shape[0], windows.shape[1], -1)
     n = torch.export.Dim("n", min=1, max=65536)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    pairs = torch.from_numpy(pair_inputs(feats.numpy())[0])
+    with torch.no_grad():
+        aligned = AlignPart(model)(pairs).reshape(len(NEIGHBOURS), feats.shape[0], -1).transpose(0, 1)
+    stack = torch.from_numpy(fuse_features(feats[:, HALF].numpy(), aligned.numpy()))
     specs = {
         "encoder": (EncoderPart(model), frames, ENCODER_INPUT, FEATURES, {"lr_frames": {0: n}}),
         "head": (HeadPart(model), feats, FEATURES, OUTPUT, {"features": {0: batch}}),
+        "align": (AlignPart(model), pairs, PAIR_FEATURES, ALIGNED, {"pair_features": {0: n}}),
+        "fuse": (FusePart(model), stack, STACK, OUTPUT, {"stack": {0: batch}}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     for name, (module, example, in_name, out_name, dyn) in specs.items():
@@ -176,20 +246,44 @@ def check_parts(single: Path, parts: dict[str, Path], windows: np.ndarray, stage
         raise RuntimeError("the DeformConv nodes must all be in the head")
     if ops["encoder"].count("Conv") != 4 * stages:
         raise RuntimeError(f"encoder has {ops['encoder'].count('Conv')} Conv nodes, expected {4 * stages} (symmetry branch exported?)")
+    if "align" in parts and (ops["align"].count("DeformConv") != ops["head"].count("DeformConv")
+                             or "DeformConv" in ops["fuse"]):
+        raise RuntimeError("the align part must hold the head's DeformConv nodes, and the fuse part none")
     cpu = ["CPUExecutionProvider"]
-    enc = ort.InferenceSession(str(parts["encoder"]), providers=cpu)
-    head = ort.InferenceSession(str(parts["head"]), providers=cpu)
+    sessions = {name: ort.InferenceSession(str(path), providers=cpu) for name, path in parts.items()}
     whole = ort.InferenceSession(str(single), providers=cpu)
     x = windows.astype(np.float32)
     b, w = x.shape[:2]
-    feats = enc.run(None, {ENCODER_INPUT: x.reshape(b * w, *x.shape[2:])})[0]
-    got = head.run(None, {FEATURES: feats.reshape(b, w, -1)})[0]
+    feats = sessions["encoder"].run(None, {ENCODER_INPUT: x.reshape(b * w, *x.shape[2:])})[0].reshape(b, w, -1)
+    got = sessions["head"].run(None, {FEATURES: feats})[0]
     want = whole.run(None, {INPUT: x})[0]
     err = float(np.abs(got - want).max())
     if not err <= tol:
         raise RuntimeError(f"encoder+head differ from the single graph by {err:.3g} (> {tol})")
-    return {"max_abs_diff_vs_single_graph": err, "parity_windows": int(b),
-            "nodes": {k: len(v) for k, v in ops.items()}, "head_deform_conv_nodes": ops["head"].count("DeformConv")}
+    out = {"max_abs_diff_vs_single_graph": err, "parity_windows": int(b),
+           "nodes": {k: len(v) for k, v in ops.items()}, "head_deform_conv_nodes": ops["head"].count("DeformConv")}
+    if "align" in parts:
+        maps = pair_maps(lambda p: sessions["align"].run(None, {PAIR_FEATURES: p})[0],
+                         lambda s: sessions["fuse"].run(None, {STACK: s})[0], feats)
+        out["max_abs_diff_align_fuse_vs_head"] = float(np.abs(maps - got).max())
+        if not out["max_abs_diff_align_fuse_vs_head"] <= tol:
+            raise RuntimeError(f"align+fuse differ from the head by {out['max_abs_diff_align_fuse_vs_head']:.3g} (> {tol})")
+    return out
+
+
+def pair_inputs(feats: np.ndarray) -> tuple[np.ndarray, int]:
+    """The ``align`` input of every neighbour of windows' features (B, 5, F), neighbour-major."""
+    b = len(feats)
+    mid = np.tile(feats[:, HALF], (len(NEIGHBOURS), 1))
+    nb = np.concatenate([feats[:, p] for p in NEIGHBOURS])
+    return pair_features(mid, nb, np.repeat(NEIGHBOURS, b)), b
+
+
+def pair_maps(align, fuse, feats: np.ndarray) -> np.ndarray:
+    """HR maps of windows' features (B, 5, F) through the ``align`` and ``fuse`` parts."""
+    pairs, b = pair_inputs(feats)
+    aligned = align(pairs).reshape(len(NEIGHBOURS), b, -1).transpose(1, 0, 2)  # (B, 4, F)
+    return fuse(fuse_features(feats[:, HALF], aligned))
 
 
 def parts_card(parts: dict[str, Path], cfg: dict) -> dict:
@@ -202,6 +296,16 @@ def parts_card(parts: dict[str, Path], cfg: dict) -> dict:
                       "units": f"stage-{cfg['stages']} HR estimate divided by config.scale"}]),
         "head": ([{"name": FEATURES, "shape": ["batch", cfg["window"], hr * hr], "dtype": "float32",
                    "units": "the encoder's features of the window's frames, in order"}],
+                 [{"name": OUTPUT, "shape": ["batch", hr, hr], "dtype": "float32",
+                   "units": "brightness of the middle frame's targets at their HR cells"}]),
+        "align": ([{"name": PAIR_FEATURES, "shape": ["n", cfg["window"], hr * hr], "dtype": "float32",
+                    "units": "features of the middle frame (row 2) and of one neighbour (its window "
+                             "position's row), zeros elsewhere"}],
+                  [{"name": ALIGNED, "shape": ["n", hr * hr], "dtype": "float32",
+                    "units": "the neighbour aligned to the middle frame, network units"}]),
+        "fuse": ([{"name": STACK, "shape": ["batch", cfg["window"], hr * hr], "dtype": "float32",
+                   "units": "the 4 aligned neighbours in their window positions, the middle frame's "
+                            "features in row 2"}],
                  [{"name": OUTPUT, "shape": ["batch", hr, hr], "dtype": "float32",
                    "units": "brightness of the middle frame's targets at their HR cells"}]),
     }

@@ -323,10 +323,16 @@ class Replay:
         return not (cfg.max_frames > 0 and self.frames_produced >= cfg.max_frames)
 
     async def _produce(self) -> None:
-        """One tick per 1/fps seconds; each tick every slot's track produces its next frame."""
+        """One tick per 1/fps seconds; each tick every slot's track produces its next frame.
+
+        A slot's next track is simulated in the tick before its current one ends, after that
+        tick's frames are out: simulating it at the tick would hold up the frames (and the
+        server's CPU) behind the client's own work, which a real tracker does not do.
+        """
         loop = asyncio.get_running_loop()
         period = 1.0 / self.config.fps
         slots = [self._new_track() for _ in range(self.config.tracks)]
+        ready: dict[int, TrackState] = {}  # the next track of slots whose track ends next tick
         start, tick = loop.time(), 0
         while self._budget_left():
             for i, track in enumerate(slots):
@@ -334,8 +340,11 @@ class Replay:
                     break
                 if track.produced >= len(track.sim.frames):
                     await self._end(track)
-                    track = slots[i] = self._new_track()
+                    track = slots[i] = ready.pop(i, None) or self._new_track()
                 await self._produce_frame(track)
+            for i, track in enumerate(slots):
+                if track.produced >= len(track.sim.frames) and i not in ready:
+                    ready[i] = self._new_track()
             tick += 1
             delay = start + tick * period - loop.time()
             try:

@@ -8,8 +8,9 @@
 On a CPU with AMX (Intel Sapphire Rapids and later) ``service/conv.py`` computes a 3x3 Conv with
 32-channel input several times faster than ONNX Runtime's float32 Conv, in bfloat16 with float32
 sums. The service cannot put it inside an ONNX Runtime graph, so, as ``csist split-head`` does
-for the DeformConv nodes, this command cuts both streaming parts (``parts.encoder`` and
-``parts.head`` of the card) into the graph segments between the nodes the native kernels compute
+for the DeformConv nodes, this command cuts the streaming parts (``parts.encoder`` and
+``parts.head`` of the card, and the head's halves ``parts.align`` and ``parts.fuse`` when it
+lists them) into the graph segments between the nodes the native kernels compute
 (every DeformConv, every Conv the AMX or direct kernel takes, with a Relu or soft threshold
 after it folded in, and the head's selective attention as one float32 step when its nodes are
 exactly that function, see ``selective_attention`` in training/split_head.py):
@@ -24,6 +25,9 @@ records the files, their SHA-256, the steps and the checks:
 - the convs the service chains (service/conv.py ``ConvChain``) vs the same convs one by one
   (``chains_vs_steps_*``, within ``--tolerance``; they compute the same numbers),
 - the split as the service runs it vs the whole part (recorded),
+- the head's halves as the service runs a window through them (align per neighbour, then fuse)
+  vs the split head (``amx_pairs_vs_head``, within ``--bf16-tolerance``; they run the same
+  kernels on the same rows, so it is 0 on the bundled model),
 - with ``--eval-data``: the CSO-mAP of the streaming path with ONNX Runtime's float32 Convs and
   with the AMX kernel (same threshold and refinement), and with ``--max-map-drop`` the command
   fails, leaving the previous split in place, when bfloat16 loses more than that.
@@ -41,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.windows import HALF, NEIGHBOURS, fuse_features
+from training.export import pair_inputs, pair_maps
 from training.split_head import PartSplit, SplitError, check_graph, load_card_part, replace_card_entry, split_graph
 
 
@@ -75,10 +81,11 @@ def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_toler
 
     if not conv.AMX:
         raise SplitError(f"the AMX kernel cannot run here, so the split cannot be checked: {conv.WHY_NOT_AMX}")
-    card_path, card, encoder = load_card_part(model_path, "encoder")
-    head = load_card_part(model_path, "head")[2]
-    splits = {name: PartSplit(model_path, f"amx.{name}", "weights", part, *split_graph(model_path.parent / part["file"], convs=True))
-              for name, part in (("encoder", encoder), ("head", head))}
+    card_path, card, _ = load_card_part(model_path, "encoder")
+    names = [name for name in ("encoder", "head", "align", "fuse") if name in card["parts"]]
+    splits = {name: PartSplit(model_path, f"amx.{name}", "weights", card["parts"][name],
+                              *split_graph(model_path.parent / card["parts"][name]["file"], convs=True))
+              for name in names}
     if not any(s.get("kernel") == "amx" for s in splits["encoder"].steps):
         raise SplitError(f"the encoder of {model_path} has no Conv the AMX kernel computes (float32, 32-channel input)")
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -97,7 +104,21 @@ def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_toler
         diffs = {**check_graph(model.split_encoder, model.parts["encoder"], flat),
                  **{f"head_{k}" if not k.endswith("head") else k: v
                     for k, v in check_graph(model.split_head, model.parts["head"], feats).items()}}
-        for name, x in (("encoder", flat), ("head", feats)):
+        inputs = {"encoder": flat, "head": feats}
+        if "align" in splits:
+            pairs = pair_inputs(feats)[0]
+            stack = fuse_features(feats[:, HALF], model.split_align.run(pairs).reshape(len(NEIGHBOURS), len(feats), -1)
+                                  .transpose(1, 0, 2))
+            inputs.update(align=pairs, fuse=stack)
+            for name in ("align", "fuse"):
+                diffs.update({f"{name}_{k}" if not k.endswith(name) else k: v
+                              for k, v in check_graph(getattr(model, f"split_{name}"), model.parts[name],
+                                                      inputs[name]).items()})
+            # the service's pair path against the head, both through the AMX kernels
+            want = model.split_head.run(feats)
+            got = pair_maps(model.align, model.fuse, feats)
+            diffs["amx_pairs_vs_head"] = float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
+        for name, x in inputs.items():
             want = getattr(model, f"split_{name}").run(x)
             got = getattr(chained, f"split_{name}").run(x)
             diffs[f"chains_vs_steps_{name}"] = float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
@@ -158,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                           args.bf16_tolerance, command, evaluation, args.max_map_drop)
     except (SplitError, ModelError, FileNotFoundError) as exc:
         raise SystemExit(f"csist split-amx: error: {exc}") from None
-    for name in ("encoder", "head"):
+    for name in ("encoder", "head", "align", "fuse"):
+        if name not in entry:
+            continue
         e = entry[name]
         kinds = [(s["op"], s.get("kernel")) for s in e["steps"]]
         print(f"{name}: {sum(1 for s in e['segments'] if s)} ONNX segments, {len(kinds)} native steps "

@@ -578,7 +578,7 @@ def entry_files(entry) -> set[str]:
     """The file names a card's split entry lists (segments and weights, at any depth)."""
     if isinstance(entry, dict):
         own = {entry["file"]} if isinstance(entry.get("file"), str) else set()
-        return own.union(*(entry_files(v) for k, v in entry.items() if k in ("segments", "weights", "encoder", "head")))
+        return own.union(*(entry_files(v) for k, v in entry.items() if k in ("segments", "weights", "encoder", "head", "align", "fuse")))
     if isinstance(entry, list):
         return set().union(*(entry_files(v) for v in entry))
     return set()

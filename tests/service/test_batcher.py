@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from service.batcher import Batcher, InferenceFailed, Overloaded, PeakOptions, ShuttingDown
 from service.metrics import Metrics
 from service.peaks import extract_peaks
-from service.windows import FeatureSlot, sequence_slots, sequence_windows
+from service.windows import HALF, NEIGHBOURS, FeatureSlot, SegmentWindows, sequence_slots, sequence_windows
 
 OPTS = PeakOptions(threshold=70.0, refine="centroid")
 
@@ -269,18 +270,21 @@ def test_cached_path_encodes_each_distinct_slot_once_per_batch_and_reuses_it():
     assert model.calls == [2] and mixed[0].peaks[0][0, 2] == mixed[1].peaks[0][0, 2] == 109.0
 
 
-def test_inference_overlaps_post_processing_and_answers_keep_their_order(monkeypatch):
-    """Batch 2's inference runs while batch 1 is post-processed; answers come back in order."""
+def test_inference_overlaps_the_fit_and_answers_keep_their_order(monkeypatch):
+    """Batch 2's inference runs while batch 1 is fitted (the post thread); answers come back in
+    order."""
     import service.batcher as batcher_module
 
     events: list[tuple[str, float]] = []
     real = batcher_module.find_targets
+    fit = dataclasses.replace(OPTS, refine="fit")
 
     def slow_find_targets(maps, *args, **kwargs):
         events.append(("post-start", time.perf_counter()))
+        assert threading.current_thread().name.startswith("csist-post")
         time.sleep(0.3)
         events.append(("post-end", time.perf_counter()))
-        return real(maps, *args, **kwargs)
+        return real(maps, *args, **{**kwargs, "refine": "none"})
 
     monkeypatch.setattr(batcher_module, "find_targets", slow_find_targets)
 
@@ -295,7 +299,7 @@ def test_inference_overlaps_post_processing_and_answers_keep_their_order(monkeyp
     async def main():
         b = Batcher(model, Metrics(), max_batch=1, max_wait_s=0.0)
         b.start()
-        futures = [b.submit(windows_with([v]), OPTS) for v in (1, 2, 3)]
+        futures = [b.submit(windows_with([v]), fit) for v in (1, 2, 3)]
         for v, f in zip((1, 2, 3), futures):
             f.add_done_callback(lambda _, v=v: done.append(v))
         results = await asyncio.gather(*futures)
@@ -309,6 +313,32 @@ def test_inference_overlaps_post_processing_and_answers_keep_their_order(monkeyp
     first_post_end = next(t for name, t in events if name == "post-end")
     assert len(infer) == 3 and infer[1] < first_post_end  # overlapped, not serialised
     assert sum(name == "post-start" for name, _ in events) == 3
+
+
+def test_peak_extraction_without_the_fit_runs_in_the_inference_worker(monkeypatch):
+    """refine != "fit": the worker that inferred the batch extracts its peaks (no hand-off to a
+    thread that must wait for a core)."""
+    import service.batcher as batcher_module
+
+    threads: list[str] = []
+    real = batcher_module.find_targets
+
+    def recording(maps, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(maps, *args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "find_targets", recording)
+
+    async def main():
+        b = Batcher(FakeModel(), Metrics(), max_batch=1, max_wait_s=0.0)
+        b.start()
+        results = await asyncio.gather(*(b.submit(windows_with([v]), OPTS) for v in (1, 2)))
+        await b.stop()
+        return results
+
+    results = run(main())
+    assert [r.peaks[0][0, 2] for r in results] == [101.0, 102.0]
+    assert len(threads) == 2 and all(name.startswith("csist-infer") for name in threads)
 
 
 def test_workers_run_batches_at_the_same_time_and_answers_keep_their_order():
@@ -443,3 +473,147 @@ def test_a_burst_is_shared_out_among_idle_workers_and_answers_keep_their_order()
     assert calls == [4, 4] and elapsed < 0.7  # one batch of 8 would take 0.8 s, two at once 0.4 s
     calls, _ = run(burst(1))
     assert calls == [8]
+
+
+def test_a_backlog_found_while_the_other_workers_are_busy_is_taken_in_fair_shares():
+    """6 groups wait while one of 2 workers is busy: the free worker takes 3 (half), the other
+    3 go to whichever worker frees next, instead of all 6 to one worker (which would leave the
+    other idle when it frees)."""
+
+    class Model(FakeModel):
+        def __call__(self, windows):
+            self.calls.append(windows.shape[0])
+            time.sleep(0.3 if len(self.calls) == 1 else 0.05 * len(windows))
+            self.gate.wait(0)
+            return FakeModel.__call__(FakeModel(), windows)
+
+    async def main():
+        model = Model()
+        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.02, workers=2)
+        b.start()
+        first = b.submit(windows_with([0]), OPTS)
+        while not model.calls:
+            await asyncio.sleep(0.005)
+        rest = [b.submit(windows_with([v]), OPTS) for v in range(1, 7)]
+        results = await asyncio.gather(first, *rest)
+        await b.stop()
+        return model.calls, results
+
+    calls, results = run(main())
+    assert calls == [1, 3, 3]
+    assert [r.peaks[0][0, 2] for r in results] == [100.0 + v for v in range(7)]
+
+
+class FakePairParts(FakeParts):
+    """FakeParts plus the head's halves: ``align`` of a (middle, neighbour) pair gives
+    middle + 10 * neighbour in column 0 and the neighbour's window position in column 1; ``fuse``
+    records what it got and answers with the FakeModel rule on the middle frame's feature."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        super().__init__()
+        self.aligned: list[int] = []
+        self.stacks: list[np.ndarray] = []
+        self.log: list[str] = []
+        self.gate = gate
+
+    def encode(self, frames):
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.log.append(f"encode{len(frames)}")
+        feats = super().encode(frames)
+        feats[:, 1] = 1.0  # marks the rows that hold a frame
+        return feats
+
+    def align(self, pairs):
+        self.aligned.append(len(pairs))
+        self.log.append(f"align{len(pairs)}")
+        out = np.zeros((len(pairs), pairs.shape[-1]), dtype=np.float32)
+        for k, x in enumerate(pairs):
+            p = next(r for r in NEIGHBOURS if x[r, 1] != 0)
+            out[k, 0], out[k, 1] = x[HALF, 0] + 10 * x[p, 0], p
+        return out
+
+    def fuse(self, stack):
+        self.log.append(f"fuse{len(stack)}")
+        self.stacks.append(stack.copy())
+        return FakeModel()(windows_with(stack[:, HALF, 0]))
+
+
+def test_pairs_aligned_early_are_reused_and_each_pair_is_aligned_once():
+    """A stream's early work aligns every window's neighbours as soon as they are here (the
+    last window's first two, every other window's first three); the window then aligns only
+    what is left, and fuse sees the same stacks as if all were aligned at once."""
+    parts = FakePairParts()
+    values = [3, 4, 5, 6, 7, 8]
+
+    async def main():
+        b = Batcher(FakeModel(), Metrics(), max_batch=64, max_wait_s=0.0, encode=parts.encode,
+                    head=parts.head, align=parts.align, fuse=parts.fuse)
+        b.start()
+        assert b.caches_pairs
+        seg, answers = SegmentWindows(), []
+        for i, v in enumerate(values):
+            frame = np.zeros((11, 11), dtype=np.float32)
+            frame[0, 0] = v
+            for w in seg.push(frame):
+                answers.append(await b.submit(w.frames[None], OPTS, [w.slots], [w.pairs]))
+            for early in seg.early():
+                frames = np.stack([frame if f is None else f for f in early.frames])
+                assert b.submit_early(frames, early.slots, early.pairs)
+            for _ in range(500):  # the early batches run while nothing else waits
+                if b.early_pairs == 3 * i + 2:
+                    break
+                await asyncio.sleep(0.01)
+        for w in seg.flush():
+            answers.append(await b.submit(w.frames[None], OPTS, [w.slots], [w.pairs]))
+        await b.stop()
+        return b, answers
+
+    b, answers = run(main())
+    n = len(values)
+    assert b.frames_encoded == n and b.windows_run == n
+    assert b.early_pairs == 3 * (n - 1) + 2 and b.pairs_aligned == 4 * n  # each pair once
+    assert [round(a.peaks[0][0, 2]) for a in answers] == [100 + v for v in values]
+    stacks = np.concatenate(parts.stacks)
+    for t, stack in enumerate(stacks):  # window t: frames t-2 .. t+2, edges replicated
+        idx = np.clip(np.arange(t - 2, t + 3), 0, n - 1)
+        mid = values[t]
+        assert stack[HALF, 0] == mid
+        for p in NEIGHBOURS:
+            assert (stack[p, 0], stack[p, 1]) == (mid + 10 * values[idx[p]], p)
+
+
+def test_early_work_waits_while_windows_wait():
+    """Early work is taken only when no window is queued: a window that comes while the worker
+    is busy runs before the early work queued before it."""
+    gate = threading.Event()
+    parts = FakePairParts(gate)
+
+    async def main():
+        b = Batcher(FakeModel(), Metrics(), max_batch=64, max_wait_s=0.0, encode=parts.encode,
+                    head=parts.head, align=parts.align, fuse=parts.fuse, workers=1)
+        b.start()
+        fresh = lambda: ([FeatureSlot() for _ in range(5)], [FeatureSlot() for _ in NEIGHBOURS])  # noqa: E731
+        s1, p1 = fresh()
+        first = b.submit(windows_with([1]), OPTS, [s1], [p1])
+        while not parts.log and b.queued_windows:  # the first window is with the (blocked) worker
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        s2, p2 = fresh()
+        assert b.submit_early(windows_with([2])[0], s2[:4] + [None], p2)
+        s3, p3 = fresh()
+        second = b.submit(windows_with([3]), OPTS, [s3], [p3])
+        gate.set()
+        results = await asyncio.gather(first, second)
+        for _ in range(500):
+            if b.early_pairs == 3:
+                break
+            await asyncio.sleep(0.01)
+        await b.stop()
+        return b, results
+
+    b, results = run(main())
+    assert [r.peaks[0][0, 2] for r in results] == [101.0, 103.0]
+    # window 1 (5 frames, 4 pairs), then window 3, and only then the early work (4 frames, 3 pairs)
+    assert parts.log == ["encode5", "align4", "fuse1", "encode5", "align4", "fuse1", "encode4", "align3"]
+    assert b.early_pairs == 3 and b.windows_run == 2

@@ -82,7 +82,7 @@ def test_head_has_folded_gates_and_no_symmetry_branch(tiny_model):
 
 
 def test_part_with_wrong_hash_or_missing_is_refused(tiny_model, tmp_path):
-    for name in ("derefnet.onnx", "derefnet.json", "derefnet.encoder.onnx", "derefnet.head.onnx"):
+    for name in ("derefnet.onnx", "derefnet.json", *(f"derefnet.{p}.onnx" for p in ("encoder", "head", "align", "fuse"))):
         shutil.copy(tiny_model.parent / name, tmp_path / name)
     with open(tmp_path / "derefnet.head.onnx", "ab") as fh:
         fh.write(b"\0")
@@ -110,10 +110,14 @@ def targets_rows(targets: list[dict]) -> list[list[float]]:
     return [[t["x"], t["y"], t["brightness"]] for t in targets]
 
 
-def test_stream_encodes_each_frame_once_and_matches_the_single_graph(tiny_model, tiny_server):
-    live = tiny_server()
+@pytest.mark.parametrize("deform_kernel", ["auto", "onnxruntime"])
+def test_stream_encodes_each_frame_once_and_matches_the_single_graph(tiny_model, tiny_server, deform_kernel):
+    """With the native float32 DeformConv ("auto", when it is built) the head runs whole (the
+    halves are split for the AMX kernels only); with ONNX Runtime's, the halves run (pairs)."""
+    live = tiny_server(deform_kernel=deform_kernel)
     batcher = live.runtime.batcher
     assert batcher.caches_features
+    assert batcher.caches_pairs == (live.runtime.model.split_head is None)
     tracks = {"a": simulate_track(11, seed=21), "b": simulate_track(7, seed=22, n_targets=2)}
 
     async def main():
@@ -138,6 +142,7 @@ def test_stream_encodes_each_frame_once_and_matches_the_single_graph(tiny_model,
     got = asyncio.run(main())
     assert batcher.frames_encoded == 11 + 7  # every frame once, though it is in 5 windows
     assert batcher.windows_run == 11 + 7
+    assert batcher.pairs_aligned == (4 * (11 + 7) if batcher.caches_pairs else 0)  # every neighbour once
     n_found = 0
     for t, frames in tracks.items():
         want = expected_targets(tiny_model, frames)
@@ -170,3 +175,47 @@ def test_rest_encodes_each_distinct_frame_once_per_request(tiny_model, tiny_serv
         np.testing.assert_allclose(np.array(a).reshape(-1, 3), np.array(b).reshape(-1, 3),
                                    atol=1e-3, rtol=1e-4)
     assert sum(len(a) for a in answers[0]) > 0
+
+
+def test_paced_stream_aligns_neighbours_before_their_window_is_complete(tiny_model, tiny_server):
+    """At a tracker's pace (the next frame after the answers), every window's neighbours are
+    aligned as soon as they are here (the first three of every window but the last, whose last
+    two come with the end), and the answers are still the single graph's."""
+    live = tiny_server(deform_kernel="onnxruntime")
+    batcher = live.runtime.batcher
+    assert batcher.caches_pairs
+    frames = simulate_track(9, seed=41)
+
+    async def settle(i):  # frame i's early work (windows i - 1 and i) is done
+        for _ in range(500):
+            if batcher.early_pairs >= 3 * i + 2:
+                return
+            await asyncio.sleep(0.01)
+
+    async def main():
+        got = []
+        async with connect(live.ws_url) as ws:
+            for i, frame in enumerate(frames):
+                await ws.send(frame_msg("p", i, frame))
+                if i >= 2:
+                    got.append(await recv(ws))
+                await settle(i)
+            await ws.send(end_msg("p"))
+            while len(got) < len(frames) + 1:
+                got.append(await recv(ws))
+        return got
+
+    got = asyncio.run(main())
+    results = [m for m in got if m["type"] == "result"]
+    assert [m["frame_index"] for m in results] == list(range(len(frames)))
+    n = len(frames)
+    assert batcher.early_pairs == 3 * (n - 1) + 2 and batcher.pairs_aligned == 4 * n
+    for m, want in zip(results, expected_targets(tiny_model, frames), strict=True):
+        np.testing.assert_allclose(np.array(targets_rows(m["targets"])).reshape(-1, 3),
+                                   np.array(want).reshape(-1, 3), atol=1e-3, rtol=1e-4)
+
+
+def test_pair_cache_off_runs_the_head(tiny_model, tiny_server):
+    live = tiny_server(pair_cache=False, deform_kernel="onnxruntime")
+    assert live.runtime.model.has_pairs and not live.runtime.batcher.caches_pairs
+    assert live.runtime.batcher.caches_features

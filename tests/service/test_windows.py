@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.windows import FeatureSlot, SegmentWindows, sequence_windows, split_segments, window_indices
+from service.windows import (
+    HALF,
+    NEIGHBOURS,
+    WINDOW,
+    FeatureSlot,
+    SegmentWindows,
+    fuse_features,
+    pair_features,
+    sequence_windows,
+    split_segments,
+    window_indices,
+)
 
 
 def test_window_indices_replicate_edges():
@@ -105,3 +116,42 @@ def test_feature_slot_claims_belong_to_one_holder():
     assert slot.claim() is None and slot.ready is None  # filled for good
     slot.wait()  # nothing open: returns at once
     np.testing.assert_array_equal(slot.features, np.ones(3))
+
+
+def test_early_windows_hold_the_frames_that_are_here_and_share_their_pair_slots():
+    seg = SegmentWindows()
+    frames = [np.full((2, 2), i, dtype=np.float32) for i in range(5)]
+    assert seg.early() == []
+    seg.push(frames[0], "m0")
+    (w0,) = seg.early()  # window 0: frames 0 0 0 (the start replicated), frames 1 and 2 to come
+    assert w0.meta == "m0" and w0.frames[3] is None and w0.frames[4] is None and w0.slots[3] is None
+    assert [f[0, 0] for f in w0.frames[:3]] == [0, 0, 0] and len(w0.pairs) == 4
+    seg.push(frames[1], "m1")
+    a, b = seg.early()
+    assert (a.meta, b.meta) == ("m0", "m1") and a.pairs is w0.pairs and a.slots[:3] == w0.slots[:3]
+    assert [f[0, 0] for f in a.frames[:4]] == [0, 0, 0, 1] and a.frames[4] is None
+    assert [None if f is None else f[0, 0] for f in b.frames] == [0, 0, 1, None, None]
+    (done,) = seg.push(frames[2], "m2")
+    assert done.meta == "m0" and done.pairs is w0.pairs and done.slots[:4] == a.slots[:4]
+    assert [w.meta for w in seg.early()] == ["m1", "m2"]
+    seg.push(frames[3], "m3")
+    last = seg.early()
+    flushed = seg.flush()  # the segment ends: windows 2 and 3 are completed by replicating frame 3
+    assert [w.meta for w in flushed] == ["m2", "m3"]
+    assert [w.pairs for w in flushed] == [w.pairs for w in last]
+    assert [f[0, 0] for f in flushed[0].frames] == [0, 1, 2, 3, 3]
+    assert seg.early() == []
+
+
+def test_pair_and_fuse_inputs_put_rows_in_window_positions():
+    mid = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nb = -mid - 1
+    x = pair_features(mid, nb, [0, 4])
+    assert x.shape == (2, WINDOW, 3)
+    np.testing.assert_array_equal(x[:, HALF], mid)
+    np.testing.assert_array_equal(x[0, 0], nb[0]) and np.testing.assert_array_equal(x[1, 4], nb[1])
+    assert np.count_nonzero(x[0, [1, 3, 4]]) == 0 and np.count_nonzero(x[1, [0, 1, 3]]) == 0
+    aligned = np.stack([np.full((2, 3), 10 * p) for p in NEIGHBOURS], axis=1)  # (2, 4, 3)
+    stack = fuse_features(mid, aligned)
+    np.testing.assert_array_equal(stack[:, HALF], mid)
+    assert [stack[0, p, 0] for p in NEIGHBOURS] == [10 * p for p in NEIGHBOURS]

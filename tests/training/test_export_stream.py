@@ -24,7 +24,8 @@ def test_parts_are_listed_with_hashes_and_shapes(tiny_model):
     card = json.loads(tiny_model.with_suffix(".json").read_text())
     paths = export.part_paths(tiny_model)
     assert {k: p.name for k, p in paths.items()} == {
-        "encoder": "derefnet.encoder.onnx", "head": "derefnet.head.onnx"}
+        "encoder": "derefnet.encoder.onnx", "head": "derefnet.head.onnx",
+        "align": "derefnet.align.onnx", "fuse": "derefnet.fuse.onnx"}
     for name, path in paths.items():
         part = card["parts"][name]
         assert part["file"] == path.name and part["sha256"] == file_sha256(path)
@@ -32,6 +33,29 @@ def test_parts_are_listed_with_hashes_and_shapes(tiny_model):
     assert card["parts"]["encoder"]["outputs"][0]["shape"] == ["n", 1089]
     assert card["parts"]["head"]["inputs"][0]["shape"] == ["batch", 5, 1089]
     assert card["parts"]["head"]["outputs"][0]["shape"] == ["batch", 33, 33]
+    assert card["parts"]["align"]["inputs"][0]["shape"] == ["n", 5, 1089]
+    assert card["parts"]["align"]["outputs"][0]["shape"] == ["n", 1089]
+    assert card["parts"]["fuse"]["outputs"][0]["shape"] == ["batch", 33, 33]
+
+
+def test_align_then_fuse_is_the_head(tiny_model):
+    """The head's halves, with the window laid out by service.windows, give the head's map; the
+    align part reads only the middle row and the neighbour's row (zeros elsewhere)."""
+    card = json.loads(tiny_model.with_suffix(".json").read_text())
+    assert card["export"]["parts"]["max_abs_diff_align_fuse_vs_head"] < 1e-4
+    sessions = {name: ort.InferenceSession(str(path)) for name, path in export.part_paths(tiny_model).items()}
+    windows = export.sample_windows(3, seed=8)
+    feats = sessions["encoder"].run(None, {"lr_frames": windows.reshape(-1, 11, 11)})[0].reshape(3, 5, -1)
+    head = sessions["head"].run(None, {"features": feats})[0]
+    align = lambda x: sessions["align"].run(None, {"pair_features": x})[0]  # noqa: E731
+    fuse = lambda x: sessions["fuse"].run(None, {"stack": x})[0]  # noqa: E731
+    np.testing.assert_allclose(export.pair_maps(align, fuse, feats), head, atol=1e-4)
+    pairs, _ = export.pair_inputs(feats)
+    shuffled = pairs.copy()
+    shuffled[:, 1] = 0  # position 1's row: only pairs at position 1 change
+    moved = align(shuffled) != align(pairs)
+    b = len(feats)
+    assert moved[b:2 * b].any() and not moved[:b].any() and not moved[2 * b:].any()
 
 
 def test_parts_keep_the_units_of_the_torch_model(tiny_model):

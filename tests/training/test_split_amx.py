@@ -213,3 +213,22 @@ def test_a_model_without_amx_convolutions_is_refused(tmp_path_factory, capsys):
     with pytest.raises(SystemExit) as exc:
         split_amx.main(["--help"])
     assert exc.value.code == 0 and "bfloat16" in capsys.readouterr().out
+
+
+def test_the_heads_halves_are_split_too_and_their_pairs_give_the_heads_numbers(split_model):
+    """align (one neighbour's alignment) and fuse (the rest of the head) are cut like the head;
+    served, the pair path computes exactly the head's map: the same kernels on the same rows."""
+    card = json.loads(split_model.with_suffix(".json").read_text())
+    entry = card["amx_split"]
+    align_ops = [(s["op"], s.get("kernel")) for s in entry["align"]["steps"]]
+    head_ops = [(s["op"], s.get("kernel")) for s in entry["head"]["steps"]]
+    fuse_ops = [(s["op"], s.get("kernel")) for s in entry["fuse"]["steps"]]
+    assert align_ops.count(("DeformConv", "amx")) == 2 and ("Attention", None) in align_ops
+    assert sorted(align_ops + fuse_ops) == sorted(head_ops)  # the head's steps, shared out
+    d = entry["check"]["relative_diff"]
+    assert d["amx_pairs_vs_head"] == 0.0 and d["chains_vs_steps_align"] == d["chains_vs_steps_fuse"] == 0.0
+    assert d["segments_vs_align"] < 1e-5 and d["segments_vs_fuse"] < 1e-5
+    model = load_model(split_model)
+    assert model.has_pairs and model.split_align is not None and model.split_fuse is not None
+    feats = model.encode(export.sample_windows(5, seed=13).reshape(-1, 11, 11)).reshape(5, 5, -1)
+    np.testing.assert_array_equal(export.pair_maps(model.align, model.fuse, feats), model.head(feats))
