@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import os
@@ -374,6 +375,8 @@ def rest_run(port: int, rate: float, seconds: float, frames: np.ndarray, per_req
             failures += 1
 
     async def main():
+        gc.collect()
+        gc.freeze()  # as the replay client does: no full collection of this process's heap mid-run
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             tasks, t0, k = [], time.perf_counter(), 0
             while time.perf_counter() - t0 < seconds:
