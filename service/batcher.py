@@ -35,8 +35,9 @@ With the head's halves (``align``: one neighbour aligned to the middle frame, ``
 aligned neighbours -> HR map), a window's head is its 4 pairs and the fusion, and a group may
 carry a pair slot per neighbour, shared with *early work*: when a stream's frame t + 1 arrives,
 the window of frame t still lacks frame t + 2, but its neighbours t - 2, t - 1 and t + 1 can be
-aligned already, and those of frame t + 1's window up to frame t (:meth:`Batcher.submit_early`). Early work runs only when no window waits and
-is dropped, oldest first, when it piles up; a window finds its pairs aligned (or waits for the
+aligned already, and those of frame t + 1's window up to frame t (:meth:`Batcher.submit_early`).
+Early work runs only when no window waits and is dropped, oldest first, when it piles up; a
+window finds its pairs aligned (or waits for the
 batch aligning them, or aligns them itself), so that when its last frame comes it runs the
 encoder on that frame, one pair and the fusion instead of four pairs (the README's speed
 section measures the server with and without).
@@ -64,7 +65,7 @@ log = logging.getLogger("service.batcher")
 MAX_POSTPROCESS_BACKLOG = 2  # inferred batches that may wait for post-processing
 EARLY_BATCH = 4  # early windows (about 6 pairs) per batch: a burst waits at most that long
 Claim = tuple[FeatureSlot, np.ndarray, threading.Event]  # a claimed slot, its frame, the claim
-PairClaim = tuple  # (pair slot, claim event, its _Item, window row, window position)
+PairClaim = tuple[FeatureSlot, threading.Event, "_Item", int, int]  # slot, claim, item, window, position
 
 
 class Overloaded(RuntimeError):
@@ -108,10 +109,15 @@ class _Item:
     future: asyncio.Future | None  # None for early work (nobody waits for it)
     slots: list[list[FeatureSlot | None]] | None = None  # (k lists of 5) when features may be cached
     pairs: list[list[FeatureSlot]] | None = None  # (k lists of 4) aligned neighbours, NEIGHBOURS order
-    early: bool = False  # a window short of frames (None slots): only the pairs it has are computed
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     shared_out: bool = False  # put back by a batch that shared its groups out: no second wait
+
+    @property
+    def early(self) -> bool:
+        """Early work (nobody waits): a window short of frames (None slots), whose pairs that
+        are there are all it computes."""
+        return self.future is None
 
     @property
     def size(self) -> int:
@@ -192,14 +198,14 @@ class Batcher:
         align those neighbours to the middle frame, into ``slots`` / ``pairs``.
 
         ``frames`` (5, H, W); the rows whose ``slots`` entry is None (frames still to come) are
-        not read. Early work runs
-        only when no window waits (a burst is never queued behind it) and is dropped, oldest
-        first, when it piles up; a window whose pairs are not ready computes them itself.
+        not read. Early work runs only when no window waits (a burst is never queued behind it)
+        and is dropped, oldest first, when it piles up; a window whose pairs are not ready
+        computes them itself.
         Returns False (nothing queued) when pairs are not cached or the batcher is closing.
         """
         if not self.caches_pairs or self._closing or self._worker is None:
             return False
-        self._early.append(_Item(frames[None], None, None, [slots], [pairs], early=True))
+        self._early.append(_Item(frames[None], None, None, [slots], [pairs]))
         self._wakeup.set()
         return True
 
@@ -473,7 +479,8 @@ class Batcher:
             ]
             return self._chunked(self._head, np.stack(rows), self.max_batch)
         if pairs:
-            x = np.stack([self._pair_input(item, w, p) for _, _, item, w, p in pairs])  # (P, 5, F)
+            mids, nbs = zip(*(self._pair(item, w, p) for _, _, item, w, p in pairs))
+            x = pair_features(np.stack(mids), np.stack(nbs), [p for *_, p in pairs])  # (P, 5, F)
             aligned = self._chunked(self._align, x, self.max_batch * len(NEIGHBOURS))
             for (slot, event, *_), a in zip(pairs, aligned, strict=True):
                 slot.fill(a.copy(), event)
@@ -487,18 +494,17 @@ class Batcher:
                 rows.append(np.stack([self._aligned(slot, item, w, p) for slot, p in zip(row, NEIGHBOURS)]))
         return self._chunked(self._fuse, fuse_features(np.stack(mids), np.stack(rows)), self.max_batch)
 
-    def _pair_input(self, item: _Item, w: int, p: int) -> np.ndarray:
-        """The align input (5, F) of window ``w``'s neighbour at position ``p``."""
+    def _pair(self, item: _Item, w: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """The features of window ``w``'s middle frame and of its neighbour at position ``p``."""
         slots = item.slots[w]
-        mid = self._features(slots[HALF], item.windows[w, HALF])
-        nb = self._features(slots[p], item.windows[w, p])
-        return pair_features(mid[None], nb[None], [p])[0]
+        return self._features(slots[HALF], item.windows[w, HALF]), self._features(slots[p], item.windows[w, p])
 
     def _aligned(self, slot: FeatureSlot, item: _Item, w: int, p: int) -> np.ndarray:
         """A pair's aligned neighbour (see :meth:`_ensure`)."""
 
         def align() -> np.ndarray:
-            aligned = self._align(self._pair_input(item, w, p)[None])[0].copy()
+            mid, nb = self._pair(item, w, p)
+            aligned = self._align(pair_features(mid[None], nb[None], [p]))[0].copy()
             self._count(pairs=1)
             return aligned
 

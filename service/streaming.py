@@ -41,7 +41,7 @@ from starlette.websockets import WebSocket
 from service.batcher import Overloaded, PeakOptions, ShuttingDown
 from service.runtime import Runtime, targets_payload
 from service.schemas import CLIENT_MESSAGE, EndMessage, FrameMessage, Origin, describe_errors
-from service.windows import HALF, SegmentWindows, Window
+from service.windows import SegmentWindows, Window
 
 log = logging.getLogger("service.ws")
 
@@ -267,9 +267,7 @@ class StreamSession:
         await self._submit(track.track_id, windows)
         if self.rt.batcher.caches_pairs:
             for early in track.segment.early():
-                mid = early.frames[HALF]  # rows of frames still to come are not read
-                frames = np.stack([mid if f is None else f for f in early.frames])
-                self.rt.batcher.submit_early(frames, early.slots, early.pairs)
+                self.rt.batcher.submit_early(early.frames, early.slots, early.pairs)
 
     async def _on_end(self, msg: EndMessage) -> None:
         track = self.tracks.pop(msg.track_id, None)

@@ -67,7 +67,8 @@ _SLOT_LOCK = threading.Lock()  # claim/fill are a few bytecodes; one lock for al
 
 
 class FeatureSlot:
-    """The encoder features of one frame, filled in once by the batcher (None until then).
+    """The encoder features of one frame (or one aligned neighbour of a window), filled in once
+    by the batcher (None until then).
 
     With several inference workers, the batch that finds a slot empty claims it (``claim``,
     on the event loop, in batch order) and encodes the frame; a later batch whose windows hold
@@ -118,10 +119,10 @@ class Window:
     """A complete window and the metadata of its middle frame (whatever the caller attached).
 
     An *early* window (:meth:`SegmentWindows.early`) lacks its last frame or two: their
-    ``frames`` and ``slots`` entries are None, and only the pairs of the other neighbours can be
-    computed."""
+    ``slots`` entries are None (their ``frames`` rows hold the newest frame and are not read),
+    and only the pairs of the other neighbours can be computed."""
 
-    frames: np.ndarray | list  # (5, H, W); a list with None for the frames still to come
+    frames: np.ndarray  # (5, H, W)
     meta: Any
     slots: list[FeatureSlot | None] | None = None  # the 5 frames' feature slots, in window order
     pairs: list[FeatureSlot] | None = None  # the 4 aligned neighbours' slots, in NEIGHBOURS order
@@ -160,7 +161,7 @@ class SegmentWindows:
 
     def early(self) -> list[Window]:
         """The windows not complete yet whose middle frame is here (the last two frames'), with
-        None for the frames still to come.
+        None slots for the frames still to come.
 
         Their neighbours that are here are final whatever comes next (frames before the segment
         replicate its first one), so they can be aligned to the middle frame while the stream
@@ -169,12 +170,11 @@ class SegmentWindows:
         first = self._count - len(self._frames)
         out = []
         for t in range(max(self._emitted, self._count - HALF), self._count):
-            idx = (window_indices(t, self._count) - first).tolist()
-            here = [t + p - HALF < self._count for p in range(WINDOW)]
+            idx = (window_indices(t, self._count) - first).tolist()  # frames to come: the newest
             out.append(Window(
-                [self._frames[i] if ok else None for i, ok in zip(idx, here)],
+                np.stack([self._frames[i] for i in idx]),
                 self._metas[t - first],
-                [self._slots[i] if ok else None for i, ok in zip(idx, here)],
+                [self._slots[i] if t + p - HALF < self._count else None for p, i in enumerate(idx)],
                 self._pairs[t - first],
             ))
         return out

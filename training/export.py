@@ -202,8 +202,7 @@ def export_parts(model: DeRefNet, out: Path) -> dict[str, Path]:
     batch = torch.export.Dim("batch", min=1, max=4096)
     pairs = torch.from_numpy(pair_inputs(feats.numpy())[0])
     with torch.no_grad():
-        aligned = AlignPart(model)(pairs).reshape(len(NEIGHBOURS), feats.shape[0], -1).transpose(0, 1)
-    stack = torch.from_numpy(fuse_features(feats[:, HALF].numpy(), aligned.numpy()))
+        stack = torch.from_numpy(fuse_inputs(lambda p: AlignPart(model)(torch.from_numpy(p)).numpy(), feats.numpy()))
     specs = {
         "encoder": (EncoderPart(model), frames, ENCODER_INPUT, FEATURES, {"lr_frames": {0: n}}),
         "head": (HeadPart(model), feats, FEATURES, OUTPUT, {"features": {0: batch}}),
@@ -279,11 +278,16 @@ def pair_inputs(feats: np.ndarray) -> tuple[np.ndarray, int]:
     return pair_features(mid, nb, np.repeat(NEIGHBOURS, b)), b
 
 
-def pair_maps(align, fuse, feats: np.ndarray) -> np.ndarray:
-    """HR maps of windows' features (B, 5, F) through the ``align`` and ``fuse`` parts."""
+def fuse_inputs(align, feats: np.ndarray) -> np.ndarray:
+    """The ``fuse`` input of windows' features (B, 5, F), their neighbours aligned by ``align``."""
     pairs, b = pair_inputs(feats)
     aligned = align(pairs).reshape(len(NEIGHBOURS), b, -1).transpose(1, 0, 2)  # (B, 4, F)
-    return fuse(fuse_features(feats[:, HALF], aligned))
+    return fuse_features(feats[:, HALF], aligned)
+
+
+def pair_maps(align, fuse, feats: np.ndarray) -> np.ndarray:
+    """HR maps of windows' features (B, 5, F) through the ``align`` and ``fuse`` parts."""
+    return fuse(fuse_inputs(align, feats))
 
 
 def parts_card(parts: dict[str, Path], cfg: dict) -> dict:

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.windows import HALF, NEIGHBOURS, fuse_features
-from training.export import pair_inputs, pair_maps
-from training.split_head import PartSplit, SplitError, check_graph, load_card_part, replace_card_entry, split_graph
+from training.export import fuse_inputs, pair_inputs, pair_maps
+from training.split_head import (PartSplit, SplitError, check_graph, load_card_part, relative, replace_card_entry,
+                                 split_graph)
 
 
 def evaluate_kernels(model_path: Path, card_path: Path, data: Path, split_name: str, limit: int | None,
@@ -101,27 +101,19 @@ def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_toler
         chained = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx")
         flat = frames.reshape(-1, *frames.shape[2:])
         feats = model.parts["encoder"].run(flat).reshape(*frames.shape[:2], -1)
-        diffs = {**check_graph(model.split_encoder, model.parts["encoder"], flat),
-                 **{f"head_{k}" if not k.endswith("head") else k: v
-                    for k, v in check_graph(model.split_head, model.parts["head"], feats).items()}}
         inputs = {"encoder": flat, "head": feats}
         if "align" in splits:
-            pairs = pair_inputs(feats)[0]
-            stack = fuse_features(feats[:, HALF], model.split_align.run(pairs).reshape(len(NEIGHBOURS), len(feats), -1)
-                                  .transpose(1, 0, 2))
-            inputs.update(align=pairs, fuse=stack)
-            for name in ("align", "fuse"):
-                diffs.update({f"{name}_{k}" if not k.endswith(name) else k: v
-                              for k, v in check_graph(getattr(model, f"split_{name}"), model.parts[name],
-                                                      inputs[name]).items()})
-            # the service's pair path against the head, both through the AMX kernels
-            want = model.split_head.run(feats)
-            got = pair_maps(model.align, model.fuse, feats)
-            diffs["amx_pairs_vs_head"] = float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
+            inputs["align"] = pair_inputs(feats)[0]
+            inputs["fuse"] = fuse_inputs(model.split_align.run, feats)
+        diffs = {}
+        for name, x in inputs.items():  # keys of parts after the encoder get the part's name
+            diffs.update({k if name == "encoder" or k.endswith(name) else f"{name}_{k}": v
+                          for k, v in check_graph(getattr(model, f"split_{name}"), model.parts[name], x).items()})
+        if "align" in splits:  # the service's pair path against the head, both through the AMX kernels
+            diffs["amx_pairs_vs_head"] = relative(pair_maps(model.align, model.fuse, feats), model.split_head.run(feats))
         for name, x in inputs.items():
             want = getattr(model, f"split_{name}").run(x)
-            got = getattr(chained, f"split_{name}").run(x)
-            diffs[f"chains_vs_steps_{name}"] = float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
+            diffs[f"chains_vs_steps_{name}"] = relative(getattr(chained, f"split_{name}").run(x), want)
         for key in diffs:
             limit = bf16_tolerance if "amx_" in key else (None if "split_vs" in key else tolerance)
             if limit is not None and not diffs[key] <= limit:

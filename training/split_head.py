@@ -503,6 +503,11 @@ def onnxruntime_attention(att):
     return onnxruntime_nodes(nodes, ["mid", "nb"], consts)
 
 
+def relative(got: np.ndarray, want: np.ndarray) -> float:
+    """The largest difference relative to the largest reference value."""
+    return float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
+
+
 def check_graph(native, whole, x: np.ndarray) -> dict:
     """Relative to the largest output of ``whole`` (the uncut part) on ``x``:
 
@@ -530,7 +535,7 @@ def check_graph(native, whole, x: np.ndarray) -> dict:
 
         def run(*xs):
             want, got = ref(*xs), step.kernel(*xs)
-            err = float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
+            err = relative(got, want)
             errors[key] = max(errors.get(key, 0.0), err)
             return want
         return run

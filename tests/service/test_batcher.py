@@ -558,8 +558,7 @@ def test_pairs_aligned_early_are_reused_and_each_pair_is_aligned_once():
             for w in seg.push(frame):
                 answers.append(await b.submit(w.frames[None], OPTS, [w.slots], [w.pairs]))
             for early in seg.early():
-                frames = np.stack([frame if f is None else f for f in early.frames])
-                assert b.submit_early(frames, early.slots, early.pairs)
+                assert b.submit_early(early.frames, early.slots, early.pairs)
             for _ in range(500):  # the early batches run while nothing else waits
                 if b.early_pairs == 3 * i + 2:
                     break

@@ -124,13 +124,14 @@ def test_early_windows_hold_the_frames_that_are_here_and_share_their_pair_slots(
     assert seg.early() == []
     seg.push(frames[0], "m0")
     (w0,) = seg.early()  # window 0: frames 0 0 0 (the start replicated), frames 1 and 2 to come
-    assert w0.meta == "m0" and w0.frames[3] is None and w0.frames[4] is None and w0.slots[3] is None
-    assert [f[0, 0] for f in w0.frames[:3]] == [0, 0, 0] and len(w0.pairs) == 4
+    assert w0.meta == "m0" and w0.slots[3] is None and w0.slots[4] is None and w0.slots[2] is not None
+    assert w0.frames.shape == (5, 2, 2) and len(w0.pairs) == 4
+    assert [f[0, 0] for f in w0.frames[:3]] == [0, 0, 0]
     seg.push(frames[1], "m1")
     a, b = seg.early()
     assert (a.meta, b.meta) == ("m0", "m1") and a.pairs is w0.pairs and a.slots[:3] == w0.slots[:3]
-    assert [f[0, 0] for f in a.frames[:4]] == [0, 0, 0, 1] and a.frames[4] is None
-    assert [None if f is None else f[0, 0] for f in b.frames] == [0, 0, 1, None, None]
+    assert [f[0, 0] for f in a.frames[:4]] == [0, 0, 0, 1] and a.slots[4] is None
+    assert [f[0, 0] for f in b.frames[:3]] == [0, 0, 1] and b.slots[3] is None and b.slots[4] is None
     (done,) = seg.push(frames[2], "m2")
     assert done.meta == "m0" and done.pairs is w0.pairs and done.slots[:4] == a.slots[:4]
     assert [w.meta for w in seg.early()] == ["m1", "m2"]
