@@ -53,6 +53,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -64,6 +65,21 @@ log = logging.getLogger("service.batcher")
 
 MAX_POSTPROCESS_BACKLOG = 2  # inferred batches that may wait for post-processing
 EARLY_BATCH = 4  # early windows (about 6 pairs) per batch: a burst waits at most that long
+class Plan(Protocol):
+    """What the batcher needs of an execution plan (``service.engine.plans``): windows -> maps,
+    and for a streaming plan its parts (``encode`` / ``head``; ``align`` / ``fuse`` when
+    ``pairs``)."""
+
+    name: str
+    streaming: bool
+    pairs: bool
+    run: Callable[[np.ndarray], np.ndarray]
+    encode: Callable[[np.ndarray], np.ndarray] | None
+    head: Callable[[np.ndarray], np.ndarray] | None
+    align: Callable[[np.ndarray], np.ndarray] | None
+    fuse: Callable[[np.ndarray], np.ndarray] | None
+
+
 Claim = tuple[FeatureSlot, np.ndarray, threading.Event]  # a claimed slot, its frame, the claim
 PairClaim = tuple[FeatureSlot, threading.Event, "_Item", int, int]  # slot, claim, item, window, position
 
@@ -125,29 +141,27 @@ class _Item:
 
 
 class Batcher:
-    """Gathers submitted windows into batches and runs ``run_model`` on them off the loop."""
+    """Gathers submitted windows into batches and runs the execution plan on them off the loop."""
 
     def __init__(
         self,
-        run_model: Callable[[np.ndarray], np.ndarray],
+        plan: Plan,
         metrics: Metrics,
         max_batch: int = 64,
         max_wait_s: float = 0.002,
         max_queue: int = 4096,
-        encode: Callable[[np.ndarray], np.ndarray] | None = None,
-        head: Callable[[np.ndarray], np.ndarray] | None = None,
         workers: int = 1,
-        align: Callable[[np.ndarray], np.ndarray] | None = None,
-        fuse: Callable[[np.ndarray], np.ndarray] | None = None,
+        pairs: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
-        self._run_model = run_model
-        self._encode = encode
-        self._head = head
-        self._align = align
-        self._fuse = fuse
+        self.plan_name = plan.name
+        self._run_model = plan.run
+        self._encode = plan.encode if plan.streaming else None
+        self._head = plan.head if plan.streaming else None
+        self._align = plan.align if pairs and plan.pairs else None
+        self._fuse = plan.fuse if pairs and plan.pairs else None
         self.frames_encoded = 0  # frames run through ``encode`` (feature-cache path)
         self.windows_run = 0  # windows through ``head`` (or ``fuse``) or the single graph
         self.pairs_aligned = 0  # neighbours run through ``align``

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.engine.names import AUTO, PLANS
+
 # The bundled model, found next to the package so that the service starts from any working
 # directory of a source checkout (``models/`` is not inside the ``service`` package).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "derefnet.onnx"
@@ -74,29 +76,21 @@ class Settings(BaseSettings):
         "all", description="ONNX Runtime graph optimisation level"
     )
     ort_arena: bool = Field(True, description="ONNX Runtime CPU memory arena")
-    feature_cache: bool = Field(
-        True,
-        description="when the model card lists the streaming encoder and head, encode each frame"
-        " once and run only the head per window (else: the single graph on every window)",
+    plan: str = Field(
+        AUTO,
+        description="how the network runs (docs/performance.md): 'auto' times every plan eligible on"
+        f" this host at start-up, checks each against the float32 reference and serves the fastest;"
+        f" or one of {', '.join(PLANS)} ('onnxruntime' is the stock plan: encoder + head with ONNX"
+        " Runtime's own kernels on the configured providers)",
+    )
+    plan_budget_s: float = Field(
+        8.0, ge=0.0, le=60.0, description="seconds the 'auto' plan choice may spend timing candidates"
     )
     pair_cache: bool = Field(
         True,
-        description="when the model card lists the head's halves (align, fuse) and they run on the"
-        " same kernels as the head, align a stream's window neighbour by neighbour as soon as each"
-        " pair is known, so that a completed window waits only for its last neighbour and the fusion",
-    )
-    deform_kernel: Literal["auto", "native", "onnxruntime"] = Field(
-        "auto",
-        description="who computes the head's deformable convolutions: the service's native CPU"
-        " kernel between the head's graph segments (needs the card's head_split; 'auto' uses it"
-        " when it can, 'native' refuses to start without it) or ONNX Runtime's DeformConv",
-    )
-    conv_kernel: Literal["auto", "amx", "onnxruntime"] = Field(
-        "auto",
-        description="who computes the 3x3 convolutions of encoder and head: the service's native"
-        " kernels (bfloat16 on Intel AMX for the 32-channel ones; needs the card's amx_split, which"
-        " records the accuracy it measured, and an AMX CPU; 'auto' uses them when it can, 'amx'"
-        " refuses to start without them) or ONNX Runtime's float32 Conv",
+        description="when the chosen plan has the head's halves (align, fuse), align a stream's"
+        " window neighbour by neighbour as soon as each pair is known, so that a completed window"
+        " waits only for its last neighbour and the fusion",
     )
     max_batch_size: int = Field(64, ge=1, le=4096, description="windows per inference call")
     max_batch_wait_ms: float = Field(
@@ -138,6 +132,14 @@ class Settings(BaseSettings):
     def _empty_token_is_none(cls, value):
         """``CSIST_API_TOKEN=`` (empty) means no auth, not an empty password."""
         return None if value in ("", None) else value
+
+    @field_validator("plan", mode="before")
+    @classmethod
+    def _known_plan(cls, value):
+        value = value.strip().lower() if isinstance(value, str) else value
+        if value not in (AUTO, *PLANS):
+            raise ValueError(f"plan must be one of {', '.join((AUTO, *PLANS))}, got {value!r}")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -113,7 +113,7 @@ class Part:
 
     path: Path
     sha256: str
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None  # None: a split of the part runs instead (not opened)
     input_name: str
     output_name: str
 
@@ -188,7 +188,7 @@ class InferenceModel:
     path: Path
     card: ModelCard
     sha256: str
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None  # the single graph; None when the parts run every window
     input_name: str
     output_name: str
     requested_providers: list[str]
@@ -253,8 +253,14 @@ class InferenceModel:
         return self.card.physics.size * self.card.physics.ratio
 
     def run(self, windows: np.ndarray) -> np.ndarray:
-        """HR maps (n, 33, 33) float32 of windows (n, 5, 11, 11); thread-safe (ORT sessions are)."""
+        """HR maps (n, 33, 33) float32 of windows (n, 5, 11, 11); thread-safe (ORT sessions are).
+
+        Without the single graph's session, the parts compute it: every frame encoded, then the
+        head (the same function; the exporter checks the two agree)."""
         x = np.ascontiguousarray(windows, dtype=np.float32)
+        if self.session is None:
+            n, t, h, w = x.shape
+            return self.head(self.encode(x.reshape(n * t, h, w)).reshape(n, t, -1))
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
@@ -344,9 +350,11 @@ def _part_shapes(name: str) -> tuple[list[int], list[int]]:
 
 
 def _load_part(
-    name: str, spec: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str]
+    name: str, spec: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str],
+    session: bool = True,
 ) -> Part:
-    """Verify one streaming part (hash, tensor names and shapes) and open its session."""
+    """Verify one streaming part (hash, tensor names and shapes) and open its session (``session``
+    False: verified only, for a part whose split runs instead)."""
     path = directory / spec.file
     if not path.is_file():
         raise ModelError(f"model part {name!r} not found: {path} (listed in the model card)")
@@ -362,12 +370,14 @@ def _load_part(
             f"SHA-256 mismatch: model part {path} has {digest} but the card says "
             f"{spec.sha256.lower()} (re-export with `csist export` to write both)"
         )
+    if not session:
+        return Part(path, digest, None, spec.inputs[0].name, spec.outputs[0].name)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        opened = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from None
-    in_name, out_name = _check_session(session, spec)
-    return Part(path, digest, session, in_name, out_name)
+    in_name, out_name = _check_session(opened, spec)
+    return Part(path, digest, opened, in_name, out_name)
 
 
 def _verified_file(spec: FileSpec, directory: Path, what: str, command: str) -> Path:
@@ -497,13 +507,18 @@ def load_model(
     deform_kernel: str = "auto",
     conv_kernel: str = "auto",
     fuse_convs: bool = True,
+    single: bool = True,
+    whole_parts: bool = False,
 ) -> InferenceModel:
     """Load and verify the model; ModelError with a clear message when it cannot be served.
 
     ``parts``: also load the streaming encoder and head when the card lists them (both or
     neither must be listed). ``deform_kernel``, ``conv_kernel``: see the module docstring.
     ``fuse_convs``: run the AMX split's consecutive convs as chains (the same numbers, fewer
-    copies; off only to compare).
+    copies; off only to compare). ``single``: also open the single graph when the parts are
+    loaded (without it :meth:`InferenceModel.run` computes windows through the parts). Only the
+    files that will run get a session: a part replaced by its split is verified, not opened,
+    unless ``whole_parts`` (the split checks compare the two).
     """
     if deform_kernel not in DEFORM_KERNELS:
         raise ModelError(f"deform_kernel={deform_kernel!r} is not one of {DEFORM_KERNELS}")
@@ -538,7 +553,7 @@ def load_model(
     loaded = {}
     if parts and listed:
         loaded = {
-            name: _load_part(name, card.parts[name], model_path.parent, options, requested)
+            name: _load_part(name, card.parts[name], model_path.parent, options, requested, session=False)
             for name in sorted(listed)
         }
     split_head = split_encoder = split_align = split_fuse = None
@@ -578,11 +593,22 @@ def load_model(
             split_head = load_split(HEAD, card.head_split, card.parts[HEAD], model_path.parent, options, requested)
         elif deform_kernel == "native":
             raise ModelError(f"deform_kernel='native' cannot be used: {why_not}")
-    try:
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
-    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        raise ModelError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
-    in_name, out_name = _check_session(session, card)
+    if split_head is not None and (split_align is None or split_fuse is None):
+        # the halves would run on other kernels than the head, so they do not run at all
+        loaded.pop(ALIGN, None), loaded.pop(FUSE, None)
+    splits = {HEAD: split_head, ENCODER: split_encoder, ALIGN: split_align, FUSE: split_fuse}
+    for name in sorted(loaded):
+        if splits.get(name) is None or whole_parts:
+            loaded[name] = _load_part(name, card.parts[name], model_path.parent, options, requested)
+    session, in_name, out_name = None, card.inputs[0].name, card.outputs[0].name
+    if single or not loaded:
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise ModelError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+        in_name, out_name = _check_session(session, card)
+    opened = [session] + [p.session for p in loaded.values()]
+    used = next((list(o.get_providers()) for o in opened if o is not None), list(requested))
     return InferenceModel(
         path=model_path,
         card=card,
@@ -591,7 +617,7 @@ def load_model(
         input_name=in_name,
         output_name=out_name,
         requested_providers=requested,
-        providers=list(session.get_providers()),
+        providers=used,
         parts=loaded,
         split_head=split_head,
         split_encoder=split_encoder,

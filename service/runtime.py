@@ -20,7 +20,9 @@ import numpy as np
 from service.batcher import Batcher, PeakOptions
 from service.config import Settings
 from service.metrics import Metrics
-from service.model import InferenceModel, load_model, resolve_providers
+from service.engine.plans import PlanOptions
+from service.engine.select import Selection, select_plan
+from service.model import InferenceModel, resolve_providers
 
 if TYPE_CHECKING:
     from service.schemas import Origin, UnmixOptions
@@ -36,6 +38,7 @@ class Runtime:
     settings: Settings
     metrics: Metrics
     model: InferenceModel | None = None
+    selection: Selection | None = None  # the execution plan serving and how it was chosen
     batcher: Batcher | None = None
     ready: bool = False
     draining: bool = False
@@ -49,33 +52,23 @@ class Runtime:
         t0 = time.perf_counter()
         providers = resolve_providers(s.provider_list())
         workers, threads = s.parallelism(cuda="CUDAExecutionProvider" in providers)
-        self.model = await asyncio.to_thread(
-            load_model,
-            s.model_path,
-            s.resolved_card_path(),
-            providers,
-            threads,
-            s.ort_spinning,
-            s.feature_cache,
-            s.ort_graph_level,
-            s.ort_arena,
-            s.deform_kernel,
-            s.conv_kernel,
+        options = PlanOptions(tuple(providers), threads, s.ort_spinning, s.ort_graph_level, s.ort_arena)
+        self.selection = await asyncio.to_thread(
+            select_plan, s.model_path, s.resolved_card_path(), options, s.plan, s.plan_budget_s
         )
-        pairs = s.pair_cache and self.model.has_pairs
+        plan = self.selection.plan
+        self.model = plan.model
+        pairs = s.pair_cache and plan.pairs
         sizes = (1,) if s.max_batch_size == 1 else (1, s.max_batch_size)
         await asyncio.to_thread(self.model.warmup, sizes)
         self.batcher = Batcher(
-            self.model.run,
+            plan,
             self.metrics,
             max_batch=s.max_batch_size,
             max_wait_s=s.max_batch_wait_ms / 1000.0,
             max_queue=s.max_queue_windows,
-            encode=self.model.encode if self.model.has_parts else None,
-            head=self.model.head if self.model.has_parts else None,
             workers=workers,
-            align=self.model.align if pairs else None,
-            fuse=self.model.fuse if pairs else None,
+            pairs=pairs,
         )
         self.batcher.start()
         card = self.model.card
@@ -85,8 +78,8 @@ class Runtime:
                 "version": card.version,
                 "sha256": self.model.sha256,
                 "providers": ",".join(self.model.providers),
-                "deform_kernel": self.model.deform_kernel,
-                "conv_kernel": self.model.conv_kernel,
+                "plan": plan.name,
+                "backends": ",".join(f"{k}={v}" for k, v in plan.backends().items()),
             }
         )
         # Everything loaded so far (the model, the sessions, the libraries' objects) lives as long
@@ -105,10 +98,8 @@ class Runtime:
                 "model_version": card.version,
                 "sha256": self.model.sha256,
                 "providers": self.model.providers,
-                "feature_cache": self.model.has_parts,
+                "plan": self.selection.report(),
                 "pair_cache": pairs,
-                "deform_kernel": self.model.deform_kernel,
-                "conv_kernel": self.model.conv_kernel,
                 "inference_workers": workers,
                 "ort_threads": threads,
                 "requested_providers": self.model.requested_providers,

@@ -201,6 +201,11 @@ class ModelMetadata(BaseModel):
     physics: dict[str, Any]
     postprocess: dict[str, Any]
     metrics: Any
+    plan: dict[str, Any] = Field(
+        description="the execution plan serving (name, precision, backend per part) and how it was chosen:"
+        " every candidate with its status (chosen, passed, failed check, not eligible, not loaded), its"
+        " measured ms per window and its largest difference from the float32 reference"
+    )
 
 
 def error_location(loc: tuple | list) -> str:

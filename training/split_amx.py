@@ -97,7 +97,7 @@ def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_toler
     def check(tmp_card):
         # each kernel is checked on its own; the service then runs runs of convs as chains
         model = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx",
-                           fuse_convs=False)
+                           fuse_convs=False, whole_parts=True)
         chained = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx")
         flat = frames.reshape(-1, *frames.shape[2:])
         feats = model.parts["encoder"].run(flat).reshape(*frames.shape[:2], -1)

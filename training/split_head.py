@@ -558,7 +558,7 @@ def check_split(model_path: Path, windows: np.ndarray, tolerance: float, card_pa
     from service.model import load_model
 
     loaded = load_model(model_path, card_path, providers=["CPUExecutionProvider"], deform_kernel="native",
-                        conv_kernel="onnxruntime")
+                        conv_kernel="onnxruntime", whole_parts=True)
     b, w = windows.shape[:2]
     feats = loaded.encode(windows.reshape(b * w, *windows.shape[2:])).reshape(b, w, -1)
     diffs = check_graph(loaded.split_head, loaded.parts["head"], feats)

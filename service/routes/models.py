@@ -55,6 +55,7 @@ async def model_metadata(model_name: str, runtime: RuntimeDep) -> dict:
         "physics": card.physics.model_dump(),
         "postprocess": card.postprocess.model_dump(),
         "metrics": card.metrics,
+        "plan": runtime.selection.report() if runtime.selection is not None else {},
     }
 
 

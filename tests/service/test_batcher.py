@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from service.engine.plans import FunctionPlan
 from service.batcher import Batcher, InferenceFailed, Overloaded, PeakOptions, ShuttingDown
 from service.metrics import Metrics
 from service.peaks import extract_peaks
@@ -53,7 +54,7 @@ def test_concurrent_groups_share_one_call_and_get_their_own_answers():
     model = FakeModel()
 
     async def main():
-        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.05)
+        b = Batcher(FunctionPlan(model), Metrics(), max_batch=64, max_wait_s=0.05)
         b.start()
         futures = [b.submit(windows_with([v, v + 1]), OPTS) for v in (0, 10, 20)]
         results = await asyncio.gather(*futures)
@@ -77,7 +78,7 @@ def test_max_batch_is_respected_and_big_groups_are_chunked():
     model = FakeModel()
 
     async def main():
-        b = Batcher(model, Metrics(), max_batch=4, max_wait_s=0.05)
+        b = Batcher(FunctionPlan(model), Metrics(), max_batch=4, max_wait_s=0.05)
         b.start()
         f1 = b.submit(windows_with([1, 2, 3]), OPTS)
         f2 = b.submit(windows_with([4, 5]), OPTS)  # does not fit with f1: next batch
@@ -96,7 +97,7 @@ def test_options_apply_per_group():
     model = FakeModel()
 
     async def main():
-        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.05)
+        b = Batcher(FunctionPlan(model), Metrics(), max_batch=64, max_wait_s=0.05)
         b.start()
         low = b.submit(windows_with([5]), PeakOptions(threshold=70.0, refine="none"))
         high = b.submit(windows_with([5]), PeakOptions(threshold=200.0, refine="none"))
@@ -114,7 +115,7 @@ def test_full_queue_raises_overloaded_then_recovers():
     model.gate.clear()  # the first batch blocks in the model, the rest must queue
 
     async def main():
-        b = Batcher(model, Metrics(), max_batch=2, max_wait_s=0.0, max_queue=4)
+        b = Batcher(FunctionPlan(model), Metrics(), max_batch=2, max_wait_s=0.0, max_queue=4)
         b.start()
         first = b.submit(windows_with([1]), OPTS)
         await asyncio.sleep(0.05)  # the worker took it and is stuck in the model
@@ -136,7 +137,7 @@ def test_stop_finishes_queued_work_then_refuses():
     model.gate.clear()
 
     async def main():
-        b = Batcher(model, Metrics(), max_batch=1, max_wait_s=0.0)
+        b = Batcher(FunctionPlan(model), Metrics(), max_batch=1, max_wait_s=0.0)
         b.start()
         futures = [b.submit(windows_with([v]), OPTS) for v in range(3)]
         stopping = asyncio.create_task(b.stop())
@@ -164,13 +165,13 @@ def test_model_failure_reaches_every_caller_and_the_worker_survives():
         return np.full((len(windows), 33, 33), np.nan, dtype=np.float32)
 
     async def main():
-        b = Batcher(flaky, Metrics(), max_batch=8, max_wait_s=0.02)
+        b = Batcher(FunctionPlan(flaky), Metrics(), max_batch=8, max_wait_s=0.02)
         b.start()
         f1, f2 = b.submit(windows_with([1]), OPTS), b.submit(windows_with([2]), OPTS)
         errors = await asyncio.gather(f1, f2, return_exceptions=True)
         ok = await b.submit(windows_with([3]), OPTS)
         await b.stop()
-        b2 = Batcher(nan_model, Metrics(), max_batch=8, max_wait_s=0.0)
+        b2 = Batcher(FunctionPlan(nan_model), Metrics(), max_batch=8, max_wait_s=0.0)
         b2.start()
         nan_error = await asyncio.gather(b2.submit(windows_with([1]), OPTS), return_exceptions=True)
         await b2.stop()
@@ -187,7 +188,7 @@ def test_metrics_record_batches():
     metrics = Metrics()
 
     async def main():
-        b = Batcher(model, metrics, max_batch=64, max_wait_s=0.05)
+        b = Batcher(FunctionPlan(model), metrics, max_batch=64, max_wait_s=0.05)
         b.start()
         await asyncio.gather(*(b.submit(windows_with([v]), OPTS) for v in range(5)))
         await b.stop()
@@ -207,7 +208,7 @@ def test_inference_does_not_block_the_event_loop():
         return np.zeros((len(windows), 33, 33), dtype=np.float32)
 
     async def main():
-        b = Batcher(slow_model, Metrics(), max_batch=8, max_wait_s=0.0)
+        b = Batcher(FunctionPlan(slow_model), Metrics(), max_batch=8, max_wait_s=0.0)
         b.start()
         ticks = 0
 
@@ -249,7 +250,7 @@ def test_cached_path_encodes_each_distinct_slot_once_per_batch_and_reuses_it():
     parts, model = FakeParts(), FakeModel()
 
     async def main():
-        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.05, encode=parts.encode, head=parts.head)
+        b = Batcher(FunctionPlan(model, encode=parts.encode, head=parts.head), Metrics(), max_batch=64, max_wait_s=0.05)
         b.start()
         frames = np.zeros((6, 11, 11), dtype=np.float32)
         frames[:, 0, 0] = [3, 4, 5, 6, 7, 8]
@@ -297,7 +298,7 @@ def test_inference_overlaps_the_fit_and_answers_keep_their_order(monkeypatch):
     done: list[int] = []
 
     async def main():
-        b = Batcher(model, Metrics(), max_batch=1, max_wait_s=0.0)
+        b = Batcher(FunctionPlan(model), Metrics(), max_batch=1, max_wait_s=0.0)
         b.start()
         futures = [b.submit(windows_with([v]), fit) for v in (1, 2, 3)]
         for v, f in zip((1, 2, 3), futures):
@@ -330,7 +331,7 @@ def test_peak_extraction_without_the_fit_runs_in_the_inference_worker(monkeypatc
     monkeypatch.setattr(batcher_module, "find_targets", recording)
 
     async def main():
-        b = Batcher(FakeModel(), Metrics(), max_batch=1, max_wait_s=0.0)
+        b = Batcher(FunctionPlan(FakeModel()), Metrics(), max_batch=1, max_wait_s=0.0)
         b.start()
         results = await asyncio.gather(*(b.submit(windows_with([v]), OPTS) for v in (1, 2)))
         await b.stop()
@@ -360,7 +361,7 @@ def test_workers_run_batches_at_the_same_time_and_answers_keep_their_order():
     done: list[int] = []
 
     async def main():
-        b = Batcher(SlowModel(), Metrics(), max_batch=1, max_wait_s=0.0, workers=2)
+        b = Batcher(FunctionPlan(SlowModel()), Metrics(), max_batch=1, max_wait_s=0.0, workers=2)
         b.start()
         futures = [b.submit(windows_with([v]), OPTS) for v in (1, 2, 3, 4)]
         for v, f in zip((1, 2, 3, 4), futures):
@@ -380,7 +381,7 @@ def test_workers_run_batches_at_the_same_time_and_answers_keep_their_order():
 
 def test_workers_must_be_positive():
     with pytest.raises(ValueError, match="workers"):
-        Batcher(FakeModel(), Metrics(), workers=0)
+        Batcher(FunctionPlan(FakeModel()), Metrics(), workers=0)
 
 
 class GatedParts(FakeParts):
@@ -410,8 +411,7 @@ def _stream_batches(parts: GatedParts):
     batch 1 is still encoding. Returns both results (or exceptions) and the batcher."""
 
     async def main():
-        b = Batcher(FakeModel(), Metrics(), max_batch=6, max_wait_s=0.0,
-                    encode=parts.encode, head=parts.head, workers=2)
+        b = Batcher(FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head), Metrics(), max_batch=6, max_wait_s=0.0, workers=2)
         b.start()
         frames = np.zeros((6, 11, 11), dtype=np.float32)
         frames[:, 0, 0] = [3, 4, 5, 6, 7, 8]
@@ -455,7 +455,7 @@ def test_a_burst_is_shared_out_among_idle_workers_and_answers_keep_their_order()
 
     async def burst(workers):
         model = SlowModel()
-        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.02, workers=workers)
+        b = Batcher(FunctionPlan(model), Metrics(), max_batch=64, max_wait_s=0.02, workers=workers)
         b.start()
         done: list[int] = []
         futures = [b.submit(windows_with([v]), OPTS) for v in range(8)]
@@ -489,7 +489,7 @@ def test_a_backlog_found_while_the_other_workers_are_busy_is_taken_in_fair_share
 
     async def main():
         model = Model()
-        b = Batcher(model, Metrics(), max_batch=64, max_wait_s=0.02, workers=2)
+        b = Batcher(FunctionPlan(model), Metrics(), max_batch=64, max_wait_s=0.02, workers=2)
         b.start()
         first = b.submit(windows_with([0]), OPTS)
         while not model.calls:
@@ -547,8 +547,7 @@ def test_pairs_aligned_early_are_reused_and_each_pair_is_aligned_once():
     values = [3, 4, 5, 6, 7, 8]
 
     async def main():
-        b = Batcher(FakeModel(), Metrics(), max_batch=64, max_wait_s=0.0, encode=parts.encode,
-                    head=parts.head, align=parts.align, fuse=parts.fuse)
+        b = Batcher(FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head, align=parts.align, fuse=parts.fuse), Metrics(), max_batch=64, max_wait_s=0.0)
         b.start()
         assert b.caches_pairs
         seg, answers = SegmentWindows(), []
@@ -589,8 +588,7 @@ def test_early_work_waits_while_windows_wait():
     parts = FakePairParts(gate)
 
     async def main():
-        b = Batcher(FakeModel(), Metrics(), max_batch=64, max_wait_s=0.0, encode=parts.encode,
-                    head=parts.head, align=parts.align, fuse=parts.fuse, workers=1)
+        b = Batcher(FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head, align=parts.align, fuse=parts.fuse), Metrics(), max_batch=64, max_wait_s=0.0, workers=1)
         b.start()
         fresh = lambda: ([FeatureSlot() for _ in range(5)], [FeatureSlot() for _ in NEIGHBOURS])  # noqa: E731
         s1, p1 = fresh()

@@ -16,7 +16,7 @@ from tests.service.conftest import LiveServer, simulate_track
     not DEFAULT_MODEL_PATH.is_file(), reason="models/derefnet.onnx not exported yet"
 )
 def test_service_starts_on_the_bundled_model_and_answers():
-    live = LiveServer(Settings(model_path=DEFAULT_MODEL_PATH, drain_s=0.0)).start()
+    live = LiveServer(Settings(model_path=DEFAULT_MODEL_PATH, drain_s=0.0, plan_budget_s=2.0)).start()
     try:
         with httpx.Client(base_url=live.base_url, timeout=60) as c:
             assert c.get("/readyz").status_code == 200
@@ -24,19 +24,22 @@ def test_service_starts_on_the_bundled_model_and_answers():
             frames = simulate_track(5, seed=0, spread=0.3)
             r = c.post("/unmix", json={"frames": [{"patch": f.tolist()} for f in frames]})
         caches = live.runtime.batcher.caches_features
-        kernel = live.runtime.model.deform_kernel
-        conv_kernel = live.runtime.model.conv_kernel
+        report = live.runtime.selection.report()
     finally:
         live.stop()
     assert r.status_code == 200, r.text
     card = json.loads(DEFAULT_MODEL_PATH.with_suffix(".json").read_text())
     assert caches == bool(card.get("parts"))  # exported with parts: the stream uses them
-    if card.get("head_split") and deform.AVAILABLE:  # the default (auto) uses a native kernel when it can
-        assert kernel == ("amx" if conv_kernel == "amx" else "native")
-    if card.get("amx_split") and deform.AVAILABLE and conv.AMX:
-        assert conv_kernel == "amx"  # and the AMX split on a CPU that has AMX
-    else:
-        assert conv_kernel == "onnxruntime"
+    # auto: every plan eligible here was checked and timed, and the fastest that passed serves
+    assert meta["plan"]["name"] == report["name"] and meta["plan"]["requested"] == "auto"
+    rows = {row["plan"]: row for row in report["candidates"]}
+    passed = {n: r["ms_per_window"] for n, r in rows.items() if r["status"] in ("chosen", "passed")}
+    assert rows[report["name"]]["status"] == "chosen" and "onnxruntime" in passed
+    assert passed[report["name"]] == min(passed.values())
+    assert (rows["native-deform"]["status"] != "not eligible") == (card.get("head_split") is not None
+                                                                   and deform.AVAILABLE)
+    assert (rows["amx"]["status"] != "not eligible") == (card.get("amx_split") is not None and conv.AMX
+                                                         and deform.AVAILABLE)
     out = r.json()
     assert len(out["results"]) == 5
     assert out["model"]["sha256"] == meta["sha256"]

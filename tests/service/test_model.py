@@ -172,6 +172,7 @@ def test_json_logs():
 
 
 def test_card_peak_mode_is_checked_and_used(standin_model, tmp_path):
+    from service.engine.plans import FunctionPlan
     from service.batcher import Batcher, PeakOptions
     from service.metrics import Metrics
     from service.peaks import extract_peaks
@@ -198,7 +199,7 @@ def test_card_peak_mode_is_checked_and_used(standin_model, tmp_path):
         return out
 
     async def run_both():
-        b = Batcher(adjacent_cells, Metrics(), max_batch=8, max_wait_s=0.01)
+        b = Batcher(FunctionPlan(adjacent_cells), Metrics(), max_batch=8, max_wait_s=0.01)
         b.start()
         w = np.zeros((1, 5, 11, 11), dtype=np.float32)
         got = await asyncio.gather(

@@ -162,8 +162,8 @@ def test_prometheus_metrics_count_what_happened(start_server):
             version="0.1.0",
             sha256=live.runtime.model.sha256,
             providers="CPUExecutionProvider",
-            deform_kernel="onnxruntime",  # the stand-in model has no streaming head to split
-            conv_kernel="onnxruntime",
+            plan="onnxruntime-single",  # the stand-in model has no streaming parts
+            backends="single=onnxruntime:CPUExecutionProvider",
         )
         == 1
     )

@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+
+from service import deform
 from websockets.asyncio.client import connect
 
 from service.model import ModelError, load_model
@@ -39,7 +41,7 @@ def tiny_server(tiny_model):
     def start(**overrides) -> LiveServer:
         from service.config import Settings
 
-        values = {"model_path": tiny_model, "max_batch_wait_ms": 2.0, "drain_s": 0.0}
+        values = {"model_path": tiny_model, "max_batch_wait_ms": 2.0, "drain_s": 0.0, "plan_budget_s": 0.5}
         live = LiveServer(Settings(**{**values, **overrides})).start()
         started.append(live)
         return live
@@ -110,11 +112,15 @@ def targets_rows(targets: list[dict]) -> list[list[float]]:
     return [[t["x"], t["y"], t["brightness"]] for t in targets]
 
 
-@pytest.mark.parametrize("deform_kernel", ["auto", "onnxruntime"])
-def test_stream_encodes_each_frame_once_and_matches_the_single_graph(tiny_model, tiny_server, deform_kernel):
-    """With the native float32 DeformConv ("auto", when it is built) the head runs whole (the
-    halves are split for the AMX kernels only); with ONNX Runtime's, the halves run (pairs)."""
-    live = tiny_server(deform_kernel=deform_kernel)
+@pytest.mark.parametrize("plan", ["auto", "onnxruntime", "native-deform"])
+def test_stream_encodes_each_frame_once_and_matches_the_single_graph(tiny_model, tiny_server, plan):
+    """With the native float32 DeformConv the head runs whole (the halves are split for the AMX
+    kernels only); with ONNX Runtime's, the halves run (pairs). Whichever plan ``auto`` picks,
+    the answers are the single graph's."""
+    if plan == "native-deform" and not deform.AVAILABLE:
+        pytest.skip("the native kernel service._deform is not built (no C compiler at install)")
+    live = tiny_server(plan=plan, plan_budget_s=0.5)
+    assert plan == "auto" or live.runtime.selection.plan.name == plan
     batcher = live.runtime.batcher
     assert batcher.caches_features
     assert batcher.caches_pairs == (live.runtime.model.split_head is None)
@@ -156,7 +162,7 @@ def test_stream_encodes_each_frame_once_and_matches_the_single_graph(tiny_model,
 
 
 def test_rest_encodes_each_distinct_frame_once_per_request(tiny_model, tiny_server):
-    cached, plain = tiny_server(), tiny_server(feature_cache=False)
+    cached, plain = tiny_server(plan="onnxruntime"), tiny_server(plan="onnxruntime-single")
     assert cached.runtime.batcher.caches_features and not plain.runtime.batcher.caches_features
     frames = simulate_track(8, seed=31)
     # a gap after frame 4 makes two segments: 5 + 3 frames, still 8 distinct frames
@@ -181,7 +187,7 @@ def test_paced_stream_aligns_neighbours_before_their_window_is_complete(tiny_mod
     """At a tracker's pace (the next frame after the answers), every window's neighbours are
     aligned as soon as they are here (the first three of every window but the last, whose last
     two come with the end), and the answers are still the single graph's."""
-    live = tiny_server(deform_kernel="onnxruntime")
+    live = tiny_server(plan="onnxruntime")
     batcher = live.runtime.batcher
     assert batcher.caches_pairs
     frames = simulate_track(9, seed=41)
@@ -216,6 +222,6 @@ def test_paced_stream_aligns_neighbours_before_their_window_is_complete(tiny_mod
 
 
 def test_pair_cache_off_runs_the_head(tiny_model, tiny_server):
-    live = tiny_server(pair_cache=False, deform_kernel="onnxruntime")
+    live = tiny_server(pair_cache=False, plan="onnxruntime")
     assert live.runtime.model.has_pairs and not live.runtime.batcher.caches_pairs
     assert live.runtime.batcher.caches_features
