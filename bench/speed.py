@@ -312,15 +312,15 @@ class ServerProcess:
                 raise RuntimeError("the service did not start:\n" + "\n".join(self.log_tail))
             time.sleep(0.1)
 
-    def kernels(self) -> dict[str, str]:
-        """deform_kernel and conv_kernel the server chose, from its csist_model_info metric."""
+    def plan(self) -> dict[str, str]:
+        """The execution plan the server serves and its backends, from its csist_model_info metric."""
         import re
 
         import httpx
 
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
         info = next((line for line in text.splitlines() if line.startswith("csist_model_info{")), "")
-        return {k: v for k, v in re.findall(r'(\w+_kernel)="([^"]*)"', info)}
+        return {k: v for k, v in re.findall(r'(plan|backends)="([^"]*)"', info)}
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -406,23 +406,24 @@ def server_settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def server_runs(model: Path, args, frames: np.ndarray, cache: bool, pair_cache: bool = True,
-                fixed_only: bool = False) -> dict:
-    """WebSocket at the fixed and the saturating rate, then REST, on one server process
-    (``fixed_only``: the fixed-rate WebSocket run alone)."""
-    settings = {"feature_cache": int(cache), "pair_cache": int(pair_cache), "inference_workers": args.workers,
-                "drain_s": 0, "log_level": "warning"}
+def server_runs(model: Path, args, frames: np.ndarray, plan: str | None = None, pair_cache: bool = True,
+                phases: tuple[str, ...] = ("ws_fixed", "ws_saturation", "rest")) -> dict:
+    """The WebSocket load at the fixed and the saturating rate, then REST, on one server process
+    (``phases``: which of them). ``plan``: CSIST_PLAN (None: the service's default, auto)."""
+    settings = {"pair_cache": int(pair_cache), "inference_workers": args.workers, "drain_s": 0, "log_level": "warning"}
+    if plan is not None:
+        settings["plan"] = plan
     settings.update(server_settings(args.server_setting))
     server = ServerProcess(model, settings)
     try:
         cpu0 = server.cpu_seconds()
-        out = {"feature_cache": cache, "pair_cache": pair_cache,
-               "settings": {f"CSIST_{k.upper()}": v for k, v in settings.items()},
-               "refine": args.refine, **server.kernels(),
-               "ws_fixed": ws_run(server.port, args.tracks, args.rate, args.seconds, SEED, args.refine)}
-        if not fixed_only:
+        out = {"pair_cache": pair_cache, "settings": {f"CSIST_{k.upper()}": v for k, v in settings.items()},
+               "refine": args.refine, **server.plan()}
+        if "ws_fixed" in phases:
+            out["ws_fixed"] = ws_run(server.port, args.tracks, args.rate, args.seconds, SEED, args.refine)
+        if "ws_saturation" in phases:
             out["ws_saturation"] = ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine)
-        if cache and not fixed_only:
+        if "rest" in phases:
             out["rest"] = rest_run(server.port, args.rest_rate, args.seconds, frames, refine=args.refine)
         out["server_cpu_s"] = server.cpu_seconds() - cpu0
         return out
@@ -529,24 +530,41 @@ def run(args) -> dict:
             ratios[f"cached_vs_uncached_batch{b}"] = by[key] / by[("ONNX single graph", b)]
     report["ratios"] = ratios
 
+    from service.engine.plans import PlanOptions
+    from service.engine.select import select_plan
+
+    # the service's own start-up choice, on one thread as each inference worker runs
+    report["plans"] = select_plan(args.model, options=PlanOptions(threads=1), budget_s=1.0 if quick else 6.0).report()
     if not args.no_tuning:
         report["ort_tuning"] = ort_tuning(args.model, windows, trajectories, seconds, 1 if quick else args.tuning_rounds)
 
     if not args.no_server:
-        server = {"cached": server_runs(args.model, args, trajectories, True)}
+        # the served plan (auto unless --server-setting plan=...) and, side by side in the same run,
+        # the stock plan at the same saturating load
+        server = {"cached": server_runs(args.model, args, trajectories)}
+        if m.encoder is not None and not args.no_stock_server and server["cached"].get("plan") != "onnxruntime":
+            server["stock plan"] = server_runs(args.model, args, trajectories, "onnxruntime", phases=("ws_saturation",))
         if "align" in m.card.get("parts", {}) and not args.no_pair_ab:
             # the same fixed load with the window's head run whole when it completes
-            server["cached, no pair cache"] = server_runs(args.model, args, trajectories, True, False, True)
+            server["cached, no pair cache"] = server_runs(args.model, args, trajectories, pair_cache=False,
+                                                          phases=("ws_fixed",))
         if m.encoder is not None and not args.no_uncached_server:
-            server["uncached"] = server_runs(args.model, args, trajectories, False)
+            server["uncached"] = server_runs(args.model, args, trajectories, "onnxruntime-single")
         report["server"] = server
         c = server["cached"]
         if "uncached" in server:
             u = server["uncached"]["ws_saturation"]["windows_per_s"]
             ratios["server_cached_vs_uncached_saturation"] = c["ws_saturation"]["windows_per_s"] / u if u else None
+        stock = server.get("stock plan", c if c.get("plan") == "onnxruntime" else None)
+        if stock is not None and stock["ws_saturation"]["windows_per_s"]:
+            ratios["server_plan_vs_stock_saturation"] = (c["ws_saturation"]["windows_per_s"]
+                                                         / stock["ws_saturation"]["windows_per_s"])
         report["done_when"] = {
             "ws_saturation_windows_per_s": c["ws_saturation"]["windows_per_s"], "target_windows_per_s": 150,
             "ws_p99_ms_at_offered": c["ws_fixed"]["p99_ms"], "offered": args.rate, "target_p99_ms": 50,
+            "server_plan": c.get("plan"), "server_backends": c.get("backends"),
+            "stock_plan_ws_saturation_windows_per_s": None if stock is None else stock["ws_saturation"]["windows_per_s"],
+            "plan_vs_stock_saturation": ratios.get("server_plan_vs_stock_saturation"), "target_plan_vs_stock": 0.95,
             "onnx_vs_eager_batch32": ratios.get("onnx_single_vs_eager_batch32"),
             "onnx_streaming_vs_eager_batch32": ratios.get("onnx_streaming_vs_eager_batch32"),
             "onnx_streaming_workers_vs_eager_batch32": ratios.get(f"onnx_streaming_{workers}_workers_vs_eager_batch32"),
@@ -554,7 +572,6 @@ def run(args) -> dict:
                 ratios.get(f"onnx_streaming_native_{workers}_workers_vs_eager_batch32"),
             "onnx_streaming_amx_workers_vs_eager_batch32":
                 ratios.get(f"onnx_streaming_amx_{workers}_workers_vs_eager_batch32"),
-            "server_conv_kernel": c.get("conv_kernel"),
             "workers": workers, "target_ratio": 5}
     report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     report["torch_threads"] = torch.get_num_threads()
@@ -578,6 +595,11 @@ def markdown(report: dict) -> str:
     out.append(md_table(["mode", "batch / tracks", "windows/s", "GFLOP/s", "% of conv roofline"], rows))
     if report.get("ratios"):
         out.append("\nRatios (same run): " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items() if v is not None) + "\n")
+    if "plans" in report:
+        from service.engine.select import table
+
+        out.append(f"\nExecution plans as the service chooses them at start-up (`csist plans`; chosen: "
+                   f"{report['plans']['name']}):\n\n{table(report['plans'])}\n")
     if "ort_tuning" in report:
         rows = [[name, "-", "-", "-", f"skipped: {e['skipped']}"] if "skipped" in e else
                 [name, e["single_batch32"], e.get("streaming_32_tracks"), e.get("streaming_1_track"),
@@ -606,7 +628,9 @@ def markdown(report: dict) -> str:
                    f"{fmt(d.get('onnx_streaming_workers_vs_eager_batch32'))}, with the native deform kernel "
                    f"{fmt(d.get('onnx_streaming_native_workers_vs_eager_batch32'))}, with the AMX kernels "
                    f"{fmt(d.get('onnx_streaming_amx_workers_vs_eager_batch32'))} (target >= 5). "
-                   f"The server ran with conv_kernel={d.get('server_conv_kernel')}.\n")
+                   f"The server ran plan {d.get('server_plan')} ({d.get('server_backends')}); saturated, it carried "
+                   f"{fmt(d.get('plan_vs_stock_saturation'))} x the stock plan's windows/s in the same run "
+                   f"(target >= 0.95).\n")
     return "".join(out)
 
 
@@ -629,7 +653,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="extra service setting for the server runs, e.g. max_batch_size=16 (repeatable)")
     p.add_argument("--no-server", action="store_true", help="skip the end-to-end server runs")
-    p.add_argument("--no-uncached-server", action="store_true", help="skip the server run without the feature cache")
+    p.add_argument("--no-uncached-server", action="store_true",
+                   help="skip the server run on the single graph (CSIST_PLAN=onnxruntime-single)")
+    p.add_argument("--no-stock-server", action="store_true",
+                   help="skip the saturating server run on the stock plan (CSIST_PLAN=onnxruntime)")
     p.add_argument("--no-pair-ab", action="store_true",
                    help="skip the fixed-rate server run with CSIST_PAIR_CACHE=0 (the head run whole per window)")
     p.add_argument("--no-tuning", action="store_true", help="skip the ONNX Runtime option sweep")

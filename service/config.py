@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         " Runtime's own kernels on the configured providers)",
     )
     plan_budget_s: float = Field(
-        8.0, ge=0.0, le=60.0, description="seconds the 'auto' plan choice may spend timing candidates"
+        6.0, ge=0.0, le=60.0, description="seconds the 'auto' plan choice may spend timing candidates"
     )
     pair_cache: bool = Field(
         True,

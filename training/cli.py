@@ -8,6 +8,7 @@
     csist split-head --model models/derefnet.onnx
     csist split-amx --model models/derefnet.onnx
     csist serve --host 127.0.0.1 --port 8000
+    csist plans --model models/derefnet.onnx
     csist bench speed|accuracy
 
 Each subcommand is the ``main(argv)`` of its module, imported only when asked for, so that
@@ -28,6 +29,7 @@ COMMANDS = {
     "split-head": ("training.split_head", "cut the head at its DeformConv nodes for the native kernel"),
     "split-amx": ("training.split_amx", "cut encoder and head at their Convs for the bfloat16 AMX kernel"),
     "serve": ("service.main", "run the inference service (FastAPI + ONNX Runtime)"),
+    "plans": ("service.engine.cli", "check and time the execution plans of a model on this host"),
     "replay": ("training.replay", "stream simulated tracks to a running service"),
     "bench": ("bench.cli", "speed and accuracy benchmarks"),
 }

@@ -140,7 +140,7 @@ def _reference(model_path: Path, card: ModelCard, options: PlanOptions, windows:
 
 
 def select_plan(model_path: str | Path, card_path: str | Path | None = None, options: PlanOptions = PlanOptions(),
-                requested: str = AUTO, budget_s: float = 8.0, probe: int = 8) -> Selection:
+                requested: str = AUTO, budget_s: float = 6.0, probe: int = 8) -> Selection:
     """Build, check and (for ``auto``) time the candidate plans; the chosen one is returned.
 
     ModelError when the requested plan cannot run here, or when no candidate gives the

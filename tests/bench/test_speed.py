@@ -28,7 +28,7 @@ def test_quick_speed_report(tiny_model, tmp_path):
     rc = cli.main(["speed", "--model", str(tiny_model), "--checkpoint", str(tiny_model.parent / "tiny.pt"),
                    "--quick", "--windows", "32", "--tracks", "2", "--rate", "20", "--max-rate", "60",
                    "--rest-rate", "10", "--seconds", "1", "--no-uncached-server", "--no-tuning", "--workers", "2",
-                   "--server-setting", "CSIST_MAX_BATCH_SIZE=16",
+                   "--server-setting", "CSIST_MAX_BATCH_SIZE=16", "--server-setting", "CSIST_PLAN_BUDGET_S=0.5",
                    "--out", str(out), "--markdown", str(md)])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -50,10 +50,15 @@ def test_quick_speed_report(tiny_model, tmp_path):
         assert s[key]["ok"] and s[key]["answered"] > 0 and s[key]["missing"] == 0
         assert s[key]["p50_ms"] <= s[key]["p99_ms"]
     assert s["rest"]["requests"] > 0 and s["rest"]["failures"] == 0
-    assert s["conv_kernel"] == "onnxruntime"  # from the server's csist_model_info: 4 channels, no amx_split
+    # from the server's csist_model_info: the auto plan (4 channels, no amx_split), beside the stock plan
+    assert s["plan"] == report["plans"]["name"] or s["plan"] in ("onnxruntime", "native-deform")
+    stock = report["server"].get("stock plan", s)
+    assert stock["ws_saturation"]["answered"] > 0 and report["ratios"]["server_plan_vs_stock_saturation"] > 0
+    assert {r["plan"] for r in report["plans"]["candidates"]} >= {"onnxruntime", "amx", "cuda"}
     assert report["done_when"]["target_windows_per_s"] == 150
     text = md.read_text()
     assert "| ONNX single graph | 32 |" in text and "WebSocket, fixed rate (cached)" in text
+    assert "Execution plans as the service chooses them" in text
 
 
 def test_server_settings_parse():
