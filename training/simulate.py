@@ -1,5 +1,9 @@
 """``csist simulate``: SeqCSIST-protocol trajectories written in the published on-disk format.
 
+This module is the protocol (``--scenario seqcsist``, the default); ``--scenario field``
+dispatches to ``training/field.py``, which draws backgrounds, brightness, PSF, noise, bit
+depth and group geometry from wide ranges into the same format (its docstring has its rules).
+
 The published SeqCSIST data cannot be downloaded here, so we regenerate it by the paper's
 rules (SeqCSIST, section III; DESIGN.md section 3). Every rule is a flag with the paper's
 default:
@@ -315,30 +319,55 @@ def _float_list(n: int):
     return parse
 
 
+def _float_range(text: str) -> tuple[float, float]:
+    """``X`` or ``LO,HI``; the protocol takes one value where the field scenario takes a range."""
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected X or LO,HI, got {text!r}")
+    if vals[0] > vals[-1]:
+        raise argparse.ArgumentTypeError(f"LO must be <= HI, got {text!r}")
+    return vals[0], vals[-1]
+
+
+SCENARIOS = ("seqcsist", "field")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from training import field
+
     p = argparse.ArgumentParser(
         prog="csist simulate",
-        description="Simulate SeqCSIST-protocol trajectories (paper section III) and write them "
-        "in the published on-disk format: DIR/<split>/image/image_<n>.png and "
-        "DIR/<split>/annotation/COS<n>.xml, 20 consecutive frames per trajectory, plus DIR/meta.json.",
+        description="Simulate trajectories and write them in the published SeqCSIST on-disk format: "
+        "DIR/<split>/image/image_<n>.png and DIR/<split>/annotation/COS<n>.xml, 20 consecutive "
+        "frames per trajectory, plus DIR/meta.json. --scenario seqcsist (default) follows the "
+        "paper's protocol (section III); --scenario field draws backgrounds, brightness, PSF, "
+        "noise, bit depth and group geometry from wide ranges, per trajectory, and also writes "
+        "DIR/<split>/conditions.jsonl. Flags without a shown default take the scenario's default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = SimParams()
+    f = field.FieldParams()
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--scenario", choices=SCENARIOS, default="seqcsist", help="seqcsist: the paper's protocol; field: field conditions (docs/field-simulator.md)")
     p.add_argument("--trajectories", type=int, default=5000, help="number of trajectories")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> byte-identical files)")
     p.add_argument("--split", type=_float_list(3), default=(0.7, 0.15, 0.15), help="train,val,test fractions; trajectories are split in order")
-    p.add_argument("--noise", type=float, default=d.noise, help="additive Gaussian noise sigma, grey levels (paper: 0, 2, 3, 4, 5)")
-    p.add_argument("--targets", type=_int_range, default=d.targets, help="targets per trajectory, N or LO-HI (uniform), within 2-8; >4 uses diagonal directions too")
-    p.add_argument("--float", dest="float_out", action="store_true", help="write float32 images without quantisation to <split>/images.npy instead of PNGs")
-    p.add_argument("--frames", type=int, default=d.frames, help="frames per trajectory")
-    p.add_argument("--size", type=int, default=d.size, help="patch side, pixels")
-    p.add_argument("--psf-sigma", type=float, default=d.psf_sigma, help="Gaussian PSF sigma, pixels")
-    p.add_argument("--step", type=float, default=d.step, help="reference motion along x per frame, pixels")
-    p.add_argument("--spacing", type=float, default=d.spacing, help="initial target-reference distance, pixels")
-    p.add_argument("--drift", type=float, default=d.drift, help="max extra outward motion of each target per frame, pixels (drawn from U(0, drift])")
-    p.add_argument("--brightness", type=_float_list(2), default=d.brightness, help="target brightness range LO,HI (uniform)")
-    p.add_argument("--margin", type=float, default=d.margin, help="minimum distance of every target from the patch's outer edge, pixels")
+    p.add_argument("--noise", type=_float_range, default=argparse.SUPPRESS, help=f"additive Gaussian noise sigma, grey levels (seqcsist: one value, default {d.noise:g}; the paper's 0, 2, 3, 4, 5; field: X or LO,HI per trajectory, default {f.noise[0]:g},{f.noise[1]:g})")
+    p.add_argument("--targets", type=_int_range, default=argparse.SUPPRESS, help=f"targets per trajectory, N or LO-HI (uniform) (seqcsist: within 2-8, default {d.targets[0]}-{d.targets[1]}, >4 uses diagonal directions too; field: within 1-8, default {f.targets[0]}-{f.targets[1]})")
+    p.add_argument("--float", dest="float_out", action="store_true", default=argparse.SUPPRESS, help="write float32 images without quantisation to <split>/images.npy instead of PNGs")
+    p.add_argument("--frames", type=int, default=argparse.SUPPRESS, help=f"frames per trajectory (default {d.frames})")
+    p.add_argument("--size", type=int, default=argparse.SUPPRESS, help=f"patch side, pixels (default {d.size})")
+    p.add_argument("--psf-sigma", type=_float_range, default=argparse.SUPPRESS, help=f"Gaussian PSF sigma, pixels (seqcsist: one value, default {d.psf_sigma:g}; field: X or LO,HI per trajectory, default {f.psf_sigma[0]:g},{f.psf_sigma[1]:g})")
+    p.add_argument("--brightness", type=_float_range, default=argparse.SUPPRESS, help=f"target brightness (integrated flux) range LO,HI, uniform (seqcsist default {d.brightness[0]:g},{d.brightness[1]:g}; field: replaces --snr)")
+    p.add_argument("--margin", type=float, default=argparse.SUPPRESS, help=f"minimum distance of every target from the patch's outer edge, pixels (default {d.margin:g})")
+    proto = p.add_argument_group("SeqCSIST protocol only (--scenario seqcsist)")
+    proto.add_argument("--step", type=float, default=argparse.SUPPRESS, help=f"reference motion along x per frame, pixels (default {d.step:g})")
+    proto.add_argument("--spacing", type=float, default=argparse.SUPPRESS, help=f"initial target-reference distance, pixels (default {d.spacing:g})")
+    proto.add_argument("--drift", type=float, default=argparse.SUPPRESS, help=f"max extra outward motion of each target per frame, pixels (drawn from U(0, drift]) (default {d.drift:g})")
+    field.add_arguments(p)
     p.add_argument("--preview", type=Path, default=None, help="also draw a PNG grid of a few trajectories with their true targets")
     p.add_argument("--overwrite", action="store_true", help="replace existing splits and meta.json in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -346,18 +375,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def params_from_args(args: argparse.Namespace) -> SimParams:
+    """SimParams from a parsed namespace; flags not given keep the protocol's defaults."""
+    from training import field
+
+    d = SimParams()
+    given = vars(args)
+    used = [flag for dest, (flag, _, _) in field.FIELD_FLAGS.items() if dest in given]
+    if used:
+        raise ValueError(f"{', '.join(used)} {'applies' if len(used) == 1 else 'apply'} to --scenario field only")
+    for dest, flag in (("noise", "--noise"), ("psf_sigma", "--psf-sigma")):
+        if dest in given and given[dest][0] != given[dest][1]:
+            raise ValueError(f"{flag} takes one value in the seqcsist scenario (a range needs --scenario field)")
     return SimParams(
-        frames=args.frames,
-        size=args.size,
-        psf_sigma=args.psf_sigma,
-        step=args.step,
-        spacing=args.spacing,
-        drift=args.drift,
-        brightness=tuple(float(v) for v in args.brightness),
-        targets=tuple(int(v) for v in args.targets),
-        margin=args.margin,
-        noise=args.noise,
-        float_out=args.float_out,
+        frames=given.get("frames", d.frames),
+        size=given.get("size", d.size),
+        psf_sigma=float(given["psf_sigma"][0]) if "psf_sigma" in given else d.psf_sigma,
+        step=given.get("step", d.step),
+        spacing=given.get("spacing", d.spacing),
+        drift=given.get("drift", d.drift),
+        brightness=tuple(float(v) for v in given.get("brightness", d.brightness)),
+        targets=tuple(int(v) for v in given.get("targets", d.targets)),
+        margin=given.get("margin", d.margin),
+        noise=float(given["noise"][0]) if "noise" in given else d.noise,
+        float_out=given.get("float_out", d.float_out),
     )
 
 
@@ -400,8 +440,12 @@ def meta_dict(params: SimParams, seed: int, fractions, counts: list[int]) -> dic
     }
 
 
-def write_preview(path: Path, samples: list[tuple[np.ndarray, np.ndarray]], n_cols: int = 5) -> None:
-    """Grid: one row per trajectory, ``n_cols`` frames across, true targets marked."""
+def write_preview(path: Path, samples: list[tuple[np.ndarray, np.ndarray]], n_cols: int = 5, titles: list[str] | None = None, stretch: bool = False) -> None:
+    """Grid: one row per trajectory, ``n_cols`` frames across, true targets marked.
+
+    ``titles`` adds a line per row; ``stretch`` maps each row's own min..max to black..white
+    (a background pedestal would otherwise wash the targets out).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,11 +455,16 @@ def write_preview(path: Path, samples: list[tuple[np.ndarray, np.ndarray]], n_co
     fig, axes = plt.subplots(rows, n_cols, figsize=(2.2 * n_cols, 2.3 * rows), squeeze=False)
     for r, (images, targets) in enumerate(samples):
         T = images.shape[0]
+        vmin = float(images.min()) if stretch else 0.0
+        vmax = max(float(images.max()), vmin + 1.0)
         for c, t in enumerate(np.linspace(0, T - 1, n_cols).round().astype(int)):
             ax = axes[r, c]
-            ax.imshow(images[t], cmap="gray", vmin=0, vmax=max(float(images.max()), 1.0), interpolation="nearest")
+            ax.imshow(images[t], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.scatter(targets[t][:, 0], targets[t][:, 1], s=14, c="red", marker="x", linewidths=0.8)
-            ax.set_title(f"traj {r} frame {t + 1}  K={len(targets[t])}", fontsize=7)
+            title = f"traj {r} frame {t + 1}  K={len(targets[t])}"
+            if titles is not None and c == 0:
+                title = f"{titles[r]}\n{title}"
+            ax.set_title(title, fontsize=7, loc="left" if titles is not None and c == 0 else "center")
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
@@ -472,12 +521,19 @@ def generate(out: Path, n: int, seed: int, params: SimParams, fractions=(0.7, 0.
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    params = params_from_args(args)
     try:
+        if args.scenario == "field":
+            from training import field
+
+            params = field.params_from_args(args)
+            run = field.generate
+        else:
+            params = params_from_args(args)
+            run = generate
         params.validate()
         if args.trajectories < 1:
             raise ValueError("--trajectories must be >= 1")
-        meta = generate(args.out, args.trajectories, args.seed, params, args.split, progress=not args.quiet, preview=args.preview, overwrite=args.overwrite)
+        meta = run(args.out, args.trajectories, args.seed, params, args.split, progress=not args.quiet, preview=args.preview, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as exc:
         print(f"csist simulate: error: {exc}", file=sys.stderr)
         return 2

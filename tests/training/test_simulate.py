@@ -289,3 +289,48 @@ def test_cli_options(tmp_path, capsys):
     assert _run(out, "--overwrite", n=4) == 0
     assert _run(tmp_path / "bad", "--targets", "1-9") == 2
     assert _run(tmp_path / "bad", "--margin", "5") == 2
+
+
+# --- the protocol stays as it was (the field scenario shares this command) --------------------
+
+
+def _content_digest(root: Path) -> str:
+    """Every file's bytes, PNGs by their decoded pixels (independent of the PNG encoder build)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        h.update(str(p.relative_to(root)).encode())
+        if p.suffix == ".png":
+            img = data.read_png(p)
+            h.update(str(img.dtype).encode())
+            h.update(img.tobytes())
+        else:
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ((), "db5b9a6a7fc3cd29c5476eaa5148c4c7e03c5afd9f8360cb6913bb7b2743522b"),
+    (("--noise", "3", "--targets", "2-8"), "dae4925b245440c24bd06d972510d6a099ab3161e77a308b0d2c2cf73272bcb9"),
+])
+def test_protocol_output_is_pinned(tmp_path, extra, expect):
+    """Digests of the protocol's output before the field scenario existed: not one byte moved."""
+    out = tmp_path / "pinned"
+    assert _run(out, *extra, n=4, seed=11) == 0
+    assert _content_digest(out) == expect
+
+
+def test_explicit_scenario_is_the_default(dataset, tmp_path):
+    assert _run(tmp_path / "s", "--scenario", "seqcsist") == 0
+    assert _hashes(tmp_path / "s") == _hashes(dataset)
+
+
+def test_scenario_flags_do_not_mix(tmp_path, capsys):
+    assert _run(tmp_path / "a", "--pedestal", "30", n=2) == 2
+    assert "--pedestal" in capsys.readouterr().err
+    assert _run(tmp_path / "b", "--scenario", "field", "--step", "0.05", n=2) == 2
+    assert "--step" in capsys.readouterr().err
+    assert _run(tmp_path / "c", "--noise", "0,5", n=2) == 2
+    assert "--noise" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
