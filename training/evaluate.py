@@ -26,14 +26,13 @@ from service.peaks import DEFAULT_MODE, PEAK_MODES
 from service.postprocess import REFINE_MODES, find_targets
 from service.refine import FitConfig
 from training.data import read_split, window_middles, windows
-from service.model import CONV_KERNELS, DEFORM_KERNELS
+from service.engine.names import AUTO, PLANS
 from training.metric import cso_map, count_accuracy, localisation_error
 
 WINDOW = 5
 
 
-def load_predictor(path: str | Path, threads: int | None = None, stream: bool = False, deform_kernel: str = "auto",
-                   conv_kernel: str = "auto"):
+def load_predictor(path: str | Path, threads: int | None = None, stream: bool = False, plan: str = "auto"):
     """A function frames (n, T, 11, 11) -> HR maps (n, T-4, 33, 33) for a .pt or .onnx model.
 
     ``stream``: an .onnx model run the way the service streams it (:class:`StreamPredictor`).
@@ -42,34 +41,34 @@ def load_predictor(path: str | Path, threads: int | None = None, stream: bool = 
     if stream:
         if path.suffix != ".onnx":
             raise SystemExit("csist evaluate: error: --path stream needs an exported .onnx model")
-        return StreamPredictor(path, threads, deform_kernel, conv_kernel)
+        return StreamPredictor(path, threads, plan)
     if path.suffix == ".onnx":
         return OnnxPredictor(path, threads)
     return TorchPredictor(path, threads)
 
 
 class StreamPredictor:
-    """The service's streaming path: ``service.model.load_model`` (card and hashes verified),
-    each frame encoded once, then the head on every window of features, with the head's
-    DeformConv in the native kernel when ``deform_kernel`` selects it and the 32-channel Convs in
-    the bfloat16 AMX kernel when ``conv_kernel`` does (as the service does)."""
+    """The service's streaming path: the execution plan the service would serve (``plan``:
+    "auto" chooses by measurement, as ``CSIST_PLAN`` does; card and hashes verified), each frame
+    encoded once, then the head on every window of features."""
 
-    def __init__(self, path: Path, threads: int | None = None, deform_kernel: str = "auto",
-                 conv_kernel: str = "auto", batch: int = 64):
-        from service.model import ModelError, load_model
+    def __init__(self, path: Path, threads: int | None = None, plan: str = "auto", batch: int = 64):
+        from service.engine.plans import PlanOptions
+        from service.engine.select import select_plan
+        from service.model import ModelError
 
         try:
-            self.model = load_model(path, threads=threads or 0, deform_kernel=deform_kernel, conv_kernel=conv_kernel)
+            selection = select_plan(path, options=PlanOptions(threads=threads or 0), requested=plan, budget_s=3.0)
         except ModelError as exc:
             raise SystemExit(f"csist evaluate: error: {exc}") from None
-        if not self.model.has_parts:
+        self.plan = selection.plan
+        if not self.plan.streaming:
             raise SystemExit(f"csist evaluate: error: the card of {path} lists no streaming encoder and head")
         self.batch = batch
-        self.deform_kernel = self.model.deform_kernel
-        self.conv_kernel = self.model.conv_kernel
+        self.backends = self.plan.backends()
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
-        return stream_maps(self.model.encode, self.model.head, frames, self.batch)
+        return stream_maps(self.plan.encode, self.plan.head, frames, self.batch)
 
 
 def stream_maps(encode, head, frames: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -293,10 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", choices=("single", "stream"), default="single",
                    help="single: the .onnx single graph on every window; stream: the service's streaming path "
                         "(encoder once per frame, head per window, card and hashes verified)")
-    p.add_argument("--deform-kernel", choices=DEFORM_KERNELS, default="auto",
-                   help="with --path stream: who computes the head's DeformConv (as CSIST_DEFORM_KERNEL)")
-    p.add_argument("--conv-kernel", choices=CONV_KERNELS, default="auto",
-                   help="with --path stream: who computes the 32-channel Convs, amx being bfloat16 (as CSIST_CONV_KERNEL)")
+    p.add_argument("--plan", choices=(AUTO, *PLANS), default=AUTO,
+                   help="with --path stream: the execution plan (as CSIST_PLAN; auto: the fastest that passes the"
+                        " check against the float32 reference on this host)")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--detections", type=Path, default=None, help="write all detections as JSON here")
     p.add_argument("--plots", type=Path, default=None, help="write PNGs of input, output, truth and found targets here")
@@ -306,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     split = read_split(args.data, args.split, limit=args.limit)
-    predictor = load_predictor(args.model, args.threads, args.path == "stream", args.deform_kernel, args.conv_kernel)
-    path = {"path": args.path, **({"deform_kernel": predictor.deform_kernel, "conv_kernel": predictor.conv_kernel}
+    predictor = load_predictor(args.model, args.threads, args.path == "stream", args.plan)
+    path = {"path": args.path, **({"plan": predictor.plan.name, "backends": predictor.backends}
                                   if args.path == "stream" else {})}
     maps, timing = predict(predictor, split)
     reports = []

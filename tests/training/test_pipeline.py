@@ -161,9 +161,9 @@ def test_evaluate_scores_several_refinements_of_one_inference(exported, data, tm
 def test_evaluate_stream_path_is_the_service_path_and_matches_the_single_graph(exported, data, tmp_path):
     split = read_split(data, "test", progress=False)
     single = evaluate.load_predictor(exported)(split.frames)
-    native = evaluate.load_predictor(exported, stream=True, deform_kernel="native")
-    plain = evaluate.load_predictor(exported, stream=True, deform_kernel="onnxruntime")
-    assert (native.deform_kernel, plain.deform_kernel) == ("native", "onnxruntime")
+    native = evaluate.load_predictor(exported, stream=True, plan="native-deform")
+    plain = evaluate.load_predictor(exported, stream=True, plan="onnxruntime")
+    assert (native.backends["head"], plain.backends["head"]) == ("native-deform", "onnxruntime:CPUExecutionProvider")
     scale = np.abs(single).max()
     for predictor in (native, plain):
         maps = predictor(split.frames)
@@ -173,6 +173,6 @@ def test_evaluate_stream_path_is_the_service_path_and_matches_the_single_graph(e
     assert evaluate.main(["--model", str(exported), "--data", str(data), "--split", "test", "--limit", "1",
                           "--path", "stream", "--threshold", "0", "--out", str(report)]) == 0
     r = json.loads(report.read_text())
-    assert r["path"] == "stream" and r["deform_kernel"] == "native" and r["frames"] == 16
+    assert r["path"] == "stream" and r["plan"] in ("onnxruntime", "native-deform") and r["frames"] == 16
     with pytest.raises(SystemExit, match="needs an exported .onnx"):
         evaluate.load_predictor(exported.with_suffix(".pt"), stream=True)
