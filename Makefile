@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test test-slow bench clean-venv
+.PHONY: serve test test-slow test-docker bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(VENV)/.stamp-dev
 
 test-slow: $(VENV)/.stamp-dev
 	$(PY) -m pytest -m slow
+
+# Builds the images and runs them on a real Docker engine (tests/docker/test_engine.py); starts
+# dockerd and makes the base images from Debian packages when needed (docs/deployment.md).
+test-docker: $(VENV)/.stamp-dev
+	$(PY) -m pytest -m docker tests/docker
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,10 +1,11 @@
 """Helpers of the deployment tests: read Dockerfiles and .dockerignore the way Docker does,
 replay a Dockerfile's install steps outside Docker, find (or install) nginx, pick the model.
 
-There is no Docker engine on the development machine or in CI, so the tests check the files
+Most machines that run the default suite have no Docker engine, so these tests check the files
 by running what can run without one: the Dockerfile's pip steps in a fresh virtual environment
 laid out like the image's file system, its entry point and health check from there, and nginx
-with the project's configuration on loopback.
+with the project's configuration on loopback. tests/docker/test_engine.py (marker ``docker``,
+``make test-docker``) builds and runs the images on a real engine (tests/docker/engine.py).
 """
 
 from __future__ import annotations
@@ -113,6 +114,49 @@ def env_pairs(instruction: Instruction) -> dict[str, str]:
 
 def run_commands(instructions: list[Instruction]) -> list[str]:
     return [ins.body for ins in instructions if ins.keyword == "RUN"]
+
+
+def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
+    """The build stages, each from its FROM on (ARGs before the first FROM are left out)."""
+    out: list[list[Instruction]] = []
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            out.append([ins])
+        elif out:
+            out[-1].append(ins)
+    return out
+
+
+def stage_name(stage: list[Instruction]) -> str | None:
+    """``FROM image AS name`` -> name."""
+    words = stage[0].body.split()
+    return words[2] if len(words) == 3 and words[1].lower() == "as" else None
+
+
+# Dockerfile syntax the classic builder rejects or misreads (BuildKit's frontend only):
+# instruction flags, heredocs, and the parser directive that pulls a frontend image.
+BUILDKIT_ONLY_FLAGS = {
+    "RUN": {"mount", "network", "security"},
+    "COPY": {"chmod", "link", "parents", "exclude"},
+    "ADD": {"chmod", "link", "parents", "exclude", "checksum", "keep-git-dir"},
+}
+
+
+def buildkit_only_syntax(path: Path) -> list[str]:
+    """What in a Dockerfile needs BuildKit; [] when the classic builder builds it too."""
+    text = Path(path).read_text(encoding="utf-8")
+    found = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break  # parser directives come first, before any instruction or blank line
+        if re.match(r"#\s*syntax\s*=", line, re.I):
+            found.append(f"parser directive {line.strip()!r}")
+    if re.search(r"<<-?\s*[\"']?[A-Za-z_]\w*", "\n".join(_join_lines(text))):
+        found.append("a heredoc (<<)")
+    for ins in parse_dockerfile(path):
+        bad = set(ins.flags) & BUILDKIT_ONLY_FLAGS.get(ins.keyword, set())
+        found += [f"{ins.keyword} --{flag}" for flag in sorted(bad)]
+    return found
 
 
 def is_python_step(command: str) -> bool:
@@ -247,6 +291,9 @@ class Emulation:
             if ins.keyword == "WORKDIR":
                 self.workdir = self.map_path(ins.body.strip())
                 self.workdir.mkdir(parents=True, exist_ok=True)
+            elif ins.keyword == "COPY" and "from" in ins.flags:
+                # another stage's files: the build stage's venv, which self.venv already is
+                self.skipped.append(f"COPY --from={ins.flags['from']} {ins.body}")
             elif ins.keyword == "COPY":
                 self._copy(ins, ignore)
             elif ins.keyword == "ENV":

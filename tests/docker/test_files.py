@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,10 +27,13 @@ from tests.docker.support import (
     SYSTEM_COMMANDS,
     DockerIgnore,
     base_image,
+    buildkit_only_syntax,
     env_pairs,
     is_python_step,
     parse_dockerfile,
     run_commands,
+    stage_name,
+    stages,
 )
 from training import replay
 
@@ -72,10 +76,14 @@ def of(instructions, keyword: str):
 
 
 def copies(instructions) -> list[tuple[str, ...]]:
+    """COPY sources and destination from the build context (not from another stage)."""
     return [
-        tuple(shlex.split(ins.body)) + (ins.flags.get("chmod", ""),)
-        for ins in of(instructions, "COPY")
+        tuple(shlex.split(ins.body)) for ins in of(instructions, "COPY") if "from" not in ins.flags
     ]
+
+
+def final_stage(instructions):
+    return stages(instructions)[-1]
 
 
 # ------------------------------------------------------------------------------ requirements
@@ -111,7 +119,7 @@ def test_cpu_dockerfile_layout():
     assert re.fullmatch(r"python:3\.11-slim(-\w+)?", base_image(CPU))
     env = image_env(CPU)
     assert env["CSIST_MODEL_PATH"] == "/app/models/derefnet.onnx"
-    assert ("models/", "models/", "") in copies(CPU)  # the bundled model, into WORKDIR /app
+    assert ("models/", "models/") in copies(CPU)  # the bundled model, into WORKDIR /app
     assert of(CPU, "WORKDIR")[-1].body == "/app"
     assert not {k for k in env if k.startswith("CSIST_")} - setting_variables() - IMAGE_VARIABLES
     # a non-root user, by number (Kubernetes' runAsNonRoot can only check numbers)
@@ -122,7 +130,47 @@ def test_cpu_dockerfile_layout():
     assert health.body.startswith("CMD ") and "/healthz" in health.body
     assert ["csist-entrypoint"] == of(CPU, "ENTRYPOINT")[-1].exec_form()
     dests = {c[1] for c in copies(CPU)}
-    assert {"/usr/local/bin/csist-entrypoint", "/usr/local/bin/csist-healthcheck"} <= dests
+    scripts = {"/usr/local/bin/csist-entrypoint", "/usr/local/bin/csist-healthcheck"}
+    assert scripts <= dests
+    # executable whatever the checkout's file modes (COPY --chmod is BuildKit-only)
+    chmod = [r for r in run_commands(final_stage(CPU)) if r.startswith("chmod 0755 ")]
+    assert chmod and scripts <= set(chmod[0].split("&&")[0].split()[2:])
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfiles_build_with_the_classic_builder_too(name):
+    assert buildkit_only_syntax(DOCKER / name) == []
+
+
+def test_buildkit_only_syntax_is_recognised(tmp_path):
+    path = tmp_path / "Dockerfile"
+    path.write_text(
+        "# syntax=docker/dockerfile:1\nFROM x\nRUN --mount=type=cache,target=/c pip install .\n"
+        "COPY --chmod=0755 a /b\nCOPY --link c /d\nRUN <<EOF\necho hi\nEOF\n"
+    )
+    found = buildkit_only_syntax(path)
+    assert found[0].startswith("parser directive")
+    assert {"RUN --mount", "COPY --chmod", "COPY --link", "a heredoc (<<)"} <= set(found)
+    path.write_text(
+        "FROM x AS build\nRUN pip install .\nFROM x\nCOPY --from=build --chown=1:1 /a /a\n"
+    )
+    assert buildkit_only_syntax(path) == []
+
+
+@pytest.mark.parametrize("instructions", [CPU, GPU], ids=["cpu", "gpu"])
+def test_multi_stage_leaves_the_compiler_in_the_build_stage(instructions):
+    build, image = stages(instructions)
+    assert stage_name(build) == "build" and stage_name(image) is None
+    assert build[0].body.split()[0] == image[0].body.split()[0]  # the same base: venv links hold
+    compiler = re.compile(r"\b(gcc|g\+\+|build-essential|libc6-dev|python3\.11-dev)\b")
+    assert any(compiler.search(r) for r in run_commands(build))
+    assert not any(compiler.search(r) for r in run_commands(image))
+    assert not [r for r in run_commands(image) if is_python_step(r)]  # pip ran in the build stage
+    (venv,) = [i for i in image if i.keyword == "COPY" and "from" in i.flags]
+    assert venv.flags["from"] == "build" and venv.body.split() == ["/opt/venv", "/opt/venv"]
+    assert image_env(image)["PATH"].startswith("/opt/venv/bin:")
+    for keyword in ("USER", "ENTRYPOINT", "HEALTHCHECK", "EXPOSE"):
+        assert of(image, keyword) and not of(build, keyword)
 
 
 @pytest.mark.parametrize("instructions", [CPU, GPU], ids=["cpu", "gpu"])
@@ -140,9 +188,8 @@ def test_run_steps_install_only_the_service(instructions):
     assert any(re.search(r"pip install --no-deps \.$", s) for s in python_steps)
     for step in python_steps:  # relative paths only: the install test replays them elsewhere
         assert not re.search(r"(^|\s)/", step), step
-    for ins in instructions:
-        if ins.keyword == "RUN" and is_python_step(ins.body):
-            assert ins.flags.get("mount", "").startswith("type=cache")
+    # the build stage creates the venv the image copies (the emulation's venv plays it)
+    assert any(re.search(r"python(3\.11)? -m venv /opt/venv$", r) for r in runs)
 
 
 def test_gpu_dockerfile_is_the_same_layout_on_cuda():
@@ -217,7 +264,7 @@ def test_dockerignore_keeps_data_runs_venvs_and_checkpoints_out():
 @pytest.mark.parametrize("instructions", [CPU, GPU], ids=["cpu", "gpu"])
 def test_copy_sources_exist_and_reach_the_build(instructions):
     ignore = DockerIgnore.of(REPO)
-    for source in (s for c in copies(instructions) for s in c[:-2]):
+    for source in (s for c in copies(instructions) for s in c[:-1]):
         rel = os.path.normpath(source)
         assert (REPO / rel).exists(), source
         assert not ignore.excluded(rel), source
@@ -393,18 +440,32 @@ def test_prometheus_scrapes_the_unmixers():
     assert set(sd["names"]) == {"unmixer", "unmixer-replica"} and sd["port"] == 8000
 
 
+def _compose_command() -> list[str] | None:
+    """``docker compose`` (v2), else Debian's ``docker-compose`` (v1), else None."""
+    if shutil.which("docker") and (
+        subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
 @pytest.mark.skipif(
-    shutil.which("docker") is None
-    or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
-    reason="the docker compose plugin is not installed",
+    _compose_command() is None,
+    reason="neither the docker compose plugin nor docker-compose is installed",
 )
-def test_docker_compose_config_accepts_the_files():
-    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker/compose.gpu.yml"]):
+def test_docker_compose_config_accepts_the_files(tmp_path):
+    command = _compose_command()
+    main = "docker-compose.yml"
+    if command == ["docker-compose"]:
+        # Compose v1 (Debian's docker-compose) rejects the top-level name: give it with -p
+        text = (REPO / main).read_text()
+        main = str(tmp_path / "docker-compose.yml")
+        Path(main).write_text(re.sub(r"^name: .*\n", "", text, flags=re.M))
+        command = [*command, "--project-directory", str(REPO), "-p", COMPOSE["name"]]
+    for files in ([main], [main, "docker/compose.gpu.yml"]):
         args = [a for f in files for a in ("-f", f)]
         for profile in ([], ["--profile", "replicas", "--profile", "monitoring"]):
-            subprocess.run(
-                ["docker", "compose", *args, *profile, "config", "-q"], cwd=REPO, check=True
-            )
+            subprocess.run([*command, *args, *profile, "config", "-q"], cwd=REPO, check=True)
 
 
 # ------------------------------------------------------------------------------ nginx
@@ -488,3 +549,16 @@ def test_k8s_manifests_fit_together_and_the_service():
     )
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     assert pod["metadata"]["annotations"]["prometheus.io/path"] in routes
+
+
+# ------------------------------------------------------------------------------ engine helper
+
+
+def test_engine_helper_has_help_and_needs_no_engine_to_import():
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.docker.engine", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "python-base" in out.stdout and "nginx-image" in out.stdout
