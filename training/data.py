@@ -203,6 +203,18 @@ class Split:
         return int(self.frames.shape[1])
 
 
+def concat_splits(splits: list[Split]) -> Split:
+    """Several splits of the same name as one (trajectories in order), e.g. protocol and field
+    data trained on together; their frames must have one shape."""
+    if len(splits) == 1:
+        return splits[0]
+    shapes = {s.frames.shape[1:] for s in splits}
+    if len(shapes) != 1:
+        raise DataError(f"cannot mix splits with frames of shapes {sorted(shapes)}: " + ", ".join(str(s.root) for s in splits))
+    return Split(np.concatenate([s.frames for s in splits]), [t for s in splits for t in s.targets], splits[0].name,
+                 splits[0].root)
+
+
 def _indices(folder: Path, pattern: re.Pattern) -> set[int]:
     """Frame numbers of the files in ``folder`` whose names match ``pattern`` (others ignored)."""
     found = set()

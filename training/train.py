@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.data import hr_maps, read_split, window_middles
+from training.data import concat_splits, hr_maps, read_split, window_middles
 from training.evaluate import detections, middle_truth, predict_trajectories, score
 from training.model import DeRefNet, DeRefNetConfig, LossWeights, count_parameters, derefnet_loss, fit_qinit
 
@@ -63,7 +63,11 @@ def validate(model, split, threshold: float = 70.0, refine: str = "none") -> dic
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csist train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="data set root with train/ and val/ splits")
+    p.add_argument("--data", required=True, nargs="+", type=Path,
+                   help="data set root(s) with train/ and val/ splits; several are trained on together (their "
+                        "trajectories concatenated, e.g. SeqCSIST-protocol and field data)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint's weights and config (fresh optimizer and step count, unlike --resume)")
     p.add_argument("--out", required=True, type=Path, help="run directory for checkpoints and logs")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training trajectories (fractions allowed)")
     p.add_argument("--lr", type=float, default=1e-4,
@@ -109,19 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    train = read_split(args.data, "train", limit=args.train_limit)
-    val = read_split(args.data, "val", limit=args.val_trajectories)
+    if args.init is not None and args.resume is not None:
+        raise SystemExit("csist train: --init and --resume exclude each other (--resume continues a run)")
+    train = concat_splits([read_split(d, "train", limit=args.train_limit) for d in args.data])
+    val = concat_splits([read_split(d, "val", limit=args.val_trajectories) for d in args.data])
     truth = middle_hr_truth(train)  # (n, 16, 33, 33)
 
     ckpt = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-    if ckpt:
-        cfg = DeRefNetConfig(**ckpt["config"])
+    init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init else None
+    if ckpt or init:
+        cfg = DeRefNetConfig(**(ckpt or init)["config"])
     else:
         cfg = DeRefNetConfig(stages=args.stages, channels=args.channels, res_blocks=args.res_blocks)
     torch.manual_seed(args.seed)
     model = DeRefNet(cfg)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
+    if ckpt or init:
+        model.load_state_dict((ckpt or init)["model"])
     else:
         all_frames = train.frames.reshape(-1, *train.frames.shape[2:])
         all_maps = hr_maps([t for traj in train.targets for t in traj])
@@ -142,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = max(1, round(args.epochs * steps_per_epoch))
     state = ckpt["state"] if ckpt else {"step": 0, "best_map": -1.0, "train_seconds": 0.0, "history": []}
     state["layout"] = layout
+    if init is not None and "init" not in state:
+        state["init"] = {"checkpoint": str(args.init), "step": init["state"]["step"],
+                         "commands": init["state"].get("commands", [])}
     command = "csist train " + " ".join(sys.argv[2:] if argv is None else argv)
     state.setdefault("commands", []).append(command)
     stop = Stop()
@@ -156,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": cfg.to_dict(),
             "loss_weights": asdict(weights),
             "state": state,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "args": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+                     for k, v in vars(args).items()},
             "command": command,
             "hardware": {"device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": platform.processor()},
             "parameters": count_parameters(model),

@@ -263,6 +263,13 @@ def test_container_is_healthy_serves_unmix_and_drains_on_sigterm(cpu_image, netw
         card = REPO / "models/derefnet.json"
         if card.exists() and (REPO / "models/derefnet.onnx").exists():  # the bundled model
             assert answer["model"]["sha256"] == json.loads(card.read_text())["sha256"]
+        # the plan chosen at start-up, with the image's native kernels among the candidates
+        plan = httpx.get(f"{container.base_url}/v2/models/derefnet", timeout=30).json()["plan"]
+        rows = {row["plan"]: row for row in plan["candidates"]}
+        assert plan["requested"] == "auto" and rows[plan["name"]]["status"] == "chosen"
+        assert rows["native-deform"]["status"] in ("chosen", "passed"), rows["native-deform"]
+        REPORT.append(f"container plan {plan['name']} ({plan['host']['isa']}): "
+                      + ", ".join(f"{n} {r.get('ms_per_window', r['status'])}" for n, r in rows.items()))
 
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed

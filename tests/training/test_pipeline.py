@@ -50,6 +50,24 @@ def test_train_writes_resumable_checkpoints(run):
         train.main([*args, "--epochs", "3", "--batch", "2", "--resume", str(out / "last.pt")])
 
 
+def test_train_on_protocol_and_field_data_from_a_checkpoint(run, data, tmp_path):
+    """--data takes several data sets (trajectories concatenated); --init starts from a
+    checkpoint's weights with a fresh optimizer and step count and records where it came from."""
+    out, _ = run
+    field = tmp_path / "field"
+    assert simulate.main(["--scenario", "field", "--out", str(field), "--trajectories", "6", "--seed", "4",
+                          "--split", "0.5,0.5,0", "--quiet"]) == 0
+    tuned = tmp_path / "tuned"
+    assert train.main(["--data", str(data), str(field), "--out", str(tuned), "--epochs", "1", "--val-trajectories", "1",
+                       "--lr", "1e-3", "--threads", "1", "--init", str(out / "last.pt")]) == 0
+    ckpt = torch.load(tuned / "last.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 4 + 3  # protocol and field training trajectories, one epoch
+    assert ckpt["state"]["init"]["checkpoint"] == str(out / "last.pt") and ckpt["config"]["channels"] == 4
+    with pytest.raises(SystemExit, match="--init and --resume"):
+        train.main(["--data", str(data), "--out", str(tuned), "--init", str(out / "last.pt"),
+                    "--resume", str(tuned / "last.pt")])
+
+
 def test_qinit_is_fitted_on_training_data(run, data):
     out, _ = run
     q = torch.load(out / "last.pt", weights_only=False)["model"]["encoder.qinit"].numpy()
