@@ -38,7 +38,7 @@ Unmixing of closely-spaced infrared small targets with DeRefNet on ONNX Runtime.
 * `POST /unmix`: 1 to 64 consecutive 11x11 frames of one track in, the targets of every frame
   out (each frame is answered from the 5-frame window around it; edges replicated).
 * `WS /ws/unmix`: streaming, many tracks per connection; each frame is answered as soon as
-  frame t+2 of its track arrived (protocol in docs/service.md).
+  frame t+2 of its track arrived (protocol in docs/api.md).
 
 Coordinates: x = column, y = row, in pixels, pixel centres at integers, origin at the centre
 of the patch's top-left pixel; `sensor_x`/`sensor_y` add the frame's `origin`.
@@ -107,4 +107,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for module in (unmix, ws, models, health):
         app.include_router(module.router)
+    if settings.api_token is None:
+        _without_auth_in_schema(app)
     return app
+
+
+def _without_auth_in_schema(app: FastAPI) -> None:
+    """Without a configured token the service asks for none: the OpenAPI schema then declares
+    no security scheme, no ``token`` parameter and no 401 (schemathesis and clients read it)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.get("components", {}).pop("securitySchemes", None)
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    op.pop("security", None)
+                    op.get("responses", {}).pop("401", None)
+                    if "parameters" in op:
+                        op["parameters"] = [p for p in op["parameters"] if p.get("name") != "token"]
+                        if not op["parameters"]:
+                            del op["parameters"]
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -88,6 +88,11 @@ class Overloaded(RuntimeError):
     """The inference queue is full; retry later."""
 
 
+class DeadlineExceeded(Overloaded):
+    """A window could not start inference before its deadline (predicted at admission, or found
+    when its batch was gathered); it was not computed."""
+
+
 class ShuttingDown(RuntimeError):
     """The batcher no longer accepts work."""
 
@@ -116,6 +121,7 @@ class GroupResult:
     inference_s: float
     postprocess_s: float
     batch_size: int
+    refined: bool = True  # False: the requested fit was skipped to keep the deadline (network peaks)
 
 
 @dataclass
@@ -128,6 +134,8 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     shared_out: bool = False  # put back by a batch that shared its groups out: no second wait
+    deadline: float | None = None  # perf_counter time by which inference must start
+    owner: object | None = None  # who submitted it (a connection, a request): see Batcher.cancel
 
     @property
     def early(self) -> bool:
@@ -152,6 +160,7 @@ class Batcher:
         max_queue: int = 4096,
         workers: int = 1,
         pairs: bool = True,
+        window_s: float = 0.0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -162,6 +171,15 @@ class Batcher:
         self._head = plan.head if plan.streaming else None
         self._align = plan.align if pairs and plan.pairs else None
         self._fuse = plan.fuse if pairs and plan.pairs else None
+        # Measured costs (EWMA), for admission by predicted wait and for the fit's degradation:
+        # inference seconds per window (seeded by the plan choice's timing) and fit seconds per
+        # window in the post thread.
+        self.window_s = window_s
+        self.fit_s = 0.0
+        self._post_backlog = 0  # windows handed to the post thread, not yet done
+        self.shed = 0  # windows not computed: past their deadline (admission or dispatch)
+        self.degraded = 0  # windows answered without their fit to keep the deadline
+        self.cancelled = 0  # queued windows dropped because their submitter went away
         self.frames_encoded = 0  # frames run through ``encode`` (feature-cache path)
         self.windows_run = 0  # windows through ``head`` (or ``fuse``) or the single graph
         self.pairs_aligned = 0  # neighbours run through ``align``
@@ -207,7 +225,8 @@ class Batcher:
         can align a window's first neighbours before its last frame comes."""
         return self.caches_features and self._align is not None and self._fuse is not None
 
-    def submit_early(self, frames: np.ndarray, slots: list[FeatureSlot | None], pairs: list[FeatureSlot]) -> bool:
+    def submit_early(self, frames: np.ndarray, slots: list[FeatureSlot | None], pairs: list[FeatureSlot],
+                     owner: object | None = None) -> bool:
         """Queue the work a window allows before it is complete: encode the frames it has and
         align those neighbours to the middle frame, into ``slots`` / ``pairs``.
 
@@ -219,7 +238,7 @@ class Batcher:
         """
         if not self.caches_pairs or self._closing or self._worker is None:
             return False
-        self._early.append(_Item(frames[None], None, None, [slots], [pairs]))
+        self._early.append(_Item(frames[None], None, None, [slots], [pairs], owner=owner))
         self._wakeup.set()
         return True
 
@@ -229,12 +248,19 @@ class Batcher:
         options: PeakOptions,
         slots: list[list[FeatureSlot]] | None = None,
         pairs: list[list[FeatureSlot]] | None = None,
+        deadline_s: float | None = None,
+        owner: object | None = None,
     ) -> asyncio.Future:
         """Queue a group of windows; the returned future resolves to a :class:`GroupResult`.
 
         ``slots``: the feature slot of each frame of each window (see module docstring);
         ``pairs``: the slots of each window's aligned neighbours (shared with early work).
-        Raises Overloaded (queue full) or ShuttingDown immediately rather than waiting.
+        ``deadline_s``: seconds from now by which inference must start; a group that the queue
+        ahead of it would make miss it is refused at once (DeadlineExceeded), and one still
+        waiting at its deadline is dropped (its future raises DeadlineExceeded).
+        ``owner``: what :meth:`cancel` drops the group by.
+        Raises Overloaded (queue full), DeadlineExceeded or ShuttingDown immediately rather
+        than waiting.
         """
         if self._closing or self._worker is None:
             raise ShuttingDown("the service is shutting down")
@@ -245,16 +271,71 @@ class Batcher:
             raise Overloaded(
                 f"inference queue is full ({self._queued} of {self.max_queue} windows waiting)"
             )
+        now = time.perf_counter()
+        deadline = None if deadline_s is None else now + deadline_s
+        if deadline_s is not None and self.predicted_wait_s() > deadline_s:
+            self._shed(k)
+            raise DeadlineExceeded(
+                f"the {self._queued} windows queued ahead would start this one after its deadline of "
+                f"{deadline_s * 1000:.0f} ms (predicted wait {self.predicted_wait_s() * 1000:.0f} ms)"
+            )
         future = asyncio.get_running_loop().create_future()
         if slots is not None and len(slots) != k:
             raise ValueError(f"{len(slots)} slot rows for {k} windows")
         if pairs is not None and (slots is None or len(pairs) != k):
             raise ValueError(f"pair slots need feature slots, and one row per window ({k})")
-        self._items.append(_Item(windows, options, future, slots, pairs))
+        self._items.append(_Item(windows, options, future, slots, pairs, enqueued=now, deadline=deadline, owner=owner))
         self._queued += k
         self._metrics.queue_windows.set(self._queued)
         self._wakeup.set()
         return future
+
+    def predicted_wait_s(self) -> float:
+        """Seconds before a window submitted now would start inference: the windows queued
+        ahead of it at the measured cost per window, shared by the workers."""
+        return self._queued * self.window_s / self.workers
+
+    def cancel(self, owner: object) -> int:
+        """Drop the queued windows and early work of ``owner`` (a client that went away): their
+        futures are cancelled and nothing of them is computed. Returns the windows dropped; a
+        batch already running finishes."""
+        dropped = 0
+        for item in [i for i in self._items if i.owner is owner]:
+            self._items.remove(item)
+            dropped += item.size
+            if item.future is not None and not item.future.done():
+                item.future.cancel()
+        self._queued -= dropped
+        self.cancelled += dropped
+        early = [i for i in self._early if i.owner is not owner]
+        if len(early) != len(self._early):
+            self._early.clear()
+            self._early.extend(early)
+        self._metrics.queue_windows.set(self._queued)
+        if dropped:
+            self._metrics.cancelled_windows.inc(dropped)
+        return dropped
+
+    def _shed(self, windows: int) -> None:
+        self.shed += windows
+        self._metrics.shed_windows.inc(windows)
+
+    def _live(self, batch: list[_Item], now: float) -> list[_Item]:
+        """The items of a gathered batch still worth computing: not cancelled, and not past
+        their deadline (those are answered DeadlineExceeded now)."""
+        live = []
+        for item in batch:
+            if item.future is not None and item.future.done():  # cancelled by its caller
+                continue
+            if item.deadline is not None and now > item.deadline:
+                self._shed(item.size)
+                late = (now - item.enqueued) * 1000
+                item.future.set_exception(DeadlineExceeded(
+                    f"waited {late:.0f} ms for inference, past its deadline of "
+                    f"{(item.deadline - item.enqueued) * 1000:.0f} ms"))
+                continue
+            live.append(item)
+        return live
 
     async def stop(self) -> None:
         """Refuse new work, finish everything already queued, then stop the worker."""
@@ -358,6 +439,13 @@ class Batcher:
                 item.started = now
                 self._queued -= 0 if early else item.size
             self._metrics.queue_windows.set(self._queued)
+            batch = batch if early else self._live(batch, now)
+            if not batch:
+                self._busy -= 1
+                free_workers.release()
+                self._in_flight -= 1
+                in_flight.release()
+                continue
             claims = self._claim(batch)
             if early:  # no answers: not in the answer order, and nothing to do if all is done
                 if not claims[0] and not claims[1]:
@@ -435,6 +523,8 @@ class Batcher:
             if batch[0].early:
                 return  # nobody waits for early work; a failure leaves the pairs to their windows
             if error is None and results is None:
+                n = sum(item.size for item in batch)
+                self._post_backlog += n
                 try:
                     results = await loop.run_in_executor(
                         self._post_executor, self._postprocess, batch, maps, infer_s
@@ -442,6 +532,8 @@ class Batcher:
                 except Exception as exc:
                     log.exception("post-processing failed")
                     error = exc
+                finally:
+                    self._post_backlog -= n
             if previous is not None:
                 await asyncio.wait([previous])  # its outcome is its callers', not ours
         finally:
@@ -572,14 +664,32 @@ class Batcher:
             return None, time.perf_counter() - t0, None
         self._count(windows=n)
         infer_s = time.perf_counter() - t0
+        # a batch is cheaper per window than one window alone: the estimate follows what runs
+        self.window_s = infer_s / n if self.window_s == 0 else 0.8 * self.window_s + 0.2 * infer_s / n
         if not np.isfinite(maps).all():
             raise InferenceFailed("the model produced non-finite values")
         self._metrics.inference_seconds.observe(infer_s)
         self._metrics.batch_size.observe(n)
-        return maps, infer_s, self._postprocess(batch, maps, infer_s) if inline else None
+        degrade = not inline and self._late_for_fit(batch)
+        if degrade or inline:
+            return maps, infer_s, self._postprocess(batch, maps, infer_s, degrade)
+        return maps, infer_s, None
 
-    def _postprocess(self, batch: list[_Item], maps: np.ndarray, infer_s: float) -> list[GroupResult]:
-        """Targets of every window, one vectorised call per distinct options (post thread)."""
+    def _late_for_fit(self, batch: list[_Item]) -> bool:
+        """Whether the fit of this batch, queued behind the post thread's backlog at its
+        measured cost, would answer after the batch's earliest deadline."""
+        deadlines = [i.deadline for i in batch if i.deadline is not None]
+        if not deadlines or self.fit_s == 0:
+            return False
+        fit = sum(i.size for i in batch if i.options is not None and i.options.refine == "fit")
+        return time.perf_counter() + (self._post_backlog + fit) * self.fit_s > min(deadlines)
+
+    def _postprocess(self, batch: list[_Item], maps: np.ndarray, infer_s: float,
+                     degrade: bool = False) -> list[GroupResult]:
+        """Targets of every window, one vectorised call per distinct options (post thread).
+
+        ``degrade``: the windows asking for the fit get the network's peaks instead (answered
+        with ``refined`` False), because the fit would be late."""
         windows = self._windows(batch)
         n = windows.shape[0]
         bounds = np.cumsum([0] + [i.size for i in batch])
@@ -588,19 +698,28 @@ class Batcher:
             by_options.setdefault(item.options, []).append(k)
         peaks: list[list[np.ndarray] | None] = [None] * len(batch)
         post: list[float] = [0.0] * len(batch)
+        refined = [True] * len(batch)
         for opts, members in by_options.items():
             p0 = time.perf_counter()
             sel = np.concatenate([np.arange(bounds[k], bounds[k + 1]) for k in members])
+            skip_fit = degrade and opts.refine == "fit"
             found = find_targets(
                 maps[sel],
                 windows[sel],
                 threshold=opts.threshold,
-                refine=opts.refine,
+                refine="none" if skip_fit else opts.refine,
                 max_targets=opts.max_targets,
                 ratio=opts.ratio,
                 mode=opts.mode,
             )
             dt = time.perf_counter() - p0
+            if skip_fit:
+                self.degraded += len(sel)
+                self._metrics.degraded_windows.inc(len(sel))
+                for k in members:
+                    refined[k] = False
+            elif opts.refine == "fit":
+                self.fit_s = dt / len(sel) if self.fit_s == 0 else 0.8 * self.fit_s + 0.2 * dt / len(sel)
             at = 0
             for k in members:
                 size = batch[k].size
@@ -611,5 +730,5 @@ class Batcher:
         for k, item in enumerate(batch):
             queue_s = item.started - item.enqueued
             self._metrics.queue_wait_seconds.observe(queue_s)
-            results.append(GroupResult(peaks[k], queue_s, infer_s, post[k], n))
+            results.append(GroupResult(peaks[k], queue_s, infer_s, post[k], n, refined[k]))
         return results

@@ -92,6 +92,20 @@ class Settings(BaseSettings):
         " window neighbour by neighbour as soon as each pair is known, so that a completed window"
         " waits only for its last neighbour and the fusion",
     )
+    deadline_ms: float = Field(
+        500.0,
+        ge=0.0,
+        le=60_000.0,
+        description="per-window deadline: a window that cannot start inference within this many ms"
+        " of becoming complete is not computed and its frame is answered deadline_exceeded (REST:"
+        " 503 with Retry-After); the fit is skipped (refined: false) when it would answer later"
+        " than this. A connection (?deadline_ms=) or a frame's options override it; 0 = none",
+    )
+    require_token: bool = Field(
+        False,
+        description="refuse to start on a non-loopback address without CSIST_API_TOKEN (else: a"
+        " warning in the log)",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="windows per inference call")
     max_batch_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="how long the batcher waits to fill a batch"

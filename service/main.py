@@ -10,6 +10,7 @@ finish, and the lifespan ends after the queued inference. A second signal forces
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import asyncio
 import logging
 import signal
@@ -85,11 +86,24 @@ def build_server(settings: Settings, host: str = "127.0.0.1", port: int = 8000) 
     return CsistServer(config, app.state.runtime)
 
 
+def exposure_problem(host: str, settings: Settings) -> str | None:
+    """Why listening on ``host`` with these settings serves anyone who can reach it (None: it
+    does not: loopback only, or a token is required)."""
+    if settings.api_token is not None:
+        return None
+    try:
+        if host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return f"listening on {host} without CSIST_API_TOKEN: anyone who can reach it may use the service"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="csist serve",
         description="Run the CSIST unmixing service (FastAPI + ONNX Runtime). Other settings "
-        "come from CSIST_* environment variables (see docs/service.md).",
+        "come from CSIST_* environment variables (see docs/configuration.md).",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
@@ -121,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"csist serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    exposed = exposure_problem(args.host, settings)
+    if exposed is not None:
+        if settings.require_token:
+            print(f"csist serve: {exposed}; CSIST_REQUIRE_TOKEN forbids that", file=sys.stderr)
+            return 2
+        log.warning(exposed + " (set CSIST_API_TOKEN, or CSIST_REQUIRE_TOKEN=1 to refuse this)",
+                    extra={"host": args.host})
     server = build_server(settings, args.host, args.port)
     try:
         server.run()

@@ -102,6 +102,21 @@ class Metrics:
         self.errors = Counter(
             "csist_errors", "errors returned to clients, by code", ["code"], registry=r
         )
+        self.shed_windows = Counter(
+            "csist_shed_windows",
+            "windows not computed because they could not start inference before their deadline",
+            registry=r,
+        )
+        self.degraded_windows = Counter(
+            "csist_degraded_windows",
+            "windows answered with the network's peaks (refined: false) because the fit would be late",
+            registry=r,
+        )
+        self.cancelled_windows = Counter(
+            "csist_cancelled_windows",
+            "queued windows dropped because their client went away",
+            registry=r,
+        )
         self.ready = Gauge(
             "csist_ready",
             "1 when the model is loaded and warmed and the service not draining",

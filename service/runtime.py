@@ -69,6 +69,7 @@ class Runtime:
             max_queue=s.max_queue_windows,
             workers=workers,
             pairs=pairs,
+            window_s=self._timed_window_s(),
         )
         self.batcher.start()
         card = self.model.card
@@ -141,6 +142,20 @@ class Runtime:
         if self.batcher is not None:
             await self.batcher.stop()
         log.info("stopped")
+
+    def _timed_window_s(self) -> float:
+        """Seconds per window of the chosen plan as the choice timed it (0: not timed), the
+        batcher's first estimate for admission before it has measured batches of its own."""
+        row = next((r for r in self.selection.rows if r["plan"] == self.selection.plan.name), {})
+        return row.get("ms_per_window", 0.0) / 1000.0
+
+    def deadline_s(self, options: UnmixOptions | None, default_ms: float | None = None) -> float | None:
+        """A window's deadline in seconds: the frame's options, else the connection's default,
+        else ``CSIST_DEADLINE_MS``; None when that is 0 (no deadline)."""
+        ms = self.settings.deadline_ms if default_ms is None else default_ms
+        if options is not None and options.deadline_ms is not None:
+            ms = options.deadline_ms
+        return ms / 1000.0 if ms > 0 else None
 
     def peak_options(self, options: UnmixOptions | None) -> PeakOptions:
         """Request options completed with the model card's defaults."""

@@ -64,6 +64,12 @@ class UnmixOptions(BaseModel):
     max_targets: Annotated[int, Field(strict=True, ge=0, le=(SIZE * RATIO) ** 2)] | None = Field(
         None, description="keep at most this many (brightest) targets per frame"
     )
+    deadline_ms: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=60_000)] | None = Field(
+        None,
+        description="ms within which the window must start inference (else the frame is answered"
+        " deadline_exceeded) and the fit must answer (else it is skipped: refined false); 0 = none;"
+        " default: the connection's ?deadline_ms= or CSIST_DEADLINE_MS",
+    )
 
 
 class Frame(BaseModel):
@@ -106,6 +112,11 @@ class FrameResult(BaseModel):
     frame_index: int
     timestamp: float | None = None
     targets: list[Target]
+    refined: bool = Field(
+        True,
+        description="false when the requested fit was skipped to keep the deadline: the targets are"
+        " the network's peaks",
+    )
 
 
 class ModelRef(BaseModel):

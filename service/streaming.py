@@ -4,14 +4,20 @@ Protocol (JSON text messages):
 
 - client -> server ``{"type": "frame", "track_id", "frame_index", "patch", "origin"?,
   "timestamp"?, "options"?}`` and ``{"type": "end", "track_id"}``;
-- server -> client ``{"type": "result", "track_id", "frame_index", "timestamp", "targets"}``
-  for every frame once frame t+2 of its track arrived (or at end / gap / expiry / shutdown,
-  padded by replication); ``{"type": "error", "track_id", "frame_index", "code", "message"}``;
+- server -> client ``{"type": "result", "track_id", "frame_index", "timestamp", "targets",
+  "refined"}`` for every frame once frame t+2 of its track arrived (or at end / gap / expiry /
+  shutdown, padded by replication); ``refined`` is false when the fit was skipped to keep the
+  deadline; ``{"type": "error", "track_id", "frame_index", "code", "message"}``, with code
+  ``deadline_exceeded`` for a window that could not start inference within its deadline
+  (``CSIST_DEADLINE_MS``, the connection's ``?deadline_ms=``, or the frame's
+  ``options.deadline_ms``; counted from when the window is complete);
   ``{"type": "ended", "track_id", "frames"}`` after an end's results; ``{"type": "expired",
   "track_id", "reason"}`` when the server closes a track (``idle`` or ``shutdown``) after
   flushing it.
 
-Every frame gets exactly one result or one error. Tracks belong to the connection.
+Every frame gets exactly one result or one error. Tracks belong to the connection: when the
+client goes away its buffered frames are forgotten (no padded windows are flushed for it) and
+its queued windows and early work are dropped from the batcher.
 
 Feature cache: each track's segment keeps a feature slot per buffered frame next to the frame
 itself (``refine="fit"`` needs the raw LR window); with the model's streaming parts the batcher
@@ -38,7 +44,7 @@ import numpy as np
 from pydantic import ValidationError
 from starlette.websockets import WebSocket
 
-from service.batcher import Overloaded, PeakOptions, ShuttingDown
+from service.batcher import DeadlineExceeded, Overloaded, PeakOptions, ShuttingDown
 from service.runtime import Runtime, targets_payload
 from service.schemas import CLIENT_MESSAGE, EndMessage, FrameMessage, Origin, describe_errors
 from service.windows import SegmentWindows, Window
@@ -56,6 +62,7 @@ class FrameMeta:
     origin: Origin | None
     timestamp: float | None
     options: PeakOptions
+    deadline_s: float | None = None  # of the window this frame is the middle of
 
 
 @dataclass
@@ -87,6 +94,17 @@ def error_message(track_id: Any, frame_index: Any, code: str, message: str) -> d
     }
 
 
+def error_code(exc: Exception) -> str:
+    """The protocol's error code of a failed window."""
+    if isinstance(exc, DeadlineExceeded):
+        return "deadline_exceeded"
+    if isinstance(exc, Overloaded):
+        return "overloaded"
+    if isinstance(exc, ShuttingDown):
+        return "shutting_down"
+    return "inference_error"
+
+
 def _ids_of(text: str) -> tuple[Any, Any]:
     """Best-effort track_id and frame_index of a message that failed validation."""
     try:
@@ -101,8 +119,9 @@ def _ids_of(text: str) -> tuple[Any, Any]:
 class StreamSession:
     """State and tasks of one accepted WebSocket."""
 
-    def __init__(self, websocket: WebSocket, runtime: Runtime) -> None:
+    def __init__(self, websocket: WebSocket, runtime: Runtime, deadline_ms: float | None = None) -> None:
         self.ws = websocket
+        self.deadline_ms = deadline_ms  # the connection's ?deadline_ms=, else the setting
         self.rt = runtime
         self.settings = runtime.settings
         self.metrics = runtime.metrics
@@ -132,6 +151,7 @@ class StreamSession:
             janitor.cancel()
             if disconnected:
                 self._drop_all("disconnect")
+                self._cancel_pending()
             else:
                 await self._close_all("shutdown")
                 await self.outbox.put(_CLOSE)
@@ -144,6 +164,7 @@ class StreamSession:
             janitor.cancel()
             sender.cancel()
             self._drop_all("disconnect")
+            self._cancel_pending()
             self.rt.sessions.discard(self)
             self.metrics.ws_connections.dec()
             self._done.set()
@@ -158,6 +179,17 @@ class StreamSession:
                     "duration_s": round(time.monotonic() - opened, 3),
                 },
             )
+
+    def _cancel_pending(self) -> None:
+        """The client is gone: its queued windows and early work are dropped from the batcher,
+        and the answers still awaited are abandoned (nothing more is computed for it)."""
+        batcher = self.rt.batcher
+        if batcher is not None:
+            batcher.cancel(self)
+        while not self.outbox.empty():
+            entry = self.outbox.get_nowait()
+            if isinstance(entry, _Pending) and not entry.future.done():
+                entry.future.cancel()
 
     async def close(self, reason: str) -> None:
         """Ask the connection to flush its tracks and close with ``reason``; wait until it has."""
@@ -256,7 +288,8 @@ class StreamSession:
             if msg.frame_index != track.last_index + 1 or origin != track.last_origin:
                 windows += track.segment.flush()
         meta = FrameMeta(
-            msg.frame_index, msg.origin, msg.timestamp, self.rt.peak_options(msg.options)
+            msg.frame_index, msg.origin, msg.timestamp, self.rt.peak_options(msg.options),
+            self.rt.deadline_s(msg.options, self.deadline_ms),
         )
         windows += track.segment.push(np.asarray(msg.patch, dtype=np.float32), meta)
         track.last_index = msg.frame_index
@@ -267,7 +300,7 @@ class StreamSession:
         await self._submit(track.track_id, windows)
         if self.rt.batcher.caches_pairs:
             for early in track.segment.early():
-                self.rt.batcher.submit_early(early.frames, early.slots, early.pairs)
+                self.rt.batcher.submit_early(early.frames, early.slots, early.pairs, owner=self)
 
     async def _on_end(self, msg: EndMessage) -> None:
         track = self.tracks.pop(msg.track_id, None)
@@ -320,17 +353,17 @@ class StreamSession:
         """Send completed windows to the batcher; queue their pending answers in order."""
         if not windows:
             return
-        groups: dict[PeakOptions, list[Window]] = {}
+        groups: dict[tuple[PeakOptions, float | None], list[Window]] = {}
         for w in windows:
-            groups.setdefault(w.meta.options, []).append(w)
-        for options, group in groups.items():
+            groups.setdefault((w.meta.options, w.meta.deadline_s), []).append(w)
+        for (options, deadline_s), group in groups.items():
             try:
                 future = self.rt.batcher.submit(
                     np.stack([w.frames for w in group]), options, [w.slots for w in group],
-                    [w.pairs for w in group],
+                    [w.pairs for w in group], deadline_s=deadline_s, owner=self,
                 )
             except (Overloaded, ShuttingDown) as exc:
-                code = "overloaded" if isinstance(exc, Overloaded) else "shutting_down"
+                code = error_code(exc)
                 for w in group:
                     await self._error(track_id, w.meta.frame_index, code, str(exc))
                 continue
@@ -352,12 +385,12 @@ class StreamSession:
                 continue
             try:
                 result = await entry.future
-            except Exception as exc:  # inference failed for this batch
+            except Exception as exc:  # shed at its deadline, or inference failed for this batch
+                code = error_code(exc)
                 for meta in entry.metas:
-                    self.metrics.errors.labels("inference_error").inc()
-                    await self._send(
-                        error_message(entry.track_id, meta.frame_index, "inference_error", str(exc))
-                    )
+                    self._errors += 1
+                    self.metrics.errors.labels(code).inc()
+                    await self._send(error_message(entry.track_id, meta.frame_index, code, str(exc)))
                 continue
             n_targets = 0
             for meta, peaks in zip(entry.metas, result.peaks, strict=True):
@@ -369,6 +402,7 @@ class StreamSession:
                         "frame_index": meta.frame_index,
                         "timestamp": meta.timestamp,
                         "targets": targets_payload(peaks, meta.origin),
+                        "refined": result.refined,
                     }
                 )
             self.metrics.targets.labels("ws").inc(n_targets)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from service.batcher import InferenceFailed, Overloaded, ShuttingDown
+from service.batcher import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from service.deps import RuntimeDep, require_token
 from service.runtime import targets_payload
 from service.schemas import ErrorResponse, UnmixRequest, UnmixResponse
@@ -19,7 +20,8 @@ router = APIRouter(tags=["unmix"])
 ERROR_RESPONSES = {
     401: {"model": ErrorResponse, "description": "API token required"},
     413: {"model": ErrorResponse, "description": "request body too large"},
-    503: {"model": ErrorResponse, "description": "overloaded or shutting down; retry"},
+    503: {"model": ErrorResponse, "description": "overloaded, past the deadline (CSIST_DEADLINE_MS or"
+          " options.deadline_ms) or shutting down; retry after Retry-After seconds"},
 }
 
 
@@ -60,6 +62,12 @@ def frame_indices(body: UnmixRequest) -> list[int]:
     return given
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (its body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @router.post(
     "/unmix",
     response_model=UnmixResponse,
@@ -67,11 +75,15 @@ def frame_indices(body: UnmixRequest) -> list[int]:
     dependencies=[Depends(require_token)],
     summary="Unmix the targets of every frame of a short track",
 )
-async def unmix(body: UnmixRequest, runtime: RuntimeDep) -> dict:
+async def unmix(body: UnmixRequest, runtime: RuntimeDep, request: Request) -> dict | Response:
     """Each frame t is answered from the window of frames t-2..t+2 (edges replicated; a
     frame_index gap or a change of origin starts a new segment), so 5 frames give 5 results and the middle one uses
     no padding. Coordinates: x = column, y = row, pixel centres at integers, origin at the
-    patch's top-left pixel centre; sensor_x/sensor_y add the frame's origin."""
+    patch's top-left pixel centre; sensor_x/sensor_y add the frame's origin.
+
+    The windows must start inference within the deadline (``options.deadline_ms``, default
+    ``CSIST_DEADLINE_MS``), else 503; a fit that would answer later is skipped (``refined``
+    false). A client that disconnects before its answer has its queued windows dropped."""
     t0 = time.perf_counter()
     metrics = runtime.metrics
     indices = frame_indices(body)
@@ -84,8 +96,23 @@ async def unmix(body: UnmixRequest, runtime: RuntimeDep) -> dict:
     slots = [row for s in segments for row in sequence_slots(s.stop - s.start)]
     options = runtime.peak_options(body.options)
     metrics.frames.labels("rest").inc(len(indices))
+    owner = object()  # this request, for the batcher's cancel
     try:
-        result = await runtime.batcher.submit(windows, options, slots)
+        future = runtime.batcher.submit(windows, options, slots, deadline_s=runtime.deadline_s(body.options),
+                                        owner=owner)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if future not in done:  # nobody to answer: nothing more is computed for it
+            runtime.batcher.cancel(owner)
+            future.cancel()
+            return Response(status_code=499)
+        result = future.result()
+    except DeadlineExceeded as exc:
+        metrics.errors.labels("deadline_exceeded").inc()
+        raise HTTPException(503, detail=f"deadline_exceeded: {exc}", headers={"Retry-After": "1"}) from None
     except Overloaded as exc:
         raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
     except ShuttingDown as exc:
@@ -102,6 +129,7 @@ async def unmix(body: UnmixRequest, runtime: RuntimeDep) -> dict:
                 "frame_index": index,
                 "timestamp": frame.timestamp,
                 "targets": targets_payload(peaks, frame.origin),
+                "refined": result.refined,
             }
         )
     metrics.targets.labels("rest").inc(n_targets)

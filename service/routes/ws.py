@@ -35,5 +35,15 @@ async def ws_unmix(websocket: WebSocket) -> None:
         runtime.metrics.errors.labels("shutting_down").inc()
         await _refuse(websocket, 503, "the service is shutting down")
         return
+    deadline_ms = websocket.query_params.get("deadline_ms")
+    if deadline_ms is not None:
+        try:
+            deadline_ms = float(deadline_ms)
+        except ValueError:
+            deadline_ms = -1.0
+        if not 0.0 <= deadline_ms <= 60_000.0:  # also refuses nan
+            runtime.metrics.errors.labels("invalid_message").inc()
+            await _refuse(websocket, 422, "query parameter deadline_ms: a number of ms in [0, 60000]")
+            return
     await websocket.accept()
-    await StreamSession(websocket, runtime).run()
+    await StreamSession(websocket, runtime, deadline_ms).run()
