@@ -349,8 +349,41 @@ def ws_run(port: int, tracks: int, rate: float, seconds: float, seed: int, refin
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
     return {"offered_windows_per_s": rate, "tracks": tracks, "windows_per_s": summary["windows_per_s"],
             "answered": summary["answered"], "missing": summary["missing"], "errors": summary["errors"],
+            "error_codes": summary["error_codes"], "unrefined": summary["unrefined"],
+            "duplicates": summary["duplicates_dropped"],
             "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "ok": summary["ok"],
             "cso_map": summary["cso_map"]}
+
+
+def abandon_run(port: int, server: "ServerProcess", connections: int = 20, tracks: int = 256, frames: int = 2,
+                after_s: float = 5.0, seed: int = SEED) -> dict:
+    """``connections`` WebSockets each open ``tracks`` tracks with ``frames`` frames and vanish
+    (transport aborted, no close handshake); the server's CPU seconds in the ``after_s`` seconds
+    after the last one went are what it spent on work nobody will receive."""
+    from websockets.asyncio.client import connect
+
+    from training.replay import make_track
+
+    patches = [make_track(k, seed=seed).frames[:frames] for k in range(8)]
+
+    async def one(c: int) -> None:
+        ws = await connect(f"ws://127.0.0.1:{port}/ws/unmix", max_size=None)
+        for t in range(tracks):
+            for i in range(frames):
+                await ws.send(json.dumps({"type": "frame", "track_id": f"c{c}-t{t}", "frame_index": i,
+                                          "patch": patches[t % 8][i].tolist()}))
+        ws.transport.abort()
+
+    async def all_() -> None:
+        await asyncio.gather(*(one(c) for c in range(connections)))
+
+    t0 = time.perf_counter()
+    asyncio.run(all_())
+    sent_s = time.perf_counter() - t0
+    cpu0 = server.cpu_seconds()
+    time.sleep(after_s)
+    return {"connections": connections, "tracks": tracks, "frames_per_track": frames, "send_s": round(sent_s, 2),
+            "after_s": after_s, "server_cpu_s_after": round(server.cpu_seconds() - cpu0, 3), "target_cpu_s": 1.0}
 
 
 def rest_run(port: int, rate: float, seconds: float, frames: np.ndarray, per_request: int = 5,
@@ -425,6 +458,15 @@ def server_runs(model: Path, args, frames: np.ndarray, plan: str | None = None, 
             out["ws_saturation"] = ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine)
         if "rest" in phases:
             out["rest"] = rest_run(server.port, args.rest_rate, args.seconds, frames, refine=args.refine)
+        if "overload" in phases:  # twice what the server carried saturated, for the overload time
+            rate = 2 * out["ws_saturation"]["windows_per_s"]
+            out["ws_overload"] = ws_run(server.port, args.tracks, rate, args.overload_seconds, SEED + 2, args.refine)
+        if "fit" in phases:  # the fit asked for at the inference capacity (refine none, saturated)
+            out["ws_fit"] = ws_run(server.port, args.tracks, out["ws_saturation"]["windows_per_s"], args.seconds,
+                                   SEED + 3, "fit")
+        if "abandon" in phases:
+            out["abandon"] = (abandon_run(server.port, server, 2, 8, after_s=1.0) if args.quick
+                              else abandon_run(server.port, server))
         out["server_cpu_s"] = server.cpu_seconds() - cpu0
         return out
     finally:
@@ -541,7 +583,8 @@ def run(args) -> dict:
     if not args.no_server:
         # the served plan (auto unless --server-setting plan=...) and, side by side in the same run,
         # the stock plan at the same saturating load
-        server = {"cached": server_runs(args.model, args, trajectories)}
+        main_phases = ("ws_fixed", "ws_saturation", "rest") + (() if args.no_overload else ("overload", "fit", "abandon"))
+        server = {"cached": server_runs(args.model, args, trajectories, phases=main_phases)}
         if m.encoder is not None and not args.no_stock_server and server["cached"].get("plan") != "onnxruntime":
             server["stock plan"] = server_runs(args.model, args, trajectories, "onnxruntime", phases=("ws_saturation",))
         if "align" in m.card.get("parts", {}) and not args.no_pair_ab:
@@ -559,6 +602,16 @@ def run(args) -> dict:
         if stock is not None and stock["ws_saturation"]["windows_per_s"]:
             ratios["server_plan_vs_stock_saturation"] = (c["ws_saturation"]["windows_per_s"]
                                                          / stock["ws_saturation"]["windows_per_s"])
+        deadline_ms = float(server_settings(args.server_setting).get("deadline_ms", 500.0))
+        if "ws_overload" in c:
+            o, f = c["ws_overload"], c["ws_fit"]
+            report["overload"] = {
+                "deadline_ms": deadline_ms, "offered": o["offered_windows_per_s"], "answered": o["answered"],
+                "shed": o["error_codes"].get("deadline_exceeded", 0), "other_errors": o["errors"]
+                - o["error_codes"].get("deadline_exceeded", 0), "missing": o["missing"], "duplicates": o["duplicates"],
+                "p50_ms": o["p50_ms"], "p99_ms": o["p99_ms"], "target_p99_ms": 1.5 * deadline_ms,
+                "fit_p99_ms": f["p99_ms"], "fit_unrefined": f["unrefined"], "fit_answered": f["answered"],
+                "fit_missing": f["missing"], "fit_errors": f["errors"], "abandon": c["abandon"]}
         report["done_when"] = {
             "ws_saturation_windows_per_s": c["ws_saturation"]["windows_per_s"], "target_windows_per_s": 150,
             "ws_p99_ms_at_offered": c["ws_fixed"]["p99_ms"], "offered": args.rate, "target_p99_ms": 50,
@@ -611,11 +664,25 @@ def markdown(report: dict) -> str:
     if "server" in report:
         rows = []
         for name, s in report["server"].items():
-            for key, label in (("ws_fixed", "WebSocket, fixed rate"), ("ws_saturation", "WebSocket, saturating"), ("rest", "REST, fixed rate")):
+            for key, label in (("ws_fixed", "WebSocket, fixed rate"), ("ws_saturation", "WebSocket, saturating"),
+                               ("ws_overload", "WebSocket, 2x saturated (deadline)"),
+                               ("ws_fit", "WebSocket, refine=fit at the saturated rate"), ("rest", "REST, fixed rate")):
                 if key in s:
                     r = s[key]
                     rows.append([f"{label} ({name})", r.get("tracks", "-"), r["offered_windows_per_s"], r["windows_per_s"],
                                  r["p50_ms"], r["p95_ms"], r["p99_ms"]])
+        if "overload" in report:
+            o = report["overload"]
+            a = o["abandon"]
+            out.append(
+                f"\nOverload (CSIST_DEADLINE_MS={o['deadline_ms']:g}): {o['offered']:.0f} windows/s offered (2x saturated) "
+                f"-> {o['answered']} answered (p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms; target <= "
+                f"{o['target_p99_ms']:.0f}), {o['shed']} shed (deadline_exceeded), {o['other_errors']} other errors, "
+                f"{o['missing']} missing, {o['duplicates']} duplicates. Fit at the saturated rate: p99 "
+                f"{o['fit_p99_ms']:.1f} ms, {o['fit_unrefined']} of {o['fit_answered']} answered without the fit, "
+                f"{o['fit_missing']} missing, {o['fit_errors']} errors. {a['connections']} connections x {a['tracks']} "
+                f"tracks x {a['frames_per_track']} frames vanished: {a['server_cpu_s_after']} s of server CPU in the "
+                f"next {a['after_s']:g} s (target < {a['target_cpu_s']:g}).\n")
         out.append("\nReal server end to end (loopback, client on the same machine):\n\n")
         out.append(md_table(["load", "tracks", "offered windows/s", "windows/s", "p50 ms", "p95 ms", "p99 ms"], rows))
         d = report["done_when"]
@@ -655,6 +722,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-server", action="store_true", help="skip the end-to-end server runs")
     p.add_argument("--no-uncached-server", action="store_true",
                    help="skip the server run on the single graph (CSIST_PLAN=onnxruntime-single)")
+    p.add_argument("--no-overload", action="store_true",
+                   help="skip the overload rows: twice the saturated rate offered, the fit at the saturated rate, "
+                        "and 20 connections x 256 tracks vanishing")
+    p.add_argument("--overload-seconds", type=float, default=20.0, help="seconds of the overload phase")
     p.add_argument("--no-stock-server", action="store_true",
                    help="skip the saturating server run on the stock plan (CSIST_PLAN=onnxruntime)")
     p.add_argument("--no-pair-ab", action="store_true",
@@ -670,6 +741,7 @@ def main(args) -> int:
     if args.quick:
         args.windows = min(args.windows, 64)
         args.seconds = min(args.seconds, 1.0)
+        args.overload_seconds = min(args.overload_seconds, 1.0)
     report = run(args)
     text = markdown(report)
     write_outputs(report, args.out, text, args.markdown)

@@ -6,7 +6,7 @@ was most of the remaining time. Two kernels replace it in a part split by ``csis
 - ``"amx"``: Intel AMX tiles in bfloat16 (inputs and weights rounded to 8 significant bits, sums
   in float32) for the convolutions with 32-channel input; several times ONNX Runtime's float32
   speed on a CPU with AMX (Intel Sapphire Rapids and later). A reduced-precision path: the card
-  records its measured accuracy (see ``CSIST_CONV_KERNEL``).
+  records its measured accuracy; the `amx` execution plan runs it (``service/engine/plans.py``).
 - ``"direct"``: float32, for convolutions with at most 8 input or output channels, which ONNX
   Runtime ran at under a tenth of its 32-channel speed.
 

@@ -4,7 +4,7 @@ ONNX Runtime's CPU ``DeformConv`` took 61 % of the head's time; this kernel comp
 function (torchvision / ONNX ``DeformConv`` semantics, checked against both by the tests) about
 twice as fast on one thread. It is built at install time as the optional extension
 ``service._deform``; :data:`AVAILABLE` says whether it was, and the service falls back to
-ONNX Runtime's kernel when it was not (see ``CSIST_DEFORM_KERNEL``).
+ONNX Runtime's kernel when it was not (the ``native-deform`` and ``amx`` execution plans use it).
 
     conv = DeformConv3x3(weight, bias)   # weight (C_out, C_in, 3, 3)
     y = conv(x, offset)                  # x (N, C_in, H, W), offset (N, 18, H, W) -> (N, C_out, H, W)

@@ -1,4 +1,4 @@
-"""Turn DeRefNet's HR map into a target list (DESIGN.md section 5), numpy only.
+"""Turn DeRefNet's HR map into a target list (docs/method.md section 5), numpy only.
 
 The network outputs a ``ratio*size`` square HR map per window that is near zero except at
 target cells, where it approaches the target's brightness (~220-250). A target is a local

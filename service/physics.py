@@ -1,4 +1,4 @@
-"""Forward model of a long-range infrared sensor (DESIGN.md section 2), numpy only.
+"""Forward model of a long-range infrared sensor (docs/method.md section 2), numpy only.
 
 A point target of brightness ``a`` at sub-pixel position (x, y) is blurred by an isotropic
 Gaussian PSF (sigma 0.5 px, the SeqCSIST value) and integrated over each detector pixel.

@@ -1,7 +1,7 @@
 """Physics refinement of the network's targets over a whole window (``refine="fit"``).
 
 Why: the network answers on the 1/3-px HR grid, and a perfect cell-centre answer scores only
-about CSO-mAP 50 (DESIGN.md section 5). The frames themselves hold the sub-cell information,
+about CSO-mAP 50 (docs/method.md section 5). The frames themselves hold the sub-cell information,
 and a window holds 5 of them. This module fits the middle frame's targets to all LR frames of
 the window through the forward model of :mod:`service.physics` (numpy + scipy only: the
 service runs it).
@@ -329,7 +329,7 @@ def fit_window(
 def _frame_times(frames: np.ndarray) -> np.ndarray:
     """Frame times relative to the middle frame, replicated edge frames given their copy's time.
 
-    A track's first and last frames are replicated to fill its windows (DESIGN.md section 7):
+    A track's first and last frames are replicated to fill its windows (docs/method.md section 7):
     [f0, f0, f0, f1, f2] for the first frame, [f0, f0, f1, f2, f3] for the second. A frame
     bit-identical to its neighbour toward the middle is taken for such a copy. Real frames are
     never identical in practice (noise, motion), and where they are (a static, noise-free

@@ -1,4 +1,4 @@
-"""Reader and writer of the SeqCSIST on-disk format (DESIGN.md section 3).
+"""Reader and writer of the SeqCSIST on-disk format (docs/method.md section 3).
 
 One format for our simulated data and for the published data set, so that a user who has the
 real SeqCSIST data can train on it unchanged::

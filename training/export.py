@@ -11,7 +11,7 @@ through ``torchvision.ops.deform_conv2d`` as ONNX ``DeformConv`` with torch's dy
 (the legacy exporter fails on it). The export is checked with ``onnx.checker`` and against
 PyTorch on simulated windows in ONNX Runtime before the card is written.
 
-Beside the single graph it writes the two parts a stream needs (DESIGN section 7): the
+Beside the single graph it writes the two parts a stream needs (docs/method.md section 7): the
 per-frame encoder ``<out>.encoder.onnx`` (``lr_frames`` (N, 11, 11) -> ``features`` (N, 1089),
 the stage-9 estimates in network units, i.e. divided by ``config.scale``) and the window head
 ``<out>.head.onnx`` (``features`` (B, 5, 1089) -> ``hr`` (B, 33, 33) in sensor units, holding

@@ -1,7 +1,7 @@
 """``csist simulate --scenario field``: patches like the ones a real IRST pipeline sends.
 
-The SeqCSIST protocol (``training/simulate.py``) is the benchmark, not the world (DESIGN.md
-section 5b). This scenario keeps its on-disk format (PNG frames, ``COS<n>.xml`` annotations
+The SeqCSIST protocol (``training/simulate.py``) is the benchmark, not the world (docs/method.md
+section 3.3). This scenario keeps its on-disk format (PNG frames, ``COS<n>.xml`` annotations
 with brightness in sensor units, ``meta.json``) and draws every nuisance a detector's patch
 has, per trajectory, from a range. Every range is a flag; a flag given one value fixes that
 nuisance, so a benchmark can make one condition at a time (``--background clutter

@@ -1,4 +1,4 @@
-"""CSO-mAP, the SeqCSIST detection metric (DESIGN.md section 6), plus two diagnostics.
+"""CSO-mAP, the SeqCSIST detection metric (docs/method.md section 6), plus two diagnostics.
 
 A frame's detections are rows (x, y, score) -- the score is the estimated brightness -- and
 its ground truth rows (x, y, brightness), all in LR pixel units. For a distance threshold d:

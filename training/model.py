@@ -1,7 +1,7 @@
 """DeRefNet: deep unfolding + temporal deformable alignment for sequential CSIST unmixing.
 
 After Zhai et al., "SeqCSIST: Sequential Closely-Spaced Infrared Small Target Unmixing",
-IEEE TGRS 2025 (section IV), as specified in DESIGN.md section 4:
+IEEE TGRS 2025 (section IV), as specified in docs/method.md section 4:
 
     LR window (B, 5, 11, 11)
       -> H0 = Qinit @ L per frame                      (least-squares initialisation)
@@ -326,7 +326,7 @@ class LossWeights:
 
 
 def derefnet_loss(model: DeRefNet, frames, hr_truth, weights: LossWeights = LossWeights()):
-    """The SeqCSIST loss (DESIGN section 4.6) over trajectories.
+    """The SeqCSIST loss (docs/method.md section 4.6) over trajectories.
 
     frames (B, T, 11, 11) sensor units; hr_truth (B, T-4, 33, 33) brightness of each window's
     middle frame. Returns the total and its three parts (as floats for logging).
@@ -341,7 +341,7 @@ def derefnet_loss(model: DeRefNet, frames, hr_truth, weights: LossWeights = Loss
 
 
 def fit_qinit(lr_frames: np.ndarray, hr_maps: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
-    """Least-squares LR -> HR initialisation Qinit = X Y^T (Y Y^T)^-1 (DESIGN section 4.1).
+    """Least-squares LR -> HR initialisation Qinit = X Y^T (Y Y^T)^-1 (docs/method.md section 4.1).
 
     Training passes the observed training frames as Y (8-bit, off-cell targets, clipped at
     255) rather than Phi X: Qinit is then the best linear map from what the sensor really

@@ -3,7 +3,7 @@
 It plays the part of an infrared tracker next to the unmixing service: ``--tracks`` tracks at
 a time, each a SeqCSIST-protocol trajectory (``training.simulate``; ``--track-frames`` frames,
 optional sensor noise ``--noise``), sent frame by frame at ``--fps`` frames per second per track
-over one WebSocket (``/ws/unmix``, protocol in docs/service.md): ``frame`` messages, then
+over one WebSocket (``/ws/unmix``, protocol in docs/api.md): ``frame`` messages, then
 ``end`` when a trajectory is over, after which a new track takes its slot. Because it knows the
 truth, it scores what comes back: once a second it prints the answers per second (one answer is
 one window), p50/p95 latency (from sending frame t+2, or the ``end``, to frame t's result), the
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections import Counter
 import gc
 import json
 import math
@@ -219,6 +220,7 @@ class Replay:
         self.reconnects = 0
         self.connections = 0
         self.stray_errors: list[dict] = []
+        self.unrefined = 0  # results answered without their fit (the server kept the deadline)
         self.fatal: str | None = None
         self._ws: ClientConnection | None = None
         self._lock = asyncio.Lock()
@@ -287,6 +289,8 @@ class Replay:
             "answered": answered,
             "missing": len(missing),
             "errors": len(failed),
+            "error_codes": dict(Counter(self.tracks[t].errors[i].get("code") for t, i in failed)),
+            "unrefined": self.unrefined,
             "missing_frames": missing[:100],
             "error_frames": failed[:100],
             "stray_errors": self.stray_errors[:20],
@@ -529,6 +533,7 @@ class Replay:
             return
         targets = msg.get("targets", [])
         track.results[idx] = targets
+        self.unrefined += msg.get("refined") is False
         track.errors.pop(idx, None)
         trigger = track.sent_at.get(idx + CONTEXT)
         if trigger is None:

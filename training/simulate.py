@@ -5,7 +5,7 @@ dispatches to ``training/field.py``, which draws backgrounds, brightness, PSF, n
 depth and group geometry from wide ranges into the same format (its docstring has its rules).
 
 The published SeqCSIST data cannot be downloaded here, so we regenerate it by the paper's
-rules (SeqCSIST, section III; DESIGN.md section 3). Every rule is a flag with the paper's
+rules (SeqCSIST, section III; docs/method.md section 3). Every rule is a flag with the paper's
 default:
 
 - K targets per trajectory, K uniform over ``--targets`` (2-4; up to 8 allowed).

@@ -3,7 +3,7 @@
     csist split-amx --model models/derefnet.onnx                 # split and check (AMX CPU needed)
     csist split-amx --model models/derefnet.onnx --eval-data data/seqcsist-test-s1001 \
         --max-map-drop 0.5                                       # how the bundled model was split
-    CSIST_CONV_KERNEL=onnxruntime csist serve                    # serve without it
+    CSIST_PLAN=onnxruntime csist serve                           # serve without it
 
 On a CPU with AMX (Intel Sapphire Rapids and later) ``service/conv.py`` computes a 3x3 Conv with
 32-channel input several times faster than ONNX Runtime's float32 Conv, in bfloat16 with float32

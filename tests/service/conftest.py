@@ -2,7 +2,7 @@
 
 The stand-in model has the real model's interface (input "lr" (batch, 5, 11, 11), output "hr"
 (batch, 33, 33), dynamic batch) and is a single MatMul: a temporally weighted sum of the 5
-frames mapped to the HR grid by the least-squares map Qinit of DESIGN.md section 4.1, fitted
+frames mapped to the HR grid by the least-squares map Qinit of docs/method.md section 4.1, fitted
 here on random sparse targets. It is deterministic, fast, gives real peaks on simulated
 frames, and its output depends on every frame of the window (so windowing errors show).
 """

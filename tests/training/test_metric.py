@@ -254,7 +254,7 @@ def test_localisation_error():
 
 
 def _reference_cso_map(dets, gts, thresholds):
-    """DESIGN.md section 6 as plain loops, to cross-check the vectorised code."""
+    """docs/method.md section 6 as plain loops, to cross-check the vectorised code."""
     ranked = sorted(
         ((f, k) for f, frame in enumerate(dets) for k in range(len(frame))),
         key=lambda fk: -dets[fk[0]][fk[1]][2],  # sorted() is stable

@@ -18,7 +18,7 @@ SMALL = dict(stages=2, channels=8, res_blocks=1)
 
 
 def test_full_size_model_matches_reference_parameter_count():
-    # DESIGN section 4.8: about 1.48M parameters counted from the reference code, 1.19M of
+    # docs/method.md section 4.8: about 1.48M parameters counted from the reference code, 1.19M of
     # them in the 1089x1089 temporal Linear.
     model = DeRefNet()
     n = count_parameters(model)
