@@ -64,6 +64,7 @@ from service.windows import HALF, NEIGHBOURS, WINDOW, FeatureSlot, fuse_features
 log = logging.getLogger("service.batcher")
 
 MAX_POSTPROCESS_BACKLOG = 2  # inferred batches that may wait for post-processing
+BATCH_SHARE_OF_DEADLINE = 0.25  # of a window's deadline, the longest a batch holding it may run
 EARLY_BATCH = 4  # early windows (about 6 pairs) per batch: a burst waits at most that long
 class Plan(Protocol):
     """What the batcher needs of an execution plan (``service.engine.plans``): windows -> maps,
@@ -385,9 +386,10 @@ class Batcher:
                 n += 1
             return batch
         deadline = time.perf_counter() + (0.0 if first.shared_out else self.max_wait_s)
-        while n < self.max_batch:
+        cap = min(self.max_batch, self._batch_cap(first))
+        while n < cap:
             if self._items:
-                if n + self._items[0].size > self.max_batch:
+                if n + self._items[0].size > min(cap, self._batch_cap(self._items[0])):
                     break  # the next group waits for the next batch, groups are not split
                 item = self._items.popleft()
             else:
@@ -396,6 +398,7 @@ class Batcher:
                     break
             batch.append(item)
             n += item.size
+            cap = min(cap, self._batch_cap(item))
         # _busy and _in_flight count this batch already; a share is only worth splitting off if a
         # worker and an in-flight slot are free for it now
         idle_others = min(self.workers - self._busy, self.workers + MAX_POSTPROCESS_BACKLOG - self._in_flight)
@@ -407,6 +410,14 @@ class Batcher:
             # worker takes whole would leave the others idle while it works through it
             batch = self._keep(batch, -(-self._queued // self.workers))
         return batch
+
+    def _batch_cap(self, item: _Item) -> int:
+        """The most windows a batch holding ``item`` may take: at the measured cost per window,
+        a batch lasts at most a quarter of the item's deadline, so that what starts in time also
+        answers in time (large batches would add their whole duration to every answer)."""
+        if item.deadline is None or self.window_s <= 0:
+            return self.max_batch
+        return max(1, int(BATCH_SHARE_OF_DEADLINE * (item.deadline - item.enqueued) / self.window_s))
 
     def _keep(self, batch: list[_Item], windows: int) -> list[_Item]:
         """The first groups of ``batch`` holding at least ``windows`` windows; the rest go back

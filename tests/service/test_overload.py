@@ -76,6 +76,44 @@ def test_a_window_still_queued_at_its_deadline_is_not_computed():
     assert model.calls == [1] and b.shed == 1
 
 
+def test_a_batch_lasts_at_most_a_quarter_of_its_windows_deadline():
+    """At 0.05 s per window, windows with a 0.45 s deadline go at most 2 to a batch (so that what
+    starts in time answers in time); without a deadline the batch takes all that waits."""
+    calls = []
+
+    def per_window(windows):
+        calls.append(len(windows))
+        time.sleep(0.05 * len(windows))
+        return FakeModel()(windows)
+
+    async def main_(deadline_s):
+        b = Batcher(FunctionPlan(per_window), Metrics(), max_batch=64, max_wait_s=0.0, window_s=0.05)
+        b.start()
+        first = b.submit(windows_with([0]), OPTS)
+        await asyncio.sleep(0.01)
+        rest = [b.submit(windows_with([v]), OPTS, deadline_s=deadline_s) for v in range(1, 7)]
+        await asyncio.gather(first, *rest)
+        await b.stop()
+
+    run(main_(0.45))
+    assert calls == [1, 2, 2, 2]
+    calls.clear()
+    run(main_(None))
+    assert calls == [1, 6]
+
+
+def test_batch_cap_follows_the_deadline():
+    model = FakeModel()
+    b = Batcher(FunctionPlan(model), Metrics(), max_batch=64, window_s=0.1)
+    from service.batcher import _Item
+
+    item = _Item(windows_with([1]), OPTS, None, enqueued=0.0, deadline=0.8)
+    assert b._batch_cap(item) == 2
+    assert b._batch_cap(_Item(windows_with([1]), OPTS, None)) == 64
+    b.window_s = 0.0  # nothing measured yet: no cap
+    assert b._batch_cap(item) == 64
+
+
 def test_cancel_drops_an_owners_queued_windows_and_early_work():
     model = FakeModel()
     gone, stays = object(), object()
