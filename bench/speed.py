@@ -336,11 +336,14 @@ class ServerProcess:
                 self.proc.wait(10)
 
 
-def ws_run(port: int, tracks: int, rate: float, seconds: float, seed: int, refine: str | None = None) -> dict:
-    """The replay client: ``tracks`` tracks at ``rate`` windows/s in total for ``seconds``."""
+def ws_run(port: int, tracks: int, rate: float, seconds: float, seed: int, refine: str | None = None,
+           deadline_ms: float | None = None) -> dict:
+    """The replay client: ``tracks`` tracks at ``rate`` windows/s in total for ``seconds``
+    (``deadline_ms``: the connection's ``?deadline_ms=``; None: the server's setting)."""
     from training.replay import Replay, ReplayConfig
 
-    cfg = ReplayConfig(url=f"ws://127.0.0.1:{port}/ws/unmix", tracks=tracks, fps=rate / tracks,
+    query = "" if deadline_ms is None else f"?deadline_ms={deadline_ms:g}"
+    cfg = ReplayConfig(url=f"ws://127.0.0.1:{port}/ws/unmix{query}", tracks=tracks, fps=rate / tracks,
                        seconds=seconds, seed=seed, quiet=True, report_every=3600.0, drain_timeout=60.0,
                        refine=refine)
     replay = Replay(cfg, out=io.StringIO())
@@ -454,13 +457,15 @@ def server_runs(model: Path, args, frames: np.ndarray, plan: str | None = None, 
                "refine": args.refine, **server.plan()}
         if "ws_fixed" in phases:
             out["ws_fixed"] = ws_run(server.port, args.tracks, args.rate, args.seconds, SEED, args.refine)
-        if "ws_saturation" in phases:
-            out["ws_saturation"] = ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine)
+        if "ws_saturation" in phases:  # capacity: every window computed, however late (no deadline)
+            out["ws_saturation"] = ws_run(server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine,
+                                          deadline_ms=0)
         if "rest" in phases:
             out["rest"] = rest_run(server.port, args.rest_rate, args.seconds, frames, refine=args.refine)
         if "overload" in phases:  # twice what the server carried saturated, for the overload time
             rate = 2 * out["ws_saturation"]["windows_per_s"]
             out["ws_overload"] = ws_run(server.port, args.tracks, rate, args.overload_seconds, SEED + 2, args.refine)
+            out["ws_overload"]["deadline_ms"] = "server setting"
         if "fit" in phases:  # the fit asked for at the inference capacity (refine none, saturated)
             out["ws_fit"] = ws_run(server.port, args.tracks, out["ws_saturation"]["windows_per_s"], args.seconds,
                                    SEED + 3, "fit")
@@ -664,7 +669,7 @@ def markdown(report: dict) -> str:
     if "server" in report:
         rows = []
         for name, s in report["server"].items():
-            for key, label in (("ws_fixed", "WebSocket, fixed rate"), ("ws_saturation", "WebSocket, saturating"),
+            for key, label in (("ws_fixed", "WebSocket, fixed rate"), ("ws_saturation", "WebSocket, saturating (no deadline)"),
                                ("ws_overload", "WebSocket, 2x saturated (deadline)"),
                                ("ws_fit", "WebSocket, refine=fit at the saturated rate"), ("rest", "REST, fixed rate")):
                 if key in s:
