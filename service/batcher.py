@@ -90,8 +90,8 @@ class Overloaded(RuntimeError):
 
 
 class DeadlineExceeded(Overloaded):
-    """A window could not start inference before its deadline (predicted at admission, or found
-    when its batch was gathered); it was not computed."""
+    """A window could not be inferred by its deadline (predicted at admission from the queue
+    ahead, or found when its batch was gathered); it was not computed."""
 
 
 class ShuttingDown(RuntimeError):
@@ -256,9 +256,10 @@ class Batcher:
 
         ``slots``: the feature slot of each frame of each window (see module docstring);
         ``pairs``: the slots of each window's aligned neighbours (shared with early work).
-        ``deadline_s``: seconds from now by which inference must start; a group that the queue
-        ahead of it would make miss it is refused at once (DeadlineExceeded), and one still
-        waiting at its deadline is dropped (its future raises DeadlineExceeded).
+        ``deadline_s``: seconds from now by which its inference must be done; a group that the
+        queue ahead of it would make miss it is refused at once (DeadlineExceeded), and one that
+        can no longer make it when its batch is gathered is dropped (its future raises
+        DeadlineExceeded). The fit is skipped for windows it would make late.
         ``owner``: what :meth:`cancel` drops the group by.
         Raises Overloaded (queue full), DeadlineExceeded or ShuttingDown immediately rather
         than waiting.
@@ -274,10 +275,10 @@ class Batcher:
             )
         now = time.perf_counter()
         deadline = None if deadline_s is None else now + deadline_s
-        if deadline_s is not None and self.predicted_wait_s() > deadline_s:
+        if deadline_s is not None and self.predicted_wait_s() + k * self.window_s > deadline_s:
             self._shed(k)
             raise DeadlineExceeded(
-                f"the {self._queued} windows queued ahead would start this one after its deadline of "
+                f"the {self._queued} windows queued ahead would make this one miss its deadline of "
                 f"{deadline_s * 1000:.0f} ms (predicted wait {self.predicted_wait_s() * 1000:.0f} ms)"
             )
         future = asyncio.get_running_loop().create_future()
@@ -322,17 +323,18 @@ class Batcher:
         self._metrics.shed_windows.inc(windows)
 
     def _live(self, batch: list[_Item], now: float) -> list[_Item]:
-        """The items of a gathered batch still worth computing: not cancelled, and not past
-        their deadline (those are answered DeadlineExceeded now)."""
+        """The items of a gathered batch still worth computing: not cancelled, and able to make
+        their deadline when the batch ends (the others are answered DeadlineExceeded now)."""
         live = []
+        end = now + sum(item.size for item in batch) * self.window_s
         for item in batch:
             if item.future is not None and item.future.done():  # cancelled by its caller
                 continue
-            if item.deadline is not None and now > item.deadline:
+            if item.deadline is not None and end > item.deadline:
                 self._shed(item.size)
                 late = (now - item.enqueued) * 1000
                 item.future.set_exception(DeadlineExceeded(
-                    f"waited {late:.0f} ms for inference, past its deadline of "
+                    f"waited {late:.0f} ms for inference, too long to be answered within its deadline of "
                     f"{(item.deadline - item.enqueued) * 1000:.0f} ms"))
                 continue
             live.append(item)
