@@ -64,6 +64,9 @@ from service.windows import HALF, NEIGHBOURS, WINDOW, FeatureSlot, fuse_features
 log = logging.getLogger("service.batcher")
 
 MAX_POSTPROCESS_BACKLOG = 2  # inferred batches that may wait for post-processing
+# Of a window's deadline, the share kept for what follows the batcher: the answer's trip through
+# the event loop and the socket, which the batcher does not see.
+DEADLINE_DELIVERY_SHARE = 0.1
 BATCH_SHARE_OF_DEADLINE = 0.25  # of a window's deadline, the longest a batch holding it may run
 EARLY_BATCH = 4  # early windows (about 6 pairs) per batch: a burst waits at most that long
 class Plan(Protocol):
@@ -274,8 +277,9 @@ class Batcher:
                 f"inference queue is full ({self._queued} of {self.max_queue} windows waiting)"
             )
         now = time.perf_counter()
-        deadline = None if deadline_s is None else now + deadline_s
-        if deadline_s is not None and self.predicted_wait_s() + k * self.window_s > deadline_s:
+        budget_s = None if deadline_s is None else deadline_s * (1.0 - DEADLINE_DELIVERY_SHARE)
+        deadline = None if budget_s is None else now + budget_s
+        if budget_s is not None and self.predicted_wait_s() + k * self.window_s > budget_s:
             self._shed(k)
             raise DeadlineExceeded(
                 f"the {self._queued} windows queued ahead would make this one miss its deadline of "
@@ -335,7 +339,7 @@ class Batcher:
                 late = (now - item.enqueued) * 1000
                 item.future.set_exception(DeadlineExceeded(
                     f"waited {late:.0f} ms for inference, too long to be answered within its deadline of "
-                    f"{(item.deadline - item.enqueued) * 1000:.0f} ms"))
+                    f"{(item.deadline - item.enqueued) / (1.0 - DEADLINE_DELIVERY_SHARE) * 1000:.0f} ms"))
                 continue
             live.append(item)
         return live
