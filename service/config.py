@@ -96,10 +96,10 @@ class Settings(BaseSettings):
         500.0,
         ge=0.0,
         le=60_000.0,
-        description="per-window deadline: a window that cannot start inference within this many ms"
-        " of becoming complete is not computed and its frame is answered deadline_exceeded (REST:"
-        " 503 with Retry-After); the fit is skipped (refined: false) when it would answer later"
-        " than this. A connection (?deadline_ms=) or a frame's options override it; 0 = none",
+        description="per-window deadline for the answer, counted from when the window is complete: a"
+        " window the queue would make late is not computed and its frame is answered deadline_exceeded"
+        " (REST: 503 with Retry-After), and the fit is skipped (refined: false) when it would answer"
+        " late. A connection (?deadline_ms=) or a frame's options override it; 0 = none",
     )
     require_token: bool = Field(
         False,
