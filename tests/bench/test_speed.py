@@ -29,6 +29,7 @@ def test_quick_speed_report(tiny_model, tmp_path):
                    "--quick", "--windows", "32", "--tracks", "2", "--rate", "20", "--max-rate", "60",
                    "--rest-rate", "10", "--seconds", "1", "--no-uncached-server", "--no-tuning", "--workers", "2",
                    "--server-setting", "CSIST_MAX_BATCH_SIZE=16", "--server-setting", "CSIST_PLAN_BUDGET_S=0.5",
+                   "--server-setting", "CSIST_DEADLINE_MS=0",
                    "--out", str(out), "--markdown", str(md)])
     assert rc == 0
     report = json.loads(out.read_text())

@@ -16,7 +16,7 @@ from tests.service.conftest import LiveServer, simulate_track
     not DEFAULT_MODEL_PATH.is_file(), reason="models/derefnet.onnx not exported yet"
 )
 def test_service_starts_on_the_bundled_model_and_answers():
-    live = LiveServer(Settings(model_path=DEFAULT_MODEL_PATH, drain_s=0.0, plan_budget_s=2.0)).start()
+    live = LiveServer(Settings(model_path=DEFAULT_MODEL_PATH, drain_s=0.0, plan_budget_s=2.0, deadline_ms=0.0)).start()
     try:
         with httpx.Client(base_url=live.base_url, timeout=60) as c:
             assert c.get("/readyz").status_code == 200

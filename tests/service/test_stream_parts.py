@@ -41,7 +41,8 @@ def tiny_server(tiny_model):
     def start(**overrides) -> LiveServer:
         from service.config import Settings
 
-        values = {"model_path": tiny_model, "max_batch_wait_ms": 2.0, "drain_s": 0.0, "plan_budget_s": 0.5}
+        values = {"model_path": tiny_model, "max_batch_wait_ms": 2.0, "drain_s": 0.0, "plan_budget_s": 0.5,
+                  "deadline_ms": 0.0}
         live = LiveServer(Settings(**{**values, **overrides})).start()
         started.append(live)
         return live

@@ -325,7 +325,7 @@ def model(tmp_path_factory) -> Path:
 
 
 def live(model: Path, **overrides) -> LiveServer:
-    values = dict(model_path=model, max_batch_wait_ms=1.0, drain_s=0.0, threads=1)
+    values = dict(model_path=model, max_batch_wait_ms=1.0, drain_s=0.0, threads=1, deadline_ms=0.0)  # delivery, not timing
     values.update(overrides)
     return LiveServer(Settings(**values)).start()
 
