@@ -13,11 +13,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(VENV)/.stamp-runtime: pyproject.toml setup.py $(wildcard service/_native/*.c service/_native/*.h) | $(PY)
+$(VENV)/.stamp-runtime: pyproject.toml setup.py $(wildcard service/kernels/_native/*.c service/kernels/_native/*.h) | $(PY)
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.stamp-dev: pyproject.toml setup.py $(wildcard service/_native/*.c service/_native/*.h) | $(PY)
+$(VENV)/.stamp-dev: pyproject.toml setup.py $(wildcard service/kernels/_native/*.c service/kernels/_native/*.h) | $(PY)
 	$(PY) -m pip install -q -e '.[train,dev]'
 	touch $@ $(VENV)/.stamp-runtime
 

@@ -46,7 +46,7 @@ REFINE_DEFAULT = ("none", "centroid", "fit")
 
 def cell_centre_detections(truth: list[np.ndarray], ratio: int = 3) -> list[np.ndarray]:
     """The perfect cell-centre predictor: each frame's truth HR map read back as (x, y, score)."""
-    from service.physics import hr_map, hr_to_lr
+    from service.science.physics import hr_map, hr_to_lr
 
     out = []
     for t in truth:

@@ -14,7 +14,7 @@ In one process and one run (so that the ratios compare like with like):
 4. ONNX Runtime session options (graph level, threads, arena, spinning, workers), each timed on
    2 and 3;
 5. the real server end to end (``python -m service`` on loopback, a subprocess), fed over
-   WebSocket by the replay client (``training.replay``) with N tracks at a fixed offered rate and
+   WebSocket by the replay client (``csist.replay``) with N tracks at a fixed offered rate and
    at a saturating rate, with and without the feature cache; REST at a fixed offered load;
 6. FLOPs per window (``bench.flops``, counted analytically) and the machine's measured
    convolution throughput, giving each mode's efficiency against that roofline.
@@ -41,12 +41,12 @@ import numpy as np
 
 from bench.common import calls_per_second_parallel, machine, md_table, simulated_trajectories, time_per_call, write_outputs
 from bench.flops import window_flops
-from service.config import available_cpus
+from service.runtime.config import available_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 AMX_MODE = "ONNX encoder+head + AMX bf16 conv + native deform, streaming"
 SEED = 8101  # data seed of the speed benchmark (never used in development)
-ORT_VARIANTS = {  # name -> service.model.session_options kwargs
+ORT_VARIANTS = {  # name -> service.modelpkg.model.session_options kwargs
     "default (all, threads=auto, arena, no spin)": {},
     "graph level extended": {"graph_level": "extended"},
     "graph level basic": {"graph_level": "basic"},
@@ -77,7 +77,7 @@ def conv_throughput(seconds: float) -> dict:
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from service.model import session_options
+    from service.modelpkg.model import session_options
 
     x = np.random.default_rng(0).standard_normal((64, 32, 33, 33)).astype(np.float32)
     w = np.random.default_rng(1).standard_normal((32, 32, 3, 3)).astype(np.float32)
@@ -99,7 +99,7 @@ def conv_throughput(seconds: float) -> dict:
     out = {"method": "3x3 conv 32->32 ch on (64, 32, 33, 33), 2*Cin*Cout*9*H*W*N FLOPs; numpy 1024^3 matmul",
            "torch_gflops": flops / t_torch / 1e9, "ort_gflops": flops / t_ort / 1e9,
            "numpy_matmul_gflops": 2 * 1024**3 / t_mm / 1e9, "torch_threads": torch.get_num_threads()}
-    from service import conv
+    from service.kernels import conv
 
     if conv.AMX:  # the service's bfloat16 kernel on one thread (ORT's figure uses every core)
         kernel = conv.Conv3x3(w, None, "amx")
@@ -111,13 +111,13 @@ class OrtModel:
     """Single graph and (if the card lists them) encoder + head, in one set of session options.
 
     ``deform_kernel="native"`` / ``conv_kernel="amx"`` load the streaming parts through
-    ``service.model.load_model`` with those kernels (what the service runs); they must be usable.
+    ``service.modelpkg.model.load_model`` with those kernels (what the service runs); they must be usable.
     """
 
     def __init__(self, model: Path, options: dict | None = None):
         import onnxruntime as ort
 
-        from service.model import ModelError, load_model, session_options
+        from service.modelpkg.model import ModelError, load_model, session_options
 
         self.card = json.loads(model.with_suffix(".json").read_text())
         options = dict(options or {})
@@ -254,7 +254,7 @@ def eager_rates(checkpoint: Path, windows: np.ndarray, batches: list[int], secon
     """Windows/s of the PyTorch training model (``DeRefNet.forward``) per batch size."""
     import torch
 
-    from training.train import load_checkpoint_model
+    from training.model import load_checkpoint_model
 
     model = load_checkpoint_model(checkpoint).eval()
     out = {"deform_mode": model.cfg.deform, "torch_threads": torch.get_num_threads()}
@@ -340,7 +340,7 @@ def ws_run(port: int, tracks: int, rate: float, seconds: float, seed: int, refin
            deadline_ms: float | None = None) -> dict:
     """The replay client: ``tracks`` tracks at ``rate`` windows/s in total for ``seconds``
     (``deadline_ms``: the connection's ``?deadline_ms=``; None: the server's setting)."""
-    from training.replay import Replay, ReplayConfig
+    from csist.replay import Replay, ReplayConfig
 
     query = "" if deadline_ms is None else f"?deadline_ms={deadline_ms:g}"
     cfg = ReplayConfig(url=f"ws://127.0.0.1:{port}/ws/unmix{query}", tracks=tracks, fps=rate / tracks,
@@ -365,7 +365,7 @@ def abandon_run(port: int, server: "ServerProcess", connections: int = 20, track
     after the last one went are what it spent on work nobody will receive."""
     from websockets.asyncio.client import connect
 
-    from training.replay import make_track
+    from csist.replay import make_track
 
     patches = [make_track(k, seed=seed).frames[:frames] for k in range(8)]
 
@@ -519,7 +519,7 @@ def run(args) -> dict:
         for n in (1, 32):
             add("ONNX encoder+head, streaming (cached features)", n, time_streaming(m, trajectories, n, seconds),
                 flops["streaming_per_window"])
-    from service import conv, deform
+    from service.kernels import conv, deform
 
     native = m.encoder is not None and m.card.get("head_split") is not None and deform.AVAILABLE
     amx = m.encoder is not None and m.card.get("amx_split") is not None and conv.AMX and deform.AVAILABLE

@@ -1,4 +1,4 @@
-"""Study of ``refine="fit"`` (service.refine) on simulated SeqCSIST-protocol windows.
+"""Study of ``refine="fit"`` (service.science.refine) on simulated SeqCSIST-protocol windows.
 
     python scripts/refine_study.py --windows 300 --noise 0,2,5 --starts cell,degraded,oracle
 
@@ -13,7 +13,7 @@ network would give):
 - ``degraded``: ``cell`` with one peak dropped in ``--drop`` of the windows, one spurious peak
   two HR cells (2/3 px) from a random target added in ``--add`` of them, and every brightness
   scaled by U(1 - j, 1 + j), j = ``--jitter``: exercises the count selection and the fallback.
-- ``oracle``: ``service.peaks.extract_peaks`` (refine "none") on the true HR map: what a perfect
+- ``oracle``: ``service.science.peaks.extract_peaks`` (refine "none") on the true HR map: what a perfect
   network plus our peak extraction gives; targets in adjacent HR cells merge into one peak.
 - ``offcell``: ``cell`` with each peak moved to one of its 8 neighbouring HR cells with
   probability ``--offcell``: a network that misplaces some peaks by a cell.
@@ -35,9 +35,9 @@ from dataclasses import fields, replace
 
 import numpy as np
 
-from service import physics
-from service.peaks import extract_peaks
-from service.refine import FitConfig, fit_window
+from service.science import physics
+from service.science.peaks import extract_peaks
+from service.science.refine import FitConfig, fit_window
 from training.metric import cso_map, count_accuracy
 from training.simulate import SimParams, render, simulate_trajectory, trajectory_rngs
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from service.main import main
+from service.api.server import main
 
 sys.exit(main())

@@ -4,7 +4,7 @@
   to a file of the repository, and every ``#anchor`` to a heading of that file (GitHub's
   rules); nothing links outside the repository (``../shared/...``);
 - docs/configuration.md holds the settings table that scripts/config_docs.py generates from
-  ``service.config.Settings``;
+  ``service.runtime.config.Settings``;
 - README.md is the user's page: at most 400 lines;
 - every ``CSIST_*`` name in README.md and docs/ is a setting, or one of the few variables
   other programs of the repository read (listed below with the file that reads each).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
+from service.runtime.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -121,7 +121,7 @@ def anchors(path: Path) -> set[str]:
 
 def test_github_anchor_rules():
     assert github_anchor("Set-up: two commands") == "set-up-two-commands"
-    assert github_anchor("Forward model (`service/physics.py`)") == "forward-model-servicephysicspy"
+    assert github_anchor("Forward model (`service/science/physics.py`)") == "forward-model-servicesciencephysicspy"
     assert github_anchor("4.1 Qinit") == "41-qinit"
     assert github_anchor("`WS /ws/unmix`: streaming") == "ws-wsunmix-streaming"
 
@@ -184,7 +184,7 @@ def test_configuration_page_is_generated_from_settings():
     config_docs = _config_docs()
     page = config_docs.PAGE.read_text(encoding="utf-8")
     assert page == config_docs.render(page), (
-        "docs/configuration.md is out of date with service.config.Settings; run "
+        "docs/configuration.md is out of date with service.runtime.config.Settings; run "
         "python scripts/config_docs.py\n" + "\n".join(config_docs.check())
     )
     table = config_docs.settings_table()
@@ -207,7 +207,7 @@ def test_docs_name_only_real_settings():
                 if name not in settings and name not in OTHER_VARIABLES:
                     unknown.append(f"{rel(page)}:{number}: {name}")
     assert not unknown, (
-        "not a field of service.config.Settings nor a known variable of tests/test_docs.py:\n"
+        "not a field of service.runtime.config.Settings nor a known variable of tests/test_docs.py:\n"
         + "\n".join(unknown)
     )
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from service import physics
+from service.science import physics
 
 IMAGE_DIR = "image"
 ANNOTATION_DIR = "annotation"

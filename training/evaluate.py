@@ -8,7 +8,7 @@
 Scores the middle frames of all full 5-frame windows (frames 3..18 of each 20-frame trajectory,
 1-based) as the SeqCSIST paper does: CSO-mAP with AP05..AP25, broken down by the number of
 targets, count accuracy and the mean localisation error of matched targets. The peaks come
-from ``service.peaks``, the same code the service runs.
+from ``service.science.peaks``, the same code the service runs.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.peaks import DEFAULT_MODE, PEAK_MODES
-from service.postprocess import REFINE_MODES, find_targets
-from service.refine import FitConfig
+from service.science.peaks import DEFAULT_MODE, PEAK_MODES
+from service.science.postprocess import REFINE_MODES, find_targets
+from service.science.refine import FitConfig
 from training.data import read_split, window_middles, windows
 from service.engine.names import AUTO, PLANS
 from training.metric import cso_map, count_accuracy, localisation_error
@@ -55,7 +55,7 @@ class StreamPredictor:
     def __init__(self, path: Path, threads: int | None = None, plan: str = "auto", batch: int = 64):
         from service.engine.plans import PlanOptions
         from service.engine.select import select_plan
-        from service.model import ModelError
+        from service.modelpkg.model import ModelError
 
         try:
             selection = select_plan(path, options=PlanOptions(threads=threads or 0), requested=plan, budget_s=3.0)
@@ -111,7 +111,7 @@ class TorchPredictor:
     def __init__(self, path: Path, threads: int | None = None, batch: int = 8):
         import torch
 
-        from training.train import load_checkpoint_model
+        from training.model import load_checkpoint_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -226,7 +226,7 @@ def plot_windows(out_dir: Path, split, maps: np.ndarray, dets: list, count: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from service.physics import hr_map
+    from service.science.physics import hr_map
 
     out_dir.mkdir(parents=True, exist_ok=True)
     mids = window_middles(split.frames.shape[1], WINDOW)

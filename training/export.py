@@ -25,7 +25,7 @@ one by one before the window's last frame arrives: ``<out>.align.onnx`` (``pair_
 (P, 5, 1089): the middle frame's features in row 2 and one neighbour's in its position's row,
 zeros elsewhere -> ``aligned`` (P, 1089), that neighbour aligned by the TDFA) and
 ``<out>.fuse.onnx`` (``stack`` (B, 5, 1089): the 4 aligned neighbours around the middle
-frame's features -> ``hr`` (B, 33, 33)). The layouts are ``service.windows.pair_features`` and
+frame's features -> ``hr`` (B, 33, 33)). The layouts are ``service.science.windows.pair_features`` and
 ``fuse_features``; align then fuse must equal the head within the tolerance. Last, the head is
 cut at its DeformConv nodes for the service's native kernel (``csist split-head``; skipped with
 a note when that kernel is not built).
@@ -44,13 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.model import file_sha256 as sha256
-from service.peaks import DEFAULT_MODE
-from service.postprocess import REFINE_MODES
-from service.windows import HALF, NEIGHBOURS, fuse_features, pair_features
-from training.model import DeRefNet
+from service.modelpkg.model import file_sha256 as sha256
+from service.science.peaks import DEFAULT_MODE
+from service.science.postprocess import REFINE_MODES
+from service.science.windows import HALF, NEIGHBOURS, fuse_features, pair_features
+from training.model import DeRefNet, load_checkpoint_model
+from training.parts import PART_NAMES, fuse_inputs, pair_inputs, pair_maps, part_paths, sample_windows
 from training.split_head import split_for_native_kernel
-from training.train import load_checkpoint_model
 
 OPSET = 19
 INPUT, OUTPUT = "lr", "hr"
@@ -100,7 +100,7 @@ class AlignPart(torch.nn.Module):
     alignment for a single (middle, neighbour, position) pair.
 
     ``pair_features`` (P, 5, 1089) holds the middle frame's features in row 2 and the
-    neighbour's in its window position's row, zeros elsewhere (``service.windows.pair_features``):
+    neighbour's in its window position's row, zeros elsewhere (``service.science.windows.pair_features``):
     every row is gated by its position's vector and the neighbour rows are added, which leaves
     the one non-zero row exactly. Output: the aligned neighbour (P, 1089) in network units.
     """
@@ -126,7 +126,7 @@ class FusePart(torch.nn.Module):
     """The head after the alignment: the 4 aligned neighbours around the middle frame -> HR map.
 
     ``stack`` (B, 5, 1089) holds the aligned neighbours in rows 0, 1, 3, 4 and the middle
-    frame's features (ungated) in row 2 (``service.windows.fuse_features``); the output is the
+    frame's features (ungated) in row 2 (``service.science.windows.fuse_features``); the output is the
     middle HR map (B, 33, 33) in sensor units, as the head's.
     """
 
@@ -146,26 +146,6 @@ class FusePart(torch.nn.Module):
         return self.fusion(x) * self.scale
 
 
-PART_NAMES = ("encoder", "head", "align", "fuse")
-
-
-def part_paths(out: Path) -> dict[str, Path]:
-    """Where the parts of the single graph ``out`` go: ``<stem>.encoder.onnx`` etc."""
-    return {name: out.with_name(f"{out.stem}.{name}.onnx") for name in PART_NAMES}
-
-
-def sample_windows(n: int = 16, seed: int = 0) -> np.ndarray:
-    """Simulated 8-bit windows (n, 5, 11, 11) for the parity check."""
-    from training.simulate import SimParams, render, simulate_trajectory
-
-    rng = np.random.default_rng(seed)
-    out = []
-    while len(out) < n:
-        frames, _ = simulate_trajectory(rng, SimParams())
-        images = render(frames, 0.0, rng, False).astype(np.float32)
-        start = rng.integers(0, len(images) - 4)
-        out.append(images[start : start + 5])
-    return np.stack(out)
 
 
 def export_onnx(model: DeRefNet, out: Path) -> None:
@@ -268,26 +248,6 @@ def check_parts(single: Path, parts: dict[str, Path], windows: np.ndarray, stage
         if not out["max_abs_diff_align_fuse_vs_head"] <= tol:
             raise RuntimeError(f"align+fuse differ from the head by {out['max_abs_diff_align_fuse_vs_head']:.3g} (> {tol})")
     return out
-
-
-def pair_inputs(feats: np.ndarray) -> tuple[np.ndarray, int]:
-    """The ``align`` input of every neighbour of windows' features (B, 5, F), neighbour-major."""
-    b = len(feats)
-    mid = np.tile(feats[:, HALF], (len(NEIGHBOURS), 1))
-    nb = np.concatenate([feats[:, p] for p in NEIGHBOURS])
-    return pair_features(mid, nb, np.repeat(NEIGHBOURS, b)), b
-
-
-def fuse_inputs(align, feats: np.ndarray) -> np.ndarray:
-    """The ``fuse`` input of windows' features (B, 5, F), their neighbours aligned by ``align``."""
-    pairs, b = pair_inputs(feats)
-    aligned = align(pairs).reshape(len(NEIGHBOURS), b, -1).transpose(1, 0, 2)  # (B, 4, F)
-    return fuse_features(feats[:, HALF], aligned)
-
-
-def pair_maps(align, fuse, feats: np.ndarray) -> np.ndarray:
-    """HR maps of windows' features (B, 5, F) through the ``align`` and ``fuse`` parts."""
-    return fuse(fuse_inputs(align, feats))
 
 
 def parts_card(parts: dict[str, Path], cfg: dict) -> dict:

@@ -113,8 +113,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.special import erf
 
-from service import physics
-from training import data, simulate
+from service.science import physics
+from training import data, sim_io
 
 BACKGROUNDS = ("flat", "ramp", "clutter", "edge")
 GEOMETRIES = ("random", "line", "cross")
@@ -239,7 +239,7 @@ def quantize(image: np.ndarray, bit_depth: int) -> np.ndarray:
 
 
 def trajectory_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:
-    """Trajectory i's SeedSequence; the same as ``simulate.trajectory_rngs`` seeds from."""
+    """Trajectory i's SeedSequence; the same as ``sim_io.trajectory_rngs`` seeds from."""
     return np.random.SeedSequence(seed).spawn(n)
 
 
@@ -508,7 +508,7 @@ def meta_dict(params: FieldParams, seed: int, fractions, counts: list[int]) -> d
     image_format = "npy-float32" if params.float_out else "png-" + "/".join(k for k in ("uint8", "uint16") if k in kinds)
     return {
         "format": "seqcsist",
-        "format_version": simulate.FORMAT_VERSION,
+        "format_version": sim_io.FORMAT_VERSION,
         "scenario": "field",
         "generator": "csist simulate --scenario field",
         "seed": seed,
@@ -520,7 +520,7 @@ def meta_dict(params: FieldParams, seed: int, fractions, counts: list[int]) -> d
         "splits": {
             name: {"trajectories": int(c), "frames": int(c) * params.frames, "first_trajectory": int(f),
                    "conditions": f"{name}/{CONDITIONS_FILE}"}
-            for name, c, f in zip(simulate.SPLITS, counts, first)
+            for name, c, f in zip(sim_io.SPLITS, counts, first)
         },
         "rules": {
             "snr": "peak SNR = flux * unit_peak(psf_sigma) / max(noise, snr_noise_floor); snr hi null = (full scale - max background) / max(noise, snr_noise_floor)",
@@ -540,15 +540,15 @@ def generate(out: Path, n: int, seed: int, params: FieldParams, fractions=(0.7, 
     from tqdm import tqdm
 
     params.validate()
-    counts = simulate.split_counts(n, fractions)
+    counts = sim_io.split_counts(n, fractions)
     out = Path(out)
-    simulate._prepare_out(out, overwrite)
+    sim_io.prepare_out(out, overwrite)
     seeds = trajectory_seeds(seed, n)
     samples: list[tuple[np.ndarray, np.ndarray]] = []
     titles: list[str] = []
     bar = tqdm(total=n, desc="simulate field", unit="traj", disable=not progress)
     i = 0
-    for name, count in zip(simulate.SPLITS, counts):
+    for name, count in zip(sim_io.SPLITS, counts):
         if count == 0:
             continue
         split_dir = out / name
@@ -585,7 +585,7 @@ def generate(out: Path, n: int, seed: int, params: FieldParams, fractions=(0.7, 
     meta = meta_dict(params, seed, fractions, counts)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if preview is not None:
-        simulate.write_preview(preview, samples, titles=titles, stretch=True)
+        sim_io.write_preview(preview, samples, titles=titles, stretch=True)
     return meta
 
 

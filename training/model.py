@@ -22,6 +22,7 @@ loss weights act on O(1) numbers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from service import physics
+from service.science import physics
 
 
 @dataclass
@@ -360,3 +361,11 @@ def fit_qinit(lr_frames: np.ndarray, hr_maps: np.ndarray, ridge: float = 1e-6) -
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_checkpoint_model(path: str | Path, device: str = "cpu") -> DeRefNet:
+    """The DeRefNet of a training checkpoint (its stored config and weights), in eval mode."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = DeRefNet(DeRefNetConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()

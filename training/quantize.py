@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model import ENCODER, HEAD, file_sha256, session_options
-from service.windows import WINDOW
+from service.modelpkg.model import ENCODER, HEAD, file_sha256, session_options
+from service.science.windows import WINDOW
 from training.data import windows
-from training.export import part_paths
+from training.parts import part_paths
 from training.split_head import split_for_native_kernel
 
 DEFAULT_SEED = 9401  # not a seed of the training/test/benchmark data of this project

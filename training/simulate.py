@@ -63,11 +63,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service import physics
+from service.science import physics
 from training import data
+from training.sim_io import FORMAT_VERSION, SPLITS, split_counts, trajectory_rngs, write_preview
+from training.sim_io import prepare_out as _prepare_out
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
 
 MAX_SLOPE = 2.0  # |dy/dx| of the reference path between frames
 LINE_MAX_ANGLE = np.pi / 3  # line / quadratic start slope: tan(U(-60, 60) degrees)
@@ -276,21 +276,6 @@ def render(frames_float: np.ndarray, noise: float, rng: np.random.Generator, flo
     return img.astype(np.float32) if float_out else physics.quantize(img)
 
 
-def trajectory_rngs(seed: int, n: int) -> list[np.random.Generator]:
-    """Independent generators, one per trajectory; trajectory i's does not depend on n."""
-    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
-
-
-def split_counts(n: int, fractions: tuple[float, ...]) -> list[int]:
-    """Trajectories per split, in order: 5000 at 0.7/0.15/0.15 -> 3500/750/750."""
-    f = np.asarray(fractions, dtype=np.float64)
-    if f.ndim != 1 or np.any(f < 0) or f.sum() <= 0:
-        raise ValueError(f"split fractions must be >= 0 with a positive sum, got {fractions}")
-    bounds = np.rint(n * np.cumsum(f) / f.sum()).astype(int)
-    bounds[-1] = n
-    return list(np.diff(np.concatenate([[0], bounds])))
-
-
 # --------------------------------------------------------------------------------------------
 # command line
 
@@ -401,16 +386,6 @@ def params_from_args(args: argparse.Namespace) -> SimParams:
     )
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new data set with an old one: stale frames would join the new splits."""
-    existing = [out / s for s in SPLITS if (out / s).exists()] + ([out / "meta.json"] if (out / "meta.json").exists() else [])
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a data set ({existing[0]}); use --overwrite to replace it")
-    for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def meta_dict(params: SimParams, seed: int, fractions, counts: list[int]) -> dict:
     """Contents of meta.json: everything needed to regenerate the data set, and its layout."""
     first = np.concatenate([[0], np.cumsum(counts)])[:-1]
@@ -438,39 +413,6 @@ def meta_dict(params: SimParams, seed: int, fractions, counts: list[int]) -> dic
         },
         "coordinates": "annotation xc = row (y), yc = column (x); pixel centres at integers",
     }
-
-
-def write_preview(path: Path, samples: list[tuple[np.ndarray, np.ndarray]], n_cols: int = 5, titles: list[str] | None = None, stretch: bool = False) -> None:
-    """Grid: one row per trajectory, ``n_cols`` frames across, true targets marked.
-
-    ``titles`` adds a line per row; ``stretch`` maps each row's own min..max to black..white
-    (a background pedestal would otherwise wash the targets out).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = len(samples)
-    fig, axes = plt.subplots(rows, n_cols, figsize=(2.2 * n_cols, 2.3 * rows), squeeze=False)
-    for r, (images, targets) in enumerate(samples):
-        T = images.shape[0]
-        vmin = float(images.min()) if stretch else 0.0
-        vmax = max(float(images.max()), vmin + 1.0)
-        for c, t in enumerate(np.linspace(0, T - 1, n_cols).round().astype(int)):
-            ax = axes[r, c]
-            ax.imshow(images[t], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-            ax.scatter(targets[t][:, 0], targets[t][:, 1], s=14, c="red", marker="x", linewidths=0.8)
-            title = f"traj {r} frame {t + 1}  K={len(targets[t])}"
-            if titles is not None and c == 0:
-                title = f"{titles[r]}\n{title}"
-            ax.set_title(title, fontsize=7, loc="left" if titles is not None and c == 0 else "center")
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def generate(out: Path, n: int, seed: int, params: SimParams, fractions=(0.7, 0.15, 0.15), progress: bool = True, preview: Path | None = None, overwrite: bool = False) -> dict:

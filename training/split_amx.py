@@ -5,7 +5,7 @@
         --max-map-drop 0.5                                       # how the bundled model was split
     CSIST_PLAN=onnxruntime csist serve                           # serve without it
 
-On a CPU with AMX (Intel Sapphire Rapids and later) ``service/conv.py`` computes a 3x3 Conv with
+On a CPU with AMX (Intel Sapphire Rapids and later) ``service/kernels/conv.py`` computes a 3x3 Conv with
 32-channel input several times faster than ONNX Runtime's float32 Conv, in bfloat16 with float32
 sums. The service cannot put it inside an ONNX Runtime graph, so, as ``csist split-head`` does
 for the DeformConv nodes, this command cuts the streaming parts (``parts.encoder`` and
@@ -22,7 +22,7 @@ records the files, their SHA-256, the steps and the checks:
   stay within ``--tolerance``),
 - each kernel vs ONNX Runtime's node on the same tensors (the AMX Conv within
   ``--bf16-tolerance``: bfloat16 keeps 8 significant bits),
-- the convs the service chains (service/conv.py ``ConvChain``) vs the same convs one by one
+- the convs the service chains (service/kernels/conv.py ``ConvChain``) vs the same convs one by one
   (``chains_vs_steps_*``, within ``--tolerance``; they compute the same numbers),
 - the split as the service runs it vs the whole part (recorded),
 - the head's halves as the service runs a window through them (align per neighbour, then fuse)
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.export import fuse_inputs, pair_inputs, pair_maps
+from training.parts import fuse_inputs, pair_inputs, pair_maps
 from training.split_head import (PartSplit, SplitError, check_graph, load_card_part, relative, replace_card_entry,
                                  split_graph)
 
@@ -53,7 +53,7 @@ from training.split_head import (PartSplit, SplitError, check_graph, load_card_p
 def evaluate_kernels(model_path: Path, card_path: Path, data: Path, split_name: str, limit: int | None,
                      threshold: float, refines: list[str], threads: int) -> dict:
     """CSO-mAP of the streaming path with float32 Convs (ONNX Runtime) and with the AMX kernel."""
-    from service.model import load_model
+    from service.modelpkg.model import load_model
     from training.data import read_split
     from training.evaluate import score_maps, stream_maps
 
@@ -76,8 +76,8 @@ def evaluate_kernels(model_path: Path, card_path: Path, data: Path, split_name: 
 def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_tolerance: float, command: str,
               evaluation: dict | None = None, max_map_drop: float | None = None) -> dict:
     """Split encoder and head of ``model_path``, check, optionally score, and record ``amx_split``."""
-    from service import conv
-    from service.model import load_model
+    from service.kernels import conv
+    from service.modelpkg.model import load_model
 
     if not conv.AMX:
         raise SplitError(f"the AMX kernel cannot run here, so the split cannot be checked: {conv.WHY_NOT_AMX}")
@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.model import ModelError
-    from training.export import sample_windows
+    from service.modelpkg.model import ModelError
+    from training.parts import sample_windows
 
     command = "csist split-amx " + " ".join(sys.argv[2:] if argv is None else argv)
     evaluation = None

@@ -4,7 +4,7 @@
     csist split-head --model models/derefnet-int8.onnx     # its int8 variant (run by csist quantize)
 
 ONNX Runtime's CPU ``DeformConv`` was 61 % of the head's time; the service has a faster kernel of
-its own (``service/deform.py``) but cannot put it inside an ONNX Runtime graph without a custom-op
+its own (``service/kernels/deform.py``) but cannot put it inside an ONNX Runtime graph without a custom-op
 library. So the head (``parts.head`` of the card) is cut into the graph segments between its
 DeformConv nodes, ``<model stem>.head.seg0.onnx`` ... ``.seg<n>.onnx``, and their weights go to
 ``<model stem>.head.deform.npz``; the service runs segment, kernel, segment, ... with the tensors
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.card import ATTENTION_WEIGHTS
-from service.model import file_sha256
+from service.modelpkg.card import ATTENTION_WEIGHTS
+from service.modelpkg.model import file_sha256
 
 # What the native kernel computes, and the ONNX DeformConv defaults of each attribute.
 DEFORM_ATTRS = {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 1, "offset_group": 1}
@@ -76,9 +76,9 @@ CONV_ATTRS = {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "gro
 
 
 def native_conv(node, consts: dict) -> str | None:
-    """Which kernel of service/conv.py computes this Conv ("amx" or "direct"; None: none does).
+    """Which kernel of service/kernels/conv.py computes this Conv ("amx" or "direct"; None: none does).
     It must be 3x3, stride 1, padding 1, dilation 1, one group, with constant weight and bias."""
-    from service import conv
+    from service.kernels import conv
 
     if node.op_type != "Conv":
         return None
@@ -139,7 +139,7 @@ def folded_residual(out: str, consumers: dict, available: set, graph_outputs: se
 
 def selective_attention(sigmoid, producer: dict, consumers: dict, consts: dict, graph_outputs: set):
     """The nodes of DeRefNet's selective attention around ``sigmoid`` (``SelectiveAttention`` in
-    training/model.py), which service/attention.py computes as one step, or None when they are
+    training/model.py), which service/kernels/attention.py computes as one step, or None when they are
     not exactly that: a = Conv1x1(mid), b = Conv1x1(nb), c = Concat(a, b), s = Sigmoid(Conv3x3(
     Concat(ReduceMean(c), ReduceMax(c)))) over channels, y = Concat(a * s[:, 0:1], b * s[:, 1:]),
     with constant weights and no intermediate read by anything else.
@@ -229,14 +229,14 @@ def selective_attention(sigmoid, producer: dict, consumers: dict, consts: dict, 
 
 def split_graph(path: Path, convs: bool = False):
     """(segment ModelProtos or None, step dicts, weight arrays) of the part at ``path``, cut at
-    every DeformConv and, with ``convs``, at every Conv a kernel of service/conv.py computes (a
+    every DeformConv and, with ``convs``, at every Conv a kernel of service/kernels/conv.py computes (a
     ReLU or soft threshold after it folded into its step, see :func:`folded_activation`). A
     segment is None when no node falls between two steps. With ``convs`` the DeformConvs the AMX
     kernel takes run on it too (step ``kernel`` "amx")."""
     import onnx
     from onnx import helper, numpy_helper, shape_inference
 
-    from service import deform
+    from service.kernels import deform
 
     model = shape_inference.infer_shapes(onnx.load(str(path)))
     g = model.graph
@@ -484,7 +484,7 @@ def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "no
 
 def onnxruntime_attention(att):
     """DeRefNet's selective attention as ONNX Runtime runs its nodes, a callable (mid, nb) -> y,
-    with the weights of a service.attention.SelectiveAttention."""
+    with the weights of a service.kernels.attention.SelectiveAttention."""
     from onnx import helper
 
     axes, one, two, zero = np.array([1]), np.array([1]), np.array([2]), np.array([0])
@@ -517,7 +517,7 @@ def check_graph(native, whole, x: np.ndarray) -> dict:
       tensors, the largest over the steps of that op,
     - ``split_vs_<part>``: the split as the service runs it.
     """
-    from service.model import SplitGraph, Step
+    from service.modelpkg.model import SplitGraph, Step
 
     errors: dict[str, float] = {}
 
@@ -555,7 +555,7 @@ def check_split(model_path: Path, windows: np.ndarray, tolerance: float, card_pa
     the whole split's difference is recorded with no bound of its own, because in an int8 head a
     difference at float rounding level moves values across quantization steps, which later
     layers amplify: judge such a model by its CSO-mAP."""
-    from service.model import load_model
+    from service.modelpkg.model import load_model
 
     loaded = load_model(model_path, card_path, providers=["CPUExecutionProvider"], deform_kernel="native",
                         conv_kernel="onnxruntime", whole_parts=True)
@@ -634,10 +634,10 @@ def split_head(model_path: Path, windows: np.ndarray, tolerance: float, command:
 
 def split_for_native_kernel(model_path: Path, windows: np.ndarray, tolerance: float = 1e-4) -> dict | None:
     """What ``csist export`` and ``csist quantize`` run last: split the head when the kernel is built."""
-    from service import deform
+    from service.kernels import deform
 
     if not deform.AVAILABLE:
-        print("note: service._deform is not built, so the head was not split for it "
+        print("note: service.kernels._deform is not built, so the head was not split for it "
               "(the service runs ONNX Runtime's DeformConv); build it and run csist split-head")
         return None
     command = f"csist split-head --model {model_path} --parity-windows {len(windows)}"
@@ -661,11 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service import deform
-    from training.export import sample_windows
+    from service.kernels import deform
+    from training.parts import sample_windows
 
     if not deform.AVAILABLE:
-        raise SystemExit("csist split-head: error: the native kernel service._deform is not built "
+        raise SystemExit("csist split-head: error: the native kernel service.kernels._deform is not built "
                          "(reinstall with a C compiler: pip install -e .)")
     command = "csist split-head " + " ".join(sys.argv[2:] if argv is None else argv)
     try:

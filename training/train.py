@@ -49,13 +49,6 @@ def middle_hr_truth(split) -> np.ndarray:
     return maps.reshape(split.n_trajectories, len(mids), *maps.shape[1:])
 
 
-def load_checkpoint_model(path: str | Path, device: str = "cpu") -> DeRefNet:
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = DeRefNet(DeRefNetConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
-
-
 def validate(model, split, threshold: float = 70.0, refine: str = "none") -> dict:
     maps = predict_trajectories(model, split.frames)
     return score(detections(maps, threshold, refine), middle_truth(split))

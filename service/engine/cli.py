@@ -12,11 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from service.config import DEFAULT_MODEL_PATH, Settings
+from service.runtime.config import DEFAULT_MODEL_PATH, Settings
 from service.engine.names import AUTO, PLANS
 from service.engine.plans import PlanOptions
 from service.engine.select import select_plan, table
-from service.model import ModelError, resolve_providers
+from service.modelpkg.model import ModelError, resolve_providers
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from service import conv
-from service.config import available_cpus
+from service.kernels import conv
+from service.runtime.config import available_cpus
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 

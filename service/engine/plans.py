@@ -6,8 +6,8 @@ A plan composes the model's parts with a backend per part:
 |---|---|---|
 | ``onnxruntime`` | encoder + head (+ align + fuse) | ONNX Runtime's own kernels on the configured providers (the stock plan) |
 | ``onnxruntime-single`` | the single graph on every window | ONNX Runtime |
-| ``native-deform`` | encoder + head (+ halves) | ONNX Runtime, the head's DeformConvs in the native float32 kernel (``service/deform.py``) |
-| ``amx`` | encoder + head (+ halves) | the bfloat16 AMX split (``service/conv.py``, ``service/attention.py``) |
+| ``native-deform`` | encoder + head (+ halves) | ONNX Runtime, the head's DeformConvs in the native float32 kernel (``service/kernels/deform.py``) |
+| ``amx`` | encoder + head (+ halves) | the bfloat16 AMX split (``service/kernels/conv.py``, ``service/kernels/attention.py``) |
 | ``cuda`` | encoder + head (+ halves) | ONNX Runtime's CUDA execution provider (DeformConv on the GPU), I/O bound to host buffers |
 
 :func:`why_not` says, without loading anything, why a plan cannot run on this host with this
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service import conv, deform
-from service.card import ModelCard
+from service.kernels import conv, deform
+from service.modelpkg.card import ModelCard
 from service.engine.names import PLANS, STOCK
-from service.model import ALIGN, ENCODER, FUSE, HEAD, InferenceModel, ModelError, load_model
+from service.modelpkg.model import ALIGN, ENCODER, FUSE, HEAD, InferenceModel, ModelError, load_model
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # The float32 plans compute the reference's function with other kernels (summation order,
@@ -48,7 +48,7 @@ Fn = Callable[[np.ndarray], np.ndarray]
 class PlanOptions:
     """What a plan is built with (from the service settings or a command's flags)."""
 
-    providers: tuple[str, ...] = (CPU,)  # resolved, in order (service.model.resolve_providers)
+    providers: tuple[str, ...] = (CPU,)  # resolved, in order (service.modelpkg.model.resolve_providers)
     threads: int = 0
     spinning: bool = False
     graph_level: str = "all"
@@ -203,7 +203,7 @@ def why_not(name: str, card: ModelCard, options: PlanOptions) -> str | None:
         if card.head_split is None:
             return "the model card has no head_split (run `csist split-head`)"
         if not deform.AVAILABLE:
-            return "the native kernel service._deform is not built (install with a C compiler)"
+            return "the native kernel service.kernels._deform is not built (install with a C compiler)"
         return None
     # amx
     if card.amx_split is None:
@@ -211,7 +211,7 @@ def why_not(name: str, card: ModelCard, options: PlanOptions) -> str | None:
     if not conv.AMX:
         return conv.WHY_NOT_AMX
     if not deform.AVAILABLE:
-        return "the native kernel service._deform is not built (install with a C compiler)"
+        return "the native kernel service.kernels._deform is not built (install with a C compiler)"
     return None
 
 

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service import physics
-from service.card import CardError, ModelCard, load_card
+from service.science import physics
+from service.modelpkg.card import CardError, ModelCard, load_card
 from service.engine.host import has_vnni, host_summary
 from service.engine.names import AUTO, PLANS, STOCK
 from service.engine.plans import CPU, TOLERANCE, ExecutionPlan, PlanOptions, build_plan, why_not
-from service.model import ModelError
-from service.windows import WINDOW
+from service.modelpkg.model import ModelError
+from service.science.windows import WINDOW
 
 log = logging.getLogger("service.engine")
 

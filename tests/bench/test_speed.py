@@ -8,7 +8,7 @@ import pytest
 
 from bench import cli
 from bench.flops import window_flops
-from service import conv, deform
+from service.kernels import conv, deform
 from training.model import DeRefNetConfig
 
 

@@ -175,7 +175,7 @@ def test_cpu_image_builds_with_the_classic_builder_without_a_compiler(cpu_image)
     assert config["Healthcheck"]["Test"] == ["CMD", "csist-healthcheck", "/healthz"]
     # the compiler stayed in the build stage; the kernels it built did not
     assert run("command -v gcc cc x86_64-linux-gnu-gcc-12").stdout.strip() == ""
-    native = run("python -c 'import service._deform, service._conv, onnxruntime; print(1)'")
+    native = run("python -c 'import service.kernels._deform, service.kernels._conv, onnxruntime; print(1)'")
     assert native.returncode == 0 and native.stdout.strip() == "1", native.stderr
     torch = run("python -c 'import torch'")
     assert torch.returncode != 0  # the runtime only
@@ -220,7 +220,7 @@ def test_gpu_dockerfile_builds_with_the_classic_builder(python_base):
         "sh",
         tag,
         "-c",
-        "command -v gcc; id -u; python -c 'import onnxruntime as o, service._deform; "
+        "command -v gcc; id -u; python -c 'import onnxruntime as o, service.kernels._deform; "
         "print(o.get_available_providers())'; pip list 2>/dev/null | grep -i '^onnxruntime'",
         check=False,
     )
@@ -239,7 +239,7 @@ def test_gpu_dockerfile_builds_with_the_classic_builder(python_base):
 
 
 def test_container_is_healthy_serves_unmix_and_drains_on_sigterm(cpu_image, network):
-    from training.replay import make_track
+    from csist.replay import make_track
 
     drain_s = 1.0
     container = Container(cpu_image, network, env={**THREADS, "CSIST_DRAIN_S": str(drain_s)})

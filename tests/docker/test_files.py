@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.config import Settings
+from service.runtime.config import Settings
 from tests.docker.support import (
     DOCKER,
     REPO,
@@ -35,7 +35,7 @@ from tests.docker.support import (
     stage_name,
     stages,
 )
-from training import replay
+from csist import replay
 
 CPU = parse_dockerfile(DOCKER / "Dockerfile")
 GPU = parse_dockerfile(DOCKER / "Dockerfile.gpu")
@@ -235,7 +235,7 @@ def test_dockerignore_keeps_data_runs_venvs_and_checkpoints_out():
         "venv/lib/x.py",
         "service/__pycache__/app.cpython-311.pyc",
         ".git/HEAD",
-        "tests/service/test_rest.py",
+        "tests/service/api/test_rest.py",
         ".pytest_cache/v/cache",
         "csist_unmix.egg-info/PKG-INFO",
     ]:
@@ -243,16 +243,16 @@ def test_dockerignore_keeps_data_runs_venvs_and_checkpoints_out():
     for path in [
         "pyproject.toml",
         "README.md",  # pyproject's readme: the build needs it
-        "service/app.py",
-        "service/routes/ws.py",
-        "training/replay.py",
+        "service/api/app.py",
+        "service/api/routes/ws.py",
+        "csist/replay.py",
         "training/data.py",
         "models/derefnet.onnx",
         "models/derefnet.json",
         "models/derefnet.head.deform.npz",  # the native kernel's weights, listed in the card
         "setup.py",
-        "service/_native/deform.c",
-        "service/_native/conv.c",
+        "service/kernels/_native/deform.c",
+        "service/kernels/_native/conv.c",
         "models/derefnet.amx.encoder.weights.npz",  # the AMX split's weights, listed in the card
         "docker/entrypoint.sh",
         "docker/healthcheck.py",
@@ -508,7 +508,7 @@ def _k8s() -> dict[str, dict]:
 
 
 def test_k8s_manifests_fit_together_and_the_service():
-    from service.routes import health, models, unmix, ws
+    from service.api.routes import health, models, unmix, ws
 
     docs = _k8s()
     assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler"}

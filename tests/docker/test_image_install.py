@@ -35,7 +35,7 @@ from tests.docker.support import (
     parse_dockerfile,
     wait_http,
 )
-from training.replay import make_track
+from csist.replay import make_track
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -81,7 +81,7 @@ def test_install_steps_give_the_service_without_torch(image):
         "import importlib.util as u, json; "
         "print(json.dumps({m: u.find_spec(m) is not None for m in "
         "('torch', 'torchvision', 'onnx', 'onnxruntime', 'fastapi', 'uvicorn', 'websockets', "
-        "'cv2', 'scipy', 'service', 'training', 'service._deform', 'service._conv')}))"
+        "'cv2', 'scipy', 'service', 'training', 'service.kernels._deform', 'service.kernels._conv')}))"
     )
     found = json.loads(
         subprocess.run(
@@ -98,8 +98,8 @@ def test_install_steps_give_the_service_without_torch(image):
         found[m] for m in ("onnxruntime", "fastapi", "uvicorn", "websockets", "cv2", "scipy")
     ), found
     assert found["service"] and found["training"]
-    assert found["service._deform"], "pip did not compile the native DeformConv kernel"
-    assert found["service._conv"], "pip did not compile the native (AMX) convolution kernels"
+    assert found["service.kernels._deform"], "pip did not compile the native DeformConv kernel"
+    assert found["service.kernels._conv"], "pip did not compile the native (AMX) convolution kernels"
     dists = subprocess.run(
         [venv_python(image), "-m", "pip", "list", "--format=json"],
         env=image.process_env(),

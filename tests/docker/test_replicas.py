@@ -143,7 +143,7 @@ def test_replica_killed_mid_stream_every_frame_answered_once(nginx_binary, model
         summary_path, answers_path = tmp_path / "summary.json", tmp_path / "answers.jsonl"
         client_log = open(tmp_path / "replay.log", "w")
         client = subprocess.Popen(
-            [sys.executable, "-m", "training.replay", "--url", f"ws://127.0.0.1:{port}/ws/unmix"]
+            [sys.executable, "-m", "csist.replay", "--url", f"ws://127.0.0.1:{port}/ws/unmix"]
             # 2 tracks x 10 fps stay within one replica's capacity on 2 shared cores with
             # the real model; a 20-frame track lasts 2 s, so tracks also end and start after it
             + ["--tracks", "2", "--fps", "10", "--seconds", "3", "--seed", "7"]

@@ -22,9 +22,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.config import Settings
-from service.main import CsistServer, build_server
-from service.physics import hr_map, pixel_response, quantize, sampling_matrix
+from service.runtime.config import Settings
+from service.api.server import CsistServer, build_server
+from service.science.physics import hr_map, pixel_response, quantize, sampling_matrix
 
 # Let every log call of the service build its record (pytest shows them on failure), so that a
 # broken ``extra`` field fails here rather than in production.

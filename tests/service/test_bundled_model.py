@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from service import conv, deform
-from service.config import DEFAULT_MODEL_PATH, Settings
+from service.kernels import conv, deform
+from service.runtime.config import DEFAULT_MODEL_PATH, Settings
 from tests.service.conftest import LiveServer, simulate_track
 
 

@@ -16,14 +16,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service import deform
+from service.kernels import deform
 from websockets.asyncio.client import connect
 
-from service.model import ModelError, load_model
-from service.postprocess import find_targets
-from service.windows import sequence_windows
+from service.modelpkg.model import ModelError, load_model
+from service.science.postprocess import find_targets
+from service.science.windows import sequence_windows
 from tests.service.conftest import LiveServer, simulate_track
-from tests.service.test_ws import end_msg, frame_msg, recv
+from tests.service.api.test_ws import end_msg, frame_msg, recv
 from tests.service.tiny_derefnet import tiny_model_path
 
 pytest.importorskip("torch", reason="exporting the tiny model needs torch (not in the service image)")
@@ -39,7 +39,7 @@ def tiny_server(tiny_model):
     started = []
 
     def start(**overrides) -> LiveServer:
-        from service.config import Settings
+        from service.runtime.config import Settings
 
         values = {"model_path": tiny_model, "max_batch_wait_ms": 2.0, "drain_s": 0.0, "plan_budget_s": 0.5,
                   "deadline_ms": 0.0}
@@ -119,7 +119,7 @@ def test_stream_encodes_each_frame_once_and_matches_the_single_graph(tiny_model,
     kernels only); with ONNX Runtime's, the halves run (pairs). Whichever plan ``auto`` picks,
     the answers are the single graph's."""
     if plan == "native-deform" and not deform.AVAILABLE:
-        pytest.skip("the native kernel service._deform is not built (no C compiler at install)")
+        pytest.skip("the native kernel service.kernels._deform is not built (no C compiler at install)")
     live = tiny_server(plan=plan, plan_budget_s=0.5)
     assert plan == "auto" or live.runtime.selection.plan.name == plan
     batcher = live.runtime.batcher

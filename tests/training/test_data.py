@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import physics
+from service.science import physics
 from training import data
 from training.data import DataError
 

@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.model import file_sha256
+from service.modelpkg.model import file_sha256
 from training import export
-from training.train import load_checkpoint_model
+from training.model import load_checkpoint_model
 from tests.service.tiny_derefnet import tiny_model_path, write_checkpoint
 
 
@@ -39,7 +39,7 @@ def test_parts_are_listed_with_hashes_and_shapes(tiny_model):
 
 
 def test_align_then_fuse_is_the_head(tiny_model):
-    """The head's halves, with the window laid out by service.windows, give the head's map; the
+    """The head's halves, with the window laid out by service.science.windows, give the head's map; the
     align part reads only the middle row and the neighbour's row (zeros elsewhere)."""
     card = json.loads(tiny_model.with_suffix(".json").read_text())
     assert card["export"]["parts"]["max_abs_diff_align_fuse_vs_head"] < 1e-4

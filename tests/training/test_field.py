@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from service import physics
+from service.science import physics
 from training import data, field, simulate
 from training.field import FieldParams
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
-from service import physics
+from service.science import physics
 from training.model import (
     DeformConv3x3,
     DeRefNet,

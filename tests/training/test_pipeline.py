@@ -9,7 +9,7 @@ import torch
 
 from training import evaluate, export, simulate, train
 from training.data import read_split, window_middles
-from service.physics import hr_map
+from service.science.physics import hr_map
 
 TINY = ["--stages", "1", "--channels", "4", "--res-blocks", "1"]
 
@@ -73,7 +73,7 @@ def test_qinit_is_fitted_on_training_data(run, data):
     q = torch.load(out / "last.pt", weights_only=False)["model"]["encoder.qinit"].numpy()
     split = read_split(data, "train", progress=False)
     lr = split.frames.reshape(-1, 121)
-    pinv = np.linalg.pinv(__import__("service.physics", fromlist=["x"]).sampling_matrix())
+    pinv = np.linalg.pinv(__import__("service.science.physics", fromlist=["x"]).sampling_matrix())
     assert not np.allclose(q, pinv, atol=1e-3)  # not the data-free default
     assert np.isfinite(q).all() and np.abs(lr @ q.T).max() < 1e4
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from service.model import file_sha256, load_model
+from service.modelpkg.model import file_sha256, load_model
 from tests.service.tiny_derefnet import tiny_model_path
 from training import quantize
 

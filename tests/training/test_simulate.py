@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service import physics
+from service.science import physics
 from training import data, simulate
 from training.simulate import SimParams
 

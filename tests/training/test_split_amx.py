@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import pytest
 
-from service import conv, deform
-from service.model import ModelError, file_sha256, load_model
+from service.kernels import conv, deform
+from service.modelpkg.model import ModelError, file_sha256, load_model
 from training import export, split_amx
 from tests.service.tiny_derefnet import tiny_model_path
 
 pytestmark = [pytest.mark.skipif(not conv.AMX, reason=f"no AMX here: {conv.WHY_NOT_AMX}"),
-              pytest.mark.skipif(not deform.AVAILABLE, reason="service._deform is not built")]
+              pytest.mark.skipif(not deform.AVAILABLE, reason="service.kernels._deform is not built")]
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from service import deform
-from service.model import ModelError, file_sha256, load_model
+from service.kernels import deform
+from service.modelpkg.model import ModelError, file_sha256, load_model
 from training import export, split_head
 from tests.service.tiny_derefnet import tiny_model_path
 
-pytestmark = pytest.mark.skipif(not deform.AVAILABLE, reason="service._deform is not built")
+pytestmark = pytest.mark.skipif(not deform.AVAILABLE, reason="service.kernels._deform is not built")
 
 
 @pytest.fixture(scope="session")

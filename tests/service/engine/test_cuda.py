@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.config import DEFAULT_MODEL_PATH, Settings
+from service.runtime.config import DEFAULT_MODEL_PATH, Settings
 from service.engine.plans import PlanOptions, build_plan
 from service.engine.select import probe_windows, relative_error, select_plan
 from tests.service.conftest import LiveServer, simulate_track

@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from service import conv, deform
-from service.config import DEFAULT_MODEL_PATH
+from service.kernels import conv, deform
+from service.runtime.config import DEFAULT_MODEL_PATH
 from service.engine import host
 from service.engine.plans import ExecutionPlan, PlanOptions, build_plan, why_not
 from service.engine.select import probe_windows, relative_error, select_plan, table
-from service.model import ModelError, load_model
+from service.modelpkg.model import ModelError, load_model
 from tests.service.tiny_derefnet import tiny_model_path
 
 pytest.importorskip("torch", reason="exporting the tiny model needs torch (not in the service image)")

@@ -1,0 +1,1 @@
+"""The product command line (`csist`) and the detector stand-in (`csist replay`)."""

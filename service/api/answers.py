@@ -1,0 +1,55 @@
+"""What the API layer adds to a request before the engine sees it, and how it shapes answers:
+peak-extraction options completed with the model card's defaults, a window's deadline, and
+targets as API objects."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.api.schemas import Origin, UnmixOptions
+from service.engine.batcher import PeakOptions
+from service.runtime.lifecycle import Runtime
+
+
+def deadline_s(runtime: Runtime, options: UnmixOptions | None, default_ms: float | None = None) -> float | None:
+    """A window's deadline in seconds: the frame's options, else the connection's default,
+    else ``CSIST_DEADLINE_MS``; None when that is 0 (no deadline)."""
+    ms = runtime.settings.deadline_ms if default_ms is None else default_ms
+    if options is not None and options.deadline_ms is not None:
+        ms = options.deadline_ms
+    return ms / 1000.0 if ms > 0 else None
+
+
+def peak_options(runtime: Runtime, options: UnmixOptions | None) -> PeakOptions:
+    """Request options completed with the model card's defaults."""
+    card = runtime.model.card
+    threshold = card.postprocess.threshold
+    refine = card.postprocess.refine
+    max_targets = None
+    if options is not None:
+        if options.threshold is not None:
+            threshold = options.threshold
+        if options.refine is not None:
+            refine = options.refine
+        max_targets = options.max_targets
+    return PeakOptions(float(threshold), refine, max_targets, card.physics.ratio, card.postprocess.mode)
+
+
+def targets_payload(peaks: np.ndarray, origin: Origin | None) -> list[dict]:
+    """Rows (x, y, brightness) as API targets, with sensor coordinates when the origin is known."""
+    out = []
+    ox = oy = None
+    if origin is not None:
+        ox, oy = origin.x, origin.y
+    for x, y, b in peaks.tolist():
+        out.append(
+            {
+                "x": x,
+                "y": y,
+                "sensor_x": None if ox is None else x + ox,
+                "sensor_y": None if oy is None else y + oy,
+                "brightness": b,
+                "score": b,
+            }
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Native kernels (C sources in _native/, built by setup.py) and their Python faces."""
