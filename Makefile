@@ -25,6 +25,8 @@ serve: $(VENV)/.stamp-runtime
 	$(VENV)/bin/csist serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.stamp-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 test-slow: $(VENV)/.stamp-dev

@@ -74,11 +74,18 @@ def condition_rows(name: str, predictor, n: int, refines: tuple[str, ...], thres
     t0 = time.perf_counter()
     maps = predictor(frames)
     infer_s = time.perf_counter() - t0
-    result = {"noise": noise, "targets": f"{targets[0]}-{targets[1]}", "seed": seed, "trajectories": n,
-              "frames_scored": len(truth), "paper": {"cso_map": paper, "source": f"SeqCSIST {source}"},
-              "command": f"csist simulate --trajectories {n} --split 0,0,1 --seed {seed} --noise {noise:g} "
-                         f"--targets {targets[0]}-{targets[1]}",
-              "inference_s": infer_s, "modes": {}}
+    result = {
+        "noise": noise,
+        "targets": f"{targets[0]}-{targets[1]}",
+        "seed": seed,
+        "trajectories": n,
+        "frames_scored": len(truth),
+        "paper": {"cso_map": paper, "source": f"SeqCSIST {source}"},
+        "command": f"csist simulate --trajectories {n} --split 0,0,1 --seed {seed} --noise {noise:g} "
+        f"--targets {targets[0]}-{targets[1]}",
+        "inference_s": infer_s,
+        "modes": {},
+    }
     result["modes"]["perfect cell centres"] = evaluate.score(cell_centre_detections(truth), truth)
     for refine in refines:
         t1 = time.perf_counter()
@@ -98,10 +105,17 @@ def run(args) -> dict:
     threshold = args.threshold
     if threshold is None:
         card = Path(args.model).with_suffix(".json")
-        threshold = json.loads(card.read_text()).get("postprocess", {}).get("threshold", 70.0) if card.is_file() else 70.0
+        threshold = (
+            json.loads(card.read_text()).get("postprocess", {}).get("threshold", 70.0) if card.is_file() else 70.0
+        )
     refines = tuple(r for r in args.refine.split(",") if r)
-    report = {"machine": machine(), "model": str(args.model), "threshold": threshold, "refine_modes": list(refines),
-              "conditions": {}}
+    report = {
+        "machine": machine(),
+        "model": str(args.model),
+        "threshold": threshold,
+        "refine_modes": list(refines),
+        "conditions": {},
+    }
     for name in args.conditions.split(","):
         if name not in CONDITIONS:
             raise SystemExit(f"unknown condition {name!r}; known: {', '.join(CONDITIONS)}")
@@ -120,18 +134,26 @@ def markdown(report: dict) -> str:
     for name, c in report["conditions"].items():
         cells = [f"{c['modes'][m]['mAP']:.2f} ({c['modes'][m]['count_accuracy']:.0f} %)" for m in modes]
         ms = [1e3 * c["modes"][m]["postprocess_s"] / c["frames_scored"] for m in timed]
-        rows.append([f"{name} ({c['targets']} targets, sigma {c['noise']:g})", c["seed"], c["paper"]["cso_map"], *cells, *ms])
+        rows.append(
+            [f"{name} ({c['targets']} targets, sigma {c['noise']:g})", c["seed"], c["paper"]["cso_map"], *cells, *ms]
+        )
     n = next(iter(report["conditions"].values()))["trajectories"] if report["conditions"] else 0
-    return (f"CSO-mAP (%) and, in brackets, count accuracy (% of frames with the right number of targets) on "
-            f"{n} simulated test trajectories per condition (middle frames of full windows), peak threshold "
-            f"{report['threshold']:g}; paper: SeqCSIST Tables V and VI (CSO-mAP only). ms/window: "
-            f"post-processing time per window, one thread, peak extraction included.\n\n" + md_table(header, rows))
+    return (
+        f"CSO-mAP (%) and, in brackets, count accuracy (% of frames with the right number of targets) on "
+        f"{n} simulated test trajectories per condition (middle frames of full windows), peak threshold "
+        f"{report['threshold']:g}; paper: SeqCSIST Tables V and VI (CSO-mAP only). ms/window: "
+        f"post-processing time per window, one thread, peak extraction included.\n\n" + md_table(header, rows)
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=REPO / "models" / "derefnet.onnx", help="ONNX model or checkpoint (.pt)")
+    p.add_argument(
+        "--model", type=Path, default=REPO / "models" / "derefnet.onnx", help="ONNX model or checkpoint (.pt)"
+    )
     p.add_argument("--trajectories", type=int, default=200, help="test trajectories per condition")
-    p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated subset of {', '.join(CONDITIONS)}")
+    p.add_argument(
+        "--conditions", default=",".join(CONDITIONS), help=f"comma-separated subset of {', '.join(CONDITIONS)}"
+    )
     p.add_argument("--refine", default=",".join(REFINE_DEFAULT), help="comma-separated post-processing modes to score")
     p.add_argument("--threshold", type=float, default=None, help="peak threshold (default: the model card's, else 70)")
     p.add_argument("--threads", type=int, default=None, help="inference threads")

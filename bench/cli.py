@@ -1,7 +1,7 @@
 """``csist bench``: speed and accuracy benchmarks.
 
-    csist bench speed --model models/derefnet.onnx --out bench/results/speed.json --markdown bench/results/speed.md
-    csist bench accuracy --model models/derefnet.onnx --out bench/results/accuracy.json --markdown bench/results/accuracy.md
+csist bench speed --model models/derefnet.onnx --out bench/results/speed.json --markdown bench/results/speed.md
+csist bench accuracy --model models/derefnet.onnx --out bench/results/accuracy.json --markdown bench/results/accuracy.md
 """
 
 from __future__ import annotations
@@ -13,14 +13,24 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from bench import accuracy, speed
 
-    p = argparse.ArgumentParser(prog="csist bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="csist bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("speed", help="eager vs ONNX vs streaming vs the real server", description=speed.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = sub.add_parser(
+        "speed",
+        help="eager vs ONNX vs streaming vs the real server",
+        description=speed.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     speed.add_arguments(s)
     s.set_defaults(func=speed.main)
-    a = sub.add_parser("accuracy", help="CSO-mAP per condition beside the paper's numbers", description=accuracy.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = sub.add_parser(
+        "accuracy",
+        help="CSO-mAP per condition beside the paper's numbers",
+        description=accuracy.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     accuracy.add_arguments(a)
     a.set_defaults(func=accuracy.main)
     return p

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 
-def simulated_trajectories(n: int, seed: int, noise: float = 0.0, targets: tuple[int, int] = (2, 4),
-                           frames: int = 20) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+def simulated_trajectories(
+    n: int, seed: int, noise: float = 0.0, targets: tuple[int, int] = (2, 4), frames: int = 20
+) -> tuple[np.ndarray, list[list[np.ndarray]]]:
     """``n`` SeqCSIST-protocol trajectories exactly as ``csist simulate --seed SEED`` makes them.
 
     Trajectory i uses the i-th spawned generator of ``seed`` for both its motion and its noise,
@@ -86,8 +87,13 @@ def machine() -> dict:
         pass
     import onnxruntime
 
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+    info = {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+    }
     try:
         import torch
 

@@ -25,9 +25,11 @@ def encoder_flops(cfg: dict) -> dict:
     per_stage = (
         2 * (2 * n_lr * hw)  # (h Phi^T) Phi, computed as two products with Phi (DeRefNet.IstaStage)
         + 4 * hw  # r = h - rho*(..) + rho*Phi^T L
-        + conv(1, c, 3, hw) + conv(c, c, 3, hw)  # forward transform G
+        + conv(1, c, 3, hw)
+        + conv(c, c, 3, hw)  # forward transform G
         + 2 * c * hw  # soft threshold g - clip(g, -theta, theta)
-        + conv(c, c, 3, hw) + conv(c, 1, 3, hw)  # inverse transform
+        + conv(c, c, 3, hw)
+        + conv(c, 1, 3, hw)  # inverse transform
     )
     return {"init": init, "per_stage": per_stage, "stages": cfg["stages"], "total": init + cfg["stages"] * per_stage}
 
@@ -39,7 +41,9 @@ def head_flops(cfg: dict) -> dict:
     deform = conv(c, c, 3, hw) + 8 * 9 * c * hw
     tdfa = (
         2 * conv(1, c, 3, hw)  # embed middle and neighbour
-        + 2 * conv(c, c // 2, 1, hw) + conv(2, 2, 3, hw) + 3 * c * hw  # selective attention
+        + 2 * conv(c, c // 2, 1, hw)
+        + conv(2, 2, 3, hw)
+        + 3 * c * hw  # selective attention
         + 2 * conv(c, 18, 3, hw)  # offsets
         + 2 * deform
         + conv(c, 1, 3, hw)

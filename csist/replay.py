@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections import Counter
 import gc
 import json
 import math
@@ -45,6 +44,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +54,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from training.metric import cso_map, count_accuracy
+from training.metric import count_accuracy, cso_map
 from training.simulate import SimParams, render, simulate_trajectory
 
 RESEND = 4  # frames resent per open track on a new connection: 2 of context for each of the
@@ -309,18 +309,14 @@ class Replay:
             "fatal": self.fatal,
             "ok": self.fatal is None and not missing and not failed and self.frames_produced > 0,
             "config": {
-                k: (str(v) if isinstance(v, Path) else v)
-                for k, v in asdict(self.config).items()
-                if k != "token"
+                k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items() if k != "token"
             },
         }
 
     # -- producing frames -------------------------------------------------------------------
 
     def _new_track(self) -> TrackState:
-        sim = make_track(
-            self._next_number, self.config.seed, self.config.track_frames, self.config.noise
-        )
+        sim = make_track(self._next_number, self.config.seed, self.config.track_frames, self.config.noise)
         self._next_number += 1
         return TrackState(sim)
 
@@ -463,9 +459,7 @@ class Replay:
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() + delay > deadline or self._done.is_set():
-                raise FatalConnectionError(
-                    f"cannot connect to {cfg.url} within {cfg.reconnect_timeout:g} s ({last})"
-                )
+                raise FatalConnectionError(f"cannot connect to {cfg.url} within {cfg.reconnect_timeout:g} s ({last})")
             await asyncio.sleep(delay)
             delay = min(2 * delay, 1.0)
 
@@ -523,12 +517,7 @@ class Replay:
 
     def _on_result(self, msg: dict, track: TrackState | None) -> None:
         idx = msg.get("frame_index")
-        if (
-            track is None
-            or not isinstance(idx, int)
-            or idx in track.results
-            or not 0 <= idx < track.produced
-        ):
+        if track is None or not isinstance(idx, int) or idx in track.results or not 0 <= idx < track.produced:
             self.duplicates += 1
             return
         targets = msg.get("targets", [])
@@ -542,8 +531,7 @@ class Replay:
         self.board.add(targets, track.sim.truth[idx], latency)
         if self._answers_file is not None:
             self._answers_file.write(
-                json.dumps({"track_id": track.track_id, "frame_index": idx, "targets": targets})
-                + "\n"
+                json.dumps({"track_id": track.track_id, "frame_index": idx, "targets": targets}) + "\n"
             )
         if self.on_answer is not None:
             self.on_answer(msg)
@@ -625,8 +613,7 @@ class Replay:
             for idx, err in sorted(track.errors.items()):
                 if idx not in track.results:
                     self._answers_file.write(
-                        json.dumps({"track_id": track.track_id, "frame_index": idx, "error": err})
-                        + "\n"
+                        json.dumps({"track_id": track.track_id, "frame_index": idx, "error": err}) + "\n"
                     )
         self._answers_file.close()
         self._answers_file = None
@@ -643,30 +630,22 @@ def build_parser() -> argparse.ArgumentParser:
         "like a tracker would, and score the answers against the truth.",
     )
     p.add_argument("--url", default=ReplayConfig.url, help="the service's WebSocket endpoint")
-    p.add_argument(
-        "--tracks", type=int, default=ReplayConfig.tracks, help="tracks streamed at once"
-    )
-    p.add_argument(
-        "--fps", type=float, default=ReplayConfig.fps, help="frames per second per track"
-    )
+    p.add_argument("--tracks", type=int, default=ReplayConfig.tracks, help="tracks streamed at once")
+    p.add_argument("--fps", type=float, default=ReplayConfig.fps, help="frames per second per track")
     p.add_argument(
         "--seconds",
         type=float,
         default=ReplayConfig.seconds,
         help="how long to stream (0: until --max-frames or Ctrl-C / SIGTERM)",
     )
-    p.add_argument(
-        "--max-frames", type=int, default=0, help="stop after this many frames in all (0: no limit)"
-    )
+    p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames in all (0: no limit)")
     p.add_argument(
         "--track-frames",
         type=int,
         default=ReplayConfig.track_frames,
         help="frames per track before it ends and a new one starts (SeqCSIST: 20)",
     )
-    p.add_argument(
-        "--noise", type=float, default=0.0, help="sensor noise sigma in grey levels (0: none)"
-    )
+    p.add_argument("--noise", type=float, default=0.0, help="sensor noise sigma in grey levels (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated tracks")
     p.add_argument(
         "--token",
@@ -679,9 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sub-cell refinement option sent with every frame, e.g. none|centroid|quadratic "
         "(default: the model card's)",
     )
-    p.add_argument(
-        "--threshold", type=float, default=None, help="peak threshold option (default: the card's)"
-    )
+    p.add_argument("--threshold", type=float, default=None, help="peak threshold option (default: the card's)")
     p.add_argument(
         "--drain-timeout",
         type=float,

@@ -19,9 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{os.environ.get('CSIST_PORT', '8000')}{path}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(
-            url, timeout=float(os.environ.get("CSIST_HEALTHCHECK_TIMEOUT_S", "3"))
-        ) as r:
+        with opener.open(url, timeout=float(os.environ.get("CSIST_HEALTHCHECK_TIMEOUT_S", "3"))) as r:
             return 0 if r.status == 200 else 1
     except Exception as exc:  # refused, timeout, 503 while loading or draining
         print(f"unhealthy: {url}: {exc}", file=sys.stderr)

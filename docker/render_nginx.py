@@ -51,9 +51,7 @@ def render(template: str, upstreams: list[str], port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="render docker/nginx.conf for a list of replicas")
-    p.add_argument(
-        "--upstream", action="append", default=[], help="a replica's host:port (repeat the flag)"
-    )
+    p.add_argument("--upstream", action="append", default=[], help="a replica's host:port (repeat the flag)")
     p.add_argument("--port", type=int, default=8080, help="port nginx listens on")
     p.add_argument("--template", type=Path, default=TEMPLATE, help="the nginx.conf template")
     p.add_argument("--out", type=Path, default=None, help="output file (default: stdout)")

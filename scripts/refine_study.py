@@ -38,7 +38,7 @@ import numpy as np
 from service.science import physics
 from service.science.peaks import extract_peaks
 from service.science.refine import FitConfig, fit_window
-from training.metric import cso_map, count_accuracy
+from training.metric import count_accuracy, cso_map
 from training.simulate import SimParams, render, simulate_trajectory, trajectory_rngs
 
 STARTS = ("cell", "degraded", "oracle", "offcell")
@@ -153,17 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--windows", type=int, default=300, help="windows (one per simulated trajectory) per noise level")
-    p.add_argument("--seed", type=int, default=20261121, help="simulation seed (development seed; benchmarks use others)")
+    p.add_argument(
+        "--seed", type=int, default=20261121, help="simulation seed (development seed; benchmarks use others)"
+    )
     p.add_argument("--noise", type=_floats, default="0,2,5", help="comma-separated noise sigmas, grey levels")
-    p.add_argument("--starts", type=_starts, default="cell,degraded,oracle", help=f"comma-separated starting peaks among {','.join(STARTS)}")
+    p.add_argument(
+        "--starts",
+        type=_starts,
+        default="cell,degraded,oracle",
+        help=f"comma-separated starting peaks among {','.join(STARTS)}",
+    )
     p.add_argument("--drop", type=float, default=0.2, help="degraded start: share of windows missing one peak")
     p.add_argument("--add", type=float, default=0.2, help="degraded start: share of windows with one spurious peak")
     p.add_argument("--offcell", type=float, default=0.3, help="offcell start: share of peaks one HR cell off")
     p.add_argument("--jitter", type=float, default=0.15, help="degraded start: relative brightness jitter")
     p.add_argument("--prior-px", type=float, default=d.prior_px, help="FitConfig.prior_px (<= 0: no prior)")
     p.add_argument("--max-shift-px", type=float, default=d.max_shift_px, help="FitConfig.max_shift_px")
-    p.add_argument("--brightness-range", type=_floats, default=",".join(f"{v:g}" for v in d.brightness_range), help="FitConfig.brightness_range LO,HI")
-    p.add_argument("--brightness-prior", type=float, default=d.brightness_prior, help="FitConfig.brightness_prior, grey levels (<= 0 or unset: flat)")
+    p.add_argument(
+        "--brightness-range",
+        type=_floats,
+        default=",".join(f"{v:g}" for v in d.brightness_range),
+        help="FitConfig.brightness_range LO,HI",
+    )
+    p.add_argument(
+        "--brightness-prior",
+        type=float,
+        default=d.brightness_prior,
+        help="FitConfig.brightness_prior, grey levels (<= 0 or unset: flat)",
+    )
     p.add_argument("--max-nfev", type=int, default=d.max_nfev, help="FitConfig.max_nfev")
     p.add_argument("--tol", type=float, default=d.tol, help="FitConfig.tol")
     p.add_argument("--solver", default=d.solver, choices=("lm", "scipy"), help="FitConfig.solver")
@@ -171,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-error", type=float, default=d.model_error, help="FitConfig.model_error, grey levels")
     p.add_argument("--fixed-count", action="store_true", help="FitConfig.try_counts=False: keep the start's count")
     p.add_argument("--repeats", type=int, default=3, help="time each window as the best of this many runs")
-    p.add_argument("--known-noise", action="store_true", help="give the fit the true noise sigma instead of estimating it")
+    p.add_argument(
+        "--known-noise", action="store_true", help="give the fit the true noise sigma instead of estimating it"
+    )
     return p
 
 
@@ -200,9 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as exc:
         print(f"refine_study: error: {exc}", file=sys.stderr)
         return 2
-    changed = [f"{f.name}={getattr(base, f.name)}" for f in fields(base) if getattr(base, f.name) != getattr(FitConfig(), f.name)]
+    changed = [
+        f"{f.name}={getattr(base, f.name)}"
+        for f in fields(base)
+        if getattr(base, f.name) != getattr(FitConfig(), f.name)
+    ]
     print(f"seed {args.seed}, {args.windows} windows per noise level, FitConfig: {', '.join(changed) or 'defaults'}")
-    header = f"{'noise':>5} {'start':>9} | {'mAP start':>9} {'mAP fit':>8} | {'count start':>11} {'count fit':>9} | {'accepted':>8} | {'ms mean':>7} {'ms p95':>7} {'nfev':>5}"
+    header = (
+        f"{'noise':>5} {'start':>9} | {'mAP start':>9} {'mAP fit':>8} | {'count start':>11} {'count fit':>9} | "
+        f"{'accepted':>8} | {'ms mean':>7} {'ms p95':>7} {'nfev':>5}"
+    )
     print(header)
     print("-" * len(header))
     for noise in args.noise:
@@ -215,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             c0, c1 = 100 * count_accuracy(starts, truth), 100 * count_accuracy(fitted, truth)
             print(
                 f"{noise:>5g} {kind:>9} | {m0:>9.2f} {m1:>8.2f} | {c0:>10.1f}% {c1:>8.1f}% | "
-                f"{100 * accepted.mean():>7.1f}% | {1e3 * seconds.mean():>7.2f} {1e3 * np.percentile(seconds, 95):>7.2f} {nfev.mean():>5.1f}",
+                f"{100 * accepted.mean():>7.1f}% | {1e3 * seconds.mean():>7.2f} "
+                f"{1e3 * np.percentile(seconds, 95):>7.2f} {nfev.mean():>5.1f}",
                 flush=True,
             )
     return 0

@@ -160,21 +160,14 @@ def test_relative_links_resolve(page: Path):
 @pytest.mark.parametrize("page", pages(), ids=rel)
 def test_no_pointer_to_missing_pages(page: Path):
     text = page.read_text(encoding="utf-8")
-    found = [
-        f"{rel(page)}:{n}: {name}"
-        for n, line in enumerate(text.splitlines(), 1)
-        for name in GONE
-        if name in line
-    ]
+    found = [f"{rel(page)}:{n}: {name}" for n, line in enumerate(text.splitlines(), 1) for name in GONE if name in line]
     if "../shared/" in text:
         found.append(f"{rel(page)}: ../shared/")
     assert not found, "pages outside the repository or gone:\n" + "\n".join(found)
 
 
 def _config_docs():
-    spec = importlib.util.spec_from_file_location(
-        "config_docs", REPO / "scripts" / "config_docs.py"
-    )
+    spec = importlib.util.spec_from_file_location("config_docs", REPO / "scripts" / "config_docs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

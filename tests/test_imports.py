@@ -47,7 +47,9 @@ def imports_of(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
     return found
@@ -110,7 +112,7 @@ def test_no_import_cycles(graph):
         state[node] = "open"
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == "open":
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+                cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, stack + [dep])
         state[node] = "done"
@@ -122,8 +124,10 @@ def test_no_import_cycles(graph):
 
 
 def test_onnx_only_tools_load_without_torch():
-    code = ("import sys; import training.split_head, training.split_amx, training.quantize; "
-            "sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys; import training.split_head, training.split_amx, training.quantize; "
+        "sys.exit('torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"torch was imported: {proc.stderr}"
 

@@ -96,7 +96,9 @@ def annotation_xml(n: int, targets: np.ndarray, size: tuple[int, int] = (11, 11)
     return "".join(parts)
 
 
-def write_annotation(split_dir: Path, n: int, targets: np.ndarray, size: tuple[int, int] = (11, 11), sigma: float = 0.5) -> None:
+def write_annotation(
+    split_dir: Path, n: int, targets: np.ndarray, size: tuple[int, int] = (11, 11), sigma: float = 0.5
+) -> None:
     """Write ``COS<n>.xml`` (folders must exist)."""
     annotation_path(split_dir, n).write_text(annotation_xml(n, targets, size, sigma), encoding="utf-8")
 
@@ -210,9 +212,15 @@ def concat_splits(splits: list[Split]) -> Split:
         return splits[0]
     shapes = {s.frames.shape[1:] for s in splits}
     if len(shapes) != 1:
-        raise DataError(f"cannot mix splits with frames of shapes {sorted(shapes)}: " + ", ".join(str(s.root) for s in splits))
-    return Split(np.concatenate([s.frames for s in splits]), [t for s in splits for t in s.targets], splits[0].name,
-                 splits[0].root)
+        raise DataError(
+            f"cannot mix splits with frames of shapes {sorted(shapes)}: " + ", ".join(str(s.root) for s in splits)
+        )
+    return Split(
+        np.concatenate([s.frames for s in splits]),
+        [t for s in splits for t in s.targets],
+        splits[0].name,
+        splits[0].root,
+    )
 
 
 def _indices(folder: Path, pattern: re.Pattern) -> set[int]:
@@ -251,7 +259,13 @@ def _read_chunk(split_dir: Path, frames: range, read_images: bool):
     return images, targets
 
 
-def read_split(root, split: str, frames_per_trajectory: int = FRAMES_PER_TRAJECTORY, limit: int | None = None, progress: bool = True) -> Split:
+def read_split(
+    root,
+    split: str,
+    frames_per_trajectory: int = FRAMES_PER_TRAJECTORY,
+    limit: int | None = None,
+    progress: bool = True,
+) -> Split:
     """Read ``root/<split>`` into a ``Split``; ``limit`` keeps the first N trajectories only.
 
     Images come from ``images.npy`` when present (a ``--float`` data set), else from the PNGs.
@@ -283,10 +297,7 @@ def read_split(root, split: str, frames_per_trajectory: int = FRAMES_PER_TRAJECT
         _check_complete(img_idx, n_frames, lambda n: image_path(split_dir, n))
     T = int(frames_per_trajectory)
     if T < 1 or n_frames % T:
-        raise DataError(
-            f"split {split!r} in {root} has {n_frames} frames, not a multiple of "
-            f"{T} frames per trajectory"
-        )
+        raise DataError(f"split {split!r} in {root} has {n_frames} frames, not a multiple of {T} frames per trajectory")
     n_traj = n_frames // T
     if limit is not None:
         n_traj = max(0, min(n_traj, int(limit)))
@@ -299,7 +310,9 @@ def read_split(root, split: str, frames_per_trajectory: int = FRAMES_PER_TRAJECT
     targets: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = pool.map(lambda s: _read_chunk(split_dir, range(s, min(s + chunk, n_read)), not use_npy), starts)
-        for imgs, tgts in tqdm(jobs, total=len(starts), desc=f"read {split}", unit="chunk", disable=not progress, leave=False):
+        for imgs, tgts in tqdm(
+            jobs, total=len(starts), desc=f"read {split}", unit="chunk", disable=not progress, leave=False
+        ):
             if imgs is not None:
                 images.extend(imgs)
             targets.extend(tgts)
@@ -320,7 +333,7 @@ def read_split(root, split: str, frames_per_trajectory: int = FRAMES_PER_TRAJECT
     else:
         frames = np.zeros((0, 11, 11), dtype=np.float32)
     frames = frames.reshape(n_traj, T, *frames.shape[1:])
-    per_traj = [targets[i * T:(i + 1) * T] for i in range(n_traj)]
+    per_traj = [targets[i * T : (i + 1) * T] for i in range(n_traj)]
     return Split(frames=frames, targets=per_traj, name=split, root=root)
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from service.engine.names import AUTO, PLANS
 from service.science.peaks import DEFAULT_MODE, PEAK_MODES
 from service.science.postprocess import REFINE_MODES, find_targets
 from service.science.refine import FitConfig
 from training.data import read_split, window_middles, windows
-from service.engine.names import AUTO, PLANS
-from training.metric import cso_map, count_accuracy, localisation_error
+from training.metric import count_accuracy, cso_map, localisation_error
 
 WINDOW = 5
 
@@ -81,8 +81,12 @@ def stream_maps(encode, head, frames: np.ndarray, batch: int = 64) -> np.ndarray
     feats = np.concatenate([encode(flat[i : i + step]) for i in range(0, len(flat), step)])
     win = windows(feats.reshape(n, t, -1), WINDOW)  # (n*(T-4), 5, 1089)
     starts = range(0, len(win), batch)
-    maps = np.concatenate([head(win[i : i + batch])
-                           for i in tqdm(starts, desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty())])
+    maps = np.concatenate(
+        [
+            head(win[i : i + batch])
+            for i in tqdm(starts, desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty())
+        ]
+    )
     return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
 
 
@@ -101,8 +105,10 @@ class OnnxPredictor:
         n, t = frames.shape[:2]
         win = windows(frames.astype(np.float32), WINDOW)  # (n*(T-4), 5, 11, 11)
         starts = range(0, len(win), self.batch)
-        out = [self.session.run(None, {self.input: win[i : i + self.batch]})[0]
-               for i in tqdm(starts, desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty())]
+        out = [
+            self.session.run(None, {self.input: win[i : i + self.batch]})[0]
+            for i in tqdm(starts, desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty())
+        ]
         maps = np.concatenate(out)
         return maps.reshape(n, t - WINDOW + 1, *maps.shape[1:])
 
@@ -131,7 +137,9 @@ def predict_trajectories(model, frames: np.ndarray, batch: int = 8) -> np.ndarra
     model.eval()
     out = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(frames), batch), desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty()):
+        for i in tqdm(
+            range(0, len(frames), batch), desc="infer", unit="batch", leave=False, disable=not sys.stderr.isatty()
+        ):
             x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch], dtype=np.float32)).to(device)
             hr = model.forward_trajectories(x, with_symmetry=False)[0]
             out.append((hr * model.cfg.scale).cpu().numpy())
@@ -144,8 +152,14 @@ def is_8bit(frames: np.ndarray) -> bool:
     return bool(frames.min() >= 0 and frames.max() <= 255 and np.array_equal(frames, np.round(frames)))
 
 
-def detections(maps: np.ndarray, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
-               frames: np.ndarray | None = None, mode: str = DEFAULT_MODE):
+def detections(
+    maps: np.ndarray,
+    threshold: float = 70.0,
+    refine: str = "none",
+    max_targets: int | None = None,
+    frames: np.ndarray | None = None,
+    mode: str = DEFAULT_MODE,
+):
     """Targets of every map in (n, W, 33, 33): a flat list of (K, 3) arrays, trajectory-major.
 
     ``frames`` (n, T, 11, 11), the trajectories the maps came from, is needed for refine="fit";
@@ -156,7 +170,9 @@ def detections(maps: np.ndarray, threshold: float = 70.0, refine: str = "none", 
     if refine == "fit" and frames is not None:
         win = windows(frames, WINDOW)
         fit = FitConfig() if is_8bit(frames) else FitConfig(quantized=False, saturation=None)
-    return find_targets(flat, win, threshold=threshold, refine=refine, max_targets=max_targets, mode=mode, fit_config=fit)
+    return find_targets(
+        flat, win, threshold=threshold, refine=refine, max_targets=max_targets, mode=mode, fit_config=fit
+    )
 
 
 def middle_truth(split) -> list[np.ndarray]:
@@ -179,7 +195,11 @@ def score(dets: list, truth: list) -> dict:
     for k in np.unique(counts):
         idx = np.flatnonzero(counts == k)
         d, g = [dets[i] for i in idx], [truth[i] for i in idx]
-        report["by_count"][str(int(k))] = {"frames": len(idx), **cso_map(d, g), "count_accuracy": 100.0 * count_accuracy(d, g)}
+        report["by_count"][str(int(k))] = {
+            "frames": len(idx),
+            **cso_map(d, g),
+            "count_accuracy": 100.0 * count_accuracy(d, g),
+        }
     return report
 
 
@@ -188,11 +208,15 @@ def predict(predictor, split) -> tuple[np.ndarray, dict]:
     t0 = time.perf_counter()
     maps = predictor(split.frames)
     seconds = time.perf_counter() - t0
-    return maps, {"inference_seconds": seconds, "windows_per_second": maps.shape[0] * maps.shape[1] / max(seconds, 1e-9)}
+    return maps, {
+        "inference_seconds": seconds,
+        "windows_per_second": maps.shape[0] * maps.shape[1] / max(seconds, 1e-9),
+    }
 
 
-def score_maps(maps, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
-               mode: str = DEFAULT_MODE) -> tuple[dict, list]:
+def score_maps(
+    maps, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None, mode: str = DEFAULT_MODE
+) -> tuple[dict, list]:
     """Targets from precomputed maps and their report; returns (report, detections)."""
     t1 = time.perf_counter()
     dets = detections(maps, threshold, refine, max_targets, frames=split.frames, mode=mode)
@@ -202,8 +226,14 @@ def score_maps(maps, split, threshold: float = 70.0, refine: str = "none", max_t
     return report, dets
 
 
-def evaluate(predictor, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None,
-             mode: str = DEFAULT_MODE):
+def evaluate(
+    predictor,
+    split,
+    threshold: float = 70.0,
+    refine: str = "none",
+    max_targets: int | None = None,
+    mode: str = DEFAULT_MODE,
+):
     """Run ``predictor`` on a split; returns (report, detections, maps)."""
     maps, timing = predict(predictor, split)
     report, dets = score_maps(maps, split, threshold, refine, max_targets, mode)
@@ -274,27 +304,48 @@ def format_report(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="csist evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="csist evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="checkpoint (.pt) or ONNX model (.onnx)")
     p.add_argument("--data", required=True, help="data set root (csist simulate output or the published layout)")
     p.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N trajectories")
-    p.add_argument("--threshold", type=float, default=70.0, help="peak brightness threshold (default 70, as the reference metric)")
-    p.add_argument("--refine", nargs="+", default=["none"], choices=REFINE_MODES,
-                   help="none: HR cell centres (as the reference metric); centroid/quadratic: sub-cell peak refinement "
-                        "on the map; fit: physics fit of the peaks to the window's 5 LR frames. Several modes score "
-                        "the same network output each (--out then holds {'reports': [...]}; detections and plots "
-                        "use the last mode)")
-    p.add_argument("--peak-mode", default=DEFAULT_MODE, choices=PEAK_MODES,
-                   help="cells: every HR cell above the threshold (the reference metric); local_max: local maxima only")
+    p.add_argument(
+        "--threshold", type=float, default=70.0, help="peak brightness threshold (default 70, as the reference metric)"
+    )
+    p.add_argument(
+        "--refine",
+        nargs="+",
+        default=["none"],
+        choices=REFINE_MODES,
+        help="none: HR cell centres (as the reference metric); centroid/quadratic: sub-cell peak refinement "
+        "on the map; fit: physics fit of the peaks to the window's 5 LR frames. Several modes score "
+        "the same network output each (--out then holds {'reports': [...]}; detections and plots "
+        "use the last mode)",
+    )
+    p.add_argument(
+        "--peak-mode",
+        default=DEFAULT_MODE,
+        choices=PEAK_MODES,
+        help="cells: every HR cell above the threshold (the reference metric); local_max: local maxima only",
+    )
     p.add_argument("--max-targets", type=int, default=None, help="keep at most this many peaks per frame")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: library default)")
-    p.add_argument("--path", choices=("single", "stream"), default="single",
-                   help="single: the .onnx single graph on every window; stream: the service's streaming path "
-                        "(encoder once per frame, head per window, card and hashes verified)")
-    p.add_argument("--plan", choices=(AUTO, *PLANS), default=AUTO,
-                   help="with --path stream: the execution plan (as CSIST_PLAN; auto: the fastest that passes the"
-                        " check against the float32 reference on this host)")
+    p.add_argument(
+        "--path",
+        choices=("single", "stream"),
+        default="single",
+        help="single: the .onnx single graph on every window; stream: the service's streaming path "
+        "(encoder once per frame, head per window, card and hashes verified)",
+    )
+    p.add_argument(
+        "--plan",
+        choices=(AUTO, *PLANS),
+        default=AUTO,
+        help="with --path stream: the execution plan (as CSIST_PLAN; auto: the fastest that passes the"
+        " check against the float32 reference on this host)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--detections", type=Path, default=None, help="write all detections as JSON here")
     p.add_argument("--plots", type=Path, default=None, help="write PNGs of input, output, truth and found targets here")
@@ -305,14 +356,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     split = read_split(args.data, args.split, limit=args.limit)
     predictor = load_predictor(args.model, args.threads, args.path == "stream", args.plan)
-    path = {"path": args.path, **({"plan": predictor.plan.name, "backends": predictor.backends}
-                                  if args.path == "stream" else {})}
+    path = {
+        "path": args.path,
+        **({"plan": predictor.plan.name, "backends": predictor.backends} if args.path == "stream" else {}),
+    }
     maps, timing = predict(predictor, split)
     reports = []
     for refine in args.refine:
         report, dets = score_maps(maps, split, args.threshold, refine, args.max_targets, args.peak_mode)
-        report.update(timing, model=str(args.model), data=str(args.data), split=args.split, refine=refine,
-                      threshold=args.threshold, peak_mode=args.peak_mode, trajectories=split.n_trajectories, **path)
+        report.update(
+            timing,
+            model=str(args.model),
+            data=str(args.data),
+            split=args.split,
+            refine=refine,
+            threshold=args.threshold,
+            peak_mode=args.peak_mode,
+            trajectories=split.n_trajectories,
+            **path,
+        )
         print(f"refine={refine}: " + format_report(report))
         reports.append(report)
     if args.out:

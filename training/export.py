@@ -47,9 +47,8 @@ import torch
 from service.modelpkg.model import file_sha256 as sha256
 from service.science.peaks import DEFAULT_MODE
 from service.science.postprocess import REFINE_MODES
-from service.science.windows import HALF, NEIGHBOURS, fuse_features, pair_features
 from training.model import DeRefNet, load_checkpoint_model
-from training.parts import PART_NAMES, fuse_inputs, pair_inputs, pair_maps, part_paths, sample_windows
+from training.parts import fuse_inputs, pair_inputs, pair_maps, part_paths, sample_windows
 from training.split_head import split_for_native_kernel
 
 OPSET = 19
@@ -146,8 +145,6 @@ class FusePart(torch.nn.Module):
         return self.fusion(x) * self.scale
 
 
-
-
 def export_onnx(model: DeRefNet, out: Path) -> None:
     model = model.cpu().eval()
     model.set_deform_mode("torchvision")
@@ -224,9 +221,12 @@ def check_parts(single: Path, parts: dict[str, Path], windows: np.ndarray, stage
     if "DeformConv" in ops["encoder"] or ops["head"].count("DeformConv") == 0:
         raise RuntimeError("the DeformConv nodes must all be in the head")
     if ops["encoder"].count("Conv") != 4 * stages:
-        raise RuntimeError(f"encoder has {ops['encoder'].count('Conv')} Conv nodes, expected {4 * stages} (symmetry branch exported?)")
-    if "align" in parts and (ops["align"].count("DeformConv") != ops["head"].count("DeformConv")
-                             or "DeformConv" in ops["fuse"]):
+        raise RuntimeError(
+            f"encoder has {ops['encoder'].count('Conv')} Conv nodes, expected {4 * stages} (symmetry branch exported?)"
+        )
+    if "align" in parts and (
+        ops["align"].count("DeformConv") != ops["head"].count("DeformConv") or "DeformConv" in ops["fuse"]
+    ):
         raise RuntimeError("the align part must hold the head's DeformConv nodes, and the fuse part none")
     cpu = ["CPUExecutionProvider"]
     sessions = {name: ort.InferenceSession(str(path), providers=cpu) for name, path in parts.items()}
@@ -239,14 +239,23 @@ def check_parts(single: Path, parts: dict[str, Path], windows: np.ndarray, stage
     err = float(np.abs(got - want).max())
     if not err <= tol:
         raise RuntimeError(f"encoder+head differ from the single graph by {err:.3g} (> {tol})")
-    out = {"max_abs_diff_vs_single_graph": err, "parity_windows": int(b),
-           "nodes": {k: len(v) for k, v in ops.items()}, "head_deform_conv_nodes": ops["head"].count("DeformConv")}
+    out = {
+        "max_abs_diff_vs_single_graph": err,
+        "parity_windows": int(b),
+        "nodes": {k: len(v) for k, v in ops.items()},
+        "head_deform_conv_nodes": ops["head"].count("DeformConv"),
+    }
     if "align" in parts:
-        maps = pair_maps(lambda p: sessions["align"].run(None, {PAIR_FEATURES: p})[0],
-                         lambda s: sessions["fuse"].run(None, {STACK: s})[0], feats)
+        maps = pair_maps(
+            lambda p: sessions["align"].run(None, {PAIR_FEATURES: p})[0],
+            lambda s: sessions["fuse"].run(None, {STACK: s})[0],
+            feats,
+        )
         out["max_abs_diff_align_fuse_vs_head"] = float(np.abs(maps - got).max())
         if not out["max_abs_diff_align_fuse_vs_head"] <= tol:
-            raise RuntimeError(f"align+fuse differ from the head by {out['max_abs_diff_align_fuse_vs_head']:.3g} (> {tol})")
+            raise RuntimeError(
+                f"align+fuse differ from the head by {out['max_abs_diff_align_fuse_vs_head']:.3g} (> {tol})"
+            )
     return out
 
 
@@ -254,27 +263,90 @@ def parts_card(parts: dict[str, Path], cfg: dict) -> dict:
     """The card's ``parts`` entry: file, hash and tensor specs of the encoder and the head."""
     hr = cfg["size"] * cfg["ratio"]
     io = {
-        "encoder": ([{"name": ENCODER_INPUT, "shape": ["n", cfg["size"], cfg["size"]], "dtype": "float32",
-                      "units": "sensor counts (8-bit scale, 0..255), one frame per row"}],
-                    [{"name": FEATURES, "shape": ["n", hr * hr], "dtype": "float32",
-                      "units": f"stage-{cfg['stages']} HR estimate divided by config.scale"}]),
-        "head": ([{"name": FEATURES, "shape": ["batch", cfg["window"], hr * hr], "dtype": "float32",
-                   "units": "the encoder's features of the window's frames, in order"}],
-                 [{"name": OUTPUT, "shape": ["batch", hr, hr], "dtype": "float32",
-                   "units": "brightness of the middle frame's targets at their HR cells"}]),
-        "align": ([{"name": PAIR_FEATURES, "shape": ["n", cfg["window"], hr * hr], "dtype": "float32",
+        "encoder": (
+            [
+                {
+                    "name": ENCODER_INPUT,
+                    "shape": ["n", cfg["size"], cfg["size"]],
+                    "dtype": "float32",
+                    "units": "sensor counts (8-bit scale, 0..255), one frame per row",
+                }
+            ],
+            [
+                {
+                    "name": FEATURES,
+                    "shape": ["n", hr * hr],
+                    "dtype": "float32",
+                    "units": f"stage-{cfg['stages']} HR estimate divided by config.scale",
+                }
+            ],
+        ),
+        "head": (
+            [
+                {
+                    "name": FEATURES,
+                    "shape": ["batch", cfg["window"], hr * hr],
+                    "dtype": "float32",
+                    "units": "the encoder's features of the window's frames, in order",
+                }
+            ],
+            [
+                {
+                    "name": OUTPUT,
+                    "shape": ["batch", hr, hr],
+                    "dtype": "float32",
+                    "units": "brightness of the middle frame's targets at their HR cells",
+                }
+            ],
+        ),
+        "align": (
+            [
+                {
+                    "name": PAIR_FEATURES,
+                    "shape": ["n", cfg["window"], hr * hr],
+                    "dtype": "float32",
                     "units": "features of the middle frame (row 2) and of one neighbour (its window "
-                             "position's row), zeros elsewhere"}],
-                  [{"name": ALIGNED, "shape": ["n", hr * hr], "dtype": "float32",
-                    "units": "the neighbour aligned to the middle frame, network units"}]),
-        "fuse": ([{"name": STACK, "shape": ["batch", cfg["window"], hr * hr], "dtype": "float32",
-                   "units": "the 4 aligned neighbours in their window positions, the middle frame's "
-                            "features in row 2"}],
-                 [{"name": OUTPUT, "shape": ["batch", hr, hr], "dtype": "float32",
-                   "units": "brightness of the middle frame's targets at their HR cells"}]),
+                    "position's row), zeros elsewhere",
+                }
+            ],
+            [
+                {
+                    "name": ALIGNED,
+                    "shape": ["n", hr * hr],
+                    "dtype": "float32",
+                    "units": "the neighbour aligned to the middle frame, network units",
+                }
+            ],
+        ),
+        "fuse": (
+            [
+                {
+                    "name": STACK,
+                    "shape": ["batch", cfg["window"], hr * hr],
+                    "dtype": "float32",
+                    "units": "the 4 aligned neighbours in their window positions, the middle frame's features in row 2",
+                }
+            ],
+            [
+                {
+                    "name": OUTPUT,
+                    "shape": ["batch", hr, hr],
+                    "dtype": "float32",
+                    "units": "brightness of the middle frame's targets at their HR cells",
+                }
+            ],
+        ),
     }
-    return {name: {"file": path.name, "sha256": sha256(path), "bytes": path.stat().st_size,
-                   "inputs": io[name][0], "outputs": io[name][1]} for name, path in parts.items()}
+    return {
+        name: {
+            "file": path.name,
+            "sha256": sha256(path),
+            "bytes": path.stat().st_size,
+            "inputs": io[name][0],
+            "outputs": io[name][1],
+        }
+        for name, path in parts.items()
+    }
 
 
 def check_onnx(model: DeRefNet, path: Path, windows: np.ndarray, tol: float = 1e-3) -> dict:
@@ -296,7 +368,12 @@ def check_onnx(model: DeRefNet, path: Path, windows: np.ndarray, tol: float = 1e
     err = float(np.abs(got - want).max())
     if not err <= tol:
         raise RuntimeError(f"{path}: ONNX Runtime differs from PyTorch by {err:.3g} (> {tol})")
-    return {"deform_conv_nodes": n_deform, "nodes": len(ops), "max_abs_diff_vs_torch": err, "parity_windows": len(windows)}
+    return {
+        "deform_conv_nodes": n_deform,
+        "nodes": len(ops),
+        "max_abs_diff_vs_torch": err,
+        "parity_windows": len(windows),
+    }
 
 
 def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dict) -> dict:
@@ -309,17 +386,38 @@ def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dic
         "sha256": sha256(onnx_path),
         "bytes": onnx_path.stat().st_size,
         "opset": OPSET,
-        "inputs": [{"name": INPUT, "shape": ["batch", cfg["window"], cfg["size"], cfg["size"]], "dtype": "float32",
-                    "units": "sensor counts (8-bit scale, 0..255)"}],
-        "outputs": [{"name": OUTPUT, "shape": ["batch", cfg["size"] * cfg["ratio"], cfg["size"] * cfg["ratio"]], "dtype": "float32",
-                     "units": "brightness of the middle frame's targets at their HR cells"}],
+        "inputs": [
+            {
+                "name": INPUT,
+                "shape": ["batch", cfg["window"], cfg["size"], cfg["size"]],
+                "dtype": "float32",
+                "units": "sensor counts (8-bit scale, 0..255)",
+            }
+        ],
+        "outputs": [
+            {
+                "name": OUTPUT,
+                "shape": ["batch", cfg["size"] * cfg["ratio"], cfg["size"] * cfg["ratio"]],
+                "dtype": "float32",
+                "units": "brightness of the middle frame's targets at their HR cells",
+            }
+        ],
         "config": cfg,
         "parameters": ckpt.get("parameters"),
-        "physics": {"size": cfg["size"], "ratio": cfg["ratio"], "psf_sigma": cfg["psf_sigma"],
-                    "hr_cell_centre": "(i + 0.5) / ratio - 0.5 LR px", "qinit": "least squares on the training split"},
+        "physics": {
+            "size": cfg["size"],
+            "ratio": cfg["ratio"],
+            "psf_sigma": cfg["psf_sigma"],
+            "hr_cell_centre": "(i + 0.5) / ratio - 0.5 LR px",
+            "qinit": "least squares on the training split",
+        },
         "postprocess": extra.pop("postprocess"),
-        "export": {"exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}", **checks,
-                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": extra.pop("export_command")},
+        "export": {
+            "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}",
+            **checks,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": extra.pop("export_command"),
+        },
         "training": {
             "commands": extra.pop("train_commands") or ckpt["state"].get("commands") or [ckpt.get("command")],
             "steps": ckpt["state"]["step"],
@@ -336,26 +434,61 @@ def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="csist export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None, help="training checkpoint (.pt); required unless --metrics-only")
-    p.add_argument("--out", type=Path, default=Path("models/derefnet.onnx"), help="ONNX file to write; the card goes next to it (.json)")
+    p = argparse.ArgumentParser(
+        prog="csist export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="training checkpoint (.pt); required unless --metrics-only"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("models/derefnet.onnx"),
+        help="ONNX file to write; the card goes next to it (.json)",
+    )
     p.add_argument("--card", type=Path, default=None, help="model card path (default: OUT with .json)")
     p.add_argument("--version", default="0.1.0", help="model version recorded in the card")
-    p.add_argument("--eval-report", type=Path, action="append", default=[],
-                   help="JSON report(s) of `csist evaluate` to record as the card's metrics (repeatable)")
-    p.add_argument("--data-command", action="append", default=[], help="the csist simulate command(s) that made the data (repeatable)")
-    p.add_argument("--default-refine", default="fit", choices=REFINE_MODES,
-                   help="refine mode the service uses when a request names none (recorded in the card)")
+    p.add_argument(
+        "--eval-report",
+        type=Path,
+        action="append",
+        default=[],
+        help="JSON report(s) of `csist evaluate` to record as the card's metrics (repeatable)",
+    )
+    p.add_argument(
+        "--data-command",
+        action="append",
+        default=[],
+        help="the csist simulate command(s) that made the data (repeatable)",
+    )
+    p.add_argument(
+        "--default-refine",
+        default="fit",
+        choices=REFINE_MODES,
+        help="refine mode the service uses when a request names none (recorded in the card)",
+    )
     p.add_argument("--default-threshold", type=float, default=70.0, help="peak threshold the service uses by default")
-    p.add_argument("--train-command", action="append", default=[],
-                   help="training command(s) to record in the card (default: those stored in the checkpoint)")
+    p.add_argument(
+        "--train-command",
+        action="append",
+        default=[],
+        help="training command(s) to record in the card (default: those stored in the checkpoint)",
+    )
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the ONNX vs PyTorch check")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed between ONNX Runtime and PyTorch")
-    p.add_argument("--metrics-only", action="store_true",
-                   help="export nothing: replace the metrics of the existing card of --out with --eval-report (after a "
-                        "post-processing change); the ONNX file must still match the card's sha256")
-    p.add_argument("--no-parts", action="store_true",
-                   help="do not write the streaming parts (<out stem>.encoder.onnx, <out stem>.head.onnx)")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-3, help="max abs difference allowed between ONNX Runtime and PyTorch"
+    )
+    p.add_argument(
+        "--metrics-only",
+        action="store_true",
+        help="export nothing: replace the metrics of the existing card of --out with --eval-report (after a "
+        "post-processing change); the ONNX file must still match the card's sha256",
+    )
+    p.add_argument(
+        "--no-parts",
+        action="store_true",
+        help="do not write the streaming parts (<out stem>.encoder.onnx, <out stem>.head.onnx)",
+    )
     return p
 
 
@@ -375,7 +508,10 @@ def update_metrics(card_path: Path, onnx_path: Path, reports: list[Path], comman
     if sha256(onnx_path) != card.get("sha256"):
         raise SystemExit(f"csist export: error: {onnx_path} does not match the sha256 in {card_path}; export it anew")
     card["metrics"] = read_metrics(reports)
-    card["metrics_updated"] = {"command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    card["metrics_updated"] = {
+        "command": command,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card
 
@@ -403,12 +539,27 @@ def main(argv: list[str] | None = None) -> int:
         checks["parts"] = check_parts(args.out, paths, parity, ckpt["config"]["stages"], args.tolerance)
         parts = {"parts": parts_card(paths, ckpt["config"])}
     metrics = read_metrics(args.eval_report)
-    card = write_card(args.card or args.out.with_suffix(".json"), args.out, ckpt, checks,
-                      {"version": args.version, "export_command": command, "train_commands": args.train_command,
-                       "postprocess": {"threshold": args.default_threshold, "refine": args.default_refine, "mode": DEFAULT_MODE}, "data": {"commands": args.data_command},
-                       "metrics": metrics, "host": {"machine": platform.machine(), "python": platform.python_version()}, **parts})
-    print(f"wrote {args.out} ({card['bytes']} bytes, sha256 {card['sha256'][:12]}..., {checks['deform_conv_nodes']} DeformConv nodes, "
-          f"max |onnx - torch| {checks['max_abs_diff_vs_torch']:.2e})")
+    card = write_card(
+        args.card or args.out.with_suffix(".json"),
+        args.out,
+        ckpt,
+        checks,
+        {
+            "version": args.version,
+            "export_command": command,
+            "train_commands": args.train_command,
+            "postprocess": {"threshold": args.default_threshold, "refine": args.default_refine, "mode": DEFAULT_MODE},
+            "data": {"commands": args.data_command},
+            "metrics": metrics,
+            "host": {"machine": platform.machine(), "python": platform.python_version()},
+            **parts,
+        },
+    )
+    print(
+        f"wrote {args.out} ({card['bytes']} bytes, sha256 {card['sha256'][:12]}..., {checks['deform_conv_nodes']} "
+        "DeformConv nodes, "
+        f"max |onnx - torch| {checks['max_abs_diff_vs_torch']:.2e})"
+    )
     for part in card.get("parts", {}).values():
         print(f"wrote {args.out.parent / part['file']} ({part['bytes']} bytes, sha256 {part['sha256'][:12]}...)")
     if parts:

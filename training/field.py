@@ -285,7 +285,7 @@ def sample_background(rng: np.random.Generator, params: FieldParams) -> tuple[np
         scale = _uniform(rng, params.clutter_scale)
         pad = int(np.ceil(CLUTTER_PAD * scale))
         z = gaussian_filter(rng.standard_normal((size + 2 * pad, size + 2 * pad)), scale, mode="wrap")
-        z = z[pad:pad + size, pad:pad + size]
+        z = z[pad : pad + size, pad : pad + size]
         z = (z - z.mean()) / z.std()
         bg = pedestal + std * z
         bg += max(0.0, -float(bg.min()))
@@ -299,8 +299,14 @@ def sample_background(rng: np.random.Generator, params: FieldParams) -> tuple[np
         d = (x - point[0]) * np.cos(theta) + (y - point[1]) * np.sin(theta)
         step = np.heaviside(d, 0.5) if blur <= 0 else 0.5 * (1.0 + erf(d / (blur * np.sqrt(2.0))))
         bg = pedestal + contrast * step
-        info.update(low=pedestal, high=pedestal + contrast, contrast=contrast, blur=blur,
-                    angle_deg=float(np.degrees(theta)), point=[float(v) for v in point])
+        info.update(
+            low=pedestal,
+            high=pedestal + contrast,
+            contrast=contrast,
+            blur=blur,
+            angle_deg=float(np.degrees(theta)),
+            point=[float(v) for v in point],
+        )
     else:
         raise ValueError(f"unknown background kind {kind!r}")
     return bg, info
@@ -337,7 +343,9 @@ def _shape(rng: np.random.Generator, geometry: str, k: int, radius: float, s: fl
     return dist * units[picked]
 
 
-def _place_group(rng: np.random.Generator, params: FieldParams, geometry: str, k: int, radius: float) -> np.ndarray | None:
+def _place_group(
+    rng: np.random.Generator, params: FieldParams, geometry: str, k: int, radius: float
+) -> np.ndarray | None:
     """Tracks (T, k, 2) relative to the group centre, every pair >= s apart; None if jammed."""
     T, s = params.frames, params.min_separation
     t = np.arange(T, dtype=np.float64)[None, :, None]  # (1, T, 1)
@@ -409,7 +417,9 @@ def sample_geometry(rng: np.random.Generator, params: FieldParams) -> tuple[np.n
     return pos, info
 
 
-def sample_brightness(rng: np.random.Generator, params: FieldParams, k: int, noise: float, psf_sigma: float, headroom: float) -> tuple[np.ndarray, dict]:
+def sample_brightness(
+    rng: np.random.Generator, params: FieldParams, k: int, noise: float, psf_sigma: float, headroom: float
+) -> tuple[np.ndarray, dict]:
     """Per-target flux (k,) from the SNR or flux range, and each target's peak and peak SNR.
 
     ``headroom``: full scale minus the background's highest value, the peak ``sat`` stands for.
@@ -425,10 +435,17 @@ def sample_brightness(rng: np.random.Generator, params: FieldParams, k: int, noi
         hi = max(top if hi is None else hi, lo)
         flux = np.exp(rng.uniform(np.log(lo), np.log(hi), size=k)) * noise_ref / u
     peak = flux * u
-    return flux, {"brightness": flux.tolist(), "peak": peak.tolist(), "peak_snr": (peak / noise_ref).tolist(), "snr_noise": noise_ref}
+    return flux, {
+        "brightness": flux.tolist(),
+        "peak": peak.tolist(),
+        "peak_snr": (peak / noise_ref).tolist(),
+        "snr_noise": noise_ref,
+    }
 
 
-def sample_field_trajectory(ss: np.random.SeedSequence, params: FieldParams = FieldParams()) -> tuple[FieldTrajectory, np.random.Generator]:
+def sample_field_trajectory(
+    ss: np.random.SeedSequence, params: FieldParams = FieldParams()
+) -> tuple[FieldTrajectory, np.random.Generator]:
     """Draw trajectory ``ss``'s scene (no image); also returns its noise stream for ``render``."""
     rngs = _streams(ss)
     sensor = rngs["sensor"]
@@ -452,8 +469,15 @@ def sample_field_trajectory(ss: np.random.SeedSequence, params: FieldParams = Fi
         **geo_info,
         **b_info,
     }
-    traj = FieldTrajectory(targets=targets, background=background, defects=defects, psf_sigma=psf_sigma,
-                           noise=noise, bit_depth=bit_depth, conditions=conditions)
+    traj = FieldTrajectory(
+        targets=targets,
+        background=background,
+        defects=defects,
+        psf_sigma=psf_sigma,
+        noise=noise,
+        bit_depth=bit_depth,
+        conditions=conditions,
+    )
     return traj, rngs["noise"]
 
 
@@ -505,7 +529,9 @@ def meta_dict(params: FieldParams, seed: int, fractions, counts: list[int]) -> d
     """Contents of meta.json for a field data set."""
     first = np.concatenate([[0], np.cumsum(counts)])[:-1]
     kinds = {"uint8" if b == 8 else "uint16" for b in params.bit_depth}
-    image_format = "npy-float32" if params.float_out else "png-" + "/".join(k for k in ("uint8", "uint16") if k in kinds)
+    image_format = (
+        "npy-float32" if params.float_out else "png-" + "/".join(k for k in ("uint8", "uint16") if k in kinds)
+    )
     return {
         "format": "seqcsist",
         "format_version": sim_io.FORMAT_VERSION,
@@ -518,12 +544,17 @@ def meta_dict(params: FieldParams, seed: int, fractions, counts: list[int]) -> d
         "params": asdict(params),
         "split_fractions": list(fractions),
         "splits": {
-            name: {"trajectories": int(c), "frames": int(c) * params.frames, "first_trajectory": int(f),
-                   "conditions": f"{name}/{CONDITIONS_FILE}"}
+            name: {
+                "trajectories": int(c),
+                "frames": int(c) * params.frames,
+                "first_trajectory": int(f),
+                "conditions": f"{name}/{CONDITIONS_FILE}",
+            }
             for name, c, f in zip(sim_io.SPLITS, counts, first)
         },
         "rules": {
-            "snr": "peak SNR = flux * unit_peak(psf_sigma) / max(noise, snr_noise_floor); snr hi null = (full scale - max background) / max(noise, snr_noise_floor)",
+            "snr": "peak SNR = flux * unit_peak(psf_sigma) / max(noise, snr_noise_floor); "
+            "snr hi null = (full scale - max background) / max(noise, snr_noise_floor)",
             "snr_noise_floor": SNR_NOISE_FLOOR,
             "packing": PACKING,
             "clutter_pad_sigmas": CLUTTER_PAD,
@@ -535,7 +566,16 @@ def meta_dict(params: FieldParams, seed: int, fractions, counts: list[int]) -> d
     }
 
 
-def generate(out: Path, n: int, seed: int, params: FieldParams, fractions=(0.7, 0.15, 0.15), progress: bool = True, preview: Path | None = None, overwrite: bool = False) -> dict:
+def generate(
+    out: Path,
+    n: int,
+    seed: int,
+    params: FieldParams,
+    fractions=(0.7, 0.15, 0.15),
+    progress: bool = True,
+    preview: Path | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Simulate ``n`` field trajectories into ``out``; returns the meta.json contents."""
     from tqdm import tqdm
 
@@ -570,12 +610,19 @@ def generate(out: Path, n: int, seed: int, params: FieldParams, fractions=(0.7, 
             stuck = np.zeros(images.shape[1:], dtype=bool)
             stuck[traj.defects[:, 1].astype(int), traj.defects[:, 0].astype(int)] = True
             saturated = int(np.sum((images >= traj.saturation) & ~stuck[None]))
-            lines.append(json.dumps({"trajectory": i, "split_index": local, **traj.conditions, "saturated_pixels": saturated}, sort_keys=True))
+            lines.append(
+                json.dumps(
+                    {"trajectory": i, "split_index": local, **traj.conditions, "saturated_pixels": saturated},
+                    sort_keys=True,
+                )
+            )
             if preview is not None and len(samples) < 4:
                 samples.append((images, traj.targets))
                 c = traj.conditions
-                titles.append(f"{c['background']['kind']} {c['geometry']} psf {c['psf_sigma']:.2f} noise {c['noise']:.1f} "
-                              f"SNR {min(c['peak_snr']):.0f}-{max(c['peak_snr']):.0f}")
+                titles.append(
+                    f"{c['background']['kind']} {c['geometry']} psf {c['psf_sigma']:.2f} noise {c['noise']:.1f} "
+                    f"SNR {min(c['peak_snr']):.0f}-{max(c['peak_snr']):.0f}"
+                )
             i += 1
             bar.update()
         (split_dir / CONDITIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -669,7 +716,9 @@ def _choices(options: tuple, mixed: tuple, cast=str):
         except ValueError:
             vals = ()
         if not vals or any(v not in options for v in vals):
-            raise argparse.ArgumentTypeError(f"expected mixed or a comma list of {', '.join(map(str, options))}; got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected mixed or a comma list of {', '.join(map(str, options))}; got {text!r}"
+            )
         return tuple(dict.fromkeys(vals))
 
     return parse
@@ -678,21 +727,58 @@ def _choices(options: tuple, mixed: tuple, cast=str):
 # dest -> (flag, type, help); help gains FieldParams' default. Shared flags (--targets, --noise,
 # --psf-sigma, --brightness, --margin, --frames, --size, --float) are the protocol's parser's.
 FIELD_FLAGS = {
-    "background": ("--background", _choices(BACKGROUNDS, BACKGROUNDS), "background kind: mixed (all four) or a comma list of flat, ramp, clutter, edge"),
+    "background": (
+        "--background",
+        _choices(BACKGROUNDS, BACKGROUNDS),
+        "background kind: mixed (all four) or a comma list of flat, ramp, clutter, edge",
+    ),
     "pedestal": ("--pedestal", float_range(), "background pedestal, grey levels, X or LO,HI"),
-    "ramp": ("--ramp", _pair, "ramp background's two end values L,H across the patch (when not given: L = pedestal, H = L + --ramp-rise)"),
+    "ramp": (
+        "--ramp",
+        _pair,
+        "ramp background's two end values L,H across the patch (when not given: L = pedestal, H = L + --ramp-rise)",
+    ),
     "ramp_rise": ("--ramp-rise", float_range(), "ramp rise across the patch when --ramp is not given"),
-    "clutter_std": ("--clutter-std", float_range(), "clutter background's standard deviation over the patch, grey levels"),
-    "clutter_scale": ("--clutter-scale", float_range(0.0, strict=True), "clutter correlation length (Gaussian smoothing sigma), px"),
+    "clutter_std": (
+        "--clutter-std",
+        float_range(),
+        "clutter background's standard deviation over the patch, grey levels",
+    ),
+    "clutter_scale": (
+        "--clutter-scale",
+        float_range(0.0, strict=True),
+        "clutter correlation length (Gaussian smoothing sigma), px",
+    ),
     "edge_contrast": ("--edge-contrast", float_range(), "edge background's step height, grey levels"),
     "edge_blur": ("--edge-blur", float_range(), "edge blur sigma, px; 0 = sharp step"),
     "bad_pixels": ("--bad-pixels", _count_range, "stuck (hot or dead) pixels per trajectory, N or LO-HI"),
-    "hot_level": ("--hot-level", float_range(0.0, strict=True, maximum=1.0), "hot pixel level as a share of full scale"),
-    "snr": ("--snr", _snr, "target peak SNR, X, LO,HI, LO,sat or sat (log-uniform; sat = the peak that takes the highest background pixel to full scale); ignored with --brightness"),
-    "bit_depth": ("--bit-depth", _choices(BIT_DEPTHS, BIT_DEPTHS, int), "sensor bit depth: 8, 12, 14, 16, a comma list or mixed; >8 bits are 16-bit PNGs"),
-    "geometry": ("--geometry", _choices(GEOMETRIES, GEOMETRIES), "group geometry: random, line, cross, a comma list or mixed"),
+    "hot_level": (
+        "--hot-level",
+        float_range(0.0, strict=True, maximum=1.0),
+        "hot pixel level as a share of full scale",
+    ),
+    "snr": (
+        "--snr",
+        _snr,
+        "target peak SNR, X, LO,HI, LO,sat or sat (log-uniform; sat = the peak that takes the highest background "
+        "pixel to full scale); ignored with --brightness",
+    ),
+    "bit_depth": (
+        "--bit-depth",
+        _choices(BIT_DEPTHS, BIT_DEPTHS, int),
+        "sensor bit depth: 8, 12, 14, 16, a comma list or mixed; >8 bits are 16-bit PNGs",
+    ),
+    "geometry": (
+        "--geometry",
+        _choices(GEOMETRIES, GEOMETRIES),
+        "group geometry: random, line, cross, a comma list or mixed",
+    ),
     "group_radius": ("--group-radius", float_range(0.0, strict=True), "group radius at the first frame, px"),
-    "min_separation": ("--min-separation", _non_negative, "minimum distance between any two targets in every frame, px"),
+    "min_separation": (
+        "--min-separation",
+        _non_negative,
+        "minimum distance between any two targets in every frame, px",
+    ),
     "velocity": ("--velocity", float_range(), "group speed, px/frame, random direction"),
     "target_drift": ("--target-drift", float_range(), "each target's own drift speed, px/frame, random direction"),
 }
@@ -718,7 +804,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("field scenario (--scenario field; see docs/field-simulator.md)")
     for dest, (flag, kind, text) in FIELD_FLAGS.items():
         shown = default_text(dest)
-        group.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"{text} (default {shown})" if shown else text)
+        group.add_argument(
+            flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"{text} (default {shown})" if shown else text
+        )
 
 
 def params_from_args(args: argparse.Namespace) -> FieldParams:

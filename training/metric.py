@@ -60,9 +60,7 @@ def _as_rows(entry, what: str, index: int | None = None) -> np.ndarray:
     if a.size == 0:
         return np.zeros((0, 3))
     if a.ndim != 2 or a.shape[1] != 3:
-        raise ValueError(
-            f"{where} must have shape (N, 3) with rows (x, y, value), got shape {a.shape}"
-        )
+        raise ValueError(f"{where} must have shape (N, 3) with rows (x, y, value), got shape {a.shape}")
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{where} contains non-finite values (NaN or inf)")
     return a
@@ -218,10 +216,7 @@ def cso_map(
     if len(set(names)) != len(names):
         raise ValueError(f"thresholds {thresholds} give duplicate names {names}")
     m = _prepare(_as_frames(detections, "detections"), _as_frames(ground_truth, "ground_truth"))
-    result = {
-        name: 100.0 * average_precision(m.tp(d)[m.order], m.n_gt)
-        for name, d in zip(names, thresholds)
-    }
+    result = {name: 100.0 * average_precision(m.tp(d)[m.order], m.n_gt) for name, d in zip(names, thresholds)}
     result["mAP"] = float(np.mean([result[name] for name in names]))
     return result
 

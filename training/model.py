@@ -248,7 +248,8 @@ class Fusion(nn.Module):
         super().__init__()
         c = cfg.channels
         self.body = nn.Sequential(
-            conv3x3(cfg.window, c), nn.ReLU(),
+            conv3x3(cfg.window, c),
+            nn.ReLU(),
             *[ResBlock(c) for _ in range(cfg.res_blocks)],
             conv3x3(c, 1, bias=False),
         )

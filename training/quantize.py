@@ -107,15 +107,19 @@ def run_batched(sess, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def quantize_graph(src: Path, dst: Path, reader: ArrayReader, ops: list[str], head: bool,
-                   per_channel: bool, method: str) -> dict:
+def quantize_graph(
+    src: Path, dst: Path, reader: ArrayReader, ops: list[str], head: bool, per_channel: bool, method: str
+) -> dict:
     """Static QDQ quantization of the selected nodes of ``src`` into ``dst``; returns what was done."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         # ONNX shape inference first, as the quantizer asks; the symbolic pass does not know
@@ -125,7 +129,9 @@ def quantize_graph(src: Path, dst: Path, reader: ArrayReader, ops: list[str], he
         if not nodes:
             raise RuntimeError(f"{src}: no {'/'.join(ops)} node to quantize")
         quantize_static(
-            str(pre), str(dst), reader,
+            str(pre),
+            str(dst),
+            reader,
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,  # u8 x s8 is the VNNI/AMX fast path of ORT's kernels
             weight_type=QuantType.QInt8,
@@ -138,8 +144,11 @@ def quantize_graph(src: Path, dst: Path, reader: ArrayReader, ops: list[str], he
     proto = onnx.load(str(dst))
     onnx.checker.check_model(proto, full_check=False)
     ops_after = [n.op_type for n in proto.graph.node]
-    return {"nodes_quantized": len(nodes), "quantize_linear_nodes": ops_after.count("QuantizeLinear"),
-            "deform_conv_nodes": ops_after.count("DeformConv")}
+    return {
+        "nodes_quantized": len(nodes),
+        "quantize_linear_nodes": ops_after.count("QuantizeLinear"),
+        "deform_conv_nodes": ops_after.count("DeformConv"),
+    }
 
 
 def check_deform_fp32(path: Path) -> None:
@@ -172,10 +181,26 @@ def evaluate_stream(encoder, head, split, threshold: float, refine: str) -> dict
     maps = stream_maps(encoder, head, split.frames)
     seconds = time.perf_counter() - t0
     report, _ = score_maps(maps, split, threshold, refine)
-    keep = ("frames", "targets", "AP05", "AP10", "AP15", "AP20", "AP25", "mAP", "count_accuracy",
-            "localisation_error_px", "by_count")
-    return {**{k: report[k] for k in keep}, "inference_seconds": seconds, "refine": refine,
-            "threshold": threshold, "path": "encoder+head (streaming, as the service)"}
+    keep = (
+        "frames",
+        "targets",
+        "AP05",
+        "AP10",
+        "AP15",
+        "AP20",
+        "AP25",
+        "mAP",
+        "count_accuracy",
+        "localisation_error_px",
+        "by_count",
+    )
+    return {
+        **{k: report[k] for k in keep},
+        "inference_seconds": seconds,
+        "refine": refine,
+        "threshold": threshold,
+        "path": "encoder+head (streaming, as the service)",
+    }
 
 
 def parity(single_fp32, single_q, parts_fp32: dict, parts_q: dict, held_out: np.ndarray) -> dict:
@@ -227,32 +252,64 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csist quantize", description=__doc__, formatter_class=_Formatter)
-    p.add_argument("--model", type=Path, default=Path("models/derefnet.onnx"),
-                   help="fp32 single graph written by `csist export`; its card must list the parts")
-    p.add_argument("--out", type=Path, default=Path("models/derefnet-int8.onnx"),
-                   help="int8 single graph to write; parts and card (.json) go next to it")
-    p.add_argument("--ops", default="Conv,MatMul",
-                   help="comma-separated op types to quantize (DeformConv is always left fp32)")
-    p.add_argument("--head", action="store_true",
-                   help="also quantize the head's convolutions (default: encoder only)")
-    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
-                   help="one weight scale per output channel (default) or per tensor")
-    p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
-                   help="calibration method for activation ranges")
-    p.add_argument("--calibration-trajectories", type=int, default=64,
-                   help="simulated 20-frame trajectories to calibrate on")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                   help="simulation seed of the calibration data (keep it apart from test seeds)")
-    p.add_argument("--parity-windows", type=int, default=32,
-                   help="held-out simulated windows for the int8 vs fp32 difference in the card")
-    p.add_argument("--eval-data", type=Path, default=None,
-                   help="data set root (csist simulate output) to score fp32 and int8 on")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/derefnet.onnx"),
+        help="fp32 single graph written by `csist export`; its card must list the parts",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("models/derefnet-int8.onnx"),
+        help="int8 single graph to write; parts and card (.json) go next to it",
+    )
+    p.add_argument(
+        "--ops", default="Conv,MatMul", help="comma-separated op types to quantize (DeformConv is always left fp32)"
+    )
+    p.add_argument("--head", action="store_true", help="also quantize the head's convolutions (default: encoder only)")
+    p.add_argument(
+        "--per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one weight scale per output channel (default) or per tensor",
+    )
+    p.add_argument(
+        "--method",
+        default="minmax",
+        choices=("minmax", "entropy", "percentile"),
+        help="calibration method for activation ranges",
+    )
+    p.add_argument(
+        "--calibration-trajectories", type=int, default=64, help="simulated 20-frame trajectories to calibrate on"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="simulation seed of the calibration data (keep it apart from test seeds)",
+    )
+    p.add_argument(
+        "--parity-windows",
+        type=int,
+        default=32,
+        help="held-out simulated windows for the int8 vs fp32 difference in the card",
+    )
+    p.add_argument(
+        "--eval-data", type=Path, default=None, help="data set root (csist simulate output) to score fp32 and int8 on"
+    )
     p.add_argument("--eval-split", default="test", help="split of --eval-data to score")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N trajectories")
     p.add_argument("--threshold", type=float, default=70.0, help="peak threshold of the evaluation")
-    p.add_argument("--max-map-drop", type=float, default=None,
-                   help="with --eval-data: fail (and remove the int8 files) if CSO-mAP drops more than this")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for calibration and evaluation (0: default)")
+    p.add_argument(
+        "--max-map-drop",
+        type=float,
+        default=None,
+        help="with --eval-data: fail (and remove the int8 files) if CSO-mAP drops more than this",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime threads for calibration and evaluation (0: default)"
+    )
     return p
 
 
@@ -291,25 +348,39 @@ def main(argv: list[str] | None = None) -> int:
         "single": ArrayReader(src_card["inputs"][0]["name"], windows(frames)),
     }
     graphs = {}
-    graphs[ENCODER] = quantize_graph(src_parts[ENCODER], out_parts[ENCODER], readers[ENCODER], ops, True,
-                                     args.per_channel, args.method)
+    graphs[ENCODER] = quantize_graph(
+        src_parts[ENCODER], out_parts[ENCODER], readers[ENCODER], ops, True, args.per_channel, args.method
+    )
     if args.head:
-        graphs[HEAD] = quantize_graph(src_parts[HEAD], out_parts[HEAD], readers[HEAD], ["Conv"], True,
-                                      args.per_channel, args.method)
+        graphs[HEAD] = quantize_graph(
+            src_parts[HEAD], out_parts[HEAD], readers[HEAD], ["Conv"], True, args.per_channel, args.method
+        )
     elif args.out.parent.resolve() == args.model.parent.resolve():
         out_parts[HEAD] = src_parts[HEAD]  # unchanged: the card names the fp32 head (no duplicate file)
     else:
         shutil.copyfile(src_parts[HEAD], out_parts[HEAD])  # the card must name a file beside the model
-    graphs["single"] = quantize_graph(args.model, args.out, readers["single"], ops if not args.head else
-                                      sorted(set(ops) | {"Conv"}), args.head, args.per_channel, args.method)
+    graphs["single"] = quantize_graph(
+        args.model,
+        args.out,
+        readers["single"],
+        ops if not args.head else sorted(set(ops) | {"Conv"}),
+        args.head,
+        args.per_channel,
+        args.method,
+    )
     for path in (args.out, *out_parts.values()):
         check_deform_fp32(path)
     quant_seconds = time.perf_counter() - t0
 
     held_out = windows(calibration_frames(max(1, -(-args.parity_windows // 16)), args.seed + 1))[: args.parity_windows]
     parts_q = {k: session(p, args.threads) for k, p in out_parts.items()}
-    diff = parity(session(args.model, args.threads), session(args.out, args.threads),
-                  {ENCODER: enc32, HEAD: head32}, parts_q, np.ascontiguousarray(held_out))
+    diff = parity(
+        session(args.model, args.threads),
+        session(args.out, args.threads),
+        {ENCODER: enc32, HEAD: head32},
+        parts_q,
+        np.ascontiguousarray(held_out),
+    )
 
     metrics, comparison = {}, None
     if args.eval_data is not None:
@@ -320,36 +391,60 @@ def main(argv: list[str] | None = None) -> int:
         int8 = evaluate_stream(parts_q[ENCODER], parts_q[HEAD], split, args.threshold, "none")
         key = f"{args.eval_data.name}:{args.eval_split}:refine=none"
         metrics[key] = {**int8, "data": str(args.eval_data), "trajectories": split.n_trajectories}
-        comparison = {"data": str(args.eval_data), "split": args.eval_split, "trajectories": split.n_trajectories,
-                      "fp32_mAP": fp32["mAP"], "int8_mAP": int8["mAP"], "drop": fp32["mAP"] - int8["mAP"],
-                      "max_drop": args.max_map_drop}
-        print(f"CSO-mAP (refine none, encoder+head) on {args.eval_data}/{args.eval_split}: "
-              f"fp32 {fp32['mAP']:.2f}  int8 {int8['mAP']:.2f}  drop {comparison['drop']:.2f}")
+        comparison = {
+            "data": str(args.eval_data),
+            "split": args.eval_split,
+            "trajectories": split.n_trajectories,
+            "fp32_mAP": fp32["mAP"],
+            "int8_mAP": int8["mAP"],
+            "drop": fp32["mAP"] - int8["mAP"],
+            "max_drop": args.max_map_drop,
+        }
+        print(
+            f"CSO-mAP (refine none, encoder+head) on {args.eval_data}/{args.eval_split}: "
+            f"fp32 {fp32['mAP']:.2f}  int8 {int8['mAP']:.2f}  drop {comparison['drop']:.2f}"
+        )
         if args.max_map_drop is not None and comparison["drop"] > args.max_map_drop:
             for path in (args.out, *out_parts.values()):
                 if path not in src_parts.values():
                     path.unlink(missing_ok=True)
-            print(f"csist quantize: CSO-mAP drop {comparison['drop']:.2f} > {args.max_map_drop}; "
-                  "int8 files removed", file=sys.stderr)
+            print(
+                f"csist quantize: CSO-mAP drop {comparison['drop']:.2f} > {args.max_map_drop}; int8 files removed",
+                file=sys.stderr,
+            )
             return 1
 
     command = "csist quantize " + " ".join(argv)
     head_precision = "int8 convolutions (QDQ), DeformConv float32" if args.head else "float32"
     info = {
-        "precision": {"single": f"encoder int8 (QDQ), head {head_precision}", ENCODER: "int8 (QDQ)", HEAD: head_precision,
-                      "io": "float32"},
+        "precision": {
+            "single": f"encoder int8 (QDQ), head {head_precision}",
+            ENCODER: "int8 (QDQ)",
+            HEAD: head_precision,
+            "io": "float32",
+        },
         "metrics": metrics,
         "tool": f"onnxruntime.quantization.quantize_static, onnxruntime {ort.__version__}",
-        "format": "QDQ", "weights": f"int8, {'per channel' if args.per_channel else 'per tensor'}",
-        "activations": "uint8, per tensor", "ops": ops if not args.head else sorted(set(ops) | {"Conv"}),
-        "calibration": {"method": args.method, "data": "training.simulate trajectories (clean 8-bit)",
-                        "seed": args.seed, "trajectories": args.calibration_trajectories,
-                        "frames": int(frames.shape[0] * frames.shape[1])},
+        "format": "QDQ",
+        "weights": f"int8, {'per channel' if args.per_channel else 'per tensor'}",
+        "activations": "uint8, per tensor",
+        "ops": ops if not args.head else sorted(set(ops) | {"Conv"}),
+        "calibration": {
+            "method": args.method,
+            "data": "training.simulate trajectories (clean 8-bit)",
+            "seed": args.seed,
+            "trajectories": args.calibration_trajectories,
+            "frames": int(frames.shape[0] * frames.shape[1]),
+        },
         "graphs": graphs,
         "parity": {**diff, "seed": args.seed + 1},
         "evaluation": comparison,
-        "source": {"file": args.model.name, "sha256": src_card["sha256"], "card": src_card_path.name,
-                   "mAP": {k: v.get("mAP") for k, v in (src_card.get("metrics") or {}).items() if isinstance(v, dict)}},
+        "source": {
+            "file": args.model.name,
+            "sha256": src_card["sha256"],
+            "card": src_card_path.name,
+            "mAP": {k: v.get("mAP") for k, v in (src_card.get("metrics") or {}).items() if isinstance(v, dict)},
+        },
         "seconds": round(quant_seconds, 1),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -359,8 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {args.out} and {', '.join(p.name for p in out_parts.values())} and {card_path}")
     split_for_native_kernel(args.out, held_out)
-    print(f"max |int8 - fp32| on {diff['windows']} held-out windows: single graph {diff['single_graph_max_abs_diff']:.3g}, "
-          f"encoder+head {diff['parts_max_abs_diff']:.3g} (peak {diff['hr_peak']:.1f})")
+    print(
+        f"max |int8 - fp32| on {diff['windows']} held-out windows: single graph "
+        f"{diff['single_graph_max_abs_diff']:.3g}, "
+        f"encoder+head {diff['parts_max_abs_diff']:.3g} (peak {diff['hr_peak']:.1f})"
+    )
     return 0
 
 

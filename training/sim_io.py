@@ -30,7 +30,9 @@ def split_counts(n: int, fractions: tuple[float, ...]) -> list[int]:
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse to mix a new data set with an old one: stale frames would join the new splits."""
-    existing = [out / s for s in SPLITS if (out / s).exists()] + ([out / "meta.json"] if (out / "meta.json").exists() else [])
+    existing = [out / s for s in SPLITS if (out / s).exists()] + (
+        [out / "meta.json"] if (out / "meta.json").exists() else []
+    )
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a data set ({existing[0]}); use --overwrite to replace it")
     for path in existing:
@@ -38,7 +40,13 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_preview(path: Path, samples: list[tuple[np.ndarray, np.ndarray]], n_cols: int = 5, titles: list[str] | None = None, stretch: bool = False) -> None:
+def write_preview(
+    path: Path,
+    samples: list[tuple[np.ndarray, np.ndarray]],
+    n_cols: int = 5,
+    titles: list[str] | None = None,
+    stretch: bool = False,
+) -> None:
     """Grid: one row per trajectory, ``n_cols`` frames across, true targets marked.
 
     ``titles`` adds a line per row; ``stretch`` maps each row's own min..max to black..white

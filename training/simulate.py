@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,7 +66,6 @@ from service.science import physics
 from training import data
 from training.sim_io import FORMAT_VERSION, SPLITS, split_counts, trajectory_rngs, write_preview
 from training.sim_io import prepare_out as _prepare_out
-
 
 MAX_SLOPE = 2.0  # |dy/dx| of the reference path between frames
 LINE_MAX_ANGLE = np.pi / 3  # line / quadratic start slope: tan(U(-60, 60) degrees)
@@ -129,7 +127,9 @@ class SimParams:
         if self.psf_sigma <= 0 or self.step < 0 or self.spacing <= 0 or self.drift < 0 or self.noise < 0:
             raise ValueError("--psf-sigma and --spacing must be > 0; --step, --drift, --noise >= 0")
         if not feasible_x0(self).size:
-            raise ValueError("no start x0 keeps the targets inside the patch; reduce --margin/--spacing/--drift/--step/--frames")
+            raise ValueError(
+                "no start x0 keeps the targets inside the patch; reduce --margin/--spacing/--drift/--step/--frames"
+            )
 
 
 @dataclass(frozen=True)
@@ -336,24 +336,88 @@ def build_parser() -> argparse.ArgumentParser:
     d = SimParams()
     f = field.FieldParams()
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--scenario", choices=SCENARIOS, default="seqcsist", help="seqcsist: the paper's protocol; field: field conditions (docs/field-simulator.md)")
+    p.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="seqcsist",
+        help="seqcsist: the paper's protocol; field: field conditions (docs/field-simulator.md)",
+    )
     p.add_argument("--trajectories", type=int, default=5000, help="number of trajectories")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> byte-identical files)")
-    p.add_argument("--split", type=_float_list(3), default=(0.7, 0.15, 0.15), help="train,val,test fractions; trajectories are split in order")
-    p.add_argument("--noise", type=_float_range, default=argparse.SUPPRESS, help=f"additive Gaussian noise sigma, grey levels (seqcsist: one value, default {d.noise:g}; the paper's 0, 2, 3, 4, 5; field: X or LO,HI per trajectory, default {f.noise[0]:g},{f.noise[1]:g})")
-    p.add_argument("--targets", type=_int_range, default=argparse.SUPPRESS, help=f"targets per trajectory, N or LO-HI (uniform) (seqcsist: within 2-8, default {d.targets[0]}-{d.targets[1]}, >4 uses diagonal directions too; field: within 1-8, default {f.targets[0]}-{f.targets[1]})")
-    p.add_argument("--float", dest="float_out", action="store_true", default=argparse.SUPPRESS, help="write float32 images without quantisation to <split>/images.npy instead of PNGs")
+    p.add_argument(
+        "--split",
+        type=_float_list(3),
+        default=(0.7, 0.15, 0.15),
+        help="train,val,test fractions; trajectories are split in order",
+    )
+    p.add_argument(
+        "--noise",
+        type=_float_range,
+        default=argparse.SUPPRESS,
+        help=f"additive Gaussian noise sigma, grey levels (seqcsist: one value, default {d.noise:g}; the paper's 0, "
+        f"2, 3, 4, 5; field: X or LO,HI per trajectory, default {f.noise[0]:g},{f.noise[1]:g})",
+    )
+    p.add_argument(
+        "--targets",
+        type=_int_range,
+        default=argparse.SUPPRESS,
+        help=f"targets per trajectory, N or LO-HI (uniform) (seqcsist: within 2-8, default "
+        f"{d.targets[0]}-{d.targets[1]}, >4 uses diagonal directions too; field: within 1-8, default "
+        f"{f.targets[0]}-{f.targets[1]})",
+    )
+    p.add_argument(
+        "--float",
+        dest="float_out",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="write float32 images without quantisation to <split>/images.npy instead of PNGs",
+    )
     p.add_argument("--frames", type=int, default=argparse.SUPPRESS, help=f"frames per trajectory (default {d.frames})")
     p.add_argument("--size", type=int, default=argparse.SUPPRESS, help=f"patch side, pixels (default {d.size})")
-    p.add_argument("--psf-sigma", type=_float_range, default=argparse.SUPPRESS, help=f"Gaussian PSF sigma, pixels (seqcsist: one value, default {d.psf_sigma:g}; field: X or LO,HI per trajectory, default {f.psf_sigma[0]:g},{f.psf_sigma[1]:g})")
-    p.add_argument("--brightness", type=_float_range, default=argparse.SUPPRESS, help=f"target brightness (integrated flux) range LO,HI, uniform (seqcsist default {d.brightness[0]:g},{d.brightness[1]:g}; field: replaces --snr)")
-    p.add_argument("--margin", type=float, default=argparse.SUPPRESS, help=f"minimum distance of every target from the patch's outer edge, pixels (default {d.margin:g})")
+    p.add_argument(
+        "--psf-sigma",
+        type=_float_range,
+        default=argparse.SUPPRESS,
+        help=f"Gaussian PSF sigma, pixels (seqcsist: one value, default {d.psf_sigma:g}; field: X or LO,HI per "
+        f"trajectory, default {f.psf_sigma[0]:g},{f.psf_sigma[1]:g})",
+    )
+    p.add_argument(
+        "--brightness",
+        type=_float_range,
+        default=argparse.SUPPRESS,
+        help=f"target brightness (integrated flux) range LO,HI, uniform (seqcsist default "
+        f"{d.brightness[0]:g},{d.brightness[1]:g}; field: replaces --snr)",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"minimum distance of every target from the patch's outer edge, pixels (default {d.margin:g})",
+    )
     proto = p.add_argument_group("SeqCSIST protocol only (--scenario seqcsist)")
-    proto.add_argument("--step", type=float, default=argparse.SUPPRESS, help=f"reference motion along x per frame, pixels (default {d.step:g})")
-    proto.add_argument("--spacing", type=float, default=argparse.SUPPRESS, help=f"initial target-reference distance, pixels (default {d.spacing:g})")
-    proto.add_argument("--drift", type=float, default=argparse.SUPPRESS, help=f"max extra outward motion of each target per frame, pixels (drawn from U(0, drift]) (default {d.drift:g})")
+    proto.add_argument(
+        "--step",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"reference motion along x per frame, pixels (default {d.step:g})",
+    )
+    proto.add_argument(
+        "--spacing",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"initial target-reference distance, pixels (default {d.spacing:g})",
+    )
+    proto.add_argument(
+        "--drift",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"max extra outward motion of each target per frame, pixels (drawn from U(0, drift]) (default "
+        f"{d.drift:g})",
+    )
     field.add_arguments(p)
-    p.add_argument("--preview", type=Path, default=None, help="also draw a PNG grid of a few trajectories with their true targets")
+    p.add_argument(
+        "--preview", type=Path, default=None, help="also draw a PNG grid of a few trajectories with their true targets"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing splits and meta.json in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -415,7 +479,16 @@ def meta_dict(params: SimParams, seed: int, fractions, counts: list[int]) -> dic
     }
 
 
-def generate(out: Path, n: int, seed: int, params: SimParams, fractions=(0.7, 0.15, 0.15), progress: bool = True, preview: Path | None = None, overwrite: bool = False) -> dict:
+def generate(
+    out: Path,
+    n: int,
+    seed: int,
+    params: SimParams,
+    fractions=(0.7, 0.15, 0.15),
+    progress: bool = True,
+    preview: Path | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Simulate ``n`` trajectories into ``out``; returns the meta.json contents."""
     from tqdm import tqdm
 
@@ -475,7 +548,16 @@ def main(argv: list[str] | None = None) -> int:
         params.validate()
         if args.trajectories < 1:
             raise ValueError("--trajectories must be >= 1")
-        meta = run(args.out, args.trajectories, args.seed, params, args.split, progress=not args.quiet, preview=args.preview, overwrite=args.overwrite)
+        meta = run(
+            args.out,
+            args.trajectories,
+            args.seed,
+            params,
+            args.split,
+            progress=not args.quiet,
+            preview=args.preview,
+            overwrite=args.overwrite,
+        )
     except (ValueError, FileExistsError) as exc:
         print(f"csist simulate: error: {exc}", file=sys.stderr)
         return 2

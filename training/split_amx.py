@@ -46,12 +46,27 @@ from pathlib import Path
 import numpy as np
 
 from training.parts import fuse_inputs, pair_inputs, pair_maps
-from training.split_head import (PartSplit, SplitError, check_graph, load_card_part, relative, replace_card_entry,
-                                 split_graph)
+from training.split_head import (
+    PartSplit,
+    SplitError,
+    check_graph,
+    load_card_part,
+    relative,
+    replace_card_entry,
+    split_graph,
+)
 
 
-def evaluate_kernels(model_path: Path, card_path: Path, data: Path, split_name: str, limit: int | None,
-                     threshold: float, refines: list[str], threads: int) -> dict:
+def evaluate_kernels(
+    model_path: Path,
+    card_path: Path,
+    data: Path,
+    split_name: str,
+    limit: int | None,
+    threshold: float,
+    refines: list[str],
+    threads: int,
+) -> dict:
     """CSO-mAP of the streaming path with float32 Convs (ONNX Runtime) and with the AMX kernel."""
     from service.modelpkg.model import load_model
     from training.data import read_split
@@ -60,8 +75,9 @@ def evaluate_kernels(model_path: Path, card_path: Path, data: Path, split_name: 
     split = read_split(data, split_name, limit=limit)
     out = {"data": str(data), "split": split_name, "threshold": threshold, "trajectories": int(split.frames.shape[0])}
     for kernel in ("onnxruntime", "amx"):
-        model = load_model(model_path, card_path, providers=["CPUExecutionProvider"], threads=threads,
-                           conv_kernel=kernel)
+        model = load_model(
+            model_path, card_path, providers=["CPUExecutionProvider"], threads=threads, conv_kernel=kernel
+        )
         t0 = time.perf_counter()
         maps = stream_maps(model.encode, model.head, split.frames)
         seconds = time.perf_counter() - t0
@@ -73,8 +89,15 @@ def evaluate_kernels(model_path: Path, card_path: Path, data: Path, split_name: 
     return out
 
 
-def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_tolerance: float, command: str,
-              evaluation: dict | None = None, max_map_drop: float | None = None) -> dict:
+def split_amx(
+    model_path: Path,
+    frames: np.ndarray,
+    tolerance: float,
+    bf16_tolerance: float,
+    command: str,
+    evaluation: dict | None = None,
+    max_map_drop: float | None = None,
+) -> dict:
     """Split encoder and head of ``model_path``, check, optionally score, and record ``amx_split``."""
     from service.kernels import conv
     from service.modelpkg.model import load_model
@@ -83,21 +106,38 @@ def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_toler
         raise SplitError(f"the AMX kernel cannot run here, so the split cannot be checked: {conv.WHY_NOT_AMX}")
     card_path, card, _ = load_card_part(model_path, "encoder")
     names = [name for name in ("encoder", "head", "align", "fuse") if name in card["parts"]]
-    splits = {name: PartSplit(model_path, f"amx.{name}", "weights", card["parts"][name],
-                              *split_graph(model_path.parent / card["parts"][name]["file"], convs=True))
-              for name in names}
+    splits = {
+        name: PartSplit(
+            model_path,
+            f"amx.{name}",
+            "weights",
+            card["parts"][name],
+            *split_graph(model_path.parent / card["parts"][name]["file"], convs=True),
+        )
+        for name in names
+    }
     if not any(s.get("kernel") == "amx" for s in splits["encoder"].steps):
         raise SplitError(f"the encoder of {model_path} has no Conv the AMX kernel computes (float32, 32-channel input)")
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
     def entry(suffix):
-        return {"precision": "bfloat16", **{name: s.entry(suffix) for name, s in splits.items()},
-                "command": command, "date": date}
+        return {
+            "precision": "bfloat16",
+            **{name: s.entry(suffix) for name, s in splits.items()},
+            "command": command,
+            "date": date,
+        }
 
     def check(tmp_card):
         # each kernel is checked on its own; the service then runs runs of convs as chains
-        model = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx",
-                           fuse_convs=False, whole_parts=True)
+        model = load_model(
+            model_path,
+            tmp_card,
+            providers=["CPUExecutionProvider"],
+            conv_kernel="amx",
+            fuse_convs=False,
+            whole_parts=True,
+        )
         chained = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx")
         flat = frames.reshape(-1, *frames.shape[2:])
         feats = model.parts["encoder"].run(flat).reshape(*frames.shape[:2], -1)
@@ -107,10 +147,16 @@ def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_toler
             inputs["fuse"] = fuse_inputs(model.split_align.run, feats)
         diffs = {}
         for name, x in inputs.items():  # keys of parts after the encoder get the part's name
-            diffs.update({k if name == "encoder" or k.endswith(name) else f"{name}_{k}": v
-                          for k, v in check_graph(getattr(model, f"split_{name}"), model.parts[name], x).items()})
+            diffs.update(
+                {
+                    k if name == "encoder" or k.endswith(name) else f"{name}_{k}": v
+                    for k, v in check_graph(getattr(model, f"split_{name}"), model.parts[name], x).items()
+                }
+            )
         if "align" in splits:  # the service's pair path against the head, both through the AMX kernels
-            diffs["amx_pairs_vs_head"] = relative(pair_maps(model.align, model.fuse, feats), model.split_head.run(feats))
+            diffs["amx_pairs_vs_head"] = relative(
+                pair_maps(model.align, model.fuse, feats), model.split_head.run(feats)
+            )
         for name, x in inputs.items():
             want = getattr(model, f"split_{name}").run(x)
             diffs[f"chains_vs_steps_{name}"] = relative(getattr(chained, f"split_{name}").run(x), want)
@@ -118,8 +164,12 @@ def split_amx(model_path: Path, frames: np.ndarray, tolerance: float, bf16_toler
             limit = bf16_tolerance if "amx_" in key else (None if "split_vs" in key else tolerance)
             if limit is not None and not diffs[key] <= limit:
                 raise SplitError(f"{key} is {diffs[key]:.3g} of the largest output (> {limit})")
-        result = {"windows": int(frames.shape[0]), "relative_diff": diffs, "tolerance_relative": tolerance,
-                  "bf16_tolerance_relative": bf16_tolerance}
+        result = {
+            "windows": int(frames.shape[0]),
+            "relative_diff": diffs,
+            "tolerance_relative": tolerance,
+            "bf16_tolerance_relative": bf16_tolerance,
+        }
         if evaluation is not None:
             acc = evaluate_kernels(model_path, tmp_card, **evaluation)
             result["accuracy"] = acc
@@ -137,21 +187,39 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csist split-amx", description=__doc__, formatter_class=_Formatter)
-    p.add_argument("--model", type=Path, default=Path("models/derefnet.onnx"),
-                   help="exported float32 model whose card (.json beside it) lists the streaming parts")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/derefnet.onnx"),
+        help="exported float32 model whose card (.json beside it) lists the streaming parts",
+    )
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the checks")
     p.add_argument("--seed", type=int, default=12345, help="seed of those windows")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest allowed |cut - part| and |native DeformConv - ONNX Runtime|, relative to the largest output")
-    p.add_argument("--bf16-tolerance", type=float, default=2e-2,
-                   help="largest allowed |AMX Conv - ONNX Runtime Conv|, relative to the largest output")
-    p.add_argument("--eval-data", type=Path, default=None, help="data set root (csist simulate output) to score both kernels on")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |cut - part| and |native DeformConv - ONNX Runtime|, relative to the largest output",
+    )
+    p.add_argument(
+        "--bf16-tolerance",
+        type=float,
+        default=2e-2,
+        help="largest allowed |AMX Conv - ONNX Runtime Conv|, relative to the largest output",
+    )
+    p.add_argument(
+        "--eval-data", type=Path, default=None, help="data set root (csist simulate output) to score both kernels on"
+    )
     p.add_argument("--eval-split", default="test", help="split of --eval-data to score")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N trajectories")
     p.add_argument("--threshold", type=float, default=70.0, help="peak threshold of the evaluation")
     p.add_argument("--refine", nargs="+", default=["none"], help="refinements to score (as csist evaluate --refine)")
-    p.add_argument("--max-map-drop", type=float, default=None,
-                   help="with --eval-data: fail (keeping the previous split) if CSO-mAP drops more than this")
+    p.add_argument(
+        "--max-map-drop",
+        type=float,
+        default=None,
+        help="with --eval-data: fail (keeping the previous split) if CSO-mAP drops more than this",
+    )
     p.add_argument("--threads", type=int, default=0, help="threads for the evaluation (0: one per core)")
     return p
 
@@ -164,11 +232,24 @@ def main(argv: list[str] | None = None) -> int:
     command = "csist split-amx " + " ".join(sys.argv[2:] if argv is None else argv)
     evaluation = None
     if args.eval_data is not None:
-        evaluation = {"data": args.eval_data, "split_name": args.eval_split, "limit": args.eval_limit,
-                      "threshold": args.threshold, "refines": args.refine, "threads": args.threads}
+        evaluation = {
+            "data": args.eval_data,
+            "split_name": args.eval_split,
+            "limit": args.eval_limit,
+            "threshold": args.threshold,
+            "refines": args.refine,
+            "threads": args.threads,
+        }
     try:
-        entry = split_amx(args.model, sample_windows(args.parity_windows, seed=args.seed), args.tolerance,
-                          args.bf16_tolerance, command, evaluation, args.max_map_drop)
+        entry = split_amx(
+            args.model,
+            sample_windows(args.parity_windows, seed=args.seed),
+            args.tolerance,
+            args.bf16_tolerance,
+            command,
+            evaluation,
+            args.max_map_drop,
+        )
     except (SplitError, ModelError, FileNotFoundError) as exc:
         raise SystemExit(f"csist split-amx: error: {exc}") from None
     for name in ("encoder", "head", "align", "fuse"):
@@ -176,17 +257,23 @@ def main(argv: list[str] | None = None) -> int:
             continue
         e = entry[name]
         kinds = [(s["op"], s.get("kernel")) for s in e["steps"]]
-        print(f"{name}: {sum(1 for s in e['segments'] if s)} ONNX segments, {len(kinds)} native steps "
-              f"(Conv: {kinds.count(('Conv', 'amx'))} AMX, {kinds.count(('Conv', 'direct'))} direct float32; "
-              f"DeformConv: {kinds.count(('DeformConv', 'amx'))} AMX, {kinds.count(('DeformConv', None))} float32; "
-              f"selective attention: {kinds.count(('Attention', None))})")
-    print("max difference relative to the largest output: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in entry["check"]["relative_diff"].items()))
+        print(
+            f"{name}: {sum(1 for s in e['segments'] if s)} ONNX segments, {len(kinds)} native steps "
+            f"(Conv: {kinds.count(('Conv', 'amx'))} AMX, {kinds.count(('Conv', 'direct'))} direct float32; "
+            f"DeformConv: {kinds.count(('DeformConv', 'amx'))} AMX, {kinds.count(('DeformConv', None))} float32; "
+            f"selective attention: {kinds.count(('Attention', None))})"
+        )
+    print(
+        "max difference relative to the largest output: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in entry["check"]["relative_diff"].items())
+    )
     acc = entry["check"].get("accuracy")
     if acc:
         for r, drop in acc["map_drop"].items():
-            print(f"CSO-mAP refine={r}: float32 {acc['onnxruntime'][f'refine={r}']['mAP']:.2f}, "
-                  f"AMX bfloat16 {acc['amx'][f'refine={r}']['mAP']:.2f} (drop {drop:.2f})")
+            print(
+                f"CSO-mAP refine={r}: float32 {acc['onnxruntime'][f'refine={r}']['mAP']:.2f}, "
+                f"AMX bfloat16 {acc['amx'][f'refine={r}']['mAP']:.2f} (drop {drop:.2f})"
+            )
     return 0
 
 

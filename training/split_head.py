@@ -19,9 +19,9 @@ differences.
 
 The cutting itself is generic and shared with ``csist split-amx`` (``training/split_amx.py``):
 :func:`split_graph` cuts any part at the nodes native kernels compute (a segment may be empty
-between two of them; for split-amx also at the selective attention, :func:`selective_attention`), :class:`PartSplit` writes and renames the files, :func:`check_graph`
-compares a split with its whole part, and :func:`replace_card_entry` swaps the card's entry in
-only after the check.
+between two of them; for split-amx also at the selective attention, :func:`selective_attention`),
+:class:`PartSplit` writes and renames the files, :func:`check_graph` compares a split with its
+whole part, and :func:`replace_card_entry` swaps the card's entry in only after the check.
 """
 
 from __future__ import annotations
@@ -110,16 +110,21 @@ def folded_activation(out: str, consumers: dict, consts: dict, graph_outputs: se
     if len(after) == 2:
         clip = next((n for n in after if n.op_type == "Clip"), None)
         sub = next((n for n in after if n.op_type == "Sub"), None)
-        if (clip is not None and sub is not None and len(clip.input) == 3 and clip.input[0] == out
-                and clip.input[1] in consts and clip.input[2] in consts
-                and list(sub.input) == [out, clip.output[0]] and consumers.get(clip.output[0]) == [sub]
-                and clip.output[0] not in graph_outputs):
+        if (
+            clip is not None
+            and sub is not None
+            and len(clip.input) == 3
+            and clip.input[0] == out
+            and clip.input[1] in consts
+            and clip.input[2] in consts
+            and list(sub.input) == [out, clip.output[0]]
+            and consumers.get(clip.output[0]) == [sub]
+            and clip.output[0] not in graph_outputs
+        ):
             lo, hi = float(consts[clip.input[1]]), float(consts[clip.input[2]])
             if lo <= hi:  # (lo > hi is a constant hi in ONNX; the card refuses it, so keep the nodes)
                 return "soft_threshold", [lo, hi], [clip, sub], sub.output[0]
     return None
-
-
 
 
 def folded_residual(out: str, consumers: dict, available: set, graph_outputs: set, dims: dict):
@@ -157,7 +162,10 @@ def selective_attention(sigmoid, producer: dict, consumers: dict, consts: dict, 
         w = consts.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         if w is None or w.ndim != 4 or tuple(w.shape[2:]) != (kernel, kernel):
             return None
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or list(attrs.get("pads", [0] * 4)) != [pads] * 4:
+        if (
+            attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            or list(attrs.get("pads", [0] * 4)) != [pads] * 4
+        ):
             return None
         if any(list(attrs.get(k, [1, 1])) != [1, 1] for k in ("strides", "dilations")) or attrs.get("group", 1) != 1:
             return None
@@ -172,15 +180,27 @@ def selective_attention(sigmoid, producer: dict, consumers: dict, consts: dict, 
         return axes is not None and list(axes) in ([1], [-3]) and _attrs(node).get("keepdims", 1) == 1
 
     def concat(node, n):
-        return node is not None and node.op_type == "Concat" and _attrs(node).get("axis") in (1, -3) and len(node.input) == n
+        return (
+            node is not None
+            and node.op_type == "Concat"
+            and _attrs(node).get("axis") in (1, -3)
+            and len(node.input) == n
+        )
 
     mix = producer.get(sigmoid.input[0])
     cat2 = producer.get(mix.input[0]) if mix is not None else None
     if mix is None or conv_weights(mix, 3, 1) is None or not concat(cat2, 2):
         return None
     mean, amax = producer.get(cat2.input[0]), producer.get(cat2.input[1])
-    if (mean is None or amax is None or mean.op_type != "ReduceMean" or amax.op_type != "ReduceMax"
-            or mean.input[0] != amax.input[0] or not channel_axis(mean) or not channel_axis(amax)):
+    if (
+        mean is None
+        or amax is None
+        or mean.op_type != "ReduceMean"
+        or amax.op_type != "ReduceMax"
+        or mean.input[0] != amax.input[0]
+        or not channel_axis(mean)
+        or not channel_axis(amax)
+    ):
         return None
     cat1 = producer.get(mean.input[0])
     if not concat(cat1, 2):
@@ -216,15 +236,28 @@ def selective_attention(sigmoid, producer: dict, consumers: dict, consts: dict, 
     cat3 = consumers.get(muls[0].output[0], [None])[0]
     if not concat(cat3, 2) or list(cat3.input) != [muls[0].output[0], muls[1].output[0]]:
         return None
-    internal = [(a, (cat1, muls[0])), (b, (cat1, muls[1])), (cat1.output[0], (mean, amax)), (mean.output[0], (cat2,)),
-                (amax.output[0], (cat2,)), (cat2.output[0], (mix,)), (mix.output[0], (sigmoid,)),
-                (sigmoid.output[0], tuple(slices)), (picks[0].output[0], (muls[0],)), (picks[1].output[0], (muls[1],)),
-                (muls[0].output[0], (cat3,)), (muls[1].output[0], (cat3,))]
+    internal = [
+        (a, (cat1, muls[0])),
+        (b, (cat1, muls[1])),
+        (cat1.output[0], (mean, amax)),
+        (mean.output[0], (cat2,)),
+        (amax.output[0], (cat2,)),
+        (cat2.output[0], (mix,)),
+        (mix.output[0], (sigmoid,)),
+        (sigmoid.output[0], tuple(slices)),
+        (picks[0].output[0], (muls[0],)),
+        (picks[1].output[0], (muls[1],)),
+        (muls[0].output[0], (cat3,)),
+        (muls[1].output[0], (cat3,)),
+    ]
     if not all(only(name, *readers) for name, readers in internal):
         return None
-    return {"nodes": [conv_a, conv_b, cat1, mean, amax, cat2, mix, sigmoid, *slices, *muls, cat3],
-            "inputs": [conv_a.input[0], conv_b.input[0]], "output": cat3.output[0],
-            "weights": (*wa, *wb, *wmix)}
+    return {
+        "nodes": [conv_a, conv_b, cat1, mean, amax, cat2, mix, sigmoid, *slices, *muls, cat3],
+        "inputs": [conv_a.input[0], conv_b.input[0]],
+        "output": cat3.output[0],
+        "weights": (*wa, *wb, *wmix),
+    }
 
 
 def split_graph(path: Path, convs: bool = False):
@@ -258,10 +291,15 @@ def split_graph(path: Path, convs: bool = False):
     producer_of = {out: node for node in g.node for out in node.output}
     attention_at: dict[int, dict] = {}
     for node in g.node if convs else ():
-        group = selective_attention(node, producer_of, consumers, consts, graph_outputs) if node.op_type == "Sigmoid" else None
+        group = (
+            selective_attention(node, producer_of, consumers, consts, graph_outputs)
+            if node.op_type == "Sigmoid"
+            else None
+        )
         if group is not None:
             attention_at[id(group["nodes"][-1])] = group
     in_attention = {id(n) for group in attention_at.values() for n in group["nodes"][:-1]}
+
     def dims_of(info):
         """Static sizes and symbolic names; None when any dimension is unknown (never equal)."""
         if not info.type.tensor_type.HasField("shape"):
@@ -282,8 +320,9 @@ def split_graph(path: Path, convs: bool = False):
         if id(node) in attention_at:
             group = attention_at[id(node)]
             segments.append(current)
-            steps.append({"op": "Attention", "node": None, "inputs": group["inputs"], "output": group["output"],
-                          "group": group})
+            steps.append(
+                {"op": "Attention", "node": None, "inputs": group["inputs"], "output": group["output"], "group": group}
+            )
             current = []
         elif node.op_type == "DeformConv" or kernel is not None:
             step = {"op": node.op_type, "node": node}
@@ -337,7 +376,7 @@ def split_graph(path: Path, convs: bool = False):
         later = set(graph_outputs)
         for step in steps[s:]:
             later.update(step["inputs"])
-        for rest in segments[s + 1:]:
+        for rest in segments[s + 1 :]:
             later |= consumed(rest)
         inputs = sorted(consumed(nodes) - produced - set(inits))
         outputs = sorted((produced & later) - const_names)
@@ -347,10 +386,12 @@ def split_graph(path: Path, convs: bool = False):
         missing = [t for t in [*inputs, *outputs] if t not in infos]
         if missing:
             raise SplitError(f"{path}: no type/shape information for the cut tensors {missing}")
-        graph = helper.make_graph(nodes, f"{g.name or 'part'}_seg{s}", [infos[i] for i in inputs],
-                                  [infos[o] for o in outputs], used)
-        proto = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
-                                  producer_name="csist split")
+        graph = helper.make_graph(
+            nodes, f"{g.name or 'part'}_seg{s}", [infos[i] for i in inputs], [infos[o] for o in outputs], used
+        )
+        proto = helper.make_model(
+            graph, opset_imports=model.opset_import, ir_version=model.ir_version, producer_name="csist split"
+        )
         onnx.checker.check_model(proto)
         protos.append(proto)
     for k, step in enumerate(steps):
@@ -365,7 +406,9 @@ def split_graph(path: Path, convs: bool = False):
         bias_at = 3 if node.op_type == "DeformConv" else 2
         has_bias = len(node.input) > bias_at and bool(node.input[bias_at])
         weights[f"weight{k}"] = weight
-        weights[f"bias{k}"] = consts[node.input[bias_at]].astype(np.float32) if has_bias else np.zeros(weight.shape[0], np.float32)
+        weights[f"bias{k}"] = (
+            consts[node.input[bias_at]].astype(np.float32) if has_bias else np.zeros(weight.shape[0], np.float32)
+        )
         step.update(weight=f"weight{k}", bias=f"bias{k}")
     return protos, steps, weights
 
@@ -396,8 +439,10 @@ class PartSplit:
 
     def paths(self, suffix: str = "") -> tuple[list[Path | None], Path]:
         stem = f"{self.model.stem}.{self.tag}"
-        segs = [self.model.with_name(f"{stem}.seg{i}{suffix}.onnx") if p is not None else None
-                for i, p in enumerate(self.protos)]
+        segs = [
+            self.model.with_name(f"{stem}.seg{i}{suffix}.onnx") if p is not None else None
+            for i, p in enumerate(self.protos)
+        ]
         return segs, self.model.with_name(f"{stem}.{self.weights_name}{suffix}.npz")
 
     def write(self) -> None:
@@ -416,8 +461,10 @@ class PartSplit:
             "part_sha256": self.part["sha256"],
             "input": self.part["inputs"][0]["name"],
             "output": self.part["outputs"][0]["name"],
-            "segments": [None if p is None else {"file": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size}
-                         for p in segs],
+            "segments": [
+                None if p is None else {"file": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size}
+                for p in segs
+            ],
             "steps": self.steps,
             "weights": {"file": npz.name, "sha256": file_sha256(npz)},
         }
@@ -447,9 +494,12 @@ def onnxruntime_nodes(nodes: list, inputs: list[str], consts: dict[str, np.ndarr
 
     f32, out = TensorProto.FLOAT, nodes[-1].output[0]
     graph = helper.make_graph(
-        nodes, nodes[0].op_type, [helper.make_tensor_value_info(n, f32, [None] * 4) for n in inputs],
+        nodes,
+        nodes[0].op_type,
+        [helper.make_tensor_value_info(n, f32, [None] * 4) for n in inputs],
         [helper.make_tensor_value_info(out, f32, [None] * 4)],
-        [numpy_helper.from_array(np.asarray(a), n) for n, a in consts.items()])
+        [numpy_helper.from_array(np.asarray(a), n) for n, a in consts.items()],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     onnx.checker.check_model(proto)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -464,8 +514,7 @@ def onnxruntime_deform(weight: np.ndarray, bias: np.ndarray):
     return onnxruntime_nodes([node], ["x", "offset"], {"w": weight, "b": bias})
 
 
-def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "none", clip=None,
-                     residual: bool = False):
+def onnxruntime_conv(weight: np.ndarray, bias: np.ndarray, activation: str = "none", clip=None, residual: bool = False):
     """ONNX Runtime's float32 Conv, then the activation a step folded in, as a callable x -> y
     (with ``residual``: (x, r) -> y + r, the Add a step folded in)."""
     from onnx import helper
@@ -488,18 +537,33 @@ def onnxruntime_attention(att):
     from onnx import helper
 
     axes, one, two, zero = np.array([1]), np.array([1]), np.array([2]), np.array([0])
-    nodes = [helper.make_node("Conv", ["mid", "wa", "ba"], ["a"]), helper.make_node("Conv", ["nb", "wb", "bb"], ["b"]),
-             helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
-             helper.make_node("ReduceMean", ["c", "axes"], ["mean"]), helper.make_node("ReduceMax", ["c", "axes"], ["max"]),
-             helper.make_node("Concat", ["mean", "max"], ["stats"], axis=1),
-             helper.make_node("Conv", ["stats", "wmix", "bmix"], ["g"], pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["g"], ["s"]),
-             helper.make_node("Slice", ["s", "zero", "one", "axes"], ["s0"]),
-             helper.make_node("Slice", ["s", "one", "two", "axes"], ["s1"]),
-             helper.make_node("Mul", ["a", "s0"], ["m0"]), helper.make_node("Mul", ["b", "s1"], ["m1"]),
-             helper.make_node("Concat", ["m0", "m1"], ["y"], axis=1)]
-    consts = {"wa": att.w_mid, "ba": att.b_mid, "wb": att.w_nb, "bb": att.b_nb, "wmix": att.w_mix, "bmix": att.b_mix,
-              "axes": axes, "zero": zero, "one": one, "two": two}
+    nodes = [
+        helper.make_node("Conv", ["mid", "wa", "ba"], ["a"]),
+        helper.make_node("Conv", ["nb", "wb", "bb"], ["b"]),
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+        helper.make_node("ReduceMean", ["c", "axes"], ["mean"]),
+        helper.make_node("ReduceMax", ["c", "axes"], ["max"]),
+        helper.make_node("Concat", ["mean", "max"], ["stats"], axis=1),
+        helper.make_node("Conv", ["stats", "wmix", "bmix"], ["g"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["g"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "one", "axes"], ["s0"]),
+        helper.make_node("Slice", ["s", "one", "two", "axes"], ["s1"]),
+        helper.make_node("Mul", ["a", "s0"], ["m0"]),
+        helper.make_node("Mul", ["b", "s1"], ["m1"]),
+        helper.make_node("Concat", ["m0", "m1"], ["y"], axis=1),
+    ]
+    consts = {
+        "wa": att.w_mid,
+        "ba": att.b_mid,
+        "wb": att.w_nb,
+        "bb": att.b_nb,
+        "wmix": att.w_mix,
+        "bmix": att.b_mix,
+        "axes": axes,
+        "zero": zero,
+        "one": one,
+        "two": two,
+    }
     return onnxruntime_nodes(nodes, ["mid", "nb"], consts)
 
 
@@ -538,10 +602,16 @@ def check_graph(native, whole, x: np.ndarray) -> dict:
             err = relative(got, want)
             errors[key] = max(errors.get(key, 0.0), err)
             return want
+
         return run
 
-    reference_graph = SplitGraph(native.name, native.segments, [Step(s.op, s.inputs, s.output, reference(s)) for s in native.steps],
-                                 native.input_name, native.output_name)
+    reference_graph = SplitGraph(
+        native.name,
+        native.segments,
+        [Step(s.op, s.inputs, s.output, reference(s)) for s in native.steps],
+        native.input_name,
+        native.output_name,
+    )
     want = whole.run(x)
     scale = float(np.abs(want).max()) or 1.0
     cut = float(np.abs(reference_graph.run(x) - want).max()) / scale
@@ -557,13 +627,21 @@ def check_split(model_path: Path, windows: np.ndarray, tolerance: float, card_pa
     layers amplify: judge such a model by its CSO-mAP."""
     from service.modelpkg.model import load_model
 
-    loaded = load_model(model_path, card_path, providers=["CPUExecutionProvider"], deform_kernel="native",
-                        conv_kernel="onnxruntime", whole_parts=True)
+    loaded = load_model(
+        model_path,
+        card_path,
+        providers=["CPUExecutionProvider"],
+        deform_kernel="native",
+        conv_kernel="onnxruntime",
+        whole_parts=True,
+    )
     b, w = windows.shape[:2]
     feats = loaded.encode(windows.reshape(b * w, *windows.shape[2:])).reshape(b, w, -1)
     diffs = check_graph(loaded.split_head, loaded.parts["head"], feats)
-    for what, key in (("segments with ONNX Runtime's DeformConv differ from the head", "segments_vs_head"),
-                      ("the native kernel differs from ONNX Runtime's DeformConv", "deform_kernel_vs_onnxruntime")):
+    for what, key in (
+        ("segments with ONNX Runtime's DeformConv differ from the head", "segments_vs_head"),
+        ("the native kernel differs from ONNX Runtime's DeformConv", "deform_kernel_vs_onnxruntime"),
+    ):
         if not diffs[key] <= tolerance:
             raise SplitError(f"{what} by {diffs[key]:.3g} of the largest output (> {tolerance})")
     return {"windows": int(b), "relative_diff": diffs}
@@ -583,7 +661,13 @@ def entry_files(entry) -> set[str]:
     """The file names a card's split entry lists (segments and weights, at any depth)."""
     if isinstance(entry, dict):
         own = {entry["file"]} if isinstance(entry.get("file"), str) else set()
-        return own.union(*(entry_files(v) for k, v in entry.items() if k in ("segments", "weights", "encoder", "head", "align", "fuse")))
+        return own.union(
+            *(
+                entry_files(v)
+                for k, v in entry.items()
+                if k in ("segments", "weights", "encoder", "head", "align", "fuse")
+            )
+        )
     if isinstance(entry, list):
         return set().union(*(entry_files(v) for v in entry))
     return set()
@@ -628,8 +712,14 @@ def split_head(model_path: Path, windows: np.ndarray, tolerance: float, command:
     def check(tmp_card):
         return {**check_split(model_path, windows, tolerance, tmp_card), "tolerance_relative": tolerance}
 
-    return replace_card_entry(card_path, card, "head_split", [split],
-                              lambda suffix: {**split.entry(suffix), "command": command, "date": date}, check)
+    return replace_card_entry(
+        card_path,
+        card,
+        "head_split",
+        [split],
+        lambda suffix: {**split.entry(suffix), "command": command, "date": date},
+        check,
+    )
 
 
 def split_for_native_kernel(model_path: Path, windows: np.ndarray, tolerance: float = 1e-4) -> dict | None:
@@ -637,8 +727,10 @@ def split_for_native_kernel(model_path: Path, windows: np.ndarray, tolerance: fl
     from service.kernels import deform
 
     if not deform.AVAILABLE:
-        print("note: service.kernels._deform is not built, so the head was not split for it "
-              "(the service runs ONNX Runtime's DeformConv); build it and run csist split-head")
+        print(
+            "note: service.kernels._deform is not built, so the head was not split for it "
+            "(the service runs ONNX Runtime's DeformConv); build it and run csist split-head"
+        )
         return None
     command = f"csist split-head --model {model_path} --parity-windows {len(windows)}"
     entry = split_head(model_path, windows, tolerance, command + " (run by the exporter on its parity windows)")
@@ -648,14 +740,23 @@ def split_for_native_kernel(model_path: Path, windows: np.ndarray, tolerance: fl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="csist split-head", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=Path("models/derefnet.onnx"),
-                   help="exported model whose card (.json beside it) lists the streaming head")
+    p = argparse.ArgumentParser(
+        prog="csist split-head", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/derefnet.onnx"),
+        help="exported model whose card (.json beside it) lists the streaming head",
+    )
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the check against the head")
     p.add_argument("--seed", type=int, default=12345, help="seed of those windows")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest allowed |split - head|, relative to the largest |head| output")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |split - head|, relative to the largest |head| output",
+    )
     return p
 
 
@@ -665,8 +766,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.parts import sample_windows
 
     if not deform.AVAILABLE:
-        raise SystemExit("csist split-head: error: the native kernel service.kernels._deform is not built "
-                         "(reinstall with a C compiler: pip install -e .)")
+        raise SystemExit(
+            "csist split-head: error: the native kernel service.kernels._deform is not built "
+            "(reinstall with a C compiler: pip install -e .)"
+        )
     command = "csist split-head " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
         entry = split_head(args.model, sample_windows(args.parity_windows, seed=args.seed), args.tolerance, command)
@@ -674,8 +777,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"csist split-head: error: {exc}") from None
     names = ", ".join(s["file"] for s in entry["segments"] if s)
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in entry["check"]["relative_diff"].items())
-    print(f"wrote {names} and {entry['weights']['file']}; on {entry['check']['windows']} windows, "
-          f"max difference relative to the largest output: {diffs}")
+    print(
+        f"wrote {names} and {entry['weights']['file']}; on {entry['check']['windows']} windows, "
+        f"max difference relative to the largest output: {diffs}"
+    )
     return 0
 
 

@@ -55,17 +55,36 @@ def validate(model, split, threshold: float = 70.0, refine: str = "none") -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="csist train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, nargs="+", type=Path,
-                   help="data set root(s) with train/ and val/ splits; several are trained on together (their "
-                        "trajectories concatenated, e.g. SeqCSIST-protocol and field data)")
-    p.add_argument("--init", type=Path, default=None,
-                   help="start from this checkpoint's weights and config (fresh optimizer and step count, unlike --resume)")
+    p = argparse.ArgumentParser(
+        prog="csist train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        type=Path,
+        help="data set root(s) with train/ and val/ splits; several are trained on together (their "
+        "trajectories concatenated, e.g. SeqCSIST-protocol and field data)",
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this checkpoint's weights and config (fresh optimizer and step count, unlike --resume)",
+    )
     p.add_argument("--out", required=True, type=Path, help="run directory for checkpoints and logs")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training trajectories (fractions allowed)")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="Adam learning rate (paper: 1e-4); on --resume the stored rate is kept unless --lr-min is set")
-    p.add_argument("--lr-min", type=float, default=None, help="cosine-decay the lr to this value over the run (default: constant)")
+    p.add_argument(
+        "--epochs", type=float, default=1.0, help="passes over the training trajectories (fractions allowed)"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="Adam learning rate (paper: 1e-4); on --resume the stored rate is kept unless --lr-min is set",
+    )
+    p.add_argument(
+        "--lr-min", type=float, default=None, help="cosine-decay the lr to this value over the run (default: constant)"
+    )
     p.add_argument("--batch", type=int, default=1, help="trajectories per step (1 = the paper's 20 frames)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -73,8 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from (e.g. RUN/last.pt)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training trajectories")
     p.add_argument("--val-trajectories", type=int, default=50, help="val subset size for validation mAP")
-    p.add_argument("--val-refine", default="none", choices=("none", "centroid"),
-                   help="peak refinement for the validation mAP that picks best.pt (default: cell centres, as the reference metric)")
+    p.add_argument(
+        "--val-refine",
+        default="none",
+        choices=("none", "centroid"),
+        help="peak refinement for the validation mAP that picks best.pt (default: cell centres, as the reference "
+        "metric)",
+    )
     p.add_argument("--val-every", type=int, default=500, help="validate every N steps (and at each epoch end)")
     p.add_argument("--save-every", type=int, default=100, help="write last.pt every N steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (saving last.pt) after this many minutes")
@@ -137,14 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     # The epoch permutations and step positions depend on these: a resume must keep them.
     layout = {"batch": args.batch, "train_trajectories": n, "seed": args.seed}
     if ckpt and ckpt["state"].get("layout", layout) != layout:
-        raise SystemExit(f"--resume: the run was made with {ckpt['state']['layout']}, not {layout}; "
-                         "keep --batch, --train-limit and --seed when resuming")
+        raise SystemExit(
+            f"--resume: the run was made with {ckpt['state']['layout']}, not {layout}; "
+            "keep --batch, --train-limit and --seed when resuming"
+        )
     total_steps = max(1, round(args.epochs * steps_per_epoch))
     state = ckpt["state"] if ckpt else {"step": 0, "best_map": -1.0, "train_seconds": 0.0, "history": []}
     state["layout"] = layout
     if init is not None and "init" not in state:
-        state["init"] = {"checkpoint": str(args.init), "step": init["state"]["step"],
-                         "commands": init["state"].get("commands", [])}
+        state["init"] = {
+            "checkpoint": str(args.init),
+            "step": init["state"]["step"],
+            "commands": init["state"].get("commands", []),
+        }
     command = "csist train " + " ".join(sys.argv[2:] if argv is None else argv)
     state.setdefault("commands", []).append(command)
     stop = Stop()
@@ -159,10 +188,17 @@ def main(argv: list[str] | None = None) -> int:
             "config": cfg.to_dict(),
             "loss_weights": asdict(weights),
             "state": state,
-            "args": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
-                     for k, v in vars(args).items()},
+            "args": {
+                k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+            },
             "command": command,
-            "hardware": {"device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": platform.processor()},
+            "hardware": {
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+                "cpu": platform.processor(),
+            },
             "parameters": count_parameters(model),
             **(extra or {}),
         }
@@ -212,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     if state["best_map"] < 0 or not state["history"] or state["history"][-1]["step"] != state["step"]:
         run_validation()
     save("last.pt")
-    print(f"stopped at step {state['step']}/{total_steps}; best val mAP {state['best_map']:.2f}; "
-          f"train time {state['train_seconds'] / 3600:.2f} h; checkpoints in {args.out}")
+    print(
+        f"stopped at step {state['step']}/{total_steps}; best val mAP {state['best_map']:.2f}; "
+        f"train time {state['train_seconds'] / 3600:.2f} h; checkpoints in {args.out}"
+    )
     return 0
 
 

@@ -16,12 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.runtime.config import Settings
-from service.runtime.metrics import Metrics
 from service.api.middleware import RequestMiddleware
-from service.modelpkg.model import ModelError
 from service.api.routes import health, models, unmix, ws
+from service.modelpkg.model import ModelError
+from service.runtime.config import Settings
 from service.runtime.lifecycle import Runtime
+from service.runtime.metrics import Metrics
 
 log = logging.getLogger("service.api.app")
 

@@ -28,10 +28,7 @@ def token_ok(runtime: Runtime, header_token: str | None, query_token: str | None
     if expected is None:
         return True
     want = expected.get_secret_value().encode()
-    return any(
-        t is not None and secrets.compare_digest(t.encode(), want)
-        for t in (header_token, query_token)
-    )
+    return any(t is not None and secrets.compare_digest(t.encode(), want) for t in (header_token, query_token))
 
 
 def bearer_from_header(value: str | None) -> str | None:
@@ -45,9 +42,7 @@ def bearer_from_header(value: str | None) -> str | None:
 async def require_token(
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    token: Annotated[
-        str | None, Query(description="the API token, for clients that cannot set headers")
-    ] = None,
+    token: Annotated[str | None, Query(description="the API token, for clients that cannot set headers")] = None,
 ) -> None:
     """401 unless the request carries the configured token (header or ``?token=``)."""
     header_token = credentials.credentials if credentials is not None else None

@@ -91,9 +91,7 @@ class RequestMiddleware:
             limit = runtime.settings.max_request_bytes
             limited = await self._limit_body(scope, receive, limit)
             if limited is None:
-                response = JSONResponse(
-                    {"detail": f"request body too large: the limit is {limit} bytes"}, 413
-                )
+                response = JSONResponse({"detail": f"request body too large: the limit is {limit} bytes"}, 413)
                 await response(scope, receive, send_wrapper)
             else:
                 await self.app(scope, limited, send_wrapper)

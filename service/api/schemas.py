@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from service.science.postprocess import REFINE_MODES
 from service.science.physics import RATIO, SIZE
+from service.science.postprocess import REFINE_MODES
 
 MAX_FRAMES = 64  # frames per REST request
 MAX_PIXEL = 1e6  # |pixel| bound: keeps float32 model arithmetic finite
@@ -56,10 +56,9 @@ class UnmixOptions(BaseModel):
 
     model_config = _STRICT
 
-    threshold: (
-        Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_PIXEL, le=MAX_PIXEL)]
-        | None
-    ) = Field(None, description="brightness a peak of the HR map must exceed")
+    threshold: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_PIXEL, le=MAX_PIXEL)] | None = Field(
+        None, description="brightness a peak of the HR map must exceed"
+    )
     refine: RefineMode | None = Field(None, description="sub-cell refinement of each peak")
     max_targets: Annotated[int, Field(strict=True, ge=0, le=(SIZE * RATIO) ** 2)] | None = Field(
         None, description="keep at most this many (brightest) targets per frame"
@@ -232,9 +231,7 @@ def error_location(loc: tuple | list) -> str:
 
 def describe_errors(errors: list[dict], limit: int = 3) -> str:
     """One line naming the first few problems, for WebSocket error messages and logs."""
-    parts = [
-        f"{error_location(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:limit]
-    ]
+    parts = [f"{error_location(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:limit]]
     if len(errors) > limit:
         parts.append(f"and {len(errors) - limit} more")
     return "; ".join(parts)

@@ -10,8 +10,8 @@ finish, and the lifespan ends after the queued inference. A second signal forces
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -21,8 +21,8 @@ import uvicorn
 
 from service.api.app import create_app
 from service.runtime.config import Settings
-from service.runtime.logs import configure_logging
 from service.runtime.lifecycle import Runtime
+from service.runtime.logs import configure_logging
 
 log = logging.getLogger("service.api.server")
 
@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if settings.require_token:
             print(f"csist serve: {exposed}; CSIST_REQUIRE_TOKEN forbids that", file=sys.stderr)
             return 2
-        log.warning(exposed + " (set CSIST_API_TOKEN, or CSIST_REQUIRE_TOKEN=1 to refuse this)",
-                    extra={"host": args.host})
+        log.warning(
+            exposed + " (set CSIST_API_TOKEN, or CSIST_REQUIRE_TOKEN=1 to refuse this)", extra={"host": args.host}
+        )
     server = build_server(settings, args.host, args.port)
     try:
         server.run()

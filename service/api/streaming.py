@@ -44,10 +44,10 @@ import numpy as np
 from pydantic import ValidationError
 from starlette.websockets import WebSocket
 
-from service.engine.batcher import DeadlineExceeded, Overloaded, PeakOptions, ShuttingDown
 from service.api.answers import deadline_s, peak_options, targets_payload
-from service.runtime.lifecycle import Runtime
 from service.api.schemas import CLIENT_MESSAGE, EndMessage, FrameMessage, Origin, describe_errors
+from service.engine.batcher import DeadlineExceeded, Overloaded, PeakOptions, ShuttingDown
+from service.runtime.lifecycle import Runtime
 from service.science.windows import SegmentWindows, Window
 
 log = logging.getLogger("service.ws")
@@ -87,9 +87,7 @@ def error_message(track_id: Any, frame_index: Any, code: str, message: str) -> d
     return {
         "type": "error",
         "track_id": track_id if isinstance(track_id, str) else None,
-        "frame_index": frame_index
-        if isinstance(frame_index, int) and not isinstance(frame_index, bool)
-        else None,
+        "frame_index": frame_index if isinstance(frame_index, int) and not isinstance(frame_index, bool) else None,
         "code": code,
         "message": message,
     }
@@ -223,9 +221,7 @@ class StreamSession:
     async def _on_message(self, message: dict) -> None:
         text = message.get("text")
         if text is None:
-            await self._error(
-                None, None, "bad_message", "binary messages are not supported: send JSON text"
-            )
+            await self._error(None, None, "bad_message", "binary messages are not supported: send JSON text")
             return
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
         if size > self.settings.max_message_bytes:
@@ -242,9 +238,7 @@ class StreamSession:
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False)
             if errors and errors[0]["type"] == "json_invalid":
-                await self._error(
-                    None, None, "bad_json", f"message is not valid JSON: {errors[0]['msg']}"
-                )
+                await self._error(None, None, "bad_json", f"message is not valid JSON: {errors[0]['msg']}")
                 return
             for e in errors:  # drop the union tag ('frame' / 'end') from field paths
                 loc = e.get("loc", ())
@@ -266,8 +260,7 @@ class StreamSession:
                     msg.track_id,
                     msg.frame_index,
                     "too_many_tracks",
-                    f"this connection already has {len(self.tracks)} open tracks (the limit); "
-                    "end one first",
+                    f"this connection already has {len(self.tracks)} open tracks (the limit); end one first",
                 )
                 return
             track = self.tracks[msg.track_id] = Track(msg.track_id)
@@ -281,15 +274,17 @@ class StreamSession:
                     msg.track_id,
                     msg.frame_index,
                     "frame_index_not_increasing",
-                    f"frame_index {msg.frame_index} is not after this track's last frame "
-                    f"{track.last_index}",
+                    f"frame_index {msg.frame_index} is not after this track's last frame {track.last_index}",
                 )
                 return
             # a gap, or a re-centred patch: the old segment ends here
             if msg.frame_index != track.last_index + 1 or origin != track.last_origin:
                 windows += track.segment.flush()
         meta = FrameMeta(
-            msg.frame_index, msg.origin, msg.timestamp, peak_options(self.rt, msg.options),
+            msg.frame_index,
+            msg.origin,
+            msg.timestamp,
+            peak_options(self.rt, msg.options),
             deadline_s(self.rt, msg.options, self.deadline_ms),
         )
         windows += track.segment.push(np.asarray(msg.patch, dtype=np.float32), meta)
@@ -360,8 +355,12 @@ class StreamSession:
         for (options, window_deadline_s), group in groups.items():
             try:
                 future = self.rt.batcher.submit(
-                    np.stack([w.frames for w in group]), options, [w.slots for w in group],
-                    [w.pairs for w in group], deadline_s=window_deadline_s, owner=self,
+                    np.stack([w.frames for w in group]),
+                    options,
+                    [w.slots for w in group],
+                    [w.pairs for w in group],
+                    deadline_s=window_deadline_s,
+                    owner=self,
                 )
             except (Overloaded, ShuttingDown) as exc:
                 code = error_code(exc)

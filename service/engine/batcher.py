@@ -69,6 +69,8 @@ MAX_POSTPROCESS_BACKLOG = 2  # inferred batches that may wait for post-processin
 DEADLINE_DELIVERY_SHARE = 0.1
 BATCH_SHARE_OF_DEADLINE = 0.25  # of a window's deadline, the longest a batch holding it may run
 EARLY_BATCH = 4  # early windows (about 6 pairs) per batch: a burst waits at most that long
+
+
 class Plan(Protocol):
     """What the batcher needs of an execution plan (``service.engine.plans``): windows -> maps,
     and for a streaming plan its parts (``encode`` / ``head``; ``align`` / ``fuse`` when
@@ -212,9 +214,7 @@ class Batcher:
     def start(self) -> None:
         """Start the worker on the running loop."""
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.workers, thread_name_prefix="csist-infer"
-        )
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="csist-infer")
         self._post_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csist-post")
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="csist-batcher")
 
@@ -229,8 +229,9 @@ class Batcher:
         can align a window's first neighbours before its last frame comes."""
         return self.caches_features and self._align is not None and self._fuse is not None
 
-    def submit_early(self, frames: np.ndarray, slots: list[FeatureSlot | None], pairs: list[FeatureSlot],
-                     owner: object | None = None) -> bool:
+    def submit_early(
+        self, frames: np.ndarray, slots: list[FeatureSlot | None], pairs: list[FeatureSlot], owner: object | None = None
+    ) -> bool:
         """Queue the work a window allows before it is complete: encode the frames it has and
         align those neighbours to the middle frame, into ``slots`` / ``pairs``.
 
@@ -273,9 +274,7 @@ class Batcher:
         if k == 0:
             raise ValueError("empty group")
         if self._queued + k > self.max_queue:
-            raise Overloaded(
-                f"inference queue is full ({self._queued} of {self.max_queue} windows waiting)"
-            )
+            raise Overloaded(f"inference queue is full ({self._queued} of {self.max_queue} windows waiting)")
         now = time.perf_counter()
         budget_s = None if deadline_s is None else deadline_s * (1.0 - DEADLINE_DELIVERY_SHARE)
         deadline = None if budget_s is None else now + budget_s
@@ -337,9 +336,12 @@ class Batcher:
             if item.deadline is not None and end > item.deadline:
                 self._shed(item.size)
                 late = (now - item.enqueued) * 1000
-                item.future.set_exception(DeadlineExceeded(
-                    f"waited {late:.0f} ms for inference, too long to be answered within its deadline of "
-                    f"{(item.deadline - item.enqueued) / (1.0 - DEADLINE_DELIVERY_SHARE) * 1000:.0f} ms"))
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"waited {late:.0f} ms for inference, too long to be answered within its deadline of "
+                        f"{(item.deadline - item.enqueued) / (1.0 - DEADLINE_DELIVERY_SHARE) * 1000:.0f} ms"
+                    )
+                )
                 continue
             live.append(item)
         return live
@@ -475,9 +477,7 @@ class Batcher:
                 self._early_runs.add(run)
                 run.add_done_callback(self._early_runs.discard)
                 continue
-            previous = loop.create_task(
-                self._run(batch, claims, previous, free_workers, in_flight)
-            )
+            previous = loop.create_task(self._run(batch, claims, previous, free_workers, in_flight))
         if previous is not None:
             await asyncio.wait([previous])  # each batch awaits the one before it: all are done
         if self._early_runs:
@@ -523,9 +523,7 @@ class Batcher:
             # wait for the post thread to get a core; the physics fit overlaps the next batches
             inline = not any(item.options is not None and item.options.refine == "fit" for item in batch)
             try:
-                maps, infer_s, results = await loop.run_in_executor(
-                    self._executor, self._infer, batch, claims, inline
-                )
+                maps, infer_s, results = await loop.run_in_executor(self._executor, self._infer, batch, claims, inline)
             except Exception as exc:  # the model or the peak extraction failed: all hear it
                 log.exception("inference failed")
                 error = exc
@@ -543,9 +541,7 @@ class Batcher:
                 n = sum(item.size for item in batch)
                 self._post_backlog += n
                 try:
-                    results = await loop.run_in_executor(
-                        self._post_executor, self._postprocess, batch, maps, infer_s
-                    )
+                    results = await loop.run_in_executor(self._post_executor, self._postprocess, batch, maps, infer_s)
                 except Exception as exc:
                     log.exception("post-processing failed")
                     error = exc
@@ -701,8 +697,9 @@ class Batcher:
         fit = sum(i.size for i in batch if i.options is not None and i.options.refine == "fit")
         return time.perf_counter() + (self._post_backlog + fit) * self.fit_s > min(deadlines)
 
-    def _postprocess(self, batch: list[_Item], maps: np.ndarray, infer_s: float,
-                     degrade: bool = False) -> list[GroupResult]:
+    def _postprocess(
+        self, batch: list[_Item], maps: np.ndarray, infer_s: float, degrade: bool = False
+    ) -> list[GroupResult]:
         """Targets of every window, one vectorised call per distinct options (post thread).
 
         ``degrade``: the windows asking for the fit get the network's peaks instead (answered

@@ -12,23 +12,36 @@ import json
 import sys
 from pathlib import Path
 
-from service.runtime.config import DEFAULT_MODEL_PATH, Settings
 from service.engine.names import AUTO, PLANS
 from service.engine.plans import PlanOptions
 from service.engine.select import select_plan, table
 from service.modelpkg.model import ModelError, resolve_providers
+from service.runtime.config import DEFAULT_MODEL_PATH, Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="csist plans", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="csist plans", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model (its card beside it)")
     p.add_argument("--plan", default=AUTO, choices=(AUTO, *PLANS), help="check one plan only (then it is not timed)")
-    p.add_argument("--budget", type=float, default=Settings.model_fields["plan_budget_s"].default, help="seconds for timing the candidates")
-    p.add_argument("--providers", default=None,
-                   help="ONNX Runtime providers, comma-separated (default: CSIST_PROVIDERS, i.e. auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads per call (default: as the service, 1 per worker on a multi-core CPU)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=Settings.model_fields["plan_budget_s"].default,
+        help="seconds for timing the candidates",
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        help="ONNX Runtime providers, comma-separated (default: CSIST_PROVIDERS, i.e. auto)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads per call (default: as the service, 1 per worker on a multi-core CPU)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     return p
 
@@ -41,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     providers = resolve_providers(settings.provider_list())
     workers, threads = settings.parallelism(cuda="CUDAExecutionProvider" in providers)
     threads = threads if args.threads is None else args.threads
-    options = PlanOptions(tuple(providers), threads, settings.ort_spinning, settings.ort_graph_level,
-                          settings.ort_arena)
+    options = PlanOptions(
+        tuple(providers), threads, settings.ort_spinning, settings.ort_graph_level, settings.ort_arena
+    )
     try:
         selection = select_plan(args.model, options=options, requested=args.plan, budget_s=args.budget)
     except ModelError as exc:
@@ -50,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = selection.report()
     host = report["host"]
-    print(f"{args.model}: plan {report['name']} ({host['cpu']}, {host['isa']}, {host['cpus']} CPUs, "
-          f"onnxruntime {host['onnxruntime']}; {workers} worker(s) x {threads or 'default'} thread(s); "
-          f"chosen in {report['selection_s']} s)\n")
+    print(
+        f"{args.model}: plan {report['name']} ({host['cpu']}, {host['isa']}, {host['cpus']} CPUs, "
+        f"onnxruntime {host['onnxruntime']}; {workers} worker(s) x {threads or 'default'} thread(s); "
+        f"chosen in {report['selection_s']} s)\n"
+    )
     print(table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

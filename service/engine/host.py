@@ -50,5 +50,10 @@ def isa() -> str:
 
 
 def host_summary() -> dict:
-    return {"cpu": cpu_info()[0] or platform.machine(), "isa": isa(), "cpus": available_cpus(),
-            "providers": ort.get_available_providers(), "onnxruntime": ort.__version__}
+    return {
+        "cpu": cpu_info()[0] or platform.machine(),
+        "isa": isa(),
+        "cpus": available_cpus(),
+        "providers": ort.get_available_providers(),
+        "onnxruntime": ort.__version__,
+    }

@@ -2,13 +2,15 @@
 
 A plan composes the model's parts with a backend per part:
 
-| plan | parts | backends |
-|---|---|---|
-| ``onnxruntime`` | encoder + head (+ align + fuse) | ONNX Runtime's own kernels on the configured providers (the stock plan) |
-| ``onnxruntime-single`` | the single graph on every window | ONNX Runtime |
-| ``native-deform`` | encoder + head (+ halves) | ONNX Runtime, the head's DeformConvs in the native float32 kernel (``service/kernels/deform.py``) |
-| ``amx`` | encoder + head (+ halves) | the bfloat16 AMX split (``service/kernels/conv.py``, ``service/kernels/attention.py``) |
-| ``cuda`` | encoder + head (+ halves) | ONNX Runtime's CUDA execution provider (DeformConv on the GPU), I/O bound to host buffers |
+- ``onnxruntime`` (the stock plan): encoder + head (+ align + fuse) on ONNX Runtime's own
+  kernels and the configured providers;
+- ``onnxruntime-single``: the single graph on every window;
+- ``native-deform``: encoder + head, the head's DeformConvs in the native float32 kernel
+  (``service/kernels/deform.py``) between ONNX Runtime segments;
+- ``amx``: encoder + head (+ halves) as the bfloat16 AMX split (``service/kernels/conv.py``,
+  ``service/kernels/attention.py``);
+- ``cuda``: encoder + head (+ halves) on ONNX Runtime's CUDA execution provider (DeformConv on
+  the GPU), I/O bound to host buffers.
 
 :func:`why_not` says, without loading anything, why a plan cannot run on this host with this
 card (None: it can); :func:`build_plan` loads only the files the plan runs. Which eligible plan
@@ -28,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.engine.names import PLANS, STOCK
 from service.kernels import conv, deform
 from service.modelpkg.card import ModelCard
-from service.engine.names import PLANS, STOCK
 from service.modelpkg.model import ALIGN, ENCODER, FUSE, HEAD, InferenceModel, ModelError, load_model
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -38,8 +40,13 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # TF32 on a GPU); AMX rounds inputs and weights to bfloat16. Relative to the reference map's
 # largest value, as the split checks measure it.
 TOLERANCE = {"float32": 5e-3, "bfloat16": 3e-2}
-PRECISION = {"onnxruntime": "float32", "onnxruntime-single": "float32", "native-deform": "float32",
-             "amx": "bfloat16", "cuda": "float32"}
+PRECISION = {
+    "onnxruntime": "float32",
+    "onnxruntime-single": "float32",
+    "native-deform": "float32",
+    "amx": "bfloat16",
+    "cuda": "float32",
+}
 
 Fn = Callable[[np.ndarray], np.ndarray]
 
@@ -151,8 +158,14 @@ class ExecutionPlan:
         return out
 
     def describe(self) -> dict:
-        return {"name": self.name, "precision": self.precision, "providers": self.model.providers,
-                "backends": self.backends(), "pairs": self.pairs, "files": len(self.files())}
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "providers": self.model.providers,
+            "backends": self.backends(),
+            "pairs": self.pairs,
+            "files": len(self.files()),
+        }
 
 
 def _split_specs(m: InferenceModel) -> list:
@@ -215,8 +228,9 @@ def why_not(name: str, card: ModelCard, options: PlanOptions) -> str | None:
     return None
 
 
-def build_plan(name: str, model_path: str | Path, card_path: str | Path | None = None,
-               options: PlanOptions = PlanOptions()) -> ExecutionPlan:
+def build_plan(
+    name: str, model_path: str | Path, card_path: str | Path | None = None, options: PlanOptions = PlanOptions()
+) -> ExecutionPlan:
     """Load and verify the files plan ``name`` runs (ModelError when it cannot run here)."""
     if name not in PLANS:
         raise ModelError(f"unknown plan {name!r} (one of {', '.join(PLANS)})")
@@ -230,14 +244,24 @@ def build_plan(name: str, model_path: str | Path, card_path: str | Path | None =
         if CUDA not in ort.get_available_providers():
             raise ModelError("plan 'cuda' cannot be used: ONNX Runtime has no CUDAExecutionProvider here")
         providers = [CUDA, CPU]
-    model = load_model(model_path, card_path, providers=providers, threads=options.threads,
-                       spinning=options.spinning, parts=name != "onnxruntime-single",
-                       graph_level=options.graph_level, arena=options.arena, single=name == "onnxruntime-single",
-                       **kernels)
+    model = load_model(
+        model_path,
+        card_path,
+        providers=providers,
+        threads=options.threads,
+        spinning=options.spinning,
+        parts=name != "onnxruntime-single",
+        graph_level=options.graph_level,
+        arena=options.arena,
+        single=name == "onnxruntime-single",
+        **kernels,
+    )
     plan = ExecutionPlan(name, model, io_binding=name == "cuda")
     want = {"native-deform": "native-deform", "amx": "amx-bf16"}.get(name)
     if want is not None and want not in plan.backends().values():  # load_model stepped back
-        raise ModelError(f"plan {name!r} cannot be used: {why_not(name, model.card, options) or 'its split did not load'}")
+        raise ModelError(
+            f"plan {name!r} cannot be used: {why_not(name, model.card, options) or 'its split did not load'}"
+        )
     if name != "onnxruntime-single" and not plan.streaming:
         raise ModelError(f"plan {name!r} cannot be used: the model card lists no streaming parts")
     return plan

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from service.science import physics
-from service.modelpkg.card import CardError, ModelCard, load_card
 from service.engine.host import has_vnni, host_summary
 from service.engine.names import AUTO, PLANS, STOCK
 from service.engine.plans import CPU, TOLERANCE, ExecutionPlan, PlanOptions, build_plan, why_not
+from service.modelpkg.card import CardError, ModelCard, load_card
 from service.modelpkg.model import ModelError
+from service.science import physics
 from service.science.windows import WINDOW
 
 log = logging.getLogger("service.engine")
@@ -51,8 +51,14 @@ class Selection:
     seconds: float = 0.0
 
     def report(self) -> dict:
-        return {"name": self.plan.name, "requested": self.requested, **self.plan.describe(),
-                "selection_s": round(self.seconds, 2), "host": host_summary(), "candidates": self.rows}
+        return {
+            "name": self.plan.name,
+            "requested": self.requested,
+            **self.plan.describe(),
+            "selection_s": round(self.seconds, 2),
+            "host": host_summary(),
+            "candidates": self.rows,
+        }
 
 
 def probe_windows(n: int = 8, seed: int = PROBE_SEED) -> np.ndarray:
@@ -86,8 +92,10 @@ def time_plan(plan: ExecutionPlan, windows: np.ndarray, seconds: float) -> float
             plan.encode(frames)
             plan.head(feats)
     else:
+
         def call():
             plan.run(windows)
+
     calls, t0 = 0, time.perf_counter()
     while calls < 2 or time.perf_counter() - t0 < seconds:
         call()
@@ -116,8 +124,9 @@ def _int8_source(card: ModelCard, model_path: Path) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def _reference(model_path: Path, card: ModelCard, options: PlanOptions, windows: np.ndarray,
-               stock: ExecutionPlan | None) -> tuple[np.ndarray, str, float]:
+def _reference(
+    model_path: Path, card: ModelCard, options: PlanOptions, windows: np.ndarray, stock: ExecutionPlan | None
+) -> tuple[np.ndarray, str, float]:
     """Reference maps, what they come from, and the tolerance of this model's plans."""
     int8 = "quantization" in (card.model_extra or {})
     cpu = PlanOptions((CPU,), options.threads, options.spinning, options.graph_level, options.arena)
@@ -127,7 +136,8 @@ def _reference(model_path: Path, card: ModelCard, options: PlanOptions, windows:
             if not has_vnni():
                 raise ModelError(
                     "this int8 model needs a CPU with VNNI (AVX-512 VNNI or AVX-VNNI): without it ONNX Runtime's "
-                    "int8 kernels saturate and give wrong maps; serve the float32 model (models/derefnet.onnx)")
+                    "int8 kernels saturate and give wrong maps; serve the float32 model (models/derefnet.onnx)"
+                )
             return None, "none (int8 without its float32 source beside it; the CPU has VNNI)", INT8_TOLERANCE
         ref = build_plan(STOCK, source, options=cpu)
         return ref.run(windows), f"{source.name} on {CPU}", INT8_TOLERANCE
@@ -139,8 +149,14 @@ def _reference(model_path: Path, card: ModelCard, options: PlanOptions, windows:
     return ref.run(windows), f"{model_path.name} ({ref.name}) on {CPU}", 0.0
 
 
-def select_plan(model_path: str | Path, card_path: str | Path | None = None, options: PlanOptions = PlanOptions(),
-                requested: str = AUTO, budget_s: float = 6.0, probe: int = 8) -> Selection:
+def select_plan(
+    model_path: str | Path,
+    card_path: str | Path | None = None,
+    options: PlanOptions = PlanOptions(),
+    requested: str = AUTO,
+    budget_s: float = 6.0,
+    probe: int = 8,
+) -> Selection:
     """Build, check and (for ``auto``) time the candidate plans; the chosen one is returned.
 
     ModelError when the requested plan cannot run here, or when no candidate gives the
@@ -152,8 +168,11 @@ def select_plan(model_path: str | Path, card_path: str | Path | None = None, opt
     card = _card(model_path, card_path)
     if requested != AUTO and requested not in PLANS:
         raise ModelError(f"plan={requested!r} is not one of {', '.join((AUTO, *PLANS))}")
-    names = [requested] if requested != AUTO else [
-        n for n in PLANS if n != "onnxruntime-single" or not {"encoder", "head"} <= set(card.parts)]
+    names = (
+        [requested]
+        if requested != AUTO
+        else [n for n in PLANS if n != "onnxruntime-single" or not {"encoder", "head"} <= set(card.parts)]
+    )
     windows = probe_windows(probe)
     rows: dict[str, dict] = {}
     built: dict[str, ExecutionPlan] = {}
@@ -173,8 +192,12 @@ def select_plan(model_path: str | Path, card_path: str | Path | None = None, opt
     want, reference, int8_tol = _reference(model_path, card, options, windows, built.get(STOCK))
     for name, plan in list(built.items()):
         tolerance = int8_tol or TOLERANCE[plan.precision]
-        row = rows[name] = {"plan": name, "precision": plan.precision, "backends": plan.backends(),
-                            "tolerance": tolerance}
+        row = rows[name] = {
+            "plan": name,
+            "precision": plan.precision,
+            "backends": plan.backends(),
+            "tolerance": tolerance,
+        }
         if want is None:
             row["max_rel_error"] = None
             continue
@@ -184,8 +207,11 @@ def select_plan(model_path: str | Path, card_path: str | Path | None = None, opt
             err, row["reason"] = float("inf"), f"failed on the probe windows: {exc}"
         row["max_rel_error"] = err
         if not err <= tolerance:
-            row.update(status="failed check", reason=row.get("reason") or
-                       f"maps differ from the reference by {err:.3g} of its peak (> {tolerance:g})")
+            row.update(
+                status="failed check",
+                reason=row.get("reason")
+                or f"maps differ from the reference by {err:.3g} of its peak (> {tolerance:g})",
+            )
             del built[name]
     if not built:
         why = "; ".join(f"{r['plan']}: {r.get('reason', r.get('status'))}" for r in rows.values())
@@ -206,19 +232,21 @@ def select_plan(model_path: str | Path, card_path: str | Path | None = None, opt
     for row in rows.values():
         row.setdefault("reference", reference)
     order = {n: i for i, n in enumerate(PLANS)}
-    selection = Selection(built[chosen], requested, sorted(rows.values(), key=lambda r: order[r["plan"]]),
-                          time.perf_counter() - t0)
+    selection = Selection(
+        built[chosen], requested, sorted(rows.values(), key=lambda r: order[r["plan"]]), time.perf_counter() - t0
+    )
     built.clear()  # the plans not chosen, and their sessions, go now
     return selection
 
 
 def table(report: dict) -> str:
     """The candidates as a markdown table (``csist plans``, the README)."""
-    lines = ["| plan | status | ms / window (1 thread) | max rel. error | backends / reason |",
-             "|---|---|---|---|---|"]
+    lines = ["| plan | status | ms / window (1 thread) | max rel. error | backends / reason |", "|---|---|---|---|---|"]
     for r in report["candidates"]:
         err = r.get("max_rel_error")
         what = r.get("reason") or ", ".join(f"{k}: {v}" for k, v in (r.get("backends") or {}).items())
-        lines.append(f"| {r['plan']} | {r['status']} | {r.get('ms_per_window', '-')} | "
-                     f"{'-' if err is None else f'{err:.2e}'} | {what} |")
+        lines.append(
+            f"| {r['plan']} | {r['status']} | {r.get('ms_per_window', '-')} | "
+            f"{'-' if err is None else f'{err:.2e}'} | {what} |"
+        )
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.kernels.conv import _conv, WHY_NOT_AMX, in_slices, thread_pool
+from service.kernels.conv import WHY_NOT_AMX, _conv, in_slices, thread_pool
 
 AVAILABLE = _conv is not None
 
@@ -30,9 +30,14 @@ class SelectiveAttention:
         arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (w_mid, b_mid, w_nb, b_nb, w_mix, b_mix)]
         self.w_mid, self.b_mid, self.w_nb, self.b_nb, self.w_mix, self.b_mix = arrays
         half, cin = self.w_mid.shape[:2]
-        for name, a, shape in (("mid weight", self.w_mid, (half, cin, 1, 1)), ("mid bias", self.b_mid, (half,)),
-                               ("nb weight", self.w_nb, (half, cin, 1, 1)), ("nb bias", self.b_nb, (half,)),
-                               ("mix weight", self.w_mix, (2, 2, 3, 3)), ("mix bias", self.b_mix, (2,))):
+        for name, a, shape in (
+            ("mid weight", self.w_mid, (half, cin, 1, 1)),
+            ("mid bias", self.b_mid, (half,)),
+            ("nb weight", self.w_nb, (half, cin, 1, 1)),
+            ("nb bias", self.b_nb, (half,)),
+            ("mix weight", self.w_mix, (2, 2, 3, 3)),
+            ("mix bias", self.b_mix, (2,)),
+        ):
             if a.shape != shape:
                 raise ValueError(f"{name} must be {shape}, got {a.shape}")
         self.cin, self.half = int(cin), int(half)
@@ -50,5 +55,19 @@ class SelectiveAttention:
 
     def _run(self, mid: np.ndarray, nb: np.ndarray, out: np.ndarray) -> None:
         n, _, h, w = mid.shape
-        _conv.attention(mid, nb, self.w_mid, self.b_mid, self.w_nb, self.b_nb, self.w_mix, self.b_mix, out,
-                        n, self.cin, self.half, h, w)
+        _conv.attention(
+            mid,
+            nb,
+            self.w_mid,
+            self.b_mid,
+            self.w_nb,
+            self.b_nb,
+            self.w_mix,
+            self.b_mix,
+            out,
+            n,
+            self.cin,
+            self.half,
+            h,
+            w,
+        )

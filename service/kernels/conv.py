@@ -131,9 +131,16 @@ class _MapsOp:
 class Conv3x3(_MapsOp):
     """Stride 1, padding 1, dilation 1, one group, then an optional activation (and residual)."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None, kernel: str = "amx",
-                 activation: str = "none", clip: tuple[float, float] | None = None, threads: int = 1,
-                 residual: bool = False):
+    def __init__(
+        self,
+        weight: np.ndarray,
+        bias: np.ndarray | None = None,
+        kernel: str = "amx",
+        activation: str = "none",
+        clip: tuple[float, float] | None = None,
+        threads: int = 1,
+        residual: bool = False,
+    ):
         if _conv is None:
             raise RuntimeError(WHY_NOT_AMX)
         if kernel == "amx" and not AMX:
@@ -161,8 +168,9 @@ class Conv3x3(_MapsOp):
         act, (lo, hi) = ACTIVATIONS[self.activation], self.clip
         n, _, h, w = x.shape
         if self.kernel == "amx":
-            _conv.amx_conv(x, self.packed, self.bias, act, lo, hi, out, n, self.cin, self.cout_tiles, self.cout, h, w,
-                           res)
+            _conv.amx_conv(
+                x, self.packed, self.bias, act, lo, hi, out, n, self.cin, self.cout_tiles, self.cout, h, w, res
+            )
         else:
             _conv.direct_conv(x, self.weight, self.bias, act, lo, hi, out, n, self.cin, self.cout, h, w, res)
 
@@ -198,8 +206,10 @@ class ConvChain(_MapsOp):
             raise ValueError(f"a chain has 2 to {CHAIN_MAX} convs, got {len(convs)}")
         for a, b in zip(convs, convs[1:]):
             if not chains_into(a, b):
-                raise ValueError(f"a {b.kernel} conv of {b.cin} input channels cannot follow a {a.kernel} conv "
-                                 f"of {a.cout} outputs in a chain")
+                raise ValueError(
+                    f"a {b.kernel} conv of {b.cin} input channels cannot follow a {a.kernel} conv "
+                    f"of {a.cout} outputs in a chain"
+                )
         self.convs = list(convs)
         self.cin, self.cout = convs[0].cin, convs[-1].cout
         self.residual = convs[-1].residual

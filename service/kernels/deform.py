@@ -19,8 +19,6 @@ The call releases the GIL, so inference workers on separate threads run it in pa
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from service.kernels import conv
@@ -77,7 +75,18 @@ class DeformConv3x3:
 
     def _run(self, x: np.ndarray, offset: np.ndarray, out: np.ndarray) -> None:
         if self.kernel == "amx":
-            conv._conv.amx_deform(x, offset, self.packed, self.bias, out, x.shape[0], self.cin, self.cout_tiles,
-                                  self.cout, x.shape[2], x.shape[3])
+            conv._conv.amx_deform(
+                x,
+                offset,
+                self.packed,
+                self.bias,
+                out,
+                x.shape[0],
+                self.cin,
+                self.cout_tiles,
+                self.cout,
+                x.shape[2],
+                x.shape[3],
+            )
             return
         _deform.run(x, offset, self.wt, self.bias, out, x.shape[0], self.cin, self.cout, x.shape[2], x.shape[3])

@@ -103,8 +103,9 @@ class StepSpec(BaseModel):
             raise ValueError("only a Conv step folds a residual Add")
         if len(self.inputs) != takes:
             raise ValueError(f"{self.op} step takes {takes} inputs, got {self.inputs}")
-        if self.op == "Attention" and (self.kernel is not None or self.activation != "none"
-                                       or set(self.extra or {}) != set(ATTENTION_WEIGHTS)):
+        if self.op == "Attention" and (
+            self.kernel is not None or self.activation != "none" or set(self.extra or {}) != set(ATTENTION_WEIGHTS)
+        ):
             raise ValueError(f"an Attention step has no kernel or activation and names its weights {ATTENTION_WEIGHTS}")
         if self.op == "Conv" and self.kernel is None:
             raise ValueError("a Conv step names its kernel")
@@ -140,8 +141,15 @@ class SplitSpec(BaseModel):
             data.setdefault("part", data.pop("head", None))
             data.setdefault("part_sha256", data.pop("head_sha256", None))
             data["steps"] = [
-                {"op": "DeformConv", "inputs": [d.get("input"), d.get("offset")], "output": d.get("output"),
-                 "weight": d.get("weight"), "bias": d.get("bias")} if isinstance(d, dict) else d
+                {
+                    "op": "DeformConv",
+                    "inputs": [d.get("input"), d.get("offset")],
+                    "output": d.get("output"),
+                    "weight": d.get("weight"),
+                    "bias": d.get("bias"),
+                }
+                if isinstance(d, dict)
+                else d
                 for d in data.pop("deform")
             ]
         return data
@@ -209,7 +217,6 @@ def load_card(path: str | Path) -> ModelCard:
         return ModelCard.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
         )
         raise CardError(f"model card {path} is invalid: {problems}") from None

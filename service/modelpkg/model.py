@@ -33,12 +33,12 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime.config import available_cpus
-from service.modelpkg.card import ATTENTION_WEIGHTS, CardError, FileSpec, ModelCard, PartSpec, SplitSpec, load_card
 from service.kernels import attention, conv, deform
+from service.modelpkg.card import ATTENTION_WEIGHTS, CardError, FileSpec, ModelCard, PartSpec, SplitSpec, load_card
+from service.runtime.config import available_cpus
 from service.science import peaks
-from service.science.postprocess import REFINE_MODES
 from service.science.physics import RATIO, SIZE
+from service.science.postprocess import REFINE_MODES
 from service.science.windows import WINDOW
 
 log = logging.getLogger("service.modelpkg.model")
@@ -151,8 +151,10 @@ class SplitGraph:
     def __post_init__(self):
         if len(self.segments) != len(self.steps) + 1:
             raise ModelError(f"{self.name} split has {len(self.segments)} segments for {len(self.steps)} steps")
-        self._io = [([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]) if s else ([], [])
-                    for s in self.segments]
+        self._io = [
+            ([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]) if s else ([], [])
+            for s in self.segments
+        ]
         known = {self.input_name}
         for i, (inputs, outputs) in enumerate(self._io):
             missing = sorted(set(inputs) - known)
@@ -294,18 +296,13 @@ def _check_card(card: ModelCard) -> None:
     phys = card.physics
     if (phys.size, phys.ratio) != (SIZE, RATIO):
         raise ModelError(
-            f"model card physics size={phys.size} ratio={phys.ratio}; this service serves "
-            f"size={SIZE} ratio={RATIO}"
+            f"model card physics size={phys.size} ratio={phys.ratio}; this service serves size={SIZE} ratio={RATIO}"
         )
     want_in, want_out = [WINDOW, SIZE, SIZE], [SIZE * RATIO, SIZE * RATIO]
     if list(card.inputs[0].shape[1:]) != want_in:
-        raise ModelError(
-            f"model card input shape {card.inputs[0].shape}, expected [batch, *{want_in}]"
-        )
+        raise ModelError(f"model card input shape {card.inputs[0].shape}, expected [batch, *{want_in}]")
     if list(card.outputs[0].shape[1:]) != want_out:
-        raise ModelError(
-            f"model card output shape {card.outputs[0].shape}, expected [batch, *{want_out}]"
-        )
+        raise ModelError(f"model card output shape {card.outputs[0].shape}, expected [batch, *{want_out}]")
     mode = card.postprocess.mode
     peak_modes = getattr(peaks, "PEAK_MODES", None)
     if mode is not None and (peak_modes is None or mode not in peak_modes):
@@ -334,9 +331,7 @@ def _check_session(session: ort.InferenceSession, card: ModelCard | PartSpec) ->
             raise ModelError(f"model {what} {node.name!r} has shape {dims}, card says {spec.shape}")
         for got, want in zip(dims[1:], spec.shape[1:], strict=True):
             if isinstance(got, int) and isinstance(want, int) and got != want:
-                raise ModelError(
-                    f"model {what} {node.name!r} has shape {dims}, card says {spec.shape}"
-                )
+                raise ModelError(f"model {what} {node.name!r} has shape {dims}, card says {spec.shape}")
     return in_name, out_name
 
 
@@ -351,7 +346,11 @@ def _part_shapes(name: str) -> tuple[list[int], list[int]]:
 
 
 def _load_part(
-    name: str, spec: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str],
+    name: str,
+    spec: PartSpec,
+    directory: Path,
+    options: ort.SessionOptions,
+    providers: list[str],
     session: bool = True,
 ) -> Part:
     """Verify one streaming part (hash, tensor names and shapes) and open its session (``session``
@@ -395,8 +394,14 @@ def _verified_file(spec: FileSpec, directory: Path, what: str, command: str) -> 
 
 
 def load_split(
-    name: str, spec: SplitSpec, part: PartSpec, directory: Path, options: ort.SessionOptions, providers: list[str],
-    fuse: bool = True, disabled_optimizers: tuple[str, ...] = (),
+    name: str,
+    spec: SplitSpec,
+    part: PartSpec,
+    directory: Path,
+    options: ort.SessionOptions,
+    providers: list[str],
+    fuse: bool = True,
+    disabled_optimizers: tuple[str, ...] = (),
 ) -> SplitGraph:
     """Verify a split part's segments and weights and set up its native kernels.
 
@@ -418,8 +423,11 @@ def load_split(
             continue
         path = _verified_file(seg, directory, f"{name} segment {i}", command)
         try:
-            sessions.append(ort.InferenceSession(str(path), sess_options=options, providers=providers,
-                                                 disabled_optimizers=list(disabled_optimizers)))
+            sessions.append(
+                ort.InferenceSession(
+                    str(path), sess_options=options, providers=providers, disabled_optimizers=list(disabled_optimizers)
+                )
+            )
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from None
     npz = _verified_file(spec.weights, directory, f"{name} split weights", command)
@@ -429,17 +437,23 @@ def load_split(
         steps = []
         for s in spec.steps:
             if s.op == "Attention":
-                kernel = attention.SelectiveAttention(weights[s.weight], weights[s.bias],
-                                                      *(weights[s.extra[k]] for k in ATTENTION_WEIGHTS), threads=threads)
+                kernel = attention.SelectiveAttention(
+                    weights[s.weight],
+                    weights[s.bias],
+                    *(weights[s.extra[k]] for k in ATTENTION_WEIGHTS),
+                    threads=threads,
+                )
             elif s.op == "DeformConv":
                 kernel = deform.DeformConv3x3(weights[s.weight], weights[s.bias], threads, s.kernel or "native")
             else:
-                kernel = conv.Conv3x3(weights[s.weight], weights[s.bias], s.kernel, s.activation, s.clip, threads,
-                                      s.residual)
+                kernel = conv.Conv3x3(
+                    weights[s.weight], weights[s.bias], s.kernel, s.activation, s.clip, threads, s.residual
+                )
             steps.append(Step(s.op, tuple(s.inputs), s.output, kernel))
     except (KeyError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a kernel cannot run here
-        raise ModelError(f"split weights {npz} do not fit the card's {name} split, or its kernels cannot run here: "
-                         f"{exc}") from None
+        raise ModelError(
+            f"split weights {npz} do not fit the card's {name} split, or its kernels cannot run here: {exc}"
+        ) from None
     if fuse:
         sessions, steps = fused_chains(sessions, steps, spec.output)
     return SplitGraph(name, sessions, steps, spec.input, spec.output)
@@ -464,10 +478,17 @@ def fused_chains(
             readers[name] = readers.get(name, 0) + 1
 
     def joins(a: Step, b: Step, between: ort.InferenceSession | None) -> bool:
-        return (conv.AMX and between is None and isinstance(a.kernel, conv.Conv3x3) and isinstance(b.kernel, conv.Conv3x3)
-                and b.inputs[0] == a.output and a.output not in b.inputs[1:] and readers.get(a.output) == 1
-                and conv.chains_into(a.kernel, b.kernel)
-                and len(runs[-1]) < conv.CHAIN_MAX)
+        return (
+            conv.AMX
+            and between is None
+            and isinstance(a.kernel, conv.Conv3x3)
+            and isinstance(b.kernel, conv.Conv3x3)
+            and b.inputs[0] == a.output
+            and a.output not in b.inputs[1:]
+            and readers.get(a.output) == 1
+            and conv.chains_into(a.kernel, b.kernel)
+            and len(runs[-1]) < conv.CHAIN_MAX
+        )
 
     runs: list[list[int]] = []
     for i, step in enumerate(steps):
@@ -570,14 +591,38 @@ def load_model(
             why_not = "the native kernel service.kernels._deform is not built (install with a C compiler)"
         if why_not is None:
             amx = card.amx_split
-            split_encoder = load_split(ENCODER, amx.encoder, card.parts[ENCODER], model_path.parent, options, requested,
-                                       fuse_convs, AMX_GLUE_DISABLED_OPTIMIZERS)
-            split_head = load_split(HEAD, amx.head, card.parts[HEAD], model_path.parent, options, requested, fuse_convs,
-                                    AMX_GLUE_DISABLED_OPTIMIZERS)
+            split_encoder = load_split(
+                ENCODER,
+                amx.encoder,
+                card.parts[ENCODER],
+                model_path.parent,
+                options,
+                requested,
+                fuse_convs,
+                AMX_GLUE_DISABLED_OPTIMIZERS,
+            )
+            split_head = load_split(
+                HEAD,
+                amx.head,
+                card.parts[HEAD],
+                model_path.parent,
+                options,
+                requested,
+                fuse_convs,
+                AMX_GLUE_DISABLED_OPTIMIZERS,
+            )
             if ALIGN in loaded and amx.align is not None and amx.fuse is not None:
                 split_align, split_fuse = (
-                    load_split(name, spec, card.parts[name], model_path.parent, options, requested, fuse_convs,
-                               AMX_GLUE_DISABLED_OPTIMIZERS)
+                    load_split(
+                        name,
+                        spec,
+                        card.parts[name],
+                        model_path.parent,
+                        options,
+                        requested,
+                        fuse_convs,
+                        AMX_GLUE_DISABLED_OPTIMIZERS,
+                    )
                     for name, spec in ((ALIGN, amx.align), (FUSE, amx.fuse))
                 )
         elif conv_kernel == "amx":

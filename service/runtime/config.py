@@ -47,9 +47,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CSIST_", case_sensitive=False, extra="ignore")
 
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model file")
-    card_path: Path | None = Field(
-        None, description="model card JSON; default: the model path with a .json suffix"
-    )
+    card_path: Path | None = Field(None, description="model card JSON; default: the model path with a .json suffix")
     providers: str = Field(
         "auto",
         description="ONNX Runtime execution providers, comma-separated in order of preference,"
@@ -103,26 +101,15 @@ class Settings(BaseSettings):
     )
     require_token: bool = Field(
         False,
-        description="refuse to start on a non-loopback address without CSIST_API_TOKEN (else: a"
-        " warning in the log)",
+        description="refuse to start on a non-loopback address without CSIST_API_TOKEN (else: a warning in the log)",
     )
     max_batch_size: int = Field(64, ge=1, le=4096, description="windows per inference call")
-    max_batch_wait_ms: float = Field(
-        2.0, ge=0.0, le=1000.0, description="how long the batcher waits to fill a batch"
-    )
-    max_queue_windows: int = Field(
-        4096, ge=1, description="windows waiting for inference before requests get 503"
-    )
+    max_batch_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="how long the batcher waits to fill a batch")
+    max_queue_windows: int = Field(4096, ge=1, description="windows waiting for inference before requests get 503")
     max_tracks_per_connection: int = Field(256, ge=1, description="open tracks per WebSocket")
-    track_ttl_s: float = Field(
-        30.0, gt=0.0, description="seconds without frames after which a track expires"
-    )
-    max_request_bytes: int = Field(
-        1_048_576, ge=1024, description="largest accepted HTTP request body (bytes)"
-    )
-    max_message_bytes: int = Field(
-        65_536, ge=1024, description="largest accepted WebSocket message (bytes)"
-    )
+    track_ttl_s: float = Field(30.0, gt=0.0, description="seconds without frames after which a track expires")
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="largest accepted HTTP request body (bytes)")
+    max_message_bytes: int = Field(65_536, ge=1024, description="largest accepted WebSocket message (bytes)")
     ws_max_pending: int = Field(
         1024,
         ge=1,
@@ -137,9 +124,7 @@ class Settings(BaseSettings):
         ge=0.0,
         description="on SIGTERM, seconds of not-ready-but-serving before sockets close",
     )
-    shutdown_timeout_s: float = Field(
-        30.0, gt=0.0, description="longest wait for in-flight work on shutdown"
-    )
+    shutdown_timeout_s: float = Field(30.0, gt=0.0, description="longest wait for in-flight work on shutdown")
 
     @field_validator("api_token", mode="before")
     @classmethod
@@ -162,9 +147,7 @@ class Settings(BaseSettings):
 
     def resolved_card_path(self) -> Path:
         """The card next to the model unless configured otherwise."""
-        return (
-            self.card_path if self.card_path is not None else self.model_path.with_suffix(".json")
-        )
+        return self.card_path if self.card_path is not None else self.model_path.with_suffix(".json")
 
     def parallelism(self, cuda: bool) -> tuple[int, int]:
         """(inference workers, ONNX Runtime intra-op threads) with the automatic choices made.

@@ -16,17 +16,18 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from service.engine.batcher import Batcher
-from service.runtime.config import Settings
-from service.runtime.metrics import Metrics
 from service.engine.plans import PlanOptions
 from service.engine.select import Selection, select_plan
 from service.modelpkg.model import InferenceModel, resolve_providers
+from service.runtime.config import Settings
+from service.runtime.metrics import Metrics
 
 
 class Stream(Protocol):
     """An open client stream (a WebSocket connection) that shutdown closes."""
 
     async def close(self, reason: str) -> None: ...
+
 
 log = logging.getLogger("service.runtime.lifecycle")
 

@@ -74,34 +74,24 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.queue_windows = Gauge(
-            "csist_queue_windows", "windows waiting for inference", registry=r
-        )
+        self.queue_windows = Gauge("csist_queue_windows", "windows waiting for inference", registry=r)
         self.windows = Counter(
             "csist_windows",
             "windows run through the model, by source (rest, ws)",
             ["source"],
             registry=r,
         )
-        self.frames = Counter(
-            "csist_frames", "frames received, by source (rest, ws)", ["source"], registry=r
-        )
-        self.targets = Counter(
-            "csist_targets", "targets emitted, by source (rest, ws)", ["source"], registry=r
-        )
+        self.frames = Counter("csist_frames", "frames received, by source (rest, ws)", ["source"], registry=r)
+        self.targets = Counter("csist_targets", "targets emitted, by source (rest, ws)", ["source"], registry=r)
         self.active_tracks = Gauge("csist_active_tracks", "open WebSocket tracks", registry=r)
-        self.ws_connections = Gauge(
-            "csist_ws_connections", "open WebSocket connections", registry=r
-        )
+        self.ws_connections = Gauge("csist_ws_connections", "open WebSocket connections", registry=r)
         self.track_evictions = Counter(
             "csist_track_evictions",
             "tracks closed without an end message, by reason (idle, disconnect, shutdown)",
             ["reason"],
             registry=r,
         )
-        self.errors = Counter(
-            "csist_errors", "errors returned to clients, by code", ["code"], registry=r
-        )
+        self.errors = Counter("csist_errors", "errors returned to clients, by code", ["code"], registry=r)
         self.shed_windows = Counter(
             "csist_shed_windows",
             "windows not computed because they could not start inference before their deadline",

@@ -100,9 +100,7 @@ def extract_peaks_batch(
 
 def _extract(maps, threshold, refine, max_targets, ratio, nms_radius, mode) -> list[np.ndarray]:
     """Peaks of a validated (B, H, W) float64 stack; see the module docstring."""
-    threshold, max_targets, ratio, nms_radius = _check_options(
-        threshold, refine, max_targets, ratio, nms_radius
-    )
+    threshold, max_targets, ratio, nms_radius = _check_options(threshold, refine, max_targets, ratio, nms_radius)
     if mode not in PEAK_MODES:
         raise ValueError(f"mode must be one of {PEAK_MODES}, got {mode!r}")
     n_maps, h, w = maps.shape
@@ -199,6 +197,7 @@ def _check_options(threshold, refine, max_targets, ratio, nms_radius):
 @lru_cache(maxsize=16)
 def _offsets(row: int) -> dict[str, np.ndarray]:
     """Flat-index offsets of the neighbourhoods in a padded map whose rows are ``row`` long."""
+
     def flat(offsets):
         return np.array([di * row + dj for di, dj in offsets])
 

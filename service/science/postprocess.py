@@ -38,7 +38,9 @@ def find_targets(
         raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
     kwargs = {} if mode is None else {"mode": mode}
     if refine != "fit":
-        return _peaks.extract_peaks_batch(maps, threshold=threshold, refine=refine, max_targets=max_targets, ratio=ratio, **kwargs)
+        return _peaks.extract_peaks_batch(
+            maps, threshold=threshold, refine=refine, max_targets=max_targets, ratio=ratio, **kwargs
+        )
     if windows is None or len(windows) != len(maps):
         raise ValueError("refine='fit' needs the LR window of every map")
     start = _peaks.extract_peaks_batch(maps, threshold=threshold, refine="none", ratio=ratio, **kwargs)

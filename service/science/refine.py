@@ -302,7 +302,9 @@ def fit_window(
     if cfg.fallback:
         reduced = best.chi2 / max(win.n - best.n_params, 1)
         if reduced > cfg.max_reduced_chi2:
-            return reject(f"reduced chi2 {reduced:.3g} > {cfg.max_reduced_chi2}", nfev, best.chi2, best.velocity, scale, ics)
+            return reject(
+                f"reduced chi2 {reduced:.3g} > {cfg.max_reduced_chi2}", nfev, best.chi2, best.velocity, scale, ics
+            )
         # the network's answer on the same footing: its positions with brightness and velocity
         # refitted, penalised as if fitted like the others (so for the same count this
         # compares chi2: "explains the frames better")
@@ -310,7 +312,9 @@ def fit_window(
         r_net = win.data_residuals(win.model(np.column_stack([peaks_in[:, :2], a_net]), best.velocity)) / scale
         ics["network"] = _criterion(float(r_net @ r_net), 3 * k0 + 2, win.n, cfg.criterion)
         if not best.ic < ics["network"]:
-            return reject("the fit does not explain the frames better than the peaks", nfev, best.chi2, best.velocity, scale, ics)
+            return reject(
+                "the fit does not explain the frames better than the peaks", nfev, best.chi2, best.velocity, scale, ics
+            )
 
     order = np.argsort(-best.targets[:, 2], kind="stable")
     return FitResult(
@@ -397,7 +401,8 @@ class _Window:
         self.background = float(far.mean()) if far.size >= cfg.min_noise_pixels else None
         # a target near the patch border loses flux over the edge
         self.at_border = bool(
-            np.any(peaks[:, :2] < 1.0 + cfg.max_shift_px) or np.any(peaks[:, 0] > width - 2.0 - cfg.max_shift_px)
+            np.any(peaks[:, :2] < 1.0 + cfg.max_shift_px)
+            or np.any(peaks[:, 0] > width - 2.0 - cfg.max_shift_px)
             or np.any(peaks[:, 1] > height - 2.0 - cfg.max_shift_px)
         )
         extra = (ROUNDING_VARIANCE if cfg.quantized else 0.0) + cfg.model_error**2
@@ -529,7 +534,9 @@ class _Problem:
         return jac
 
     def pack(self, targets: np.ndarray, v) -> np.ndarray:
-        return np.clip(np.concatenate([targets[:, 0], targets[:, 1], targets[:, 2], np.asarray(v, float)]), self.lower, self.upper)
+        return np.clip(
+            np.concatenate([targets[:, 0], targets[:, 1], targets[:, 2], np.asarray(v, float)]), self.lower, self.upper
+        )
 
     def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k = self.k
@@ -673,7 +680,9 @@ def _criterion(chi2: float, n_params: int, n: int, kind: str) -> float:
     return chi2 + n_params * (math.log(n) if kind == "bic" else 2.0)
 
 
-def _fit(win: _Window, start: np.ndarray, v0, anchors: np.ndarray, has_prior: np.ndarray, scale: float, nfev0: int = 0) -> _Fit:
+def _fit(
+    win: _Window, start: np.ndarray, v0, anchors: np.ndarray, has_prior: np.ndarray, scale: float, nfev0: int = 0
+) -> _Fit:
     """Fit K = len(start) targets from ``start`` (K, 3); ``anchors`` (K, 2) centre bounds and priors."""
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)

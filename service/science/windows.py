@@ -171,12 +171,14 @@ class SegmentWindows:
         out = []
         for t in range(max(self._emitted, self._count - HALF), self._count):
             idx = (window_indices(t, self._count) - first).tolist()  # frames to come: the newest
-            out.append(Window(
-                np.stack([self._frames[i] for i in idx]),
-                self._metas[t - first],
-                [self._slots[i] if t + p - HALF < self._count else None for p, i in enumerate(idx)],
-                self._pairs[t - first],
-            ))
+            out.append(
+                Window(
+                    np.stack([self._frames[i] for i in idx]),
+                    self._metas[t - first],
+                    [self._slots[i] if t + p - HALF < self._count else None for p, i in enumerate(idx)],
+                    self._pairs[t - first],
+                )
+            )
         return out
 
     def flush(self) -> list[Window]:
@@ -223,9 +225,7 @@ def split_segments(frame_indices: Sequence[int], origins: Sequence | None = None
     for k in range(1, len(frame_indices)):
         prev, cur = frame_indices[k - 1], frame_indices[k]
         if cur <= prev:
-            raise ValueError(
-                f"frame {k}: frame_index {cur} is not after the previous frame's {prev}"
-            )
+            raise ValueError(f"frame {k}: frame_index {cur} is not after the previous frame's {prev}")
         if cur != prev + 1 or (origins is not None and origins[k] != origins[k - 1]):
             starts.append(k)
     ends = starts[1:] + [len(frame_indices)]

@@ -23,8 +23,24 @@ def test_simulated_split_is_what_csist_simulate_writes(tmp_path):
     from training.data import read_split
     from training.simulate import main as simulate
 
-    assert simulate(["--out", str(tmp_path), "--trajectories", "2", "--split", "0,0,1", "--seed", "7302",
-                     "--noise", "2", "--quiet"]) == 0
+    assert (
+        simulate(
+            [
+                "--out",
+                str(tmp_path),
+                "--trajectories",
+                "2",
+                "--split",
+                "0,0,1",
+                "--seed",
+                "7302",
+                "--noise",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     split = read_split(tmp_path, "test", progress=False)
     frames, truth = simulated_trajectories(2, 7302, noise=2.0)
     np.testing.assert_array_equal(split.frames, frames)
@@ -39,8 +55,22 @@ def test_seeds_are_new_and_distinct():
 
 def test_quick_accuracy_report(tiny_model, tmp_path):
     out, md = tmp_path / "acc.json", tmp_path / "acc.md"
-    rc = cli.main(["accuracy", "--model", str(tiny_model), "--quick", "--refine", "none,centroid",
-                   "--conditions", "clean,sigma5,targets2-8", "--out", str(out), "--markdown", str(md)])
+    rc = cli.main(
+        [
+            "accuracy",
+            "--model",
+            str(tiny_model),
+            "--quick",
+            "--refine",
+            "none,centroid",
+            "--conditions",
+            "clean,sigma5,targets2-8",
+            "--out",
+            str(out),
+            "--markdown",
+            str(md),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert list(report["conditions"]) == ["clean", "sigma5", "targets2-8"]

@@ -25,19 +25,53 @@ def test_flops_count_by_hand():
 
 def test_quick_speed_report(tiny_model, tmp_path):
     out, md = tmp_path / "speed.json", tmp_path / "speed.md"
-    rc = cli.main(["speed", "--model", str(tiny_model), "--checkpoint", str(tiny_model.parent / "tiny.pt"),
-                   "--quick", "--windows", "32", "--tracks", "2", "--rate", "20", "--max-rate", "60",
-                   "--rest-rate", "10", "--seconds", "1", "--no-uncached-server", "--no-tuning", "--workers", "2",
-                   "--server-setting", "CSIST_MAX_BATCH_SIZE=16", "--server-setting", "CSIST_PLAN_BUDGET_S=0.5",
-                   "--server-setting", "CSIST_DEADLINE_MS=0",
-                   "--out", str(out), "--markdown", str(md)])
+    rc = cli.main(
+        [
+            "speed",
+            "--model",
+            str(tiny_model),
+            "--checkpoint",
+            str(tiny_model.parent / "tiny.pt"),
+            "--quick",
+            "--windows",
+            "32",
+            "--tracks",
+            "2",
+            "--rate",
+            "20",
+            "--max-rate",
+            "60",
+            "--rest-rate",
+            "10",
+            "--seconds",
+            "1",
+            "--no-uncached-server",
+            "--no-tuning",
+            "--workers",
+            "2",
+            "--server-setting",
+            "CSIST_MAX_BATCH_SIZE=16",
+            "--server-setting",
+            "CSIST_PLAN_BUDGET_S=0.5",
+            "--server-setting",
+            "CSIST_DEADLINE_MS=0",
+            "--out",
+            str(out),
+            "--markdown",
+            str(md),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     modes = {(r["mode"], r["batch"]) for r in report["rows"]}
-    assert {("ONNX single graph", 1), ("ONNX single graph", 8), ("ONNX single graph", 32),
-            ("ONNX encoder+head, streaming (cached features)", 32),
-            ("ONNX single graph, 2 workers x 1 thread", 32),
-            ("ONNX encoder+head, streaming, 2 workers x 1 thread", 32)} <= modes
+    assert {
+        ("ONNX single graph", 1),
+        ("ONNX single graph", 8),
+        ("ONNX single graph", 32),
+        ("ONNX encoder+head, streaming (cached features)", 32),
+        ("ONNX single graph, 2 workers x 1 thread", 32),
+        ("ONNX encoder+head, streaming, 2 workers x 1 thread", 32),
+    } <= modes
     assert any(m.startswith("PyTorch eager") for m, _ in modes)
     for r in report["rows"]:
         assert r["windows_per_s"] > 0 and 0 < r["roofline_fraction"]
@@ -77,8 +111,9 @@ def test_ort_option_sweep(tiny_model):
 
     traj, _ = simulated_trajectories(2, seed=1)
     names = list(ORT_VARIANTS)[:1] + ["arena off", "threads=1", "2 workers x threads=1"]
-    out = ort_tuning(tiny_model, windows(traj)[:32], traj, 0.001, rounds=2,
-                     variants={k: ORT_VARIANTS[k] for k in names})
+    out = ort_tuning(
+        tiny_model, windows(traj)[:32], traj, 0.001, rounds=2, variants={k: ORT_VARIANTS[k] for k in names}
+    )
     assert list(out) == names
     default, *others = out.values()
     assert default["keep"] is None and default["rounds"] == 2
@@ -147,7 +182,6 @@ def test_option_sweep_skips_variants_whose_kernels_cannot_run(tiny_model):
 
     traj, _ = simulated_trajectories(2, seed=1)
     names = list(ORT_VARIANTS)[:1] + ["2 workers x threads=1, AMX kernels"]
-    out = ort_tuning(tiny_model, windows(traj)[:8], traj, 0.001, rounds=1,
-                     variants={k: ORT_VARIANTS[k] for k in names})
+    out = ort_tuning(tiny_model, windows(traj)[:8], traj, 0.001, rounds=1, variants={k: ORT_VARIANTS[k] for k in names})
     assert "skipped" in out["2 workers x threads=1, AMX kernels"]
     assert out[names[0]]["single_batch32"] > 0

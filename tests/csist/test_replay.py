@@ -8,8 +8,8 @@ answers on purpose; and the real service (stand-in model) on loopback.
 from __future__ import annotations
 
 import asyncio
-import socket
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from websockets.asyncio.server import serve
 
-from service.runtime.config import Settings
-from tests.service.conftest import LiveServer, standin_weights, write_standin
 from csist import replay
 from csist.replay import RESEND, Replay, ReplayConfig, TrackState, make_track
+from service.runtime.config import Settings
+from tests.service.conftest import LiveServer, standin_weights, write_standin
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,11 +104,7 @@ class FakeService:
             if msg["type"] == "frame":
                 idx = msg["frame_index"]
                 received.append((track_id, idx))
-                if (
-                    first_connection
-                    and self.drop_after is not None
-                    and len(received) > self.drop_after
-                ):
+                if first_connection and self.drop_after is not None and len(received) > self.drop_after:
                     ws.transport.abort()  # a crash: no close frame, answers in flight lost
                     return
                 window = pending.setdefault(track_id, [])
@@ -131,11 +127,7 @@ class FakeService:
             else:
                 for idx in pending.pop(track_id):
                     await self._answer(ws, track_id, idx, answered)
-                await ws.send(
-                    json.dumps(
-                        {"type": "ended", "track_id": track_id, "frames": counts.pop(track_id)}
-                    )
-                )
+                await ws.send(json.dumps({"type": "ended", "track_id": track_id, "frames": counts.pop(track_id)}))
 
 
 def run_fake(fake: FakeService, **overrides) -> tuple[dict, list[dict], Replay]:
@@ -295,9 +287,7 @@ def test_unreachable_service_fails_fast(tmp_path):
     assert "cannot connect" in summary["fatal"] and not summary["ok"]
 
 
-@pytest.mark.parametrize(
-    "argv", [["--fps", "0"], ["--tracks", "0"], ["--url", "http://x/ws"], ["--seconds", "-1"]]
-)
+@pytest.mark.parametrize("argv", [["--fps", "0"], ["--tracks", "0"], ["--url", "http://x/ws"], ["--seconds", "-1"]])
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         replay.main(argv)
@@ -310,9 +300,7 @@ def test_imports_no_torch():
         "heavy = {'torch', 'torchvision', 'onnx', 'matplotlib', 'tqdm'}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
@@ -325,7 +313,9 @@ def model(tmp_path_factory) -> Path:
 
 
 def live(model: Path, **overrides) -> LiveServer:
-    values = dict(model_path=model, max_batch_wait_ms=1.0, drain_s=0.0, threads=1, deadline_ms=0.0)  # delivery, not timing
+    values = dict(
+        model_path=model, max_batch_wait_ms=1.0, drain_s=0.0, threads=1, deadline_ms=0.0
+    )  # delivery, not timing
     values.update(overrides)
     return LiveServer(Settings(**values)).start()
 
@@ -369,8 +359,7 @@ def test_streams_to_the_service_and_matches_rest(service, tmp_path, capsys):
     assert summary["latency_ms"]["p50"] > 0 and summary["windows_per_s"] > 0
     assert 0.0 <= summary["cso_map"]["mAP"] <= 100.0 and 0.0 <= summary["count_accuracy"] <= 1.0
     answers = {
-        (a["track_id"], a["frame_index"]): a["targets"]
-        for a in map(json.loads, answers_path.read_text().splitlines())
+        (a["track_id"], a["frame_index"]): a["targets"] for a in map(json.loads, answers_path.read_text().splitlines())
     }
     assert set(answers) == expected_keys(summary)
     # a whole track through REST (same windows, same padding) gives the same answers
@@ -392,9 +381,7 @@ def test_streams_to_the_service_and_matches_rest(service, tmp_path, capsys):
     assert len(rest) == 12
 
     def rows(targets):
-        return np.array(
-            [[t[k] for k in ("x", "y", "sensor_x", "sensor_y", "brightness")] for t in targets]
-        )
+        return np.array([[t[k] for k in ("x", "y", "sensor_x", "sensor_y", "brightness")] for t in targets])
 
     for i, result in enumerate(rest):
         ws_rows, rest_rows = rows(answers[(track.track_id, i)]), rows(result["targets"])

@@ -27,8 +27,7 @@ def pytest_collection_modifyitems(config, items):
     if docker_tests_requested(config):
         return
     skip = pytest.mark.skip(
-        reason="real Docker engine test: run it with `make test-docker` (pytest -m docker) "
-        "or CSIST_DOCKER_TESTS=1"
+        reason="real Docker engine test: run it with `make test-docker` (pytest -m docker) or CSIST_DOCKER_TESTS=1"
     )
     for item in items:
         if item.get_closest_marker("docker") is not None:

@@ -74,9 +74,7 @@ def docker(
         raise Unavailable("the docker client is not installed")
     proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"docker {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}"
-        )
+        raise RuntimeError(f"docker {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc
 
 
@@ -97,10 +95,7 @@ def engine_answers() -> bool:
     if shutil.which("docker") is None:
         return False
     try:
-        return (
-            docker("info", "--format", "{{.ServerVersion}}", timeout=20, check=False).returncode
-            == 0
-        )
+        return docker("info", "--format", "{{.ServerVersion}}", timeout=20, check=False).returncode == 0
     except subprocess.TimeoutExpired:
         return False
 
@@ -200,9 +195,7 @@ def debian_mirror() -> str:
 
 
 def _install_debootstrap() -> str:
-    found = shutil.which("debootstrap") or (
-        "/usr/sbin/debootstrap" if Path("/usr/sbin/debootstrap").exists() else None
-    )
+    found = shutil.which("debootstrap") or ("/usr/sbin/debootstrap" if Path("/usr/sbin/debootstrap").exists() else None)
     if found:
         return found
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
@@ -264,16 +257,11 @@ def build_python_standin(tag: str = PYTHON_STANDIN, workdir: Path | None = None)
             timeout=1800,
         )
         if proc.returncode != 0:
-            raise Unavailable(
-                f"debootstrap failed ({proc.returncode}): "
-                f"{proc.stdout[-1500:]}{proc.stderr[-1500:]}"
-            )
+            raise Unavailable(f"debootstrap failed ({proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
         _copy_host_certificates(root)
         security = mirror.rstrip("/").removesuffix("/debian") + "/debian-security"
         (root / "etc/apt/sources.list").write_text(
-            f"deb {mirror} {SUITE} main\n"
-            f"deb {mirror} {SUITE}-updates main\n"
-            f"deb {security} {SUITE}-security main\n"
+            f"deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\ndeb {security} {SUITE}-security main\n"
         )
         bin_dir = root / "usr/local/bin"
         bin_dir.mkdir(parents=True, exist_ok=True)
@@ -302,9 +290,7 @@ def build_python_standin(tag: str = PYTHON_STANDIN, workdir: Path | None = None)
             'CMD ["python3"]',
         ]
         args = [a for c in changes for a in ("--change", c)]
-        tar = subprocess.Popen(
-            ["tar", "-C", str(root), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE
-        )
+        tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
         imported = subprocess.run(
             [shutil.which("docker") or "docker", "import", *args, "-", tag],
             stdin=tar.stdout,
@@ -402,10 +388,7 @@ def ensure_nginx_image(python_base: str | None = None) -> str:
 def compose_command() -> list[str]:
     """``docker compose`` (the v2 plugin) when it works, else Debian's ``docker-compose``
     (installed here when missing and apt can)."""
-    if (
-        shutil.which("docker")
-        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
-    ):
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         return ["docker", "compose"]
     if shutil.which("docker-compose") is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

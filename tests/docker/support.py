@@ -317,8 +317,7 @@ class Emulation:
                 self.log.append(f"RUN {ins.body} ({time.monotonic() - started:.1f} s)")
                 if proc.returncode != 0:
                     raise RuntimeError(
-                        f"RUN {ins.body!r} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                        f"{proc.stderr[-3000:]}"
+                        f"RUN {ins.body!r} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
                     )
                 self.executed.append(ins.body)
             elif ins.keyword == "USER":
@@ -386,9 +385,7 @@ def install_nginx(timeout: float = 300.0) -> tuple[str | None, str]:
 
     def apt_get(*args: str) -> bool:
         try:
-            proc = subprocess.run(
-                [apt, *args], env=env, capture_output=True, text=True, timeout=timeout
-            )
+            proc = subprocess.run([apt, *args], env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             reasons.append(f"apt-get {' '.join(args)} timed out")
             return False

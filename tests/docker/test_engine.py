@@ -64,9 +64,7 @@ def build(
     command = ["build", *engine.build_network_args(), "-f", dockerfile, "-t", tag]
     command += [a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")]
     started = time.monotonic()
-    proc = engine.docker(
-        *command, ".", cwd=REPO, env=env, timeout=timeout, check=False, binary=client
-    )
+    proc = engine.docker(*command, ".", cwd=REPO, env=env, timeout=timeout, check=False, binary=client)
     return proc, time.monotonic() - started
 
 
@@ -155,9 +153,7 @@ def wait_health(container: Container, timeout: float) -> str:
 
 
 def frame_msg(track_id: str, index: int, patch) -> str:
-    return json.dumps(
-        {"type": "frame", "track_id": track_id, "frame_index": index, "patch": patch.tolist()}
-    )
+    return json.dumps({"type": "frame", "track_id": track_id, "frame_index": index, "patch": patch.tolist()})
 
 
 # ------------------------------------------------------------------------------ builds
@@ -165,9 +161,7 @@ def frame_msg(track_id: str, index: int, patch) -> str:
 
 def test_cpu_image_builds_with_the_classic_builder_without_a_compiler(cpu_image):
     def run(*command: str) -> subprocess.CompletedProcess:
-        return engine.docker(
-            "run", "--rm", "--entrypoint", "sh", cpu_image, "-c", " ".join(command), check=False
-        )
+        return engine.docker("run", "--rm", "--entrypoint", "sh", cpu_image, "-c", " ".join(command), check=False)
 
     config = json.loads(engine.docker("image", "inspect", cpu_image).stdout)[0]["Config"]
     assert config["User"] == "10001:10001"
@@ -186,9 +180,7 @@ def test_cpu_image_builds_with_the_classic_builder_without_a_compiler(cpu_image)
 def test_cpu_image_builds_with_buildkit(python_base):
     tag, refused = f"{TAG}-buildkit", []
     for client in engine.docker_clients():  # the first one whose BuildKit works
-        proc, seconds = build(
-            "docker/Dockerfile", tag, {"PYTHON_IMAGE": python_base}, buildkit=True, client=client
-        )
+        proc, seconds = build("docker/Dockerfile", tag, {"PYTHON_IMAGE": python_base}, buildkit=True, client=client)
         if proc.returncode != 0 and re.search(r"buildx|BuildKit is enabled but", proc.stderr):
             refused.append(f"{client}: {proc.stderr.strip().splitlines()[0]}")
             continue
@@ -197,8 +189,7 @@ def test_cpu_image_builds_with_buildkit(python_base):
     else:
         pytest.skip(f"no docker client here has BuildKit: {refused}")
     REPORT.append(
-        f"{tag} (docker/Dockerfile, BuildKit, client {client}): {_mb(image_size(tag))}; "
-        f"build {seconds:.0f} s"
+        f"{tag} (docker/Dockerfile, BuildKit, client {client}): {_mb(image_size(tag))}; build {seconds:.0f} s"
     )
     engine.docker("image", "rm", tag, check=False)
 
@@ -269,8 +260,10 @@ def test_container_is_healthy_serves_unmix_and_drains_on_sigterm(cpu_image, netw
         rows = {row["plan"]: row for row in plan["candidates"]}
         assert plan["requested"] == "auto" and rows[plan["name"]]["status"] == "chosen"
         assert rows["native-deform"]["status"] in ("chosen", "passed"), rows["native-deform"]
-        REPORT.append(f"container plan {plan['name']} ({plan['host']['isa']}): "
-                      + ", ".join(f"{n} {r.get('ms_per_window', r['status'])}" for n, r in rows.items()))
+        REPORT.append(
+            f"container plan {plan['name']} ({plan['host']['isa']}): "
+            + ", ".join(f"{n} {r.get('ms_per_window', r['status'])}" for n, r in rows.items())
+        )
 
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed
@@ -303,9 +296,7 @@ def test_container_is_healthy_serves_unmix_and_drains_on_sigterm(cpu_image, netw
     assert (first["track_id"], first["frame_index"]) == ("B", 0)
     by_track: dict[str, list] = {}
     for m in messages:
-        by_track.setdefault(m["track_id"], []).append(
-            (m["type"], m.get("frame_index"), m.get("reason"))
-        )
+        by_track.setdefault(m["track_id"], []).append((m["type"], m.get("frame_index"), m.get("reason")))
     # the in-flight tracks' remaining frames answered, then closed by the shutdown
     assert by_track["A"] == [
         ("result", 0, None),
@@ -371,9 +362,7 @@ def test_compose_replicas_one_killed_mid_stream_every_frame_answered_once(cpu_im
     }
 
     def run(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            [*compose, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run([*compose, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         if check:
             assert proc.returncode == 0, f"{args}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
         return proc
@@ -390,9 +379,7 @@ def test_compose_replicas_one_killed_mid_stream_every_frame_answered_once(cpu_im
         replicas = run("ps", "-q", "unmixer-replica").stdout.split()
         assert len(replicas) == 2, replicas  # deploy.replicas of the file
         gateway = run("ps", "-q", "gateway").stdout.split()[0]
-        assert wait_for(lambda: _health(gateway) == "healthy", 60), run("logs", "gateway").stdout[
-            -3000:
-        ]
+        assert wait_for(lambda: _health(gateway) == "healthy", 60), run("logs", "gateway").stdout[-3000:]
         REPORT.append(f"compose stack healthy {time.monotonic() - started:.0f} s after `up`")
         base = f"http://127.0.0.1:{gateway_port}"
         assert wait_http(f"{base}/readyz", timeout=30)
@@ -436,12 +423,10 @@ def test_compose_replicas_one_killed_mid_stream_every_frame_answered_once(cpu_im
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        assert wait_for(
-            lambda: answers_path.exists() and len(answers_path.read_text().splitlines()) >= 10, 90
-        ), (tmp_path / "detector.log").read_text()[-3000:]
-        victim = wait_for(
-            lambda: next((c for c in replicas if _ws_connections(ips[c]) >= 1), None), 10
-        )
+        assert wait_for(lambda: answers_path.exists() and len(answers_path.read_text().splitlines()) >= 10, 90), (
+            tmp_path / "detector.log"
+        ).read_text()[-3000:]
+        victim = wait_for(lambda: next((c for c in replicas if _ws_connections(ips[c]) >= 1), None), 10)
         assert victim is not None, "no replica holds the detector's WebSocket"
         answered_before = len(answers_path.read_text().splitlines())
         engine.docker("kill", victim)  # SIGKILL: a crash, no drain
@@ -483,9 +468,7 @@ def test_compose_replicas_one_killed_mid_stream_every_frame_answered_once(cpu_im
 
 
 def _health(container: str) -> str:
-    return engine.docker(
-        "inspect", "--format", "{{.State.Health.Status}}", container
-    ).stdout.strip()
+    return engine.docker("inspect", "--format", "{{.State.Health.Status}}", container).stdout.strip()
 
 
 def _ip(container: str) -> str:

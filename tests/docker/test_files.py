@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from csist import replay
 from service.runtime.config import Settings
 from tests.docker.support import (
     DOCKER,
@@ -35,7 +36,6 @@ from tests.docker.support import (
     stage_name,
     stages,
 )
-from csist import replay
 
 CPU = parse_dockerfile(DOCKER / "Dockerfile")
 GPU = parse_dockerfile(DOCKER / "Dockerfile.gpu")
@@ -77,9 +77,7 @@ def of(instructions, keyword: str):
 
 def copies(instructions) -> list[tuple[str, ...]]:
     """COPY sources and destination from the build context (not from another stage)."""
-    return [
-        tuple(shlex.split(ins.body)) for ins in of(instructions, "COPY") if "from" not in ins.flags
-    ]
+    return [tuple(shlex.split(ins.body)) for ins in of(instructions, "COPY") if "from" not in ins.flags]
 
 
 def final_stage(instructions):
@@ -151,9 +149,7 @@ def test_buildkit_only_syntax_is_recognised(tmp_path):
     found = buildkit_only_syntax(path)
     assert found[0].startswith("parser directive")
     assert {"RUN --mount", "COPY --chmod", "COPY --link", "a heredoc (<<)"} <= set(found)
-    path.write_text(
-        "FROM x AS build\nRUN pip install .\nFROM x\nCOPY --from=build --chown=1:1 /a /a\n"
-    )
+    path.write_text("FROM x AS build\nRUN pip install .\nFROM x\nCOPY --from=build --chown=1:1 /a /a\n")
     assert buildkit_only_syntax(path) == []
 
 
@@ -181,10 +177,7 @@ def test_run_steps_install_only_the_service(instructions):
         assert is_python_step(step) or step.split()[0] in SYSTEM_COMMANDS, step
         assert "torch" not in step
     # the dependency list comes from pyproject.toml through docker/requirements.py only
-    assert any(
-        "docker/requirements.py" in s and "pip install -r requirements.txt" in s
-        for s in python_steps
-    )
+    assert any("docker/requirements.py" in s and "pip install -r requirements.txt" in s for s in python_steps)
     assert any(re.search(r"pip install --no-deps \.$", s) for s in python_steps)
     for step in python_steps:  # relative paths only: the install test replays them elsewhere
         assert not re.search(r"(^|\s)/", step), step
@@ -196,15 +189,11 @@ def test_gpu_dockerfile_is_the_same_layout_on_cuda():
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-cudnn-runtime-ubuntu[\d.]+", base_image(GPU))
     cpu_steps = [s for s in run_commands(CPU) if is_python_step(s)]
     gpu_steps = [s for s in run_commands(GPU) if is_python_step(s)]
-    assert gpu_steps == [
-        s.replace("requirements.py pyproject", "requirements.py --gpu pyproject") for s in cpu_steps
-    ]
+    assert gpu_steps == [s.replace("requirements.py pyproject", "requirements.py --gpu pyproject") for s in cpu_steps]
     assert "--gpu" in gpu_steps[0]
     assert copies(GPU) == copies(CPU)
     for keyword in ("USER", "ENTRYPOINT", "HEALTHCHECK", "EXPOSE"):
-        assert [(i.flags, i.body) for i in of(GPU, keyword)] == [
-            (i.flags, i.body) for i in of(CPU, keyword)
-        ]
+        assert [(i.flags, i.body) for i in of(GPU, keyword)] == [(i.flags, i.body) for i in of(CPU, keyword)]
     cpu_env, gpu_env = image_env(CPU), image_env(GPU)
     assert {k: v for k, v in gpu_env.items() if k in cpu_env} == cpu_env
     assert gpu_env["PATH"].startswith("/opt/venv/bin:")  # python/pip/csist are the venv's
@@ -288,13 +277,9 @@ def test_entrypoint_dispatch(tmp_path):
         ).stdout.strip()
 
     assert run() == "csist serve --host 0.0.0.0 --port 8000"
-    assert (
-        run(CSIST_HOST="127.0.0.1", CSIST_PORT="9001") == "csist serve --host 127.0.0.1 --port 9001"
-    )
+    assert run(CSIST_HOST="127.0.0.1", CSIST_PORT="9001") == "csist serve --host 127.0.0.1 --port 9001"
     assert run("--log-level", "debug") == "csist serve --host 0.0.0.0 --port 8000 --log-level debug"
-    assert (
-        run("serve", "--model", "m.onnx") == "csist serve --host 0.0.0.0 --port 8000 --model m.onnx"
-    )
+    assert run("serve", "--model", "m.onnx") == "csist serve --host 0.0.0.0 --port 8000 --model m.onnx"
     assert run("replay", "--url", "ws://x:1/ws/unmix") == "csist replay --url ws://x:1/ws/unmix"
     assert run("echo", "hello") == "hello"
 
@@ -363,9 +348,7 @@ def test_compose_services_profiles_and_paths():
     profiles = {name: svc.get("profiles", []) for name, svc in services.items()}
     assert profiles["unmixer"] == profiles["detector"] == []
     assert profiles["prometheus"] == ["monitoring"]
-    assert all(
-        profiles[s] == ["replicas"] for s in ("unmixer-replica", "gateway", "detector-gateway")
-    )
+    assert all(profiles[s] == ["replicas"] for s in ("unmixer-replica", "gateway", "detector-gateway"))
     _check_paths(services)
     assert services["unmixer"]["build"]["dockerfile"] == "docker/Dockerfile"
     assert int(interpolate(str(services["unmixer-replica"]["deploy"]["replicas"]))) >= 2
@@ -475,14 +458,9 @@ def test_nginx_template_renders_for_a_list_of_replicas():
     render = load_script("render_nginx")
     template = (DOCKER / "nginx.conf").read_text()
     text = render.render(template, ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"], 8089)
-    code = [
-        line.strip()
-        for line in text.splitlines()
-        if line.strip() and not line.strip().startswith("#")
-    ]
+    code = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     assert [c for c in code if c.startswith("server ") and not c.endswith("{")] == [
-        f"server {a} max_fails=1 fail_timeout=10s;"
-        for a in ("127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003")
+        f"server {a} max_fails=1 fail_timeout=10s;" for a in ("127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003")
     ]
     assert "listen 8089;" in code
     assert "${" not in "\n".join(code)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from csist.replay import make_track
 from tests.docker.support import (
     BUNDLED_MODEL,
     DOCKER,
@@ -35,7 +36,6 @@ from tests.docker.support import (
     parse_dockerfile,
     wait_http,
 )
-from csist.replay import make_track
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -94,9 +94,7 @@ def test_install_steps_give_the_service_without_torch(image):
         ).stdout
     )
     assert not found["torch"] and not found["torchvision"] and not found["onnx"], found
-    assert all(
-        found[m] for m in ("onnxruntime", "fastapi", "uvicorn", "websockets", "cv2", "scipy")
-    ), found
+    assert all(found[m] for m in ("onnxruntime", "fastapi", "uvicorn", "websockets", "cv2", "scipy")), found
     assert found["service"] and found["training"]
     assert found["service.kernels._deform"], "pip did not compile the native DeformConv kernel"
     assert found["service.kernels._conv"], "pip did not compile the native (AMX) convolution kernels"
@@ -146,9 +144,7 @@ def test_entrypoint_serves_the_model_and_the_detector_streams_to_it(image, model
     server = subprocess.Popen(image.entrypoint, env=env, cwd=image.workdir, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_http(f"{base}/readyz", timeout=90, proc=server), (
-            tmp_path / "server.log"
-        ).read_text()[-3000:]
+        assert wait_http(f"{base}/readyz", timeout=90, proc=server), (tmp_path / "server.log").read_text()[-3000:]
 
         # REST: a 5-frame track, one result per frame, from the served model
         import httpx

@@ -70,22 +70,15 @@ class Nginx:
         self.proc: subprocess.Popen | None = None
 
     def check(self) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            self.args + ["-g", self.globals, "-t"], capture_output=True, text=True
-        )
+        return subprocess.run(self.args + ["-g", self.globals, "-t"], capture_output=True, text=True)
 
     def start(self) -> Nginx:
         self.out = open(self.prefix / "logs/stdout.log", "w")
-        self.proc = subprocess.Popen(
-            self.args + ["-g", self.globals], stdout=self.out, stderr=self.out
-        )
+        self.proc = subprocess.Popen(self.args + ["-g", self.globals], stdout=self.out, stderr=self.out)
         return self
 
     def logs(self) -> str:
-        return "".join(
-            p.read_text(errors="replace")[-4000:]
-            for p in sorted((self.prefix / "logs").glob("*.log"))
-        )
+        return "".join(p.read_text(errors="replace")[-4000:] for p in sorted((self.prefix / "logs").glob("*.log")))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -118,9 +111,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.05):
 
 
 def test_rendered_config_passes_nginx_check(nginx_binary, tmp_path):
-    nginx = Nginx(
-        nginx_binary, tmp_path, render_nginx(["127.0.0.1:9001", "127.0.0.1:9002"], free_port())
-    )
+    nginx = Nginx(nginx_binary, tmp_path, render_nginx(["127.0.0.1:9001", "127.0.0.1:9002"], free_port()))
     result = nginx.check()
     assert result.returncode == 0, result.stderr
 
@@ -134,9 +125,7 @@ def test_replica_killed_mid_stream_every_frame_answered_once(nginx_binary, model
             assert r.wait_started(90), r.logs[-5:]
             assert wait_http(f"{r.base_url}/readyz", timeout=60)
         port = free_port()
-        nginx = Nginx(
-            nginx_binary, tmp_path, render_nginx([f"127.0.0.1:{r.port}" for r in replicas], port)
-        ).start()
+        nginx = Nginx(nginx_binary, tmp_path, render_nginx([f"127.0.0.1:{r.port}" for r in replicas], port)).start()
         base = f"http://127.0.0.1:{port}"
         assert wait_http(f"{base}/readyz", timeout=30, proc=nginx.proc), nginx.logs()
 
@@ -159,9 +148,7 @@ def test_replica_killed_mid_stream_every_frame_answered_once(nginx_binary, model
             },
         )
         # mid-stream: the client is connected and has had answers; kill its replica
-        assert wait_for(
-            lambda: answers_path.exists() and len(answers_path.read_text().splitlines()) >= 10, 30
-        )
+        assert wait_for(lambda: answers_path.exists() and len(answers_path.read_text().splitlines()) >= 10, 30)
         victim = wait_for(lambda: next((r for r in replicas if ws_connections(r) >= 1), None), 10)
         assert victim is not None, "no replica holds the client's WebSocket"
         survivor = next(r for r in replicas if r is not victim)

@@ -22,8 +22,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.runtime.config import Settings
 from service.api.server import CsistServer, build_server
+from service.runtime.config import Settings
 from service.science.physics import hr_map, pixel_response, quantize, sampling_matrix
 
 # Let every log call of the service build its record (pytest shows them on failure), so that a
@@ -118,9 +118,7 @@ def reference_session(standin_model) -> ort.InferenceSession:
     return ort.InferenceSession(str(standin_model), providers=["CPUExecutionProvider"])
 
 
-def simulate_track(
-    n_frames: int, seed: int = 0, n_targets: int = 3, spread: float = 1.5
-) -> np.ndarray:
+def simulate_track(n_frames: int, seed: int = 0, n_targets: int = 3, spread: float = 1.5) -> np.ndarray:
     """8-bit frames (n, 11, 11) as float64 of a few targets drifting apart (SeqCSIST-like)."""
     rng = np.random.default_rng(seed)
     ref = rng.uniform(4.0, 6.0, size=2)

@@ -12,9 +12,7 @@ from service.runtime.config import DEFAULT_MODEL_PATH, Settings
 from tests.service.conftest import LiveServer, simulate_track
 
 
-@pytest.mark.skipif(
-    not DEFAULT_MODEL_PATH.is_file(), reason="models/derefnet.onnx not exported yet"
-)
+@pytest.mark.skipif(not DEFAULT_MODEL_PATH.is_file(), reason="models/derefnet.onnx not exported yet")
 def test_service_starts_on_the_bundled_model_and_answers():
     live = LiveServer(Settings(model_path=DEFAULT_MODEL_PATH, drain_s=0.0, plan_budget_s=2.0, deadline_ms=0.0)).start()
     try:
@@ -36,10 +34,12 @@ def test_service_starts_on_the_bundled_model_and_answers():
     passed = {n: r["ms_per_window"] for n, r in rows.items() if r["status"] in ("chosen", "passed")}
     assert rows[report["name"]]["status"] == "chosen" and "onnxruntime" in passed
     assert passed[report["name"]] == min(passed.values())
-    assert (rows["native-deform"]["status"] != "not eligible") == (card.get("head_split") is not None
-                                                                   and deform.AVAILABLE)
-    assert (rows["amx"]["status"] != "not eligible") == (card.get("amx_split") is not None and conv.AMX
-                                                         and deform.AVAILABLE)
+    assert (rows["native-deform"]["status"] != "not eligible") == (
+        card.get("head_split") is not None and deform.AVAILABLE
+    )
+    assert (rows["amx"]["status"] != "not eligible") == (
+        card.get("amx_split") is not None and conv.AMX and deform.AVAILABLE
+    )
     out = r.json()
     assert len(out["results"]) == 5
     assert out["model"]["sha256"] == meta["sha256"]

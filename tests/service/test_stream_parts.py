@@ -15,15 +15,14 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from service.kernels import deform
 from websockets.asyncio.client import connect
 
+from service.kernels import deform
 from service.modelpkg.model import ModelError, load_model
 from service.science.postprocess import find_targets
 from service.science.windows import sequence_windows
-from tests.service.conftest import LiveServer, simulate_track
 from tests.service.api.test_ws import end_msg, frame_msg, recv
+from tests.service.conftest import LiveServer, simulate_track
 from tests.service.tiny_derefnet import tiny_model_path
 
 pytest.importorskip("torch", reason="exporting the tiny model needs torch (not in the service image)")
@@ -41,8 +40,13 @@ def tiny_server(tiny_model):
     def start(**overrides) -> LiveServer:
         from service.runtime.config import Settings
 
-        values = {"model_path": tiny_model, "max_batch_wait_ms": 2.0, "drain_s": 0.0, "plan_budget_s": 0.5,
-                  "deadline_ms": 0.0}
+        values = {
+            "model_path": tiny_model,
+            "max_batch_wait_ms": 2.0,
+            "drain_s": 0.0,
+            "plan_budget_s": 0.5,
+            "deadline_ms": 0.0,
+        }
         live = LiveServer(Settings(**{**values, **overrides})).start()
         started.append(live)
         return live
@@ -85,7 +89,11 @@ def test_head_has_folded_gates_and_no_symmetry_branch(tiny_model):
 
 
 def test_part_with_wrong_hash_or_missing_is_refused(tiny_model, tmp_path):
-    for name in ("derefnet.onnx", "derefnet.json", *(f"derefnet.{p}.onnx" for p in ("encoder", "head", "align", "fuse"))):
+    for name in (
+        "derefnet.onnx",
+        "derefnet.json",
+        *(f"derefnet.{p}.onnx" for p in ("encoder", "head", "align", "fuse")),
+    ):
         shutil.copy(tiny_model.parent / name, tmp_path / name)
     with open(tmp_path / "derefnet.head.onnx", "ab") as fh:
         fh.write(b"\0")
@@ -156,8 +164,7 @@ def test_stream_encodes_each_frame_once_and_matches_the_single_graph(tiny_model,
         rows = [targets_rows(m["targets"]) for m in got[t]]
         assert [m["frame_index"] for m in got[t]] == list(range(len(frames)))
         for r, w in zip(rows, want, strict=True):
-            np.testing.assert_allclose(np.array(r).reshape(-1, 3), np.array(w).reshape(-1, 3),
-                                       atol=1e-3, rtol=1e-4)
+            np.testing.assert_allclose(np.array(r).reshape(-1, 3), np.array(w).reshape(-1, 3), atol=1e-3, rtol=1e-4)
             n_found += len(w)
     assert n_found > 0
 
@@ -167,8 +174,7 @@ def test_rest_encodes_each_distinct_frame_once_per_request(tiny_model, tiny_serv
     assert cached.runtime.batcher.caches_features and not plain.runtime.batcher.caches_features
     frames = simulate_track(8, seed=31)
     # a gap after frame 4 makes two segments: 5 + 3 frames, still 8 distinct frames
-    body = {"frames": [{"patch": f.tolist(), "frame_index": i if i < 5 else i + 10}
-                       for i, f in enumerate(frames)]}
+    body = {"frames": [{"patch": f.tolist(), "frame_index": i if i < 5 else i + 10} for i, f in enumerate(frames)]}
     answers = []
     for live in (cached, plain):
         r = httpx.post(f"{live.base_url}/unmix", json=body)
@@ -179,8 +185,7 @@ def test_rest_encodes_each_distinct_frame_once_per_request(tiny_model, tiny_serv
     r = httpx.post(f"{cached.base_url}/unmix", json=body)  # a new request encodes anew
     assert cached.runtime.batcher.frames_encoded == 16
     for a, b in zip(*answers, strict=True):
-        np.testing.assert_allclose(np.array(a).reshape(-1, 3), np.array(b).reshape(-1, 3),
-                                   atol=1e-3, rtol=1e-4)
+        np.testing.assert_allclose(np.array(a).reshape(-1, 3), np.array(b).reshape(-1, 3), atol=1e-3, rtol=1e-4)
     assert sum(len(a) for a in answers[0]) > 0
 
 
@@ -218,8 +223,9 @@ def test_paced_stream_aligns_neighbours_before_their_window_is_complete(tiny_mod
     n = len(frames)
     assert batcher.early_pairs == 3 * (n - 1) + 2 and batcher.pairs_aligned == 4 * n
     for m, want in zip(results, expected_targets(tiny_model, frames), strict=True):
-        np.testing.assert_allclose(np.array(targets_rows(m["targets"])).reshape(-1, 3),
-                                   np.array(want).reshape(-1, 3), atol=1e-3, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.array(targets_rows(m["targets"])).reshape(-1, 3), np.array(want).reshape(-1, 3), atol=1e-3, rtol=1e-4
+        )
 
 
 def test_pair_cache_off_runs_the_head(tiny_model, tiny_server):

@@ -34,8 +34,10 @@ def write_checkpoint(path: Path, seed: int = 0, channels: int = 4) -> Path:
         model.head.fusion.body[-1].weight.mul_(1e4 * 4 / channels)
     state = {"step": 1, "train_seconds": 1.0, "history": [], "commands": ["tiny test model"]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "state": state,
-                "parameters": count_parameters(model)}, path)
+    torch.save(
+        {"model": model.state_dict(), "config": cfg.to_dict(), "state": state, "parameters": count_parameters(model)},
+        path,
+    )
     return path
 
 

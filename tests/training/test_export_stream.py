@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from service.modelpkg.model import file_sha256
+from tests.service.tiny_derefnet import tiny_model_path, write_checkpoint
 from training import export
 from training.model import load_checkpoint_model
-from tests.service.tiny_derefnet import tiny_model_path, write_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +24,11 @@ def test_parts_are_listed_with_hashes_and_shapes(tiny_model):
     card = json.loads(tiny_model.with_suffix(".json").read_text())
     paths = export.part_paths(tiny_model)
     assert {k: p.name for k, p in paths.items()} == {
-        "encoder": "derefnet.encoder.onnx", "head": "derefnet.head.onnx",
-        "align": "derefnet.align.onnx", "fuse": "derefnet.fuse.onnx"}
+        "encoder": "derefnet.encoder.onnx",
+        "head": "derefnet.head.onnx",
+        "align": "derefnet.align.onnx",
+        "fuse": "derefnet.fuse.onnx",
+    }
     for name, path in paths.items():
         part = card["parts"][name]
         assert part["file"] == path.name and part["sha256"] == file_sha256(path)
@@ -55,7 +58,7 @@ def test_align_then_fuse_is_the_head(tiny_model):
     shuffled[:, 1] = 0  # position 1's row: only pairs at position 1 change
     moved = align(shuffled) != align(pairs)
     b = len(feats)
-    assert moved[b:2 * b].any() and not moved[:b].any() and not moved[2 * b:].any()
+    assert moved[b : 2 * b].any() and not moved[:b].any() and not moved[2 * b :].any()
 
 
 def test_parts_keep_the_units_of_the_torch_model(tiny_model):

@@ -17,7 +17,9 @@ from training.field import FieldParams
 
 
 def _run(out: Path, *extra: str, n: int = 6, seed: int = 0) -> int:
-    return simulate.main(["--scenario", "field", "--out", str(out), "--trajectories", str(n), "--seed", str(seed), "--quiet", *extra])
+    return simulate.main(
+        ["--scenario", "field", "--out", str(out), "--trajectories", str(n), "--seed", str(seed), "--quiet", *extra]
+    )
 
 
 def _params(*flags: str) -> FieldParams:
@@ -26,7 +28,11 @@ def _params(*flags: str) -> FieldParams:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _scenes(params: FieldParams, n: int, seed: int = 0) -> list[field.FieldTrajectory]:
@@ -71,8 +77,12 @@ def test_fixing_one_nuisance_keeps_the_others():
     for a, b in zip(flat, clutter):
         np.testing.assert_array_equal(a.targets[..., :2], b.targets[..., :2])
         # "sat" depends on the background's headroom: the same SNR quantile, another top
-        qa = np.log(np.array(a.conditions["peak_snr"]) / 5) / np.log((255 - a.background.max()) / a.conditions["snr_noise"] / 5)
-        qb = np.log(np.array(b.conditions["peak_snr"]) / 5) / np.log((255 - b.background.max()) / b.conditions["snr_noise"] / 5)
+        qa = np.log(np.array(a.conditions["peak_snr"]) / 5) / np.log(
+            (255 - a.background.max()) / a.conditions["snr_noise"] / 5
+        )
+        qb = np.log(np.array(b.conditions["peak_snr"]) / 5) / np.log(
+            (255 - b.background.max()) / b.conditions["snr_noise"] / 5
+        )
         np.testing.assert_allclose(qa, qb, atol=1e-9)
         assert (a.psf_sigma, a.noise, a.bit_depth) == (b.psf_sigma, b.noise, b.bit_depth)
         np.testing.assert_array_equal(a.defects, b.defects)
@@ -119,7 +129,9 @@ def test_ramp_background():
 @pytest.mark.parametrize("std", [2.0, 10.0, 25.0])
 def test_clutter_background_has_the_requested_local_std(std):
     neighbour_corr = []
-    for bg, info in _background("--background", "clutter", "--clutter-std", str(std), "--pedestal", "150", "--clutter-scale", "2"):
+    for bg, info in _background(
+        "--background", "clutter", "--clutter-std", str(std), "--pedestal", "150", "--clutter-scale", "2"
+    ):
         assert bg.std() == pytest.approx(std, rel=1e-9)
         assert bg.mean() == pytest.approx(150.0, abs=1e-9) and info["mean"] == pytest.approx(150.0)
         neighbour_corr.append(np.corrcoef(bg[:, :-1].ravel(), bg[:, 1:].ravel())[0, 1])
@@ -131,7 +143,9 @@ def test_clutter_background_has_the_requested_local_std(std):
 
 def test_edge_background():
     x, y = np.meshgrid(np.arange(11.0), np.arange(11.0))
-    for bg, info in _background("--background", "edge", "--pedestal", "40", "--edge-contrast", "50", "--edge-blur", "0.3,1"):
+    for bg, info in _background(
+        "--background", "edge", "--pedestal", "40", "--edge-contrast", "50", "--edge-blur", "0.3,1"
+    ):
         theta = np.radians(info["angle_deg"])
         d = (x - info["point"][0]) * np.cos(theta) + (y - info["point"][1]) * np.sin(theta)
         b = info["blur"]
@@ -213,7 +227,11 @@ def _check_group(traj: field.FieldTrajectory, p: FieldParams) -> None:
     drift = np.array(c["target_drift"])
     assert np.all(np.linalg.norm(drift, axis=1) <= p.target_drift[1] + 1e-12)
     T = pos.shape[0]
-    expect = np.array(c["centre_start"]) + (pos[0] - np.array(c["centre_start"]))[None] + np.arange(T)[:, None, None] * (v + drift[None])
+    expect = (
+        np.array(c["centre_start"])
+        + (pos[0] - np.array(c["centre_start"]))[None]
+        + np.arange(T)[:, None, None] * (v + drift[None])
+    )
     np.testing.assert_allclose(pos, expect, atol=1e-9)  # straight lines: group velocity + own drift
     np.testing.assert_array_equal(traj.targets[..., 2], np.broadcast_to(traj.targets[0, :, 2], traj.targets.shape[:2]))
 
@@ -231,7 +249,20 @@ def test_random_geometry(mixed):
 
 
 def test_tight_groups_and_other_geometries():
-    p = _params("--geometry", "mixed", "--targets", "8", "--group-radius", "0.1", "--min-separation", "0.3", "--velocity", "0.1", "--target-drift", "0.005")
+    p = _params(
+        "--geometry",
+        "mixed",
+        "--targets",
+        "8",
+        "--group-radius",
+        "0.1",
+        "--min-separation",
+        "0.3",
+        "--velocity",
+        "0.1",
+        "--target-drift",
+        "0.005",
+    )
     scenes = _scenes(p, 60, seed=8)
     assert {t.conditions["geometry"] for t in scenes} == set(field.GEOMETRIES)
     for t in scenes:
@@ -286,7 +317,21 @@ def test_fixed_snr_and_flux_range():
 
 
 def test_saturating_targets_reach_full_scale():
-    p = _params("--background", "flat", "--pedestal", "20", "--snr", "sat", "--targets", "1", "--noise", "0", "--bad-pixels", "0", "--float")
+    p = _params(
+        "--background",
+        "flat",
+        "--pedestal",
+        "20",
+        "--snr",
+        "sat",
+        "--targets",
+        "1",
+        "--noise",
+        "0",
+        "--bad-pixels",
+        "0",
+        "--float",
+    )
     for ss in field.trajectory_seeds(0, 5):
         traj, _ = field.sample_field_trajectory(ss, p)
         assert traj.conditions["peak"][0] == pytest.approx(235.0)  # 255 - 20
@@ -326,7 +371,7 @@ def test_files_are_the_scenes(tmp_path):
             assert f"<sigma>{traj.psf_sigma!r}</sigma>" in ann
             c = cond[tr]
             assert c["trajectory"] == i and c["split_index"] == tr and c["bit_depth"] == traj.bit_depth
-            assert c["saturation"] == 2 ** traj.bit_depth - 1 and expect.max() <= c["saturation"]
+            assert c["saturation"] == 2**traj.bit_depth - 1 and expect.max() <= c["saturation"]
             assert c["background"] == json.loads(json.dumps(traj.conditions["background"]))
             i += 1
     assert i == 8
@@ -334,7 +379,23 @@ def test_files_are_the_scenes(tmp_path):
 
 def test_high_bit_depths_round_trip(tmp_path):
     out = tmp_path / "deep"
-    assert _run(out, "--bit-depth", "12,14,16", "--pedestal", "1000,3000", "--snr", "200,sat", "--noise", "5", "--split", "1,0,0", n=6) == 0
+    assert (
+        _run(
+            out,
+            "--bit-depth",
+            "12,14,16",
+            "--pedestal",
+            "1000,3000",
+            "--snr",
+            "200,sat",
+            "--noise",
+            "5",
+            "--split",
+            "1,0,0",
+            n=6,
+        )
+        == 0
+    )
     split = data.read_split(out, "train", progress=False)
     cond = field.read_conditions(out, "train")
     assert {c["bit_depth"] for c in cond} <= {12, 14, 16}
@@ -356,8 +417,27 @@ def test_twelve_bits_saturate_at_4095(tmp_path):
 def test_clutter_statistics_on_disk(tmp_path):
     """A written clutter patch minus its annotated targets has the requested local std."""
     out = tmp_path / "cl"
-    assert _run(out, "--background", "clutter", "--clutter-std", "25", "--pedestal", "120", "--noise", "0",
-                "--snr", "5,10", "--bad-pixels", "0", "--split", "1,0,0", n=6) == 0
+    assert (
+        _run(
+            out,
+            "--background",
+            "clutter",
+            "--clutter-std",
+            "25",
+            "--pedestal",
+            "120",
+            "--noise",
+            "0",
+            "--snr",
+            "5,10",
+            "--bad-pixels",
+            "0",
+            "--split",
+            "1,0,0",
+            n=6,
+        )
+        == 0
+    )
     split = data.read_split(out, "train", progress=False)
     for tr, c in enumerate(field.read_conditions(out, "train")):
         targets = np.stack([physics.pixel_response(t, 11, c["psf_sigma"]) for t in split.targets[tr]])
@@ -391,19 +471,54 @@ def test_help_lists_the_flags(capsys):
         simulate.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--scenario", "--background", "--pedestal", "--ramp", "--ramp-rise", "--clutter-std", "--clutter-scale",
-                 "--edge-contrast", "--edge-blur", "--bad-pixels", "--hot-level", "--snr", "--brightness", "--psf-sigma",
-                 "--noise", "--bit-depth", "--geometry", "--group-radius", "--min-separation", "--velocity",
-                 "--target-drift", "--targets", "--margin"):
+    for flag in (
+        "--scenario",
+        "--background",
+        "--pedestal",
+        "--ramp",
+        "--ramp-rise",
+        "--clutter-std",
+        "--clutter-scale",
+        "--edge-contrast",
+        "--edge-blur",
+        "--bad-pixels",
+        "--hot-level",
+        "--snr",
+        "--brightness",
+        "--psf-sigma",
+        "--noise",
+        "--bit-depth",
+        "--geometry",
+        "--group-radius",
+        "--min-separation",
+        "--velocity",
+        "--target-drift",
+        "--targets",
+        "--margin",
+    ):
         assert flag in text
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--clutter-std", "-3"), ("--pedestal", "50,10"), ("--bit-depth", "10"), ("--background", "sky"),
-    ("--geometry", "circle"), ("--snr", "0,5"), ("--snr", "sat,9"), ("--ramp", "10"), ("--bad-pixels", "x"),
-    ("--hot-level", "0.5,2"), ("--group-radius", "0"), ("--min-separation", "-1"), ("--velocity", "abc"),
-    ("--psf-sigma", "0.7,0.4"), ("--edge-blur", "nan"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--clutter-std", "-3"),
+        ("--pedestal", "50,10"),
+        ("--bit-depth", "10"),
+        ("--background", "sky"),
+        ("--geometry", "circle"),
+        ("--snr", "0,5"),
+        ("--snr", "sat,9"),
+        ("--ramp", "10"),
+        ("--bad-pixels", "x"),
+        ("--hot-level", "0.5,2"),
+        ("--group-radius", "0"),
+        ("--min-separation", "-1"),
+        ("--velocity", "abc"),
+        ("--psf-sigma", "0.7,0.4"),
+        ("--edge-blur", "nan"),
+    ],
+)
 def test_bad_values_name_the_flag(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         _run(tmp_path / "bad", f"{flag}={value}")
@@ -412,14 +527,17 @@ def test_bad_values_name_the_flag(tmp_path, capsys, flag, value):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("extra, named", [
-    (("--targets", "0-9"), "--targets"),
-    (("--group-radius", "4"), "--group-radius"),
-    (("--margin", "4"), "--margin"),
-    (("--noise", "-1"), "--noise"),
-    (("--psf-sigma", "0"), "--psf-sigma"),
-    (("--bad-pixels", "200"), "--bad-pixels"),
-])
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (("--targets", "0-9"), "--targets"),
+        (("--group-radius", "4"), "--group-radius"),
+        (("--margin", "4"), "--margin"),
+        (("--noise", "-1"), "--noise"),
+        (("--psf-sigma", "0"), "--psf-sigma"),
+        (("--bad-pixels", "200"), "--bad-pixels"),
+    ],
+)
 def test_impossible_combinations_name_the_flag(tmp_path, capsys, extra, named):
     assert _run(tmp_path / "bad", *extra) == 2
     assert named in capsys.readouterr().err

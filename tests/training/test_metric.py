@@ -325,9 +325,7 @@ def test_fast_on_a_full_test_set():
     rng = np.random.default_rng(0)
     n = 12_000
     gts = [np.column_stack([rng.uniform(0, 10, (3, 2)), rng.uniform(1, 5, 3)]) for _ in range(n)]
-    dets = [
-        np.column_stack([g[:, :2] + rng.normal(0, 0.1, (3, 2)), rng.uniform(0, 1, 3)]) for g in gts
-    ]
+    dets = [np.column_stack([g[:, :2] + rng.normal(0, 0.1, (3, 2)), rng.uniform(0, 1, 3)]) for g in gts]
     start = time.perf_counter()
     r = cso_map(dets, gts)
     elapsed = time.perf_counter() - start

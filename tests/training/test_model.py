@@ -156,7 +156,9 @@ def test_short_training_lowers_loss():
 
     trajs = [simulate_trajectory(rng, SimParams(frames=8)) for _ in range(2)]
     frames = torch.from_numpy(np.stack([physics.quantize(f).astype(np.float32) for f, _ in trajs]))
-    truth = torch.from_numpy(np.stack([[physics.hr_map(t[i]) for i in range(2, 6)] for _, t in trajs]).astype(np.float32))
+    truth = torch.from_numpy(
+        np.stack([[physics.hr_map(t[i]) for i in range(2, 6)] for _, t in trajs]).astype(np.float32)
+    )
     model = DeRefNet(DeRefNetConfig(**SMALL))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []

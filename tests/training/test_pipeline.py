@@ -7,9 +7,9 @@ import onnx
 import pytest
 import torch
 
+from service.science.physics import hr_map
 from training import evaluate, export, simulate, train
 from training.data import read_split, window_middles
-from service.science.physics import hr_map
 
 TINY = ["--stages", "1", "--channels", "4", "--res-blocks", "1"]
 
@@ -17,15 +17,33 @@ TINY = ["--stages", "1", "--channels", "4", "--res-blocks", "1"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    assert simulate.main(["--out", str(root), "--trajectories", "10", "--seed", "3", "--split", "0.4,0.2,0.4", "--quiet"]) == 0
+    assert (
+        simulate.main(["--out", str(root), "--trajectories", "10", "--seed", "3", "--split", "0.4,0.2,0.4", "--quiet"])
+        == 0
+    )
     return root
 
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    args = ["--data", str(data), "--out", str(out), "--epochs", "1", "--val-trajectories", "1", "--save-every", "1",
-            "--lr", "1e-3", "--threads", "1", *TINY]
+    args = [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--val-trajectories",
+        "1",
+        "--save-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+        *TINY,
+    ]
     assert train.main(args) == 0
     return out, args
 
@@ -55,17 +73,63 @@ def test_train_on_protocol_and_field_data_from_a_checkpoint(run, data, tmp_path)
     checkpoint's weights with a fresh optimizer and step count and records where it came from."""
     out, _ = run
     field = tmp_path / "field"
-    assert simulate.main(["--scenario", "field", "--out", str(field), "--trajectories", "6", "--seed", "4",
-                          "--split", "0.5,0.5,0", "--quiet"]) == 0
+    assert (
+        simulate.main(
+            [
+                "--scenario",
+                "field",
+                "--out",
+                str(field),
+                "--trajectories",
+                "6",
+                "--seed",
+                "4",
+                "--split",
+                "0.5,0.5,0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     tuned = tmp_path / "tuned"
-    assert train.main(["--data", str(data), str(field), "--out", str(tuned), "--epochs", "1", "--val-trajectories", "1",
-                       "--lr", "1e-3", "--threads", "1", "--init", str(out / "last.pt")]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                str(data),
+                str(field),
+                "--out",
+                str(tuned),
+                "--epochs",
+                "1",
+                "--val-trajectories",
+                "1",
+                "--lr",
+                "1e-3",
+                "--threads",
+                "1",
+                "--init",
+                str(out / "last.pt"),
+            ]
+        )
+        == 0
+    )
     ckpt = torch.load(tuned / "last.pt", weights_only=False)
     assert ckpt["state"]["step"] == 4 + 3  # protocol and field training trajectories, one epoch
     assert ckpt["state"]["init"]["checkpoint"] == str(out / "last.pt") and ckpt["config"]["channels"] == 4
     with pytest.raises(SystemExit, match="--init and --resume"):
-        train.main(["--data", str(data), "--out", str(tuned), "--init", str(out / "last.pt"),
-                    "--resume", str(tuned / "last.pt")])
+        train.main(
+            [
+                "--data",
+                str(data),
+                "--out",
+                str(tuned),
+                "--init",
+                str(out / "last.pt"),
+                "--resume",
+                str(tuned / "last.pt"),
+            ]
+        )
 
 
 def test_qinit_is_fitted_on_training_data(run, data):
@@ -82,8 +146,21 @@ def test_qinit_is_fitted_on_training_data(run, data):
 def exported(run, tmp_path_factory):
     out, _ = run
     path = tmp_path_factory.mktemp("models") / "derefnet.onnx"
-    assert export.main(["--checkpoint", str(out / "last.pt"), "--out", str(path), "--parity-windows", "4",
-                        "--data-command", "csist simulate --seed 3"]) == 0
+    assert (
+        export.main(
+            [
+                "--checkpoint",
+                str(out / "last.pt"),
+                "--out",
+                str(path),
+                "--parity-windows",
+                "4",
+                "--data-command",
+                "csist simulate --seed 3",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -95,7 +172,12 @@ def test_export_has_deformconv_dynamic_batch_and_card(exported):
     assert dim0.dim_param  # symbolic batch axis
     card = json.loads(exported.with_suffix(".json").read_text())
     assert card["sha256"] == export.sha256(exported)
-    assert card["inputs"][0] == {"name": "lr", "shape": ["batch", 5, 11, 11], "dtype": "float32", "units": card["inputs"][0]["units"]}
+    assert card["inputs"][0] == {
+        "name": "lr",
+        "shape": ["batch", 5, 11, 11],
+        "dtype": "float32",
+        "units": card["inputs"][0]["units"],
+    }
     assert card["physics"]["psf_sigma"] == 0.5 and card["physics"]["ratio"] == 3
     assert card["export"]["max_abs_diff_vs_torch"] <= 1e-3
     assert card["training"]["steps"] >= 4 and card["data"]["commands"] == ["csist simulate --seed 3"]
@@ -117,8 +199,27 @@ def test_checkpoint_and_onnx_evaluate_alike(run, exported, data, tmp_path):
 
 def test_evaluate_cli_outputs(exported, data, tmp_path):
     report, dets, plots = tmp_path / "r.json", tmp_path / "d.json", tmp_path / "plots"
-    assert evaluate.main(["--model", str(exported), "--data", str(data), "--split", "test", "--out", str(report),
-                          "--detections", str(dets), "--plots", str(plots), "--threshold", "0"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(exported),
+                "--data",
+                str(data),
+                "--split",
+                "test",
+                "--out",
+                str(report),
+                "--detections",
+                str(dets),
+                "--plots",
+                str(plots),
+                "--threshold",
+                "0",
+            ]
+        )
+        == 0
+    )
     r = json.loads(report.read_text())
     assert r["frames"] == 4 * 16 and set(r["by_count"]) <= {"2", "3", "4"} and r["refine"] == "none"
     assert sum(v["frames"] for v in r["by_count"].values()) == 64
@@ -129,18 +230,40 @@ def test_evaluate_cli_outputs(exported, data, tmp_path):
 
 def test_export_metrics_only_updates_the_card_of_the_same_model(exported, data, tmp_path):
     report = tmp_path / "again.json"
-    assert evaluate.main(["--model", str(exported), "--data", str(data), "--split", "test", "--out", str(report),
-                          "--threshold", "0", "--refine", "none", "centroid"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(exported),
+                "--data",
+                str(data),
+                "--split",
+                "test",
+                "--out",
+                str(report),
+                "--threshold",
+                "0",
+                "--refine",
+                "none",
+                "centroid",
+            ]
+        )
+        == 0
+    )
     card_path = tmp_path / "card.json"
     card_path.write_text(exported.with_suffix(".json").read_text())
     before = json.loads(card_path.read_text())
-    assert export.main(["--metrics-only", "--out", str(exported), "--card", str(card_path), "--eval-report", str(report)]) == 0
+    assert (
+        export.main(["--metrics-only", "--out", str(exported), "--card", str(card_path), "--eval-report", str(report)])
+        == 0
+    )
     after = json.loads(card_path.read_text())
     assert set(after["metrics"]) == {"again:test:refine=none", "again:test:refine=centroid"}
     assert after["metrics"]["again:test:refine=none"]["mAP"] == json.loads(report.read_text())["reports"][0]["mAP"]
     assert "--metrics-only" in after["metrics_updated"]["command"]
-    assert {k: v for k, v in after.items() if k not in ("metrics", "metrics_updated")} == \
-        {k: v for k, v in before.items() if k != "metrics"}
+    assert {k: v for k, v in after.items() if k not in ("metrics", "metrics_updated")} == {
+        k: v for k, v in before.items() if k != "metrics"
+    }
     # a card that does not describe the file is refused, and left alone
     after["sha256"] = "0" * 64
     card_path.write_text(json.dumps(after))
@@ -168,8 +291,28 @@ def test_perfect_maps_score_the_cell_centre_ceiling(data):
 
 def test_evaluate_scores_several_refinements_of_one_inference(exported, data, tmp_path):
     report = tmp_path / "r.json"
-    assert evaluate.main(["--model", str(exported), "--data", str(data), "--split", "test", "--limit", "1",
-                          "--refine", "none", "fit", "--threshold", "10", "--out", str(report)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(exported),
+                "--data",
+                str(data),
+                "--split",
+                "test",
+                "--limit",
+                "1",
+                "--refine",
+                "none",
+                "fit",
+                "--threshold",
+                "10",
+                "--out",
+                str(report),
+            ]
+        )
+        == 0
+    )
     reports = json.loads(report.read_text())["reports"]
     assert [r["refine"] for r in reports] == ["none", "fit"]
     assert reports[0]["inference_seconds"] == reports[1]["inference_seconds"]  # one inference
@@ -188,8 +331,27 @@ def test_evaluate_stream_path_is_the_service_path_and_matches_the_single_graph(e
         assert maps.shape == single.shape == (4, 16, 33, 33)
         np.testing.assert_allclose(maps, single, atol=1e-4 * scale)
     report = tmp_path / "r.json"
-    assert evaluate.main(["--model", str(exported), "--data", str(data), "--split", "test", "--limit", "1",
-                          "--path", "stream", "--threshold", "0", "--out", str(report)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(exported),
+                "--data",
+                str(data),
+                "--split",
+                "test",
+                "--limit",
+                "1",
+                "--path",
+                "stream",
+                "--threshold",
+                "0",
+                "--out",
+                str(report),
+            ]
+        )
+        == 0
+    )
     r = json.loads(report.read_text())
     assert r["path"] == "stream" and r["plan"] in ("onnxruntime", "native-deform") and r["frames"] == 16
     with pytest.raises(SystemExit, match="needs an exported .onnx"):

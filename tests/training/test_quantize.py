@@ -29,8 +29,19 @@ def model_dir(tiny_model, tmp_path):
 
 def run(model_dir, *extra):
     out = model_dir / "derefnet-int8.onnx"
-    argv = ["--model", str(model_dir / "derefnet.onnx"), "--out", str(out), "--calibration-trajectories", "3",
-            "--parity-windows", "4", "--threads", "1", *extra]
+    argv = [
+        "--model",
+        str(model_dir / "derefnet.onnx"),
+        "--out",
+        str(out),
+        "--calibration-trajectories",
+        "3",
+        "--parity-windows",
+        "4",
+        "--threads",
+        "1",
+        *extra,
+    ]
     return quantize.main(argv), out
 
 
@@ -119,7 +130,7 @@ def test_map_drop_gate_removes_the_files(model_dir, tmp_path):
     card = json.loads(out.with_suffix(".json").read_text())
     ev = card["quantization"]["evaluation"]
     assert ev["trajectories"] == 2 and ev["drop"] == pytest.approx(ev["fp32_mAP"] - ev["int8_mAP"])
-    (key, metrics), = card["metrics"].items()
+    ((key, metrics),) = card["metrics"].items()
     assert key == "data:test:refine=none" and metrics["mAP"] == ev["int8_mAP"] and metrics["frames"] == 2 * 16
 
 

@@ -22,7 +22,11 @@ def _run(out: Path, *extra: str, n: int = N_TRAJ, seed: int = 0) -> int:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +71,16 @@ def test_directions_distinct_axis_and_fixed(many):
 def test_more_than_four_targets_use_compass_directions():
     p = SimParams(targets=(5, 8))
     s = np.sqrt(0.5)
-    compass = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1),
-               "down-right": (s, s), "down-left": (-s, s), "up-left": (-s, -s), "up-right": (s, -s)}
+    compass = {
+        "right": (1, 0),
+        "left": (-1, 0),
+        "down": (0, 1),
+        "up": (0, -1),
+        "down-right": (s, s),
+        "down-left": (-s, s),
+        "up-left": (-s, -s),
+        "up-right": (s, -s),
+    }
     for rng in simulate.trajectory_rngs(5, 100):
         t = simulate.sample_trajectory(rng, p)
         assert len(set(t.direction_names)) == t.targets.shape[1] >= 5
@@ -272,8 +284,21 @@ def test_cli_options(tmp_path, capsys):
         simulate.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--trajectories", "--noise", "--targets", "--split", "--float", "--preview", "--frames",
-                 "--size", "--psf-sigma", "--step", "--spacing", "--drift", "--brightness"):
+    for flag in (
+        "--trajectories",
+        "--noise",
+        "--targets",
+        "--split",
+        "--float",
+        "--preview",
+        "--frames",
+        "--size",
+        "--psf-sigma",
+        "--step",
+        "--spacing",
+        "--drift",
+        "--brightness",
+    ):
         assert flag in text
 
     out = tmp_path / "o"
@@ -310,10 +335,13 @@ def _content_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("extra, expect", [
-    ((), "db5b9a6a7fc3cd29c5476eaa5148c4c7e03c5afd9f8360cb6913bb7b2743522b"),
-    (("--noise", "3", "--targets", "2-8"), "dae4925b245440c24bd06d972510d6a099ab3161e77a308b0d2c2cf73272bcb9"),
-])
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        ((), "db5b9a6a7fc3cd29c5476eaa5148c4c7e03c5afd9f8360cb6913bb7b2743522b"),
+        (("--noise", "3", "--targets", "2-8"), "dae4925b245440c24bd06d972510d6a099ab3161e77a308b0d2c2cf73272bcb9"),
+    ],
+)
 def test_protocol_output_is_pinned(tmp_path, extra, expect):
     """Digests of the protocol's output before the field scenario existed: not one byte moved."""
     out = tmp_path / "pinned"

@@ -11,11 +11,13 @@ import pytest
 
 from service.kernels import conv, deform
 from service.modelpkg.model import ModelError, file_sha256, load_model
-from training import export, split_amx
 from tests.service.tiny_derefnet import tiny_model_path
+from training import export, split_amx
 
-pytestmark = [pytest.mark.skipif(not conv.AMX, reason=f"no AMX here: {conv.WHY_NOT_AMX}"),
-              pytest.mark.skipif(not deform.AVAILABLE, reason="service.kernels._deform is not built")]
+pytestmark = [
+    pytest.mark.skipif(not conv.AMX, reason=f"no AMX here: {conv.WHY_NOT_AMX}"),
+    pytest.mark.skipif(not deform.AVAILABLE, reason="service.kernels._deform is not built"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,11 @@ def test_card_records_the_split_and_its_checks(split_model):
     assert enc["part"] == card["parts"]["encoder"]["file"] and head["part"] == card["parts"]["head"]["file"]
     # one ISTA stage: 1->32 direct (+ReLU), 32->32 AMX (+soft threshold), 32->32 AMX (+ReLU), 32->1 direct
     assert [(s["kernel"], s["activation"]) for s in enc["steps"]] == [
-        ("direct", "relu"), ("amx", "soft_threshold"), ("amx", "relu"), ("direct", "none")]
+        ("direct", "relu"),
+        ("amx", "soft_threshold"),
+        ("amx", "relu"),
+        ("direct", "none"),
+    ]
     lo, hi = enc["steps"][1]["clip"]
     assert lo == -hi and hi > 0
     ops = [(s["op"], s.get("kernel")) for s in head["steps"]]
@@ -159,7 +165,9 @@ def test_resplit_is_deterministic_and_a_failed_one_keeps_the_old(model_copy):
     assert split_amx.main(["--model", str(model_copy), "--parity-windows", "2"]) == 0
     after = json.loads(card_path.read_text())["amx_split"]
     for part in ("encoder", "head"):
-        assert [s and s["sha256"] for s in after[part]["segments"]] == [s and s["sha256"] for s in before[part]["segments"]]
+        assert [s and s["sha256"] for s in after[part]["segments"]] == [
+            s and s["sha256"] for s in before[part]["segments"]
+        ]
         assert after[part]["weights"]["sha256"] == before[part]["weights"]["sha256"]
     text, files = card_path.read_text(), sorted(p.name for p in model_copy.parent.iterdir())
     with pytest.raises(SystemExit, match="amx_conv_kernel_vs_onnxruntime"):
@@ -181,7 +189,12 @@ def test_resplit_removes_the_files_only_the_previous_split_used(model_copy):
     card_path.write_text(json.dumps(card))
     assert split_amx.main(["--model", str(model_copy), "--parity-windows", "2"]) == 0
     assert not (model_copy.parent / stale).exists() and (model_copy.parent / foreign).exists()
-    listed = {s["file"] for p in ("encoder", "head") for s in json.loads(card_path.read_text())["amx_split"][p]["segments"] if s}
+    listed = {
+        s["file"]
+        for p in ("encoder", "head")
+        for s in json.loads(card_path.read_text())["amx_split"][p]["segments"]
+        if s
+    }
     assert all((model_copy.parent / name).is_file() for name in listed)
 
 
@@ -195,8 +208,10 @@ def test_attention_is_left_to_onnx_runtime_unless_it_is_exactly_the_kernels(spli
 
     card = json.loads(split_model.with_suffix(".json").read_text())
     head = onnx.load(str(split_model.parent / card["parts"]["head"]["file"]))
-    assert any(s.get("op") == "Attention" for s in split_graph(split_model.parent / card["parts"]["head"]["file"],
-                                                                convs=True)[1])
+    assert any(
+        s.get("op") == "Attention"
+        for s in split_graph(split_model.parent / card["parts"]["head"]["file"], convs=True)[1]
+    )
     stats = next(n for n in head.graph.node if n.op_type == "ReduceMax").output[0]
     head.graph.output.append(helper.make_tensor_value_info(stats, onnx.TensorProto.FLOAT, None))
     altered = tmp_path / "head.onnx"

@@ -11,8 +11,8 @@ import pytest
 
 from service.kernels import deform
 from service.modelpkg.model import ModelError, file_sha256, load_model
-from training import export, split_head
 from tests.service.tiny_derefnet import tiny_model_path
+from training import export, split_head
 
 pytestmark = pytest.mark.skipif(not deform.AVAILABLE, reason="service.kernels._deform is not built")
 
@@ -184,8 +184,12 @@ def _conv_graph(tmp_path, after: str, **conv_attrs):
     f32 = TensorProto.FLOAT
     attrs = {"pads": [1, 1, 1, 1], "kernel_shape": [3, 3], **conv_attrs}
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)]
-    consts = {"w": np.ones((32, 32, 3, 3), np.float32), "b": np.zeros(32, np.float32),
-              "lo": np.float32(-0.1), "hi": np.float32(0.1)}
+    consts = {
+        "w": np.ones((32, 32, 3, 3), np.float32),
+        "b": np.zeros(32, np.float32),
+        "lo": np.float32(-0.1),
+        "hi": np.float32(0.1),
+    }
     outputs = ["z"]
     if after in ("relu", "relu_shared"):
         nodes.append(helper.make_node("Relu", ["y"], ["z"]))
@@ -195,16 +199,22 @@ def _conv_graph(tmp_path, after: str, **conv_attrs):
     else:
         lo, hi = ("hi", "lo") if after == "shrink_reversed" else ("lo", "hi")
         nodes += [helper.make_node("Clip", ["y", lo, hi], ["c"]), helper.make_node("Sub", ["y", "c"], ["z"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, [None, 32, 7, 7])],
-                              [helper.make_tensor_value_info(o, f32, None) for o in outputs],
-                              [numpy_helper.from_array(np.asarray(a), n) for n, a in consts.items()])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", f32, [None, 32, 7, 7])],
+        [helper.make_tensor_value_info(o, f32, None) for o in outputs],
+        [numpy_helper.from_array(np.asarray(a), n) for n, a in consts.items()],
+    )
     path = tmp_path / f"{after}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), str(path))
     return path
 
 
-@pytest.mark.parametrize("after,activation,steps", [("relu", "relu", 1), ("shrink", "soft_threshold", 1),
-                                                     ("relu_shared", "none", 1), ("shrink_reversed", "none", 1)])
+@pytest.mark.parametrize(
+    "after,activation,steps",
+    [("relu", "relu", 1), ("shrink", "soft_threshold", 1), ("relu_shared", "none", 1), ("shrink_reversed", "none", 1)],
+)
 def test_activations_are_folded_only_when_exact(tmp_path, after, activation, steps):
     protos, found, _ = split_head.split_graph(_conv_graph(tmp_path, after), convs=True)
     assert len(found) == steps and found[0]["activation"] == activation
@@ -217,8 +227,16 @@ def test_activations_are_folded_only_when_exact(tmp_path, after, activation, ste
         assert set(kept) & {"Relu", "Clip"}
 
 
-@pytest.mark.parametrize("attrs", [{"strides": [2, 2]}, {"dilations": [2, 2]}, {"pads": [0, 0, 0, 0]},
-                                   {"pads": [1, 1, 0, 0]}, {"auto_pad": "SAME_UPPER", "pads": None}])
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"strides": [2, 2]},
+        {"dilations": [2, 2]},
+        {"pads": [0, 0, 0, 0]},
+        {"pads": [1, 1, 0, 0]},
+        {"auto_pad": "SAME_UPPER", "pads": None},
+    ],
+)
 def test_convs_the_kernels_compute_differently_stay_in_onnx(tmp_path, attrs):
     attrs = {k: v for k, v in attrs.items() if v is not None}
     path = _conv_graph(tmp_path, "relu", **attrs)
@@ -226,8 +244,9 @@ def test_convs_the_kernels_compute_differently_stay_in_onnx(tmp_path, attrs):
         proto = onnx.load(str(path))
         conv_node = proto.graph.node[0]
         del conv_node.attribute[:]
-        conv_node.attribute.extend([onnx.helper.make_attribute("auto_pad", "SAME_UPPER"),
-                                    onnx.helper.make_attribute("kernel_shape", [3, 3])])
+        conv_node.attribute.extend(
+            [onnx.helper.make_attribute("auto_pad", "SAME_UPPER"), onnx.helper.make_attribute("kernel_shape", [3, 3])]
+        )
         onnx.save(proto, str(path))
     with pytest.raises(split_head.SplitError, match="no node for the native kernels"):
         split_head.split_graph(path, convs=True)
@@ -239,7 +258,15 @@ def test_a_card_split_in_the_old_deform_only_format_still_loads(model_copy):
     card = json.loads(card_path.read_text())
     entry = card["head_split"]
     entry["head"], entry["head_sha256"] = entry.pop("part"), entry.pop("part_sha256")
-    entry["deform"] = [{"input": s["inputs"][0], "offset": s["inputs"][1], "output": s["output"],
-                        "weight": s["weight"], "bias": s["bias"]} for s in entry.pop("steps")]
+    entry["deform"] = [
+        {
+            "input": s["inputs"][0],
+            "offset": s["inputs"][1],
+            "output": s["output"],
+            "weight": s["weight"],
+            "bias": s["bias"],
+        }
+        for s in entry.pop("steps")
+    ]
     card_path.write_text(json.dumps(card))
     assert load_model(model_copy).deform_kernel == "native"

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import RuntimeDep
-from service.runtime.metrics import CONTENT_TYPE
 from service.api.schemas import LiveV2, ReadyV2, Status
+from service.runtime.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 

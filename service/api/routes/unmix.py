@@ -9,10 +9,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from service.engine.batcher import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from service.api.deps import RuntimeDep, require_token
 from service.api.answers import deadline_s, peak_options, targets_payload
+from service.api.deps import RuntimeDep, require_token
 from service.api.schemas import ErrorResponse, UnmixRequest, UnmixResponse
+from service.engine.batcher import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from service.science.windows import sequence_slots, sequence_windows, split_segments
 
 router = APIRouter(tags=["unmix"])
@@ -20,8 +20,11 @@ router = APIRouter(tags=["unmix"])
 ERROR_RESPONSES = {
     401: {"model": ErrorResponse, "description": "API token required"},
     413: {"model": ErrorResponse, "description": "request body too large"},
-    503: {"model": ErrorResponse, "description": "overloaded, past the deadline (CSIST_DEADLINE_MS or"
-          " options.deadline_ms) or shutting down; retry after Retry-After seconds"},
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded, past the deadline (CSIST_DEADLINE_MS or"
+        " options.deadline_ms) or shutting down; retry after Retry-After seconds",
+    },
 }
 
 
@@ -98,8 +101,9 @@ async def unmix(body: UnmixRequest, runtime: RuntimeDep, request: Request) -> di
     metrics.frames.labels("rest").inc(len(indices))
     owner = object()  # this request, for the batcher's cancel
     try:
-        future = runtime.batcher.submit(windows, options, slots, deadline_s=deadline_s(runtime, body.options),
-                                        owner=owner)
+        future = runtime.batcher.submit(
+            windows, options, slots, deadline_s=deadline_s(runtime, body.options), owner=owner
+        )
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)

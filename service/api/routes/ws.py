@@ -14,9 +14,7 @@ router = APIRouter()
 async def _refuse(websocket: WebSocket, status: int, detail: str, headers=None) -> None:
     """Refuse the handshake with an HTTP status when the server supports it, else close."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(
-            JSONResponse({"detail": detail}, status, headers=headers)
-        )
+        await websocket.send_denial_response(JSONResponse({"detail": detail}, status, headers=headers))
     else:
         await websocket.close(code=1008 if status == 401 else 1013, reason=detail)
 
@@ -27,9 +25,7 @@ async def ws_unmix(websocket: WebSocket) -> None:
     header_token = bearer_from_header(websocket.headers.get("authorization"))
     if not token_ok(runtime, header_token, websocket.query_params.get("token")):
         runtime.metrics.errors.labels("unauthorized").inc()
-        await _refuse(
-            websocket, 401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"}
-        )
+        await _refuse(websocket, 401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
         return
     if runtime.closing_streams or runtime.batcher is None:
         runtime.metrics.errors.labels("shutting_down").inc()

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from service.engine.batcher import Batcher, DeadlineExceeded, PeakOptions
-from service.runtime.config import Settings
-from service.engine.plans import FunctionPlan
 from service.api.server import exposure_problem, main
+from service.engine.batcher import Batcher, DeadlineExceeded, PeakOptions
+from service.engine.plans import FunctionPlan
+from service.runtime.config import Settings
 from service.runtime.metrics import Metrics
 from service.science.postprocess import find_targets
+from tests.service.api.test_ws import end_msg, frame_msg, recv
 from tests.service.conftest import simulate_track
 from tests.service.engine.test_batcher import OPTS, FakeModel, windows_with
-from tests.service.api.test_ws import end_msg, frame_msg, recv
 
 FIT = PeakOptions(threshold=70.0, refine="fit")
 
@@ -78,7 +78,8 @@ def test_a_window_still_queued_at_its_deadline_is_not_computed():
 
 
 def test_a_batch_lasts_at_most_a_quarter_of_its_windows_deadline():
-    """At 0.05 s per window, windows with a 0.5 s deadline (0.45 s for the batcher) go at most 2 to a batch (so that what
+    """At 0.05 s per window, windows with a 0.5 s deadline (0.45 s for the batcher) go at most 2 to a
+    batch (so that what
     starts in time answers in time); without a deadline the batch takes all that waits."""
     calls = []
 

@@ -23,9 +23,7 @@ def body_of(frames, **extra) -> dict:
     return {"frames": [{"patch": f.tolist()} for f in frames], **extra}
 
 
-def expected_targets(
-    session, frames, threshold=CARD_THRESHOLD, refine="centroid", max_targets=None
-):
+def expected_targets(session, frames, threshold=CARD_THRESHOLD, refine="centroid", max_targets=None):
     """Direct ONNX Runtime + find_targets, windows built here by hand (t-2..t+2, clamped)."""
     n = len(frames)
     windows = np.stack(
@@ -124,9 +122,7 @@ def test_a_frame_index_gap_starts_a_new_segment(client, reference_session):
         "options": {"threshold": 30.0},
     }
     out = client.post("/unmix", json=body).json()["results"]
-    want = expected_targets(reference_session, frames[:4], 30.0) + expected_targets(
-        reference_session, frames[4:], 30.0
-    )
+    want = expected_targets(reference_session, frames[:4], 30.0) + expected_targets(reference_session, frames[4:], 30.0)
     assert [r["frame_index"] for r in out] == indices
     for res, w in zip(out, want):
         np.testing.assert_allclose(as_array(res["targets"]), w, rtol=1e-5, atol=1e-4)
@@ -235,15 +231,9 @@ def test_bearer_token_auth(start_server):
     with httpx.Client(base_url=live.base_url) as c:
         r = c.post("/unmix", json=body)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        assert (
-            c.post("/unmix", json=body, headers={"Authorization": "Bearer wrong"}).status_code
-            == 401
-        )
+        assert c.post("/unmix", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.post("/unmix", json=body, params={"token": "wrong"}).status_code == 401
-        assert (
-            c.post("/unmix", json=body, headers={"Authorization": "Bearer s3cret"}).status_code
-            == 200
-        )
+        assert c.post("/unmix", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.post("/unmix", json=body, params={"token": "s3cret"}).status_code == 200
         for path in (
             "/healthz",
@@ -266,8 +256,8 @@ def test_undecodable_body_gets_422(client):
 def test_integer_pixels_are_numbers_too(client):
     frames = simulate_track(3, seed=5)
     as_float = client.post("/unmix", json=body_of(frames)).json()["results"]
-    as_int = client.post(
-        "/unmix", json={"frames": [{"patch": f.astype(int).tolist()} for f in frames]}
-    ).json()["results"]
+    as_int = client.post("/unmix", json={"frames": [{"patch": f.astype(int).tolist()} for f in frames]}).json()[
+        "results"
+    ]
     assert as_int == as_float  # 8-bit frames sent as JSON integers
     assert isinstance(json.dumps(as_int), str)

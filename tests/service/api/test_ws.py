@@ -48,9 +48,7 @@ async def nothing_within(ws, seconds: float) -> bool:
 
 
 def rest_results(base_url, frames, origin=None) -> list[list[dict]]:
-    body = {
-        "frames": [{"patch": f.tolist(), **({"origin": origin} if origin else {})} for f in frames]
-    }
+    body = {"frames": [{"patch": f.tolist(), **({"origin": origin} if origin else {})} for f in frames]}
     r = httpx.post(f"{base_url}/unmix", json=body)
     assert r.status_code == 200, r.text
     return [res["targets"] for res in r.json()["results"]]
@@ -126,9 +124,7 @@ def test_interleaved_tracks_on_one_connection_and_across_connections(server):
 
 def test_bad_messages_get_errors_and_the_connection_goes_on(server):
     frames = simulate_track(3, seed=6)
-    bad_patch = json.dumps(
-        {"type": "frame", "track_id": "b", "frame_index": 7, "patch": [[0.0] * 11] * 10}
-    )
+    bad_patch = json.dumps({"type": "frame", "track_id": "b", "frame_index": 7, "patch": [[0.0] * 11] * 10})
 
     async def main():
         async with connect(server.ws_url) as ws:
@@ -143,9 +139,7 @@ def test_bad_messages_get_errors_and_the_connection_goes_on(server):
             out["nan"] = await recv(ws)
             await ws.send(json.dumps({"type": "hello", "track_id": "b"}))
             out["type"] = await recv(ws)
-            await ws.send(
-                json.dumps({"type": "frame", "track_id": "b", "patch": frames[0].tolist()})
-            )
+            await ws.send(json.dumps({"type": "frame", "track_id": "b", "patch": frames[0].tolist()}))
             out["missing"] = await recv(ws)
             await ws.send(end_msg("nobody"))
             out["unknown"] = await recv(ws)

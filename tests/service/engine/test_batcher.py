@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from service.engine.plans import FunctionPlan
 from service.engine.batcher import Batcher, InferenceFailed, Overloaded, PeakOptions, ShuttingDown
+from service.engine.plans import FunctionPlan
 from service.runtime.metrics import Metrics
 from service.science.peaks import extract_peaks
 from service.science.windows import HALF, NEIGHBOURS, FeatureSlot, SegmentWindows, sequence_slots, sequence_windows
@@ -411,7 +411,13 @@ def _stream_batches(parts: GatedParts):
     batch 1 is still encoding. Returns both results (or exceptions) and the batcher."""
 
     async def main():
-        b = Batcher(FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head), Metrics(), max_batch=6, max_wait_s=0.0, workers=2)
+        b = Batcher(
+            FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head),
+            Metrics(),
+            max_batch=6,
+            max_wait_s=0.0,
+            workers=2,
+        )
         b.start()
         frames = np.zeros((6, 11, 11), dtype=np.float32)
         frames[:, 0, 0] = [3, 4, 5, 6, 7, 8]
@@ -547,7 +553,12 @@ def test_pairs_aligned_early_are_reused_and_each_pair_is_aligned_once():
     values = [3, 4, 5, 6, 7, 8]
 
     async def main():
-        b = Batcher(FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head, align=parts.align, fuse=parts.fuse), Metrics(), max_batch=64, max_wait_s=0.0)
+        b = Batcher(
+            FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head, align=parts.align, fuse=parts.fuse),
+            Metrics(),
+            max_batch=64,
+            max_wait_s=0.0,
+        )
         b.start()
         assert b.caches_pairs
         seg, answers = SegmentWindows(), []
@@ -588,7 +599,13 @@ def test_early_work_waits_while_windows_wait():
     parts = FakePairParts(gate)
 
     async def main():
-        b = Batcher(FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head, align=parts.align, fuse=parts.fuse), Metrics(), max_batch=64, max_wait_s=0.0, workers=1)
+        b = Batcher(
+            FunctionPlan(FakeModel(), encode=parts.encode, head=parts.head, align=parts.align, fuse=parts.fuse),
+            Metrics(),
+            max_batch=64,
+            max_wait_s=0.0,
+            workers=1,
+        )
         b.start()
         fresh = lambda: ([FeatureSlot() for _ in range(5)], [FeatureSlot() for _ in NEIGHBOURS])  # noqa: E731
         s1, p1 = fresh()

@@ -9,15 +9,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.runtime.config import DEFAULT_MODEL_PATH, Settings
 from service.engine.plans import PlanOptions, build_plan
 from service.engine.select import probe_windows, relative_error, select_plan
+from service.runtime.config import DEFAULT_MODEL_PATH, Settings
 from tests.service.conftest import LiveServer, simulate_track
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
-                       reason="no CUDAExecutionProvider (install the gpu extra on a host with an NVIDIA GPU)"),
+    pytest.mark.skipif(
+        "CUDAExecutionProvider" not in ort.get_available_providers(),
+        reason="no CUDAExecutionProvider (install the gpu extra on a host with an NVIDIA GPU)",
+    ),
     pytest.mark.skipif(not DEFAULT_MODEL_PATH.is_file(), reason="models/derefnet.onnx not exported yet"),
 ]
 GPU = PlanOptions(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))

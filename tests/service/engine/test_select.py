@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from service.kernels import conv, deform
-from service.runtime.config import DEFAULT_MODEL_PATH
 from service.engine import host
 from service.engine.plans import ExecutionPlan, PlanOptions, build_plan, why_not
 from service.engine.select import probe_windows, relative_error, select_plan, table
+from service.kernels import conv, deform
 from service.modelpkg.model import ModelError, load_model
+from service.runtime.config import DEFAULT_MODEL_PATH
 from tests.service.tiny_derefnet import tiny_model_path
 
 pytest.importorskip("torch", reason="exporting the tiny model needs torch (not in the service image)")
@@ -62,8 +62,7 @@ def test_a_plan_that_differs_from_the_reference_is_not_served(tiny_model, monkey
         with pytest.raises(ModelError, match="native-deform.*differ from the reference"):
             select_plan(tiny_model, options=OPTIONS, requested="native-deform")
     monkeypatch.setattr(ExecutionPlan, "run", lambda self, w: np.full(real(self, w).shape, np.nan, np.float32))
-    monkeypatch.setattr("service.engine.select._reference",
-                        lambda *a: (np.ones((8, 33, 33), np.float32), "ones", 0.0))
+    monkeypatch.setattr("service.engine.select._reference", lambda *a: (np.ones((8, 33, 33), np.float32), "ones", 0.0))
     with pytest.raises(ModelError, match="no execution plan gives correct maps.*onnxruntime: maps differ"):
         select_plan(tiny_model, options=OPTIONS, budget_s=0.1)
 

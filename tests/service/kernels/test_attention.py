@@ -15,9 +15,17 @@ pytestmark = pytest.mark.skipif(not attention.AVAILABLE, reason="service.kernels
 def weights(c=32, seed=0):
     rng = np.random.default_rng(seed)
     half = c // 2
-    return [(rng.standard_normal(shape) * scale).astype(np.float32)
-            for shape, scale in (((half, c, 1, 1), 0.3), ((half,), 0.1), ((half, c, 1, 1), 0.3), ((half,), 0.1),
-                                 ((2, 2, 3, 3), 0.5), ((2,), 0.2))]
+    return [
+        (rng.standard_normal(shape) * scale).astype(np.float32)
+        for shape, scale in (
+            ((half, c, 1, 1), 0.3),
+            ((half,), 0.1),
+            ((half, c, 1, 1), 0.3),
+            ((half,), 0.1),
+            ((2, 2, 3, 3), 0.5),
+            ((2,), 0.2),
+        )
+    ]
 
 
 def expected(mid, nb, wa, ba, wb, bb, wmix, bmix):
@@ -62,8 +70,30 @@ def test_attention_refuses_bad_shapes():
         att(np.zeros((1, 32, 4, 4), np.float32), np.zeros((1, 32, 4, 5), np.float32))
     empty, wide = np.zeros(0, np.float32), np.zeros((512, 1024), np.float32)
     with pytest.raises(ValueError, match="expected 4294967296"):  # sizes computed without int overflow
-        attention._conv.attention(empty, empty, wide, wide[0, :512], wide, wide[0, :512], np.zeros(36, np.float32),
-                                  np.zeros(2, np.float32), empty, 1 << 22, 1024, 512, 1, 1)
+        attention._conv.attention(
+            empty,
+            empty,
+            wide,
+            wide[0, :512],
+            wide,
+            wide[0, :512],
+            np.zeros(36, np.float32),
+            np.zeros(2, np.float32),
+            empty,
+            1 << 22,
+            1024,
+            512,
+            1,
+            1,
+        )
     with pytest.raises(ValueError, match="expected"):  # the native side checks sizes too
-        attention._conv.attention(*(np.zeros(s, np.float32) for s in ((1, 32, 4, 4), (1, 32, 4, 4))), *ws,
-                                  np.empty((1, 31, 4, 4), np.float32), 1, 32, 16, 4, 4)
+        attention._conv.attention(
+            *(np.zeros(s, np.float32) for s in ((1, 32, 4, 4), (1, 32, 4, 4))),
+            *ws,
+            np.empty((1, 31, 4, 4), np.float32),
+            1,
+            32,
+            16,
+            4,
+            4,
+        )

@@ -32,7 +32,9 @@ def reference(x, weight, bias, activation="none", clip=None):
     out = np.zeros((n, weight.shape[0], h, w)) + bias.astype(np.float64)[None, :, None, None]
     for dy in range(3):
         for dx in range(3):
-            out += np.einsum("oc,nchw->nohw", weight[:, :, dy, dx].astype(np.float64), padded[:, :, dy:dy + h, dx:dx + w])
+            out += np.einsum(
+                "oc,nchw->nohw", weight[:, :, dy, dx].astype(np.float64), padded[:, :, dy : dy + h, dx : dx + w]
+            )
     if activation == "relu":
         out = np.maximum(out, 0)
     elif activation == "soft_threshold":
@@ -64,8 +66,10 @@ def test_bfloat16_rounding_is_to_nearest_even():
     assert np.isnan(got[5]) and got[6] == 0.0
 
 
-@pytest.mark.parametrize("n,cin,cout,h,w", [(3, 1, 32, 33, 33), (2, 32, 1, 33, 33), (2, 5, 32, 9, 13), (1, 2, 2, 4, 3),
-                                            (2, 3, 7, 1, 1), (1, 8, 40, 17, 2)])
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w",
+    [(3, 1, 32, 33, 33), (2, 32, 1, 33, 33), (2, 5, 32, 9, 13), (1, 2, 2, 4, 3), (2, 3, 7, 1, 1), (1, 8, 40, 17, 2)],
+)
 @pytest.mark.parametrize("activation,clip", ACTIVATIONS)
 def test_direct_equals_float64(n, cin, cout, h, w, activation, clip):
     x, weight, bias = operands(n, cin, cout, h, w)
@@ -76,8 +80,17 @@ def test_direct_equals_float64(n, cin, cout, h, w, activation, clip):
 
 
 @needs_amx
-@pytest.mark.parametrize("n,cin,cout,h,w", [(3, 32, 32, 33, 33), (2, 32, 18, 33, 33), (1, 64, 48, 17, 40),
-                                            (2, 32, 16, 5, 3), (1, 96, 32, 1, 1), (1, 32, 33, 2, 70)])
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w",
+    [
+        (3, 32, 32, 33, 33),
+        (2, 32, 18, 33, 33),
+        (1, 64, 48, 17, 40),
+        (2, 32, 16, 5, 3),
+        (1, 96, 32, 1, 1),
+        (1, 32, 33, 2, 70),
+    ],
+)
 @pytest.mark.parametrize("activation,clip", ACTIVATIONS)
 def test_amx_equals_bfloat16_rounded_convolution(n, cin, cout, h, w, activation, clip):
     x, weight, bias = operands(n, cin, cout, h, w, seed=cin + cout)
@@ -120,7 +133,9 @@ def test_amx_releases_the_gil():
 
 
 @needs_amx
-@pytest.mark.parametrize("n,cin,cout,h,w", [(2, 32, 32, 33, 33), (1, 64, 48, 9, 20), (2, 32, 16, 1, 1), (1, 32, 32, 3, 40)])
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w", [(2, 32, 32, 33, 33), (1, 64, 48, 9, 20), (2, 32, 16, 1, 1), (1, 32, 32, 3, 40)]
+)
 def test_amx_deform_equals_onnxruntime_within_bfloat16(n, cin, cout, h, w):
     rng = np.random.default_rng(cin + h)
     x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
@@ -163,8 +178,9 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match=r"bias must be \(32,\)"):
         conv.Conv3x3(weight, bias[:3], "direct")
     with pytest.raises(TypeError, match="format"):
-        conv._conv.direct_conv(x.astype(np.float64), weight, bias, 0, 0.0, 0.0, np.empty((1, 32, 4, 4), np.float32),
-                               1, 5, 32, 4, 4)
+        conv._conv.direct_conv(
+            x.astype(np.float64), weight, bias, 0, 0.0, 0.0, np.empty((1, 32, 4, 4), np.float32), 1, 5, 32, 4, 4
+        )
     with pytest.raises(ValueError, match="expected"):
         conv._conv.direct_conv(x, weight, bias, 0, 0.0, 0.0, np.empty((1, 31, 4, 4), np.float32), 1, 5, 32, 4, 4)
     with pytest.raises(ValueError, match="bad dimensions"):
@@ -208,12 +224,21 @@ def chain_of(*layers, seed=0):
 
 
 CHAINS = {
-    "ista stage": [("direct", 1, 32, "relu", None), ("amx", 32, 32, "soft_threshold", (-0.3, 0.2)),
-                   ("amx", 32, 32, "relu", None), ("direct", 32, 1, "none", None)],
+    "ista stage": [
+        ("direct", 1, 32, "relu", None),
+        ("amx", 32, 32, "soft_threshold", (-0.3, 0.2)),
+        ("amx", 32, 32, "relu", None),
+        ("direct", 32, 1, "none", None),
+    ],
     "residual body": [("amx", 32, 32, "relu", None), ("amx", 32, 32, "none", None)],
-    "every hand-over": [("direct", 5, 32, "relu", None), ("amx", 32, 64, "relu", None), ("amx", 64, 32, "relu", None),
-                        ("direct", 32, 4, "soft_threshold", (-0.1, 0.1)), ("direct", 4, 32, "relu", None),
-                        ("amx", 32, 18, "none", None)],
+    "every hand-over": [
+        ("direct", 5, 32, "relu", None),
+        ("amx", 32, 64, "relu", None),
+        ("amx", 64, 32, "relu", None),
+        ("direct", 32, 4, "soft_threshold", (-0.1, 0.1)),
+        ("direct", 4, 32, "relu", None),
+        ("amx", 32, 18, "none", None),
+    ],
 }
 
 
@@ -240,8 +265,12 @@ def test_chain_keeps_nan_and_splits_the_batch_identically():
     x[3, 0, 10, 10] = np.nan
     one = conv.ConvChain(convs)(x)
     assert np.isnan(one[3]).any() and np.isfinite(one[[0, 1, 2, 4]]).all()
-    threaded = [conv.Conv3x3(c.weight, c.bias, c.kernel, c.activation,
-                             c.clip if c.activation == "soft_threshold" else None, threads=2) for c in convs]
+    threaded = [
+        conv.Conv3x3(
+            c.weight, c.bias, c.kernel, c.activation, c.clip if c.activation == "soft_threshold" else None, threads=2
+        )
+        for c in convs
+    ]
     np.testing.assert_array_equal(conv.ConvChain(threaded)(x), one)
 
 
@@ -259,14 +288,18 @@ def test_chain_refuses_convs_that_do_not_fit():
     with pytest.raises(ValueError, match="bad dimensions|does not take"):
         conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 32, 4, 4), np.float32), 1, 4, 4, layers)
     with pytest.raises(TypeError, match="layer 0 is not a tuple"):
-        conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 32, 4, 4), np.float32), 1, 4, 4,
-                              [list(chain._layers[0])])
+        conv._conv.chain_conv(
+            np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 32, 4, 4), np.float32), 1, 4, 4, [list(chain._layers[0])]
+        )
     with pytest.raises(ValueError, match="expected"):  # output of the wrong size
-        conv._conv.chain_conv(np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 31, 4, 4), np.float32), 1, 4, 4,
-                              chain._layers)
+        conv._conv.chain_conv(
+            np.zeros((1, 32, 4, 4), np.float32), np.empty((1, 31, 4, 4), np.float32), 1, 4, 4, chain._layers
+        )
 
 
-@pytest.mark.parametrize("kernel,cin,cout", [("direct", 5, 32), ("direct", 32, 1)] + ([("amx", 32, 32)] if conv.AMX else []))
+@pytest.mark.parametrize(
+    "kernel,cin,cout", [("direct", 5, 32), ("direct", 32, 1)] + ([("amx", 32, 32)] if conv.AMX else [])
+)
 def test_a_folded_residual_is_added_after_the_activation(kernel, cin, cout):
     """A residual block's x + body(x): the Add a step folds in, after the activation."""
     x, weight, bias = operands(3, cin, cout, 7, 9)

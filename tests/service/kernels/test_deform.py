@@ -6,7 +6,6 @@ import threading
 import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -20,16 +19,23 @@ def ort_deform(x, offset, weight, bias):
     node = helper.make_node("DeformConv", ["x", "w", "offset", "b"], ["y"], pads=[1, 1, 1, 1])
     f32 = TensorProto.FLOAT
     graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info("x", f32, list(x.shape)), helper.make_tensor_value_info("offset", f32, list(offset.shape))],
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("x", f32, list(x.shape)),
+            helper.make_tensor_value_info("offset", f32, list(offset.shape)),
+        ],
         [helper.make_tensor_value_info("y", f32, None)],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(["y"], {"x": x, "offset": offset})[0]
 
 
-@pytest.mark.parametrize("n,cin,cout,h,w", [(2, 32, 32, 33, 33), (3, 4, 4, 33, 33), (1, 5, 7, 6, 9), (2, 32, 64, 5, 4), (1, 1, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w", [(2, 32, 32, 33, 33), (3, 4, 4, 33, 33), (1, 5, 7, 6, 9), (2, 32, 64, 5, 4), (1, 1, 1, 1, 1)]
+)
 def test_equals_onnxruntime_deformconv(n, cin, cout, h, w):
     rng = np.random.default_rng(cin * 100 + cout)
     x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
@@ -54,7 +60,7 @@ def test_zero_offsets_are_a_plain_convolution():
     want = np.zeros((2, 7, 8), np.float32)
     for i in range(7):
         for j in range(8):
-            want[:, i, j] = np.tensordot(weight, padded[:, i:i + 3, j:j + 3], axes=3)
+            want[:, i, j] = np.tensordot(weight, padded[:, i : i + 3, j : j + 3], axes=3)
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
 
 
@@ -151,7 +157,9 @@ def test_raw_entry_point_checks_types_and_sizes():
 
     f32 = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
     with pytest.raises(TypeError, match="x: expected float32"):
-        _deform.run(np.zeros((1, 1, 2, 2), np.int32), f32(1, 18, 2, 2), f32(9, 1), f32(1), f32(1, 1, 2, 2), 1, 1, 1, 2, 2)
+        _deform.run(
+            np.zeros((1, 1, 2, 2), np.int32), f32(1, 18, 2, 2), f32(9, 1), f32(1), f32(1, 1, 2, 2), 1, 1, 1, 2, 2
+        )
     with pytest.raises(ValueError, match="offset: expected 72 float32 values"):
         _deform.run(f32(1, 1, 2, 2), f32(1, 18, 2, 1), f32(9, 1), f32(1), f32(1, 1, 2, 2), 1, 1, 1, 2, 2)
     with pytest.raises(ValueError, match="bad dimensions"):

@@ -13,11 +13,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from service.engine.host import has_vnni
 from service.modelpkg.card import CardError, load_card
+from service.modelpkg.model import ModelError, file_sha256, load_model, resolve_providers
 from service.runtime.config import DEFAULT_MODEL_PATH, Settings, available_cpus
 from service.runtime.logs import JsonFormatter, configure_logging
-from service.engine.host import has_vnni
-from service.modelpkg.model import ModelError, file_sha256, load_model, resolve_providers
 from tests.service.conftest import CARD_METRICS, simulate_track, write_card
 
 
@@ -173,12 +173,12 @@ def test_json_logs():
 
 
 def test_card_peak_mode_is_checked_and_used(standin_model, tmp_path):
-    from service.engine.plans import FunctionPlan
+    from service.api.answers import peak_options
     from service.engine.batcher import Batcher, PeakOptions
+    from service.engine.plans import FunctionPlan
+    from service.runtime.lifecycle import Runtime
     from service.runtime.metrics import Metrics
     from service.science.peaks import extract_peaks
-    from service.api.answers import peak_options
-    from service.runtime.lifecycle import Runtime
 
     path = copy_model(standin_model, tmp_path)
     write_card(path, postprocess={"threshold": 30.0, "refine": "centroid", "mode": "bogus"})
@@ -251,8 +251,12 @@ def test_split_step_specs_are_validated():
     extra = {"nb_weight": "w_nb", "nb_bias": "b_nb", "mix_weight": "w_mix", "mix_bias": "b_mix"}
     ok = StepSpec(op="Attention", inputs=["mid", "nb"], output="y", weight="w", bias="b", extra=extra)
     assert ok.extra == extra
-    for bad in ({"extra": {k: v for k, v in extra.items() if k != "mix_bias"}}, {"extra": None},
-                {"extra": extra, "kernel": "amx"}, {"extra": extra, "inputs": ["mid"]}):
+    for bad in (
+        {"extra": {k: v for k, v in extra.items() if k != "mix_bias"}},
+        {"extra": None},
+        {"extra": extra, "kernel": "amx"},
+        {"extra": extra, "inputs": ["mid"]},
+    ):
         with pytest.raises(ValidationError):
             StepSpec(**{"op": "Attention", "inputs": ["mid", "nb"], "output": "y", "weight": "w", "bias": "b", **bad})
     conv = {"op": "Conv", "output": "y", "weight": "w", "bias": "b", "kernel": "amx"}
@@ -264,5 +268,13 @@ def test_split_step_specs_are_validated():
     with pytest.raises(ValidationError, match="names its kernel"):
         StepSpec(op="Conv", inputs=["x"], output="y", weight="w", bias="b")
     with pytest.raises(ValidationError, match="lo must not exceed hi"):
-        StepSpec(op="Conv", inputs=["x"], output="y", weight="w", bias="b", kernel="amx",
-                 activation="soft_threshold", clip=[1.0, -1.0])
+        StepSpec(
+            op="Conv",
+            inputs=["x"],
+            output="y",
+            weight="w",
+            bias="b",
+            kernel="amx",
+            activation="soft_threshold",
+            clip=[1.0, -1.0],
+        )

@@ -61,9 +61,7 @@ def test_model_metadata(server, standin_model):
 def test_docs_and_openapi(server):
     assert "swagger" in httpx.get(f"{server.base_url}/docs").text.lower()
     spec = httpx.get(f"{server.base_url}/openapi.json").json()
-    assert {"/unmix", "/healthz", "/readyz", "/metrics", "/v2/models/{model_name}"} <= set(
-        spec["paths"]
-    )
+    assert {"/unmix", "/healthz", "/readyz", "/metrics", "/v2/models/{model_name}"} <= set(spec["paths"])
     refine = spec["components"]["schemas"]["UnmixOptions"]["properties"]["refine"]["anyOf"][0]
     assert refine["enum"] == ["none", "centroid", "quadratic", "fit"]
 
@@ -150,9 +148,7 @@ def test_prometheus_metrics_count_what_happened(start_server):
     assert value(m, "csist_inference_seconds", "csist_inference_seconds_count") == calls
     assert value(m, "csist_queue_wait_seconds", "csist_queue_wait_seconds_count") >= 5
     assert value(m, "csist_active_tracks") == 0  # the connection closed: tracks dropped
-    assert (
-        value(m, "csist_track_evictions", "csist_track_evictions_total", reason="disconnect") == 2
-    )
+    assert value(m, "csist_track_evictions", "csist_track_evictions_total", reason="disconnect") == 2
     assert value(m, "csist_ready") == 1
     assert (
         value(
@@ -189,7 +185,5 @@ def test_refuses_to_start_on_sha_mismatch(standin_model, tmp_path):
     finally:
         proc.kill()
     errors = [r for r in proc.logs if r.get("level") == "error"]
-    assert any("SHA-256 mismatch" in r["message"] and "f" * 64 in r["message"] for r in errors), (
-        proc.logs
-    )
+    assert any("SHA-256 mismatch" in r["message"] and "f" * 64 in r["message"] for r in errors), proc.logs
     assert all(not r.get("unparsed") for r in proc.logs)  # every log line is JSON

@@ -15,9 +15,7 @@ from tests.service.conftest import ServerProcess, simulate_track
 
 
 def frame_msg(track_id, index, patch) -> str:
-    return json.dumps(
-        {"type": "frame", "track_id": track_id, "frame_index": index, "patch": patch.tolist()}
-    )
+    return json.dumps({"type": "frame", "track_id": track_id, "frame_index": index, "patch": patch.tolist()})
 
 
 def test_sigterm_drains_flushes_tracks_and_closes_with_reason(standin_model):
@@ -76,9 +74,7 @@ def test_sigterm_drains_flushes_tracks_and_closes_with_reason(standin_model):
     # every open track flushed (its last frames answered), then marked expired by shutdown
     by_track = {}
     for m in messages:
-        by_track.setdefault(m["track_id"], []).append(
-            (m["type"], m.get("frame_index"), m.get("reason"))
-        )
+        by_track.setdefault(m["track_id"], []).append((m["type"], m.get("frame_index"), m.get("reason")))
     assert by_track["A"] == [
         ("result", 0, None),
         ("result", 1, None),

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from functools import partial
 
 import numpy as np
 import pytest
 
-from functools import partial
-
 from service.science import peaks
 from service.science.peaks import REFINE_MODES
+from service.science.physics import hr_map, hr_to_lr
 
 # Most of this file checks the local-maximum rule; mode="cells" has its own tests at the end.
 extract_peaks = partial(peaks.extract_peaks, mode="local_max")
 extract_peaks_batch = partial(peaks.extract_peaks_batch, mode="local_max")
-from service.science.physics import hr_map, hr_to_lr
 
 N = 33  # HR map side for ratio 3 over an 11 x 11 patch
 
@@ -275,8 +274,7 @@ def test_border_peaks_on_every_edge(refine):
     m = np.zeros((N, N))
     m[0, 16], m[32, 10], m[16, 0], m[10, 32] = 250.0, 240.0, 230.0, 220.0
     out = extract_peaks(m, refine=refine)
-    expected = [[lr(16), lr(0), 250], [lr(10), lr(32), 240], [lr(0), lr(16), 230],
-                [lr(32), lr(10), 220]]
+    expected = [[lr(16), lr(0), 250], [lr(10), lr(32), 240], [lr(0), lr(16), 230], [lr(32), lr(10), 220]]
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
 
 
@@ -336,8 +334,7 @@ def test_round_trip_targets_at_cell_centres(refine):
 
 @pytest.mark.parametrize(
     "bad",
-    [np.zeros(33), np.zeros((2, 33, 33)), np.float64(3.0), [[1.0, np.nan]], [[np.inf, 0.0]],
-     [["a", "b"]]],
+    [np.zeros(33), np.zeros((2, 33, 33)), np.float64(3.0), [[1.0, np.nan]], [[np.inf, 0.0]], [["a", "b"]]],
 )
 def test_bad_map_raises(bad):
     with pytest.raises(ValueError):
@@ -353,8 +350,15 @@ def test_unknown_refine_names_the_allowed_values():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"threshold": float("nan")}, {"threshold": "high"}, {"nms_radius": -1},
-     {"nms_radius": 1.5}, {"max_targets": -1}, {"max_targets": 2.5}, {"ratio": 0}],
+    [
+        {"threshold": float("nan")},
+        {"threshold": "high"},
+        {"nms_radius": -1},
+        {"nms_radius": 1.5},
+        {"max_targets": -1},
+        {"max_targets": 2.5},
+        {"ratio": 0},
+    ],
 )
 def test_bad_options_raise(kwargs):
     with pytest.raises(ValueError):

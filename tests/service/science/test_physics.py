@@ -7,7 +7,10 @@ from service.science import physics
 
 def numeric_pixel(x, y, a, r, c, sigma=0.5):
     """Brute-force double integral of the Gaussian PSF over pixel (r, c)."""
-    f = lambda v, u: np.exp(-((u - x) ** 2 + (v - y) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+
+    def f(v, u):
+        return np.exp(-((u - x) ** 2 + (v - y) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+
     val, _ = integrate.dblquad(f, c - 0.5, c + 0.5, r - 0.5, r + 0.5, epsabs=1e-13, epsrel=1e-13)
     return a * val
 

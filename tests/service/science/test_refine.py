@@ -15,11 +15,11 @@ from service.science import physics
 from service.science.refine import (
     FitConfig,
     FitResult,
-    _frame_times,
-    _Problem,
     _best_subset,
     _cluster,
     _flux_counts,
+    _frame_times,
+    _Problem,
     _Window,
     estimate_noise,
     fit_window,
@@ -34,7 +34,9 @@ TIMES = np.arange(-2.0, 3.0)
 EXACT = FitConfig(noise=0.0, quantized=False)
 
 
-def window(targets: np.ndarray, velocity=VELOCITY, times=TIMES, quantize: bool = False, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+def window(
+    targets: np.ndarray, velocity=VELOCITY, times=TIMES, quantize: bool = False, noise: float = 0.0, seed: int = 0
+) -> np.ndarray:
     """Frames (len(times), 11, 11) of ``targets`` (middle frame) moving with ``velocity``."""
     rng = np.random.default_rng(seed)
     frames = []
