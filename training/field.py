@@ -577,62 +577,44 @@ def generate(
     overwrite: bool = False,
 ) -> dict:
     """Simulate ``n`` field trajectories into ``out``; returns the meta.json contents."""
-    from tqdm import tqdm
-
     params.validate()
     counts = sim_io.split_counts(n, fractions)
     out = Path(out)
     sim_io.prepare_out(out, overwrite)
     seeds = trajectory_seeds(seed, n)
-    samples: list[tuple[np.ndarray, np.ndarray]] = []
-    titles: list[str] = []
-    bar = tqdm(total=n, desc="simulate field", unit="traj", disable=not progress)
-    i = 0
-    for name, count in zip(sim_io.SPLITS, counts):
-        if count == 0:
-            continue
-        split_dir = out / name
-        (split_dir / data.ANNOTATION_DIR).mkdir(parents=True)
-        if not params.float_out:
-            (split_dir / data.IMAGE_DIR).mkdir()
-        float_images = []
-        lines = []
-        for local in range(count):
-            traj, noise_rng = sample_field_trajectory(seeds[i], params)
-            images = render(traj, noise_rng, params.size, params.float_out)
-            for t in range(params.frames):
-                frame_n = local * params.frames + t
-                if params.float_out:
-                    float_images.append(images[t])
-                else:
-                    write_png(data.image_path(split_dir, frame_n), images[t])
-                data.write_annotation(split_dir, frame_n, traj.targets[t], images.shape[1:], traj.psf_sigma)
-            stuck = np.zeros(images.shape[1:], dtype=bool)
-            stuck[traj.defects[:, 1].astype(int), traj.defects[:, 0].astype(int)] = True
-            saturated = int(np.sum((images >= traj.saturation) & ~stuck[None]))
-            lines.append(
-                json.dumps(
-                    {"trajectory": i, "split_index": local, **traj.conditions, "saturated_pixels": saturated},
-                    sort_keys=True,
-                )
-            )
-            if preview is not None and len(samples) < 4:
-                samples.append((images, traj.targets))
-                c = traj.conditions
-                titles.append(
-                    f"{c['background']['kind']} {c['geometry']} psf {c['psf_sigma']:.2f} noise {c['noise']:.1f} "
-                    f"SNR {min(c['peak_snr']):.0f}-{max(c['peak_snr']):.0f}"
-                )
-            i += 1
-            bar.update()
-        (split_dir / CONDITIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if params.float_out:
-            np.save(split_dir / data.FLOAT_IMAGES, np.stack(float_images).astype(np.float32))
-    bar.close()
+
+    def trajectory(i: int) -> sim_io.Written:
+        traj, noise_rng = sample_field_trajectory(seeds[i], params)
+        images = render(traj, noise_rng, params.size, params.float_out)
+        stuck = np.zeros(images.shape[1:], dtype=bool)
+        stuck[traj.defects[:, 1].astype(int), traj.defects[:, 0].astype(int)] = True
+        saturated = int(np.sum((images >= traj.saturation) & ~stuck[None]))
+        record = {**traj.conditions, "saturated_pixels": saturated}
+        return sim_io.Written(images, traj.targets, traj.psf_sigma, record)
+
+    kept = sim_io.write_splits(
+        out,
+        counts,
+        params.frames,
+        params.float_out,
+        trajectory,
+        write_png,
+        CONDITIONS_FILE,
+        progress,
+        "simulate field",
+        keep=4 if preview is not None else 0,
+    )
     meta = meta_dict(params, seed, fractions, counts)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if preview is not None:
-        sim_io.write_preview(preview, samples, titles=titles, stretch=True)
+        titles = []
+        for w in kept:
+            c = w.record
+            titles.append(
+                f"{c['background']['kind']} {c['geometry']} psf {c['psf_sigma']:.2f} noise {c['noise']:.1f} "
+                f"SNR {min(c['peak_snr']):.0f}-{max(c['peak_snr']):.0f}"
+            )
+        sim_io.write_preview(preview, [(w.images, w.targets) for w in kept], titles=titles, stretch=True)
     return meta
 
 

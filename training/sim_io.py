@@ -4,7 +4,10 @@ split counts, the output folder and the preview picture."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +80,67 @@ def write_preview(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@dataclass
+class Written:
+    """One simulated trajectory, as :func:`write_splits` writes it."""
+
+    images: np.ndarray  # (T, H, W) sensor values (or float32 with ``float_out``)
+    targets: list[np.ndarray]  # per frame (K, 3): x, y, brightness
+    psf_sigma: float
+    record: dict | None = None  # a line of the split's side file (per-trajectory conditions)
+
+
+def write_splits(
+    out: Path,
+    counts: list[int],
+    frames: int,
+    float_out: bool,
+    trajectory: Callable[[int], Written],
+    write_png: Callable[[Path, np.ndarray], None],
+    side_file: str | None = None,
+    progress: bool = True,
+    desc: str = "simulate",
+    keep: int = 4,
+) -> list[Written]:
+    """Write trajectory 0, 1, ... (``trajectory(i)``) into the splits of ``out`` in order, in the
+    published layout: PNG frames (or one float32 ``images.npy`` per split) and XML annotations;
+    with ``side_file``, each trajectory's ``record`` as a JSON line of that file per split.
+    Returns the first ``keep`` trajectories (for a preview)."""
+    from tqdm import tqdm
+
+    from training import data
+
+    kept: list[Written] = []
+    bar = tqdm(total=sum(counts), desc=desc, unit="traj", disable=not progress)
+    i = 0
+    for name, count in zip(SPLITS, counts):
+        if count == 0:
+            continue
+        split_dir = out / name
+        (split_dir / data.ANNOTATION_DIR).mkdir(parents=True)
+        if not float_out:
+            (split_dir / data.IMAGE_DIR).mkdir()
+        float_images, lines = [], []
+        for local in range(count):
+            w = trajectory(i)
+            for t in range(frames):
+                frame_n = local * frames + t
+                if float_out:
+                    float_images.append(w.images[t])
+                else:
+                    write_png(data.image_path(split_dir, frame_n), w.images[t])
+                data.write_annotation(split_dir, frame_n, w.targets[t], w.images.shape[1:], w.psf_sigma)
+            if side_file is not None:
+                lines.append(json.dumps({"trajectory": i, "split_index": local, **(w.record or {})}, sort_keys=True))
+            if len(kept) < keep:
+                kept.append(w)
+            i += 1
+            bar.update()
+        if side_file is not None:
+            (split_dir / side_file).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if float_out:
+            np.save(split_dir / data.FLOAT_IMAGES, np.stack(float_images).astype(np.float32))
+    bar.close()
+    return kept

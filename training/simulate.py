@@ -64,7 +64,15 @@ import numpy as np
 
 from service.science import physics
 from training import data
-from training.sim_io import FORMAT_VERSION, SPLITS, split_counts, trajectory_rngs, write_preview
+from training.sim_io import (
+    FORMAT_VERSION,
+    SPLITS,
+    Written,
+    split_counts,
+    trajectory_rngs,
+    write_preview,
+    write_splits,
+)
 from training.sim_io import prepare_out as _prepare_out
 
 MAX_SLOPE = 2.0  # |dy/dx| of the reference path between frames
@@ -490,46 +498,30 @@ def generate(
     overwrite: bool = False,
 ) -> dict:
     """Simulate ``n`` trajectories into ``out``; returns the meta.json contents."""
-    from tqdm import tqdm
-
     params.validate()
     counts = split_counts(n, fractions)
     out = Path(out)
     _prepare_out(out, overwrite)
     rngs = trajectory_rngs(seed, n)
-    samples: list[tuple[np.ndarray, np.ndarray]] = []
-    bar = tqdm(total=n, desc="simulate", unit="traj", disable=not progress)
-    i = 0
-    for name, count in zip(SPLITS, counts):
-        if count == 0:
-            continue
-        split_dir = out / name
-        (split_dir / data.ANNOTATION_DIR).mkdir(parents=True)
-        if not params.float_out:
-            (split_dir / data.IMAGE_DIR).mkdir()
-        float_images = []
-        for local in range(count):
-            rng = rngs[i]
-            frames, targets = simulate_trajectory(rng, params)
-            images = render(frames, params.noise, rng, params.float_out)
-            for t in range(params.frames):
-                frame_n = local * params.frames + t
-                if params.float_out:
-                    float_images.append(images[t])
-                else:
-                    data.write_png(data.image_path(split_dir, frame_n), images[t])
-                data.write_annotation(split_dir, frame_n, targets[t], images.shape[1:], params.psf_sigma)
-            if preview is not None and len(samples) < 4:
-                samples.append((images, targets))
-            i += 1
-            bar.update()
-        if params.float_out:
-            np.save(split_dir / data.FLOAT_IMAGES, np.stack(float_images).astype(np.float32))
-    bar.close()
+
+    def trajectory(i: int) -> Written:
+        frames, targets = simulate_trajectory(rngs[i], params)
+        return Written(render(frames, params.noise, rngs[i], params.float_out), targets, params.psf_sigma)
+
+    kept = write_splits(
+        out,
+        counts,
+        params.frames,
+        params.float_out,
+        trajectory,
+        data.write_png,
+        progress=progress,
+        keep=4 if preview is not None else 0,
+    )
     meta = meta_dict(params, seed, fractions, counts)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if preview is not None:
-        write_preview(preview, samples)
+        write_preview(preview, [(w.images, w.targets) for w in kept])
     return meta
 
 
