@@ -19,7 +19,7 @@ from service.engine.names import AUTO, PLANS
 
 # The bundled model, found next to the package so that the service starts from any working
 # directory of a source checkout (``models/`` is not inside the ``service`` package).
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "derefnet.onnx"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "derefnet.onnx"
 
 MAX_WORKERS = 64
 

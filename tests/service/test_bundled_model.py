@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -46,3 +47,11 @@ def test_service_starts_on_the_bundled_model_and_answers():
     for res in out["results"]:
         for t in res["targets"]:
             assert -0.5 <= t["x"] <= 10.5 and -0.5 <= t["y"] <= 10.5
+
+
+def test_the_default_model_path_is_the_repositorys_bundled_model():
+    """A layout change that moves service/runtime/config.py must not move the default model (the
+    tests on the bundled model would skip instead of failing)."""
+    repo = Path(__file__).resolve().parents[2]
+    assert DEFAULT_MODEL_PATH == repo / "models" / "derefnet.onnx"
+    assert DEFAULT_MODEL_PATH.is_file() == (repo / "models" / "derefnet.json").is_file()
