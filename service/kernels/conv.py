@@ -7,8 +7,8 @@ was most of the remaining time. Two kernels replace it in a part split by ``csis
   in float32) for the convolutions with 32-channel input; several times ONNX Runtime's float32
   speed on a CPU with AMX (Intel Sapphire Rapids and later). A reduced-precision path: the card
   records its measured accuracy; the `amx` execution plan runs it (``service/engine/plans.py``).
-- ``"direct"``: float32, for convolutions with at most 8 input or output channels, which ONNX
-  Runtime ran at under a tenth of its 32-channel speed.
+- ``"direct"``: float32, for convolutions with at most 8 input or output channels, where ONNX
+  Runtime's general kernel is far from its 32-channel speed.
 
 Either can end with an activation folded in from the graph: ``"relu"``, or the ISTA stages' soft
 threshold ``"soft_threshold"``, y = x - clip(x, lo, hi); and then with a residual Add (a residual

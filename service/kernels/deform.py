@@ -1,8 +1,10 @@
 """The native 3x3 deformable convolution of the window head (C source: service/kernels/_native/deform.c).
 
-ONNX Runtime's CPU ``DeformConv`` took 61 % of the head's time; this kernel computes the same
-function (torchvision / ONNX ``DeformConv`` semantics, checked against both by the tests) about
-twice as fast on one thread. It is built at install time as the optional extension
+ONNX Runtime's CPU ``DeformConv`` recomputes each sample's bilinear weights for every input
+channel; this kernel computes the same function (torchvision / ONNX ``DeformConv`` semantics,
+checked against both by the tests) with the weights computed once per sample. Whether it is
+faster on a host is measured there (the ``native-deform`` plan is timed against the stock plan
+at start-up). It is built at install time as the optional extension
 ``service.kernels._deform``; :data:`AVAILABLE` says whether it was, and the service falls back to
 ONNX Runtime's kernel when it was not (the ``native-deform`` and ``amx`` execution plans use it).
 

@@ -135,7 +135,7 @@ class SplitSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_the_deform_only_format(cls, data):
-        """Cards split before the format was generic (session 4): head/head_sha256/deform."""
+        """Cards in the older deform-only split format: head/head_sha256/deform."""
         if isinstance(data, dict) and "deform" in data and "steps" not in data:
             data = dict(data)
             data.setdefault("part", data.pop("head", None))

@@ -55,8 +55,8 @@ ALIGN, FUSE = "align", "fuse"  # the head's halves (optional parts): see Inferen
 DEFORM_KERNELS = ("auto", "native", "onnxruntime")
 # The AMX split's segments are the glue between the native kernels (matrix products, 1x1 convs,
 # reductions, concatenations). ONNX Runtime's NCHWc layout transformer reorders tensors to and
-# from its blocked layout around every Conv it takes; there that cost more than it saved (the
-# head's attention segment: 2.26 ms with it, 1.55 ms without, 16 windows' pairs, one thread).
+# from its blocked layout around every Conv it takes; on these small glue segments the reorders
+# cost more than the blocked layout saves.
 AMX_GLUE_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 CONV_KERNELS = ("auto", "amx", "onnxruntime")
 
@@ -102,7 +102,7 @@ def session_options(
     options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3
     # ORT's worker threads busy-wait between runs by default; in a server that burns the CPU
-    # the event loop needs (measured: twice the CPU per window on 2 cores), so it is off.
+    # the event loop needs, so it is off.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     return options

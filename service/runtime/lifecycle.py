@@ -85,9 +85,9 @@ class Runtime:
             }
         )
         # Everything loaded so far (the model, the sessions, the libraries' objects) lives as long
-        # as the process: out of the collector's sight, a full collection no longer walks it.
-        # Walking it took 30-75 ms with the GIL held, a stall of every worker and the event loop
-        # that showed as the latency tail (see the README's speed section).
+        # as the process: out of the collector's sight, a full collection no longer walks it. A
+        # walk holds the GIL long enough to stall every worker and the event loop at once, which
+        # shows as the latency tail.
         gc.collect()
         gc.freeze()
         self.ready = True
