@@ -2,6 +2,7 @@
 
 csist bench speed --model models/derefnet.onnx --out bench/results/speed.json --markdown bench/results/speed.md
 csist bench accuracy --model models/derefnet.onnx --out bench/results/accuracy.json --markdown bench/results/accuracy.md
+csist bench field --model models/derefnet.onnx --out bench/results/field.json --markdown bench/results/field.md
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench import accuracy, speed
+    from bench import accuracy, field, speed
 
     p = argparse.ArgumentParser(
         prog="csist bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -33,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     accuracy.add_arguments(a)
     a.set_defaults(func=accuracy.main)
+    f = sub.add_parser(
+        "field",
+        help="CSO-mAP by field condition (backgrounds, brightness, PSF, geometry), network and network + fit",
+        description=field.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    field.add_arguments(f)
+    f.set_defaults(func=field.main)
     return p
 
 

@@ -1,0 +1,169 @@
+"""``csist bench field``: CSO-mAP by field condition, the network alone and with the fit.
+
+Each condition is SeqCSIST-style data with one thing changed (or the field scenario's mixed
+draw), simulated in memory by the project's simulators (``training.simulate``,
+``training.field``) on seeds kept for this benchmark, run through the service's streaming path
+(the execution plan ``auto`` chooses) and scored with the service's post-processing at the
+model card's defaults (threshold, peak rule): refine ``none`` (the network's cells) and ``fit``.
+
+    csist bench field --model models/derefnet.onnx --trajectories 100 \\
+        --out bench/results/field.json --markdown bench/results/field.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import md_table, write_outputs
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_BASE = 7_310_000  # this benchmark's seeds: never used for training or development data
+
+# One-thing-changed conditions keep the protocol's cross-shaped groups of 2-4 targets of
+# brightness 220-250, PSF sigma 0.5, no noise, no background, unless the condition changes it.
+PROTOCOL_LIKE = {
+    "geometry": ("cross",),
+    "targets": (2, 4),
+    "brightness": (220.0, 250.0),
+    "psf_sigma": (0.5, 0.5),
+    "noise": (0.0, 0.0),
+    "background": ("flat",),
+    "pedestal": (0.0, 0.0),
+    "bad_pixels": (0, 0),
+    "velocity": (0.0, 0.05),
+}
+CONDITIONS: dict[str, tuple[str, dict]] = {
+    "protocol, clean": ("seqcsist", {}),
+    "protocol, noise sigma 2": ("seqcsist", {"noise": 2.0}),
+    "flat background +30": ("field", {"pedestal": (30.0, 30.0)}),
+    "background ramp 10..60": ("field", {"background": ("ramp",), "ramp": (10.0, 60.0)}),
+    "clutter, std <= 25": ("field", {"background": ("clutter",), "clutter_std": (2.0, 25.0), "pedestal": (20.0, 60.0)}),
+    "brightness 60-250": ("field", {"brightness": (60.0, 250.0)}),
+    "brightness 60-120, noise 2": ("field", {"brightness": (60.0, 120.0), "noise": (2.0, 2.0)}),
+    "PSF sigma 0.6": ("field", {"psf_sigma": (0.6, 0.6)}),
+    "random geometry": ("field", {"geometry": ("random",), "group_radius": (0.9, 0.9), "velocity": (0.0, 0.1)}),
+    "2-8 targets": ("seqcsist", {"targets": (2, 8)}),
+    "field mix (all nuisances)": ("field-mix", {}),
+}
+
+
+def simulate(kind: str, changes: dict, n: int, seed: int):
+    """A ``training.data.Split`` of ``n`` trajectories of one condition, in memory."""
+    from training import field, simulate
+    from training.data import Split
+
+    frames, targets = [], []
+    if kind == "seqcsist":
+        params = dataclasses.replace(simulate.SimParams(), **changes)
+        for rng in simulate.trajectory_rngs(seed, n):
+            f, t = simulate.simulate_trajectory(rng, params)
+            frames.append(simulate.render(f, params.noise, rng, False).astype(np.float32))
+            targets.append(list(t))
+    else:
+        params = field.FieldParams() if kind == "field-mix" else field.FieldParams(**{**PROTOCOL_LIKE, **changes})
+        params.validate()
+        for s in field.trajectory_seeds(seed, n):
+            traj, noise_rng = field.sample_field_trajectory(s, params)
+            frames.append(field.render(traj, noise_rng, params.size).astype(np.float32))
+            targets.append(list(traj.targets))
+    return Split(np.stack(frames), targets, "test", Path(f"<{kind}>"))
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    from service.modelpkg.card import load_card
+    from training.evaluate import load_predictor, predict, score_maps
+
+    card = load_card(args.model.with_suffix(".json"))
+    threshold, mode = card.postprocess.threshold, card.postprocess.mode
+    predictor = load_predictor(args.model, args.threads, stream=True)
+    rows = []
+    names = args.conditions or list(CONDITIONS)
+    for k, name in enumerate(tqdm(names, desc="conditions", unit="cond")):
+        kind, changes = CONDITIONS[name]
+        split = simulate(kind, changes, args.trajectories, SEED_BASE + k)
+        t0 = time.perf_counter()
+        maps, timing = predict(predictor, split)
+        row = {"condition": name, "trajectories": args.trajectories, "windows": int(maps.shape[0] * maps.shape[1])}
+        row["inference_ms_per_window"] = 1000 * (time.perf_counter() - t0) / row["windows"]
+        for refine in ("none", "fit"):
+            report, _ = score_maps(maps, split, threshold, refine, None, mode or "cells")
+            row[refine] = {
+                "mAP": report["mAP"],
+                "count_accuracy": report["count_accuracy"],
+                "postprocess_ms_per_window": report["postprocess_ms_per_window"],
+            }
+        rows.append(row)
+    return {
+        "model": str(args.model),
+        "sha256": card.sha256,
+        "plan": predictor.plan.name,
+        "threshold": threshold,
+        "peak_mode": mode,
+        "seed_base": SEED_BASE,
+        "rows": rows,
+    }
+
+
+def markdown(report: dict) -> str:
+    rows = [
+        [
+            r["condition"],
+            f"{r['none']['mAP']:.1f}",
+            f"{r['fit']['mAP']:.1f}",
+            f"{r['none']['count_accuracy']:.0f}",
+            f"{r['fit']['count_accuracy']:.0f}",
+            f"{r['fit']['postprocess_ms_per_window']:.2f}",
+            f"{r['inference_ms_per_window']:.1f}",
+        ]
+        for r in report["rows"]
+    ]
+    head = (
+        f"Model {report['model']} (plan {report['plan']}), threshold {report['threshold']:g}; "
+        f"{report['rows'][0]['trajectories']} trajectories per condition.\n\n"
+    )
+    return head + md_table(
+        [
+            "condition",
+            "CSO-mAP network",
+            "CSO-mAP network + fit",
+            "count acc. % network",
+            "count acc. % fit",
+            "fit ms/window",
+            "inference ms/window",
+        ],
+        rows,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=REPO / "models" / "derefnet.onnx", help="ONNX model (card beside it)")
+    p.add_argument("--trajectories", type=int, default=100, help="trajectories per condition")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per call")
+    p.add_argument(
+        "--conditions",
+        nargs="+",
+        choices=list(CONDITIONS),
+        default=None,
+        metavar="NAME",
+        help=f"run only these conditions (default: all): {json.dumps(list(CONDITIONS))}",
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--markdown", type=Path, default=None, help="write the markdown table here")
+
+
+def main(args) -> int:
+    if args.trajectories < 1:
+        raise SystemExit("csist bench field: --trajectories must be >= 1")
+    report = run(args)
+    text = markdown(report)
+    write_outputs(report, args.out, text, args.markdown)
+    print(text)
+    return 0

@@ -1,0 +1,53 @@
+"""``csist bench field`` on the tiny model: every condition simulates, runs and scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from bench import cli
+from bench.field import CONDITIONS, SEED_BASE, simulate
+
+
+def test_conditions_change_what_they_say():
+    clean = simulate(*CONDITIONS["protocol, clean"], 2, SEED_BASE)
+    flat = simulate(*CONDITIONS["flat background +30"], 2, SEED_BASE)
+    ramp = simulate(*CONDITIONS["background ramp 10..60"], 2, SEED_BASE)
+    many = simulate(*CONDITIONS["2-8 targets"], 6, SEED_BASE)
+    assert clean.frames.shape == flat.frames.shape == (2, 20, 11, 11)
+    assert clean.frames.min() == 0 and flat.frames.min() >= 29  # the pedestal lifts every pixel
+    corners = ramp.frames[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert corners.max() - corners.min() >= 30  # a ramp across the patch
+    assert max(len(t[0]) for t in many.targets) > 4  # more than the protocol's 4
+    assert np.array_equal(simulate(*CONDITIONS["flat background +30"], 2, SEED_BASE).frames, flat.frames)
+
+
+def test_quick_field_report(tiny_model, tmp_path):
+    out, md = tmp_path / "field.json", tmp_path / "field.md"
+    names = ["protocol, clean", "flat background +30"]
+    assert (
+        cli.main(
+            [
+                "field",
+                "--model",
+                str(tiny_model),
+                "--trajectories",
+                "2",
+                "--conditions",
+                *names,
+                "--out",
+                str(out),
+                "--markdown",
+                str(md),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert [r["condition"] for r in report["rows"]] == names
+    for r in report["rows"]:
+        assert r["windows"] == 2 * 16 and r["inference_ms_per_window"] > 0
+        for refine in ("none", "fit"):
+            assert 0 <= r[refine]["mAP"] <= 100 and r[refine]["postprocess_ms_per_window"] >= 0
+    assert "| flat background +30 |" in md.read_text()
