@@ -1,4 +1,4 @@
-"""``csist bench``: speed and accuracy benchmarks.
+"""``csist bench``: speed, accuracy and field-condition benchmarks.
 
 csist bench speed --model models/derefnet.onnx --out bench/results/speed.json --markdown bench/results/speed.md
 csist bench accuracy --model models/derefnet.onnx --out bench/results/accuracy.json --markdown bench/results/accuracy.md

@@ -21,7 +21,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "simulate": ("training.simulate", "simulate SeqCSIST-protocol trajectories to disk"),
+    "simulate": ("training.simulate", "simulate SeqCSIST-protocol or field trajectories to disk"),
     "train": ("training.train", "train DeRefNet on a simulated or published data set"),
     "evaluate": ("training.evaluate", "CSO-mAP of a checkpoint or ONNX model on a split"),
     "export": ("training.export", "export a checkpoint to ONNX and write its model card"),
@@ -31,7 +31,7 @@ COMMANDS = {
     "serve": ("service.api.server", "run the inference service (FastAPI + ONNX Runtime)"),
     "plans": ("service.engine.cli", "check and time the execution plans of a model on this host"),
     "replay": ("csist.replay", "stream simulated tracks to a running service"),
-    "bench": ("bench.cli", "speed and accuracy benchmarks"),
+    "bench": ("bench.cli", "speed, accuracy and field-condition benchmarks"),
 }
 
 
