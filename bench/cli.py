@@ -18,30 +18,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="csist bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser(
-        "speed",
-        help="eager vs ONNX vs streaming vs the real server",
-        description=speed.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    speed.add_arguments(s)
-    s.set_defaults(func=speed.main)
-    a = sub.add_parser(
-        "accuracy",
-        help="CSO-mAP per condition beside the paper's numbers",
-        description=accuracy.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    accuracy.add_arguments(a)
-    a.set_defaults(func=accuracy.main)
-    f = sub.add_parser(
-        "field",
-        help="CSO-mAP by field condition (backgrounds, brightness, PSF, geometry), network and network + fit",
-        description=field.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    field.add_arguments(f)
-    f.set_defaults(func=field.main)
+    for name, module, text in (
+        ("speed", speed, "eager vs ONNX vs streaming vs the real server"),
+        ("accuracy", accuracy, "CSO-mAP per condition beside the paper's numbers"),
+        (
+            "field",
+            field,
+            "CSO-mAP by field condition (backgrounds, brightness, PSF, geometry), network and network + fit",
+        ),
+    ):
+        sp = sub.add_parser(
+            name, help=text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(sp)
+        sp.set_defaults(func=module.main)
     return p
 
 

@@ -171,7 +171,6 @@ class Batcher:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
-        self.plan_name = plan.name
         self._run_model = plan.run
         self._encode = plan.encode if plan.streaming else None
         self._head = plan.head if plan.streaming else None

@@ -128,22 +128,12 @@ class ExecutionPlan:
     def backends(self) -> dict[str, str]:
         """Which code runs each part: ``onnxruntime:<provider>``, ``native-deform`` (ONNX Runtime
         segments + the float32 DeformConv kernel), ``amx-bf16``."""
-        m = self.model
-        ort_label = f"onnxruntime:{m.providers[0]}" if m.providers else "onnxruntime"
+        ort_label = f"onnxruntime:{self.model.providers[0]}"
         if not self.streaming:
             return {"single": ort_label}
-        out = {}
-        for name in (ENCODER, HEAD, ALIGN, FUSE):
-            if name not in m.parts or (name in (ALIGN, FUSE) and not self.pairs):
-                continue
-            split = getattr(m, f"split_{name}")
-            if split is None:
-                out[name] = ort_label
-            elif any(getattr(s.kernel, "kernel", None) == "amx" or s.op == "ConvChain" for s in split.steps):
-                out[name] = "amx-bf16"
-            else:
-                out[name] = "native-deform"
-        return out
+        parts = [ENCODER, HEAD] + ([ALIGN, FUSE] if self.pairs else [])
+        native = {"native-deform": {HEAD: "native-deform"}, "amx": dict.fromkeys(parts, "amx-bf16")}.get(self.name, {})
+        return {part: native.get(part, ort_label) for part in parts}
 
     def files(self) -> list[str]:
         """The model files this plan opened (file names beside the card)."""
@@ -151,10 +141,7 @@ class ExecutionPlan:
         out = [m.path.name] if m.session is not None else []
         for name, part in sorted(m.parts.items()):
             split = getattr(m, f"split_{name}")
-            if split is None and part.session is not None:
-                out.append(part.path.name)
-        for spec in _split_specs(m):
-            out += [seg.file for seg in spec.segments if seg is not None] + [spec.weights.file]
+            out += list(split.files) if split is not None else [part.path.name]
         return out
 
     def describe(self) -> dict:
@@ -166,18 +153,6 @@ class ExecutionPlan:
             "pairs": self.pairs,
             "files": len(self.files()),
         }
-
-
-def _split_specs(m: InferenceModel) -> list:
-    card = m.card
-    used = []
-    for name in (ENCODER, HEAD, ALIGN, FUSE):
-        if getattr(m, f"split_{name}") is None:
-            continue
-        amx = card.amx_split
-        spec = getattr(amx, name, None) if amx is not None and m.conv_kernel == "amx" else None
-        used.append(spec if spec is not None else card.head_split)
-    return used
 
 
 def _bound(part) -> Fn:
@@ -256,12 +231,8 @@ def build_plan(
         single=name == "onnxruntime-single",
         **kernels,
     )
+    # load_model itself refuses deform_kernel="native" / conv_kernel="amx" when their split cannot load
     plan = ExecutionPlan(name, model, io_binding=name == "cuda")
-    want = {"native-deform": "native-deform", "amx": "amx-bf16"}.get(name)
-    if want is not None and want not in plan.backends().values():  # load_model stepped back
-        raise ModelError(
-            f"plan {name!r} cannot be used: {why_not(name, model.card, options) or 'its split did not load'}"
-        )
     if name != "onnxruntime-single" and not plan.streaming:
         raise ModelError(f"plan {name!r} cannot be used: the model card lists no streaming parts")
     return plan

@@ -24,6 +24,7 @@ can, "amx" requires it, "onnxruntime" never uses it). Runs of convs that feed on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -66,7 +67,15 @@ class ModelError(RuntimeError):
 
 
 def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks (models can be large)."""
+    """Hex SHA-256 of a file, read in chunks (models can be large). The plan choice loads the
+    same files for several plans: a file unchanged since it was hashed (same size and
+    modification time) is not read again."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -147,6 +156,7 @@ class SplitGraph:
     steps: list[Step]
     input_name: str
     output_name: str
+    files: tuple[str, ...] = ()  # the segment and weight files it was loaded from
 
     def __post_init__(self):
         if len(self.segments) != len(self.steps) + 1:
@@ -456,7 +466,8 @@ def load_split(
         ) from None
     if fuse:
         sessions, steps = fused_chains(sessions, steps, spec.output)
-    return SplitGraph(name, sessions, steps, spec.input, spec.output)
+    files = tuple(seg.file for seg in spec.segments if seg is not None) + (spec.weights.file,)
+    return SplitGraph(name, sessions, steps, spec.input, spec.output, files)
 
 
 def fused_chains(
