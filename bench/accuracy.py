@@ -1,6 +1,6 @@
 r"""``csist bench accuracy``: CSO-mAP per test condition, beside the ceiling and the paper.
 
-    csist bench accuracy --model models/derefnet.onnx --trajectories 200 \
+    csist bench accuracy --model models/derefnet --trajectories 200 \
         --out bench/results/accuracy.json --markdown bench/results/accuracy.md
 
 For each condition a fresh test split is simulated with its own seed (listed in ``CONDITIONS``;
@@ -97,17 +97,15 @@ def condition_rows(name: str, predictor, n: int, refines: tuple[str, ...], thres
 
 
 def run(args) -> dict:
-    import json
-
     from training import evaluate
 
     predictor = evaluate.load_predictor(args.model, args.threads)
     threshold = args.threshold
-    if threshold is None:
-        card = Path(args.model).with_suffix(".json")
-        threshold = (
-            json.loads(card.read_text()).get("postprocess", {}).get("threshold", 70.0) if card.is_file() else 70.0
-        )
+    if threshold is None:  # a model folder's default; a checkpoint has none
+        from service.modelpkg.manifest import load_package
+
+        model = Path(args.model)
+        threshold = load_package(model).postprocess.threshold if model.is_dir() else 70.0
     refines = tuple(r for r in args.refine.split(",") if r)
     report = {
         "machine": machine(),
@@ -147,15 +145,15 @@ def markdown(report: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", type=Path, default=REPO / "models" / "derefnet.onnx", help="ONNX model or checkpoint (.pt)"
-    )
+    p.add_argument("--model", type=Path, default=REPO / "models" / "derefnet", help="model folder or checkpoint (.pt)")
     p.add_argument("--trajectories", type=int, default=200, help="test trajectories per condition")
     p.add_argument(
         "--conditions", default=",".join(CONDITIONS), help=f"comma-separated subset of {', '.join(CONDITIONS)}"
     )
     p.add_argument("--refine", default=",".join(REFINE_DEFAULT), help="comma-separated post-processing modes to score")
-    p.add_argument("--threshold", type=float, default=None, help="peak threshold (default: the model card's, else 70)")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="peak threshold (default: the model folder's, else 70)"
+    )
     p.add_argument("--threads", type=int, default=None, help="inference threads")
     p.add_argument("--quick", action="store_true", help="2 trajectories per condition (tests)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")

@@ -1,8 +1,8 @@
 """``csist bench``: speed, accuracy and field-condition benchmarks.
 
-csist bench speed --model models/derefnet.onnx --out bench/results/speed.json --markdown bench/results/speed.md
-csist bench accuracy --model models/derefnet.onnx --out bench/results/accuracy.json --markdown bench/results/accuracy.md
-csist bench field --model models/derefnet.onnx --out bench/results/field.json --markdown bench/results/field.md
+csist bench speed --model models/derefnet --out bench/results/speed.json --markdown bench/results/speed.md
+csist bench accuracy --model models/derefnet --out bench/results/accuracy.json --markdown bench/results/accuracy.md
+csist bench field --model models/derefnet --out bench/results/field.json --markdown bench/results/field.md
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Each condition is SeqCSIST-style data with one thing changed (or the field scenario's mixed
 draw), simulated in memory by the project's simulators (``training.simulate``,
 ``training.field``) on seeds kept for this benchmark, run through the service's streaming path
-(the execution plan ``auto`` chooses) and scored with the service's post-processing at the
-model card's defaults (threshold, peak rule): refine ``none`` (the network's cells) and ``fit``.
+(the execution plan ``auto`` chooses) and scored with the service's post-processing at its
+defaults (peak threshold 5 x each window's flux noise, the card's peak rule, the fit's default
+calibration): refine ``none`` (the network's cells) and ``fit``.
 
-    csist bench field --model models/derefnet.onnx --trajectories 100 \\
+    csist bench field --model models/derefnet --trajectories 100 \\
         --out bench/results/field.json --markdown bench/results/field.md
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import md_table, write_outputs
+from service.science.postprocess import DEFAULT_SNR
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_BASE = 7_310_000  # this benchmark's seeds: never used for training or development data
@@ -78,11 +80,13 @@ def simulate(kind: str, changes: dict, n: int, seed: int):
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from service.modelpkg.card import load_card
+    from service.modelpkg.manifest import load_package
     from training.evaluate import load_predictor, predict, score_maps
 
-    card = load_card(args.model.with_suffix(".json"))
-    threshold, mode = card.postprocess.threshold, card.postprocess.mode
+    card = load_package(args.model)
+    mode = card.postprocess.mode
+    threshold = card.postprocess.threshold if args.threshold is None else args.threshold
+    snr = None if args.threshold is not None else args.threshold_snr
     predictor = load_predictor(args.model, args.threads, stream=True)
     rows = []
     names = args.conditions or list(CONDITIONS)
@@ -94,7 +98,7 @@ def run(args) -> dict:
         row = {"condition": name, "trajectories": args.trajectories, "windows": int(maps.shape[0] * maps.shape[1])}
         row["inference_ms_per_window"] = 1000 * (time.perf_counter() - t0) / row["windows"]
         for refine in ("none", "fit"):
-            report, _ = score_maps(maps, split, threshold, refine, None, mode or "cells")
+            report, _ = score_maps(maps, split, threshold, refine, None, mode or "cells", snr)
             row[refine] = {
                 "mAP": report["mAP"],
                 "count_accuracy": report["count_accuracy"],
@@ -105,7 +109,8 @@ def run(args) -> dict:
         "model": str(args.model),
         "sha256": card.sha256,
         "plan": predictor.plan.name,
-        "threshold": threshold,
+        "threshold": None if snr is not None else threshold,
+        "threshold_snr": snr,
         "peak_mode": mode,
         "seed_base": SEED_BASE,
         "rows": rows,
@@ -125,8 +130,10 @@ def markdown(report: dict) -> str:
         ]
         for r in report["rows"]
     ]
+    snr = report.get("threshold_snr")
+    rule = f"threshold {snr:g} x flux noise" if snr is not None else f"threshold {report['threshold']:g}"
     head = (
-        f"Model {report['model']} (plan {report['plan']}), threshold {report['threshold']:g}; "
+        f"Model {report['model']} (plan {report['plan']}), {rule}; "
         f"{report['rows'][0]['trajectories']} trajectories per condition.\n\n"
     )
     return head + md_table(
@@ -144,9 +151,18 @@ def markdown(report: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=REPO / "models" / "derefnet.onnx", help="ONNX model (card beside it)")
+    p.add_argument("--model", type=Path, default=REPO / "models" / "derefnet", help="model folder (with its manifest)")
     p.add_argument("--trajectories", type=int, default=100, help="trajectories per condition")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per call")
+    p.add_argument(
+        "--threshold-snr",
+        type=float,
+        default=DEFAULT_SNR,
+        help=f"peak threshold relative to each window's flux noise (default {DEFAULT_SNR:g}, the service's)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="an absolute peak threshold instead (the SeqCSIST metric's 70)"
+    )
     p.add_argument(
         "--conditions",
         nargs="+",

@@ -1,6 +1,6 @@
 r"""``csist bench speed``: every way of running DeRefNet, on the same simulated windows, one report.
 
-    csist bench speed --model models/derefnet.onnx --checkpoint runs/derefnet/best.pt \
+    csist bench speed --model models/derefnet --checkpoint runs/derefnet/best.pt \
         --out bench/results/speed.json --markdown bench/results/speed.md
 
 In one process and one run (so that the ratios compare like with like):
@@ -125,7 +125,7 @@ def conv_throughput(seconds: float) -> dict:
 
 
 class OrtModel:
-    """Single graph and (if the card lists them) encoder + head, in one set of session options.
+    """Single graph and (if the manifest lists them) encoder + head, in one set of session options.
 
     ``deform_kernel="native"`` / ``conv_kernel="amx"`` load the streaming parts through
     ``service.modelpkg.model.load_model`` with those kernels (what the service runs); they must be usable.
@@ -134,9 +134,14 @@ class OrtModel:
     def __init__(self, model: Path, options: dict | None = None):
         import onnxruntime as ort
 
+        from service.modelpkg.manifest import PackageError, load_package
         from service.modelpkg.model import ModelError, load_model, session_options
 
-        self.card = json.loads(model.with_suffix(".json").read_text())
+        try:
+            self.package = load_package(model)
+        except PackageError as exc:
+            raise SystemExit(f"csist bench speed: {exc}") from None
+        directory = self.package.directory
         options = dict(options or {})
         self.workers = options.pop("workers", 1)  # threads calling the sessions at once
         deform_kernel = options.pop("deform_kernel", "onnxruntime")
@@ -144,12 +149,12 @@ class OrtModel:
         fuse_convs = options.pop("fuse_convs", True)
         opts = session_options(**options)
         cpu = ["CPUExecutionProvider"]
-        self.single = ort.InferenceSession(str(model), opts, providers=cpu)
-        parts = self.card.get("parts") or {}
+        self.single = ort.InferenceSession(str(self.package.model_file), opts, providers=cpu)
+        parts = self.package.parts
         self.encoder = self.head = self.loaded = None
         if "encoder" in parts and "head" in parts:
-            self.encoder = ort.InferenceSession(str(model.parent / parts["encoder"]["file"]), opts, providers=cpu)
-            self.head = ort.InferenceSession(str(model.parent / parts["head"]["file"]), opts, providers=cpu)
+            self.encoder = ort.InferenceSession(str(directory / parts["encoder"].file), opts, providers=cpu)
+            self.head = ort.InferenceSession(str(directory / parts["head"].file), opts, providers=cpu)
         if self.encoder is not None and (deform_kernel, conv_kernel) != ("onnxruntime", "onnxruntime"):
             try:
                 self.loaded = load_model(
@@ -600,12 +605,12 @@ def run(args) -> dict:
 
     windows = np.ascontiguousarray(all_windows(trajectories)[: args.windows])
     m = OrtModel(args.model)
-    cfg = m.card["config"]
+    cfg = m.package.manifest.interface.config
     flops = window_flops(cfg)
     report: dict = {
         "machine": machine(),
         "model": str(args.model),
-        "sha256": m.card.get("sha256"),
+        "sha256": m.package.sha256,
         "data": {"seed": SEED, "trajectories": int(len(trajectories)), "windows": int(len(windows))},
         "flops": flops,
         "conv_throughput": conv_throughput(seconds),
@@ -646,11 +651,11 @@ def run(args) -> dict:
             )
     from service.kernels import conv, deform
 
-    native = m.encoder is not None and m.card.get("head_split") is not None and deform.AVAILABLE
-    amx = m.encoder is not None and m.card.get("amx_split") is not None and conv.AMX and deform.AVAILABLE
+    native = m.encoder is not None and m.package.head_split is not None and deform.AVAILABLE
+    amx = m.encoder is not None and m.package.amx_split is not None and conv.AMX and deform.AVAILABLE
     report["amx"] = {
         "used": amx,
-        "why_not": None if amx else (conv.WHY_NOT_AMX if not conv.AMX else "no amx_split in the card"),
+        "why_not": None if amx else (conv.WHY_NOT_AMX if not conv.AMX else "no amx_split plan in the manifest"),
     }
     if native:  # the head's DeformConv in the service's native kernel
         mn = OrtModel(args.model, {"deform_kernel": "native"})
@@ -751,7 +756,7 @@ def run(args) -> dict:
         server = {"cached": server_runs(args.model, args, trajectories, phases=main_phases)}
         if m.encoder is not None and not args.no_stock_server and server["cached"].get("plan") != "onnxruntime":
             server["stock plan"] = server_runs(args.model, args, trajectories, "onnxruntime", phases=("ws_saturation",))
-        if "align" in m.card.get("parts", {}) and not args.no_pair_ab:
+        if "align" in m.package.parts and not args.no_pair_ab:
             # the same fixed load with the window's head run whole when it completes
             server["cached, no pair cache"] = server_runs(
                 args.model, args, trajectories, pair_cache=False, phases=("ws_fixed",)
@@ -939,8 +944,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         type=Path,
-        default=REPO / "models" / "derefnet.onnx",
-        help="ONNX model (its card and parts next to it)",
+        default=REPO / "models" / "derefnet",
+        help="model folder (its manifest.json lists the parts)",
     )
     p.add_argument(
         "--checkpoint",

@@ -2,14 +2,15 @@
 
     csist simulate --out data/seqcsist --trajectories 5000 --seed 0
     csist train --data data/seqcsist --out runs/derefnet
-    csist evaluate --model models/derefnet.onnx --data data/seqcsist --split test
-    csist export --checkpoint runs/derefnet/best.pt --out models/derefnet.onnx
-    csist quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx
-    csist split-head --model models/derefnet.onnx
-    csist split-amx --model models/derefnet.onnx
+    csist evaluate --model models/derefnet --data data/seqcsist --split test
+    csist export --checkpoint runs/derefnet/best.pt --out models/derefnet
+    csist quantize --model models/derefnet --out models/derefnet-int8
+    csist split-head --model models/derefnet
+    csist split-amx --model models/derefnet
+    csist migrate-model old/derefnet.onnx --out models/derefnet
     csist serve --host 127.0.0.1 --port 8000
-    csist plans --model models/derefnet.onnx
-    csist bench speed|accuracy
+    csist plans --model models/derefnet
+    csist bench speed|accuracy|field
 
 Each subcommand is the ``main(argv)`` of its module, imported only when asked for, so that
 ``csist serve`` works in the service image where torch is not installed.
@@ -24,10 +25,11 @@ COMMANDS = {
     "simulate": ("training.simulate", "simulate SeqCSIST-protocol or field trajectories to disk"),
     "train": ("training.train", "train DeRefNet on a simulated or published data set"),
     "evaluate": ("training.evaluate", "CSO-mAP of a checkpoint or ONNX model on a split"),
-    "export": ("training.export", "export a checkpoint to ONNX and write its model card"),
-    "quantize": ("training.quantize", "int8 variant of an exported model (static QDQ) and its card"),
+    "export": ("training.export", "export a checkpoint to ONNX: a model folder with its manifest"),
+    "quantize": ("training.quantize", "int8 variant of an exported model (static QDQ), a folder of its own"),
     "split-head": ("training.split_head", "cut the head at its DeformConv nodes for the native kernel"),
     "split-amx": ("training.split_amx", "cut encoder and head at their Convs for the bfloat16 AMX kernel"),
+    "migrate-model": ("service.modelpkg.migrate", "move a model of the old flat layout (.onnx + .json) into a folder"),
     "serve": ("service.api.server", "run the inference service (FastAPI + ONNX Runtime)"),
     "plans": ("service.engine.cli", "check and time the execution plans of a model on this host"),
     "replay": ("csist.replay", "stream simulated tracks to a running service"),
@@ -37,7 +39,8 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: csist COMMAND [--help] [ARGS]", "", "commands:"]
-    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -656,9 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine",
         default=None,
         help="sub-cell refinement option sent with every frame, e.g. none|centroid|quadratic "
-        "(default: the model card's)",
+        "(default: the model's, from its manifest)",
     )
-    p.add_argument("--threshold", type=float, default=None, help="peak threshold option (default: the card's)")
+    p.add_argument("--threshold", type=float, default=None, help="peak threshold option (default: the model's)")
     p.add_argument(
         "--drain-timeout",
         type=float,

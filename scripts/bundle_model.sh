@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# How the bundled model (models/derefnet.onnx + models/derefnet.json) is made, step by step.
+# How the bundled model (the folder models/derefnet: model.onnx, its parts and splits,
+# manifest.json and provenance.json) and its int8 variant (models/derefnet-int8) are made, step by step.
 # Training is long on a 2-core CPU: run it in the background and resume with --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,44 +26,44 @@ if [[ $step == evaluate || $step == all ]]; then
     --out "$RUN/test_report.json"
 fi
 if [[ $step == export || $step == all ]]; then
-  $CSIST export --checkpoint "$RUN/best.pt" --out models/derefnet.onnx \
+  $CSIST export --checkpoint "$RUN/best.pt" --out models/derefnet \
     --eval-report "$RUN/test_report.json" \
     --data-command "csist simulate --out data/seqcsist --trajectories 5000 --seed 0" \
     --data-command "csist simulate --out $TEST_DATA --trajectories 750 --seed $TEST_SEED --split 0,0,1"
-  $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none fit \
+  $CSIST evaluate --model models/derefnet --data "$TEST_DATA" --split test --refine none fit \
     --out "$RUN/test_report_onnx.json" --plots docs/img
 fi
 if [[ $step == reexport ]]; then
   # after a change to the inference graph alone (same checkpoint, same weights): export again,
-  # keeping the data and training commands the card records, then refresh metrics and int8
+  # keeping the data and training commands its provenance records, then refresh metrics and int8
   mapfile -t recorded < <(.venv/bin/python -c '
-import json
-card = json.load(open("models/derefnet.json"))
-for flag, key in (("--data-command", "data"), ("--train-command", "training")):
-    for command in card[key]["commands"]:
+from service.modelpkg.manifest import load_package
+provenance = load_package("models/derefnet").provenance
+for flag, record in (("--data-command", provenance.data), ("--train-command", provenance.training)):
+    for command in record["commands"]:
         print(flag)
         print(command)')
-  $CSIST export --checkpoint "$RUN/best.pt" --out models/derefnet.onnx \
+  $CSIST export --checkpoint "$RUN/best.pt" --out models/derefnet \
     --eval-report "$RUN/test_report.json" "${recorded[@]}"
 fi
 if [[ $step == metrics || $step == reexport ]]; then
   # after a post-processing change (the network unchanged): re-evaluate the bundled ONNX model and
-  # refresh the card's metrics without re-exporting
+  # refresh the metrics in its provenance without re-exporting
   mkdir -p "$EVAL"
-  $CSIST evaluate --model models/derefnet.onnx --data "$TEST_DATA" --split test --refine none centroid fit \
+  $CSIST evaluate --model models/derefnet --data "$TEST_DATA" --split test --refine none centroid fit \
     --threads 1 --out "$EVAL/test_report.json" --plots "$EVAL/plots"
-  $CSIST export --metrics-only --out models/derefnet.onnx --eval-report "$EVAL/test_report.json"
+  $CSIST export --metrics-only --out models/derefnet --eval-report "$EVAL/test_report.json"
 fi
 if [[ $step == int8 || $step == reexport ]]; then
-  $CSIST quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx --head \
+  $CSIST quantize --model models/derefnet --out models/derefnet-int8 --head \
     --eval-data "$TEST_DATA" --max-map-drop 0.5
 fi
 if [[ $step == split ]]; then
   # cut the existing heads for the native DeformConv kernel (export and quantize do this themselves)
-  $CSIST split-head --model models/derefnet.onnx
-  $CSIST split-head --model models/derefnet-int8.onnx
+  $CSIST split-head --model models/derefnet
+  $CSIST split-head --model models/derefnet-int8
 fi
 if [[ $step == amx || $step == split || $step == reexport || $step == all ]]; then
   # the bfloat16 AMX split of the fp32 model, kept only if CSO-mAP drops by at most 0.5 (needs an AMX CPU)
-  $CSIST split-amx --model models/derefnet.onnx --eval-data "$TEST_DATA" --refine none fit --max-map-drop 0.5
+  $CSIST split-amx --model models/derefnet --eval-data "$TEST_DATA" --refine none fit --max-map-drop 0.5
 fi

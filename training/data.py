@@ -20,6 +20,7 @@ else.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -31,6 +32,7 @@ import cv2
 import numpy as np
 
 from service.science import physics
+from service.science.background import condition
 
 IMAGE_DIR = "image"
 ANNOTATION_DIR = "annotation"
@@ -203,6 +205,11 @@ class Split:
     @property
     def frames_per_trajectory(self) -> int:
         return int(self.frames.shape[1])
+
+
+def conditioned(split: Split) -> Split:
+    """The split with its frames as the network sees them (:func:`service.science.background.condition`)."""
+    return dataclasses.replace(split, frames=condition(split.frames))
 
 
 def concat_splits(splits: list[Split]) -> Split:

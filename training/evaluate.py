@@ -1,7 +1,7 @@
 """Evaluate a DeRefNet checkpoint or ONNX model on a data split with CSO-mAP.
 
-    csist evaluate --model models/derefnet.onnx --data data/seqcsist --split test
-    csist evaluate --model models/derefnet.onnx --data data/seqcsist --split test --path stream
+    csist evaluate --model models/derefnet --data data/seqcsist --split test
+    csist evaluate --model models/derefnet --data data/seqcsist --split test --path stream
     csist evaluate --model runs/derefnet/best.pt --data data/seqcsist --split test \
         --refine centroid --out report.json --detections dets.json --plots plots/
 
@@ -23,8 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from service.engine.names import AUTO, PLANS
+from service.science.background import condition
 from service.science.peaks import DEFAULT_MODE, PEAK_MODES
-from service.science.postprocess import REFINE_MODES, find_targets
+from service.science.postprocess import DEFAULT_SNR, REFINE_MODES, find_targets
 from service.science.refine import FitConfig
 from training.data import read_split, window_middles, windows
 from training.metric import count_accuracy, cso_map, localisation_error
@@ -33,23 +34,30 @@ WINDOW = 5
 
 
 def load_predictor(path: str | Path, threads: int | None = None, stream: bool = False, plan: str = "auto"):
-    """A function frames (n, T, 11, 11) -> HR maps (n, T-4, 33, 33) for a .pt or .onnx model.
+    """A function frames (n, T, 11, 11) -> HR maps (n, T-4, 33, 33) for a model folder (or its
+    manifest: the single graph, its hash verified), a bare .onnx graph, or a checkpoint (.pt).
 
-    ``stream``: an .onnx model run the way the service streams it (:class:`StreamPredictor`).
+    ``stream``: a model folder run the way the service streams it (:class:`StreamPredictor`).
     """
     path = Path(path)
     if stream:
-        if path.suffix != ".onnx":
-            raise SystemExit("csist evaluate: error: --path stream needs an exported .onnx model")
         return StreamPredictor(path, threads, plan)
     if path.suffix == ".onnx":
         return OnnxPredictor(path, threads)
+    if path.is_dir() or path.suffix == ".json":
+        from service.modelpkg.manifest import PackageError, load_package, verified
+
+        try:
+            package = load_package(path)
+            return OnnxPredictor(verified(package.directory, package.manifest.model, "model", "re-export it"), threads)
+        except PackageError as exc:
+            raise SystemExit(f"csist evaluate: error: {exc}") from None
     return TorchPredictor(path, threads)
 
 
 class StreamPredictor:
     """The service's streaming path: the execution plan the service would serve (``plan``:
-    "auto" chooses by measurement, as ``CSIST_PLAN`` does; card and hashes verified), each frame
+    "auto" chooses by measurement, as ``CSIST_PLAN`` does; manifest and hashes verified), each frame
     encoded once, then the head on every window of features."""
 
     def __init__(self, path: Path, threads: int | None = None, plan: str = "auto", batch: int = 64):
@@ -63,7 +71,7 @@ class StreamPredictor:
             raise SystemExit(f"csist evaluate: error: {exc}") from None
         self.plan = selection.plan
         if not self.plan.streaming:
-            raise SystemExit(f"csist evaluate: error: the card of {path} lists no streaming encoder and head")
+            raise SystemExit(f"csist evaluate: error: the manifest of {path} lists no streaming encoder and head")
         self.batch = batch
         self.backends = self.plan.backends()
 
@@ -159,19 +167,21 @@ def detections(
     max_targets: int | None = None,
     frames: np.ndarray | None = None,
     mode: str = DEFAULT_MODE,
+    snr: float | None = None,
 ):
     """Targets of every map in (n, W, 33, 33): a flat list of (K, 3) arrays, trajectory-major.
 
-    ``frames`` (n, T, 11, 11), the trajectories the maps came from, is needed for refine="fit";
-    float (unquantised) frames get a fit without 8-bit rounding and saturation.
+    ``frames`` (n, T, 11, 11), the trajectories the maps came from, is needed for refine="fit"
+    and for ``snr`` (the peak threshold relative to each window's noise, instead of the absolute
+    ``threshold``); float (unquantised) frames get a fit without 8-bit rounding and saturation.
     """
     flat = maps.reshape(-1, *maps.shape[-2:])
     win, fit = None, None
-    if refine == "fit" and frames is not None:
+    if (refine == "fit" or snr is not None) and frames is not None:
         win = windows(frames, WINDOW)
         fit = FitConfig() if is_8bit(frames) else FitConfig(quantized=False, saturation=None)
     return find_targets(
-        flat, win, threshold=threshold, refine=refine, max_targets=max_targets, mode=mode, fit_config=fit
+        flat, win, threshold=threshold, refine=refine, max_targets=max_targets, mode=mode, fit_config=fit, snr=snr
     )
 
 
@@ -206,7 +216,7 @@ def score(dets: list, truth: list) -> dict:
 def predict(predictor, split) -> tuple[np.ndarray, dict]:
     """HR maps (n, T-4, 33, 33) of a split and the inference timing."""
     t0 = time.perf_counter()
-    maps = predictor(split.frames)
+    maps = predictor(condition(split.frames))  # as the service runs the network: background removed
     seconds = time.perf_counter() - t0
     return maps, {
         "inference_seconds": seconds,
@@ -215,11 +225,17 @@ def predict(predictor, split) -> tuple[np.ndarray, dict]:
 
 
 def score_maps(
-    maps, split, threshold: float = 70.0, refine: str = "none", max_targets: int | None = None, mode: str = DEFAULT_MODE
+    maps,
+    split,
+    threshold: float = 70.0,
+    refine: str = "none",
+    max_targets: int | None = None,
+    mode: str = DEFAULT_MODE,
+    snr: float | None = None,
 ) -> tuple[dict, list]:
     """Targets from precomputed maps and their report; returns (report, detections)."""
     t1 = time.perf_counter()
-    dets = detections(maps, threshold, refine, max_targets, frames=split.frames, mode=mode)
+    dets = detections(maps, threshold, refine, max_targets, frames=split.frames, mode=mode, snr=snr)
     post = time.perf_counter() - t1
     report = score(dets, middle_truth(split))
     report["postprocess_ms_per_window"] = 1000 * post / max(1, len(dets))
@@ -307,12 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="csist evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="checkpoint (.pt) or ONNX model (.onnx)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model folder (with its manifest.json), bare ONNX graph (.onnx) or checkpoint (.pt)",
+    )
     p.add_argument("--data", required=True, help="data set root (csist simulate output or the published layout)")
     p.add_argument("--split", default="test", help="split folder to evaluate (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N trajectories")
     p.add_argument(
         "--threshold", type=float, default=70.0, help="peak brightness threshold (default 70, as the reference metric)"
+    )
+    p.add_argument(
+        "--threshold-snr",
+        type=float,
+        default=None,
+        help="peak threshold relative to each window's flux noise instead (the service's default is"
+        f" {DEFAULT_SNR:g}; docs/method.md)",
     )
     p.add_argument(
         "--refine",
@@ -336,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--path",
         choices=("single", "stream"),
         default="single",
-        help="single: the .onnx single graph on every window; stream: the service's streaming path "
-        "(encoder once per frame, head per window, card and hashes verified)",
+        help="single: the single graph on every window; stream: the service's streaming path on a model "
+        "folder (encoder once per frame, head per window, manifest and hashes verified)",
     )
     p.add_argument(
         "--plan",
@@ -363,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     maps, timing = predict(predictor, split)
     reports = []
     for refine in args.refine:
-        report, dets = score_maps(maps, split, args.threshold, refine, args.max_targets, args.peak_mode)
+        report, dets = score_maps(
+            maps, split, args.threshold, refine, args.max_targets, args.peak_mode, args.threshold_snr
+        )
         report.update(
             timing,
             model=str(args.model),
@@ -371,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             split=args.split,
             refine=refine,
             threshold=args.threshold,
+            threshold_snr=args.threshold_snr,
             peak_mode=args.peak_mode,
             trajectories=split.n_trajectories,
             **path,

@@ -1,30 +1,35 @@
-"""Export a DeRefNet checkpoint to ONNX (opset 19, DeformConv nodes) and write its model card.
+"""Export a DeRefNet checkpoint to ONNX (opset 19, DeformConv nodes): a model folder.
 
-    csist export --checkpoint runs/derefnet/best.pt --out models/derefnet.onnx \
+    csist export --checkpoint runs/derefnet/best.pt --out models/derefnet \
         --eval-report runs/derefnet/test_report.json --data-command "csist simulate ..."
-    csist export --metrics-only --out models/derefnet.onnx --eval-report runs/eval/test_report.json
+    csist export --metrics-only --out models/derefnet --eval-report runs/eval/test_report.json
+
+``--out`` is the model folder (docs/model-package.md): ``model.onnx``, the parts below, and
+``manifest.json`` (interface, files and hashes) with ``provenance.json`` (the commands, the
+checks, the metrics), both written through ``service.modelpkg.manifest``. Files of a model
+exported there before that the new manifest does not list (an old split) are removed.
 
 The graph takes ``lr`` (batch, 5, 11, 11) in sensor units and returns ``hr`` (batch, 33, 33),
 the middle frame's HR map; Phi, Qinit and the folded window-position gates are constants in it
 and the training-only symmetry branch is not exported. Deformable convolutions are exported
 through ``torchvision.ops.deform_conv2d`` as ONNX ``DeformConv`` with torch's dynamo exporter
 (the legacy exporter fails on it). The export is checked with ``onnx.checker`` and against
-PyTorch on simulated windows in ONNX Runtime before the card is written.
+PyTorch on simulated windows in ONNX Runtime before the manifest is written.
 
 Beside the single graph it writes the two parts a stream needs (docs/method.md section 7): the
-per-frame encoder ``<out>.encoder.onnx`` (``lr_frames`` (N, 11, 11) -> ``features`` (N, 1089),
+per-frame encoder ``encoder.onnx`` (``lr_frames`` (N, 11, 11) -> ``features`` (N, 1089),
 the stage-9 estimates in network units, i.e. divided by ``config.scale``) and the window head
-``<out>.head.onnx`` (``features`` (B, 5, 1089) -> ``hr`` (B, 33, 33) in sensor units, holding
+``head.onnx`` (``features`` (B, 5, 1089) -> ``hr`` (B, 33, 33) in sensor units, holding
 the DeformConv nodes). The window-position gates sigmoid(Linear(e_p)) depend on nothing but
 the weights, so the head multiplies by their 5 precomputed vectors. Encoder then head must equal
-the single graph within the tolerance (checked in ONNX Runtime); the card lists both parts under
-``parts`` with their hashes, and the service verifies them like the main file.
+the single graph within the tolerance (checked in ONNX Runtime); the manifest lists both parts
+under ``parts`` with their hashes, and the service verifies them like the main file.
 
 The head is also written as its two halves, so that a stream can align a window's neighbours
-one by one before the window's last frame arrives: ``<out>.align.onnx`` (``pair_features``
+one by one before the window's last frame arrives: ``align.onnx`` (``pair_features``
 (P, 5, 1089): the middle frame's features in row 2 and one neighbour's in its position's row,
 zeros elsewhere -> ``aligned`` (P, 1089), that neighbour aligned by the TDFA) and
-``<out>.fuse.onnx`` (``stack`` (B, 5, 1089): the 4 aligned neighbours around the middle
+``fuse.onnx`` (``stack`` (B, 5, 1089): the 4 aligned neighbours around the middle
 frame's features -> ``hr`` (B, 33, 33)). The layouts are ``service.science.windows.pair_features`` and
 ``fuse_features``; align then fuse must equal the head within the tolerance. Last, the head is
 cut at its DeformConv nodes for the service's native kernel (``csist split-head``; skipped with
@@ -44,7 +49,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.modelpkg.model import file_sha256 as sha256
+from service.modelpkg.manifest import (
+    MODEL_FILE,
+    Interface,
+    Manifest,
+    PackageError,
+    PartSpec,
+    Provenance,
+    file_sha256,
+    file_spec,
+    load_package,
+    write_package,
+)
 from service.science.peaks import DEFAULT_MODE
 from service.science.postprocess import REFINE_MODES
 from training.model import DeRefNet, load_checkpoint_model
@@ -166,11 +182,11 @@ def export_onnx(model: DeRefNet, out: Path) -> None:
     )
 
 
-def export_parts(model: DeRefNet, out: Path) -> dict[str, Path]:
-    """Export the per-frame encoder and the window head next to ``out``; returns their paths."""
+def export_parts(model: DeRefNet, directory: Path) -> dict[str, Path]:
+    """Export the per-frame encoder and the window head into the folder ``directory``; returns their paths."""
     model = model.cpu().eval()
     model.set_deform_mode("torchvision")
-    paths = part_paths(out)
+    paths = part_paths(directory)
     windows = torch.from_numpy(sample_windows(2))
     frames = windows.reshape(-1, *windows.shape[2:])  # (10, 11, 11)
     with torch.no_grad():
@@ -186,7 +202,7 @@ def export_parts(model: DeRefNet, out: Path) -> dict[str, Path]:
         "align": (AlignPart(model), pairs, PAIR_FEATURES, ALIGNED, {"pair_features": {0: n}}),
         "fuse": (FusePart(model), stack, STACK, OUTPUT, {"stack": {0: batch}}),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     for name, (module, example, in_name, out_name, dyn) in specs.items():
         torch.onnx.export(
             module.eval(),
@@ -259,8 +275,8 @@ def check_parts(single: Path, parts: dict[str, Path], windows: np.ndarray, stage
     return out
 
 
-def parts_card(parts: dict[str, Path], cfg: dict) -> dict:
-    """The card's ``parts`` entry: file, hash and tensor specs of the encoder and the head."""
+def part_specs(parts: dict[str, Path], cfg: dict) -> dict[str, PartSpec]:
+    """The manifest's ``parts``: file, hash and tensor specs of the encoder, the head and its halves."""
     hr = cfg["size"] * cfg["ratio"]
     io = {
         "encoder": (
@@ -338,13 +354,7 @@ def parts_card(parts: dict[str, Path], cfg: dict) -> dict:
         ),
     }
     return {
-        name: {
-            "file": path.name,
-            "sha256": sha256(path),
-            "bytes": path.stat().st_size,
-            "inputs": io[name][0],
-            "outputs": io[name][1],
-        }
+        name: file_spec(path.parent, path.name, PartSpec, inputs=io[name][0], outputs=io[name][1])
         for name, path in parts.items()
     }
 
@@ -376,49 +386,58 @@ def check_onnx(model: DeRefNet, path: Path, windows: np.ndarray, tol: float = 1e
     }
 
 
-def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dict) -> dict:
-    """The model card (``extra`` may carry ``parts``, see :func:`parts_card`)."""
+def write_manifest(
+    directory: Path, ckpt: dict, checks: dict, parts: dict[str, PartSpec], extra: dict
+) -> tuple[Manifest, Provenance]:
+    """The manifest and provenance of the model folder ``directory`` (``extra``: the version,
+    post-processing defaults, commands and reports of this export)."""
     cfg = ckpt["config"]
-    card = {
-        "name": "derefnet",
-        "version": extra.pop("version", "0.1.0"),
-        "file": onnx_path.name,
-        "sha256": sha256(onnx_path),
-        "bytes": onnx_path.stat().st_size,
-        "opset": OPSET,
-        "inputs": [
-            {
-                "name": INPUT,
-                "shape": ["batch", cfg["window"], cfg["size"], cfg["size"]],
-                "dtype": "float32",
-                "units": "sensor counts (8-bit scale, 0..255)",
-            }
-        ],
-        "outputs": [
-            {
-                "name": OUTPUT,
-                "shape": ["batch", cfg["size"] * cfg["ratio"], cfg["size"] * cfg["ratio"]],
-                "dtype": "float32",
-                "units": "brightness of the middle frame's targets at their HR cells",
-            }
-        ],
-        "config": cfg,
-        "parameters": ckpt.get("parameters"),
-        "physics": {
-            "size": cfg["size"],
-            "ratio": cfg["ratio"],
-            "psf_sigma": cfg["psf_sigma"],
-            "hr_cell_centre": "(i + 0.5) / ratio - 0.5 LR px",
-            "qinit": "least squares on the training split",
-        },
-        "postprocess": extra.pop("postprocess"),
-        "export": {
+    interface = Interface.model_validate(
+        {
+            "opset": OPSET,
+            "inputs": [
+                {
+                    "name": INPUT,
+                    "shape": ["batch", cfg["window"], cfg["size"], cfg["size"]],
+                    "dtype": "float32",
+                    "units": "sensor counts (8-bit scale, 0..255)",
+                }
+            ],
+            "outputs": [
+                {
+                    "name": OUTPUT,
+                    "shape": ["batch", cfg["size"] * cfg["ratio"], cfg["size"] * cfg["ratio"]],
+                    "dtype": "float32",
+                    "units": "brightness of the middle frame's targets at their HR cells",
+                }
+            ],
+            "config": cfg,
+            "parameters": ckpt.get("parameters"),
+            "physics": {
+                "size": cfg["size"],
+                "ratio": cfg["ratio"],
+                "psf_sigma": cfg["psf_sigma"],
+                "hr_cell_centre": "(i + 0.5) / ratio - 0.5 LR px",
+                "qinit": "least squares on the training split",
+            },
+            "postprocess": extra.pop("postprocess"),
+        }
+    )
+    manifest = Manifest(
+        name="derefnet",
+        version=extra.pop("version", "0.1.0"),
+        interface=interface,
+        model=file_spec(directory, MODEL_FILE),
+        parts=parts,
+    )
+    provenance = Provenance(
+        export={
             "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}",
             **checks,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": extra.pop("export_command"),
         },
-        "training": {
+        training={
             "commands": extra.pop("train_commands") or ckpt["state"].get("commands") or [ckpt.get("command")],
             "steps": ckpt["state"]["step"],
             "train_seconds": round(ckpt["state"]["train_seconds"], 1),
@@ -428,9 +447,8 @@ def write_card(path: Path, onnx_path: Path, ckpt: dict, checks: dict, extra: dic
             "args": ckpt.get("args"),
         },
         **extra,
-    }
-    path.write_text(json.dumps(card, indent=2) + "\n")
-    return card
+    )
+    return write_package(directory, manifest, provenance), provenance
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,17 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("models/derefnet.onnx"),
-        help="ONNX file to write; the card goes next to it (.json)",
+        default=Path("models/derefnet"),
+        help="model folder to write: model.onnx, its parts, manifest.json and provenance.json",
     )
-    p.add_argument("--card", type=Path, default=None, help="model card path (default: OUT with .json)")
-    p.add_argument("--version", default="0.1.0", help="model version recorded in the card")
+    p.add_argument("--version", default="0.1.0", help="model version recorded in the manifest")
     p.add_argument(
         "--eval-report",
         type=Path,
         action="append",
         default=[],
-        help="JSON report(s) of `csist evaluate` to record as the card's metrics (repeatable)",
+        help="JSON report(s) of `csist evaluate` to record as the model's metrics (repeatable)",
     )
     p.add_argument(
         "--data-command",
@@ -465,14 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--default-refine",
         default="fit",
         choices=REFINE_MODES,
-        help="refine mode the service uses when a request names none (recorded in the card)",
+        help="refine mode the service uses when a request names none (recorded in the manifest)",
     )
     p.add_argument("--default-threshold", type=float, default=70.0, help="peak threshold the service uses by default")
     p.add_argument(
         "--train-command",
         action="append",
         default=[],
-        help="training command(s) to record in the card (default: those stored in the checkpoint)",
+        help="training command(s) to record in the provenance (default: those stored in the checkpoint)",
     )
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the ONNX vs PyTorch check")
     p.add_argument(
@@ -481,19 +498,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-only",
         action="store_true",
-        help="export nothing: replace the metrics of the existing card of --out with --eval-report (after a "
-        "post-processing change); the ONNX file must still match the card's sha256",
+        help="export nothing: replace the metrics of the model in --out with --eval-report (after a "
+        "post-processing change); its model.onnx must still match the manifest's sha256",
     )
     p.add_argument(
         "--no-parts",
         action="store_true",
-        help="do not write the streaming parts (<out stem>.encoder.onnx, <out stem>.head.onnx)",
+        help="do not write the streaming parts (encoder.onnx, head.onnx, align.onnx, fuse.onnx)",
     )
     return p
 
 
 def read_metrics(reports: list[Path]) -> dict:
-    """Card metrics from `csist evaluate` reports: one entry per report (and refine mode)."""
+    """Metrics from `csist evaluate` reports: one entry per report (and refine mode)."""
     metrics = {}
     for report in reports:
         doc = json.loads(report.read_text())
@@ -502,18 +519,29 @@ def read_metrics(reports: list[Path]) -> dict:
     return metrics
 
 
-def update_metrics(card_path: Path, onnx_path: Path, reports: list[Path], command: str) -> dict:
-    """Replace the metrics of an existing card; its model file must be the one it describes."""
-    card = json.loads(card_path.read_text())
-    if sha256(onnx_path) != card.get("sha256"):
-        raise SystemExit(f"csist export: error: {onnx_path} does not match the sha256 in {card_path}; export it anew")
-    card["metrics"] = read_metrics(reports)
-    card["metrics_updated"] = {
-        "command": command,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    return card
+def update_metrics(directory: Path, reports: list[Path], command: str) -> Provenance:
+    """Replace the metrics in the provenance of the model in ``directory``; its single graph must
+    be the one its manifest describes."""
+    try:
+        package = load_package(directory)
+    except PackageError as exc:
+        raise SystemExit(f"csist export: error: {exc}") from None
+    model = package.model_file
+    if not model.is_file() or file_sha256(model) != package.sha256:
+        raise SystemExit(
+            f"csist export: error: {model} does not match the sha256 in {package.manifest_path}; export it anew"
+        )
+    provenance = package.provenance.model_copy(
+        update={
+            "metrics": read_metrics(reports),
+            "metrics_updated": {
+                "command": command,
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        }
+    )
+    write_package(package.directory, package.manifest, provenance)
+    return provenance
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,28 +550,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_only:
         if not args.eval_report:
             raise SystemExit("csist export: error: --metrics-only needs at least one --eval-report")
-        card_path = args.card or args.out.with_suffix(".json")
-        card = update_metrics(card_path, args.out, args.eval_report, command)
-        print(f"updated the metrics of {card_path}: {', '.join(card['metrics'])}")
+        provenance = update_metrics(args.out, args.eval_report, command)
+        print(f"updated the metrics of {args.out}: {', '.join(provenance.metrics)}")
         return 0
     if args.checkpoint is None:
         raise SystemExit("csist export: error: --checkpoint is required (unless --metrics-only)")
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    if args.out.suffix == ".onnx":
+        folder = args.out.with_suffix("")
+        raise SystemExit(f"csist export: error: --out is the model folder (e.g. {folder}), not a file")
     model = load_checkpoint_model(args.checkpoint)
-    export_onnx(model, args.out)
+    single = args.out / MODEL_FILE
+    export_onnx(model, single)
     parity = sample_windows(args.parity_windows, seed=12345)
-    checks = check_onnx(model, args.out, parity, args.tolerance)
+    checks = check_onnx(model, single, parity, args.tolerance)
     parts = {}
     if not args.no_parts:
         paths = export_parts(model, args.out)
-        checks["parts"] = check_parts(args.out, paths, parity, ckpt["config"]["stages"], args.tolerance)
-        parts = {"parts": parts_card(paths, ckpt["config"])}
+        checks["parts"] = check_parts(single, paths, parity, ckpt["config"]["stages"], args.tolerance)
+        parts = part_specs(paths, ckpt["config"])
     metrics = read_metrics(args.eval_report)
-    card = write_card(
-        args.card or args.out.with_suffix(".json"),
+    manifest, _ = write_manifest(
         args.out,
         ckpt,
         checks,
+        parts,
         {
             "version": args.version,
             "export_command": command,
@@ -552,19 +583,18 @@ def main(argv: list[str] | None = None) -> int:
             "data": {"commands": args.data_command},
             "metrics": metrics,
             "host": {"machine": platform.machine(), "python": platform.python_version()},
-            **parts,
         },
     )
     print(
-        f"wrote {args.out} ({card['bytes']} bytes, sha256 {card['sha256'][:12]}..., {checks['deform_conv_nodes']} "
-        "DeformConv nodes, "
-        f"max |onnx - torch| {checks['max_abs_diff_vs_torch']:.2e})"
+        f"wrote {single} ({manifest.model.bytes} bytes, sha256 {manifest.model.sha256[:12]}..., "
+        f"{checks['deform_conv_nodes']} DeformConv nodes, max |onnx - torch| {checks['max_abs_diff_vs_torch']:.2e})"
     )
-    for part in card.get("parts", {}).values():
-        print(f"wrote {args.out.parent / part['file']} ({part['bytes']} bytes, sha256 {part['sha256'][:12]}...)")
+    for part in manifest.parts.values():
+        print(f"wrote {args.out / part.file} ({part.bytes} bytes, sha256 {part.sha256[:12]}...)")
     if parts:
         print(f"max |encoder+head - single graph| {checks['parts']['max_abs_diff_vs_single_graph']:.2e}")
         split_for_native_kernel(args.out, parity)
+    print(f"wrote {args.out / 'manifest.json'} and {args.out / 'provenance.json'}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The streaming parts' files and input layouts, numpy and ONNX Runtime only (no torch): shared
 by ``csist export``, the split commands and ``csist quantize``.
 
-- :func:`part_paths`: where the parts of an exported model go;
+- :func:`part_paths`: where the parts of an exported model go in its folder;
 - :func:`sample_windows`: simulated windows for parity checks;
 - :func:`pair_inputs`, :func:`fuse_inputs`, :func:`pair_maps`: a window's head as its halves
   (align each neighbour, then fuse), in the layouts of ``service.science.windows``.
@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from service.modelpkg.manifest import part_file
 from service.science.windows import HALF, NEIGHBOURS, fuse_features, pair_features
 
 PART_NAMES = ("encoder", "head", "align", "fuse")
 
 
-def part_paths(out: Path) -> dict[str, Path]:
-    """Where the parts of the single graph ``out`` go: ``<stem>.encoder.onnx`` etc."""
-    return {name: out.with_name(f"{out.stem}.{name}.onnx") for name in PART_NAMES}
+def part_paths(directory: Path) -> dict[str, Path]:
+    """Where the parts go in the model folder ``directory``: ``encoder.onnx`` etc."""
+    return {name: Path(directory) / part_file(name) for name in PART_NAMES}
 
 
 def sample_windows(n: int = 16, seed: int = 0) -> np.ndarray:

@@ -1,16 +1,17 @@
-"""Make an int8 variant of an exported DeRefNet (static QDQ) and write its model card.
+"""Make an int8 variant of an exported DeRefNet (static QDQ): a model folder of its own.
 
-    csist quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx
-    csist quantize --model models/derefnet.onnx --out models/derefnet-int8.onnx --head \
+    csist quantize --model models/derefnet --out models/derefnet-int8
+    csist quantize --model models/derefnet --out models/derefnet-int8 --head \
         --eval-data data/seqcsist-test-s1001 --max-map-drop 0.5    # how the bundled one was made
-    CSIST_MODEL_PATH=models/derefnet-int8.onnx csist serve
+    CSIST_MODEL_PATH=models/derefnet-int8 csist serve
 
-Reads a model exported by ``csist export`` (single graph + streaming encoder and head, listed in
-its card) and writes ``<out>``, ``<out stem>.encoder.onnx`` (and ``<out stem>.head.onnx`` with
-``--head``; otherwise the card names the fp32 head file when ``<out>`` is in the model's
-directory, a copy elsewhere) and the card ``<out>.json``: the fp32 card's schema with its own
-hashes, a ``precision`` record and a ``quantization`` record holding the command. The service
-loads the result like any model and verifies every hash.
+Reads a model folder written by ``csist export`` (single graph + streaming encoder and head,
+listed in its manifest) and writes the folder ``--out``: ``model.onnx``, ``encoder.onnx`` and
+``head.onnx`` (quantized with ``--head``, else a copy of the float32 head), ``manifest.json``
+(the float32 interface, its own hashes, and ``quantized_from``: the float32 folder and its hash,
+against which the service checks the int8 maps) and ``provenance.json`` (the float32 model's
+export and training records, a ``precision`` record and a ``quantization`` record holding the
+command). The service loads the result like any model and verifies every hash.
 
 What is quantized: by default the encoder's ``Conv`` and ``MatMul`` nodes (the 9 ISTA stages)
 in the encoder part and in the single graph, with ONNX Runtime's static QDQ quantization: int8
@@ -22,16 +23,15 @@ training, test or benchmark data), through the fp32 encoder for the head's featu
 
 ``--eval-data`` scores the fp32 and the int8 model on that split the way the service runs a
 stream (encoder on every frame once, then the head on every window; refine none, threshold 70,
-cell peaks as ``csist evaluate``) and records both CSO-mAPs in the card; with
+cell peaks as ``csist evaluate``) and records both CSO-mAPs in the provenance; with
 ``--max-map-drop`` the command fails (exit 1, files removed) when int8 loses more than that.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
-import json
+import os
 import shutil
 import sys
 import tempfile
@@ -40,7 +40,20 @@ from pathlib import Path
 
 import numpy as np
 
-from service.modelpkg.model import ENCODER, HEAD, file_sha256, session_options
+from service.modelpkg.manifest import (
+    MODEL_FILE,
+    Manifest,
+    ModelPackage,
+    PackageError,
+    PartSpec,
+    Provenance,
+    SourceSpec,
+    file_sha256,
+    file_spec,
+    load_package,
+    write_package,
+)
+from service.modelpkg.model import ENCODER, HEAD, session_options
 from service.science.windows import WINDOW
 from training.data import windows
 from training.parts import part_paths
@@ -225,25 +238,27 @@ def parity(single_fp32, single_q, parts_fp32: dict, parts_q: dict, held_out: np.
     }
 
 
-def build_card(src_card: dict, out: Path, paths: dict[str, Path], info: dict) -> dict:
-    """The fp32 card with the int8 files' names, sizes and hashes and the quantization record."""
-    card = copy.deepcopy(src_card)
-    # Same name (clients address /v2/models/<name>); the variant shows in the version's build tag.
-    card["version"] = f"{src_card['version']}+int8"
-    card["file"] = out.name
-    card["sha256"] = file_sha256(out)
-    card["bytes"] = out.stat().st_size
-    card["parts"] = {name: card["parts"][name] for name in paths}  # the fp32 align/fuse are not this model's
-    for name, path in paths.items():
-        card["parts"][name].update(file=path.name, sha256=file_sha256(path), bytes=path.stat().st_size)
-    card["precision"] = info.pop("precision")
-    # The fp32 metrics do not describe this model: only what was measured on it is listed.
-    card["metrics"] = info.pop("metrics")
-    card.pop("metrics_updated", None)  # a refresh of the fp32 card's metrics, not of these
-    card.pop("head_split", None)  # cut from the fp32 head; main() splits this model's own head
-    card.pop("amx_split", None)  # cut from the fp32 parts (and int8 Convs are not the AMX kernel's)
-    card["quantization"] = info
-    return card
+def build_package(source: ModelPackage, out: Path, paths: dict[str, Path], info: dict) -> tuple[Manifest, Provenance]:
+    """The int8 folder ``out``'s manifest (the float32 interface with the int8 files' hashes, no
+    plans: main() splits this model's own head) and provenance (the float32 model's records, the
+    precision and quantization records, and only the metrics measured on the int8 model)."""
+    parts = {  # the float32 align/fuse are not this model's
+        name: file_spec(out, path.name, PartSpec, **source.parts[name].model_dump(include={"inputs", "outputs"}))
+        for name, path in paths.items()
+    }
+    manifest = Manifest(
+        name=source.name,  # same name (clients address /v2/models/<name>); the variant shows in the version
+        version=f"{source.version}+int8",
+        interface=source.manifest.interface,
+        model=file_spec(out, MODEL_FILE),
+        parts=parts,
+        quantized_from=SourceSpec(
+            package=Path(os.path.relpath(source.directory.resolve(), out.resolve())).as_posix(), sha256=source.sha256
+        ),
+    )
+    records = source.provenance.model_dump(include={"export", "training", "data", "host"})
+    provenance = Provenance(**records, precision=info.pop("precision"), metrics=info.pop("metrics"), quantization=info)
+    return manifest, provenance
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -255,14 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         type=Path,
-        default=Path("models/derefnet.onnx"),
-        help="fp32 single graph written by `csist export`; its card must list the parts",
+        default=Path("models/derefnet"),
+        help="float32 model folder written by `csist export`; its manifest must list the parts",
     )
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("models/derefnet-int8.onnx"),
-        help="int8 single graph to write; parts and card (.json) go next to it",
+        default=Path("models/derefnet-int8"),
+        help="int8 model folder to write (model.onnx, encoder.onnx, head.onnx, manifest.json, provenance.json)",
     )
     p.add_argument(
         "--ops", default="Conv,MatMul", help="comma-separated op types to quantize (DeformConv is always left fp32)"
@@ -293,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--parity-windows",
         type=int,
         default=32,
-        help="held-out simulated windows for the int8 vs fp32 difference in the card",
+        help="held-out simulated windows for the int8 vs fp32 difference in the provenance",
     )
     p.add_argument(
         "--eval-data", type=Path, default=None, help="data set root (csist simulate output) to score fp32 and int8 on"
@@ -318,25 +333,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import onnxruntime as ort
 
-    src_card_path = args.model.with_suffix(".json")
-    src_card = json.loads(src_card_path.read_text())
-    if not {ENCODER, HEAD} <= set(src_card.get("parts") or {}):
-        print(f"csist quantize: {src_card_path} lists no encoder and head (export with parts)", file=sys.stderr)
+    try:
+        source = load_package(args.model)
+    except PackageError as exc:
+        print(f"csist quantize: {exc}", file=sys.stderr)
         return 2
-    if args.out.resolve() == args.model.resolve():
-        print("csist quantize: --out must differ from --model", file=sys.stderr)
+    if not {ENCODER, HEAD} <= set(source.parts):
+        print(f"csist quantize: {source.manifest_path} lists no encoder and head (export with parts)", file=sys.stderr)
+        return 2
+    if args.out.resolve() == source.directory.resolve():
+        print("csist quantize: --out must differ from --model (each model is a folder of its own)", file=sys.stderr)
         return 2
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    src_parts = {k: args.model.parent / v["file"] for k, v in src_card["parts"].items()}
-    wanted = {args.model: src_card["sha256"], **{src_parts[k]: v["sha256"] for k, v in src_card["parts"].items()}}
+    src_model = source.model_file
+    src_parts = {k: source.directory / v.file for k, v in source.parts.items()}
+    wanted = {src_model: source.sha256, **{src_parts[k]: v.sha256 for k, v in source.parts.items()}}
     for path, want in wanted.items():
         digest = file_sha256(path)
         if digest != want.lower():
-            print(f"csist quantize: {path} has sha256 {digest}, its card says {want}", file=sys.stderr)
+            print(f"csist quantize: {path} has sha256 {digest}, its manifest says {want}", file=sys.stderr)
             return 2
-    # the int8 model streams through encoder + head; its card lists no align/fuse parts
+    # the int8 model streams through encoder + head; its manifest lists no align/fuse parts
     out_parts = {k: v for k, v in part_paths(args.out).items() if k in (ENCODER, HEAD)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out_model = args.out / MODEL_FILE
+    args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     frames = calibration_frames(args.calibration_trajectories, args.seed)
@@ -345,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     readers = {
         ENCODER: ArrayReader("lr_frames", frames.reshape(-1, *frames.shape[2:])),
         HEAD: ArrayReader("features", windows(feats)),
-        "single": ArrayReader(src_card["inputs"][0]["name"], windows(frames)),
+        "single": ArrayReader(source.inputs[0].name, windows(frames)),
     }
     graphs = {}
     graphs[ENCODER] = quantize_graph(
@@ -355,28 +375,26 @@ def main(argv: list[str] | None = None) -> int:
         graphs[HEAD] = quantize_graph(
             src_parts[HEAD], out_parts[HEAD], readers[HEAD], ["Conv"], True, args.per_channel, args.method
         )
-    elif args.out.parent.resolve() == args.model.parent.resolve():
-        out_parts[HEAD] = src_parts[HEAD]  # unchanged: the card names the fp32 head (no duplicate file)
     else:
-        shutil.copyfile(src_parts[HEAD], out_parts[HEAD])  # the card must name a file beside the model
+        shutil.copyfile(src_parts[HEAD], out_parts[HEAD])  # a model folder holds every file it runs
     graphs["single"] = quantize_graph(
-        args.model,
-        args.out,
+        src_model,
+        out_model,
         readers["single"],
         ops if not args.head else sorted(set(ops) | {"Conv"}),
         args.head,
         args.per_channel,
         args.method,
     )
-    for path in (args.out, *out_parts.values()):
+    for path in (out_model, *out_parts.values()):
         check_deform_fp32(path)
     quant_seconds = time.perf_counter() - t0
 
     held_out = windows(calibration_frames(max(1, -(-args.parity_windows // 16)), args.seed + 1))[: args.parity_windows]
     parts_q = {k: session(p, args.threads) for k, p in out_parts.items()}
     diff = parity(
-        session(args.model, args.threads),
-        session(args.out, args.threads),
+        session(src_model, args.threads),
+        session(out_model, args.threads),
         {ENCODER: enc32, HEAD: head32},
         parts_q,
         np.ascontiguousarray(held_out),
@@ -405,9 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             f"fp32 {fp32['mAP']:.2f}  int8 {int8['mAP']:.2f}  drop {comparison['drop']:.2f}"
         )
         if args.max_map_drop is not None and comparison["drop"] > args.max_map_drop:
-            for path in (args.out, *out_parts.values()):
-                if path not in src_parts.values():
-                    path.unlink(missing_ok=True)
+            for path in (out_model, *out_parts.values()):
+                path.unlink(missing_ok=True)
             print(
                 f"csist quantize: CSO-mAP drop {comparison['drop']:.2f} > {args.max_map_drop}; int8 files removed",
                 file=sys.stderr,
@@ -440,19 +457,17 @@ def main(argv: list[str] | None = None) -> int:
         "parity": {**diff, "seed": args.seed + 1},
         "evaluation": comparison,
         "source": {
-            "file": args.model.name,
-            "sha256": src_card["sha256"],
-            "card": src_card_path.name,
-            "mAP": {k: v.get("mAP") for k, v in (src_card.get("metrics") or {}).items() if isinstance(v, dict)},
+            "package": str(args.model),
+            "sha256": source.sha256,
+            "mAP": {k: v.get("mAP") for k, v in source.metrics.items() if isinstance(v, dict)},
         },
         "seconds": round(quant_seconds, 1),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
-    card = build_card(src_card, args.out, out_parts, info)
-    card_path = args.out.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    print(f"wrote {args.out} and {', '.join(p.name for p in out_parts.values())} and {card_path}")
+    manifest, provenance = build_package(source, args.out, out_parts, info)
+    write_package(args.out, manifest, provenance)
+    print(f"wrote {args.out}: {', '.join(f.file for f in manifest.files)} and manifest.json")
     split_for_native_kernel(args.out, held_out)
     print(
         f"max |int8 - fp32| on {diff['windows']} held-out windows: single graph "

@@ -1,7 +1,7 @@
 """Cut the streaming encoder and head at their 32-channel Convs, for the bfloat16 AMX kernel.
 
-    csist split-amx --model models/derefnet.onnx                 # split and check (AMX CPU needed)
-    csist split-amx --model models/derefnet.onnx --eval-data data/seqcsist-test-s1001 \
+    csist split-amx --model models/derefnet                      # split and check (AMX CPU needed)
+    csist split-amx --model models/derefnet --eval-data data/seqcsist-test-s1001 \
         --max-map-drop 0.5                                       # how the bundled model was split
     CSIST_PLAN=onnxruntime csist serve                           # serve without it
 
@@ -9,14 +9,15 @@ On a CPU with AMX (Intel Sapphire Rapids and later) ``service/kernels/conv.py`` 
 32-channel input several times faster than ONNX Runtime's float32 Conv, in bfloat16 with float32
 sums. The service cannot put it inside an ONNX Runtime graph, so, as ``csist split-head`` does
 for the DeformConv nodes, this command cuts the streaming parts (``parts.encoder`` and
-``parts.head`` of the card, and the head's halves ``parts.align`` and ``parts.fuse`` when it
+``parts.head`` of the manifest, and the head's halves ``parts.align`` and ``parts.fuse`` when it
 lists them) into the graph segments between the nodes the native kernels compute
 (every DeformConv, every Conv the AMX or direct kernel takes, with a Relu or soft threshold
 after it folded in, and the head's selective attention as one float32 step when its nodes are
 exactly that function, see ``selective_attention`` in training/split_head.py):
-``<model stem>.amx.encoder.seg<i>.onnx`` / ``.amx.head.seg<i>.onnx`` and their weights in
-``<model stem>.amx.encoder.weights.npz`` / ``.amx.head.weights.npz``. The card's ``amx_split``
-records the files, their SHA-256, the steps and the checks:
+``amx/encoder.seg<i>.onnx`` / ``amx/head.seg<i>.onnx`` in the model folder and their weights in
+``amx/encoder.weights.npz`` / ``amx/head.weights.npz``. The manifest's plan ``amx_split``
+records the files, their SHA-256 and the steps, the provenance (``plans.amx_split.check``) the
+checks:
 
 - the cut: segments with ONNX Runtime's own float32 nodes between them vs the whole part (must
   stay within ``--tolerance``),
@@ -45,21 +46,21 @@ from pathlib import Path
 
 import numpy as np
 
+from service.modelpkg.manifest import AMX_SPLIT, AmxSplitSpec, PackageError
 from training.parts import fuse_inputs, pair_inputs, pair_maps
 from training.split_head import (
     PartSplit,
     SplitError,
     check_graph,
-    load_card_part,
+    load_part,
     relative,
-    replace_card_entry,
+    replace_plan,
     split_graph,
 )
 
 
 def evaluate_kernels(
     model_path: Path,
-    card_path: Path,
     data: Path,
     split_name: str,
     limit: int | None,
@@ -67,7 +68,8 @@ def evaluate_kernels(
     refines: list[str],
     threads: int,
 ) -> dict:
-    """CSO-mAP of the streaming path with float32 Convs (ONNX Runtime) and with the AMX kernel."""
+    """CSO-mAP of the streaming path with float32 Convs (ONNX Runtime) and with the AMX kernel
+    (``model_path``: the model folder, or a manifest naming a split under test)."""
     from service.modelpkg.model import load_model
     from training.data import read_split
     from training.evaluate import score_maps, stream_maps
@@ -75,9 +77,7 @@ def evaluate_kernels(
     split = read_split(data, split_name, limit=limit)
     out = {"data": str(data), "split": split_name, "threshold": threshold, "trajectories": int(split.frames.shape[0])}
     for kernel in ("onnxruntime", "amx"):
-        model = load_model(
-            model_path, card_path, providers=["CPUExecutionProvider"], threads=threads, conv_kernel=kernel
-        )
+        model = load_model(model_path, providers=["CPUExecutionProvider"], threads=threads, conv_kernel=kernel)
         t0 = time.perf_counter()
         maps = stream_maps(model.encode, model.head, split.frames)
         seconds = time.perf_counter() - t0
@@ -97,22 +97,23 @@ def split_amx(
     command: str,
     evaluation: dict | None = None,
     max_map_drop: float | None = None,
-) -> dict:
-    """Split encoder and head of ``model_path``, check, optionally score, and record ``amx_split``."""
+) -> tuple[AmxSplitSpec, dict]:
+    """Split encoder and head of the model folder ``model_path``, check, optionally score, and
+    record the plan ``amx_split`` (manifest) and its checks (provenance); returns both."""
     from service.kernels import conv
     from service.modelpkg.model import load_model
 
     if not conv.AMX:
         raise SplitError(f"the AMX kernel cannot run here, so the split cannot be checked: {conv.WHY_NOT_AMX}")
-    card_path, card, _ = load_card_part(model_path, "encoder")
-    names = [name for name in ("encoder", "head", "align", "fuse") if name in card["parts"]]
+    package, _ = load_part(model_path, "encoder")
+    names = [name for name in ("encoder", "head", "align", "fuse") if name in package.parts]
     splits = {
         name: PartSplit(
-            model_path,
-            f"amx.{name}",
-            "weights",
-            card["parts"][name],
-            *split_graph(model_path.parent / card["parts"][name]["file"], convs=True),
+            package.directory,
+            AMX_SPLIT,
+            name,
+            package.parts[name],
+            *split_graph(package.directory / package.parts[name].file, convs=True),
         )
         for name in names
     }
@@ -121,24 +122,18 @@ def split_amx(
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
     def entry(suffix):
-        return {
-            "precision": "bfloat16",
-            **{name: s.entry(suffix) for name, s in splits.items()},
-            "command": command,
-            "date": date,
-        }
+        return AmxSplitSpec(precision="bfloat16", **{name: s.entry(suffix) for name, s in splits.items()})
 
-    def check(tmp_card):
+    def check(tmp_manifest):
         # each kernel is checked on its own; the service then runs runs of convs as chains
         model = load_model(
-            model_path,
-            tmp_card,
+            tmp_manifest,
             providers=["CPUExecutionProvider"],
             conv_kernel="amx",
             fuse_convs=False,
             whole_parts=True,
         )
-        chained = load_model(model_path, tmp_card, providers=["CPUExecutionProvider"], conv_kernel="amx")
+        chained = load_model(tmp_manifest, providers=["CPUExecutionProvider"], conv_kernel="amx")
         flat = frames.reshape(-1, *frames.shape[2:])
         feats = model.parts["encoder"].run(flat).reshape(*frames.shape[:2], -1)
         inputs = {"encoder": flat, "head": feats}
@@ -171,14 +166,15 @@ def split_amx(
             "bf16_tolerance_relative": bf16_tolerance,
         }
         if evaluation is not None:
-            acc = evaluate_kernels(model_path, tmp_card, **evaluation)
+            acc = evaluate_kernels(tmp_manifest, **evaluation)
             result["accuracy"] = acc
             worst = max(acc["map_drop"].values())
             if max_map_drop is not None and worst > max_map_drop:
                 raise SplitError(f"CSO-mAP drops by {worst:.3f} with the AMX kernel (> --max-map-drop {max_map_drop})")
         return result
 
-    return replace_card_entry(card_path, card, "amx_split", list(splits.values()), entry, check)
+    record = {"command": command, "date": date}
+    return replace_plan(package, AMX_SPLIT, list(splits.values()), entry, check, record)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -190,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         type=Path,
-        default=Path("models/derefnet.onnx"),
-        help="exported float32 model whose card (.json beside it) lists the streaming parts",
+        default=Path("models/derefnet"),
+        help="float32 model folder whose manifest lists the streaming parts",
     )
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the checks")
     p.add_argument("--seed", type=int, default=12345, help="seed of those windows")
@@ -241,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
         }
     try:
-        entry = split_amx(
+        entry, record = split_amx(
             args.model,
             sample_windows(args.parity_windows, seed=args.seed),
             args.tolerance,
@@ -250,24 +246,24 @@ def main(argv: list[str] | None = None) -> int:
             evaluation,
             args.max_map_drop,
         )
-    except (SplitError, ModelError, FileNotFoundError) as exc:
+    except (SplitError, ModelError, PackageError, FileNotFoundError) as exc:
         raise SystemExit(f"csist split-amx: error: {exc}") from None
     for name in ("encoder", "head", "align", "fuse"):
-        if name not in entry:
+        e = getattr(entry, name)
+        if e is None:
             continue
-        e = entry[name]
-        kinds = [(s["op"], s.get("kernel")) for s in e["steps"]]
+        kinds = [(s.op, s.kernel) for s in e.steps]
         print(
-            f"{name}: {sum(1 for s in e['segments'] if s)} ONNX segments, {len(kinds)} native steps "
+            f"{name}: {sum(1 for s in e.segments if s)} ONNX segments, {len(kinds)} native steps "
             f"(Conv: {kinds.count(('Conv', 'amx'))} AMX, {kinds.count(('Conv', 'direct'))} direct float32; "
             f"DeformConv: {kinds.count(('DeformConv', 'amx'))} AMX, {kinds.count(('DeformConv', None))} float32; "
             f"selective attention: {kinds.count(('Attention', None))})"
         )
     print(
         "max difference relative to the largest output: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in entry["check"]["relative_diff"].items())
+        + ", ".join(f"{k} {v:.1e}" for k, v in record["check"]["relative_diff"].items())
     )
-    acc = entry["check"].get("accuracy")
+    acc = record["check"].get("accuracy")
     if acc:
         for r, drop in acc["map_drop"].items():
             print(

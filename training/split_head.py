@@ -1,27 +1,27 @@
 """Cut an exported window head at its DeformConv nodes, for the service's native kernel.
 
-    csist split-head --model models/derefnet.onnx          # the bundled model (run by csist export)
-    csist split-head --model models/derefnet-int8.onnx     # its int8 variant (run by csist quantize)
+    csist split-head --model models/derefnet          # the bundled model (run by csist export)
+    csist split-head --model models/derefnet-int8     # its int8 variant (run by csist quantize)
 
 ONNX Runtime's CPU ``DeformConv`` was 61 % of the head's time; the service has a faster kernel of
 its own (``service/kernels/deform.py``) but cannot put it inside an ONNX Runtime graph without a custom-op
-library. So the head (``parts.head`` of the card) is cut into the graph segments between its
-DeformConv nodes, ``<model stem>.head.seg0.onnx`` ... ``.seg<n>.onnx``, and their weights go to
-``<model stem>.head.deform.npz``; the service runs segment, kernel, segment, ... with the tensors
+library. So the head (``parts.head`` of the manifest) is cut into the graph segments between its
+DeformConv nodes, ``head.seg0.onnx`` ... ``head.seg<n>.onnx`` in the model folder, and their
+weights go to ``head.deform.npz``; the service runs segment, kernel, segment, ... with the tensors
 named as in the head. Constant sub-graphs (e.g. an int8 model's weight DequantizeLinear nodes)
 are copied into every segment that uses them rather than passed between segments.
 
 Only the DeformConv this kernel computes is accepted: 3x3, stride 1, padding 1, dilation 1, one
 group and one offset group, weight and bias constant, no mask; anything else is refused. The
-split is checked in ONNX Runtime on simulated windows (see :func:`check_split`) before the card
-keeps its ``head_split`` entry: the files, their SHA-256, the tensor names and the measured
-differences.
+split is checked in ONNX Runtime on simulated windows (see :func:`check_split`) before the
+manifest keeps its ``head_split`` plan (the files, their SHA-256, the tensor names; the measured
+differences go to the provenance).
 
 The cutting itself is generic and shared with ``csist split-amx`` (``training/split_amx.py``):
 :func:`split_graph` cuts any part at the nodes native kernels compute (a segment may be empty
 between two of them; for split-amx also at the selective attention, :func:`selective_attention`),
 :class:`PartSplit` writes and renames the files, :func:`check_graph` compares a split with its
-whole part, and :func:`replace_card_entry` swaps the card's entry in only after the check.
+whole part, and :func:`replace_plan` swaps the manifest's plan in only after the check.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import json
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -37,8 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
-from service.modelpkg.card import ATTENTION_WEIGHTS
-from service.modelpkg.model import file_sha256
+from service.modelpkg.manifest import (
+    ATTENTION_WEIGHTS,
+    HEAD_SPLIT,
+    MANIFEST,
+    ModelPackage,
+    PackageError,
+    PartSpec,
+    SplitSpec,
+    file_spec,
+    load_package,
+    split_file_names,
+    write_package,
+)
 
 # What the native kernel computes, and the ONNX DeformConv defaults of each attribute.
 DEFORM_ATTRS = {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 1, "offset_group": 1}
@@ -122,7 +132,7 @@ def folded_activation(out: str, consumers: dict, consts: dict, graph_outputs: se
             and clip.output[0] not in graph_outputs
         ):
             lo, hi = float(consts[clip.input[1]]), float(consts[clip.input[2]])
-            if lo <= hi:  # (lo > hi is a constant hi in ONNX; the card refuses it, so keep the nodes)
+            if lo <= hi:  # (lo > hi is a constant hi in ONNX; the manifest refuses it, so keep the nodes)
                 return "soft_threshold", [lo, hi], [clip, sub], sub.output[0]
     return None
 
@@ -424,50 +434,44 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 @dataclass
 class PartSplit:
-    """One part's split (files named ``<model stem>.<tag>.seg<i>.onnx`` and
-    ``<model stem>.<tag>.<weights_name>.npz``: after the model, not the part, so that two models
-    sharing a head never share, overwrite or delete each other's split), written under temporary
-    names first and renamed into place only after the check."""
+    """One part's split for ``plan`` (``head_split`` or ``amx_split``), its files in the model
+    folder named by ``service.modelpkg.manifest.split_file_names``; written under temporary names
+    first and renamed into place only after the check."""
 
-    model: Path
-    tag: str
-    weights_name: str
-    part: dict  # the card's parts.<name> entry it is cut from
+    directory: Path
+    plan: str
+    name: str  # the part's name in the manifest: encoder, head, align or fuse
+    part: PartSpec  # the manifest's parts.<name> it is cut from
     protos: list
     steps: list[dict]
     weights: dict[str, np.ndarray]
 
-    def paths(self, suffix: str = "") -> tuple[list[Path | None], Path]:
-        stem = f"{self.model.stem}.{self.tag}"
-        segs = [
-            self.model.with_name(f"{stem}.seg{i}{suffix}.onnx") if p is not None else None
-            for i, p in enumerate(self.protos)
-        ]
-        return segs, self.model.with_name(f"{stem}.{self.weights_name}{suffix}.npz")
+    def names(self, suffix: str = "") -> tuple[list[str | None], str]:
+        segs, npz = split_file_names(self.plan, self.name, len(self.protos), suffix)
+        return [f if p is not None else None for f, p in zip(segs, self.protos, strict=True)], npz
 
     def write(self) -> None:
         import onnx
 
-        segs, npz = self.paths(TMP)
-        for proto, path in zip(self.protos, segs, strict=True):
+        segs, npz = self.names(TMP)
+        for proto, name in zip(self.protos, segs, strict=True):
             if proto is not None:
-                onnx.save(proto, str(path))
-        save_npz(npz, self.weights)
+                (self.directory / name).parent.mkdir(parents=True, exist_ok=True)
+                onnx.save(proto, str(self.directory / name))
+        (self.directory / npz).parent.mkdir(parents=True, exist_ok=True)
+        save_npz(self.directory / npz, self.weights)
 
-    def entry(self, suffix: str = "") -> dict:
-        segs, npz = self.paths(suffix)
-        return {
-            "part": self.part["file"],
-            "part_sha256": self.part["sha256"],
-            "input": self.part["inputs"][0]["name"],
-            "output": self.part["outputs"][0]["name"],
-            "segments": [
-                None if p is None else {"file": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size}
-                for p in segs
-            ],
-            "steps": self.steps,
-            "weights": {"file": npz.name, "sha256": file_sha256(npz)},
-        }
+    def entry(self, suffix: str = "") -> SplitSpec:
+        segs, npz = self.names(suffix)
+        return SplitSpec(
+            part=self.part.file,
+            part_sha256=self.part.sha256,
+            input=self.part.inputs[0].name,
+            output=self.part.outputs[0].name,
+            segments=[None if name is None else file_spec(self.directory, name) for name in segs],
+            steps=self.steps,
+            weights=file_spec(self.directory, npz),
+        )
 
     def commit(self) -> None:
         for src, dst in zip(self._files(TMP), self._files(), strict=True):
@@ -478,8 +482,8 @@ class PartSplit:
             path.unlink(missing_ok=True)
 
     def _files(self, suffix: str = "") -> list[Path]:
-        segs, npz = self.paths(suffix)
-        return [p for p in segs if p is not None] + [npz]
+        segs, npz = self.names(suffix)
+        return [self.directory / name for name in segs if name is not None] + [self.directory / npz]
 
 
 TMP = ".tmp"
@@ -619,17 +623,17 @@ def check_graph(native, whole, x: np.ndarray) -> dict:
     return {f"segments_vs_{native.name}": cut, **errors, f"split_vs_{native.name}": split}
 
 
-def check_split(model_path: Path, windows: np.ndarray, tolerance: float, card_path: Path | None = None) -> dict:
-    """The head split of ``model_path`` (by its card, or ``card_path``) checked on the features of
-    ``windows`` with :func:`check_graph`. The cut and the kernel must stay within ``tolerance``;
-    the whole split's difference is recorded with no bound of its own, because in an int8 head a
-    difference at float rounding level moves values across quantization steps, which later
-    layers amplify: judge such a model by its CSO-mAP."""
+def check_split(model_path: Path, windows: np.ndarray, tolerance: float) -> dict:
+    """The head split of the model at ``model_path`` (its folder, or a manifest such as one naming
+    a split under test) checked on the features of ``windows`` with :func:`check_graph`. The cut
+    and the kernel must stay within ``tolerance``; the whole split's difference is recorded with
+    no bound of its own, because in an int8 head a difference at float rounding level moves
+    values across quantization steps, which later layers amplify: judge such a model by its
+    CSO-mAP."""
     from service.modelpkg.model import load_model
 
     loaded = load_model(
         model_path,
-        card_path,
         providers=["CPUExecutionProvider"],
         deform_kernel="native",
         conv_kernel="onnxruntime",
@@ -647,82 +651,62 @@ def check_split(model_path: Path, windows: np.ndarray, tolerance: float, card_pa
     return {"windows": int(b), "relative_diff": diffs}
 
 
-def load_card_part(model_path: Path, name: str) -> tuple[Path, dict, dict]:
-    """(card path, card, parts.<name>) of the model; SplitError when the card lists no such part."""
-    card_path = model_path.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    part = card.get("parts", {}).get(name)
+def load_part(model: Path, name: str) -> tuple[ModelPackage, PartSpec]:
+    """The package of the model folder ``model`` and its ``parts.<name>``; SplitError when it
+    cannot be read or lists no such part."""
+    try:
+        package = load_package(model)
+    except PackageError as exc:
+        raise SplitError(str(exc)) from None
+    part = package.parts.get(name)
     if part is None:
-        raise SplitError(f"{card_path} lists no streaming {name} (parts.{name}); export with parts first")
-    return card_path, card, part
+        raise SplitError(f"{package.manifest_path} lists no streaming {name} (parts.{name}); export with parts first")
+    return package, part
 
 
-def entry_files(entry) -> set[str]:
-    """The file names a card's split entry lists (segments and weights, at any depth)."""
-    if isinstance(entry, dict):
-        own = {entry["file"]} if isinstance(entry.get("file"), str) else set()
-        return own.union(
-            *(
-                entry_files(v)
-                for k, v in entry.items()
-                if k in ("segments", "weights", "encoder", "head", "align", "fuse")
-            )
-        )
-    if isinstance(entry, list):
-        return set().union(*(entry_files(v) for v in entry))
-    return set()
-
-
-def replace_card_entry(card_path: Path, card: dict, key: str, splits: list[PartSplit], make_entry, check) -> dict:
-    """Write the splits under temporary names, check them with a temporary card holding
-    ``make_entry(TMP)``, then rename them into place and write the card with ``make_entry("")``
-    plus the check's result: a failed or interrupted split leaves the previous one intact."""
-    tmp_card = card_path.with_name(card_path.name + TMP)
-    old_files = entry_files(card.get(key))
+def replace_plan(package: ModelPackage, key: str, splits: list[PartSplit], make_entry, check, record: dict):
+    """Write the splits under temporary names, check them with a temporary manifest holding the
+    plan ``make_entry(TMP)``, then rename them into place and write the manifest with
+    ``make_entry("")`` and the provenance with ``record`` and the check's result under
+    ``plans.<key>``: a failed or interrupted split leaves the previous one intact (and the files
+    of a previous split that this one does not use go, with ``write_package``).
+    Returns (the plan, its provenance record)."""
+    directory, tmp = package.directory, package.directory / (MANIFEST + TMP)
+    plans = package.manifest.plans
     try:
         for split in splits:
             split.write()
-        tmp_card.write_text(json.dumps({**card, key: make_entry(TMP)}, indent=2) + "\n")
-        result = check(tmp_card)
+        trial = package.manifest.model_copy(update={"plans": plans.model_copy(update={key: make_entry(TMP)})})
+        write_package(directory, trial, name=tmp.name)
+        result = check(tmp)
         for split in splits:
             split.commit()
-        card[key] = {**make_entry(""), "check": result}
-        tmp_card.write_text(json.dumps(card, indent=2) + "\n")
-        tmp_card.replace(card_path)
-        # files of the previous split that this one does not use (a cut that moved): nothing reads them
-        for name in old_files - entry_files(card[key]):
-            if Path(name).name == name and name.startswith(f"{splits[0].model.stem}.{splits[0].tag.split('.')[0]}"):
-                try:
-                    (card_path.parent / name).unlink(missing_ok=True)
-                except OSError as exc:  # the split itself succeeded; an orphan only takes space
-                    print(f"note: could not remove {name}, which the previous split used: {exc}", file=sys.stderr)
+        entry = make_entry("")
+        manifest = package.manifest.model_copy(update={"plans": plans.model_copy(update={key: entry})})
+        done = {**record, "check": result}
+        provenance = package.provenance.model_copy(update={"plans": {**package.provenance.plans, key: done}})
+        write_package(directory, manifest, provenance)
     finally:
         for split in splits:
             split.remove_temporary()
-        tmp_card.unlink(missing_ok=True)
-    return card[key]
+        tmp.unlink(missing_ok=True)
+    return entry, done
 
 
-def split_head(model_path: Path, windows: np.ndarray, tolerance: float, command: str) -> dict:
-    """Split the head listed in the card of ``model_path``, check it, record it in the card."""
-    card_path, card, head = load_card_part(model_path, "head")
-    split = PartSplit(model_path, "head", "deform", head, *split_graph(model_path.parent / head["file"]))
+def split_head(model: Path, windows: np.ndarray, tolerance: float, command: str) -> tuple[SplitSpec, dict]:
+    """Split the head of the model folder ``model``, check it, record it in the manifest
+    (``plans.head_split``) and the check in the provenance; returns both."""
+    package, head = load_part(model, "head")
+    split = PartSplit(package.directory, HEAD_SPLIT, "head", head, *split_graph(package.directory / head.file))
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
-    def check(tmp_card):
-        return {**check_split(model_path, windows, tolerance, tmp_card), "tolerance_relative": tolerance}
+    def check(tmp_manifest):
+        return {**check_split(tmp_manifest, windows, tolerance), "tolerance_relative": tolerance}
 
-    return replace_card_entry(
-        card_path,
-        card,
-        "head_split",
-        [split],
-        lambda suffix: {**split.entry(suffix), "command": command, "date": date},
-        check,
-    )
+    return replace_plan(package, HEAD_SPLIT, [split], split.entry, check, {"command": command, "date": date})
 
 
-def split_for_native_kernel(model_path: Path, windows: np.ndarray, tolerance: float = 1e-4) -> dict | None:
+def split_for_native_kernel(model_path: Path, windows: np.ndarray, tolerance: float = 1e-4) -> SplitSpec | None:
     """What ``csist export`` and ``csist quantize`` run last: split the head when the kernel is built."""
     from service.kernels import deform
 
@@ -733,9 +717,9 @@ def split_for_native_kernel(model_path: Path, windows: np.ndarray, tolerance: fl
         )
         return None
     command = f"csist split-head --model {model_path} --parity-windows {len(windows)}"
-    entry = split_head(model_path, windows, tolerance, command + " (run by the exporter on its parity windows)")
-    diffs = ", ".join(f"{k} {v:.1e}" for k, v in entry["check"]["relative_diff"].items())
-    print(f"split the head for the native DeformConv kernel: {len(entry['segments'])} segments; {diffs}")
+    entry, record = split_head(model_path, windows, tolerance, command + " (run by the exporter on its parity windows)")
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in record["check"]["relative_diff"].items())
+    print(f"split the head for the native DeformConv kernel: {len(entry.segments)} segments; {diffs}")
     return entry
 
 
@@ -746,8 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         type=Path,
-        default=Path("models/derefnet.onnx"),
-        help="exported model whose card (.json beside it) lists the streaming head",
+        default=Path("models/derefnet"),
+        help="model folder whose manifest lists the streaming head",
     )
     p.add_argument("--parity-windows", type=int, default=16, help="simulated windows for the check against the head")
     p.add_argument("--seed", type=int, default=12345, help="seed of those windows")
@@ -772,13 +756,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     command = "csist split-head " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        entry = split_head(args.model, sample_windows(args.parity_windows, seed=args.seed), args.tolerance, command)
-    except (SplitError, FileNotFoundError) as exc:
+        entry, record = split_head(
+            args.model, sample_windows(args.parity_windows, seed=args.seed), args.tolerance, command
+        )
+    except (SplitError, PackageError, FileNotFoundError) as exc:
         raise SystemExit(f"csist split-head: error: {exc}") from None
-    names = ", ".join(s["file"] for s in entry["segments"] if s)
-    diffs = ", ".join(f"{k} {v:.1e}" for k, v in entry["check"]["relative_diff"].items())
+    names = ", ".join(s.file for s in entry.segments if s)
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in record["check"]["relative_diff"].items())
     print(
-        f"wrote {names} and {entry['weights']['file']}; on {entry['check']['windows']} windows, "
+        f"wrote {names} and {entry.weights.file}; on {record['check']['windows']} windows, "
         f"max difference relative to the largest output: {diffs}"
     )
     return 0

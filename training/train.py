@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.data import concat_splits, hr_maps, read_split, window_middles
+from training.data import concat_splits, conditioned, hr_maps, read_split, window_middles
 from training.evaluate import detections, middle_truth, predict_trajectories, score
 from training.model import DeRefNet, DeRefNetConfig, LossWeights, count_parameters, derefnet_loss, fit_qinit
 
@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.init is not None and args.resume is not None:
         raise SystemExit("csist train: --init and --resume exclude each other (--resume continues a run)")
-    train = concat_splits([read_split(d, "train", limit=args.train_limit) for d in args.data])
-    val = concat_splits([read_split(d, "val", limit=args.val_trajectories) for d in args.data])
+    # the network learns on the frames the service gives it: background planes removed
+    train = conditioned(concat_splits([read_split(d, "train", limit=args.train_limit) for d in args.data]))
+    val = conditioned(concat_splits([read_split(d, "val", limit=args.val_trajectories) for d in args.data]))
     truth = middle_hr_truth(train)  # (n, 16, 33, 33)
 
     ckpt = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None

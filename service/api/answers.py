@@ -21,18 +21,42 @@ def deadline_s(runtime: Runtime, options: UnmixOptions | None, default_ms: float
 
 
 def peak_options(runtime: Runtime, options: UnmixOptions | None) -> PeakOptions:
-    """Request options completed with the model card's defaults."""
+    """Request options completed with the settings' and the model card's defaults. A threshold
+    given as a number (a request's, or CSIST_THRESHOLD_SNR unset: the card's) is absolute."""
     card = runtime.model.card
+    settings = runtime.settings
     threshold = card.postprocess.threshold
+    snr = settings.threshold_snr
     refine = card.postprocess.refine
     max_targets = None
+    psf_sigma = settings.psf_sigma if settings.psf_sigma is not None else card.physics.psf_sigma
+    saturation = settings.saturation
+    brightness = settings.brightness_range
     if options is not None:
+        if options.threshold_snr is not None:
+            snr = options.threshold_snr
         if options.threshold is not None:
-            threshold = options.threshold
+            threshold, snr = options.threshold, None
         if options.refine is not None:
             refine = options.refine
         max_targets = options.max_targets
-    return PeakOptions(float(threshold), refine, max_targets, card.physics.ratio, card.postprocess.mode)
+        if options.psf_sigma is not None:
+            psf_sigma = options.psf_sigma
+        if options.saturation is not None:
+            saturation = options.saturation
+        if options.brightness_range is not None:
+            brightness = options.brightness_range
+    return PeakOptions(
+        float(threshold),
+        refine,
+        max_targets,
+        card.physics.ratio,
+        card.postprocess.mode,
+        float(psf_sigma),
+        saturation,
+        None if brightness is None else (float(brightness[0]), float(brightness[1])),
+        snr,
+    )
 
 
 def targets_payload(peaks: np.ndarray, origin: Origin | None) -> list[dict]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
-from service.science.physics import RATIO, SIZE
+from service.science.physics import MAX_SATURATION, PSF_SIGMA_MAX, PSF_SIGMA_MIN, RATIO, SIZE
 from service.science.postprocess import REFINE_MODES
 
 MAX_FRAMES = 64  # frames per REST request
@@ -51,17 +51,55 @@ class Origin(BaseModel):
     y: Coordinate = Field(description="sensor row of the patch's top-left pixel centre")
 
 
+def _ordered(value: list[float]) -> list[float]:
+    if not value[0] < value[1]:
+        raise ValueError(f"must be [lo, hi] with lo < hi, got {value}")
+    return value
+
+
+BrightnessRange = Annotated[
+    list[Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_PIXEL)]],
+    Field(min_length=2, max_length=2),
+    AfterValidator(_ordered),
+]
+
+
 class UnmixOptions(BaseModel):
     """Peak-extraction options; anything left out takes the model card's default."""
 
     model_config = _STRICT
 
     threshold: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_PIXEL, le=MAX_PIXEL)] | None = Field(
-        None, description="brightness a peak of the HR map must exceed"
+        None,
+        description="absolute brightness a peak of the HR map must exceed (the SeqCSIST metric uses 70);"
+        " overrides threshold_snr",
+    )
+    threshold_snr: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1000)] | None = Field(
+        None,
+        description="peak threshold as a multiple of each window's flux noise (docs/method.md); default"
+        " CSIST_THRESHOLD_SNR",
     )
     refine: RefineMode | None = Field(None, description="sub-cell refinement of each peak")
     max_targets: Annotated[int, Field(strict=True, ge=0, le=(SIZE * RATIO) ** 2)] | None = Field(
         None, description="keep at most this many (brightest) targets per frame"
+    )
+    psf_sigma: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=PSF_SIGMA_MIN, le=PSF_SIGMA_MAX)] | None = (
+        Field(
+            None,
+            description="the sensor's Gaussian PSF sigma in pixels, for refine 'fit'; default CSIST_PSF_SIGMA or"
+            " the model card's (the fit corrects it by up to 40 % where the frames show a misfit)",
+        )
+    )
+    saturation: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_SATURATION)] | None = Field(
+        None,
+        description="grey level at which the sensor clips (8-bit: 255): pixels at or above it are lower"
+        " bounds for refine 'fit'; default CSIST_SATURATION",
+    )
+    brightness_range: BrightnessRange | None = Field(
+        None,
+        description="[lo, hi]: the range of target brightness (integrated flux, sensor units) from the"
+        " sensor's calibration, for refine 'fit' (which counts targets by it); default"
+        " CSIST_BRIGHTNESS_RANGE, else the SeqCSIST protocol's",
     )
     deadline_ms: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=60_000)] | None = Field(
         None,

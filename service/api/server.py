@@ -110,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="ONNX model file; its card is the same path with .json "
-        "(default: CSIST_MODEL_PATH, else models/derefnet.onnx)",
+        help="model folder, holding its manifest.json (default: CSIST_MODEL_PATH, else models/derefnet)",
     )
     p.add_argument(
         "--log-level",

@@ -58,7 +58,10 @@ from typing import Protocol
 import numpy as np
 
 from service.runtime.metrics import Metrics
+from service.science.background import condition
+from service.science.physics import SIGMA
 from service.science.postprocess import find_targets
+from service.science.refine import FitConfig
 from service.science.windows import HALF, NEIGHBOURS, WINDOW, FeatureSlot, fuse_features, pair_features
 
 log = logging.getLogger("service.engine.batcher")
@@ -90,6 +93,15 @@ Claim = tuple[FeatureSlot, np.ndarray, threading.Event]  # a claimed slot, its f
 PairClaim = tuple[FeatureSlot, threading.Event, "_Item", int, int]  # slot, claim, item, window, position
 
 
+def _conditioned(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn`` on frames (..., H, W) with their background planes removed, as the network was trained."""
+
+    def run(frames: np.ndarray) -> np.ndarray:
+        return fn(condition(frames))
+
+    return run
+
+
 class Overloaded(RuntimeError):
     """The inference queue is full; retry later."""
 
@@ -116,6 +128,16 @@ class PeakOptions:
     max_targets: int | None = None
     ratio: int = 3
     mode: str | None = None  # peak rule of service.science.peaks; None: its default
+    # sensor calibration for refine="fit": PSF sigma (px) and the level at which pixels clip
+    psf_sigma: float = SIGMA
+    saturation: float | None = 255.0
+    brightness_range: tuple[float, float] | None = None  # None: the fit's default
+    snr: float | None = None  # peak threshold relative to each window's noise (then ``threshold`` is unused)
+
+    def fit_config(self) -> FitConfig | None:
+        if self.refine != "fit":
+            return None
+        return FitConfig.calibrated(self.psf_sigma, self.saturation, self.brightness_range)
 
 
 @dataclass
@@ -171,8 +193,9 @@ class Batcher:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
-        self._run_model = plan.run
-        self._encode = plan.encode if plan.streaming else None
+        # the network sees every frame with its background plane removed (service.science.background)
+        self._run_model = _conditioned(plan.run)
+        self._encode = _conditioned(plan.encode) if plan.streaming else None
         self._head = plan.head if plan.streaming else None
         self._align = plan.align if pairs and plan.pairs else None
         self._fuse = plan.fuse if pairs and plan.pairs else None
@@ -724,6 +747,8 @@ class Batcher:
                 max_targets=opts.max_targets,
                 ratio=opts.ratio,
                 mode=opts.mode,
+                fit_config=opts.fit_config(),
+                snr=opts.snr,
             )
             dt = time.perf_counter() - p0
             if skip_fit:

@@ -2,7 +2,7 @@
 does at start-up (``CSIST_PLAN=auto``), printed as a table without serving.
 
     csist plans                                  # the bundled model, the service's settings
-    csist plans --model models/derefnet-int8.onnx --budget 20 --json plans.json
+    csist plans --model models/derefnet-int8 --budget 20 --json plans.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="csist plans", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model (its card beside it)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="model folder (with its manifest.json)")
     p.add_argument("--plan", default=AUTO, choices=(AUTO, *PLANS), help="check one plan only (then it is not timed)")
     p.add_argument(
         "--budget",

@@ -13,7 +13,7 @@ A plan composes the model's parts with a backend per part:
   the GPU), I/O bound to host buffers.
 
 :func:`why_not` says, without loading anything, why a plan cannot run on this host with this
-card (None: it can); :func:`build_plan` loads only the files the plan runs. Which eligible plan
+model's manifest (None: it can); :func:`build_plan` loads only the files the plan runs. Which eligible plan
 serves is chosen by measurement (``service.engine.select``), not by CPU flags.
 
 The batcher sees a plan as ``run`` (windows -> maps) and, for a streaming plan, ``encode`` /
@@ -32,7 +32,7 @@ import onnxruntime as ort
 
 from service.engine.names import PLANS, STOCK
 from service.kernels import conv, deform
-from service.modelpkg.card import ModelCard
+from service.modelpkg.manifest import ModelPackage
 from service.modelpkg.model import ALIGN, ENCODER, FUSE, HEAD, InferenceModel, ModelError, load_model
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -136,12 +136,12 @@ class ExecutionPlan:
         return {part: native.get(part, ort_label) for part in parts}
 
     def files(self) -> list[str]:
-        """The model files this plan opened (file names beside the card)."""
+        """The model files this plan opened (paths inside the model folder)."""
         m = self.model
-        out = [m.path.name] if m.session is not None else []
+        out = [m.card.manifest.model.file] if m.session is not None else []
         for name, part in sorted(m.parts.items()):
             split = getattr(m, f"split_{name}")
-            out += list(split.files) if split is not None else [part.path.name]
+            out += list(split.files) if split is not None else [m.card.parts[name].file]
         return out
 
     def describe(self) -> dict:
@@ -170,15 +170,15 @@ def _bound(part) -> Fn:
     return run
 
 
-def why_not(name: str, card: ModelCard, options: PlanOptions) -> str | None:
-    """Why plan ``name`` cannot run on this host with this card (None: it can)."""
+def why_not(name: str, package: ModelPackage, options: PlanOptions) -> str | None:
+    """Why plan ``name`` cannot run on this host with this model package (None: it can)."""
     if name not in PLANS:
         return f"unknown plan {name!r} (one of {', '.join(PLANS)})"
-    streaming = {ENCODER, HEAD} <= set(card.parts)
+    streaming = {ENCODER, HEAD} <= set(package.parts)
     if name == "onnxruntime-single":
         return None
     if not streaming:
-        return "the model card lists no streaming parts (encoder, head): only onnxruntime-single runs it"
+        return "the manifest lists no streaming parts (encoder, head): only onnxruntime-single runs it"
     if name == STOCK:
         return None
     if name == "cuda":
@@ -188,14 +188,14 @@ def why_not(name: str, card: ModelCard, options: PlanOptions) -> str | None:
     if options.providers[0] != CPU:
         return f"its native kernels run on the CPU; the configured providers start with {options.providers[0]}"
     if name == "native-deform":
-        if card.head_split is None:
-            return "the model card has no head_split (run `csist split-head`)"
+        if package.head_split is None:
+            return "the manifest has no head_split plan (run `csist split-head`)"
         if not deform.AVAILABLE:
             return "the native kernel service.kernels._deform is not built (install with a C compiler)"
         return None
     # amx
-    if card.amx_split is None:
-        return "the model card has no amx_split (run `csist split-amx`)"
+    if package.amx_split is None:
+        return "the manifest has no amx_split plan (run `csist split-amx`)"
     if not conv.AMX:
         return conv.WHY_NOT_AMX
     if not deform.AVAILABLE:
@@ -203,10 +203,9 @@ def why_not(name: str, card: ModelCard, options: PlanOptions) -> str | None:
     return None
 
 
-def build_plan(
-    name: str, model_path: str | Path, card_path: str | Path | None = None, options: PlanOptions = PlanOptions()
-) -> ExecutionPlan:
-    """Load and verify the files plan ``name`` runs (ModelError when it cannot run here)."""
+def build_plan(name: str, model_path: str | Path, options: PlanOptions = PlanOptions()) -> ExecutionPlan:
+    """Load and verify the files plan ``name`` runs of the model at ``model_path`` (its folder or
+    manifest); ModelError when it cannot run here."""
     if name not in PLANS:
         raise ModelError(f"unknown plan {name!r} (one of {', '.join(PLANS)})")
     providers = list(options.providers)
@@ -221,7 +220,6 @@ def build_plan(
         providers = [CUDA, CPU]
     model = load_model(
         model_path,
-        card_path,
         providers=providers,
         threads=options.threads,
         spinning=options.spinning,
@@ -234,5 +232,5 @@ def build_plan(
     # load_model itself refuses deform_kernel="native" / conv_kernel="amx" when their split cannot load
     plan = ExecutionPlan(name, model, io_binding=name == "cuda")
     if name != "onnxruntime-single" and not plan.streaming:
-        raise ModelError(f"plan {name!r} cannot be used: the model card lists no streaming parts")
+        raise ModelError(f"plan {name!r} cannot be used: the manifest lists no streaming parts")
     return plan

@@ -7,10 +7,10 @@ serves, the others are released. ``CSIST_PLAN=<name>`` builds and checks that on
 Which kernels win differs between CPU families (a native kernel that wins with AVX-512 can lose
 with AVX2), so flags alone do not decide.
 
-An int8 model (its card has ``quantization``) is checked against the float32 model it was
-quantized from when that file is beside it: ONNX Runtime's u8s8 int8 kernels saturate on x86
-CPUs without VNNI and give wrong maps there, which this check catches. Without the source the
-int8 model is refused on a CPU without VNNI.
+An int8 model (its manifest has ``quantized_from``) is checked against the float32 model it was
+quantized from when that model's folder is where the manifest says, with the hash it recorded:
+ONNX Runtime's u8s8 int8 kernels saturate on x86 CPUs without VNNI and give wrong maps there,
+which this check catches. Without the source the int8 model is refused on a CPU without VNNI.
 
 :func:`select_plan` returns the plan and a report (one row per candidate) that the start-up
 log, the ``csist_model_info`` metric, ``GET /v2/models/{name}`` and ``csist plans`` show.
@@ -29,7 +29,7 @@ import numpy as np
 from service.engine.host import has_vnni, host_summary
 from service.engine.names import AUTO, PLANS, STOCK
 from service.engine.plans import CPU, TOLERANCE, ExecutionPlan, PlanOptions, build_plan, why_not
-from service.modelpkg.card import CardError, ModelCard, load_card
+from service.modelpkg.manifest import ModelPackage, PackageError, load_package
 from service.modelpkg.model import ModelError
 from service.science import physics
 from service.science.windows import WINDOW
@@ -110,48 +110,53 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
 
 
-def _card(model_path: Path, card_path: Path | None) -> ModelCard:
+def _package(model_path: Path) -> ModelPackage:
     try:
-        return load_card(card_path if card_path is not None else model_path.with_suffix(".json"))
-    except CardError as exc:
+        return load_package(model_path)
+    except PackageError as exc:
         raise ModelError(str(exc)) from None
 
 
-def _int8_source(card: ModelCard, model_path: Path) -> Path | None:
-    """The float32 model an int8 card was quantized from, when it is beside it."""
-    source = ((card.model_extra or {}).get("quantization") or {}).get("source") or {}
-    path = model_path.parent / source["file"] if source.get("file") else None
-    return path if path is not None and path.is_file() else None
+def _int8_source(package: ModelPackage) -> Path | None:
+    """The folder of the float32 model an int8 one was quantized from, when it is where the
+    manifest says and holds that model (the single graph's hash it recorded)."""
+    source = package.manifest.quantized_from
+    if source is None:
+        return None
+    try:
+        found = load_package(package.directory / source.package)
+    except PackageError:
+        return None
+    return found.directory if found.sha256 == source.sha256.lower() else None
 
 
 def _reference(
-    model_path: Path, card: ModelCard, options: PlanOptions, windows: np.ndarray, stock: ExecutionPlan | None
+    model_path: Path, package: ModelPackage, options: PlanOptions, windows: np.ndarray, stock: ExecutionPlan | None
 ) -> tuple[np.ndarray, str, float]:
     """Reference maps, what they come from, and the tolerance of this model's plans."""
-    int8 = "quantization" in (card.model_extra or {})
     cpu = PlanOptions((CPU,), options.threads, options.spinning, options.graph_level, options.arena)
-    if int8:
-        source = _int8_source(card, model_path)
+    if package.manifest.quantized_from is not None:
+        source = _int8_source(package)
         if source is None:
             if not has_vnni():
                 raise ModelError(
                     "this int8 model needs a CPU with VNNI (AVX-512 VNNI or AVX-VNNI): without it ONNX Runtime's "
-                    "int8 kernels saturate and give wrong maps; serve the float32 model (models/derefnet.onnx)"
+                    "int8 kernels saturate and give wrong maps; serve the float32 model (models/derefnet)"
                 )
-            return None, "none (int8 without its float32 source beside it; the CPU has VNNI)", INT8_TOLERANCE
+            why = "none (int8 without its float32 source where its manifest says; the CPU has VNNI)"
+            return None, why, INT8_TOLERANCE
         ref = build_plan(STOCK, source, options=cpu)
         return ref.run(windows), f"{source.name} on {CPU}", INT8_TOLERANCE
     if stock is not None and stock.model.providers[:1] == [CPU]:
         ref = stock
     else:
-        name = STOCK if {"encoder", "head"} <= set(card.parts) else "onnxruntime-single"
+        name = STOCK if {"encoder", "head"} <= set(package.parts) else "onnxruntime-single"
         ref = build_plan(name, model_path, options=cpu)
-    return ref.run(windows), f"{model_path.name} ({ref.name}) on {CPU}", 0.0
+    return ref.run(windows), f"{package.directory.name} ({ref.name}) on {CPU}", 0.0
 
 
 def select_plan(
     model_path: str | Path,
-    card_path: str | Path | None = None,
     options: PlanOptions = PlanOptions(),
     requested: str = AUTO,
     budget_s: float = 6.0,
@@ -164,32 +169,31 @@ def select_plan(
     """
     t0 = time.perf_counter()
     model_path = Path(model_path)
-    card_path = Path(card_path) if card_path is not None else None
-    card = _card(model_path, card_path)
+    package = _package(model_path)
     if requested != AUTO and requested not in PLANS:
         raise ModelError(f"plan={requested!r} is not one of {', '.join((AUTO, *PLANS))}")
     names = (
         [requested]
         if requested != AUTO
-        else [n for n in PLANS if n != "onnxruntime-single" or not {"encoder", "head"} <= set(card.parts)]
+        else [n for n in PLANS if n != "onnxruntime-single" or not {"encoder", "head"} <= set(package.parts)]
     )
     windows = probe_windows(probe)
     rows: dict[str, dict] = {}
     built: dict[str, ExecutionPlan] = {}
     for name in names:
-        reason = why_not(name, card, options)
+        reason = why_not(name, package, options)
         if reason is not None:
             if requested != AUTO:
                 raise ModelError(f"plan={name!r} cannot be used here: {reason}")
             rows[name] = {"plan": name, "status": "not eligible", "reason": reason}
             continue
         try:
-            built[name] = build_plan(name, model_path, card_path, options)
+            built[name] = build_plan(name, model_path, options)
         except ModelError as exc:
             if requested != AUTO:
                 raise
             rows[name] = {"plan": name, "status": "not loaded", "reason": str(exc)}
-    want, reference, int8_tol = _reference(model_path, card, options, windows, built.get(STOCK))
+    want, reference, int8_tol = _reference(model_path, package, options, windows, built.get(STOCK))
     for name, plan in list(built.items()):
         tolerance = int8_tol or TOLERANCE[plan.precision]
         row = rows[name] = {

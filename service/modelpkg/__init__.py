@@ -1,1 +1,2 @@
-"""The model package: the card schema and the verified loading of the model files."""
+"""The model package: its folder layout and schema (manifest.py), the verified loading of its
+files (model.py) and the migration from the flat layout (migrate.py)."""

@@ -1,20 +1,20 @@
-"""Loading the ONNX model once, checking it against its card, and running it.
+"""Loading the ONNX model once from its package, checking it against its manifest, and running it.
 
-The service refuses to start on a model it cannot vouch for: the file's SHA-256 must match the
-card, and the graph's inputs and outputs must be the window and HR-map shapes the API is built
-around. Those checks turn a wrong deployment into a clear start-up error instead of wrong
-answers.
+The service refuses to start on a model it cannot vouch for: every file's SHA-256 must match the
+manifest (``service.modelpkg.manifest``), and the graph's inputs and outputs must be the window
+and HR-map shapes the API is built around. Those checks turn a wrong deployment into a clear
+start-up error instead of wrong answers.
 
-When the card lists the streaming parts (``parts.encoder``: LR frames -> stage-9 features,
+When the manifest lists the streaming parts (``parts.encoder``: LR frames -> stage-9 features,
 ``parts.head``: a window's 5 feature maps -> HR map), they are verified the same way and loaded
 beside the single graph, so that a stream encodes each frame once instead of in 5 windows.
 
-When the card also has ``head_split`` (written by ``csist split-head``) and the native kernel of
+When the manifest also has the plan ``head_split`` (written by ``csist split-head``) and the native kernel of
 ``service/kernels/deform.py`` is built, the head runs on the CPU as its graph segments with that kernel
 computing the DeformConv nodes between them (``deform_kernel``: "auto" uses it when it can,
 "native" requires it, "onnxruntime" never uses it). The split files are verified like the rest.
 
-When the card has ``amx_split`` (written by ``csist split-amx``, with the accuracy it measured)
+When the manifest has the plan ``amx_split`` (written by ``csist split-amx``, with the accuracy it measured)
 and the CPU has AMX, encoder and head both run as segments with their 32-channel 3x3 Convs
 computed in bfloat16 by ``service/kernels/conv.py``, their DeformConvs by the native kernel and the
 head's selective attention by ``service/kernels/attention.py`` (``conv_kernel``: "auto" uses it when it
@@ -24,8 +24,6 @@ can, "amx" requires it, "onnxruntime" never uses it). Runs of convs that feed on
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,17 @@ import numpy as np
 import onnxruntime as ort
 
 from service.kernels import attention, conv, deform
-from service.modelpkg.card import ATTENTION_WEIGHTS, CardError, FileSpec, ModelCard, PartSpec, SplitSpec, load_card
+from service.modelpkg.manifest import (
+    ATTENTION_WEIGHTS,
+    FileSpec,
+    ModelPackage,
+    PackageError,
+    PartSpec,
+    SplitSpec,
+    file_sha256,
+    load_package,
+    verified,
+)
 from service.runtime.config import available_cpus
 from service.science import peaks
 from service.science.physics import RATIO, SIZE
@@ -64,23 +72,6 @@ CONV_KERNELS = ("auto", "amx", "onnxruntime")
 
 class ModelError(RuntimeError):
     """The model cannot be served (missing, altered, or not the expected interface)."""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks (models can be large). The plan choice loads the
-    same files for several plans: a file unchanged since it was hashed (same size and
-    modification time) is not read again."""
-    st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_providers(requested: list[str] | None) -> list[str]:
@@ -196,10 +187,10 @@ class SplitGraph:
 
 @dataclass
 class InferenceModel:
-    """An ONNX Runtime session plus the card that describes it."""
+    """An ONNX Runtime session plus the package that describes it."""
 
-    path: Path
-    card: ModelCard
+    path: Path  # the single graph's file
+    card: ModelPackage  # the verified package: manifest (name, interface, files) and provenance
     sha256: str
     session: ort.InferenceSession | None  # the single graph; None when the parts run every window
     input_name: str
@@ -301,47 +292,48 @@ class InferenceModel:
         return {"name": self.card.name, "version": self.card.version, "sha256": self.sha256}
 
 
-def _check_card(card: ModelCard) -> None:
-    """The card must describe the interface this service speaks (11x11 patches, 5-frame windows)."""
-    phys = card.physics
+def _check_interface(package: ModelPackage) -> None:
+    """The manifest must describe the interface this service speaks (11x11 patches, 5-frame windows)."""
+    phys = package.physics
     if (phys.size, phys.ratio) != (SIZE, RATIO):
         raise ModelError(
-            f"model card physics size={phys.size} ratio={phys.ratio}; this service serves size={SIZE} ratio={RATIO}"
+            f"manifest interface.physics size={phys.size} ratio={phys.ratio}; this service serves "
+            f"size={SIZE} ratio={RATIO}"
         )
     want_in, want_out = [WINDOW, SIZE, SIZE], [SIZE * RATIO, SIZE * RATIO]
-    if list(card.inputs[0].shape[1:]) != want_in:
-        raise ModelError(f"model card input shape {card.inputs[0].shape}, expected [batch, *{want_in}]")
-    if list(card.outputs[0].shape[1:]) != want_out:
-        raise ModelError(f"model card output shape {card.outputs[0].shape}, expected [batch, *{want_out}]")
-    mode = card.postprocess.mode
+    if list(package.inputs[0].shape[1:]) != want_in:
+        raise ModelError(f"manifest interface input shape {package.inputs[0].shape}, expected [batch, *{want_in}]")
+    if list(package.outputs[0].shape[1:]) != want_out:
+        raise ModelError(f"manifest interface output shape {package.outputs[0].shape}, expected [batch, *{want_out}]")
+    mode = package.postprocess.mode
     peak_modes = getattr(peaks, "PEAK_MODES", None)
     if mode is not None and (peak_modes is None or mode not in peak_modes):
-        raise ModelError(f"model card postprocess.mode={mode!r} is not one of {peak_modes}")
-    if card.postprocess.refine not in REFINE_MODES:
-        refine = card.postprocess.refine
-        raise ModelError(f"model card postprocess.refine={refine!r} is not one of {REFINE_MODES}")
+        raise ModelError(f"manifest interface.postprocess.mode={mode!r} is not one of {peak_modes}")
+    if package.postprocess.refine not in REFINE_MODES:
+        refine = package.postprocess.refine
+        raise ModelError(f"manifest interface.postprocess.refine={refine!r} is not one of {REFINE_MODES}")
 
 
-def _check_session(session: ort.InferenceSession, card: ModelCard | PartSpec) -> tuple[str, str]:
-    """The graph's input/output names and static dims must agree with the card (or part)."""
+def _check_session(session: ort.InferenceSession, spec: ModelPackage | PartSpec) -> tuple[str, str]:
+    """The graph's input/output names and static dims must agree with the manifest (or the part)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     by_name_in = {i.name: i for i in inputs}
     by_name_out = {o.name: o for o in outputs}
-    in_name, out_name = card.inputs[0].name, card.outputs[0].name
+    in_name, out_name = spec.inputs[0].name, spec.outputs[0].name
     if in_name not in by_name_in:
-        raise ModelError(f"model has inputs {sorted(by_name_in)}, card says {in_name!r}")
+        raise ModelError(f"model has inputs {sorted(by_name_in)}, the manifest says {in_name!r}")
     if out_name not in by_name_out:
-        raise ModelError(f"model has outputs {sorted(by_name_out)}, card says {out_name!r}")
-    for what, node, spec in (
-        ("input", by_name_in[in_name], card.inputs[0]),
-        ("output", by_name_out[out_name], card.outputs[0]),
+        raise ModelError(f"model has outputs {sorted(by_name_out)}, the manifest says {out_name!r}")
+    for what, node, tensor in (
+        ("input", by_name_in[in_name], spec.inputs[0]),
+        ("output", by_name_out[out_name], spec.outputs[0]),
     ):
         dims = list(node.shape)
-        if len(dims) != len(spec.shape):
-            raise ModelError(f"model {what} {node.name!r} has shape {dims}, card says {spec.shape}")
-        for got, want in zip(dims[1:], spec.shape[1:], strict=True):
+        if len(dims) != len(tensor.shape):
+            raise ModelError(f"model {what} {node.name!r} has shape {dims}, the manifest says {tensor.shape}")
+        for got, want in zip(dims[1:], tensor.shape[1:], strict=True):
             if isinstance(got, int) and isinstance(want, int) and got != want:
-                raise ModelError(f"model {what} {node.name!r} has shape {dims}, card says {spec.shape}")
+                raise ModelError(f"model {what} {node.name!r} has shape {dims}, the manifest says {tensor.shape}")
     return in_name, out_name
 
 
@@ -367,17 +359,17 @@ def _load_part(
     False: verified only, for a part whose split runs instead)."""
     path = directory / spec.file
     if not path.is_file():
-        raise ModelError(f"model part {name!r} not found: {path} (listed in the model card)")
+        raise ModelError(f"model part {name!r} not found: {path} (listed in the manifest)")
     want_in, want_out = _part_shapes(name)
     if list(spec.inputs[0].shape[1:]) != want_in or list(spec.outputs[0].shape[1:]) != want_out:
         raise ModelError(
-            f"model card part {name!r} maps {spec.inputs[0].shape} -> {spec.outputs[0].shape}; "
+            f"manifest part {name!r} maps {spec.inputs[0].shape} -> {spec.outputs[0].shape}; "
             f"expected [n, *{want_in}] -> [n, *{want_out}]"
         )
     digest = file_sha256(path)
     if digest.lower() != spec.sha256.lower():
         raise ModelError(
-            f"SHA-256 mismatch: model part {path} has {digest} but the card says "
+            f"SHA-256 mismatch: model part {path} has {digest} but the manifest says "
             f"{spec.sha256.lower()} (re-export with `csist export` to write both)"
         )
     if not session:
@@ -391,16 +383,10 @@ def _load_part(
 
 
 def _verified_file(spec: FileSpec, directory: Path, what: str, command: str) -> Path:
-    path = directory / spec.file
-    if not path.is_file():
-        raise ModelError(f"{what} not found: {path} (listed in the model card)")
-    digest = file_sha256(path)
-    if digest.lower() != spec.sha256.lower():
-        raise ModelError(
-            f"SHA-256 mismatch: {what} {path} has {digest} but the card says {spec.sha256.lower()} "
-            f"(split anew with `{command}`)"
-        )
-    return path
+    try:
+        return verified(directory, spec, what, f"split anew with `{command}`")
+    except PackageError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def load_split(
@@ -423,7 +409,7 @@ def load_split(
     command = "csist split-amx" if spec.steps and any(s.op == "Conv" for s in spec.steps) else "csist split-head"
     if spec.part != part.file or spec.part_sha256.lower() != part.sha256.lower():
         raise ModelError(
-            f"the {name} split was cut from {spec.part!r} (sha256 {spec.part_sha256[:12]}...), but the card's "
+            f"the {name} split was cut from {spec.part!r} (sha256 {spec.part_sha256[:12]}...), but the manifest's "
             f"{name} is {part.file!r} (sha256 {part.sha256[:12]}...): run `{command}` again"
         )
     sessions = []
@@ -462,7 +448,7 @@ def load_split(
             steps.append(Step(s.op, tuple(s.inputs), s.output, kernel))
     except (KeyError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: a kernel cannot run here
         raise ModelError(
-            f"split weights {npz} do not fit the card's {name} split, or its kernels cannot run here: {exc}"
+            f"split weights {npz} do not fit the manifest's {name} split, or its kernels cannot run here: {exc}"
         ) from None
     if fuse:
         sessions, steps = fused_chains(sessions, steps, spec.output)
@@ -522,15 +508,14 @@ def fused_chains(
 def _native_blocker(loaded: dict, requested: list[str]) -> str | None:
     """Why no split part can run here (None: it can)."""
     if not loaded:
-        return "the streaming parts are not loaded (card without parts, or feature cache off)"
+        return "the streaming parts are not loaded (a manifest without parts, or feature cache off)"
     if requested[0] != "CPUExecutionProvider":
         return f"the parts run on {requested[0]}, the native kernels on the CPU"
     return None
 
 
 def load_model(
-    model_path: str | Path,
-    card_path: str | Path | None = None,
+    path: str | Path,
     providers: list[str] | None = None,
     threads: int = 0,
     spinning: bool = False,
@@ -543,9 +528,10 @@ def load_model(
     single: bool = True,
     whole_parts: bool = False,
 ) -> InferenceModel:
-    """Load and verify the model; ModelError with a clear message when it cannot be served.
+    """Load and verify the model at ``path`` (its folder, or its manifest); ModelError with a clear
+    message when it cannot be served (a model of the old flat layout: naming the migration command).
 
-    ``parts``: also load the streaming encoder and head when the card lists them (both or
+    ``parts``: also load the streaming encoder and head when the manifest lists them (both or
     neither must be listed). ``deform_kernel``, ``conv_kernel``: see the module docstring.
     ``fuse_convs``: run the AMX split's consecutive convs as chains (the same numbers, fewer
     copies; off only to compare). ``single``: also open the single graph when the parts are
@@ -557,23 +543,19 @@ def load_model(
         raise ModelError(f"deform_kernel={deform_kernel!r} is not one of {DEFORM_KERNELS}")
     if conv_kernel not in CONV_KERNELS:
         raise ModelError(f"conv_kernel={conv_kernel!r} is not one of {CONV_KERNELS}")
-    model_path = Path(model_path)
-    card_path = Path(card_path) if card_path is not None else model_path.with_suffix(".json")
-    if not model_path.is_file():
-        raise ModelError(
-            f"model file not found: {model_path} (export one with `csist export`, "
-            "or point CSIST_MODEL_PATH / --model at it)"
-        )
     try:
-        card = load_card(card_path)
-    except CardError as exc:
+        card = load_package(path)
+    except PackageError as exc:
         raise ModelError(str(exc)) from None
-    _check_card(card)
+    _check_interface(card)
+    model_path, directory = card.model_file, card.directory
+    if not model_path.is_file():
+        raise ModelError(f"model file not found: {model_path} (listed in {card.manifest_path})")
     digest = file_sha256(model_path)
-    if digest.lower() != card.sha256.lower():
+    if digest.lower() != card.sha256:
         raise ModelError(
-            f"SHA-256 mismatch: {model_path} has {digest} but its card {card_path} says "
-            f"{card.sha256.lower()}; the model file was changed or the card belongs to another "
+            f"SHA-256 mismatch: {model_path} has {digest} but its manifest {card.manifest_path} says "
+            f"{card.sha256}; the model file was changed or the manifest belongs to another "
             "model (re-export with `csist export` to write both)"
         )
     requested = resolve_providers(providers)
@@ -581,19 +563,19 @@ def load_model(
     listed = set(card.parts)
     if listed and listed not in ({ENCODER, HEAD}, {ENCODER, HEAD, ALIGN, FUSE}):
         raise ModelError(
-            f"model card parts {sorted(listed)}; expected 'encoder' and 'head' (and optionally 'align' and 'fuse')"
+            f"manifest parts {sorted(listed)}; expected 'encoder' and 'head' (and optionally 'align' and 'fuse')"
         )
     loaded = {}
     if parts and listed:
         loaded = {
-            name: _load_part(name, card.parts[name], model_path.parent, options, requested, session=False)
+            name: _load_part(name, card.parts[name], directory, options, requested, session=False)
             for name in sorted(listed)
         }
     split_head = split_encoder = split_align = split_fuse = None
     if conv_kernel != "onnxruntime":
         why_not = _native_blocker(loaded, requested)
         if why_not is None and card.amx_split is None:
-            why_not = "the model card has no amx_split (run `csist split-amx`)"
+            why_not = "the manifest has no amx_split plan (run `csist split-amx`)"
         if why_not is None and deform_kernel == "onnxruntime":
             why_not = "deform_kernel='onnxruntime' (the AMX split computes DeformConv natively)"
         if why_not is None and not conv.AMX:
@@ -606,7 +588,7 @@ def load_model(
                 ENCODER,
                 amx.encoder,
                 card.parts[ENCODER],
-                model_path.parent,
+                directory,
                 options,
                 requested,
                 fuse_convs,
@@ -616,7 +598,7 @@ def load_model(
                 HEAD,
                 amx.head,
                 card.parts[HEAD],
-                model_path.parent,
+                directory,
                 options,
                 requested,
                 fuse_convs,
@@ -628,7 +610,7 @@ def load_model(
                         name,
                         spec,
                         card.parts[name],
-                        model_path.parent,
+                        directory,
                         options,
                         requested,
                         fuse_convs,
@@ -643,11 +625,11 @@ def load_model(
     if split_head is None and deform_kernel != "onnxruntime":
         why_not = _native_blocker(loaded, requested)
         if why_not is None and card.head_split is None:
-            why_not = "the model card has no head_split (run `csist split-head`)"
+            why_not = "the manifest has no head_split plan (run `csist split-head`)"
         if why_not is None and not deform.AVAILABLE:
             why_not = "the native kernel service.kernels._deform is not built (install with a C compiler)"
         if why_not is None:
-            split_head = load_split(HEAD, card.head_split, card.parts[HEAD], model_path.parent, options, requested)
+            split_head = load_split(HEAD, card.head_split, card.parts[HEAD], directory, options, requested)
         elif deform_kernel == "native":
             raise ModelError(f"deform_kernel='native' cannot be used: {why_not}")
     if split_head is not None and (split_align is None or split_fuse is None):
@@ -656,7 +638,7 @@ def load_model(
     splits = {HEAD: split_head, ENCODER: split_encoder, ALIGN: split_align, FUSE: split_fuse}
     for name in sorted(loaded):
         if splits.get(name) is None or whole_parts:
-            loaded[name] = _load_part(name, card.parts[name], model_path.parent, options, requested)
+            loaded[name] = _load_part(name, card.parts[name], directory, options, requested)
     session, in_name, out_name = None, card.inputs[0].name, card.outputs[0].name
     if single or not loaded:
         try:

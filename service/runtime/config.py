@@ -16,10 +16,11 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.names import AUTO, PLANS
+from service.science.physics import DEFAULT_SNR, MAX_SATURATION, PSF_SIGMA_MAX, PSF_SIGMA_MIN
 
 # The bundled model, found next to the package so that the service starts from any working
 # directory of a source checkout (``models/`` is not inside the ``service`` package).
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "derefnet.onnx"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "derefnet"
 
 MAX_WORKERS = 64
 
@@ -46,8 +47,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CSIST_", case_sensitive=False, extra="ignore")
 
-    model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model file")
-    card_path: Path | None = Field(None, description="model card JSON; default: the model path with a .json suffix")
+    model_path: Path = Field(
+        DEFAULT_MODEL_PATH, description="model folder (holding manifest.json, docs/model-package.md) or its manifest"
+    )
     providers: str = Field(
         "auto",
         description="ONNX Runtime execution providers, comma-separated in order of preference,"
@@ -99,6 +101,36 @@ class Settings(BaseSettings):
         " (REST: 503 with Retry-After), and the fit is skipped (refined: false) when it would answer"
         " late. A connection (?deadline_ms=) or a frame's options override it; 0 = none",
     )
+    threshold_snr: float | None = Field(
+        DEFAULT_SNR,
+        gt=0.0,
+        le=1000.0,
+        description="peak threshold of the HR map as a multiple of each window's flux noise (its pixel noise"
+        " about the background plane, at least 1 grey level, times the PSF's sqrt(4 pi) sigma). Empty: the"
+        " model card's absolute threshold (the SeqCSIST metric's 70). A request's threshold or"
+        " threshold_snr overrides it",
+    )
+    psf_sigma: float | None = Field(
+        None,
+        ge=PSF_SIGMA_MIN,
+        le=PSF_SIGMA_MAX,
+        description="the sensor's Gaussian PSF sigma in pixels (its calibration), used by refine 'fit';"
+        " unset: the model card's physics.psf_sigma. A request's options.psf_sigma overrides it. The fit"
+        " corrects a mismatch of up to 40 % where the frames show it",
+    )
+    saturation: float | None = Field(
+        255.0,
+        gt=0.0,
+        le=MAX_SATURATION,
+        description="grey level at which the sensor clips (8-bit: 255; 12-bit: 4095): the fit takes pixels"
+        " at or above it as lower bounds. Empty = the sensor never clips. options.saturation overrides it",
+    )
+    brightness_range: tuple[float, float] | None = Field(
+        None,
+        description="'lo,hi': the range of target brightness (integrated flux, sensor units) from the"
+        " sensor's calibration; the fit counts targets by it, with a prior spanning it. Unset: the"
+        " SeqCSIST protocol's 200,270. options.brightness_range overrides it",
+    )
     require_token: bool = Field(
         False,
         description="refuse to start on a non-loopback address without CSIST_API_TOKEN (else: a warning in the log)",
@@ -126,6 +158,23 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(30.0, gt=0.0, description="longest wait for in-flight work on shutdown")
 
+    @field_validator("psf_sigma", "saturation", "threshold_snr", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if value == "" else value
+
+    @field_validator("brightness_range", mode="before")
+    @classmethod
+    def _lo_hi(cls, value):
+        if isinstance(value, str):
+            value = None if value.strip() == "" else [v.strip() for v in value.split(",")]
+        if value is not None:
+            lo, hi = (float(v) for v in value) if len(value) == 2 else (None, None)
+            if lo is None or not 0 < lo < hi <= 1e6:
+                raise ValueError(f"must be 'lo,hi' with 0 < lo < hi <= 1e6, got {value}")
+            value = (lo, hi)
+        return value
+
     @field_validator("api_token", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value):
@@ -144,10 +193,6 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, value):
         return value.lower() if isinstance(value, str) else value
-
-    def resolved_card_path(self) -> Path:
-        """The card next to the model unless configured otherwise."""
-        return self.card_path if self.card_path is not None else self.model_path.with_suffix(".json")
 
     def parallelism(self, cuda: bool) -> tuple[int, int]:
         """(inference workers, ONNX Runtime intra-op threads) with the automatic choices made.

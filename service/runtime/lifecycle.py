@@ -54,9 +54,7 @@ class Runtime:
         providers = resolve_providers(s.provider_list())
         workers, threads = s.parallelism(cuda="CUDAExecutionProvider" in providers)
         options = PlanOptions(tuple(providers), threads, s.ort_spinning, s.ort_graph_level, s.ort_arena)
-        self.selection = await asyncio.to_thread(
-            select_plan, s.model_path, s.resolved_card_path(), options, s.plan, s.plan_budget_s
-        )
+        self.selection = await asyncio.to_thread(select_plan, s.model_path, options, s.plan, s.plan_budget_s)
         plan = self.selection.plan
         self.model = plan.model
         pairs = s.pair_cache and plan.pairs

@@ -24,6 +24,20 @@ from scipy.special import erf
 SIZE = 11  # LR patch side, pixels
 RATIO = 3  # unmixing ratio c: HR cells per LR pixel along each axis
 SIGMA = 0.5  # PSF standard deviation, LR pixels
+# The PSF sigmas the fit accepts as a calibration: below 0.2 px one pixel holds nearly all of a
+# target's flux (nothing left to unmix by), above 3 px the 11-px patch no longer holds the PSF.
+PSF_SIGMA_MIN, PSF_SIGMA_MAX = 0.2, 3.0
+MAX_SATURATION = 65535.0  # the clip level of a 16-bit sensor, the deepest the project reads
+DEFAULT_SNR = 5.0  # peaks are kept above this many sigmas of a target's flux noise (flux_noise)
+
+
+def flux_noise(noise, psf_sigma: float = SIGMA):
+    """Standard deviation of a point target's flux measured through a Gaussian PSF under white
+    pixel noise ``noise``: noise x sqrt(4 pi) psf_sigma (the PSF's noise-equivalent area is
+    4 pi psf_sigma^2 pixels)."""
+    return np.asarray(noise, dtype=np.float64) * np.sqrt(4.0 * np.pi) * psf_sigma
+
+
 HR_SIZE = SIZE * RATIO  # 33
 
 
@@ -55,6 +69,15 @@ def pixel_fractions_grad(pos: np.ndarray, size: int = SIZE, sigma: float = SIGMA
     edges = np.arange(size + 1, dtype=np.float64) - 0.5
     pdf = np.exp(-0.5 * ((edges[None, :] - pos) / sigma) ** 2) / (sigma * np.sqrt(2.0 * np.pi))
     return -(pdf[:, 1:] - pdf[:, :-1])
+
+
+def pixel_fractions_dsigma(pos: np.ndarray, size: int = SIZE, sigma: float = SIGMA) -> np.ndarray:
+    """d pixel_fractions / d sigma, shape (N, size): with u = edge - pos, each edge's fraction
+    0.5 erf(u / (sigma sqrt2)) changes by -(u / sigma) * density(u)."""
+    pos = np.asarray(pos, dtype=np.float64).reshape(-1, 1)
+    u = np.arange(size + 1, dtype=np.float64)[None, :] - 0.5 - pos
+    g = -(u / sigma) * np.exp(-0.5 * (u / sigma) ** 2) / (sigma * np.sqrt(2.0 * np.pi))
+    return g[:, 1:] - g[:, :-1]
 
 
 def pixel_response(targets, size: int = SIZE, sigma: float = SIGMA) -> np.ndarray:

@@ -14,9 +14,30 @@ from __future__ import annotations
 import numpy as np
 
 from service.science import peaks as _peaks
+from service.science.background import fit_planes
+from service.science.physics import DEFAULT_SNR, SIGMA, flux_noise
 from service.science.refine import FitConfig, refine_windows
 
+__all__ = ["DEFAULT_SNR", "REFINE_MODES", "find_targets", "snr_thresholds"]
+
 REFINE_MODES = (*_peaks.REFINE_MODES, "fit")
+MIN_NOISE = 1.0  # grey levels: the floor of a patch's noise (quantisation, residual background)
+
+
+def snr_thresholds(windows: np.ndarray, snr: float, psf_sigma: float = SIGMA) -> np.ndarray:
+    """Peak thresholds (N,) of windows (N, F, H, W): ``snr`` times the noise of a target's flux.
+
+    The HR map is in brightness (flux) units, so the threshold is ``snr`` x
+    :func:`service.science.physics.flux_noise` of the window's pixel noise: the median over its
+    frames of the robust noise about each frame's background plane, at least ``MIN_NOISE``.
+    """
+    windows = np.asarray(windows, dtype=np.float64)
+    if windows.ndim != 4:
+        raise ValueError(f"windows must be (N, F, H, W), got shape {windows.shape}")
+    if not snr > 0:
+        raise ValueError(f"snr must be > 0, got {snr}")
+    noise = np.median(fit_planes(windows)[1], axis=1)
+    return snr * flux_noise(np.maximum(noise, MIN_NOISE), psf_sigma)
 
 
 def find_targets(
@@ -28,21 +49,35 @@ def find_targets(
     mode: str | None = None,
     ratio: int = 3,
     fit_config: FitConfig | None = None,
+    snr: float | None = None,
 ) -> list[np.ndarray]:
     """Targets (K, 3) rows (x, y, brightness) of each map of (N, H, W), brightest first.
 
     ``windows`` (N, 5, 11, 11), the LR frames each map was computed from, is needed for
-    ``refine="fit"`` only. ``max_targets`` applies to the final answer.
+    ``refine="fit"`` and for ``snr``. ``snr``: the peak threshold of each window is ``snr``
+    times its flux noise (:func:`snr_thresholds`) instead of the absolute ``threshold``.
+    ``max_targets`` applies to the final answer.
     """
     if refine not in REFINE_MODES:
         raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
+    needs_windows = refine == "fit" or snr is not None
+    if needs_windows and (windows is None or len(windows) != len(maps)):
+        raise ValueError("refine='fit' and snr need the LR window of every map")
     kwargs = {} if mode is None else {"mode": mode}
-    if refine != "fit":
-        return _peaks.extract_peaks_batch(
-            maps, threshold=threshold, refine=refine, max_targets=max_targets, ratio=ratio, **kwargs
-        )
-    if windows is None or len(windows) != len(maps):
-        raise ValueError("refine='fit' needs the LR window of every map")
-    start = _peaks.extract_peaks_batch(maps, threshold=threshold, refine="none", ratio=ratio, **kwargs)
-    found = refine_windows(np.asarray(windows, dtype=np.float64), start, fit_config or FitConfig())
+    psf = (fit_config or FitConfig()).psf_sigma
+    per_window = None if snr is None else snr_thresholds(windows, snr, psf)
+    floor = threshold if per_window is None else float(per_window.min(initial=threshold))
+    peak_refine = "none" if refine == "fit" else refine
+    found = _peaks.extract_peaks_batch(
+        maps,
+        threshold=floor,
+        refine=peak_refine,
+        max_targets=None if per_window is not None or refine == "fit" else max_targets,
+        ratio=ratio,
+        **kwargs,
+    )
+    if per_window is not None:  # each window's own threshold: rows are brightness-sorted
+        found = [f[f[:, 2] > t] for f, t in zip(found, per_window)]
+    if refine == "fit":
+        found = refine_windows(np.asarray(windows, dtype=np.float64), found, fit_config or FitConfig())
     return [f if max_targets is None else f[:max_targets] for f in found]

@@ -77,6 +77,7 @@ the mismatch, less accurately than real windows.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import dataclass, field, replace
@@ -85,7 +86,15 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.special import ndtri
 
-from service.science.physics import SIGMA, pixel_fractions, pixel_fractions_grad
+from service.science.background import fit_planes, plane_basis
+from service.science.physics import (
+    DEFAULT_SNR,
+    SIGMA,
+    flux_noise,
+    pixel_fractions,
+    pixel_fractions_dsigma,
+    pixel_fractions_grad,
+)
 
 CRITERIA = ("bic", "aic")
 SOLVERS = ("lm", "scipy")
@@ -96,7 +105,21 @@ ROUNDING_VARIANCE = 1.0 / 12.0  # variance of the error of rounding to an intege
 class FitConfig:
     """Settings of :func:`fit_window`; the defaults suit SeqCSIST-protocol 8-bit windows."""
 
-    psf_sigma: float = SIGMA  # PSF standard deviation, LR px (the papers' 0.5)
+    psf_sigma: float = SIGMA  # PSF standard deviation, LR px (the papers' 0.5): the calibration
+    # Where the calibrated PSF leaves a misfit (chi2 / dof above ``psf_chi2``), fit the PSF sigma
+    # too, within +-``psf_range`` (relative) of ``psf_sigma``, pulled toward it by a Gaussian
+    # prior of relative width ``psf_prior``, and keep it where the criterion says the frames
+    # support it: optics differ from their calibration (focus, temperature, field position),
+    # and a sigma 20 % off moves and splits targets. Where the calibration fits, sigma stays
+    # fixed: a free sigma trades against close targets' separations and brightness.
+    fit_psf: bool = True
+    psf_chi2: float = 1.5
+    # Where a fitted target sits at a bound of ``brightness_range``, the window's targets are
+    # dimmer or brighter than the calibration: count and fit again with brightness free (by the
+    # criterion, from the calibrated count down, then up) and keep what the criterion prefers.
+    free_brightness: bool = True
+    psf_range: float = 0.4
+    psf_prior: float | None = 0.2
     # width of the pull toward each start position, px; None = no pull. Measured on dev windows
     # started from the network's peaks (CSO-mAP clean / sigma 2 / sigma 5): 0.1 -> 93.7 / 72.7
     # / 56.7, 0.15 -> 93.7 / 73.7 / 58.9, 0.2 -> 93.9 / 72.5 / 58.6, 0.3 -> 93.7 / 68.7 / 56.1.
@@ -111,6 +134,21 @@ class FitConfig:
     # prior also halves the work). Set them from your sensor's calibration.
     brightness_range: tuple[float, float] = (200.0, 270.0)
     brightness_prior: float | None = 20.0
+
+    @classmethod
+    def calibrated(
+        cls, psf_sigma: float, saturation: float | None, brightness_range: tuple[float, float] | None = None
+    ) -> FitConfig:
+        """The fit for a sensor's calibration: PSF sigma, clip level and, where known, the range of
+        target brightness (integrated flux), whose Gaussian prior then spans it at +-1.75 sigma
+        (the default's 20 for its 70 wide range)."""
+        if brightness_range is None:
+            return cls(psf_sigma=psf_sigma, saturation=saturation)
+        lo, hi = brightness_range
+        return cls(
+            psf_sigma=psf_sigma, saturation=saturation, brightness_range=(lo, hi), brightness_prior=(hi - lo) / 3.5
+        )
+
     max_speed_px: float = 0.15  # |vx|, |vy| bound, px/frame (SeqCSIST: <= 0.09)
     noise: float | None = None  # Gaussian noise sigma, grey levels; None = estimate from the patch
     quantized: bool = True  # frames were rounded to integers: add 1/12 to the noise variance
@@ -136,6 +174,10 @@ class FitConfig:
     max_reduced_chi2: float = 5.0  # fallback when chi2 / dof of the chosen fit exceeds this
     max_noise: float = 25.0  # fallback when the estimated noise sigma exceeds this, grey levels
     min_noise_pixels: int = 20  # far-from-target pixel values needed to estimate the noise
+    # Fit a background plane (offset and gradient, shared by the window's frames: a staring
+    # sensor's background is static over 5 frames) jointly with the targets, started from the
+    # frames' median planes (service.science.background). False: the background is 0.
+    background: bool = True
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -147,6 +189,10 @@ class FitConfig:
             raise ValueError(f"brightness_range must be 0 < lo < hi, got {self.brightness_range}")
         if self.psf_sigma <= 0 or self.max_shift_px <= 0 or self.max_speed_px < 0:
             raise ValueError("psf_sigma and max_shift_px must be > 0, max_speed_px >= 0")
+        if not 0 < self.psf_range < 1 or (self.psf_prior is not None and self.psf_prior <= 0):
+            raise ValueError(
+                f"psf_range must be in (0, 1) and psf_prior > 0 or None, got {self.psf_range}, {self.psf_prior}"
+            )
         if self.prior_px is not None and self.prior_px <= 0:
             raise ValueError(f"prior_px must be > 0 or None, got {self.prior_px}")
         if self.brightness_prior is not None and self.brightness_prior <= 0:
@@ -180,6 +226,10 @@ class FitResult:
     noise: float = float("nan")  # the residual scale s = sqrt(noise^2 + 1/12 + model_error^2)
     reason: str = ""  # why the fit was rejected ("" when accepted)
     criteria: dict = field(default_factory=dict)
+    # the chosen fit's background plane (offset, d/dx, d/dy about the patch centre, grey levels)
+    # and PSF sigma (the calibration, or fitted where it left a misfit); NaN when not accepted
+    background: tuple[float, float, float] = (float("nan"),) * 3
+    psf_sigma: float = float("nan")
 
 
 # ------------------------------------------------------------------------------ public API
@@ -277,24 +327,30 @@ def fit_window(
     # every count the flux allows; above that, where the flux is only a lower bound, one more
     # at a time while the criterion keeps falling
     while k <= cfg.max_targets and (k <= counts[-1] or (open_ended and best is fits[k - 1] and _may_grow(win, best))):
-        start, has_prior = _start(win, peaks_in, k, v0)
-        fit = _fit(win, start, v0, start[:, :2], has_prior, scale)
-        if win.scale is None:  # too few far pixels: noise from this fit's residuals, then refit
-            dof = max(win.n - fit.n_params, 1)
-            scale = max(math.sqrt(float(fit.residual @ fit.residual) / dof), 1e-3)
-            fit = _fit(win, fit.targets, fit.velocity, fit.anchors, fit.has_prior, scale, nfev0=fit.nfev)
-            win.scale = scale
-        if fit.chi2 > cfg.retry_chi2 * max(win.n - fit.n_params, 1):
-            # a poor fit, likely a local minimum: start again elsewhere, keep the better
-            alt = _retry(win, peaks_in, k, v0, fits.get(k - 1), scale)
-            if alt is not None:
-                alt.nfev += fit.nfev
-                fit = alt if alt.ic < fit.ic else replace(fit, nfev=alt.nfev)
+        fit, scale = _fit_count(win, peaks_in, k, v0, scale, fits)
         fits[k] = fit
         nfev += fit.nfev
         if best is None or fit.ic < best.ic:
             best = fit
         k += 1
+    if cfg.fit_psf and best.chi2 > cfg.psf_chi2 * max(win.n - best.n_params, 1):
+        # the calibrated PSF leaves a misfit: the best count and its neighbours again with sigma
+        # free (the flux, which sets the count, does not depend on sigma), kept where better
+        kb = len(best.targets)
+        for kk, f in [(kk, f) for kk, f in fits.items() if abs(kk - kb) <= 1]:
+            alt = _fit(win, f.targets, f.velocity, f.anchors, f.has_prior, scale, 0, f.background, free_sigma=True)
+            nfev += alt.nfev
+            if alt.ic < f.ic:
+                fits[kk] = alt
+        best = min(fits.values(), key=lambda f: f.ic)
+    lo, hi = cfg.brightness_range
+    if cfg.free_brightness and (best.targets[:, 2].min() <= lo * 1.01 or best.targets[:, 2].max() >= hi * 0.99):
+        # a target pinned at a bound of the calibrated range: this window's targets are dimmer
+        # or brighter than the calibration says, so count and fit them again with brightness free
+        free, extra = _free_brightness(win, peaks_in, best, v0, scale, fits)
+        nfev += extra
+        if free.ic < best.ic:
+            best = free
     ics: dict = {k: f.ic for k, f in fits.items()}
 
     if not (np.isfinite(best.targets).all() and math.isfinite(best.chi2)):
@@ -309,8 +365,10 @@ def fit_window(
         # refitted, penalised as if fitted like the others (so for the same count this
         # compares chi2: "explains the frames better")
         a_net = _linear_brightness(win, peaks_in[:, :2], best.velocity, peaks_in[:, 2])
-        r_net = win.data_residuals(win.model(np.column_stack([peaks_in[:, :2], a_net]), best.velocity)) / scale
-        ics["network"] = _criterion(float(r_net @ r_net), 3 * k0 + 2, win.n, cfg.criterion)
+        net = np.column_stack([peaks_in[:, :2], a_net])
+        r_net = win.data_residuals(win.model(net, best.velocity, best.background, best.psf_sigma)) / scale
+        others = best.n_params - 3 * len(best.targets)  # velocity, background, sigma if fitted
+        ics["network"] = _criterion(float(r_net @ r_net), 3 * k0 + others, win.n, cfg.criterion)
         if not best.ic < ics["network"]:
             return reject(
                 "the fit does not explain the frames better than the peaks", nfev, best.chi2, best.velocity, scale, ics
@@ -327,7 +385,60 @@ def fit_window(
         nfev=nfev,
         noise=scale,
         criteria=ics,
+        background=tuple(float(b) for b in best.background),
+        psf_sigma=best.psf_sigma,
     )
+
+
+def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: float, fits: dict) -> tuple[_Fit, int]:
+    """The best fit with brightness free of the calibrated range and prior: from ``best``'s count,
+    one target fewer (or more) at a time while the criterion falls. Brightness stays above a
+    5-sigma flux (any dimmer target is noise) and below 4x the range's top."""
+    cfg = win.cfg
+    floor = float(DEFAULT_SNR * flux_noise(max(scale, 1.0), cfg.psf_sigma))
+    hi = max(4.0 * cfg.brightness_range[1], 2.0 * floor)
+    free = copy.copy(win)
+    free.cfg = replace(cfg, brightness_range=(min(floor, 0.5 * hi), hi), brightness_prior=None)
+    k0 = len(best.targets)
+    tried: dict[int, _Fit] = {}
+    nfev = 0
+    top: _Fit | None = None
+    if not cfg.try_counts:  # the count is given: brightness alone is freed
+        top = _fit_count(free, peaks, k0, v0, scale, tried)[0]
+        return top, top.nfev
+    for step in (-1, 1):
+        k = k0 if step == -1 else k0 + 1
+        while 1 <= k <= cfg.max_targets:
+            fit = _fit_count(free, peaks, k, v0, scale, tried)[0]
+            tried[k] = fit
+            nfev += fit.nfev
+            if top is not None and not fit.ic < top.ic:
+                break
+            top = fit
+            k += step
+        if top is not None and len(top.targets) < k0:
+            break  # fewer won: more will not
+    return top, nfev
+
+
+def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: dict) -> tuple[_Fit, float]:
+    """The k-target fit of a window (started again elsewhere if poor), and the noise scale (set
+    from this fit's residuals when the window had too few far pixels to measure it)."""
+    cfg = win.cfg
+    start, has_prior = _start(win, peaks, k, v0)
+    fit = _fit(win, start, v0, start[:, :2], has_prior, scale)
+    if win.scale is None:  # too few far pixels: noise from this fit's residuals, then refit
+        dof = max(win.n - fit.n_params, 1)
+        scale = max(math.sqrt(float(fit.residual @ fit.residual) / dof), 1e-3)
+        fit = _fit(win, fit.targets, fit.velocity, fit.anchors, fit.has_prior, scale, fit.nfev, fit.background)
+        win.scale = scale
+    if fit.chi2 > cfg.retry_chi2 * max(win.n - fit.n_params, 1):
+        # a poor fit, likely a local minimum: start again elsewhere, keep the better
+        alt = _retry(win, peaks, k, v0, fits.get(k - 1), scale)
+        if alt is not None:
+            alt.nfev += fit.nfev
+            fit = alt if alt.ic < fit.ic else replace(fit, nfev=alt.nfev)
+    return fit, scale
 
 
 def _frame_times(frames: np.ndarray) -> np.ndarray:
@@ -395,9 +506,17 @@ class _Window:
         self.any_sat = bool(self.sat.any())
         outside = np.ones((height, width), dtype=bool)
         outside[self.r0 : self.r1, self.c0 : self.c1] = False
+        basis = plane_basis(height, width).reshape(height, width, 3)
+        self.bg0 = np.median(fit_planes(frames)[0], axis=0) if cfg.background else np.zeros(3)
+        self.n_bg = 3 if cfg.background else 0
+        self.bg_basis = np.tile(basis[self.r0 : self.r1, self.c0 : self.c1].reshape(-1, 3), (n_frames, 1))  # (n, 3)
+        # the observations less the starting background: what the targets must explain
+        self.sig = self.obs - self.bg_basis @ self.bg0
         far = frames[:, outside]
+        if np.mean(far == 0.0) <= 0.1:  # clipped at 0 (a dark patch): estimate_noise reads the zeros
+            far = far - basis[outside] @ self.bg0
         self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
-        # mean level of a pixel without signal (noise clipped at 0 raises it above 0)
+        # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
         self.background = float(far.mean()) if far.size >= cfg.min_noise_pixels else None
         # a target near the patch border loses flux over the edge
         self.at_border = bool(
@@ -423,15 +542,18 @@ class _Window:
         vals = values.reshape(2, len(self.times), k, self.size)
         return vals[0, :, :, self.c0 : self.c1], vals[1, :, :, self.r0 : self.r1]
 
-    def fractions(self, x: np.ndarray, y: np.ndarray, v):
+    def fractions(self, x: np.ndarray, y: np.ndarray, v, sigma: float | None = None):
         """Column and row pixel fractions (F, K, C) and (F, K, R) of every target in every frame."""
         pos = self.positions(x, y, v)
-        return self.split(pixel_fractions(pos.ravel(), self.size, self.cfg.psf_sigma), len(x))
+        return self.split(pixel_fractions(pos.ravel(), self.size, sigma or self.cfg.psf_sigma), len(x))
 
-    def model(self, targets: np.ndarray, v) -> np.ndarray:
-        """Noise-free cropped frames, flat, of targets (K, 3) moving with velocity v."""
-        fx, fy = self.fractions(targets[:, 0], targets[:, 1], v)
-        return np.matmul(fy.transpose(0, 2, 1) * targets[None, None, :, 2], fx).ravel()
+    def model(self, targets: np.ndarray, v, bg: np.ndarray | None = None, sigma: float | None = None) -> np.ndarray:
+        """Noise-free cropped frames, flat, of targets (K, 3) moving with velocity v over the
+        background plane ``bg`` (3,) (default: the starting one), PSF ``sigma`` (default: the
+        calibrated one)."""
+        fx, fy = self.fractions(targets[:, 0], targets[:, 1], v, sigma)
+        targets_only = np.matmul(fy.transpose(0, 2, 1) * targets[None, None, :, 2], fx).ravel()
+        return targets_only + self.bg_basis @ (self.bg0 if bg is None else bg)
 
     def data_residuals(self, model: np.ndarray) -> np.ndarray:
         """(model - obs) per pixel, saturated pixels as lower bounds (0 once the model is above)."""
@@ -447,15 +569,20 @@ class _Window:
 
 
 class _Problem:
-    """Least squares for one count: parameters theta = (x_1..K, y_1..K, a_1..K, vx, vy).
+    """Least squares for one count: parameters theta = (x_1..K, y_1..K, a_1..K, vx, vy, s, b)
+    with s the PSF sigma (absent without ``FitConfig.fit_psf``) and b the background plane (3
+    coefficients, absent without ``FitConfig.background``).
 
     Residuals: the data (noise-normalised, saturation-aware), then the priors (positions of
     the network's peaks, then brightness).
     """
 
-    def __init__(self, win: _Window, anchors: np.ndarray, has_prior: np.ndarray, scale: float):
+    def __init__(
+        self, win: _Window, anchors: np.ndarray, has_prior: np.ndarray, scale: float, free_sigma: bool = False
+    ):
         cfg = win.cfg
         self.win = win
+        self.n_psf = 1 if free_sigma else 0
         self.k = k = len(anchors)
         self.scale = scale
         prior_w = 0.0 if cfg.prior_px is None else 1.0 / cfg.prior_px
@@ -470,30 +597,48 @@ class _Problem:
             cols.append(2 * k + np.arange(k))
             means.append(np.full(k, 0.5 * (b_lo + b_hi)))
             weights.append(np.full(k, 1.0 / cfg.brightness_prior))
+        self.i_s = 3 * k + 2 if self.n_psf else None  # index of the PSF sigma in theta
+        self.i_bg = 3 * k + 2 + self.n_psf  # first background coefficient
+        if self.n_psf and cfg.psf_prior is not None:
+            cols.append(np.array([self.i_s]))
+            means.append(np.array([cfg.psf_sigma]))
+            weights.append(np.array([1.0 / (cfg.psf_prior * cfg.psf_sigma)]))
         self.prior_cols = np.concatenate(cols).astype(int)
         self.prior_mean = np.concatenate(means)
         self.prior_w = np.concatenate(weights)
-        self.n_params = 3 * k + 2
+        self.n_params = 3 * k + 2 + self.n_psf + win.n_bg
         self.n_res = win.n + self.prior_cols.size
         m = cfg.max_shift_px
         vmax = cfg.max_speed_px if np.ptp(win.times) > 0 else 0.0  # one time: no velocity to fit
         ax, ay = anchors[:, 0], anchors[:, 1]
-        self.lower = np.concatenate([ax - m, ay - m, np.full(k, b_lo), [-vmax, -vmax]])
-        self.upper = np.concatenate([ax + m, ay + m, np.full(k, b_hi), [vmax, vmax]])
+        nb, ns = win.n_bg, self.n_psf
+        s_lo, s_hi = cfg.psf_sigma * (1 - cfg.psf_range), cfg.psf_sigma * (1 + cfg.psf_range)
+        self.lower = np.concatenate(
+            [ax - m, ay - m, np.full(k, b_lo), [-vmax, -vmax], [s_lo][:ns], np.full(nb, -np.inf)]
+        )
+        self.upper = np.concatenate([ax + m, ay + m, np.full(k, b_hi), [vmax, vmax], [s_hi][:ns], np.full(nb, np.inf)])
         # typical size of a meaningful change of each parameter (for stopping and for trf)
-        self.x_scale = np.concatenate([np.full(2 * k, 0.05), np.full(k, 10.0), [0.01, 0.01]])
+        self.x_scale = np.concatenate(
+            [np.full(2 * k, 0.05), np.full(k, 10.0), [0.01, 0.01], [0.01][:ns], [1.0, 0.1, 0.1][:nb]]
+        )
+
         self._key: bytes | None = None
         self._state = None
+
+    def sigma(self, theta: np.ndarray) -> float:
+        return float(theta[self.i_s]) if self.i_s is not None else self.win.cfg.psf_sigma
 
     def _eval(self, theta: np.ndarray):
         """Fractions and model at theta, cached: Jacobians are asked for at the last point."""
         key = theta.tobytes()
         if key != self._key:
             k, win = self.k, self.win
-            pos = win.positions(theta[:k], theta[k : 2 * k], theta[3 * k :]).ravel()
-            fx, fy = win.split(pixel_fractions(pos, win.size, win.cfg.psf_sigma), k)
+            pos = win.positions(theta[:k], theta[k : 2 * k], theta[3 * k : 3 * k + 2]).ravel()
+            fx, fy = win.split(pixel_fractions(pos, win.size, self.sigma(theta)), k)
             fya = fy * theta[None, 2 * k : 3 * k, None]
             model = np.matmul(fya.transpose(0, 2, 1), fx).ravel()
+            if win.n_bg:
+                model += win.bg_basis @ theta[self.i_bg :]
             self._key, self._state = key, (fx, fy, fya, model, pos)
         return self._state
 
@@ -517,7 +662,8 @@ class _Problem:
         fx, fy, fya, model, pos = self._eval(theta)
         k, win = self.k, self.win
         n = win.n
-        dfx, dfy = win.split(pixel_fractions_grad(pos, win.size, win.cfg.psf_sigma), k)
+        sigma = self.sigma(theta)
+        dfx, dfy = win.split(pixel_fractions_grad(pos, win.size, sigma), k)
         n_frames = len(win.times)
         rows = np.empty((3, n_frames, k, fy.shape[2]))
         rows[0], rows[1], rows[2] = fya, dfy * theta[None, 2 * k : 3 * k, None], fy
@@ -527,20 +673,31 @@ class _Problem:
         jac[:n, : 3 * k] = np.einsum("sfkr,sfkc->frcsk", rows, cols).reshape(n, 3 * k)
         jac[:n, 3 * k] = win.t_pix * jac[:n, :k].sum(axis=1)
         jac[:n, 3 * k + 1] = win.t_pix * jac[:n, k : 2 * k].sum(axis=1)
+        if self.i_s is not None:  # d / d sigma = sum_k a_k (dfy_s (outer) fx + fy (outer) dfx_s)
+            sx, sy = win.split(pixel_fractions_dsigma(pos, win.size, sigma), k)
+            jac[:n, self.i_s] = (
+                np.matmul((sy * theta[None, 2 * k : 3 * k, None]).transpose(0, 2, 1), fx)
+                + np.matmul(fya.transpose(0, 2, 1), sx)
+            ).ravel()
+        jac[:n, self.i_bg :] = win.bg_basis[:, : win.n_bg]
         jac[:n] /= self.scale
         if win.any_sat:
             jac[:n][win.sat & (model >= win.obs)] = 0.0
         jac[n + np.arange(self.prior_cols.size), self.prior_cols] = self.prior_w
         return jac
 
-    def pack(self, targets: np.ndarray, v) -> np.ndarray:
-        return np.clip(
-            np.concatenate([targets[:, 0], targets[:, 1], targets[:, 2], np.asarray(v, float)]), self.lower, self.upper
-        )
+    def pack(self, targets: np.ndarray, v, bg: np.ndarray, sigma: float | None = None) -> np.ndarray:
+        win = self.win
+        s = [sigma or win.cfg.psf_sigma][: self.n_psf]
+        flat = [targets[:, 0], targets[:, 1], targets[:, 2], np.asarray(v, float), s, np.asarray(bg, float)[: win.n_bg]]
+        return np.clip(np.concatenate(flat), self.lower, self.upper)
 
-    def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Targets (K, 3), velocity (2,), background plane (3,) and PSF sigma of a parameter vector."""
         k = self.k
-        return np.stack([theta[:k], theta[k : 2 * k], theta[2 * k : 3 * k]], axis=1), theta[3 * k :].copy()
+        bg = theta[self.i_bg :] if self.win.n_bg else np.zeros(3)
+        targets = np.stack([theta[:k], theta[k : 2 * k], theta[2 * k : 3 * k]], axis=1)
+        return targets, theta[3 * k : 3 * k + 2].copy(), bg.copy(), self.sigma(theta)
 
 
 @dataclass
@@ -556,6 +713,8 @@ class _Fit:
     anchors: np.ndarray
     has_prior: np.ndarray
     residual: np.ndarray  # data residuals (model - obs), flat over the crop, not normalised
+    background: np.ndarray  # (3,) fitted background plane
+    psf_sigma: float  # fitted (or calibrated) PSF sigma, px
 
 
 # ------------------------------------------------------------------------------ solvers
@@ -655,7 +814,7 @@ def _bounded_step(hess, grad, damping, theta, lower, upper, free) -> np.ndarray 
 def _solve_scipy(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int]:
     """``scipy.optimize.least_squares`` (trust-region reflective, exact bounds), same problem."""
     lower, upper = prob.lower, np.maximum(prob.upper, prob.lower + 1e-12)  # trf needs lower < upper
-    span = upper - lower
+    span = np.where(np.isfinite(upper - lower), upper - lower, 0.0)
     start = np.clip(theta, lower + 1e-9 * span, upper - 1e-9 * span)
     sol = least_squares(
         prob.residuals,
@@ -681,15 +840,25 @@ def _criterion(chi2: float, n_params: int, n: int, kind: str) -> float:
 
 
 def _fit(
-    win: _Window, start: np.ndarray, v0, anchors: np.ndarray, has_prior: np.ndarray, scale: float, nfev0: int = 0
+    win: _Window,
+    start: np.ndarray,
+    v0,
+    anchors: np.ndarray,
+    has_prior: np.ndarray,
+    scale: float,
+    nfev0: int = 0,
+    bg0: np.ndarray | None = None,
+    sigma0: float | None = None,
+    free_sigma: bool = False,
 ) -> _Fit:
-    """Fit K = len(start) targets from ``start`` (K, 3); ``anchors`` (K, 2) centre bounds and priors."""
+    """Fit K = len(start) targets from ``start`` (K, 3); ``anchors`` (K, 2) centre bounds and
+    priors; the background from ``bg0`` (default: the window's starting plane)."""
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)
-    prob = _Problem(win, anchors, has_prior, scale)
+    prob = _Problem(win, anchors, has_prior, scale, free_sigma)
     solve = _solve_lm if cfg.solver == "lm" else _solve_scipy
-    theta, nfev = solve(prob, prob.pack(start, v0), cfg.max_nfev, cfg.tol)
-    targets, v = prob.unpack(theta)
+    theta, nfev = solve(prob, prob.pack(start, v0, win.bg0 if bg0 is None else bg0, sigma0), cfg.max_nfev, cfg.tol)
+    targets, v, bg, sigma = prob.unpack(theta)
     res = win.data_residuals(prob.model(theta))
     chi2 = float(res @ res) / scale**2
     return _Fit(
@@ -702,6 +871,8 @@ def _fit(
         anchors=anchors,
         has_prior=has_prior,
         residual=res,
+        background=bg,
+        psf_sigma=sigma,
     )
 
 
@@ -722,7 +893,7 @@ def _separate(peaks: np.ndarray, min_px: float = 0.05) -> np.ndarray:
 
 def _initial_velocity(win: _Window) -> np.ndarray:
     """Group velocity from the motion of each frame's intensity centroid (least-squares slope)."""
-    img = win.obs.reshape(win.shape)
+    img = np.maximum(win.sig, 0.0).reshape(win.shape)
     mass = img.sum(axis=(1, 2))
     t = win.times
     if np.any(mass <= 0) or np.ptp(t) == 0:
@@ -744,7 +915,7 @@ def _linear_brightness(win: _Window, xy: np.ndarray, v, fallback: np.ndarray) ->
     cols = win.unit_columns(xy, v)
     keep = ~win.sat
     try:
-        a = np.linalg.lstsq(cols[keep], win.obs[keep], rcond=1e-6)[0]
+        a = np.linalg.lstsq(cols[keep], win.sig[keep], rcond=1e-6)[0]
     except np.linalg.LinAlgError:
         a = fallback
     if a.shape != fallback.shape or not np.isfinite(a).all():
@@ -765,7 +936,7 @@ def _flux_counts(win: _Window) -> tuple[list[int], bool]:
     """
     cfg = win.cfg
     lo, hi = cfg.brightness_range
-    img = win.obs.reshape(win.shape)
+    img = win.sig.reshape(win.shape)
     n_frames, n_px = img.shape[0], img[0].size
     background = win.background if win.background is not None else 0.0
     flux = float(img.sum(axis=(1, 2)).mean()) - background * n_px
@@ -830,7 +1001,9 @@ def _retry(win: _Window, peaks: np.ndarray, k: int, v0, previous: _Fit | None, s
     if k > len(peaks) and previous is not None:
         start = _separate(_grow(win, previous.targets, k, previous.velocity))
         anchors = np.vstack([previous.anchors, start[-1:, :2]])
-        return _fit(win, start, previous.velocity, anchors, np.append(previous.has_prior, False), scale)
+        return _fit(
+            win, start, previous.velocity, anchors, np.append(previous.has_prior, False), scale, bg0=previous.background
+        )
     return None
 
 
@@ -843,7 +1016,7 @@ def _best_subset(win: _Window, peaks: np.ndarray, k: int, v, max_subsets: int = 
         return None
     keep = ~win.sat
     a_mat = win.unit_columns(peaks[:, :2], v)[keep]
-    y = win.obs[keep]
+    y = win.sig[keep]
     gram, rhs = a_mat.T @ a_mat, a_mat.T @ y
     gram[np.diag_indices(c)] += 1e-9 * max(float(np.trace(gram)), 1e-12)
     subsets = np.array(list(itertools.combinations(range(c), k)))  # (M, k)

@@ -43,5 +43,5 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def model(tmp_path_factory) -> Path:
-    """The model the processes serve: models/derefnet.onnx when bundled, else the stand-in."""
+    """The model the processes serve: models/derefnet when bundled, else the stand-in."""
     return support.model_path(tmp_path_factory)

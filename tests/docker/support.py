@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
-BUNDLED_MODEL = REPO / "models" / "derefnet.onnx"
+BUNDLED_MODEL = REPO / "models" / "derefnet"  # the bundled model's folder
 
 # RUN steps the emulation executes (they only install Python packages); every other RUN step
 # must start with one of the system commands below (users, apt), which a test checks.
@@ -404,11 +404,11 @@ def install_nginx(timeout: float = 300.0) -> tuple[str | None, str]:
 
 def model_path(tmp_factory) -> Path:
     """The model the tests serve: $CSIST_TEST_MODEL if set (a candidate), else the bundled
-    models/derefnet.onnx when it is there, else the stand-in of the service tests."""
+    models/derefnet when it is there, else the stand-in of the service tests."""
     explicit = os.environ.get("CSIST_TEST_MODEL")
     if explicit:
         return Path(explicit).resolve()
-    if BUNDLED_MODEL.exists() and BUNDLED_MODEL.with_suffix(".json").exists():
+    if (BUNDLED_MODEL / "manifest.json").is_file():
         return BUNDLED_MODEL
     from tests.service.conftest import standin_weights, write_standin
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.modelpkg.manifest import load_package
 from tests.docker import engine
 from tests.docker.conftest import REPORT
 from tests.docker.support import REPO, free_port, http_get, wait_http
@@ -252,9 +253,8 @@ def test_container_is_healthy_serves_unmix_and_drains_on_sigterm(cpu_image, netw
         answer = r.json()
         assert [x["frame_index"] for x in answer["results"]] == list(range(5))
         assert any(x["targets"] for x in answer["results"]), answer
-        card = REPO / "models/derefnet.json"
-        if card.exists() and (REPO / "models/derefnet.onnx").exists():  # the bundled model
-            assert answer["model"]["sha256"] == json.loads(card.read_text())["sha256"]
+        if (REPO / "models/derefnet/manifest.json").exists():  # the bundled model
+            assert answer["model"]["sha256"] == load_package(REPO / "models/derefnet").sha256
         # the plan chosen at start-up, with the image's native kernels among the candidates
         plan = httpx.get(f"{container.base_url}/v2/models/derefnet", timeout=30).json()["plan"]
         rows = {row["plan"]: row for row in plan["candidates"]}

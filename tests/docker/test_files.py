@@ -116,7 +116,7 @@ def test_image_requirements_are_pyprojects_dependencies():
 def test_cpu_dockerfile_layout():
     assert re.fullmatch(r"python:3\.11-slim(-\w+)?", base_image(CPU))
     env = image_env(CPU)
-    assert env["CSIST_MODEL_PATH"] == "/app/models/derefnet.onnx"
+    assert env["CSIST_MODEL_PATH"] == "/app/models/derefnet"
     assert ("models/", "models/") in copies(CPU)  # the bundled model, into WORKDIR /app
     assert of(CPU, "WORKDIR")[-1].body == "/app"
     assert not {k for k in env if k.startswith("CSIST_")} - setting_variables() - IMAGE_VARIABLES
@@ -220,6 +220,11 @@ def test_dockerignore_keeps_data_runs_venvs_and_checkpoints_out():
         "runs/derefnet/last.pt",
         "models/derefnet.pt",
         "models/best.pt",
+        "models/checkpoints/derefnet-last.pt",  # training's resume point
+        "models/checkpoints/notes.json",
+        "models/derefnet/head.seg0.tmp.onnx",  # a split under test
+        "models/derefnet/amx/encoder.weights.tmp.npz",
+        "models/derefnet/manifest.json.part",  # a manifest being written
         ".venv/bin/python",
         "venv/lib/x.py",
         "service/__pycache__/app.cpython-311.pyc",
@@ -236,18 +241,35 @@ def test_dockerignore_keeps_data_runs_venvs_and_checkpoints_out():
         "service/api/routes/ws.py",
         "csist/replay.py",
         "training/data.py",
-        "models/derefnet.onnx",
-        "models/derefnet.json",
-        "models/derefnet.head.deform.npz",  # the native kernel's weights, listed in the card
+        "models/derefnet/model.onnx",
+        "models/derefnet/manifest.json",
+        "models/derefnet/provenance.json",
+        "models/derefnet/head.deform.npz",  # the native kernel's weights, listed in the manifest
         "setup.py",
         "service/kernels/_native/deform.c",
         "service/kernels/_native/conv.c",
-        "models/derefnet.amx.encoder.weights.npz",  # the AMX split's weights, listed in the card
+        "models/derefnet/amx/encoder.weights.npz",  # the AMX split's weights, listed in the manifest
+        "models/derefnet-int8/amx/head.seg0.onnx",
         "docker/entrypoint.sh",
         "docker/healthcheck.py",
         "docker/requirements.py",
     ]:
         assert not ignore.excluded(path), path
+
+
+def test_every_file_of_the_bundled_models_reaches_the_build():
+    """What a manifest lists is what the image's service verifies at start-up: all of it must be
+    in the build context, under models/<folder>/ as in the checkout."""
+    from service.modelpkg.manifest import MANIFEST, load_package
+
+    ignore = DockerIgnore.of(REPO)
+    folders = sorted(p.parent for p in (REPO / "models").glob(f"*/{MANIFEST}"))
+    assert [f.name for f in folders] == ["derefnet", "derefnet-int8"]
+    for folder in folders:
+        package = load_package(folder)
+        for name in [MANIFEST, *(f.file for f in package.manifest.files)]:
+            path = (folder / name).relative_to(REPO).as_posix()
+            assert not ignore.excluded(path), path
 
 
 @pytest.mark.parametrize("instructions", [CPU, GPU], ids=["cpu", "gpu"])

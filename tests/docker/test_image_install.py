@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from csist.replay import make_track
+from service.modelpkg.manifest import load_package
 from tests.docker.support import (
     BUNDLED_MODEL,
     DOCKER,
@@ -133,13 +134,12 @@ def test_entrypoint_serves_the_model_and_the_detector_streams_to_it(image, model
     )
     image_model = Path(env["CSIST_MODEL_PATH"])
     if model == BUNDLED_MODEL:  # the image serves its own copy of the bundled model
-        assert image_model.is_file(), "the bundled model did not reach the image"
+        assert (image_model / "manifest.json").is_file(), "the bundled model did not reach the image"
     else:  # the stand-in (before a model is bundled) or $CSIST_TEST_MODEL
         env["CSIST_MODEL_PATH"] = str(model)
-    served = Path(env["CSIST_MODEL_PATH"])
-    card = json.loads(served.with_suffix(".json").read_text())
-    for part in card.get("parts", {}).values():  # streaming encoder / head files
-        assert (served.parent / part["file"]).is_file(), part
+    served = load_package(env["CSIST_MODEL_PATH"])
+    for f in served.manifest.files:  # every file the service verifies at start-up
+        assert (served.directory / f.file).is_file(), f.file
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(image.entrypoint, env=env, cwd=image.workdir, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
@@ -155,7 +155,7 @@ def test_entrypoint_serves_the_model_and_the_detector_streams_to_it(image, model
         assert r.status_code == 200, r.text
         answer = r.json()
         assert [x["frame_index"] for x in answer["results"]] == list(range(5))
-        assert answer["model"]["sha256"] == card["sha256"]
+        assert answer["model"]["sha256"] == served.sha256
         assert any(r["targets"] for r in answer["results"]), answer  # it finds targets
 
         # the image's HEALTHCHECK, and the compose file's readiness check, from the image

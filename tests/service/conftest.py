@@ -9,9 +9,9 @@ frames, and its output depends on every frame of the window (so windowing errors
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -23,6 +23,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.api.server import CsistServer, build_server
+from service.modelpkg.manifest import (
+    MODEL_FILE,
+    Interface,
+    Manifest,
+    Provenance,
+    file_sha256,
+    file_spec,
+    write_package,
+)
 from service.runtime.config import Settings
 from service.science.physics import hr_map, pixel_response, quantize, sampling_matrix
 
@@ -33,6 +42,14 @@ logging.getLogger("service").setLevel(logging.DEBUG)
 TEMPORAL_WEIGHTS = np.array([0.1, 0.2, 0.4, 0.2, 0.1])
 CARD_THRESHOLD = 30.0  # the stand-in is a weak deconvolver: its peaks are lower than 70
 CARD_METRICS = {"cso_map": 12.5, "ap05": 1.0, "count_accuracy": 0.75}
+STANDIN_INTERFACE = {
+    "opset": 19,
+    "inputs": [{"name": "lr", "shape": ["batch", 5, 11, 11], "dtype": "float32"}],
+    "outputs": [{"name": "hr", "shape": ["batch", 33, 33], "dtype": "float32"}],
+    "config": {"stages": 9},
+    "physics": {"size": 11, "ratio": 3, "psf_sigma": 0.5},
+    "postprocess": {"threshold": CARD_THRESHOLD, "refine": "centroid"},
+}
 
 
 def fit_qinit(n_samples: int = 1500, seed: int = 0) -> np.ndarray:
@@ -56,7 +73,9 @@ def standin_weights() -> np.ndarray:
 
 
 def write_standin(directory: Path, weights: np.ndarray, name: str = "derefnet") -> Path:
-    """Write ``<name>.onnx`` and its card into ``directory``; return the ONNX path."""
+    """Write the model folder ``directory/<name>`` (``model.onnx``, its manifest and provenance);
+    return the folder."""
+    directory = directory / name
     directory.mkdir(parents=True, exist_ok=True)
     nodes = [
         helper.make_node("Reshape", ["lr", "flat_shape"], ["flat"]),
@@ -77,45 +96,57 @@ def write_standin(directory: Path, weights: np.ndarray, name: str = "derefnet") 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     model.ir_version = 9
     onnx.checker.check_model(model)
-    path = directory / f"{name}.onnx"
-    onnx.save(model, path)
-    write_card(path)
-    return path
+    onnx.save(model, directory / MODEL_FILE)
+    write_manifest(directory)
+    return directory
 
 
-def write_card(onnx_path: Path, **overrides) -> Path:
-    """A card for ``onnx_path`` in the exporter's format (with extra keys the service ignores)."""
+def write_manifest(directory: Path, **interface) -> Path:
+    """The manifest and provenance of the stand-in folder ``directory``, made and written as the
+    exporter does (``interface``: fields of the manifest's interface to change); returns the
+    manifest's path."""
+    manifest = Manifest(
+        name="derefnet",
+        version="0.1.0",
+        interface=Interface.model_validate({**STANDIN_INTERFACE, **interface}),
+        model=file_spec(directory, MODEL_FILE),
+    )
+    provenance = Provenance(training={"note": "stand-in for tests"}, data={"trajectories": 0}, metrics=CARD_METRICS)
+    write_package(directory, manifest, provenance)
+    return directory / "manifest.json"
+
+
+def write_flat_standin(standin: Path, directory: Path, stem: str = "derefnet") -> Path:
+    """The stand-in in the flat layout that came before model folders: ``<stem>.onnx`` and its
+    card ``<stem>.json`` (every field in one file, no schema_version); returns the ONNX path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stem}.onnx"
+    shutil.copyfile(standin / MODEL_FILE, path)
     card = {
         "name": "derefnet",
         "version": "0.1.0",
-        "file": onnx_path.name,
-        "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-        "opset": 19,
-        "inputs": [{"name": "lr", "shape": ["batch", 5, 11, 11], "dtype": "float32"}],
-        "outputs": [{"name": "hr", "shape": ["batch", 33, 33], "dtype": "float32"}],
-        "config": {"stages": 9},
-        "physics": {"size": 11, "ratio": 3, "psf_sigma": 0.5},
-        "postprocess": {"threshold": CARD_THRESHOLD, "refine": "centroid"},
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+        **STANDIN_INTERFACE,
         "training": {"note": "stand-in for tests"},
         "data": {"trajectories": 0},
         "metrics": CARD_METRICS,
     }
-    card.update(overrides)
-    path = onnx_path.with_suffix(".json")
-    path.write_text(json.dumps(card, indent=2))
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return path
 
 
 @pytest.fixture(scope="session")
 def standin_model(tmp_path_factory) -> Path:
-    """Path of the stand-in ``derefnet.onnx`` (its card is next to it)."""
+    """The stand-in model's folder (``model.onnx`` and its manifest)."""
     return write_standin(tmp_path_factory.mktemp("model"), standin_weights())
 
 
 @pytest.fixture(scope="session")
 def reference_session(standin_model) -> ort.InferenceSession:
     """The stand-in model in a plain ONNX Runtime session, to compute expected answers."""
-    return ort.InferenceSession(str(standin_model), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(standin_model / MODEL_FILE), providers=["CPUExecutionProvider"])
 
 
 def simulate_track(n_frames: int, seed: int = 0, n_targets: int = 3, spread: float = 1.5) -> np.ndarray:

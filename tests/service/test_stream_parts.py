@@ -8,7 +8,6 @@ the single graph while encoding each frame exactly once (WebSocket) or once per 
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 
 import httpx
@@ -18,7 +17,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from service.kernels import deform
+from service.modelpkg.manifest import load_package
 from service.modelpkg.model import ModelError, load_model
+from service.science.background import condition
+from service.science.physics import DEFAULT_SNR
 from service.science.postprocess import find_targets
 from service.science.windows import sequence_windows
 from tests.service.api.test_ws import end_msg, frame_msg, recv
@@ -66,54 +68,50 @@ def test_loader_verifies_and_uses_the_parts(tiny_model):
     single = model.run(windows)
     assert np.abs(split - single).max() < 1e-3
     assert np.abs(single).max() > 50  # a real map, not zeros
-    card = json.loads(tiny_model.with_suffix(".json").read_text())
-    assert card["export"]["parts"]["max_abs_diff_vs_single_graph"] < 1e-3
+    assert load_package(tiny_model).provenance.export["parts"]["max_abs_diff_vs_single_graph"] < 1e-3
     assert not load_model(tiny_model, parts=False).has_parts
 
 
 def test_head_has_folded_gates_and_no_symmetry_branch(tiny_model):
     import onnx
 
-    card = json.loads(tiny_model.with_suffix(".json").read_text())
-    enc = onnx.load(str(tiny_model.parent / card["parts"]["encoder"]["file"]))
-    head = onnx.load(str(tiny_model.parent / card["parts"]["head"]["file"]))
+    package = load_package(tiny_model)
+    enc = onnx.load(str(tiny_model / package.parts["encoder"].file))
+    head = onnx.load(str(tiny_model / package.parts["head"].file))
     enc_ops = [n.op_type for n in enc.graph.node]
     head_ops = [n.op_type for n in head.graph.node]
-    assert enc_ops.count("Conv") == 4 * card["config"]["stages"]  # 5 would be the symmetry
+    assert enc_ops.count("Conv") == 4 * package.manifest.interface.config["stages"]  # 5 would be the symmetry
     assert "DeformConv" not in enc_ops and head_ops.count("DeformConv") == 2
     # The 1089x1089 Linear of the position encoding is folded away: no such weight in the head.
     big = [i.name for i in head.graph.initializer if 1089 * 1089 <= np.prod(i.dims)]
     assert big == [] and "Sigmoid" in head_ops  # (the attention's sigmoid stays)
-    sess = ort.InferenceSession(str(tiny_model.parent / card["parts"]["head"]["file"]))
+    sess = ort.InferenceSession(str(tiny_model / package.parts["head"].file))
     assert [i.name for i in sess.get_inputs()] == ["features"]
 
 
 def test_part_with_wrong_hash_or_missing_is_refused(tiny_model, tmp_path):
-    for name in (
-        "derefnet.onnx",
-        "derefnet.json",
-        *(f"derefnet.{p}.onnx" for p in ("encoder", "head", "align", "fuse")),
-    ):
-        shutil.copy(tiny_model.parent / name, tmp_path / name)
-    with open(tmp_path / "derefnet.head.onnx", "ab") as fh:
+    folder = tmp_path / "derefnet"
+    shutil.copytree(tiny_model, folder)
+    with open(folder / "head.onnx", "ab") as fh:
         fh.write(b"\0")
-    with pytest.raises(ModelError, match="SHA-256 mismatch: model part"):
-        load_model(tmp_path / "derefnet.onnx")
-    (tmp_path / "derefnet.encoder.onnx").unlink()
+    with pytest.raises(ModelError, match="SHA-256 mismatch: model part .*head.onnx"):
+        load_model(folder)
+    (folder / "encoder.onnx").unlink()
     with pytest.raises(ModelError, match="model part 'encoder' not found"):
-        load_model(tmp_path / "derefnet.onnx")
+        load_model(folder)
     # without the feature cache the parts are not even opened
-    assert not load_model(tmp_path / "derefnet.onnx", parts=False).has_parts
+    assert not load_model(folder, parts=False).has_parts
 
 
 def expected_targets(tiny_model, frames) -> list[list[list[float]]]:
-    """Answers from the single graph + the one post-processing path (card defaults)."""
-    card = json.loads(tiny_model.with_suffix(".json").read_text())
-    sess = ort.InferenceSession(str(tiny_model), providers=["CPUExecutionProvider"])
+    """Answers from the single graph + the one post-processing path (the manifest's defaults and the
+    service's default threshold, relative to each window's noise)."""
+    package = load_package(tiny_model)
+    sess = ort.InferenceSession(str(package.model_file), providers=["CPUExecutionProvider"])
     windows = sequence_windows(frames.astype(np.float32))
-    maps = sess.run(None, {"lr": windows})[0]
-    pp = card["postprocess"]
-    found = find_targets(maps, windows, threshold=pp["threshold"], refine=pp["refine"])
+    maps = sess.run(None, {"lr": condition(windows)})[0]
+    pp = package.postprocess
+    found = find_targets(maps, windows, threshold=pp.threshold, refine=pp.refine, snr=DEFAULT_SNR)
     return [f.tolist() for f in found]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_NAME = "derefnet.onnx"
+MODEL_NAME = "derefnet"  # the model folder's name
 
 
 def write_checkpoint(path: Path, seed: int = 0, channels: int = 4) -> Path:
@@ -42,11 +42,11 @@ def write_checkpoint(path: Path, seed: int = 0, channels: int = 4) -> Path:
 
 
 def export_tiny(directory: Path, channels: int = 4) -> Path:
-    """Export the tiny model with parts into ``directory`` (once); return the single graph's path."""
+    """Export the tiny model with parts into the folder ``directory/derefnet`` (once); return the folder."""
     from training import export
 
     out = directory / MODEL_NAME
-    if out.with_suffix(".json").is_file():
+    if (out / "manifest.json").is_file():
         return out
     ckpt = write_checkpoint(directory / "tiny.pt", channels=channels)
     rc = export.main(["--checkpoint", str(ckpt), "--out", str(out), "--parity-windows", "4"])

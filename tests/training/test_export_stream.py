@@ -1,15 +1,16 @@
-"""``csist export`` writes the streaming encoder and head beside the single graph."""
+"""``csist export`` writes the streaming encoder and head beside the single graph, in the model
+folder whose manifest lists them."""
 
 from __future__ import annotations
 
-import json
+import shutil
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from service.modelpkg.model import file_sha256
+from service.modelpkg.manifest import file_sha256, load_package, read_manifest
 from tests.service.tiny_derefnet import tiny_model_path, write_checkpoint
 from training import export
 from training.model import load_checkpoint_model
@@ -21,31 +22,30 @@ def tiny_model(tmp_path_factory):
 
 
 def test_parts_are_listed_with_hashes_and_shapes(tiny_model):
-    card = json.loads(tiny_model.with_suffix(".json").read_text())
+    parts = read_manifest(tiny_model / "manifest.json").parts  # the written manifest validates
     paths = export.part_paths(tiny_model)
-    assert {k: p.name for k, p in paths.items()} == {
-        "encoder": "derefnet.encoder.onnx",
-        "head": "derefnet.head.onnx",
-        "align": "derefnet.align.onnx",
-        "fuse": "derefnet.fuse.onnx",
+    assert {k: p.relative_to(tiny_model).as_posix() for k, p in paths.items()} == {
+        "encoder": "encoder.onnx",
+        "head": "head.onnx",
+        "align": "align.onnx",
+        "fuse": "fuse.onnx",
     }
     for name, path in paths.items():
-        part = card["parts"][name]
-        assert part["file"] == path.name and part["sha256"] == file_sha256(path)
-    assert card["parts"]["encoder"]["inputs"][0]["shape"] == ["n", 11, 11]
-    assert card["parts"]["encoder"]["outputs"][0]["shape"] == ["n", 1089]
-    assert card["parts"]["head"]["inputs"][0]["shape"] == ["batch", 5, 1089]
-    assert card["parts"]["head"]["outputs"][0]["shape"] == ["batch", 33, 33]
-    assert card["parts"]["align"]["inputs"][0]["shape"] == ["n", 5, 1089]
-    assert card["parts"]["align"]["outputs"][0]["shape"] == ["n", 1089]
-    assert card["parts"]["fuse"]["outputs"][0]["shape"] == ["batch", 33, 33]
+        assert parts[name].file == path.name and parts[name].sha256 == file_sha256(path)
+        assert parts[name].bytes == path.stat().st_size
+    assert parts["encoder"].inputs[0].shape == ["n", 11, 11]
+    assert parts["encoder"].outputs[0].shape == ["n", 1089]
+    assert parts["head"].inputs[0].shape == ["batch", 5, 1089]
+    assert parts["head"].outputs[0].shape == ["batch", 33, 33]
+    assert parts["align"].inputs[0].shape == ["n", 5, 1089]
+    assert parts["align"].outputs[0].shape == ["n", 1089]
+    assert parts["fuse"].outputs[0].shape == ["batch", 33, 33]
 
 
 def test_align_then_fuse_is_the_head(tiny_model):
     """The head's halves, with the window laid out by service.science.windows, give the head's map; the
     align part reads only the middle row and the neighbour's row (zeros elsewhere)."""
-    card = json.loads(tiny_model.with_suffix(".json").read_text())
-    assert card["export"]["parts"]["max_abs_diff_align_fuse_vs_head"] < 1e-4
+    assert load_package(tiny_model).provenance.export["parts"]["max_abs_diff_align_fuse_vs_head"] < 1e-4
     sessions = {name: ort.InferenceSession(str(path)) for name, path in export.part_paths(tiny_model).items()}
     windows = export.sample_windows(3, seed=8)
     feats = sessions["encoder"].run(None, {"lr_frames": windows.reshape(-1, 11, 11)})[0].reshape(3, 5, -1)
@@ -88,16 +88,24 @@ def test_folded_gates_equal_the_position_encoding(tiny_model):
         assert torch.allclose(part(feats), model.head(feats)[0] * model.cfg.scale, atol=1e-4)
 
 
-def test_no_parts_flag_and_parity_failure(tmp_path, monkeypatch):
+def test_no_parts_flag_and_parity_failure(tiny_model, tmp_path, monkeypatch):
+    """Exported again into a model folder, the model's previous files that the new manifest does
+    not list (parts, splits) go; a file the manifest never listed stays."""
     ckpt = write_checkpoint(tmp_path / "t.pt", seed=3)
-    out = tmp_path / "m.onnx"
+    out = tmp_path / "m"
+    shutil.copytree(tiny_model, out)
+    (out / "notes.txt").write_text("not the model's")
+    with pytest.raises(SystemExit, match="--out is the model folder"):
+        export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx")])
     assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--parity-windows", "2", "--no-parts"]) == 0
-    card = json.loads(out.with_suffix(".json").read_text())
-    assert "parts" not in card and not (tmp_path / "m.encoder.onnx").exists()
+    package = load_package(out)
+    assert package.parts == {} and package.head_split is None
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "notes.txt", "provenance.json"]
+    assert package.sha256 == file_sha256(out / "model.onnx") != load_package(tiny_model).sha256
     # a head that is not the model's must fail the parity check against the single graph
     model = load_checkpoint_model(ckpt)
     with torch.no_grad():
         model.head.fusion.body[-1].weight.mul_(2.0)
     paths = export.export_parts(model, out)
     with pytest.raises(RuntimeError, match="differ from the single graph"):
-        export.check_parts(out, paths, export.sample_windows(2, seed=1), stages=1)
+        export.check_parts(out / "model.onnx", paths, export.sample_windows(2, seed=1), stages=1)

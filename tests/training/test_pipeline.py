@@ -1,12 +1,14 @@
 """simulate -> train -> export -> evaluate on a tiny data set, through the real commands."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
+from service.modelpkg.manifest import file_sha256, load_package
 from service.science.physics import hr_map
 from training import evaluate, export, simulate, train
 from training.data import read_split, window_middles
@@ -145,7 +147,7 @@ def test_qinit_is_fitted_on_training_data(run, data):
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
     out, _ = run
-    path = tmp_path_factory.mktemp("models") / "derefnet.onnx"
+    path = tmp_path_factory.mktemp("models") / "derefnet"
     assert (
         export.main(
             [
@@ -164,14 +166,17 @@ def exported(run, tmp_path_factory):
     return path
 
 
-def test_export_has_deformconv_dynamic_batch_and_card(exported):
-    proto = onnx.load(str(exported))
+def test_export_has_deformconv_dynamic_batch_and_manifest(exported):
+    proto = onnx.load(str(exported / "model.onnx"))
     assert proto.opset_import[0].version == 19 or any(o.version == 19 for o in proto.opset_import)
     assert sum(n.op_type == "DeformConv" for n in proto.graph.node) == 2
     dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param  # symbolic batch axis
-    card = json.loads(exported.with_suffix(".json").read_text())
-    assert card["sha256"] == export.sha256(exported)
+    package = load_package(exported)
+    manifest, provenance = package.manifest, package.provenance
+    assert manifest.schema_version == 1 and manifest.model.file == "model.onnx"
+    assert manifest.model.sha256 == file_sha256(exported / "model.onnx")
+    card = {**manifest.interface.model_dump(), **provenance.model_dump()}
     assert card["inputs"][0] == {
         "name": "lr",
         "shape": ["batch", 5, 11, 11],
@@ -228,7 +233,7 @@ def test_evaluate_cli_outputs(exported, data, tmp_path):
     assert len(list(plots.glob("*.png"))) == 4
 
 
-def test_export_metrics_only_updates_the_card_of_the_same_model(exported, data, tmp_path):
+def test_export_metrics_only_updates_the_provenance_of_the_same_model(exported, data, tmp_path):
     report = tmp_path / "again.json"
     assert (
         evaluate.main(
@@ -250,28 +255,29 @@ def test_export_metrics_only_updates_the_card_of_the_same_model(exported, data, 
         )
         == 0
     )
-    card_path = tmp_path / "card.json"
-    card_path.write_text(exported.with_suffix(".json").read_text())
-    before = json.loads(card_path.read_text())
-    assert (
-        export.main(["--metrics-only", "--out", str(exported), "--card", str(card_path), "--eval-report", str(report)])
-        == 0
+    folder = tmp_path / "derefnet"
+    shutil.copytree(exported, folder)
+    before = load_package(folder)
+    assert export.main(["--metrics-only", "--out", str(folder), "--eval-report", str(report)]) == 0
+    after = load_package(folder)  # the provenance's new hash is in the manifest
+    assert set(after.metrics) == {"again:test:refine=none", "again:test:refine=centroid"}
+    assert after.metrics["again:test:refine=none"]["mAP"] == json.loads(report.read_text())["reports"][0]["mAP"]
+    assert "--metrics-only" in after.provenance.metrics_updated["command"]
+    assert after.provenance.model_dump(exclude={"metrics", "metrics_updated"}) == before.provenance.model_dump(
+        exclude={"metrics", "metrics_updated"}
     )
-    after = json.loads(card_path.read_text())
-    assert set(after["metrics"]) == {"again:test:refine=none", "again:test:refine=centroid"}
-    assert after["metrics"]["again:test:refine=none"]["mAP"] == json.loads(report.read_text())["reports"][0]["mAP"]
-    assert "--metrics-only" in after["metrics_updated"]["command"]
-    assert {k: v for k, v in after.items() if k not in ("metrics", "metrics_updated")} == {
-        k: v for k, v in before.items() if k != "metrics"
-    }
-    # a card that does not describe the file is refused, and left alone
-    after["sha256"] = "0" * 64
-    card_path.write_text(json.dumps(after))
-    with pytest.raises(SystemExit, match="sha256"):
-        export.main(["--metrics-only", "--out", str(exported), "--card", str(card_path), "--eval-report", str(report)])
-    assert json.loads(card_path.read_text())["sha256"] == "0" * 64
+    assert after.manifest.model_dump(exclude={"provenance", "files"}) == before.manifest.model_dump(
+        exclude={"provenance", "files"}
+    )
+    # a model file that is not the one the manifest describes is refused, and the folder left alone
+    with open(folder / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    text = (folder / "provenance.json").read_text()
+    with pytest.raises(SystemExit, match="does not match the sha256"):
+        export.main(["--metrics-only", "--out", str(folder), "--eval-report", str(report)])
+    assert (folder / "provenance.json").read_text() == text
     with pytest.raises(SystemExit, match="eval-report"):
-        export.main(["--metrics-only", "--out", str(exported), "--card", str(card_path)])
+        export.main(["--metrics-only", "--out", str(folder)])
 
 
 def test_perfect_maps_score_the_cell_centre_ceiling(data):
@@ -354,5 +360,5 @@ def test_evaluate_stream_path_is_the_service_path_and_matches_the_single_graph(e
     )
     r = json.loads(report.read_text())
     assert r["path"] == "stream" and r["plan"] in ("onnxruntime", "native-deform") and r["frames"] == 16
-    with pytest.raises(SystemExit, match="needs an exported .onnx"):
+    with pytest.raises(SystemExit, match="csist evaluate: error: model not found"):
         evaluate.load_predictor(exported.with_suffix(".pt"), stream=True)

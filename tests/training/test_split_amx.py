@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -10,7 +9,8 @@ import onnx
 import pytest
 
 from service.kernels import conv, deform
-from service.modelpkg.model import ModelError, file_sha256, load_model
+from service.modelpkg.manifest import file_sha256, load_package, write_package
+from service.modelpkg.model import ModelError, load_model
 from tests.service.tiny_derefnet import tiny_model_path
 from training import export, split_amx
 
@@ -22,31 +22,42 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def split_model(tmp_path_factory):
-    """The 32-channel tiny model, split for AMX once (in its own directory copy)."""
+    """The 32-channel tiny model, split for AMX once (in its own folder copy)."""
     src = tiny_model_path(tmp_path_factory, channels=32)
-    out = tmp_path_factory.mktemp("amx")
-    for path in src.parent.iterdir():
-        if path.is_file():
-            shutil.copy(path, out / path.name)
-    model = out / src.name
+    model = tmp_path_factory.mktemp("amx") / src.name
+    shutil.copytree(src, model)
     assert split_amx.main(["--model", str(model), "--parity-windows", "3"]) == 0
     return model
 
 
 @pytest.fixture
 def model_copy(split_model, tmp_path):
-    for path in split_model.parent.iterdir():
-        if path.is_file():
-            shutil.copy(path, tmp_path / path.name)
+    shutil.copytree(split_model, tmp_path / split_model.name)
     return tmp_path / split_model.name
 
 
-def test_card_records_the_split_and_its_checks(split_model):
-    card = json.loads(split_model.with_suffix(".json").read_text())
-    entry = card["amx_split"]
+def amx_record(folder) -> dict:
+    """The plan amx_split of the folder's manifest with its provenance record (command, checks)."""
+    package = load_package(folder)
+    return {**package.amx_split.model_dump(mode="json"), **package.provenance.plans["amx_split"]}
+
+
+def rewrite_amx(folder, amx_split) -> None:
+    """The folder's manifest written anew through the writer, its amx_split replaced."""
+    manifest = load_package(folder).manifest
+    write_package(
+        folder, manifest.model_copy(update={"plans": manifest.plans.model_copy(update={"amx_split": amx_split})})
+    )
+
+
+def test_the_manifest_records_the_split_and_the_provenance_its_checks(split_model):
+    package = load_package(split_model)
+    entry = amx_record(split_model)
     assert entry["precision"] == "bfloat16" and entry["command"].startswith("csist split-amx --model")
     enc, head = entry["encoder"], entry["head"]
-    assert enc["part"] == card["parts"]["encoder"]["file"] and head["part"] == card["parts"]["head"]["file"]
+    assert enc["part"] == package.parts["encoder"].file and head["part"] == package.parts["head"].file
+    assert [s["file"] for s in enc["segments"] if s][0] == "amx/encoder.seg0.onnx"
+    assert enc["weights"]["file"] == "amx/encoder.weights.npz" and head["weights"]["file"] == "amx/head.weights.npz"
     # one ISTA stage: 1->32 direct (+ReLU), 32->32 AMX (+soft threshold), 32->32 AMX (+ReLU), 32->1 direct
     assert [(s["kernel"], s["activation"]) for s in enc["steps"]] == [
         ("direct", "relu"),
@@ -70,9 +81,9 @@ def test_card_records_the_split_and_its_checks(split_model):
     assert res_step["inputs"] == [first["output"], first["inputs"][0]] and res_step["kernel"] == "amx"
     for part in (enc, head):
         for spec in [*(s for s in part["segments"] if s), part["weights"]]:
-            assert file_sha256(split_model.parent / spec["file"]) == spec["sha256"]
+            assert file_sha256(split_model / spec["file"]) == spec["sha256"]
         for seg in (s for s in part["segments"] if s):
-            nodes = onnx.load(str(split_model.parent / seg["file"])).graph.node
+            nodes = onnx.load(str(split_model / seg["file"])).graph.node
             assert not any(n.op_type == "DeformConv" for n in nodes)
     d = entry["check"]["relative_diff"]
     assert d["segments_vs_encoder"] < 1e-6 and d["segments_vs_head"] < 1e-5
@@ -103,7 +114,7 @@ def test_served_split_runs_its_conv_runs_as_chains_with_the_same_numbers(split_m
     chain step; a residual body's two AMX convs too; a conv whose output other nodes read stays
     alone. Chained or not, the numbers are the same bit for bit."""
     fused, plain = load_model(split_model), load_model(split_model, fuse_convs=False)
-    stages = json.loads(split_model.with_suffix(".json").read_text())["config"]["stages"]
+    stages = load_package(split_model).manifest.interface.config["stages"]
     encoder_ops = [s.op for s in fused.split_encoder.steps]
     assert encoder_ops == ["ConvChain"] * stages
     assert all(len(s.kernel.convs) == 4 for s in fused.split_encoder.steps)
@@ -126,10 +137,8 @@ def test_conv_kernel_choices(model_copy):
     with pytest.raises(ModelError, match="deform_kernel='onnxruntime'"):
         load_model(model_copy, conv_kernel="amx", deform_kernel="onnxruntime")
     assert load_model(model_copy, deform_kernel="onnxruntime").conv_kernel == "onnxruntime"  # auto steps back
-    card_path = model_copy.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    del card["amx_split"]
-    card_path.write_text(json.dumps(card))
+    rewrite_amx(model_copy, None)
+    assert not (model_copy / "amx").exists()  # the writer removed the plan's files
     assert load_model(model_copy).conv_kernel == "onnxruntime"
     with pytest.raises(ModelError, match="no amx_split"):
         load_model(model_copy, conv_kernel="amx")
@@ -144,58 +153,49 @@ def test_without_amx_auto_falls_back_and_amx_refuses(split_model, monkeypatch):
 
 
 def test_altered_or_stale_split_is_refused(model_copy):
-    card_path = model_copy.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    seg = model_copy.parent / next(s for s in card["amx_split"]["encoder"]["segments"] if s)["file"]
+    amx = load_package(model_copy).amx_split
+    seg = model_copy / next(s for s in amx.encoder.segments if s).file
     original = seg.read_bytes()
     seg.write_bytes(original + b"\0")
     with pytest.raises(ModelError, match="SHA-256 mismatch: encoder segment"):
         load_model(model_copy)
     assert load_model(model_copy, conv_kernel="onnxruntime").conv_kernel == "onnxruntime"  # not needed then
     seg.write_bytes(original)
-    card["amx_split"]["head"]["part_sha256"] = "0" * 64
-    card_path.write_text(json.dumps(card))
+    rewrite_amx(model_copy, amx.model_copy(update={"head": amx.head.model_copy(update={"part_sha256": "0" * 64})}))
     with pytest.raises(ModelError, match="run `csist split-amx` again"):
         load_model(model_copy)
 
 
 def test_resplit_is_deterministic_and_a_failed_one_keeps_the_old(model_copy):
-    card_path = model_copy.with_suffix(".json")
-    before = json.loads(card_path.read_text())["amx_split"]
+    before = load_package(model_copy).amx_split
     assert split_amx.main(["--model", str(model_copy), "--parity-windows", "2"]) == 0
-    after = json.loads(card_path.read_text())["amx_split"]
-    for part in ("encoder", "head"):
-        assert [s and s["sha256"] for s in after[part]["segments"]] == [
-            s and s["sha256"] for s in before[part]["segments"]
-        ]
-        assert after[part]["weights"]["sha256"] == before[part]["weights"]["sha256"]
-    text, files = card_path.read_text(), sorted(p.name for p in model_copy.parent.iterdir())
+    assert load_package(model_copy).amx_split == before  # the same files, hashes and steps
+    assert amx_record(model_copy)["check"]["windows"] == 2
+    texts = {name: (model_copy / name).read_text() for name in ("manifest.json", "provenance.json")}
+    files = sorted(p.relative_to(model_copy).as_posix() for p in model_copy.rglob("*"))
     with pytest.raises(SystemExit, match="amx_conv_kernel_vs_onnxruntime"):
         split_amx.main(["--model", str(model_copy), "--parity-windows", "2", "--bf16-tolerance", "0"])
-    assert card_path.read_text() == text
-    assert sorted(p.name for p in model_copy.parent.iterdir()) == files  # no .tmp left, none removed
+    assert {name: (model_copy / name).read_text() for name in texts} == texts
+    assert sorted(p.relative_to(model_copy).as_posix() for p in model_copy.rglob("*")) == files  # no .tmp left
     assert load_model(model_copy).conv_kernel == "amx"
 
 
 def test_resplit_removes_the_files_only_the_previous_split_used(model_copy):
-    """A cut that moved (here: a segment the previous card listed that this split does not make)
-    leaves no orphan; files the card never listed are not touched."""
-    card_path = model_copy.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    stale, foreign = f"{model_copy.stem}.amx.head.seg99.onnx", f"{model_copy.stem}.amx.notes.txt"
+    """A cut that moved (here: a segment the previous manifest listed that this split does not
+    make) leaves no orphan; files the manifest never listed are not touched."""
+    amx = load_package(model_copy).amx_split
+    stale, foreign = "amx/head.seg99.onnx", "amx/notes.txt"
     for name in (stale, foreign):
-        (model_copy.parent / name).write_text("x")
-    card["amx_split"]["head"]["segments"].append({"file": stale, "sha256": "0" * 64, "bytes": 1})
-    card_path.write_text(json.dumps(card))
+        (model_copy / name).write_text("x")
+    head = amx.head.model_copy(update={"segments": [*amx.head.segments, amx.head.segments[0]]})
+    head.segments[-1] = head.segments[-1].model_copy(update={"file": stale, "sha256": file_sha256(model_copy / stale)})
+    head.steps.append(head.steps[-1])
+    rewrite_amx(model_copy, amx.model_copy(update={"head": head}))
+    assert stale in {f.file for f in load_package(model_copy).manifest.files}
     assert split_amx.main(["--model", str(model_copy), "--parity-windows", "2"]) == 0
-    assert not (model_copy.parent / stale).exists() and (model_copy.parent / foreign).exists()
-    listed = {
-        s["file"]
-        for p in ("encoder", "head")
-        for s in json.loads(card_path.read_text())["amx_split"][p]["segments"]
-        if s
-    }
-    assert all((model_copy.parent / name).is_file() for name in listed)
+    assert not (model_copy / stale).exists() and (model_copy / foreign).exists()
+    listed = {f.file for f in load_package(model_copy).manifest.files}
+    assert all((model_copy / name).is_file() for name in listed) and stale not in listed
 
 
 def test_attention_is_left_to_onnx_runtime_unless_it_is_exactly_the_kernels(split_model, tmp_path):
@@ -206,12 +206,9 @@ def test_attention_is_left_to_onnx_runtime_unless_it_is_exactly_the_kernels(spli
 
     from training.split_head import split_graph
 
-    card = json.loads(split_model.with_suffix(".json").read_text())
-    head = onnx.load(str(split_model.parent / card["parts"]["head"]["file"]))
-    assert any(
-        s.get("op") == "Attention"
-        for s in split_graph(split_model.parent / card["parts"]["head"]["file"], convs=True)[1]
-    )
+    head_file = split_model / load_package(split_model).parts["head"].file
+    head = onnx.load(str(head_file))
+    assert any(s.get("op") == "Attention" for s in split_graph(head_file, convs=True)[1])
     stats = next(n for n in head.graph.node if n.op_type == "ReduceMax").output[0]
     head.graph.output.append(helper.make_tensor_value_info(stats, onnx.TensorProto.FLOAT, None))
     altered = tmp_path / "head.onnx"
@@ -233,8 +230,7 @@ def test_a_model_without_amx_convolutions_is_refused(tmp_path_factory, capsys):
 def test_the_heads_halves_are_split_too_and_their_pairs_give_the_heads_numbers(split_model):
     """align (one neighbour's alignment) and fuse (the rest of the head) are cut like the head;
     served, the pair path computes exactly the head's map: the same kernels on the same rows."""
-    card = json.loads(split_model.with_suffix(".json").read_text())
-    entry = card["amx_split"]
+    entry = amx_record(split_model)
     align_ops = [(s["op"], s.get("kernel")) for s in entry["align"]["steps"]]
     head_ops = [(s["op"], s.get("kernel")) for s in entry["head"]["steps"]]
     fuse_ops = [(s["op"], s.get("kernel")) for s in entry["fuse"]["steps"]]

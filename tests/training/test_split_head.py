@@ -10,7 +10,8 @@ import onnx
 import pytest
 
 from service.kernels import deform
-from service.modelpkg.model import ModelError, file_sha256, load_model
+from service.modelpkg.manifest import file_sha256, load_package, read_manifest, write_package
+from service.modelpkg.model import ModelError, load_model
 from tests.service.tiny_derefnet import tiny_model_path
 from training import export, split_head
 
@@ -24,11 +25,18 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def model_copy(tiny_model, tmp_path):
-    """A private copy of the tiny model's directory, to alter."""
-    for path in tiny_model.parent.iterdir():
-        if path.is_file():
-            shutil.copy(path, tmp_path / path.name)
+    """A private copy of the tiny model's folder, to alter."""
+    shutil.copytree(tiny_model, tmp_path / tiny_model.name)
     return tmp_path / tiny_model.name
+
+
+def rewrite(folder, head_split="keep", **update):
+    """The folder's manifest written anew through the writer, with ``update`` of its fields and
+    ``head_split`` replaced (None: dropped)."""
+    manifest = load_package(folder).manifest
+    if head_split != "keep":
+        update["plans"] = manifest.plans.model_copy(update={"head_split": head_split})
+    write_package(folder, manifest.model_copy(update=update))
 
 
 def features(model, n=3, seed=5):
@@ -37,16 +45,20 @@ def features(model, n=3, seed=5):
 
 
 def test_export_splits_the_head_and_records_it(tiny_model):
-    card = json.loads(tiny_model.with_suffix(".json").read_text())
-    entry = card["head_split"]
-    assert entry["part"] == card["parts"]["head"]["file"]
-    assert [s["file"] for s in entry["segments"]] == [f"derefnet.head.seg{i}.onnx" for i in range(3)]
-    for spec in [*entry["segments"], entry["weights"]]:
-        assert file_sha256(tiny_model.parent / spec["file"]) == spec["sha256"]
-    ops = [[n.op_type for n in onnx.load(str(tiny_model.parent / s["file"])).graph.node] for s in entry["segments"]]
+    manifest = read_manifest(tiny_model / "manifest.json")  # the written manifest validates
+    entry = manifest.plans.head_split
+    assert entry.part == manifest.parts["head"].file == "head.onnx"
+    assert [s.file for s in entry.segments] == [f"head.seg{i}.onnx" for i in range(3)]
+    assert entry.weights.file == "head.deform.npz"
+    for spec in [*entry.segments, entry.weights]:
+        assert file_sha256(tiny_model / spec.file) == spec.sha256
+    assert {f.file for f in manifest.files} >= {s.file for s in entry.segments} | {entry.weights.file}
+    ops = [[n.op_type for n in onnx.load(str(tiny_model / s.file)).graph.node] for s in entry.segments]
     assert all("DeformConv" not in o for o in ops) and all(ops)
-    assert [s["op"] for s in entry["steps"]] == ["DeformConv"] * 2
-    diffs = entry["check"]["relative_diff"]
+    assert [s.op for s in entry.steps] == ["DeformConv"] * 2
+    record = load_package(tiny_model).provenance.plans["head_split"]
+    assert record["command"].startswith("csist split-head --model ")
+    diffs = record["check"]["relative_diff"]
     assert diffs["segments_vs_head"] < 1e-6 and diffs["deform_kernel_vs_onnxruntime"] < 1e-4
 
 
@@ -65,24 +77,22 @@ def test_native_head_equals_the_onnx_head(tiny_model):
 
 
 def test_altered_segment_or_weights_are_refused(model_copy):
-    card = json.loads(model_copy.with_suffix(".json").read_text())
-    seg = model_copy.parent / card["head_split"]["segments"][1]["file"]
+    entry = load_package(model_copy).head_split
+    seg = model_copy / entry.segments[1].file
     original = seg.read_bytes()
     seg.write_bytes(original + b"\0")
     with pytest.raises(ModelError, match="SHA-256 mismatch: head segment 1"):
         load_model(model_copy)
     assert load_model(model_copy, deform_kernel="onnxruntime").deform_kernel == "onnxruntime"
     seg.write_bytes(original)
-    (model_copy.parent / card["head_split"]["weights"]["file"]).unlink()
+    (model_copy / entry.weights.file).unlink()
     with pytest.raises(ModelError, match="head split weights not found"):
         load_model(model_copy)
 
 
 def test_native_required_but_not_possible(model_copy):
-    card_path = model_copy.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    del card["head_split"]
-    card_path.write_text(json.dumps(card))
+    rewrite(model_copy, head_split=None)
+    assert not (model_copy / "head.seg0.onnx").exists()  # the writer removed the plan's files
     assert load_model(model_copy).deform_kernel == "onnxruntime"  # auto falls back
     with pytest.raises(ModelError, match="no head_split"):
         load_model(model_copy, deform_kernel="native")
@@ -93,27 +103,23 @@ def test_native_required_but_not_possible(model_copy):
 
 
 def test_split_from_another_head_is_refused(model_copy):
-    card_path = model_copy.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    card["head_split"]["part"] = "other.head.onnx"
-    card_path.write_text(json.dumps(card))
-    with pytest.raises(ModelError, match="was cut from 'other.head.onnx'"):
+    rewrite(model_copy, head_split=load_package(model_copy).head_split.model_copy(update={"part": "other.onnx"}))
+    with pytest.raises(ModelError, match="was cut from 'other.onnx'"):
         load_model(model_copy)
 
 
 def test_resplit_gives_the_same_files(model_copy):
-    card_path = model_copy.with_suffix(".json")
-    before = json.loads(card_path.read_text())["head_split"]
+    before = load_package(model_copy)
     assert split_head.main(["--model", str(model_copy), "--parity-windows", "3"]) == 0
-    after = json.loads(card_path.read_text())["head_split"]
-    assert [s["sha256"] for s in after["segments"]] == [s["sha256"] for s in before["segments"]]
-    assert after["weights"]["sha256"] == before["weights"]["sha256"]
-    assert after["check"]["windows"] == 3
+    after = load_package(model_copy)
+    assert after.head_split == before.head_split  # the same files, hashes and steps
+    record = after.provenance.plans["head_split"]
+    assert record["check"]["windows"] == 3
+    assert record["command"] == f"csist split-head --model {model_copy} --parity-windows 3"
 
 
 def test_unsupported_deformconv_is_refused(model_copy):
-    card = json.loads(model_copy.with_suffix(".json").read_text())
-    head = model_copy.parent / card["parts"]["head"]["file"]
+    head = model_copy / load_package(model_copy).parts["head"].file
     proto = onnx.load(str(head))
     node = next(n for n in proto.graph.node if n.op_type == "DeformConv")
     for attr in node.attribute:
@@ -128,12 +134,14 @@ def test_cli_help_and_missing_head(model_copy, capsys):
     with pytest.raises(SystemExit) as exc:
         split_head.main(["--help"])
     assert exc.value.code == 0 and "DeformConv" in capsys.readouterr().out
-    card_path = model_copy.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    del card["parts"]
-    card_path.write_text(json.dumps(card))
+    rewrite(model_copy, parts={})
     with pytest.raises(SystemExit, match="lists no streaming head"):
         split_head.main(["--model", str(model_copy)])
+    flat = model_copy.parent / "derefnet.onnx"  # the flat layout: the graph and its card beside it
+    shutil.copy(model_copy / "model.onnx", flat)
+    flat.with_suffix(".json").write_text(json.dumps({"sha256": file_sha256(flat), "inputs": [], "parts": {}}))
+    with pytest.raises(SystemExit, match="old flat layout.*csist migrate-model"):
+        split_head.main(["--model", str(flat)])
 
 
 def test_without_the_built_kernel_auto_falls_back_and_native_refuses(tiny_model, monkeypatch):
@@ -144,34 +152,31 @@ def test_without_the_built_kernel_auto_falls_back_and_native_refuses(tiny_model,
 
 
 def test_failed_split_leaves_the_previous_one_intact(model_copy):
-    card_path = model_copy.with_suffix(".json")
-    before = card_path.read_text()
-    files = sorted(p.name for p in model_copy.parent.iterdir())
+    before = {name: (model_copy / name).read_text() for name in ("manifest.json", "provenance.json")}
+    files = sorted(p.name for p in model_copy.iterdir())
     with pytest.raises(split_head.SplitError, match="native kernel differs"):
         split_head.split_head(model_copy, export.sample_windows(2), 0.0, "test")  # tolerance 0 fails
-    assert card_path.read_text() == before
-    assert sorted(p.name for p in model_copy.parent.iterdir()) == files  # no .tmp left, none removed
+    assert {name: (model_copy / name).read_text() for name in before} == before
+    assert sorted(p.name for p in model_copy.iterdir()) == files  # no .tmp left, none removed
     assert load_model(model_copy).deform_kernel == "native"
 
 
-def test_two_models_sharing_a_head_get_their_own_split(model_copy):
-    """An int8 encoder next to the fp32 head (csist quantize without --head) names the same head."""
-    other = model_copy.with_name("other.onnx")
-    shutil.copy(model_copy, other)
-    shutil.copy(model_copy.with_suffix(".json"), other.with_suffix(".json"))
-    mine = json.loads(model_copy.with_suffix(".json").read_text())["head_split"]
-    entry = split_head.split_head(other, export.sample_windows(2), 1e-4, "test")
-    assert [s["file"] for s in entry["segments"]] == [f"other.head.seg{i}.onnx" for i in range(3)]
-    for spec in [*mine["segments"], mine["weights"]]:  # the first model's files are untouched
-        assert file_sha256(model_copy.parent / spec["file"]) == spec["sha256"]
+def test_a_split_writes_only_inside_its_model_folder(model_copy):
+    """Two models (an int8 variant holds a copy of the float32 head) never share split files."""
+    other = model_copy.with_name("other")
+    shutil.copytree(model_copy, other)
+    mine = load_package(model_copy).head_split
+    for spec in [*mine.segments, mine.weights]:
+        (other / spec.file).unlink()
+    entry, record = split_head.split_head(other, export.sample_windows(2), 1e-4, "test")
+    assert [s.file for s in entry.segments] == [f"head.seg{i}.onnx" for i in range(3)] and record["command"] == "test"
+    for spec in [*mine.segments, mine.weights]:  # the first model's files are untouched
+        assert file_sha256(model_copy / spec.file) == spec.sha256
     assert load_model(model_copy).deform_kernel == load_model(other).deform_kernel == "native"
 
 
 def test_head_changed_after_the_split_is_refused(model_copy):
-    card_path = model_copy.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    card["head_split"]["part_sha256"] = "0" * 64
-    card_path.write_text(json.dumps(card))
+    rewrite(model_copy, head_split=load_package(model_copy).head_split.model_copy(update={"part_sha256": "0" * 64}))
     with pytest.raises(ModelError, match="run `csist split-head` again"):
         load_model(model_copy)
 
@@ -250,23 +255,3 @@ def test_convs_the_kernels_compute_differently_stay_in_onnx(tmp_path, attrs):
         onnx.save(proto, str(path))
     with pytest.raises(split_head.SplitError, match="no node for the native kernels"):
         split_head.split_graph(path, convs=True)
-
-
-def test_a_card_split_in_the_old_deform_only_format_still_loads(model_copy):
-    """Cards written before the split format was generic: head / head_sha256 / deform."""
-    card_path = model_copy.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    entry = card["head_split"]
-    entry["head"], entry["head_sha256"] = entry.pop("part"), entry.pop("part_sha256")
-    entry["deform"] = [
-        {
-            "input": s["inputs"][0],
-            "offset": s["inputs"][1],
-            "output": s["output"],
-            "weight": s["weight"],
-            "bias": s["bias"],
-        }
-        for s in entry.pop("steps")
-    ]
-    card_path.write_text(json.dumps(card))
-    assert load_model(model_copy).deform_kernel == "native"

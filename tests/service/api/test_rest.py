@@ -7,9 +7,13 @@ import json
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from service.modelpkg.model import file_sha256
-from service.science.postprocess import find_targets
+from service.modelpkg.manifest import file_sha256
+from service.runtime.config import Settings
+from service.science.background import condition
+from service.science.postprocess import DEFAULT_SNR, find_targets
+from service.science.refine import FitConfig
 from tests.service.conftest import CARD_THRESHOLD, simulate_track
 
 
@@ -23,14 +27,18 @@ def body_of(frames, **extra) -> dict:
     return {"frames": [{"patch": f.tolist()} for f in frames], **extra}
 
 
-def expected_targets(session, frames, threshold=CARD_THRESHOLD, refine="centroid", max_targets=None):
+def expected_targets(
+    session, frames, threshold=CARD_THRESHOLD, refine="centroid", max_targets=None, fit_config=None, snr=None
+):
     """Direct ONNX Runtime + find_targets, windows built here by hand (t-2..t+2, clamped)."""
     n = len(frames)
     windows = np.stack(
         [np.stack([frames[min(max(t + d, 0), n - 1)] for d in (-2, -1, 0, 1, 2)]) for t in range(n)]
     ).astype(np.float32)
-    maps = session.run(["hr"], {"lr": windows})[0]
-    return find_targets(maps, windows, threshold=threshold, refine=refine, max_targets=max_targets)
+    maps = session.run(["hr"], {"lr": condition(windows)})[0]  # the network sees background-free frames
+    return find_targets(
+        maps, windows, threshold=threshold, refine=refine, max_targets=max_targets, fit_config=fit_config, snr=snr
+    )
 
 
 def as_array(targets) -> np.ndarray:
@@ -47,7 +55,7 @@ def test_five_frames_give_five_results_with_model_and_timing(client, standin_mod
     assert out["model"] == {
         "name": "derefnet",
         "version": "0.1.0",
-        "sha256": file_sha256(standin_model),
+        "sha256": file_sha256(standin_model / "model.onnx"),
     }
     timing = out["timing_ms"]
     assert set(timing) == {"queue", "inference", "postprocess", "total"}
@@ -63,6 +71,7 @@ def test_five_frames_give_five_results_with_model_and_timing(client, standin_mod
         {"refine": "quadratic", "threshold": 20.0},
         {"refine": "centroid", "threshold": 10.0, "max_targets": 2},
         {"refine": "fit"},
+        {"refine": "none", "threshold_snr": 12.0},
     ],
 )
 def test_rest_equals_model_plus_postprocessing(client, reference_session, options):
@@ -75,6 +84,8 @@ def test_rest_equals_model_plus_postprocessing(client, reference_session, option
         threshold=options.get("threshold", CARD_THRESHOLD),
         refine=options.get("refine", "centroid"),
         max_targets=options.get("max_targets"),
+        # without an absolute threshold the service's default is relative to each window's noise
+        snr=None if "threshold" in options else options.get("threshold_snr", DEFAULT_SNR),
     )
     results = r.json()["results"]
     assert len(results) == 9
@@ -86,6 +97,35 @@ def test_rest_equals_model_plus_postprocessing(client, reference_session, option
         for t in res["targets"]:
             assert t["score"] == t["brightness"]
             assert t["sensor_x"] is None and t["sensor_y"] is None
+
+
+def test_calibration_options_reach_the_fit(client, reference_session):
+    frames = simulate_track(7, seed=4)
+    options = {"refine": "fit", "psf_sigma": 0.62, "saturation": 180.0, "brightness_range": [150.0, 300.0]}
+    r = client.post("/unmix", json=body_of(frames, options=options))
+    assert r.status_code == 200, r.text
+    want = expected_targets(
+        reference_session,
+        frames,
+        refine="fit",
+        fit_config=FitConfig.calibrated(0.62, 180.0, (150.0, 300.0)),
+        snr=DEFAULT_SNR,
+    )
+    default = expected_targets(reference_session, frames, refine="fit", fit_config=FitConfig(), snr=DEFAULT_SNR)
+    assert any(d.shape != w.shape or not np.allclose(d, w) for d, w in zip(default, want))  # the options matter
+    for res, w in zip(r.json()["results"], want):
+        np.testing.assert_allclose(as_array(res["targets"]), w, rtol=1e-5, atol=1e-4)
+
+
+def test_calibration_settings_are_checked_and_named():
+    with pytest.raises(ValidationError, match="psf_sigma"):
+        Settings(psf_sigma=0.1)
+    with pytest.raises(ValidationError, match="saturation"):
+        Settings(saturation=-1)
+    assert Settings(saturation="").saturation is None  # CSIST_SATURATION= : the sensor never clips
+    assert Settings(brightness_range="60, 250").brightness_range == (60.0, 250.0)
+    with pytest.raises(ValidationError, match="brightness_range"):
+        Settings(brightness_range="250,60")
 
 
 def test_sensor_coordinates_add_the_origin_and_fields_are_echoed(client):
@@ -157,6 +197,19 @@ BAD_BODIES = [
         ["body", "options", "max_targets"],
     ),
     ({"frames": [{"patch": patch()}], "options": {"treshold": 5}}, ["body", "options", "treshold"]),
+    ({"frames": [{"patch": patch()}], "options": {"psf_sigma": 0.1}}, ["body", "options", "psf_sigma"]),
+    ({"frames": [{"patch": patch()}], "options": {"psf_sigma": 4.0}}, ["body", "options", "psf_sigma"]),
+    ({"frames": [{"patch": patch()}], "options": {"saturation": 0}}, ["body", "options", "saturation"]),
+    (
+        {"frames": [{"patch": patch()}], "options": {"brightness_range": [250, 60]}},
+        ["body", "options", "brightness_range"],
+    ),
+    (
+        {"frames": [{"patch": patch()}], "options": {"brightness_range": [0, 60]}},
+        ["body", "options", "brightness_range"],
+    ),
+    ({"frames": [{"patch": patch()}], "options": {"brightness_range": [60]}}, ["body", "options", "brightness_range"]),
+    ({"frames": [{"patch": patch()}], "options": {"saturation": 1e5}}, ["body", "options", "saturation"]),
     ({"frames": [{"patch": patch(), "frame_index": -1}]}, ["body", "frames", 0, "frame_index"]),
     (
         {"frames": [{"patch": patch(), "frame_index": 3}, {"patch": patch()}]},

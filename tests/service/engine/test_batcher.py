@@ -35,7 +35,7 @@ class FakeModel:
         self.threads.add(threading.current_thread().name)
         out = np.zeros((windows.shape[0], 33, 33), dtype=np.float32)
         for k, w in enumerate(windows):
-            v = float(w[2, 0, 0])  # the middle frame's first pixel
+            v = round(float(w[2, 0, 0]))  # the middle frame's first pixel (its background plane is ~0)
             out[k, 16, 3 + int(v) % 27] = 100.0 + v
         return out
 

@@ -20,7 +20,7 @@ pytestmark = [
         "CUDAExecutionProvider" not in ort.get_available_providers(),
         reason="no CUDAExecutionProvider (install the gpu extra on a host with an NVIDIA GPU)",
     ),
-    pytest.mark.skipif(not DEFAULT_MODEL_PATH.is_file(), reason="models/derefnet.onnx not exported yet"),
+    pytest.mark.skipif(not (DEFAULT_MODEL_PATH / "manifest.json").is_file(), reason="models/derefnet not exported yet"),
 ]
 GPU = PlanOptions(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
 

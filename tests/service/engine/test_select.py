@@ -4,7 +4,7 @@ int8 model."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 
 import numpy as np
@@ -14,13 +14,14 @@ from service.engine import host
 from service.engine.plans import ExecutionPlan, PlanOptions, build_plan, why_not
 from service.engine.select import probe_windows, relative_error, select_plan, table
 from service.kernels import conv, deform
+from service.modelpkg.manifest import load_package
 from service.modelpkg.model import ModelError, load_model
 from service.runtime.config import DEFAULT_MODEL_PATH
 from tests.service.tiny_derefnet import tiny_model_path
 
 pytest.importorskip("torch", reason="exporting the tiny model needs torch (not in the service image)")
 
-INT8_MODEL = DEFAULT_MODEL_PATH.with_name("derefnet-int8.onnx")
+INT8_MODEL = DEFAULT_MODEL_PATH.with_name("derefnet-int8")
 OPTIONS = PlanOptions(threads=1)
 
 
@@ -71,9 +72,10 @@ def test_forced_plans_load_only_their_files(tiny_model):
     stock = build_plan("onnxruntime", tiny_model, options=OPTIONS)
     assert stock.model.session is None and stock.streaming and stock.pairs
     assert set(stock.backends().values()) == {"onnxruntime:CPUExecutionProvider"}
-    assert all(".seg" not in f for f in stock.files()) and tiny_model.name not in stock.files()
+    assert all(".seg" not in f for f in stock.files()) and "model.onnx" not in stock.files()
+    assert sorted(stock.files()) == ["align.onnx", "encoder.onnx", "fuse.onnx", "head.onnx"]
     single = build_plan("onnxruntime-single", tiny_model, options=OPTIONS)
-    assert single.files() == [tiny_model.name] and not single.streaming and single.encode is None
+    assert single.files() == ["model.onnx"] and not single.streaming and single.encode is None
     windows = probe_windows(4)
     assert relative_error(single.run(windows), stock.run(windows)) < 1e-5  # parts = single graph
     if deform.AVAILABLE:
@@ -97,7 +99,7 @@ def test_eligibility_is_said_without_loading(tiny_model):
         assert "no CUDAExecutionProvider" in why_not("cuda", card, OPTIONS)
     gpu_first = PlanOptions(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     assert "run on the CPU" in why_not("native-deform", card, gpu_first)
-    no_parts = card.model_copy(update={"parts": {}})
+    no_parts = dataclasses.replace(card, manifest=card.manifest.model_copy(update={"parts": {}}))
     assert "no streaming parts" in why_not("onnxruntime", no_parts, OPTIONS)
     assert why_not("onnxruntime-single", no_parts, OPTIONS) is None
 
@@ -108,21 +110,23 @@ def test_probe_windows_are_real_targets_and_reproducible():
     assert a.max() > 60 and a.min() >= 0 and np.all(a == np.round(a))
 
 
-@pytest.mark.skipif(not INT8_MODEL.is_file(), reason="models/derefnet-int8.onnx not made yet (csist quantize)")
+@pytest.mark.skipif(not (INT8_MODEL / "manifest.json").is_file(), reason="models/derefnet-int8 not made yet")
 def test_int8_model_is_checked_against_its_float32_source_and_refused_without_vnni(tmp_path, monkeypatch):
     sel = select_plan(INT8_MODEL, options=OPTIONS, budget_s=0.5)
     rows = {r["plan"]: r for r in sel.report()["candidates"]}
-    assert rows["onnxruntime"]["reference"].startswith("derefnet.onnx")  # the fp32 source, not itself
+    assert rows["onnxruntime"]["reference"].startswith("derefnet on")  # the fp32 source, not itself
     assert rows["onnxruntime"]["tolerance"] == 0.1
     if host.has_vnni():
         assert rows["onnxruntime"]["max_rel_error"] < 0.05
-    # without the float32 source beside it, the CPU's VNNI flag decides
-    card = json.loads(INT8_MODEL.with_suffix(".json").read_text())
-    names = {INT8_MODEL.name, INT8_MODEL.with_suffix(".json").name, *(p["file"] for p in card["parts"].values())}
-    names |= {s["file"] for s in card["head_split"]["segments"] if s} | {card["head_split"]["weights"]["file"]}
-    for name in names:
-        shutil.copy(INT8_MODEL.parent / name, tmp_path / name)
+    # without the float32 source where its manifest says (or with another model there), the
+    # CPU's VNNI flag decides
+    alone = tmp_path / "models" / INT8_MODEL.name
+    shutil.copytree(INT8_MODEL, alone)
     monkeypatch.setattr(host, "has_vnni", lambda: False)
     monkeypatch.setattr("service.engine.select.has_vnni", lambda: False)
     with pytest.raises(ModelError, match="needs a CPU with VNNI"):
-        select_plan(tmp_path / INT8_MODEL.name, options=OPTIONS)
+        select_plan(alone, options=OPTIONS)
+    shutil.copytree(INT8_MODEL, alone.with_name("derefnet"))  # an int8 model is not its float32 source
+    assert load_package(alone).manifest.quantized_from.package == "../derefnet"
+    with pytest.raises(ModelError, match="needs a CPU with VNNI"):
+        select_plan(alone, options=OPTIONS)

@@ -1,4 +1,5 @@
-"""Model loading and verification, the model card, settings, JSON logs."""
+"""Model loading and verification from the model folder, settings, JSON logs (the manifest's schema
+and the migration from the flat layout: test_manifest.py, test_migrate.py)."""
 
 from __future__ import annotations
 
@@ -14,23 +15,24 @@ import onnxruntime as ort
 import pytest
 
 from service.engine.host import has_vnni
-from service.modelpkg.card import CardError, load_card
-from service.modelpkg.model import ModelError, file_sha256, load_model, resolve_providers
+from service.modelpkg.manifest import file_sha256
+from service.modelpkg.model import ModelError, load_model, resolve_providers
 from service.runtime.config import DEFAULT_MODEL_PATH, Settings, available_cpus
 from service.runtime.logs import JsonFormatter, configure_logging
-from tests.service.conftest import CARD_METRICS, simulate_track, write_card
+from tests.service.conftest import CARD_METRICS, simulate_track, write_manifest
 
 
 def copy_model(standin_model, tmp_path):
-    dst = tmp_path / "derefnet.onnx"
-    shutil.copy(standin_model, dst)
-    shutil.copy(standin_model.with_suffix(".json"), dst.with_suffix(".json"))
+    dst = tmp_path / "derefnet"
+    shutil.copytree(standin_model, dst)
     return dst
 
 
 def test_loads_verifies_and_runs(standin_model, reference_session):
     model = load_model(standin_model)
-    assert model.sha256 == file_sha256(standin_model)
+    assert model.sha256 == file_sha256(standin_model / "model.onnx")
+    assert model.path == standin_model / "model.onnx"
+    assert load_model(standin_model / "manifest.json").sha256 == model.sha256  # the manifest's path works too
     assert model.providers == ["CPUExecutionProvider"]  # no CUDA on this machine
     assert model.card.name == "derefnet" and model.card.metrics == CARD_METRICS
     x = np.random.default_rng(0).uniform(0, 255, size=(3, 5, 11, 11)).astype(np.float32)
@@ -38,60 +40,40 @@ def test_loads_verifies_and_runs(standin_model, reference_session):
     model.warmup((1, 4))
 
 
-def test_sha_mismatch_refuses_with_clear_message(standin_model, tmp_path):
+def test_a_changed_model_file_is_refused_naming_both_hashes(standin_model, tmp_path):
     path = copy_model(standin_model, tmp_path)
-    write_card(path, sha256="0" * 64)
+    listed = file_sha256(path / "model.onnx")
+    with open(path / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
     with pytest.raises(ModelError, match="SHA-256 mismatch") as info:
         load_model(path)
-    assert file_sha256(path) in str(info.value) and "0" * 64 in str(info.value)
+    assert file_sha256(path / "model.onnx") in str(info.value) and listed in str(info.value)
+    assert str(path / "manifest.json") in str(info.value)
 
 
-def test_missing_file_or_card(standin_model, tmp_path):
-    with pytest.raises(ModelError, match="model file not found"):
-        load_model(tmp_path / "nope.onnx")
+def test_missing_folder_manifest_or_file(standin_model, tmp_path):
+    with pytest.raises(ModelError, match="model not found: .*nope.*point CSIST_MODEL_PATH"):
+        load_model(tmp_path / "nope")
     path = copy_model(standin_model, tmp_path)
-    path.with_suffix(".json").unlink()
-    with pytest.raises(ModelError, match="model card not found"):
+    (path / "model.onnx").unlink()
+    with pytest.raises(ModelError, match="model file not found: .*model.onnx"):
+        load_model(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(ModelError, match="no manifest.json in"):
         load_model(path)
 
 
-def test_card_interface_must_match(standin_model, tmp_path):
+def test_the_interface_must_match(standin_model, tmp_path):
     path = copy_model(standin_model, tmp_path)
-    write_card(path, inputs=[{"name": "lr", "shape": ["batch", 3, 11, 11], "dtype": "float32"}])
+    write_manifest(path, inputs=[{"name": "lr", "shape": ["batch", 3, 11, 11], "dtype": "float32"}])
     with pytest.raises(ModelError, match="input shape"):
         load_model(path)
-    write_card(path, inputs=[{"name": "frames", "shape": ["batch", 5, 11, 11], "dtype": "float32"}])
-    with pytest.raises(ModelError, match="card says 'frames'"):
+    write_manifest(path, inputs=[{"name": "frames", "shape": ["batch", 5, 11, 11], "dtype": "float32"}])
+    with pytest.raises(ModelError, match="the manifest says 'frames'"):
         load_model(path)
-    write_card(path, postprocess={"threshold": 70.0, "refine": "magic"})
-    with pytest.raises(ModelError, match="refine"):
+    write_manifest(path, postprocess={"threshold": 70.0, "refine": "magic"})
+    with pytest.raises(ModelError, match="interface.postprocess.refine='magic'"):
         load_model(path)
-
-
-def test_card_tolerates_extra_keys_and_names_problems(tmp_path):
-    path = tmp_path / "card.json"
-    path.write_text(
-        json.dumps(
-            {
-                "name": "m",
-                "version": "1",
-                "sha256": "a" * 64,
-                "whatever": [1, 2],
-                "inputs": [{"name": "lr", "shape": ["batch", 5, 11, 11], "extra": 1}],
-                "outputs": [{"name": "hr", "shape": ["batch", 33, 33]}],
-            }
-        ).replace('"whatever"', '"metrics": {"cso_map": NaN}, "whatever"')
-    )
-    card = load_card(path)
-    assert card.metrics == {"cso_map": None}  # NaN would break JSON answers
-    assert card.postprocess.threshold == 70.0 and card.physics.ratio == 3
-    path.write_text(json.dumps({"name": "m", "version": "1", "sha256": "xyz"}))
-    with pytest.raises(CardError, match="sha256") as info:
-        load_card(path)
-    assert "inputs" in str(info.value)
-    path.write_text("{not json")
-    with pytest.raises(CardError, match="not readable JSON"):
-        load_card(path)
 
 
 def test_resolve_providers():
@@ -104,7 +86,7 @@ def test_resolve_providers():
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("CSIST_MODEL_PATH", str(tmp_path / "m.onnx"))
+    monkeypatch.setenv("CSIST_MODEL_PATH", str(tmp_path / "m"))
     monkeypatch.setenv("CSIST_MAX_BATCH_SIZE", "128")
     monkeypatch.setenv("CSIST_MAX_BATCH_WAIT_MS", "5.5")
     monkeypatch.setenv("CSIST_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
@@ -112,8 +94,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CSIST_LOG_LEVEL", "DEBUG")
     monkeypatch.setenv("CSIST_TRACK_TTL_S", "2.5")
     s = Settings()
-    assert s.model_path == tmp_path / "m.onnx"
-    assert s.resolved_card_path() == tmp_path / "m.json"
+    assert s.model_path == tmp_path / "m"
     assert (s.max_batch_size, s.max_batch_wait_ms, s.track_ttl_s) == (128, 5.5, 2.5)
     assert s.provider_list() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert s.api_token.get_secret_value() == "s3cret"
@@ -179,12 +160,13 @@ def test_card_peak_mode_is_checked_and_used(standin_model, tmp_path):
     from service.runtime.lifecycle import Runtime
     from service.runtime.metrics import Metrics
     from service.science.peaks import extract_peaks
+    from service.science.physics import DEFAULT_SNR
 
     path = copy_model(standin_model, tmp_path)
-    write_card(path, postprocess={"threshold": 30.0, "refine": "centroid", "mode": "bogus"})
+    write_manifest(path, postprocess={"threshold": 30.0, "refine": "centroid", "mode": "bogus"})
     with pytest.raises(ModelError, match="postprocess.mode"):
         load_model(path)
-    write_card(path, postprocess={"threshold": 30.0, "refine": "none", "mode": "local_max"})
+    write_manifest(path, postprocess={"threshold": 30.0, "refine": "none", "mode": "local_max"})
     model = load_model(path)
     assert model.card.postprocess.mode == "local_max"
     # two adjacent cells above the threshold: "cells" keeps both, "local_max" only the higher
@@ -192,8 +174,11 @@ def test_card_peak_mode_is_checked_and_used(standin_model, tmp_path):
     hr[10, 10], hr[10, 11] = 200.0, 150.0
     assert len(extract_peaks(hr, 70.0, "none", mode="cells")) == 2
     assert len(extract_peaks(hr, 70.0, "none", mode="local_max")) == 1
-    runtime = Runtime(Settings(model_path=path), Metrics(), model=model)
+    runtime = Runtime(Settings(model_path=path, threshold_snr=""), Metrics(), model=model)
     assert peak_options(runtime, None) == PeakOptions(30.0, "none", None, 3, "local_max")
+    # by default the threshold is relative to each window's noise; the manifest's is then unused
+    relative = Runtime(Settings(model_path=path), Metrics(), model=model)
+    assert peak_options(relative, None) == PeakOptions(30.0, "none", None, 3, "local_max", snr=DEFAULT_SNR)
 
     def adjacent_cells(windows):
         out = np.zeros((len(windows), 33, 33), dtype=np.float32)
@@ -211,15 +196,15 @@ def test_card_peak_mode_is_checked_and_used(standin_model, tmp_path):
         await b.stop()
         return [len(r.peaks[0]) for r in got]
 
-    assert asyncio.run(run_both()) == [2, 1]  # default rule "cells", the card's "local_max"
+    assert asyncio.run(run_both()) == [2, 1]  # default rule "cells", the manifest's "local_max"
 
 
-INT8_MODEL = DEFAULT_MODEL_PATH.with_name("derefnet-int8.onnx")
+INT8_MODEL = DEFAULT_MODEL_PATH.with_name("derefnet-int8")
 
 
 @pytest.mark.skipif(
-    not (INT8_MODEL.is_file() and DEFAULT_MODEL_PATH.is_file()),
-    reason="models/derefnet-int8.onnx not made yet (csist quantize)",
+    not ((INT8_MODEL / "manifest.json").is_file() and (DEFAULT_MODEL_PATH / "manifest.json").is_file()),
+    reason="models/derefnet-int8 not made yet (csist quantize)",
 )
 @pytest.mark.skipif(
     not has_vnni(),
@@ -227,8 +212,8 @@ INT8_MODEL = DEFAULT_MODEL_PATH.with_name("derefnet-int8.onnx")
     " without it, and the service refuses the int8 model there (tests/service/engine/test_select.py)",
 )
 def test_bundled_int8_variant_verifies_and_stays_close_to_fp32():
-    """``CSIST_MODEL_PATH=models/derefnet-int8.onnx``: every hash checks, both paths run, and the
-    maps stay within a few % of the fp32 model's peak (the CSO-mAP gate is in its card)."""
+    """``CSIST_MODEL_PATH=models/derefnet-int8``: every hash checks, both paths run, and the maps
+    stay within a few % of the fp32 model's peak (the CSO-mAP gate is in its provenance)."""
     int8, fp32 = load_model(INT8_MODEL), load_model(DEFAULT_MODEL_PATH)
     assert int8.has_parts and int8.card.name == fp32.card.name
     assert int8.card.version.endswith("+int8") and int8.sha256 != fp32.sha256
@@ -246,7 +231,7 @@ def test_split_step_specs_are_validated():
     step names its kernel; the clip bounds go with the soft threshold."""
     from pydantic import ValidationError
 
-    from service.modelpkg.card import StepSpec
+    from service.modelpkg.manifest import StepSpec
 
     extra = {"nb_weight": "w_nb", "nb_bias": "b_nb", "mix_weight": "w_mix", "mix_bias": "b_mix"}
     ok = StepSpec(op="Attention", inputs=["mid", "nb"], output="y", weight="w", bias="b", extra=extra)

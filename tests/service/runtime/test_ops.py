@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from service.api.server import build_parser, main
-from service.modelpkg.model import file_sha256
-from tests.service.conftest import CARD_METRICS, ServerProcess, simulate_track, write_card
+from service.modelpkg.manifest import file_sha256
+from tests.service.conftest import CARD_METRICS, ServerProcess, simulate_track
 
 
 def scrape(base_url: str) -> dict[str, dict]:
@@ -50,7 +50,7 @@ def test_model_metadata(server, standin_model):
     assert meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "lr", "datatype": "FP32", "shape": [-1, 5, 11, 11]}]
     assert meta["outputs"] == [{"name": "hr", "datatype": "FP32", "shape": [-1, 33, 33]}]
-    assert meta["sha256"] == file_sha256(standin_model)
+    assert meta["sha256"] == file_sha256(standin_model / "model.onnx")
     assert meta["providers"] == ["CPUExecutionProvider"]
     assert meta["onnxruntime_version"] == ort.__version__
     assert meta["metrics"] == CARD_METRICS
@@ -175,9 +175,11 @@ def test_parser_defaults():
 
 
 def test_refuses_to_start_on_sha_mismatch(standin_model, tmp_path):
-    path = tmp_path / "derefnet.onnx"
-    shutil.copy(standin_model, path)
-    write_card(path, sha256="f" * 64)
+    path = tmp_path / "derefnet"
+    shutil.copytree(standin_model, path)
+    listed = file_sha256(path / "model.onnx")
+    with open(path / "model.onnx", "ab") as fh:  # a file changed after its manifest was written
+        fh.write(b"\0")
     proc = ServerProcess(path)
     try:
         assert not proc.wait_started(60)
@@ -185,5 +187,5 @@ def test_refuses_to_start_on_sha_mismatch(standin_model, tmp_path):
     finally:
         proc.kill()
     errors = [r for r in proc.logs if r.get("level") == "error"]
-    assert any("SHA-256 mismatch" in r["message"] and "f" * 64 in r["message"] for r in errors), proc.logs
+    assert any("SHA-256 mismatch" in r["message"] and listed in r["message"] for r in errors), proc.logs
     assert all(not r.get("unparsed") for r in proc.logs)  # every log line is JSON

@@ -124,17 +124,17 @@ def test_analytic_jacobian_matches_finite_differences():
     frames[2, 5, 5] = 255.0  # one saturated pixel, model below it: counts; others above: not
     cfg = FitConfig(noise=2.0)
     win = _Window(frames, TIMES, truth, cfg)
-    prob = _Problem(win, truth[:, :2], np.array([True, False, True]), win.scale)
-    theta = prob.pack(perturbed(truth, seed=4, px=0.05), [0.03, 0.01])
+    prob = _Problem(win, truth[:, :2], np.array([True, False, True]), win.scale, free_sigma=True)
+    theta = prob.pack(perturbed(truth, seed=4, px=0.05), [0.03, 0.01], [1.5, 0.2, -0.1], 0.55)
     jac = prob.jacobian(theta)
     eps = 1e-6
     numeric = np.stack(
         [(prob.residuals(theta + eps * e) - prob.residuals(theta - eps * e)) / (2 * eps) for e in np.eye(theta.size)],
         axis=1,
     )
-    assert jac.shape == (prob.n_res, 3 * 3 + 2)
-    # rows: data pixels, 2 x 2 position priors (targets 0 and 2), 3 brightness priors
-    assert prob.n_res == win.n + 4 + 3
+    assert jac.shape == (prob.n_res, 3 * 3 + 2 + 1 + 3)  # targets, velocity, PSF sigma, background plane
+    # rows: data pixels, 2 x 2 position priors (targets 0 and 2), 3 brightness priors, the PSF prior
+    assert prob.n_res == win.n + 4 + 3 + 1
     np.testing.assert_allclose(jac, numeric, atol=1e-6 * np.abs(jac).max())
 
 
@@ -346,3 +346,73 @@ def test_speed_per_window():
         fit_window(w, s)
     per_window = (time.perf_counter() - t0) / len(windows)
     assert per_window < 0.03  # measured about 2 ms on one core; generous for a shared machine
+
+
+def ramp(height: float, gx: float, gy: float) -> np.ndarray:
+    """A background plane (11, 11): ``height`` at the patch centre, gradients gx, gy per pixel."""
+    rows, cols = np.mgrid[0:11, 0:11].astype(np.float64)
+    return height + gx * (cols - 5) + gy * (rows - 5)
+
+
+@pytest.mark.parametrize("background", [(40.0, 0.0, 0.0), (35.0, 2.5, -1.5)])
+def test_background_plane_is_fitted_with_the_targets(background):
+    truth = DIAMOND[:3]
+    frames = window(truth) + ramp(*background)
+    frames = np.stack([physics.quantize(f) for f in frames]).astype(np.float64)
+    r = fit_window(frames, perturbed(truth, seed=5, px=0.08))
+    assert r.accepted, r.reason
+    assert match_error(r.targets, truth) < 0.03
+    np.testing.assert_allclose(r.background, background, atol=0.3)
+    # the same frames without a background term: the pedestal cannot be explained
+    flat = fit_window(frames, perturbed(truth, seed=5, px=0.08), FitConfig(background=False))
+    assert (
+        not flat.accepted
+        or len(flat.targets) != 3
+        or match_error(flat.targets, truth) > 3 * match_error(r.targets, truth)
+    )
+
+
+def test_psf_sigma_is_fitted_where_the_calibration_leaves_a_misfit():
+    truth = DIAMOND[:3]
+    wide = []
+    for t in TIMES:
+        img = physics.pixel_response(truth + [VELOCITY[0] * t, VELOCITY[1] * t, 0.0], sigma=0.6)
+        wide.append(physics.quantize(img))
+    frames = np.stack(wide).astype(np.float64)
+    start = perturbed(truth, seed=6, px=0.08)
+    r = fit_window(frames, start)  # calibrated sigma 0.5, the optics 0.6
+    assert r.accepted, r.reason
+    assert r.psf_sigma == pytest.approx(0.6, abs=0.02)
+    assert match_error(r.targets, truth) < 0.05
+    fixed = fit_window(frames, start, FitConfig(fit_psf=False))
+    assert (
+        not fixed.accepted
+        or len(fixed.targets) != 3
+        or match_error(fixed.targets, truth) > 2 * match_error(r.targets, truth)
+    )
+    # where the calibration is right, sigma stays the calibration
+    assert fit_window(window(truth, quantize=True), start).psf_sigma == 0.5
+
+
+def test_sigma_derivative_matches_finite_differences():
+    pos = np.array([3.3, 5.0, 7.81])
+    eps = 1e-6
+    numeric = (physics.pixel_fractions(pos, sigma=0.55 + eps) - physics.pixel_fractions(pos, sigma=0.55 - eps)) / (
+        2 * eps
+    )
+    np.testing.assert_allclose(physics.pixel_fractions_dsigma(pos, sigma=0.55), numeric, atol=1e-7)
+
+
+def test_targets_dimmer_than_the_calibration_are_counted_with_brightness_free():
+    truth = DIAMOND[:3] * [1.0, 1.0, 0.42]  # brightness 96-101, below the default range (200, 270)
+    frames = window(truth, quantize=True, noise=1.0, seed=8)
+    start = perturbed(truth, seed=7, px=0.08)
+    r = fit_window(frames, start)
+    assert r.accepted, r.reason
+    assert r.k_final == 3
+    assert match_error(r.targets, truth) < 0.15
+    # targets 0.3 px apart trade flux under noise; their sum is well measured
+    assert r.targets[:, 2].sum() == pytest.approx(truth[:, 2].sum(), rel=0.05)
+    # held to the calibration, the fit cannot give these targets their brightness
+    held = fit_window(frames, start, FitConfig(free_brightness=False))
+    assert not held.accepted or held.targets[:, 2].min() >= 200.0
