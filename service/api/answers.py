@@ -1,5 +1,5 @@
 """What the API layer adds to a request before the engine sees it, and how it shapes answers:
-peak-extraction options completed with the model card's defaults, a window's deadline, and
+peak-extraction options completed with the model manifest's defaults, a window's deadline, and
 targets as API objects."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def deadline_s(runtime: Runtime, options: UnmixOptions | None, default_ms: float
 
 
 def peak_options(runtime: Runtime, options: UnmixOptions | None) -> PeakOptions:
-    """Request options completed with the settings' and the model card's defaults. A threshold
+    """Request options completed with the settings' and the model manifest's defaults. A threshold
     given as a number (a request's, or CSIST_THRESHOLD_SNR unset: the card's) is absolute."""
     card = runtime.model.card
     settings = runtime.settings

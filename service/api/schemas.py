@@ -65,7 +65,7 @@ BrightnessRange = Annotated[
 
 
 class UnmixOptions(BaseModel):
-    """Peak-extraction options; anything left out takes the model card's default."""
+    """Peak-extraction options; anything left out takes the settings' or the model manifest's default."""
 
     model_config = _STRICT
 
@@ -87,7 +87,7 @@ class UnmixOptions(BaseModel):
         Field(
             None,
             description="the sensor's Gaussian PSF sigma in pixels, for refine 'fit'; default CSIST_PSF_SIGMA or"
-            " the model card's (the fit corrects it by up to 40 % where the frames show a misfit)",
+            " the model manifest's (the fit corrects it by up to 40 % where the frames show a misfit)",
         )
     )
     saturation: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_SATURATION)] | None = Field(

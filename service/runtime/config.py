@@ -107,15 +107,15 @@ class Settings(BaseSettings):
         le=1000.0,
         description="peak threshold of the HR map as a multiple of each window's flux noise (its pixel noise"
         " about the background plane, at least 1 grey level, times the PSF's sqrt(4 pi) sigma). Empty: the"
-        " model card's absolute threshold (the SeqCSIST metric's 70). A request's threshold or"
-        " threshold_snr overrides it",
+        " model manifest's absolute threshold (interface.postprocess.threshold, the SeqCSIST metric's"
+        " 70). A request's threshold or threshold_snr overrides it",
     )
     psf_sigma: float | None = Field(
         None,
         ge=PSF_SIGMA_MIN,
         le=PSF_SIGMA_MAX,
         description="the sensor's Gaussian PSF sigma in pixels (its calibration), used by refine 'fit';"
-        " unset: the model card's physics.psf_sigma. A request's options.psf_sigma overrides it. The fit"
+        " unset: the model manifest's interface.physics.psf_sigma. A request's options.psf_sigma overrides it. The fit"
         " corrects a mismatch of up to 40 % where the frames show it",
     )
     saturation: float | None = Field(

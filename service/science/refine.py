@@ -8,11 +8,14 @@ service runs it).
 
 The model of a window (frame ``f`` taken ``t_f`` frames after the middle one, -2..2)::
 
-    frame_f = sum_k a_k * pixel_response(x_k + vx * t_f, y_k + vy * t_f)  (+ noise)
+    frame_f = sum_k a_k * pixel_response(x_k + vx * t_f, y_k + vy * t_f; s) + b(x, y)  (+ noise)
 
-- Unknowns: (x_k, y_k, a_k) of every target in the MIDDLE frame and one group velocity
-  (vx, vy) in px/frame shared by all targets (SeqCSIST moves the group 0.04-0.09 px/frame;
-  the targets' own outward drift, <= 0.0014 px/frame, is ignored).
+- Unknowns: (x_k, y_k, a_k) of every target in the MIDDLE frame, one group velocity (vx, vy)
+  in px/frame shared by all targets (SeqCSIST moves the group 0.04-0.09 px/frame; the targets'
+  own outward drift, <= 0.0014 px/frame, is ignored) and the background plane b (offset and
+  two gradients, static over the window, started from the frames' median planes of
+  :mod:`service.science.background`). The PSF sigma s is the calibration, and becomes an
+  unknown too where the calibrated fit leaves a misfit (``psf_chi2``).
 - Bounded nonlinear least squares with the analytic Jacobian (built from
   :func:`service.science.physics.pixel_fractions_grad`). Solver ``"lm"`` (default) is a compact
   projected Levenberg-Marquardt written for this problem size (<= 26 parameters, a few hundred
@@ -23,8 +26,8 @@ The model of a window (frame ``f`` taken ``t_f`` frames after the middle one, -2
   1/12 is the variance of rounding to integers). A pixel at the saturation level (255) only
   says "the truth is at least 255": its residual is ``min(model - 255, 0) / s``, i.e. it counts
   only while the model is below 255.
-- The noise is configured or estimated from the pixels far from every target
-  (:func:`estimate_noise`).
+- The noise is configured or estimated from the pixels far from every target, about the
+  background plane (:func:`estimate_noise`).
 - Priors: each target's position is bounded to +-``max_shift_px`` of its start (below) and
   pulled toward it by a Gaussian prior of width ``prior_px`` (a residual ``(x - x_peak) / prior_px``);
   brightness is bounded to ``brightness_range`` and pulled toward its centre by a Gaussian
@@ -41,7 +44,10 @@ every count within ``flux_z`` sigma of the measured flux is fitted (almost alway
 Where the flux is only a lower bound (saturated pixels, a target near the patch border), more
 targets are added one at a time while the information criterion (``bic``: chi2 + p ln n;
 ``aic``: chi2 + 2p) keeps falling and the last fit leaves room for one (:func:`_may_grow`);
-among the fitted counts the lowest criterion wins. The start of a K-target fit
+among the fitted counts the lowest criterion wins. Where the chosen fit pins a target at a bound
+of ``brightness_range``, the calibration does not hold for this window: it is counted again
+with brightness free (:func:`_free_brightness`) and the criterion decides. Where the network
+gave no peaks, the brightest spot of the frames is the start (:func:`_frame_seed`). The start of a K-target fit
 (:func:`_start`): with more peaks than K, the centres of a brightness-weighted K-means
 clustering of the peaks (between the cells the network spread a target over); with K peaks,
 the peaks; with fewer, the peaks plus new targets where they leave flux unexplained (no
@@ -86,7 +92,7 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.special import ndtri
 
-from service.science.background import fit_planes, plane_basis
+from service.science.background import fit_planes, plane_basis, plane_image
 from service.science.physics import (
     DEFAULT_SNR,
     SIGMA,
@@ -292,10 +298,15 @@ def fit_window(
     if frames.ndim != 3 or min(frames.shape) < 1:
         raise ValueError(f"frames must be (F, H, W), got shape {frames.shape}")
     peaks_in = np.asarray(peaks, dtype=np.float64)
-    if peaks_in.size == 0:
-        return FitResult(np.zeros((0, 3)), False, 0, 0, float("nan"), (0.0, 0.0), 0, reason="no peaks")
-    if peaks_in.ndim != 2 or peaks_in.shape[1] != 3:
+    if peaks_in.size != 0 and (peaks_in.ndim != 2 or peaks_in.shape[1] != 3):
         raise ValueError(f"peaks must have shape (K, 3), got {peaks_in.shape}")
+    network = peaks_in.reshape(-1, 3)  # the answer kept where the fit is not better
+    if peaks_in.size == 0:
+        # nothing above the network's threshold: the frames may still hold a target it did not
+        # see (dim, or an unfamiliar shape); start from their brightest spot
+        peaks_in = _frame_seed(frames) if np.isfinite(frames).all() else None
+        if peaks_in is None:
+            return FitResult(np.zeros((0, 3)), False, 0, 0, float("nan"), (0.0, 0.0), 0, reason="no peaks")
     n_frames = frames.shape[0]
     if times is None:
         times = _frame_times(frames) if cfg.detect_padding else np.arange(n_frames, dtype=np.float64) - n_frames // 2
@@ -305,7 +316,8 @@ def fit_window(
     k0 = len(peaks_in)
 
     def reject(reason: str, nfev: int = 0, chi2: float = float("nan"), v=(0.0, 0.0), s=float("nan"), ics=None):
-        return FitResult(peaks_in.copy(), False, k0, k0, chi2, (float(v[0]), float(v[1])), nfev, s, reason, ics or {})
+        k = len(network)
+        return FitResult(network.copy(), False, k, k, chi2, (float(v[0]), float(v[1])), nfev, s, reason, ics or {})
 
     if not (np.isfinite(frames).all() and np.isfinite(peaks_in).all()):
         return reject("non-finite input")
@@ -364,11 +376,10 @@ def fit_window(
         # the network's answer on the same footing: its positions with brightness and velocity
         # refitted, penalised as if fitted like the others (so for the same count this
         # compares chi2: "explains the frames better")
-        a_net = _linear_brightness(win, peaks_in[:, :2], best.velocity, peaks_in[:, 2])
-        net = np.column_stack([peaks_in[:, :2], a_net])
-        r_net = win.data_residuals(win.model(net, best.velocity, best.background, best.psf_sigma)) / scale
+        net, bg_net = _linear_fit(win, network, best.velocity, best.psf_sigma)
+        r_net = win.data_residuals(win.model(net, best.velocity, bg_net, best.psf_sigma)) / scale
         others = best.n_params - 3 * len(best.targets)  # velocity, background, sigma if fitted
-        ics["network"] = _criterion(float(r_net @ r_net), 3 * k0 + others, win.n, cfg.criterion)
+        ics["network"] = _criterion(float(r_net @ r_net), 3 * len(net) + others, win.n, cfg.criterion)
         if not best.ic < ics["network"]:
             return reject(
                 "the fit does not explain the frames better than the peaks", nfev, best.chi2, best.velocity, scale, ics
@@ -390,10 +401,54 @@ def fit_window(
     )
 
 
+def _linear_fit(win: _Window, targets: np.ndarray, v, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Targets (K, 3) at fixed positions with their brightness, and the background plane, by one
+    linear least-squares solve (saturated pixels left out; brightness clipped to the calibrated
+    range, the plane then solved again for it)."""
+    keep = ~win.sat
+    fx, fy = win.fractions(targets[:, 0], targets[:, 1], v, sigma)
+    cols = np.einsum("fkr,fkc->frck", fy, fx).reshape(win.n, -1)  # (n, K)
+    basis = win.bg_basis[:, : win.n_bg]
+    lo, hi = win.cfg.brightness_range
+    try:
+        sol = np.linalg.lstsq(np.hstack([cols, basis])[keep], win.obs[keep], rcond=1e-6)[0]
+        a = np.clip(sol[: len(targets)], lo, hi) if len(targets) else sol[:0]
+        rest = win.obs[keep] - cols[keep] @ a
+        bg = np.linalg.lstsq(basis[keep], rest, rcond=1e-6)[0] if win.n_bg else np.zeros(0)
+    except np.linalg.LinAlgError:
+        return targets.copy(), win.bg0.copy()
+    plane = win.bg0.copy()
+    plane[: win.n_bg] = bg
+    return np.column_stack([targets[:, :2], a]), plane
+
+
+def _frame_seed(frames: np.ndarray) -> np.ndarray | None:
+    """One start (1, 3) at the brightest spot of the window's mean frame above its background
+    planes, where that spot stands DEFAULT_SNR sigmas above the mean frame's noise; else None.
+    Position: the centroid of its 3 x 3 pixels; brightness: their sum / 0.6 (3 x 3 pixels hold
+    about 60 % of a PSF's flux)."""
+    n_frames, height, width = frames.shape
+    above = frames - plane_image(np.median(fit_planes(frames)[0], axis=0), height, width)
+    mean = above.mean(axis=0)
+    # the pixels' noise, read as the fit reads it (patches clipped at 0 included)
+    noise = max(estimate_noise(above if np.mean(frames == 0.0) <= 0.1 else frames) or 0.0, 1.0) / math.sqrt(n_frames)
+    r, c = np.unravel_index(int(np.argmax(mean)), mean.shape)
+    if not mean[r, c] > DEFAULT_SNR * noise:
+        return None
+    rs, cs = slice(max(r - 1, 0), r + 2), slice(max(c - 1, 0), c + 2)
+    block = np.maximum(mean[rs, cs], 0.0)
+    mass = float(block.sum())
+    x = float(block.sum(axis=0) @ np.arange(width)[cs]) / mass
+    y = float(block.sum(axis=1) @ np.arange(height)[rs]) / mass
+    return np.array([[x, y, mass / 0.6]])
+
+
 def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: float, fits: dict) -> tuple[_Fit, int]:
     """The best fit with brightness free of the calibrated range and prior: from ``best``'s count,
-    one target fewer (or more) at a time while the criterion falls. Brightness stays above a
-    5-sigma flux (any dimmer target is noise) and below 4x the range's top."""
+    one target more or fewer at a time while the criterion falls. The flux is fixed, so targets
+    pinned at the range's top mean more, dimmer targets: that direction is tried first, the
+    other only if the first step does not help. Brightness stays above a 5-sigma flux (any
+    dimmer target is noise) and below 4x the range's top."""
     cfg = win.cfg
     floor = float(DEFAULT_SNR * flux_noise(max(scale, 1.0), cfg.psf_sigma))
     hi = max(4.0 * cfg.brightness_range[1], 2.0 * floor)
@@ -401,23 +456,25 @@ def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: flo
     free.cfg = replace(cfg, brightness_range=(min(floor, 0.5 * hi), hi), brightness_prior=None)
     k0 = len(best.targets)
     tried: dict[int, _Fit] = {}
-    nfev = 0
-    top: _Fit | None = None
     if not cfg.try_counts:  # the count is given: brightness alone is freed
         top = _fit_count(free, peaks, k0, v0, scale, tried)[0]
         return top, top.nfev
-    for step in (-1, 1):
-        k = k0 if step == -1 else k0 + 1
+    top = _fit_count(free, peaks, k0, v0, scale, tried)[0]
+    tried[k0] = top
+    nfev = top.nfev
+    first = 1 if best.targets[:, 2].max() >= cfg.brightness_range[1] * 0.99 else -1
+    for step in (first, -first):
+        k = k0 + step
         while 1 <= k <= cfg.max_targets:
             fit = _fit_count(free, peaks, k, v0, scale, tried)[0]
             tried[k] = fit
             nfev += fit.nfev
-            if top is not None and not fit.ic < top.ic:
+            if not fit.ic < top.ic:
                 break
             top = fit
             k += step
-        if top is not None and len(top.targets) < k0:
-            break  # fewer won: more will not
+        if len(top.targets) != k0:
+            break  # the first direction helped: the other will not
     return top, nfev
 
 

@@ -273,10 +273,16 @@ def test_fallback_when_the_targets_are_out_of_reach():
 
 
 def test_zero_peaks_and_bad_input():
+    # no peaks and nothing in the frames: nothing to fit
+    empty = window(DIAMOND[:0], quantize=True, noise=2.0, seed=3)
+    r = fit_window(empty, np.zeros((0, 3)))
+    assert isinstance(r, FitResult) and r.targets.shape == (0, 3) and not r.accepted and r.k_final == 0
+    # no peaks, but a group the network missed: the fit starts from the frames' brightest spot
     frames = window(DIAMOND, quantize=True)
     r = fit_window(frames, np.zeros((0, 3)))
-    assert isinstance(r, FitResult) and r.targets.shape == (0, 3) and not r.accepted and r.k_final == 0
-    assert fit_window(frames, []).targets.shape == (0, 3)
+    assert r.accepted and r.k_start == 1 and r.k_final == 4
+    assert match_error(r.targets, DIAMOND) < 0.05
+    assert fit_window(empty, []).targets.shape == (0, 3)
     with pytest.raises(ValueError):
         fit_window(frames, np.zeros((2, 2)))
     with pytest.raises(ValueError):
@@ -324,7 +330,8 @@ def test_noise_estimate():
 
 def test_refine_windows_loops_over_windows():
     frames = window(DIAMOND, quantize=True)
-    out = refine_windows(np.stack([frames, frames]), [DIAMOND, np.zeros((0, 3))])
+    empty = window(DIAMOND[:0], quantize=True)
+    out = refine_windows(np.stack([frames, empty]), [DIAMOND, np.zeros((0, 3))])
     assert len(out) == 2 and out[0].shape == (4, 3) and out[1].shape == (0, 3)
     with pytest.raises(ValueError):
         refine_windows(np.stack([frames]), [DIAMOND, DIAMOND])
