@@ -570,7 +570,7 @@ class _Window:
         # the observations less the starting background: what the targets must explain
         self.sig = self.obs - self.bg_basis @ self.bg0
         far = frames[:, outside]
-        if np.mean(far == 0.0) <= 0.1:  # clipped at 0 (a dark patch): estimate_noise reads the zeros
+        if far.size and np.mean(far == 0.0) <= 0.1:  # clipped at 0 (a dark patch): estimate_noise reads the zeros
             far = far - basis[outside] @ self.bg0
         self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
         # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
