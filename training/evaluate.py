@@ -25,7 +25,7 @@ from tqdm import tqdm
 from service.engine.names import AUTO, PLANS
 from service.science.background import condition
 from service.science.peaks import DEFAULT_MODE, PEAK_MODES
-from service.science.postprocess import DEFAULT_SNR, REFINE_MODES, find_targets
+from service.science.postprocess import DEFAULT_SNR, REFINE_MODES, Found, find_targets
 from service.science.refine import FitConfig
 from training.data import read_split, window_middles, windows
 from training.metric import count_accuracy, cso_map, localisation_error
@@ -168,8 +168,10 @@ def detections(
     frames: np.ndarray | None = None,
     mode: str = DEFAULT_MODE,
     snr: float | None = None,
+    details: bool = False,
 ):
-    """Targets of every map in (n, W, 33, 33): a flat list of (K, 3) arrays, trajectory-major.
+    """Targets of every map in (n, W, 33, 33): a flat list of (K, 3) arrays, trajectory-major
+    (with ``details``, of :class:`service.science.postprocess.Found`).
 
     ``frames`` (n, T, 11, 11), the trajectories the maps came from, is needed for refine="fit"
     and for ``snr`` (the peak threshold relative to each window's noise, instead of the absolute
@@ -181,7 +183,15 @@ def detections(
         win = windows(frames, WINDOW)
         fit = FitConfig() if is_8bit(frames) else FitConfig(quantized=False, saturation=None)
     return find_targets(
-        flat, win, threshold=threshold, refine=refine, max_targets=max_targets, mode=mode, fit_config=fit, snr=snr
+        flat,
+        win,
+        threshold=threshold,
+        refine=refine,
+        max_targets=max_targets,
+        mode=mode,
+        fit_config=fit,
+        snr=snr,
+        details=details,
     )
 
 
@@ -257,11 +267,21 @@ def evaluate(
 
 
 def save_detections(path: Path, split, dets: list) -> None:
+    """Every scored frame's detections, rows (x, y, brightness); ``dets`` of
+    :class:`service.science.postprocess.Found` add the fit's ``uncertainty`` rows (sigma_x,
+    sigma_y, rho, sigma_brightness) and ``count_confidence`` where the fit answered (else null)."""
     mids = window_middles(split.frames.shape[1], WINDOW)
     frames = []
     for k, d in enumerate(dets):
         t, i = divmod(k, len(mids))
-        frames.append({"trajectory": t, "frame": int(mids[i]), "detections": np.round(d, 6).tolist()})
+        entry = {"trajectory": t, "frame": int(mids[i])}
+        if isinstance(d, Found):
+            spread = None if d.uncertainty is None else np.round(d.uncertainty, 6).tolist()
+            entry.update(detections=np.round(d.targets, 6).tolist(), uncertainty=spread)
+            entry["count_confidence"] = d.count_confidence
+        else:
+            entry["detections"] = np.round(d, 6).tolist()
+        frames.append(entry)
     path.write_text(json.dumps({"frames": frames}))
 
 
@@ -410,8 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}, indent=2))
-    if args.detections:
-        save_detections(args.detections, split, dets)
+    if args.detections:  # the last mode's, with the fit's uncertainties where it answered
+        found = detections(
+            maps, args.threshold, refine, args.max_targets, split.frames, args.peak_mode, args.threshold_snr, True
+        )
+        save_detections(args.detections, split, found)
     if args.plots:
         for path in plot_windows(args.plots, split, maps, dets):
             print(f"wrote {path}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.api.schemas import Origin, UnmixOptions
-from service.engine.batcher import PeakOptions
+from service.engine.batcher import GroupResult, PeakOptions
 from service.runtime.lifecycle import Runtime
 
 
@@ -59,13 +59,15 @@ def peak_options(runtime: Runtime, options: UnmixOptions | None) -> PeakOptions:
     )
 
 
-def targets_payload(peaks: np.ndarray, origin: Origin | None) -> list[dict]:
-    """Rows (x, y, brightness) as API targets, with sensor coordinates when the origin is known."""
+def targets_payload(peaks: np.ndarray, origin: Origin | None, uncertainty: np.ndarray | None = None) -> list[dict]:
+    """Rows (x, y, brightness) as API targets, with sensor coordinates when the origin is known
+    and the fit's (sigma_x, sigma_y, rho, sigma_brightness) rows when it answered."""
     out = []
     ox = oy = None
     if origin is not None:
         ox, oy = origin.x, origin.y
-    for x, y, b in peaks.tolist():
+    spread = uncertainty.tolist() if uncertainty is not None else [[None] * 4] * len(peaks)
+    for (x, y, b), (sx, sy, rho, sb) in zip(peaks.tolist(), spread, strict=True):
         out.append(
             {
                 "x": x,
@@ -74,6 +76,18 @@ def targets_payload(peaks: np.ndarray, origin: Origin | None) -> list[dict]:
                 "sensor_y": None if oy is None else y + oy,
                 "brightness": b,
                 "score": b,
+                "sigma_x": sx,
+                "sigma_y": sy,
+                "rho": rho,
+                "sigma_brightness": sb,
             }
         )
     return out
+
+
+def window_extras(result: GroupResult, k: int) -> tuple[np.ndarray | None, float | None]:
+    """The fit's uncertainties and count confidence of the group's window ``k`` (None, None
+    where the fit did not answer)."""
+    if result.uncertainty is None or result.count_confidence is None:
+        return None, None
+    return result.uncertainty[k], result.count_confidence[k]

@@ -143,6 +143,12 @@ class Target(BaseModel):
     sensor_y: float | None = Field(description="y + origin.y; null without an origin")
     brightness: float = Field(description="target brightness, sensor units")
     score: float = Field(description="detection score (= brightness, as in CSO-mAP)")
+    sigma_x: float | None = Field(None, description="1-sigma uncertainty of x, px (the fit's; null without it)")
+    sigma_y: float | None = Field(None, description="1-sigma uncertainty of y, px (the fit's; null without it)")
+    rho: float | None = Field(None, description="correlation of the x and y errors (the fit's; null without it)")
+    sigma_brightness: float | None = Field(
+        None, description="1-sigma uncertainty of brightness, sensor units (the fit's; null without it)"
+    )
 
 
 class FrameResult(BaseModel):
@@ -153,6 +159,11 @@ class FrameResult(BaseModel):
         True,
         description="false when the requested fit was skipped to keep the deadline: the targets are"
         " the network's peaks",
+    )
+    count_confidence: float | None = Field(
+        None,
+        description="the fit's confidence in the number of targets (the count's share of the BIC weights"
+        " of the counts it tried); null where the fit did not answer",
     )
 
 

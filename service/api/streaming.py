@@ -44,7 +44,7 @@ import numpy as np
 from pydantic import ValidationError
 from starlette.websockets import WebSocket
 
-from service.api.answers import deadline_s, peak_options, targets_payload
+from service.api.answers import deadline_s, peak_options, targets_payload, window_extras
 from service.api.schemas import CLIENT_MESSAGE, EndMessage, FrameMessage, Origin, describe_errors
 from service.engine.batcher import DeadlineExceeded, Overloaded, PeakOptions, ShuttingDown
 from service.runtime.lifecycle import Runtime
@@ -393,16 +393,18 @@ class StreamSession:
                     await self._send(error_message(entry.track_id, meta.frame_index, code, str(exc)))
                 continue
             n_targets = 0
-            for meta, peaks in zip(entry.metas, result.peaks, strict=True):
+            for k, (meta, peaks) in enumerate(zip(entry.metas, result.peaks, strict=True)):
                 n_targets += len(peaks)
+                spread, confidence = window_extras(result, k)
                 await self._send(
                     {
                         "type": "result",
                         "track_id": entry.track_id,
                         "frame_index": meta.frame_index,
                         "timestamp": meta.timestamp,
-                        "targets": targets_payload(peaks, meta.origin),
+                        "targets": targets_payload(peaks, meta.origin, spread),
                         "refined": result.refined,
+                        "count_confidence": confidence,
                     }
                 )
             self.metrics.targets.labels("ws").inc(n_targets)

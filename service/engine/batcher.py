@@ -60,7 +60,7 @@ import numpy as np
 from service.runtime.metrics import Metrics
 from service.science.background import condition
 from service.science.physics import SIGMA
-from service.science.postprocess import find_targets
+from service.science.postprocess import Found, find_targets
 from service.science.refine import FitConfig
 from service.science.windows import HALF, NEIGHBOURS, WINDOW, FeatureSlot, fuse_features, pair_features
 
@@ -150,6 +150,9 @@ class GroupResult:
     postprocess_s: float
     batch_size: int
     refined: bool = True  # False: the requested fit was skipped to keep the deadline (network peaks)
+    # per window, where the fit answered: (K, 4) uncertainties and the count's confidence
+    uncertainty: list[np.ndarray | None] | None = None
+    count_confidence: list[float | None] | None = None
 
 
 @dataclass
@@ -732,7 +735,7 @@ class Batcher:
         by_options: dict[PeakOptions, list[int]] = {}
         for k, item in enumerate(batch):
             by_options.setdefault(item.options, []).append(k)
-        peaks: list[list[np.ndarray] | None] = [None] * len(batch)
+        peaks: list[list[Found] | None] = [None] * len(batch)
         post: list[float] = [0.0] * len(batch)
         refined = [True] * len(batch)
         for opts, members in by_options.items():
@@ -749,6 +752,7 @@ class Batcher:
                 mode=opts.mode,
                 fit_config=opts.fit_config(),
                 snr=opts.snr,
+                details=True,
             )
             dt = time.perf_counter() - p0
             if skip_fit:
@@ -768,5 +772,17 @@ class Batcher:
         for k, item in enumerate(batch):
             queue_s = item.started - item.enqueued
             self._metrics.queue_wait_seconds.observe(queue_s)
-            results.append(GroupResult(peaks[k], queue_s, infer_s, post[k], n, refined[k]))
+            found = peaks[k]
+            results.append(
+                GroupResult(
+                    [f.targets for f in found],
+                    queue_s,
+                    infer_s,
+                    post[k],
+                    n,
+                    refined[k],
+                    [f.uncertainty for f in found],
+                    [f.count_confidence for f in found],
+                )
+            )
         return results

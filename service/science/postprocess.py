@@ -11,17 +11,38 @@ model (:mod:`service.science.refine`), which places targets below the 1/3-pixel 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from service.science import peaks as _peaks
 from service.science.background import fit_planes
 from service.science.physics import DEFAULT_SNR, SIGMA, flux_noise
-from service.science.refine import FitConfig, refine_windows
+from service.science.refine import FitConfig, FitResult, refine_windows
 
-__all__ = ["DEFAULT_SNR", "REFINE_MODES", "find_targets", "snr_thresholds"]
+__all__ = ["DEFAULT_SNR", "REFINE_MODES", "Found", "find_targets", "snr_thresholds"]
 
 REFINE_MODES = (*_peaks.REFINE_MODES, "fit")
 MIN_NOISE = 1.0  # grey levels: the floor of a patch's noise (quantisation, residual background)
+
+
+@dataclass(frozen=True)
+class Found:
+    """One window's answer with what the fit knows about it: ``targets`` (K, 3) rows (x, y,
+    brightness); ``uncertainty`` (K, 4) rows (sigma_x, sigma_y, rho_xy, sigma_brightness) and
+    ``count_confidence`` (the chosen count's weight among the counts tried) where the fit
+    answered, else None."""
+
+    targets: np.ndarray
+    uncertainty: np.ndarray | None = None
+    count_confidence: float | None = None
+
+    @classmethod
+    def of_fit(cls, result: FitResult, max_targets: int | None = None) -> Found:
+        keep = slice(None) if max_targets is None else slice(0, max_targets)
+        if not result.accepted:
+            return cls(result.targets[keep])
+        return cls(result.targets[keep], result.uncertainty[keep], result.count_confidence)
 
 
 def snr_thresholds(windows: np.ndarray, snr: float, psf_sigma: float = SIGMA) -> np.ndarray:
@@ -50,13 +71,15 @@ def find_targets(
     ratio: int = 3,
     fit_config: FitConfig | None = None,
     snr: float | None = None,
-) -> list[np.ndarray]:
+    details: bool = False,
+) -> list:
     """Targets (K, 3) rows (x, y, brightness) of each map of (N, H, W), brightest first.
 
     ``windows`` (N, 5, 11, 11), the LR frames each map was computed from, is needed for
     ``refine="fit"`` and for ``snr``. ``snr``: the peak threshold of each window is ``snr``
     times its flux noise (:func:`snr_thresholds`) instead of the absolute ``threshold``.
-    ``max_targets`` applies to the final answer.
+    ``max_targets`` applies to the final answer. ``details``: a :class:`Found` per map instead,
+    with the fit's uncertainties where the fit answered.
     """
     if refine not in REFINE_MODES:
         raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
@@ -78,6 +101,10 @@ def find_targets(
     )
     if per_window is not None:  # each window's own threshold: rows are brightness-sorted
         found = [f[f[:, 2] > t] for f, t in zip(found, per_window)]
-    if refine == "fit":
-        found = refine_windows(np.asarray(windows, dtype=np.float64), found, fit_config or FitConfig())
-    return [f if max_targets is None else f[:max_targets] for f in found]
+    if refine != "fit":
+        found = [f if max_targets is None else f[:max_targets] for f in found]
+        return [Found(f) for f in found] if details else found
+    fits = refine_windows(np.asarray(windows, dtype=np.float64), found, fit_config or FitConfig(), details=True)
+    if not details:
+        return [r.targets if max_targets is None else r.targets[:max_targets] for r in fits]
+    return [Found.of_fit(r, max_targets) for r in fits]

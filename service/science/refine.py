@@ -236,6 +236,11 @@ class FitResult:
     # and PSF sigma (the calibration, or fitted where it left a misfit); NaN when not accepted
     background: tuple[float, float, float] = (float("nan"),) * 3
     psf_sigma: float = float("nan")
+    # per target (rows as ``targets``): sigma_x, sigma_y (px), rho_xy, sigma_brightness, from the
+    # fit's covariance; and the chosen count's weight among the counts tried. Empty / NaN when
+    # not accepted.
+    uncertainty: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    count_confidence: float = float("nan")
 
 
 # ------------------------------------------------------------------------------ public API
@@ -386,8 +391,15 @@ def fit_window(
             )
 
     order = np.argsort(-best.targets[:, 2], kind="stable")
+    # the count's confidence: its share of the criterion's weights exp(-IC / 2) among the counts
+    # tried (BIC weights approximate the counts' posterior probabilities)
+    by_count = {k: f.ic for k, f in fits.items() if isinstance(k, int)}
+    by_count[len(best.targets)] = min(by_count.get(len(best.targets), math.inf), best.ic)
+    weights = np.exp(-0.5 * (np.array(list(by_count.values())) - best.ic))
     return FitResult(
         targets=best.targets[order],
+        uncertainty=best.uncertainty()[order],
+        count_confidence=float(1.0 / weights.sum()),
         accepted=True,
         k_start=k0,
         k_final=len(best.targets),
@@ -524,8 +536,10 @@ def refine_windows(
     peaks: list,
     config: FitConfig = FitConfig(),
     times: np.ndarray | None = None,
-) -> list[np.ndarray]:
-    """:func:`fit_window` on each window of (N, F, H, W): the refined (K', 3) targets per window.
+    details: bool = False,
+) -> list:
+    """:func:`fit_window` on each window of (N, F, H, W): the refined (K', 3) targets per window
+    (with ``details``, the whole :class:`FitResult`s).
 
     ``times`` is one (F,) array for all windows, or None; see :func:`fit_window`.
     """
@@ -534,7 +548,8 @@ def refine_windows(
         raise ValueError(f"windows must be (N, F, H, W), got shape {windows.shape}")
     if len(peaks) != len(windows):
         raise ValueError(f"need one peak array per window: {len(windows)} windows, {len(peaks)} peak arrays")
-    return [fit_window(w, p, config, times).targets for w, p in zip(windows, peaks)]
+    results = [fit_window(w, p, config, times) for w, p in zip(windows, peaks)]
+    return results if details else [r.targets for r in results]
 
 
 # ------------------------------------------------------------------------------ the problem
@@ -772,6 +787,21 @@ class _Fit:
     residual: np.ndarray  # data residuals (model - obs), flat over the crop, not normalised
     background: np.ndarray  # (3,) fitted background plane
     psf_sigma: float  # fitted (or calibrated) PSF sigma, px
+    problem: _Problem  # the least-squares problem and its solution, for the covariance
+    theta: np.ndarray
+
+    def uncertainty(self) -> np.ndarray:
+        """(K, 4) rows (sigma_x, sigma_y, rho_xy, sigma_brightness): the Gaussian posterior of
+        every target from the inverse of J^T J at the solution (residuals are noise-normalised,
+        so J^T J is the Fisher information of the data plus the priors' own)."""
+        jac = self.problem.jacobian(self.theta)
+        cov = np.linalg.pinv(jac.T @ jac)
+        k = len(self.targets)
+        i = np.arange(k)
+        var_x, var_y, var_a = cov[i, i], cov[k + i, k + i], cov[2 * k + i, 2 * k + i]
+        sx, sy = np.sqrt(np.maximum(var_x, 0.0)), np.sqrt(np.maximum(var_y, 0.0))
+        rho = np.divide(cov[i, k + i], sx * sy, out=np.zeros(k), where=sx * sy > 0)
+        return np.column_stack([sx, sy, np.clip(rho, -1.0, 1.0), np.sqrt(np.maximum(var_a, 0.0))])
 
 
 # ------------------------------------------------------------------------------ solvers
@@ -930,6 +960,8 @@ def _fit(
         residual=res,
         background=bg,
         psf_sigma=sigma,
+        problem=prob,
+        theta=theta,
     )
 
 

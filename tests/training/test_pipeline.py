@@ -230,6 +230,7 @@ def test_evaluate_cli_outputs(exported, data, tmp_path):
     assert sum(v["frames"] for v in r["by_count"].values()) == 64
     frames = json.loads(dets.read_text())["frames"]
     assert len(frames) == 64 and frames[0]["trajectory"] == 0 and frames[0]["frame"] == 2 and frames[-1]["frame"] == 17
+    assert all(f["uncertainty"] is None and f["count_confidence"] is None for f in frames)  # no fit, none
     assert len(list(plots.glob("*.png"))) == 4
 
 
@@ -296,7 +297,7 @@ def test_perfect_maps_score_the_cell_centre_ceiling(data):
 
 
 def test_evaluate_scores_several_refinements_of_one_inference(exported, data, tmp_path):
-    report = tmp_path / "r.json"
+    report, dets = tmp_path / "r.json", tmp_path / "d.json"
     assert (
         evaluate.main(
             [
@@ -315,12 +316,19 @@ def test_evaluate_scores_several_refinements_of_one_inference(exported, data, tm
                 "10",
                 "--out",
                 str(report),
+                "--detections",
+                str(dets),
             ]
         )
         == 0
     )
     reports = json.loads(report.read_text())["reports"]
     assert [r["refine"] for r in reports] == ["none", "fit"]
+    # the detections are the last mode's (fit): with its uncertainties where it answered
+    frames = json.loads(dets.read_text())["frames"]
+    fitted = [f for f in frames if f["count_confidence"] is not None]
+    assert fitted and all(len(f["uncertainty"]) == len(f["detections"]) for f in fitted)
+    assert all(len(row) == 4 and row[0] > 0 for f in fitted for row in f["uncertainty"])
     assert reports[0]["inference_seconds"] == reports[1]["inference_seconds"]  # one inference
     assert reports[0]["frames"] == reports[1]["frames"] == 16
 

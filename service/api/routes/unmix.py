@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from service.api.answers import deadline_s, peak_options, targets_payload
+from service.api.answers import deadline_s, peak_options, targets_payload, window_extras
 from service.api.deps import RuntimeDep, require_token
 from service.api.schemas import ErrorResponse, UnmixRequest, UnmixResponse
 from service.engine.batcher import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
@@ -126,14 +126,16 @@ async def unmix(body: UnmixRequest, runtime: RuntimeDep, request: Request) -> di
     metrics.windows.labels("rest").inc(len(indices))
     results = []
     n_targets = 0
-    for frame, index, peaks in zip(body.frames, indices, result.peaks, strict=True):
+    for k, (frame, index, peaks) in enumerate(zip(body.frames, indices, result.peaks, strict=True)):
         n_targets += len(peaks)
+        spread, confidence = window_extras(result, k)
         results.append(
             {
                 "frame_index": index,
                 "timestamp": frame.timestamp,
-                "targets": targets_payload(peaks, frame.origin),
+                "targets": targets_payload(peaks, frame.origin, spread),
                 "refined": result.refined,
+                "count_confidence": confidence,
             }
         )
     metrics.targets.labels("rest").inc(n_targets)

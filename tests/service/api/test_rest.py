@@ -117,6 +117,21 @@ def test_calibration_options_reach_the_fit(client, reference_session):
         np.testing.assert_allclose(as_array(res["targets"]), w, rtol=1e-5, atol=1e-4)
 
 
+def test_the_fit_answers_with_uncertainties_and_the_network_without(client):
+    frames = simulate_track(7, seed=4)
+    fit = client.post("/unmix", json=body_of(frames, options={"refine": "fit"})).json()["results"]
+    answered = [r for r in fit if r["count_confidence"] is not None]
+    assert answered, "the fit answered no frame"
+    for res in answered:
+        assert 0.0 < res["count_confidence"] <= 1.0
+        for t in res["targets"]:
+            assert 0.0 < t["sigma_x"] < 0.5 and 0.0 < t["sigma_y"] < 0.5 and -1.0 <= t["rho"] <= 1.0
+            assert 0.0 < t["sigma_brightness"] < t["brightness"]
+    net = client.post("/unmix", json=body_of(frames, options={"refine": "none"})).json()["results"]
+    assert all(r["count_confidence"] is None for r in net)
+    assert all(t["sigma_x"] is None and t["sigma_brightness"] is None for r in net for t in r["targets"])
+
+
 def test_calibration_settings_are_checked_and_named():
     with pytest.raises(ValidationError, match="psf_sigma"):
         Settings(psf_sigma=0.1)

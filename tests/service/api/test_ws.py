@@ -362,3 +362,22 @@ def test_a_recentred_patch_starts_a_new_segment(server):
     body = {"frames": [{"patch": f.tolist(), "origin": a if i < 4 else b} for i, f in enumerate(frames)]}
     r = httpx.post(f"{server.base_url}/unmix", json=body)
     assert [res["targets"] for res in r.json()["results"]] == want
+
+
+def test_fitted_results_carry_the_same_uncertainties_as_rest(server):
+    frames = simulate_track(5, seed=6)
+    fit = {"refine": "fit"}
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            for k, f in enumerate(frames):
+                await ws.send(frame_msg("u", k, f, options=fit))
+            await ws.send(end_msg("u"))
+            return await recv_n(ws, len(frames) + 1)
+
+    got = asyncio.run(main())[:-1]
+    r = httpx.post(server.base_url + "/unmix", json={"frames": [{"patch": f.tolist()} for f in frames], "options": fit})
+    want = r.json()["results"]
+    assert [m["count_confidence"] for m in got] == [w["count_confidence"] for w in want]
+    assert [m["targets"] for m in got] == [w["targets"] for w in want]
+    assert any(m["count_confidence"] is not None and m["targets"][0]["sigma_x"] > 0 for m in got)

@@ -423,3 +423,39 @@ def test_targets_dimmer_than_the_calibration_are_counted_with_brightness_free():
     # held to the calibration, the fit cannot give these targets their brightness
     held = fit_window(frames, start, FitConfig(free_brightness=False))
     assert not held.accepted or held.targets[:, 2].min() >= 200.0
+
+
+def test_uncertainties_are_calibrated_and_the_count_confident():
+    """Normalised errors (fit - truth) / sigma spread about 1 when the truth is drawn as the
+    priors say (brightness from the calibrated prior, starts within the position prior)."""
+    rng = np.random.default_rng(11)
+    z_pos, z_bright = [], []
+    for _ in range(120):
+        k = int(rng.integers(2, 5))
+        angle, dist, centre = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.6), rng.uniform(4.0, 6.0, 2)
+        dirs = np.array([[np.cos(angle + j * np.pi / 2), np.sin(angle + j * np.pi / 2)] for j in range(k)])
+        truth = np.column_stack([centre + dist * dirs, np.clip(rng.normal(235, 20, k), 201, 269)])
+        frames = window(
+            truth, velocity=rng.uniform(-0.05, 0.05, 2), quantize=True, noise=3.0, seed=int(rng.integers(1e9))
+        )
+        start = truth.copy()
+        start[:, :2] += rng.normal(0, 0.1, (k, 2))
+        r = fit_window(frames, start)
+        assert r.accepted and r.uncertainty.shape == (len(r.targets), 4)
+        assert 0.0 < r.count_confidence <= 1.0
+        if r.k_final != k:
+            continue
+        match = np.hypot(*(r.targets[:, None, :2] - truth[None, :, :2]).transpose(2, 0, 1)).argmin(axis=1)
+        if len(set(match)) < k:
+            continue
+        z_pos += list((r.targets[:, :2] - truth[match, :2]).ravel() / r.uncertainty[:, :2].ravel())
+        z_bright += list((r.targets[:, 2] - truth[match, 2]) / r.uncertainty[:, 3])
+    assert len(z_pos) > 400
+    assert 0.8 < np.std(z_pos) < 1.2
+    assert 0.75 < np.std(z_bright) < 1.25
+
+
+def test_a_rejected_fit_has_no_uncertainty():
+    frames = window(DIAMOND, quantize=True)
+    r = fit_window(frames, DIAMOND, FitConfig(max_reduced_chi2=1e-9))  # any misfit is too much
+    assert not r.accepted and r.uncertainty.shape == (0, 4) and np.isnan(r.count_confidence)
