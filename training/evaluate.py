@@ -242,12 +242,14 @@ def score_maps(
     max_targets: int | None = None,
     mode: str = DEFAULT_MODE,
     snr: float | None = None,
+    details: bool = False,
 ) -> tuple[dict, list]:
-    """Targets from precomputed maps and their report; returns (report, detections)."""
+    """Targets from precomputed maps and their report; returns (report, detections), the
+    detections as :class:`service.science.postprocess.Found` with ``details``."""
     t1 = time.perf_counter()
-    dets = detections(maps, threshold, refine, max_targets, frames=split.frames, mode=mode, snr=snr)
+    dets = detections(maps, threshold, refine, max_targets, split.frames, mode, snr, details)
     post = time.perf_counter() - t1
-    report = score(dets, middle_truth(split))
+    report = score([d.targets for d in dets] if details else dets, middle_truth(split))
     report["postprocess_ms_per_window"] = 1000 * post / max(1, len(dets))
     return report, dets
 
@@ -410,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     maps, timing = predict(predictor, split)
     reports = []
     for refine in args.refine:
+        # the detections written are the last mode's, with the fit's uncertainties where it answered
+        details = args.detections is not None and refine == args.refine[-1]
         report, dets = score_maps(
-            maps, split, args.threshold, refine, args.max_targets, args.peak_mode, args.threshold_snr
+            maps, split, args.threshold, refine, args.max_targets, args.peak_mode, args.threshold_snr, details
         )
         report.update(
             timing,
@@ -430,11 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}, indent=2))
-    if args.detections:  # the last mode's, with the fit's uncertainties where it answered
-        found = detections(
-            maps, args.threshold, refine, args.max_targets, split.frames, args.peak_mode, args.threshold_snr, True
-        )
-        save_detections(args.detections, split, found)
+    if args.detections:
+        save_detections(args.detections, split, dets)
+        dets = [d.targets for d in dets]
     if args.plots:
         for path in plot_windows(args.plots, split, maps, dets):
             print(f"wrote {path}")

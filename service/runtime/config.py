@@ -158,9 +158,11 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(30.0, gt=0.0, description="longest wait for in-flight work on shutdown")
 
-    @field_validator("psf_sigma", "saturation", "threshold_snr", mode="before")
+    @field_validator("psf_sigma", "saturation", "threshold_snr", "api_token", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
+        """An empty variable (``CSIST_SATURATION=``) means unset: for ``CSIST_API_TOKEN=``, no auth
+        rather than an empty password."""
         return None if value == "" else value
 
     @field_validator("brightness_range", mode="before")
@@ -174,12 +176,6 @@ class Settings(BaseSettings):
                 raise ValueError(f"must be 'lo,hi' with 0 < lo < hi <= 1e6, got {value}")
             value = (lo, hi)
         return value
-
-    @field_validator("api_token", mode="before")
-    @classmethod
-    def _empty_token_is_none(cls, value):
-        """``CSIST_API_TOKEN=`` (empty) means no auth, not an empty password."""
-        return None if value in ("", None) else value
 
     @field_validator("plan", mode="before")
     @classmethod

@@ -45,20 +45,18 @@ class Found:
         return cls(result.targets[keep], result.uncertainty[keep], result.count_confidence)
 
 
-def snr_thresholds(windows: np.ndarray, snr: float, psf_sigma: float = SIGMA) -> np.ndarray:
-    """Peak thresholds (N,) of windows (N, F, H, W): ``snr`` times the noise of a target's flux.
+def snr_thresholds(noise: np.ndarray, snr: float, psf_sigma: float = SIGMA) -> np.ndarray:
+    """Peak thresholds (N,) of windows whose frames have the pixel noise ``noise`` (N, F) (the
+    robust noise about each frame's background plane, :func:`fit_planes`): ``snr`` times the
+    noise of a target's flux.
 
     The HR map is in brightness (flux) units, so the threshold is ``snr`` x
     :func:`service.science.physics.flux_noise` of the window's pixel noise: the median over its
-    frames of the robust noise about each frame's background plane, at least ``MIN_NOISE``.
+    frames, at least ``MIN_NOISE``.
     """
-    windows = np.asarray(windows, dtype=np.float64)
-    if windows.ndim != 4:
-        raise ValueError(f"windows must be (N, F, H, W), got shape {windows.shape}")
     if not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr}")
-    noise = np.median(fit_planes(windows)[1], axis=1)
-    return snr * flux_noise(np.maximum(noise, MIN_NOISE), psf_sigma)
+    return snr * flux_noise(np.maximum(np.median(noise, axis=1), MIN_NOISE), psf_sigma)
 
 
 def find_targets(
@@ -87,9 +85,14 @@ def find_targets(
     if needs_windows and (windows is None or len(windows) != len(maps)):
         raise ValueError("refine='fit' and snr need the LR window of every map")
     kwargs = {} if mode is None else {"mode": mode}
-    psf = (fit_config or FitConfig()).psf_sigma
-    per_window = None if snr is None else snr_thresholds(windows, snr, psf)
-    floor = threshold if per_window is None else float(per_window.min(initial=threshold))
+    fit_config = fit_config or FitConfig()
+    if needs_windows:  # one batched call: the threshold and the fit share the background planes
+        windows = np.asarray(windows, dtype=np.float64)
+        if windows.ndim != 4:
+            raise ValueError(f"windows must be (N, F, H, W), got shape {windows.shape}")
+        planes, noise = fit_planes(windows)
+    per_window = None if snr is None else snr_thresholds(noise, snr, fit_config.psf_sigma)
+    floor = threshold if per_window is None or not len(per_window) else float(per_window.min())
     peak_refine = "none" if refine == "fit" else refine
     found = _peaks.extract_peaks_batch(
         maps,
@@ -104,7 +107,7 @@ def find_targets(
     if refine != "fit":
         found = [f if max_targets is None else f[:max_targets] for f in found]
         return [Found(f) for f in found] if details else found
-    fits = refine_windows(np.asarray(windows, dtype=np.float64), found, fit_config or FitConfig(), details=True)
+    fits = refine_windows(windows, found, fit_config, details=True, planes=planes)
     if not details:
         return [r.targets if max_targets is None else r.targets[:max_targets] for r in fits]
     return [Found.of_fit(r, max_targets) for r in fits]

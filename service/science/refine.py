@@ -288,6 +288,7 @@ def fit_window(
     peaks: np.ndarray,
     config: FitConfig = FitConfig(),
     times: np.ndarray | None = None,
+    planes: np.ndarray | None = None,
 ) -> FitResult:
     """Refine the middle frame's targets of one window by fitting all its frames.
 
@@ -295,8 +296,10 @@ def fit_window(
     ``peaks``: (K, 3) rows (x, y, brightness) of the middle frame (index F // 2) in LR px, e.g.
     from :func:`service.science.peaks.extract_peaks`. ``times``: when each frame was taken, in frames
     relative to the middle one (default ``-(F//2) .. F//2``, with replicated edge frames
-    detected; see the module docstring). With 0 peaks the (empty) peaks come back with
-    ``accepted`` False.
+    detected; see the module docstring). ``planes``: the frames' background planes (F, 3) of
+    :func:`service.science.background.fit_planes`, where the caller has them. With 0 peaks the
+    fit starts from the frames' brightest spot (:func:`_frame_seed`), and where there is none
+    the empty answer comes back with ``accepted`` False.
     """
     cfg = config
     frames = np.asarray(frames, dtype=np.float64)
@@ -309,7 +312,9 @@ def fit_window(
     if peaks_in.size == 0:
         # nothing above the network's threshold: the frames may still hold a target it did not
         # see (dim, or an unfamiliar shape); start from their brightest spot
-        peaks_in = _frame_seed(frames) if np.isfinite(frames).all() else None
+        if planes is None and np.isfinite(frames).all():
+            planes = fit_planes(frames)[0]
+        peaks_in = _frame_seed(frames, planes) if planes is not None else None
         if peaks_in is None:
             return FitResult(np.zeros((0, 3)), False, 0, 0, float("nan"), (0.0, 0.0), 0, reason="no peaks")
     n_frames = frames.shape[0]
@@ -327,7 +332,7 @@ def fit_window(
     if not (np.isfinite(frames).all() and np.isfinite(peaks_in).all()):
         return reject("non-finite input")
 
-    win = _Window(frames, times, peaks_in, cfg)
+    win = _Window(frames, times, peaks_in, cfg, planes)
     if cfg.fallback and win.noise is not None and win.noise > cfg.max_noise:
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
@@ -434,25 +439,37 @@ def _linear_fit(win: _Window, targets: np.ndarray, v, sigma: float) -> tuple[np.
     return np.column_stack([targets[:, :2], a]), plane
 
 
-def _frame_seed(frames: np.ndarray) -> np.ndarray | None:
-    """One start (1, 3) at the brightest spot of the window's mean frame above its background
-    planes, where that spot stands DEFAULT_SNR sigmas above the mean frame's noise; else None.
-    Position: the centroid of its 3 x 3 pixels; brightness: their sum / 0.6 (3 x 3 pixels hold
-    about 60 % of a PSF's flux)."""
+def _frame_seed(frames: np.ndarray, planes: np.ndarray) -> np.ndarray | None:
+    """One start (1, 3) at the brightest spot (:func:`_spot`) of the window's mean frame above
+    its background ``planes`` (F, 3), where that spot stands DEFAULT_SNR sigmas above the mean
+    frame's noise; else None."""
     n_frames, height, width = frames.shape
-    above = frames - plane_image(np.median(fit_planes(frames)[0], axis=0), height, width)
-    mean = above.mean(axis=0)
-    # the pixels' noise, read as the fit reads it (patches clipped at 0 included)
-    noise = max(estimate_noise(above if np.mean(frames == 0.0) <= 0.1 else frames) or 0.0, 1.0) / math.sqrt(n_frames)
-    r, c = np.unravel_index(int(np.argmax(mean)), mean.shape)
-    if not mean[r, c] > DEFAULT_SNR * noise:
-        return None
+    plane = plane_image(np.median(planes, axis=0), height, width)
+    noise = max(estimate_noise(_above_plane(frames, plane)) or 0.0, 1.0) / math.sqrt(n_frames)
+    x, y, mass, peak = _spot((frames - plane).mean(axis=0), np.arange(height), np.arange(width))
+    return np.array([[x, y, mass / 0.6]]) if peak > DEFAULT_SNR * noise else None
+
+
+def _spot(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[float, float, float, float]:
+    """Where a new target starts in ``image`` (R, C) (pixel centres ``rows``, ``cols``): the
+    centroid (x, y) of the positive part of the 3 x 3 pixels around its maximum, their sum (3 x 3
+    pixels hold about 60 % of a PSF's flux) and the maximum's value."""
+    r, c = np.unravel_index(int(np.argmax(image)), image.shape)
     rs, cs = slice(max(r - 1, 0), r + 2), slice(max(c - 1, 0), c + 2)
-    block = np.maximum(mean[rs, cs], 0.0)
+    block = np.maximum(image[rs, cs], 0.0)
     mass = float(block.sum())
-    x = float(block.sum(axis=0) @ np.arange(width)[cs]) / mass
-    y = float(block.sum(axis=1) @ np.arange(height)[rs]) / mass
-    return np.array([[x, y, mass / 0.6]])
+    if mass > 0:
+        x, y = float(block.sum(axis=0) @ cols[cs]) / mass, float(block.sum(axis=1) @ rows[rs]) / mass
+    else:
+        x, y = float(cols[c]), float(rows[r])
+    return x, y, mass, float(image[r, c])
+
+
+def _above_plane(values: np.ndarray, plane: np.ndarray) -> np.ndarray:
+    """Pixel values less their background plane, for :func:`estimate_noise`; left as they are
+    where more than 10 % of them are exactly 0: a patch clipped at the sensor's floor, whose
+    noise estimate_noise reads from the zeros (and whose plane is 0)."""
+    return values - plane if values.size and np.mean(values == 0.0) <= 0.1 else values
 
 
 def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: float, fits: dict) -> tuple[_Fit, int]:
@@ -537,18 +554,22 @@ def refine_windows(
     config: FitConfig = FitConfig(),
     times: np.ndarray | None = None,
     details: bool = False,
+    planes: np.ndarray | None = None,
 ) -> list:
     """:func:`fit_window` on each window of (N, F, H, W): the refined (K', 3) targets per window
     (with ``details``, the whole :class:`FitResult`s).
 
-    ``times`` is one (F,) array for all windows, or None; see :func:`fit_window`.
+    ``times`` is one (F,) array for all windows, or None; ``planes`` (N, F, 3) the windows'
+    background planes, or None; see :func:`fit_window`.
     """
     windows = np.asarray(windows)
     if windows.ndim != 4:
         raise ValueError(f"windows must be (N, F, H, W), got shape {windows.shape}")
     if len(peaks) != len(windows):
         raise ValueError(f"need one peak array per window: {len(windows)} windows, {len(peaks)} peak arrays")
-    results = [fit_window(w, p, config, times) for w, p in zip(windows, peaks)]
+    if planes is None:
+        planes = [None] * len(windows)
+    results = [fit_window(w, p, config, times, b) for w, p, b in zip(windows, peaks, planes, strict=True)]
     return results if details else [r.targets for r in results]
 
 
@@ -558,7 +579,9 @@ def refine_windows(
 class _Window:
     """One window's data: the fitted crop of the frames, times, saturation mask, noise scale."""
 
-    def __init__(self, frames: np.ndarray, times: np.ndarray, peaks: np.ndarray, cfg: FitConfig):
+    def __init__(
+        self, frames: np.ndarray, times: np.ndarray, peaks: np.ndarray, cfg: FitConfig, planes: np.ndarray | None = None
+    ):
         n_frames, height, width = frames.shape
         self.cfg = cfg
         self.times = times
@@ -579,14 +602,14 @@ class _Window:
         outside = np.ones((height, width), dtype=bool)
         outside[self.r0 : self.r1, self.c0 : self.c1] = False
         basis = plane_basis(height, width).reshape(height, width, 3)
-        self.bg0 = np.median(fit_planes(frames)[0], axis=0) if cfg.background else np.zeros(3)
+        if planes is None and cfg.background:
+            planes = fit_planes(frames)[0]
+        self.bg0 = np.median(planes, axis=0) if cfg.background else np.zeros(3)
         self.n_bg = 3 if cfg.background else 0
         self.bg_basis = np.tile(basis[self.r0 : self.r1, self.c0 : self.c1].reshape(-1, 3), (n_frames, 1))  # (n, 3)
         # the observations less the starting background: what the targets must explain
         self.sig = self.obs - self.bg_basis @ self.bg0
-        far = frames[:, outside]
-        if far.size and np.mean(far == 0.0) <= 0.1:  # clipped at 0 (a dark patch): estimate_noise reads the zeros
-            far = far - basis[outside] @ self.bg0
+        far = _above_plane(frames[:, outside], basis[outside] @ self.bg0)
         self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
         # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
         self.background = float(far.mean()) if far.size >= cfg.min_noise_pixels else None
@@ -1147,21 +1170,13 @@ def _cluster(xy: np.ndarray, weight: np.ndarray, k: int, iterations: int = 8) ->
 def _grow(win: _Window, targets: np.ndarray, k: int, v) -> np.ndarray:
     """``targets`` (m, 3) plus new ones, one at a time, where they leave the most flux unexplained.
 
-    Each new target starts at the centroid of the positive frame-mean residual's maximum
-    (3 x 3 pixels) with the flux found there: 3 x 3 pixels hold about 60 % of a PSF's flux.
+    Each new target starts at the frame-mean residual's brightest spot (:func:`_spot`).
     """
     lo, hi = win.cfg.brightness_range
     start = np.array(targets, dtype=np.float64)
     cols, rows = np.arange(win.c0, win.c1), np.arange(win.r0, win.r1)
     while len(start) < k:
-        res = np.maximum((win.obs - win.model(start, v)).reshape(win.shape).mean(axis=0), 0.0)  # (R, C)
-        r_pk, c_pk = np.unravel_index(int(np.argmax(res)), res.shape)
-        rs, cs = slice(max(r_pk - 1, 0), r_pk + 2), slice(max(c_pk - 1, 0), c_pk + 2)
-        block = res[rs, cs]
-        mass = float(block.sum())
-        if mass > 0:
-            x, y = float(block.sum(axis=0) @ cols[cs]) / mass, float(block.sum(axis=1) @ rows[rs]) / mass
-        else:
-            x, y = float(cols[c_pk]), float(rows[r_pk])
+        res = (win.obs - win.model(start, v)).reshape(win.shape).mean(axis=0)  # (R, C)
+        x, y, mass, _ = _spot(res, rows, cols)
         start = np.vstack([start, [x, y, float(np.clip(mass / 0.6, lo, hi))]])
     return start
