@@ -120,9 +120,11 @@ class FitConfig:
     # fixed: a free sigma trades against close targets' separations and brightness.
     fit_psf: bool = True
     psf_chi2: float = 1.5
-    # Where a fitted target sits at a bound of ``brightness_range``, the window's targets are
-    # dimmer or brighter than the calibration: count and fit again with brightness free (by the
-    # criterion, from the calibrated count down, then up) and keep what the criterion prefers.
+    # Where a fitted target sits at a bound of ``brightness_range``, or the calibrated fit leaves
+    # a misfit (chi2 / dof above ``psf_chi2``, after the PSF was freed), the window's targets are
+    # dimmer or brighter than the calibration (whose flux then allows only wrong counts): count
+    # and fit again with brightness free (by the criterion, from the calibrated count one way,
+    # then the other) and keep what the criterion prefers.
     free_brightness: bool = True
     psf_range: float = 0.4
     psf_prior: float | None = 0.2
@@ -366,9 +368,12 @@ def fit_window(
                 fits[kk] = alt
         best = min(fits.values(), key=lambda f: f.ic)
     lo, hi = cfg.brightness_range
-    if cfg.free_brightness and (best.targets[:, 2].min() <= lo * 1.01 or best.targets[:, 2].max() >= hi * 0.99):
-        # a target pinned at a bound of the calibrated range: this window's targets are dimmer
-        # or brighter than the calibration says, so count and fit them again with brightness free
+    pinned = best.targets[:, 2].min() <= lo * 1.01 or best.targets[:, 2].max() >= hi * 0.99
+    misfit = best.chi2 > cfg.psf_chi2 * max(win.n - best.n_params, 1)
+    if cfg.free_brightness and (pinned or misfit):
+        # a target pinned at a bound of the calibrated range, or a misfit the PSF does not
+        # explain: this window's targets are dimmer or brighter than the calibration says (the
+        # flux then allows only wrong counts), so count and fit again with brightness free
         free, extra = _free_brightness(win, peaks_in, best, v0, scale, fits)
         nfev += extra
         if free.ic < best.ic:
@@ -491,7 +496,9 @@ def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: flo
     top = _fit_count(free, peaks, k0, v0, scale, tried)[0]
     tried[k0] = top
     nfev = top.nfev
-    first = 1 if best.targets[:, 2].max() >= cfg.brightness_range[1] * 0.99 else -1
+    # pinned at the top, or a misfit with none pinned (the calibration is too bright for them):
+    # more, dimmer targets first
+    first = -1 if best.targets[:, 2].min() <= cfg.brightness_range[0] * 1.01 else 1
     for step in (first, -first):
         k = k0 + step
         while 1 <= k <= cfg.max_targets:

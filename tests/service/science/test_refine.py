@@ -425,6 +425,22 @@ def test_targets_dimmer_than_the_calibration_are_counted_with_brightness_free():
     assert not held.accepted or held.targets[:, 2].min() >= 200.0
 
 
+def test_two_dim_targets_whose_flux_looks_like_one_calibrated_target_are_both_found():
+    # 115 + 100 grey levels: the flux allows one target of the calibrated range (200, 270) and no
+    # target is pinned at a bound, but one target cannot fit two spots 1 px apart
+    truth = np.array([[5.0, 5.0, 115.0], [5.9, 5.6, 100.0]])
+    frames = window(truth, quantize=True, noise=1.0, seed=3)
+    start = np.array([[5.45, 5.3, 215.0]])  # one peak between them, as a blurred map gives
+    r = fit_window(frames, start)
+    assert r.accepted, r.reason
+    assert r.k_final == 2
+    assert match_error(r.targets, truth) < 0.1
+    np.testing.assert_allclose(np.sort(r.targets[:, 2]), [100.0, 115.0], rtol=0.1)
+    # held to the calibration, one target leaves a misfit and the fit falls back to the peak
+    held = fit_window(frames, start, FitConfig(free_brightness=False))
+    assert not held.accepted or held.k_final == 1
+
+
 def test_uncertainties_are_calibrated_and_the_count_confident():
     """Normalised errors (fit - truth) / sigma spread about 1 when the truth is drawn as the
     priors say (brightness from the calibrated prior, starts within the position prior)."""
