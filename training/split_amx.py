@@ -33,6 +33,13 @@ checks:
   with the AMX kernel (same threshold and refinement), and with ``--max-map-drop`` the command
   fails, leaving the previous split in place, when bfloat16 loses more than that.
 
+On a host without AMX, ``--float32-check`` cuts the same way and checks the cut with the float32
+direct kernel (and the native float32 DeformConv) in place of the AMX kernels: the cut, every
+kernel against ONNX Runtime's node and the chains, as above, within ``--tolerance``. The
+bfloat16 numbers are then not checked by this command; the service checks every plan's maps
+against the reference maps before it serves it (service/engine/select.py), so an AMX host
+serves the split only where they agree, and the provenance says which check ran.
+
 Only a float32 model's Convs qualify (an int8 model's weights come out of DequantizeLinear).
 """
 
@@ -53,6 +60,7 @@ from training.split_head import (
     SplitError,
     check_graph,
     load_part,
+    onnxruntime_conv,
     relative,
     replace_plan,
     split_graph,
@@ -97,14 +105,21 @@ def split_amx(
     command: str,
     evaluation: dict | None = None,
     max_map_drop: float | None = None,
+    float32_check: bool = False,
 ) -> tuple[AmxSplitSpec, dict]:
     """Split encoder and head of the model folder ``model_path``, check, optionally score, and
-    record the plan ``amx_split`` (manifest) and its checks (provenance); returns both."""
+    record the plan ``amx_split`` (manifest) and its checks (provenance); returns both.
+    ``float32_check``: check with the float32 kernels in place of AMX (module docstring)."""
     from service.kernels import conv
     from service.modelpkg.model import load_model
 
-    if not conv.AMX:
-        raise SplitError(f"the AMX kernel cannot run here, so the split cannot be checked: {conv.WHY_NOT_AMX}")
+    if not conv.AMX and not float32_check:
+        raise SplitError(
+            f"the AMX kernel cannot run here, so the split cannot be checked: {conv.WHY_NOT_AMX} "
+            "(--float32-check checks the cut with the float32 kernels instead)"
+        )
+    if float32_check and evaluation is not None:
+        raise SplitError("--eval-data scores the AMX kernel, which --float32-check does not run")
     package, _ = load_part(model_path, "encoder")
     names = [name for name in ("encoder", "head", "align", "fuse") if name in package.parts]
     splits = {
@@ -126,35 +141,42 @@ def split_amx(
 
     def check(tmp_manifest):
         # each kernel is checked on its own; the service then runs runs of convs as chains
-        model = load_model(
-            tmp_manifest,
-            providers=["CPUExecutionProvider"],
-            conv_kernel="amx",
-            fuse_convs=False,
-            whole_parts=True,
-        )
-        chained = load_model(tmp_manifest, providers=["CPUExecutionProvider"], conv_kernel="amx")
+        if float32_check:
+            model, split, chained = _float32_splits(tmp_manifest)
+        else:
+            model = load_model(
+                tmp_manifest,
+                providers=["CPUExecutionProvider"],
+                conv_kernel="amx",
+                fuse_convs=False,
+                whole_parts=True,
+            )
+            chain_model = load_model(tmp_manifest, providers=["CPUExecutionProvider"], conv_kernel="amx")
+            split = {name: getattr(model, f"split_{name}") for name in splits}
+            chained = {name: getattr(chain_model, f"split_{name}") for name in splits}
         flat = frames.reshape(-1, *frames.shape[2:])
         feats = model.parts["encoder"].run(flat).reshape(*frames.shape[:2], -1)
         inputs = {"encoder": flat, "head": feats}
         if "align" in splits:
             inputs["align"] = pair_inputs(feats)[0]
-            inputs["fuse"] = fuse_inputs(model.split_align.run, feats)
+            inputs["fuse"] = fuse_inputs(split["align"].run, feats)
         diffs = {}
         for name, x in inputs.items():  # keys of parts after the encoder get the part's name
             diffs.update(
                 {
                     k if name == "encoder" or k.endswith(name) else f"{name}_{k}": v
-                    for k, v in check_graph(getattr(model, f"split_{name}"), model.parts[name], x).items()
+                    for k, v in check_graph(split[name], model.parts[name], x).items()
                 }
             )
-        if "align" in splits:  # the service's pair path against the head, both through the AMX kernels
+        if "align" in splits and not float32_check:  # the service's pair path against the head, both through AMX
             diffs["amx_pairs_vs_head"] = relative(
                 pair_maps(model.align, model.fuse, feats), model.split_head.run(feats)
             )
         for name, x in inputs.items():
-            want = getattr(model, f"split_{name}").run(x)
-            diffs[f"chains_vs_steps_{name}"] = relative(getattr(chained, f"split_{name}").run(x), want)
+            if chained is not None:  # the chains are of AMX convs
+                diffs[f"chains_vs_steps_{name}"] = relative(chained[name].run(x), split[name].run(x))
+        # ONNX Runtime's Conv in place of AMX, against itself, says nothing
+        diffs = {k: v for k, v in diffs.items() if "onnxruntime_conv_kernel_vs" not in k}
         for key in diffs:
             limit = bf16_tolerance if "amx_" in key else (None if "split_vs" in key else tolerance)
             if limit is not None and not diffs[key] <= limit:
@@ -165,6 +187,12 @@ def split_amx(
             "tolerance_relative": tolerance,
             "bf16_tolerance_relative": bf16_tolerance,
         }
+        if float32_check:
+            result["kernels"] = (
+                f"float32 in place of AMX (no AMX here: {conv.WHY_NOT_AMX}): ONNX Runtime's Conv node, the "
+                "native float32 DeformConv; the service checks the bfloat16 maps against the reference maps "
+                "before it serves the plan"
+            )
         if evaluation is not None:
             acc = evaluate_kernels(tmp_manifest, **evaluation)
             result["accuracy"] = acc
@@ -175,6 +203,68 @@ def split_amx(
 
     record = {"command": command, "date": date}
     return replace_plan(package, AMX_SPLIT, list(splits.values()), entry, check, record)
+
+
+class _OnnxruntimeConv:
+    """A Conv step of the split computed by ONNX Runtime's float32 node (with the attributes
+    ``check_graph`` reads), where the AMX kernel cannot run."""
+
+    kernel = "onnxruntime"
+
+    def __init__(self, weight, bias, activation, clip, residual):
+        self.weight, self.bias, self.activation, self.clip, self.residual = weight, bias, activation, clip, residual
+        self.run = onnxruntime_conv(weight, bias, activation, clip, residual)
+
+    def __call__(self, *xs):
+        return self.run(*xs)
+
+
+def _float32_splits(manifest: Path):
+    """The model of ``manifest`` with its parts whole (ONNX Runtime), and its AMX split with float32
+    kernels in place of the AMX ones: ONNX Runtime's Conv node, the native float32 DeformConv
+    (the direct Conv and the selective attention as the service runs them)."""
+    import onnxruntime as ort
+
+    from service.kernels import attention, conv, deform
+    from service.modelpkg.manifest import load_package
+    from service.modelpkg.model import ATTENTION_WEIGHTS, SplitGraph, Step, load_model
+
+    model = load_model(
+        manifest,
+        providers=["CPUExecutionProvider"],
+        deform_kernel="onnxruntime",
+        conv_kernel="onnxruntime",
+        whole_parts=True,
+    )
+    card = load_package(manifest)
+    split = {}
+    for name in ("encoder", "head", "align", "fuse"):
+        spec = getattr(card.amx_split, name)
+        if spec is None:
+            continue
+        sessions = [
+            None
+            if seg is None
+            else ort.InferenceSession(str(card.directory / seg.file), providers=["CPUExecutionProvider"])
+            for seg in spec.segments
+        ]
+        with np.load(card.directory / spec.weights.file, allow_pickle=False) as arrays:
+            w = {key: arrays[key] for key in arrays.files}
+        steps = []
+        for st in spec.steps:
+            if st.op == "Attention":
+                kernel = attention.SelectiveAttention(
+                    w[st.weight], w[st.bias], *(w[st.extra[k]] for k in ATTENTION_WEIGHTS)
+                )
+            elif st.op == "DeformConv":
+                kernel = deform.DeformConv3x3(w[st.weight], w[st.bias], 0, "native")
+            elif st.kernel == "direct":
+                kernel = conv.Conv3x3(w[st.weight], w[st.bias], "direct", st.activation, st.clip, 1, st.residual)
+            else:
+                kernel = _OnnxruntimeConv(w[st.weight], w[st.bias], st.activation, st.clip, st.residual)
+            steps.append(Step(st.op, tuple(st.inputs), st.output, kernel))
+        split[name] = SplitGraph(name, sessions, steps, spec.input, spec.output)
+    return model, split, None
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -217,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --eval-data: fail (keeping the previous split) if CSO-mAP drops more than this",
     )
     p.add_argument("--threads", type=int, default=0, help="threads for the evaluation (0: one per core)")
+    p.add_argument(
+        "--float32-check",
+        action="store_true",
+        help="on a host without AMX: check the cut with the float32 kernels in place of AMX (the service "
+        "checks the bfloat16 maps before it serves the plan)",
+    )
     return p
 
 
@@ -245,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             command,
             evaluation,
             args.max_map_drop,
+            args.float32_check,
         )
     except (SplitError, ModelError, PackageError, FileNotFoundError) as exc:
         raise SystemExit(f"csist split-amx: error: {exc}") from None

@@ -14,15 +14,15 @@ from service.modelpkg.model import ModelError, load_model
 from tests.service.tiny_derefnet import tiny_model_path
 from training import export, split_amx
 
-pytestmark = [
-    pytest.mark.skipif(not conv.AMX, reason=f"no AMX here: {conv.WHY_NOT_AMX}"),
-    pytest.mark.skipif(not deform.AVAILABLE, reason="service.kernels._deform is not built"),
-]
+pytestmark = pytest.mark.skipif(not deform.AVAILABLE, reason="service.kernels._deform is not built")
+needs_amx = pytest.mark.skipif(not conv.AMX, reason=f"no AMX here: {conv.WHY_NOT_AMX}")
 
 
 @pytest.fixture(scope="module")
 def split_model(tmp_path_factory):
     """The 32-channel tiny model, split for AMX once (in its own folder copy)."""
+    if not conv.AMX:
+        pytest.skip(f"no AMX here: {conv.WHY_NOT_AMX}")
     src = tiny_model_path(tmp_path_factory, channels=32)
     model = tmp_path_factory.mktemp("amx") / src.name
     shutil.copytree(src, model)
@@ -218,6 +218,7 @@ def test_attention_is_left_to_onnx_runtime_unless_it_is_exactly_the_kernels(spli
     assert [s["kernel"] for s in steps if s["op"] == "Conv"].count("direct") == 6  # with the 2 -> 2 conv
 
 
+@needs_amx
 def test_a_model_without_amx_convolutions_is_refused(tmp_path_factory, capsys):
     small = tiny_model_path(tmp_path_factory)  # 4 channels: nothing for the AMX kernel
     with pytest.raises(SystemExit, match="no Conv the AMX kernel computes"):
@@ -243,3 +244,36 @@ def test_the_heads_halves_are_split_too_and_their_pairs_give_the_heads_numbers(s
     assert model.has_pairs and model.split_align is not None and model.split_fuse is not None
     feats = model.encode(export.sample_windows(5, seed=13).reshape(-1, 11, 11)).reshape(5, 5, -1)
     np.testing.assert_array_equal(export.pair_maps(model.align, model.fuse, feats), model.head(feats))
+
+
+def test_float32_check_cuts_as_the_amx_split_does_on_any_host(tmp_path_factory):
+    """Without AMX the split is cut the same way and the cut checked with float32 kernels in place
+    of the AMX ones; the provenance says so, and an AMX host would make the same files."""
+    src = tiny_model_path(tmp_path_factory, channels=32)
+    model = tmp_path_factory.mktemp("f32") / src.name
+    shutil.copytree(src, model)
+    if not conv.AMX:
+        with pytest.raises(SystemExit, match="--float32-check"):
+            split_amx.main(["--model", str(model), "--parity-windows", "2"])
+    with pytest.raises(SystemExit, match="--eval-data"):
+        split_amx.main(["--model", str(model), "--float32-check", "--eval-data", str(model)])
+    assert load_package(model).amx_split is None  # a refused split writes nothing
+    assert split_amx.main(["--model", str(model), "--parity-windows", "2", "--float32-check"]) == 0
+    package = load_package(model)
+    record = package.provenance.plans["amx_split"]["check"]
+    assert "float32 in place of AMX" in record["kernels"]
+    diffs = record["relative_diff"]
+    for part in ("encoder", "head", "align", "fuse"):
+        assert diffs[f"segments_vs_{part}"] <= 1e-4 and diffs[f"split_vs_{part}"] <= 1e-4
+    assert diffs["direct_conv_kernel_vs_onnxruntime"] <= 1e-4 and diffs["head_deform_kernel_vs_onnxruntime"] <= 1e-4
+    assert not any("amx_" in k or "onnxruntime_conv_kernel" in k for k in diffs)
+    steps = package.amx_split.encoder.steps
+    assert any(s.kernel == "amx" for s in steps)  # the plan is the AMX one, for an AMX host to serve
+    if conv.AMX:
+        checked = tmp_path_factory.mktemp("amx2") / src.name
+        shutil.copytree(src, checked)
+        assert split_amx.main(["--model", str(checked), "--parity-windows", "2"]) == 0
+        assert load_package(checked).amx_split == package.amx_split
+    else:
+        served = load_model(model)
+        assert served.conv_kernel != "amx"  # this host serves without it
