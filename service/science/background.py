@@ -20,16 +20,24 @@ background is at or below the sensor's floor) and given the plane 0.
 Each frame gets its own plane, so that a frame's conditioned copy does not depend on the other
 frames of its window: the service encodes each streamed frame once and reuses its features in
 the five windows that hold it.
+
+Stuck pixels (:func:`defects`): a hot pixel is a bright spot, and the fit would take it for a
+target, or start a missed target there; a dead one pulls the plane and the targets next to it.
+Both stay where they are, so they are found over a window's frames, never in one frame alone
+(where a narrow, dim target could pass for a hot pixel), and the fit leaves them out.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from service.science.physics import pixel_fractions
+
 ITERATIONS = 8
 CLIP_Z = 3.0  # pixels this many noise sigmas above the plane count as signal, not background
 MAD_TO_SIGMA = 1.4826
 DARK_SHARE = 0.25  # a frame with more of its pixels at exactly 0 was clipped at the sensor's floor
+DEFECT_Z = 5.0  # a stuck pixel stands this many noise sigmas off its frame's plane, in every frame
 
 
 def plane_basis(height: int, width: int) -> np.ndarray:
@@ -93,3 +101,34 @@ def condition(frames: np.ndarray) -> np.ndarray:
     coef, _ = fit_planes(frames)
     out = frames - plane_image(coef, h, w)
     return np.maximum(out, 0.0, out=out).astype(np.float32)
+
+
+def defects(frames: np.ndarray, coef: np.ndarray, sigma: np.ndarray, min_psf_sigma: float) -> np.ndarray:
+    """Stuck pixels of windows (..., F, H, W), given their frames' planes ``coef`` (..., F, 3) and
+    noise ``sigma`` (..., F) (:func:`fit_planes`): bool (..., H, W), True where a pixel is, in
+    every frame of its window, either
+
+    - dead: ``DEFECT_Z`` sigmas below the plane (a target never darkens a pixel), or
+    - hot: ``DEFECT_Z`` sigmas above the plane, with its four neighbours (the ones inside the
+      patch and not dead, scaled up to four) summing to less than half of
+      what a PSF of ``min_psf_sigma`` (the narrowest the fit allows) centred on the pixel puts
+      there: light through optics is never confined to one pixel.
+
+    Sigma is floored at 1 grey level (8-bit rounding, noise-free frames).
+    """
+    frames = np.asarray(frames, dtype=np.float64)
+    if frames.ndim < 3:
+        raise ValueError(f"frames must be (..., F, H, W), got shape {frames.shape}")
+    h, w = frames.shape[-2:]
+    r = frames - plane_image(coef, h, w)
+    s = np.maximum(np.asarray(sigma, dtype=np.float64), 1.0)[..., None, None]
+    dead = r < -DEFECT_Z * s
+    # a dead neighbour is left out: next to a target, it must not make the target look hot
+    pad = np.pad(np.where(dead, np.nan, r), [(0, 0)] * (r.ndim - 2) + [(1, 1), (1, 1)], constant_values=np.nan)
+    near = np.stack([pad[..., :-2, 1:-1], pad[..., 2:, 1:-1], pad[..., 1:-1, :-2], pad[..., 1:-1, 2:]])
+    inside = np.isfinite(near).sum(axis=0)
+    neighbours = np.nansum(near, axis=0) * 4.0 / np.maximum(inside, 1)
+    edge, centre = pixel_fractions(np.array([1.0]), 3, min_psf_sigma)[0, :2]
+    share = 0.5 * 4.0 * edge / centre  # 4-neighbour sum / centre pixel of a centred PSF, halved
+    hot = (r > DEFECT_Z * s) & (neighbours < share * r)
+    return np.all(hot | dead, axis=-3)

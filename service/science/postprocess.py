@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.science import peaks as _peaks
-from service.science.background import fit_planes
+from service.science.background import defects, fit_planes
 from service.science.physics import DEFAULT_SNR, SIGMA, flux_noise
 from service.science.refine import FitConfig, FitResult, refine_windows
 
@@ -107,7 +107,8 @@ def find_targets(
     if refine != "fit":
         found = [f if max_targets is None else f[:max_targets] for f in found]
         return [Found(f) for f in found] if details else found
-    fits = refine_windows(windows, found, fit_config, details=True, planes=planes)
+    stuck = defects(windows, planes, noise, fit_config.psf_sigma * (1.0 - fit_config.psf_range))
+    fits = refine_windows(windows, found, fit_config, details=True, planes=planes, stuck=stuck)
     if not details:
         return [r.targets if max_targets is None else r.targets[:max_targets] for r in fits]
     return [Found.of_fit(r, max_targets) for r in fits]

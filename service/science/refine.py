@@ -92,7 +92,7 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.special import ndtri
 
-from service.science.background import fit_planes, plane_basis, plane_image
+from service.science.background import defects, fit_planes, plane_basis, plane_image
 from service.science.physics import (
     DEFAULT_SNR,
     SIGMA,
@@ -291,6 +291,7 @@ def fit_window(
     config: FitConfig = FitConfig(),
     times: np.ndarray | None = None,
     planes: np.ndarray | None = None,
+    stuck: np.ndarray | None = None,
 ) -> FitResult:
     """Refine the middle frame's targets of one window by fitting all its frames.
 
@@ -299,9 +300,11 @@ def fit_window(
     from :func:`service.science.peaks.extract_peaks`. ``times``: when each frame was taken, in frames
     relative to the middle one (default ``-(F//2) .. F//2``, with replicated edge frames
     detected; see the module docstring). ``planes``: the frames' background planes (F, 3) of
-    :func:`service.science.background.fit_planes`, where the caller has them. With 0 peaks the
-    fit starts from the frames' brightest spot (:func:`_frame_seed`), and where there is none
-    the empty answer comes back with ``accepted`` False.
+    :func:`service.science.background.fit_planes`, where the caller has them, and ``stuck`` (H, W)
+    the window's stuck pixels (:func:`service.science.background.defects`; found here when
+    ``planes`` is None), which the fit leaves out. With 0 peaks the fit starts from the frames'
+    brightest spot (:func:`_frame_seed`), and where there is none the empty answer comes back
+    with ``accepted`` False.
     """
     cfg = config
     frames = np.asarray(frames, dtype=np.float64)
@@ -311,11 +314,19 @@ def fit_window(
     if peaks_in.size != 0 and (peaks_in.ndim != 2 or peaks_in.shape[1] != 3):
         raise ValueError(f"peaks must have shape (K, 3), got {peaks_in.shape}")
     network = peaks_in.reshape(-1, 3)  # the answer kept where the fit is not better
+    if planes is None and np.isfinite(frames).all():
+        planes, noise = fit_planes(frames)
+        if stuck is None:
+            stuck = defects(frames, planes, noise, cfg.psf_sigma * (1.0 - cfg.psf_range))
+    if stuck is not None and stuck.any() and planes is not None:
+        # a stuck pixel reads as its frame's background: no flux, seed or centroid comes from
+        # it, and the fit leaves it out (_Window)
+        frames = np.where(stuck, plane_image(planes, *frames.shape[1:]), frames)
+    else:
+        stuck = None
     if peaks_in.size == 0:
         # nothing above the network's threshold: the frames may still hold a target it did not
         # see (dim, or an unfamiliar shape); start from their brightest spot
-        if planes is None and np.isfinite(frames).all():
-            planes = fit_planes(frames)[0]
         peaks_in = _frame_seed(frames, planes) if planes is not None else None
         if peaks_in is None:
             return FitResult(np.zeros((0, 3)), False, 0, 0, float("nan"), (0.0, 0.0), 0, reason="no peaks")
@@ -334,7 +345,7 @@ def fit_window(
     if not (np.isfinite(frames).all() and np.isfinite(peaks_in).all()):
         return reject("non-finite input")
 
-    win = _Window(frames, times, peaks_in, cfg, planes)
+    win = _Window(frames, times, peaks_in, cfg, planes, stuck)
     if cfg.fallback and win.noise is not None and win.noise > cfg.max_noise:
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
@@ -357,25 +368,28 @@ def fit_window(
         if best is None or fit.ic < best.ic:
             best = fit
         k += 1
-    if cfg.fit_psf and best.chi2 > cfg.psf_chi2 * max(win.n - best.n_params, 1):
+
+    def misfit(f: _Fit) -> bool:
+        return f.chi2 > cfg.psf_chi2 * max(win.n_data - f.n_params, 1)
+
+    if cfg.fit_psf and misfit(best):
         # the calibrated PSF leaves a misfit: the best count and its neighbours again with sigma
         # free (the flux, which sets the count, does not depend on sigma), kept where better
-        kb = len(best.targets)
-        for kk, f in [(kk, f) for kk, f in fits.items() if abs(kk - kb) <= 1]:
-            alt = _fit(win, f.targets, f.velocity, f.anchors, f.has_prior, scale, 0, f.background, free_sigma=True)
-            nfev += alt.nfev
-            if alt.ic < f.ic:
-                fits[kk] = alt
+        nfev += _free_psf(win, fits, len(best.targets), scale)
         best = min(fits.values(), key=lambda f: f.ic)
     lo, hi = cfg.brightness_range
     pinned = best.targets[:, 2].min() <= lo * 1.01 or best.targets[:, 2].max() >= hi * 0.99
-    misfit = best.chi2 > cfg.psf_chi2 * max(win.n - best.n_params, 1)
-    if cfg.free_brightness and (pinned or misfit):
+    if cfg.free_brightness and (pinned or misfit(best)):
         # a target pinned at a bound of the calibrated range, or a misfit the PSF does not
         # explain: this window's targets are dimmer or brighter than the calibration says (the
-        # flux then allows only wrong counts), so count and fit again with brightness free
-        free, extra = _free_brightness(win, peaks_in, best, v0, scale, fits)
+        # flux then allows only wrong counts), so count and fit again with brightness free; and
+        # where that still misfits past what the fallback accepts, with the PSF sigma free too
+        # (both can be off at once; a milder misfit is not worth the freedom)
+        free, extra, tried, free_win = _free_brightness(win, peaks_in, best, v0, scale)
         nfev += extra
+        if cfg.fit_psf and free.chi2 > cfg.max_reduced_chi2 * max(win.n_data - free.n_params, 1):
+            nfev += _free_psf(free_win, tried, len(free.targets), scale)
+            free = min(tried.values(), key=lambda f: f.ic)
         if free.ic < best.ic:
             best = free
     ics: dict = {k: f.ic for k, f in fits.items()}
@@ -383,7 +397,7 @@ def fit_window(
     if not (np.isfinite(best.targets).all() and math.isfinite(best.chi2)):
         return reject("fit not finite", nfev, s=scale, ics=ics)
     if cfg.fallback:
-        reduced = best.chi2 / max(win.n - best.n_params, 1)
+        reduced = best.chi2 / max(win.n_data - best.n_params, 1)
         if reduced > cfg.max_reduced_chi2:
             return reject(
                 f"reduced chi2 {reduced:.3g} > {cfg.max_reduced_chi2}", nfev, best.chi2, best.velocity, scale, ics
@@ -394,7 +408,7 @@ def fit_window(
         net, bg_net = _linear_fit(win, network, best.velocity, best.psf_sigma)
         r_net = win.data_residuals(win.model(net, best.velocity, bg_net, best.psf_sigma)) / scale
         others = best.n_params - 3 * len(best.targets)  # velocity, background, sigma if fitted
-        ics["network"] = _criterion(float(r_net @ r_net), 3 * len(net) + others, win.n, cfg.criterion)
+        ics["network"] = _criterion(float(r_net @ r_net), 3 * len(net) + others, win.n_data, cfg.criterion)
         if not best.ic < ics["network"]:
             return reject(
                 "the fit does not explain the frames better than the peaks", nfev, best.chi2, best.velocity, scale, ics
@@ -427,7 +441,7 @@ def _linear_fit(win: _Window, targets: np.ndarray, v, sigma: float) -> tuple[np.
     """Targets (K, 3) at fixed positions with their brightness, and the background plane, by one
     linear least-squares solve (saturated pixels left out; brightness clipped to the calibrated
     range, the plane then solved again for it)."""
-    keep = ~win.sat
+    keep = win.usable
     fx, fy = win.fractions(targets[:, 0], targets[:, 1], v, sigma)
     cols = np.einsum("fkr,fkc->frck", fy, fx).reshape(win.n, -1)  # (n, K)
     basis = win.bg_basis[:, : win.n_bg]
@@ -477,12 +491,13 @@ def _above_plane(values: np.ndarray, plane: np.ndarray) -> np.ndarray:
     return values - plane if values.size and np.mean(values == 0.0) <= 0.1 else values
 
 
-def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: float, fits: dict) -> tuple[_Fit, int]:
+def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: float) -> tuple[_Fit, int, dict, _Window]:
     """The best fit with brightness free of the calibrated range and prior: from ``best``'s count,
     one target more or fewer at a time while the criterion falls. The flux is fixed, so targets
     pinned at the range's top mean more, dimmer targets: that direction is tried first, the
     other only if the first step does not help. Brightness stays above a 5-sigma flux (any
-    dimmer target is noise) and below 4x the range's top."""
+    dimmer target is noise) and below 4x the range's top. Returns the best fit, the residual
+    evaluations, every count's fit and the window with brightness free."""
     cfg = win.cfg
     floor = float(DEFAULT_SNR * flux_noise(max(scale, 1.0), cfg.psf_sigma))
     hi = max(4.0 * cfg.brightness_range[1], 2.0 * floor)
@@ -492,7 +507,7 @@ def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: flo
     tried: dict[int, _Fit] = {}
     if not cfg.try_counts:  # the count is given: brightness alone is freed
         top = _fit_count(free, peaks, k0, v0, scale, tried)[0]
-        return top, top.nfev
+        return top, top.nfev, {k0: top}, free
     top = _fit_count(free, peaks, k0, v0, scale, tried)[0]
     tried[k0] = top
     nfev = top.nfev
@@ -511,7 +526,19 @@ def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: flo
             k += step
         if len(top.targets) != k0:
             break  # the first direction helped: the other will not
-    return top, nfev
+    return top, nfev, tried, free
+
+
+def _free_psf(win: _Window, fits: dict, k: int, scale: float) -> int:
+    """Count ``k`` and its neighbours of ``fits`` fitted again with the PSF sigma free, each kept
+    where the criterion prefers it (in place); returns the residual evaluations."""
+    nfev = 0
+    for kk, f in [(kk, f) for kk, f in fits.items() if abs(kk - k) <= 1 and not f.problem.n_psf]:
+        alt = _fit(win, f.targets, f.velocity, f.anchors, f.has_prior, scale, 0, f.background, free_sigma=True)
+        nfev += alt.nfev
+        if alt.ic < f.ic:
+            fits[kk] = alt
+    return nfev
 
 
 def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: dict) -> tuple[_Fit, float]:
@@ -521,11 +548,11 @@ def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: 
     start, has_prior = _start(win, peaks, k, v0)
     fit = _fit(win, start, v0, start[:, :2], has_prior, scale)
     if win.scale is None:  # too few far pixels: noise from this fit's residuals, then refit
-        dof = max(win.n - fit.n_params, 1)
+        dof = max(win.n_data - fit.n_params, 1)
         scale = max(math.sqrt(float(fit.residual @ fit.residual) / dof), 1e-3)
         fit = _fit(win, fit.targets, fit.velocity, fit.anchors, fit.has_prior, scale, fit.nfev, fit.background)
         win.scale = scale
-    if fit.chi2 > cfg.retry_chi2 * max(win.n - fit.n_params, 1):
+    if fit.chi2 > cfg.retry_chi2 * max(win.n_data - fit.n_params, 1):
         # a poor fit, likely a local minimum: start again elsewhere, keep the better
         alt = _retry(win, peaks, k, v0, fits.get(k - 1), scale)
         if alt is not None:
@@ -562,12 +589,13 @@ def refine_windows(
     times: np.ndarray | None = None,
     details: bool = False,
     planes: np.ndarray | None = None,
+    stuck: np.ndarray | None = None,
 ) -> list:
     """:func:`fit_window` on each window of (N, F, H, W): the refined (K', 3) targets per window
     (with ``details``, the whole :class:`FitResult`s).
 
     ``times`` is one (F,) array for all windows, or None; ``planes`` (N, F, 3) the windows'
-    background planes, or None; see :func:`fit_window`.
+    background planes and ``stuck`` (N, H, W) their stuck pixels, or None; see :func:`fit_window`.
     """
     windows = np.asarray(windows)
     if windows.ndim != 4:
@@ -576,7 +604,9 @@ def refine_windows(
         raise ValueError(f"need one peak array per window: {len(windows)} windows, {len(peaks)} peak arrays")
     if planes is None:
         planes = [None] * len(windows)
-    results = [fit_window(w, p, config, times, b) for w, p, b in zip(windows, peaks, planes, strict=True)]
+    if stuck is None:
+        stuck = [None] * len(windows)
+    results = [fit_window(w, p, config, times, b, d) for w, p, b, d in zip(windows, peaks, planes, stuck, strict=True)]
     return results if details else [r.targets for r in results]
 
 
@@ -587,7 +617,13 @@ class _Window:
     """One window's data: the fitted crop of the frames, times, saturation mask, noise scale."""
 
     def __init__(
-        self, frames: np.ndarray, times: np.ndarray, peaks: np.ndarray, cfg: FitConfig, planes: np.ndarray | None = None
+        self,
+        frames: np.ndarray,
+        times: np.ndarray,
+        peaks: np.ndarray,
+        cfg: FitConfig,
+        planes: np.ndarray | None = None,
+        stuck: np.ndarray | None = None,
     ):
         n_frames, height, width = frames.shape
         self.cfg = cfg
@@ -605,9 +641,21 @@ class _Window:
         self.n = self.obs.size
         self.t_pix = np.repeat(times, crop[0].size)  # the time of every fitted pixel
         self.sat = self.obs >= cfg.saturation if cfg.saturation is not None else np.zeros(self.n, dtype=bool)
+        # stuck pixels: no residual, no Jacobian row, not counted as data
+        self.stuck = (
+            np.zeros(self.n, dtype=bool)
+            if stuck is None
+            else np.tile(stuck[self.r0 : self.r1, self.c0 : self.c1].ravel(), n_frames)
+        )
+        self.sat &= ~self.stuck
         self.any_sat = bool(self.sat.any())
+        self.any_stuck = bool(self.stuck.any())
+        self.n_data = self.n - int(self.stuck.sum())
+        self.usable = ~(self.sat | self.stuck)  # pixels the linear solves use
         outside = np.ones((height, width), dtype=bool)
         outside[self.r0 : self.r1, self.c0 : self.c1] = False
+        if stuck is not None:
+            outside &= ~stuck
         basis = plane_basis(height, width).reshape(height, width, 3)
         if planes is None and cfg.background:
             planes = fit_planes(frames)[0]
@@ -662,6 +710,8 @@ class _Window:
         r = model - self.obs
         if self.any_sat:
             r[self.sat] = np.minimum(r[self.sat], 0.0)
+        if self.any_stuck:
+            r[self.stuck] = 0.0
         return r
 
     def unit_columns(self, xy: np.ndarray, v) -> np.ndarray:
@@ -785,6 +835,8 @@ class _Problem:
         jac[:n] /= self.scale
         if win.any_sat:
             jac[:n][win.sat & (model >= win.obs)] = 0.0
+        if win.any_stuck:
+            jac[:n][win.stuck] = 0.0
         jac[n + np.arange(self.prior_cols.size), self.prior_cols] = self.prior_w
         return jac
 
@@ -982,7 +1034,7 @@ def _fit(
         targets=targets,
         velocity=v,
         chi2=chi2,
-        ic=_criterion(chi2, prob.n_params, win.n, cfg.criterion),
+        ic=_criterion(chi2, prob.n_params, win.n_data, cfg.criterion),
         n_params=prob.n_params,
         nfev=nfev + nfev0,
         anchors=anchors,
@@ -1032,7 +1084,7 @@ def _linear_brightness(win: _Window, xy: np.ndarray, v, fallback: np.ndarray) ->
     """
     lo, hi = win.cfg.brightness_range
     cols = win.unit_columns(xy, v)
-    keep = ~win.sat
+    keep = win.usable
     try:
         a = np.linalg.lstsq(cols[keep], win.sig[keep], rcond=1e-6)[0]
     except np.linalg.LinAlgError:
@@ -1104,7 +1156,7 @@ def _may_grow(win: _Window, fit: _Fit) -> bool:
     (it may be two). The gate skips the try where it cannot change the answer, which is most
     windows of clean data."""
     hi = win.cfg.brightness_range[1]
-    dof = max(win.n - fit.n_params, 1)
+    dof = max(win.n_data - fit.n_params, 1)
     return bool(fit.targets[:, 2].max() >= hi - 1e-3 * hi or fit.chi2 > win.cfg.grow_chi2 * dof)
 
 
@@ -1133,7 +1185,7 @@ def _best_subset(win: _Window, peaks: np.ndarray, k: int, v, max_subsets: int = 
     c = len(peaks)
     if math.comb(c, k) > max_subsets:
         return None
-    keep = ~win.sat
+    keep = win.usable
     a_mat = win.unit_columns(peaks[:, :2], v)[keep]
     y = win.sig[keep]
     gram, rhs = a_mat.T @ a_mat, a_mat.T @ y

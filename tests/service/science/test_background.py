@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.science import physics
-from service.science.background import condition, fit_planes, plane_image
+from service.science.background import condition, defects, fit_planes, plane_image
 
 GROUP = np.array([[5.3, 4.9, 160.0], [4.7, 5.0, 150.0], [5.0, 5.3, 155.0]])
 
@@ -54,3 +54,39 @@ def test_condition_removes_the_background_frame_by_frame():
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="H, W"):
         fit_planes(np.zeros(11))
+
+
+def stuck_frames(sigma_psf: float, brightness: float, seed: int = 0) -> np.ndarray:
+    """5 frames on a 20-grey-level pedestal, noise 2: two moving targets (one right next to a
+    dead pixel), a hot pixel at (1, 9), a dead one at (8, 2), a pixel hot in two frames only
+    at (9, 9)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(5):
+        targets = np.array([[5.0 + 0.05 * t, 5.0, brightness], [2.0, 7.0 + 0.04 * t, brightness]])
+        img = physics.pixel_response(targets, sigma=sigma_psf) + 20.0 + rng.normal(0.0, 2.0, (11, 11))
+        img[1, 9], img[8, 2] = 200.0, 0.0
+        if t < 2:
+            img[9, 9] = 200.0
+        out.append(physics.quantize(img))
+    return np.stack(out).astype(float)
+
+
+@pytest.mark.parametrize("sigma_psf", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("brightness", [30.0, 250.0])
+def test_stuck_pixels_are_found_and_targets_are_not(sigma_psf, brightness):
+    frames = stuck_frames(sigma_psf, brightness)
+    coef, sigma = fit_planes(frames)
+    found = defects(frames, coef, sigma, min_psf_sigma=0.3)
+    assert found.shape == (11, 11)
+    assert {tuple(int(v) for v in p) for p in np.argwhere(found)} == {(1, 9), (8, 2)}
+    # batched over windows, the same
+    np.testing.assert_array_equal(defects(frames[None], coef[None], sigma[None], 0.3)[0], found)
+
+
+def test_a_pixel_stuck_in_one_frame_is_not_a_defect():
+    frames = stuck_frames(0.5, 200.0)
+    frames[:, 1, 9] = frames[:, 0, 9]  # the hot pixel is gone...
+    frames[2, 1, 9] = 200.0  # ...but for one frame
+    coef, sigma = fit_planes(frames)
+    assert not defects(frames, coef, sigma, 0.3)[1, 9]

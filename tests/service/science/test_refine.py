@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from service.science import physics
+from service.science.background import fit_planes
 from service.science.refine import (
     FitConfig,
     FitResult,
@@ -439,6 +440,30 @@ def test_two_dim_targets_whose_flux_looks_like_one_calibrated_target_are_both_fo
     # held to the calibration, one target leaves a misfit and the fit falls back to the peak
     held = fit_window(frames, start, FitConfig(free_brightness=False))
     assert not held.accepted or held.k_final == 1
+
+
+def test_a_hot_pixel_is_left_out_and_a_narrow_dim_pair_is_found_without_peaks():
+    # a field patch the network saw nothing in: two dim targets 0.6 px apart under a PSF of 0.35
+    # (brightness and PSF both off the calibration) on a pedestal, and a hot pixel brighter
+    # than either of them in the corner
+    truth = np.array([[5.04, 2.22, 87.0], [5.08, 1.61, 81.0]])
+    rng = np.random.default_rng(5)
+    frames = []
+    for t in TIMES:
+        img = physics.pixel_response(truth + [0.0, -0.05 * t, 0.0], sigma=0.35) + 127.0
+        img = physics.quantize(img + rng.normal(0.0, 1.5, img.shape))
+        img[10, 0] = 234.0
+        frames.append(img)
+    frames = np.stack(frames).astype(float)
+    r = fit_window(frames, np.zeros((0, 3)))
+    assert r.accepted, r.reason
+    assert r.k_final == 2
+    assert match_error(r.targets, truth) < 0.1
+    assert r.psf_sigma == pytest.approx(0.35, abs=0.07)
+    # with the hot pixel taken for data, the fit starts there instead
+    planes = fit_planes(frames)[0]
+    blind = fit_window(frames, np.zeros((0, 3)), planes=planes, stuck=np.zeros((11, 11), dtype=bool))
+    assert not blind.accepted or np.hypot(*(blind.targets[0, :2] - [0.0, 10.0])) < 1.0
 
 
 def test_uncertainties_are_calibrated_and_the_count_confident():
