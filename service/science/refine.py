@@ -508,7 +508,8 @@ def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: flo
     if not cfg.try_counts:  # the count is given: brightness alone is freed
         top = _fit_count(free, peaks, k0, v0, scale, tried)[0]
         return top, top.nfev, {k0: top}, free
-    top = _fit_count(free, peaks, k0, v0, scale, tried)[0]
+    # best's own count from best's answer: the same targets, their brightness now free
+    top = _fit(free, best.targets, best.velocity, best.anchors, best.has_prior, scale, 0, best.background)
     tried[k0] = top
     nfev = top.nfev
     # pinned at the top, or a misfit with none pinned (the calibration is too bright for them):
