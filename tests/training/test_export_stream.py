@@ -109,3 +109,23 @@ def test_no_parts_flag_and_parity_failure(tiny_model, tmp_path, monkeypatch):
     paths = export.export_parts(model, out)
     with pytest.raises(RuntimeError, match="differ from the single graph"):
         export.check_parts(out / "model.onnx", paths, export.sample_windows(2, seed=1), stages=1)
+
+
+def test_the_bundled_model_is_the_export_of_the_committed_fine_tuned_checkpoint():
+    """The provenance's story holds: models/derefnet computes what the committed checkpoint of the
+    fine-tune computes, and both name the field data it was trained on."""
+    package = load_package("models/derefnet")
+    path = "models/checkpoints/derefnet-field.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert {k: ckpt["config"][k] for k in package.manifest.interface.config} == package.manifest.interface.config
+    assert ckpt["state"]["step"] == package.provenance.training["steps"]
+    assert ckpt["state"]["init"]["checkpoint"] == "models/checkpoints/derefnet-last.pt"
+    assert any("--scenario field" in c for c in package.provenance.data["commands"])
+    model = load_checkpoint_model(path)
+    model.set_deform_mode("torchvision")
+    windows = export.sample_windows(2, seed=11)
+    with torch.no_grad():
+        want = model(torch.from_numpy(windows)).numpy()
+    session = ort.InferenceSession(str(package.model_file))
+    got = session.run(None, {session.get_inputs()[0].name: windows})[0]
+    assert np.abs(want).max() > 10 and np.abs(got - want).max() < 1e-3 + 2e-5 * np.abs(want).max()
