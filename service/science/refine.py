@@ -45,8 +45,10 @@ Where the flux is only a lower bound (saturated pixels, a target near the patch 
 targets are added one at a time while the information criterion (``bic``: chi2 + p ln n;
 ``aic``: chi2 + 2p) keeps falling and the last fit leaves room for one (:func:`_may_grow`);
 among the fitted counts the lowest criterion wins. Where the chosen fit pins a target at a bound
-of ``brightness_range``, the calibration does not hold for this window: it is counted again
-with brightness free (:func:`_free_brightness`) and the criterion decides. Where the network
+of ``brightness_range`` or leaves a misfit, the calibration does not hold for this window: it is
+counted again with brightness free (:func:`_free_brightness`; with the PSF sigma free too where
+that still misfits past the fallback's limit) and the criterion decides. Stuck pixels
+(:func:`service.science.background.defects`) read as background and are left out. Where the network
 gave no peaks, the brightest spot of the frames is the start (:func:`_frame_seed`). The start of a K-target fit
 (:func:`_start`): with more peaks than K, the centres of a brightness-weighted K-means
 clustering of the peaks (between the cells the network spread a target over); with K peaks,
@@ -370,17 +372,14 @@ def fit_window(
             best = fit
         k += 1
 
-    def misfit(f: _Fit) -> bool:
-        return f.chi2 > cfg.psf_chi2 * max(win.n_data - f.n_params, 1)
-
-    if cfg.fit_psf and misfit(best):
+    if cfg.fit_psf and win.reduced_chi2(best) > cfg.psf_chi2:
         # the calibrated PSF leaves a misfit: the best count and its neighbours again with sigma
         # free (the flux, which sets the count, does not depend on sigma), kept where better
         nfev += _free_psf(win, fits, len(best.targets), scale)
         best = min(fits.values(), key=lambda f: f.ic)
     lo, hi = cfg.brightness_range
     pinned = best.targets[:, 2].min() <= lo * 1.01 or best.targets[:, 2].max() >= hi * 0.99
-    if cfg.free_brightness and (pinned or misfit(best)):
+    if cfg.free_brightness and (pinned or win.reduced_chi2(best) > cfg.psf_chi2):
         # a target pinned at a bound of the calibrated range, or a misfit the PSF does not
         # explain: this window's targets are dimmer or brighter than the calibration says (the
         # flux then allows only wrong counts), so count and fit again with brightness free; and
@@ -388,7 +387,7 @@ def fit_window(
         # (both can be off at once; a milder misfit is not worth the freedom)
         free, extra, tried, free_win = _free_brightness(win, peaks_in, best, v0, scale)
         nfev += extra
-        if cfg.fit_psf and free.chi2 > cfg.max_reduced_chi2 * max(win.n_data - free.n_params, 1):
+        if cfg.fit_psf and win.reduced_chi2(free) > cfg.max_reduced_chi2:
             nfev += _free_psf(free_win, tried, len(free.targets), scale)
             free = min(tried.values(), key=lambda f: f.ic)
         if free.ic < best.ic:
@@ -398,7 +397,7 @@ def fit_window(
     if not (np.isfinite(best.targets).all() and math.isfinite(best.chi2)):
         return reject("fit not finite", nfev, s=scale, ics=ics)
     if cfg.fallback:
-        reduced = best.chi2 / max(win.n_data - best.n_params, 1)
+        reduced = win.reduced_chi2(best)
         if reduced > cfg.max_reduced_chi2:
             return reject(
                 f"reduced chi2 {reduced:.3g} > {cfg.max_reduced_chi2}", nfev, best.chi2, best.velocity, scale, ics
@@ -550,11 +549,10 @@ def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: 
     start, has_prior = _start(win, peaks, k, v0)
     fit = _fit(win, start, v0, start[:, :2], has_prior, scale)
     if win.scale is None:  # too few far pixels: noise from this fit's residuals, then refit
-        dof = max(win.n_data - fit.n_params, 1)
-        scale = max(math.sqrt(float(fit.residual @ fit.residual) / dof), 1e-3)
+        scale = max(math.sqrt(float(fit.residual @ fit.residual) / win.dof(fit)), 1e-3)
         fit = _fit(win, fit.targets, fit.velocity, fit.anchors, fit.has_prior, scale, fit.nfev, fit.background)
         win.scale = scale
-    if fit.chi2 > cfg.retry_chi2 * max(win.n_data - fit.n_params, 1):
+    if win.reduced_chi2(fit) > cfg.retry_chi2:
         # a poor fit, likely a local minimum: start again elsewhere, keep the better
         alt = _retry(win, peaks, k, v0, fits.get(k - 1), scale)
         if alt is not None:
@@ -715,6 +713,13 @@ class _Window:
         if self.any_stuck:
             r[self.stuck] = 0.0
         return r
+
+    def dof(self, fit: _Fit) -> int:
+        """Degrees of freedom of a fit: data pixels (stuck ones left out) less its parameters."""
+        return max(self.n_data - fit.n_params, 1)
+
+    def reduced_chi2(self, fit: _Fit) -> float:
+        return fit.chi2 / self.dof(fit)
 
     def unit_columns(self, xy: np.ndarray, v) -> np.ndarray:
         """(n, K): each target's cropped frames at unit brightness (for linear brightness fits)."""
@@ -1159,8 +1164,7 @@ def _may_grow(win: _Window, fit: _Fit) -> bool:
     (it may be two). The gate skips the try where it cannot change the answer, which is most
     windows of clean data."""
     hi = win.cfg.brightness_range[1]
-    dof = max(win.n_data - fit.n_params, 1)
-    return bool(fit.targets[:, 2].max() >= hi - 1e-3 * hi or fit.chi2 > win.cfg.grow_chi2 * dof)
+    return bool(fit.targets[:, 2].max() >= hi - 1e-3 * hi or win.reduced_chi2(fit) > win.cfg.grow_chi2)
 
 
 def _retry(win: _Window, peaks: np.ndarray, k: int, v0, previous: _Fit | None, scale: float) -> _Fit | None:
