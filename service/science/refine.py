@@ -91,8 +91,9 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy.linalg import solve_triangular
 from scipy.linalg.lapack import dposv as _posv
-from scipy.optimize import least_squares
+from scipy.optimize import brentq, least_squares
 from scipy.special import ndtri
 
 from service.science.background import defects, fit_planes, plane_basis, plane_image
@@ -108,6 +109,12 @@ from service.science.physics import (
 CRITERIA = ("bic", "aic")
 SOLVERS = ("lm", "scipy")
 ROUNDING_VARIANCE = 1.0 / 12.0  # variance of the error of rounding to an integer
+CLUTTER_MIN_RATIO = 1.0
+CLUTTER_MIN_VAR = 0.25
+CLUTTER_MIN_LENGTH = 2.0  # x psf sigma
+CLUTTER_MAX_LENGTH = 5.0  # px
+CLUTTER_PAD = 2.0  # correlation lengths
+CLUTTER_KERNELS = ("smooth", "rough")
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,9 @@ class FitConfig:
     # sensor's background is static over 5 frames) jointly with the targets, started from the
     # frames' median planes (service.science.background). False: the background is 0.
     background: bool = True
+    # Clutter: where the frame-mean background left by the plane varies more than the frames'
+    # noise explains, model it as a Gaussian random field (a Gaussian process) and marginalise it
+    clutter: bool = True
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -349,6 +359,8 @@ def fit_window(
         return reject("non-finite input")
 
     win = _Window(frames, times, peaks_in, cfg, planes, stuck)
+    if win.clutter is not None:
+        win = _Window(frames, times, peaks_in, cfg, planes, stuck, measured=win)
     if cfg.fallback and win.noise is not None and win.noise > cfg.max_noise:
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
@@ -377,6 +389,7 @@ def fit_window(
         # free (the flux, which sets the count, does not depend on sigma), kept where better
         nfev += _free_psf(win, fits, len(best.targets), scale)
         best = min(fits.values(), key=lambda f: f.ic)
+    best_win = win  # the window (and its brightness range) the chosen fit was made in
     lo, hi = cfg.brightness_range
     pinned = best.targets[:, 2].min() <= lo * 1.01 or best.targets[:, 2].max() >= hi * 0.99
     if cfg.free_brightness and (pinned or win.reduced_chi2(best) > cfg.psf_chi2):
@@ -391,7 +404,7 @@ def fit_window(
             nfev += _free_psf(free_win, tried, len(free.targets), scale)
             free = min(tried.values(), key=lambda f: f.ic)
         if free.ic < best.ic:
-            best = free
+            best, best_win = free, free_win
     ics: dict = {k: f.ic for k, f in fits.items()}
 
     if not (np.isfinite(best.targets).all() and math.isfinite(best.chi2)):
@@ -405,10 +418,16 @@ def fit_window(
         # the network's answer on the same footing: its positions with brightness and velocity
         # refitted, penalised as if fitted like the others (so for the same count this
         # compares chi2: "explains the frames better")
-        net, bg_net = _linear_fit(win, network, best.velocity, best.psf_sigma)
-        r_net = win.data_residuals(win.model(net, best.velocity, bg_net, best.psf_sigma)) / scale
+        net, bg_net = _linear_fit(best_win, network, best.velocity, best.psf_sigma)
+
+        r_net = win.data_residuals(win.model(net, best.velocity, bg_net, best.psf_sigma))
         others = best.n_params - 3 * len(best.targets)  # velocity, background, sigma if fitted
-        ics["network"] = _criterion(float(r_net @ r_net), 3 * len(net) + others, win.n_data, cfg.criterion)
+        ics["network"] = _criterion(
+            win.chi2(r_net, scale) + _calibration_chi2(best_win.cfg, net[:, 2]),
+            3 * len(net) + others,
+            win.n_data,
+            cfg.criterion,
+        )
         if not best.ic < ics["network"]:
             return reject(
                 "the fit does not explain the frames better than the peaks", nfev, best.chi2, best.velocity, scale, ics
@@ -499,7 +518,7 @@ def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: flo
     dimmer target is noise) and below 4x the range's top. Returns the best fit, the residual
     evaluations, every count's fit and the window with brightness free."""
     cfg = win.cfg
-    floor = float(DEFAULT_SNR * flux_noise(max(scale, 1.0), cfg.psf_sigma))
+    floor = float(DEFAULT_SNR * max(flux_noise(max(scale, 1.0), cfg.psf_sigma), win.flux_sigma))
     hi = max(4.0 * cfg.brightness_range[1], 2.0 * floor)
     free = copy.copy(win)
     free.cfg = replace(cfg, brightness_range=(min(floor, 0.5 * hi), hi), brightness_prior=None)
@@ -559,6 +578,64 @@ def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: 
             alt.nfev += fit.nfev
             fit = alt if alt.ic < fit.ic else replace(fit, nfev=alt.nfev)
     return fit, scale
+
+
+def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> tuple[float, float, float, str] | None:
+    """Clutter of a window from its far pixels' residuals ``r`` (F, m) about the background plane
+    (``mask`` (H, W) marks where they are): (variance, correlation length px, noise sigma,
+    covariance shape), or None where the frame-mean residual varies no more than the noise
+    explains.
+
+    The background is static over a window and the noise is not, so the frames' deviations from
+    their mean measure the noise, and the frame mean's variance beyond it is clutter. For each
+    covariance shape of :data:`CLUTTER_KERNELS` (smooth and rough fields) the correlation length
+    is the one that gives neighbouring far pixels their measured correlation, bounded below by
+    CLUTTER_MIN_LENGTH PSF sigmas (light through the optics is never sharper) and above by
+    CLUTTER_MAX_LENGTH px; the shape under which the far pixels are likelier wins.
+    """
+    n_frames, m = r.shape
+    if m < cfg.min_noise_pixels:
+        return None
+    mean = r.mean(axis=0)
+    q1, q3 = np.quantile(r - mean, [0.25, 0.75])
+    noise = (q3 - q1) / 1.349 * math.sqrt(n_frames / (n_frames - 1))
+    centred = mean - np.median(mean)
+    white_var = noise**2 / n_frames + extra
+    var_c = float(np.mean(centred**2)) - white_var
+    if not var_c > max(CLUTTER_MIN_RATIO * white_var, CLUTTER_MIN_VAR):
+        return None
+    img = np.full(mask.shape, np.nan)
+    img[mask] = centred
+    pairs = np.concatenate([(img[:, 1:] * img[:, :-1]).ravel(), (img[1:, :] * img[:-1, :]).ravel()])
+    pairs = pairs[np.isfinite(pairs)]
+    rho = float(np.mean(pairs)) / var_c if pairs.size else 0.0
+    rows, cols = np.nonzero(mask)
+    d2 = (cols[:, None] - cols[None]) ** 2 + (rows[:, None] - rows[None]) ** 2
+    best, best_ll = None, -math.inf
+    for shape in CLUTTER_KERNELS:
+        lo, hi = CLUTTER_MIN_LENGTH * cfg.psf_sigma, CLUTTER_MAX_LENGTH
+        at = min(max(rho, _kernel(shape, 1.0, lo)), _kernel(shape, 1.0, hi))
+        length = brentq(lambda ell, s=shape, a=at: _kernel(s, 1.0, ell) - a, lo, hi) if lo < hi else lo
+        cov = var_c * _kernel(shape, d2, length) + white_var * np.eye(m)
+        try:
+            chol = np.linalg.cholesky(cov)
+        except np.linalg.LinAlgError:
+            continue
+        z = solve_triangular(chol, centred, lower=True)
+        ll = -0.5 * float(z @ z) - float(np.log(np.diag(chol)).sum())
+        if ll > best_ll:
+            best, best_ll = (var_c, length, noise, shape), ll
+    return best
+
+
+def _kernel(shape: str, d2, length: float):
+    """Correlation of a clutter field at squared distance ``d2`` px^2: ``"smooth"`` a Gaussian
+    (a field blurred by optics or atmosphere), ``"rough"`` a Matern 3/2 (once differentiable:
+    cloud edges, terrain)."""
+    if shape == "smooth":
+        return np.exp(-0.5 * np.asarray(d2) / length**2)
+    d = np.sqrt(3.0 * np.asarray(d2)) / length
+    return (1.0 + d) * np.exp(-d)
 
 
 def _frame_times(frames: np.ndarray) -> np.ndarray:
@@ -624,11 +701,15 @@ class _Window:
         cfg: FitConfig,
         planes: np.ndarray | None = None,
         stuck: np.ndarray | None = None,
+        measured: _Window | None = None,
     ):
         n_frames, height, width = frames.shape
         self.cfg = cfg
         self.times = times
-        reach = cfg.crop_px + cfg.max_speed_px * float(np.max(np.abs(times)))
+        # with clutter, the crop grows by two correlation lengths: the clutter around the
+        # targets tells what it is under them
+        pad = 0.0 if measured is None or measured.white is None else CLUTTER_PAD * measured.clutter[1]
+        reach = cfg.crop_px + cfg.max_speed_px * float(np.max(np.abs(times))) + pad
         lo = np.floor(peaks[:, :2].min(axis=0) - reach + 1.0).astype(int)  # first centre >= min - reach
         hi = np.ceil(peaks[:, :2].max(axis=0) + reach).astype(int)  # one past the last centre
         self.c0, self.r0 = min(max(0, int(lo[0])), width - 1), min(max(0, int(lo[1])), height - 1)
@@ -647,6 +728,7 @@ class _Window:
             if stuck is None
             else np.tile(stuck[self.r0 : self.r1, self.c0 : self.c1].ravel(), n_frames)
         )
+        self.peaks = peaks
         self.sat &= ~self.stuck
         self.any_sat = bool(self.sat.any())
         self.any_stuck = bool(self.stuck.any())
@@ -664,6 +746,12 @@ class _Window:
         self.bg_basis = np.tile(basis[self.r0 : self.r1, self.c0 : self.c1].reshape(-1, 3), (n_frames, 1))  # (n, 3)
         # the observations less the starting background: what the targets must explain
         self.sig = self.obs - self.bg_basis @ self.bg0
+        if measured is not None:  # the noise, background and clutter of the default crop's far pixels
+            self.noise, self.background, self.scale = measured.noise, measured.background, measured.scale
+            self.at_border = measured.at_border
+            self.clutter = measured.clutter
+            self._whitening()
+            return
         far = _above_plane(frames[:, outside], basis[outside] @ self.bg0)
         self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
         # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
@@ -674,10 +762,65 @@ class _Window:
             or np.any(peaks[:, 0] > width - 2.0 - cfg.max_shift_px)
             or np.any(peaks[:, 1] > height - 2.0 - cfg.max_shift_px)
         )
-        extra = (ROUNDING_VARIANCE if cfg.quantized else 0.0) + cfg.model_error**2
-        self.scale = math.sqrt(self.noise**2 + extra) if self.noise is not None else None
+        self.scale = math.sqrt(self.noise**2 + self.extra) if self.noise is not None else None
         if self.scale is not None and self.scale == 0.0:  # float frames, no noise: any scale fits
             self.scale = 1e-3
+        self.clutter = None
+        if cfg.clutter and cfg.background and n_frames > 1 and cfg.noise is None:
+            self.clutter = _clutter(frames[:, outside] - basis[outside] @ self.bg0, outside, self.extra, cfg)
+        if self.clutter is not None:
+            self.noise = self.clutter[2]
+            self.scale = max(math.sqrt(self.noise**2 + self.extra), 1e-3)
+        self._whitening()
+
+    @property
+    def extra(self) -> float:
+        """Per-pixel variance besides the noise: rounding and the configured model error."""
+        return (ROUNDING_VARIANCE if self.cfg.quantized else 0.0) + self.cfg.model_error**2
+
+    def _whitening(self) -> None:
+        """The clutter's whitening of the crop's frame-mean residual (None without clutter), the
+        clutter's variance of the crop's flux, and a lone target's flux sigma under it."""
+        self.white, self.flux_var_clutter, self.flux_sigma = None, 0.0, 0.0
+        if self.clutter is None:
+            return
+        var_c, length, _, shape = self.clutter
+        n_frames, rows, cols = self.shape
+        # rounding of a static background is static too: it does not average over the frames
+        white_var = self.noise**2 / n_frames + self.extra
+        yy, xx = np.mgrid[0:rows, 0:cols]
+        d2 = (xx.ravel()[:, None] - xx.ravel()[None]) ** 2 + (yy.ravel()[:, None] - yy.ravel()[None]) ** 2
+        ok = ~self.stuck[: rows * cols]
+        kern = var_c * _kernel(shape, d2[np.ix_(ok, ok)], length)
+        cov = kern + np.eye(int(ok.sum())) * white_var
+        white = np.zeros((rows * cols, rows * cols))
+        white[np.ix_(ok, ok)] = np.linalg.inv(np.linalg.cholesky(cov))  # W^T W = cov^-1
+        self.white = white
+        self.flux_var_clutter = float(kern.sum())
+        self.kern, self.white_var, self.d2 = kern, white_var, d2
+        fr = pixel_fractions(np.array([(cols - 1) / 2.0, (rows - 1) / 2.0]), max(rows, cols), self.cfg.psf_sigma)
+        unit = np.outer(fr[1, :rows], fr[0, :cols]).ravel()
+        self.flux_sigma = 1.0 / max(float(np.linalg.norm(white @ unit)), 1e-12)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the data part of the residual vector."""
+        return self.n + (self.white.shape[0] if self.white is not None else 0)
+
+    def whiten(self, r: np.ndarray, scale: float) -> np.ndarray:
+        """Data residuals (n,) or Jacobian rows (n, p) -> rows whose squares sum to the chi2:
+        without clutter r / scale; with clutter each frame's deviation from the frame mean / scale
+        and the frame mean whitened by the clutter-plus-noise covariance."""
+        if self.white is None:
+            return r / scale
+        f = self.shape[0]
+        x = r.reshape(f, -1, *r.shape[1:])
+        m = x.mean(axis=0)
+        return np.concatenate([((x - m) / scale).reshape(r.shape), self.white @ m], axis=0)
+
+    def chi2(self, r: np.ndarray, scale: float) -> float:
+        w = self.whiten(r, scale)
+        return float(np.sum(w * w))
 
     def positions(self, x: np.ndarray, y: np.ndarray, v) -> np.ndarray:
         """(2, F, K): column and row position of every target in every frame."""
@@ -766,7 +909,7 @@ class _Problem:
         self.prior_mean = np.concatenate(means)
         self.prior_w = np.concatenate(weights)
         self.n_params = 3 * k + 2 + self.n_psf + win.n_bg
-        self.n_res = win.n + self.prior_cols.size
+        self.n_res = win.n_rows + self.prior_cols.size
         m = cfg.max_shift_px
         vmax = cfg.max_speed_px if np.ptp(win.times) > 0 else 0.0  # one time: no velocity to fit
         ax, ay = anchors[:, 0], anchors[:, 1]
@@ -805,10 +948,9 @@ class _Problem:
         return self._eval(theta)[3]
 
     def residuals(self, theta: np.ndarray) -> np.ndarray:
-        n = self.win.n
+        n = self.win.n_rows
         r = np.empty(self.n_res)
-        r[:n] = self.win.data_residuals(self._eval(theta)[3])
-        r[:n] /= self.scale
+        r[:n] = self.win.whiten(self.win.data_residuals(self._eval(theta)[3]), self.scale)
         r[n:] = (theta[self.prior_cols] - self.prior_mean) * self.prior_w
         return r
 
@@ -828,7 +970,7 @@ class _Problem:
         rows[0], rows[1], rows[2] = fya, dfy * theta[None, 2 * k : 3 * k, None], fy
         cols = np.empty((3, n_frames, k, fx.shape[2]))
         cols[0], cols[1], cols[2] = dfx, fx, fx
-        jac = np.zeros((self.n_res, self.n_params))
+        jac = np.zeros((n, self.n_params))
         jac[:n, : 3 * k] = np.einsum("sfkr,sfkc->frcsk", rows, cols).reshape(n, 3 * k)
         jac[:n, 3 * k] = win.t_pix * jac[:n, :k].sum(axis=1)
         jac[:n, 3 * k + 1] = win.t_pix * jac[:n, k : 2 * k].sum(axis=1)
@@ -839,13 +981,15 @@ class _Problem:
                 + np.matmul(fya.transpose(0, 2, 1), sx)
             ).ravel()
         jac[:n, self.i_bg :] = win.bg_basis[:, : win.n_bg]
-        jac[:n] /= self.scale
         if win.any_sat:
             jac[:n][win.sat & (model >= win.obs)] = 0.0
         if win.any_stuck:
             jac[:n][win.stuck] = 0.0
-        jac[n + np.arange(self.prior_cols.size), self.prior_cols] = self.prior_w
-        return jac
+        out = np.zeros((self.n_res, self.n_params))
+        m = win.n_rows
+        out[:m] = win.whiten(jac, self.scale)
+        out[m + np.arange(self.prior_cols.size), self.prior_cols] = self.prior_w
+        return out
 
     def pack(self, targets: np.ndarray, v, bg: np.ndarray, sigma: float | None = None) -> np.ndarray:
         win = self.win
@@ -1011,6 +1155,15 @@ def _solve_scipy(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -
 # ------------------------------------------------------------------------------ the steps
 
 
+def _calibration_chi2(cfg: FitConfig, brightness: np.ndarray) -> float:
+    """The brightness calibration's own chi2: its Gaussian prior's residuals, squared and summed
+    (0 without a prior)."""
+    if cfg.brightness_prior is None:
+        return 0.0
+    mid = 0.5 * (cfg.brightness_range[0] + cfg.brightness_range[1])
+    return float(np.sum(((brightness - mid) / cfg.brightness_prior) ** 2))
+
+
 def _criterion(chi2: float, n_params: int, n: int, kind: str) -> float:
     """Information criterion of a fit with Gaussian noise of known scale (chi2 = -2 log L + c)."""
     return chi2 + n_params * (math.log(n) if kind == "bic" else 2.0)
@@ -1037,12 +1190,12 @@ def _fit(
     theta, nfev = solve(prob, prob.pack(start, v0, win.bg0 if bg0 is None else bg0, sigma0), cfg.max_nfev, cfg.tol)
     targets, v, bg, sigma = prob.unpack(theta)
     res = win.data_residuals(prob.model(theta))
-    chi2 = float(res @ res) / scale**2
+    chi2 = win.chi2(res, scale)
     return _Fit(
         targets=targets,
         velocity=v,
         chi2=chi2,
-        ic=_criterion(chi2, prob.n_params, win.n_data, cfg.criterion),
+        ic=_criterion(chi2 + _calibration_chi2(cfg, targets[:, 2]), prob.n_params, win.n_data, cfg.criterion),
         n_params=prob.n_params,
         nfev=nfev + nfev0,
         anchors=anchors,
@@ -1121,6 +1274,8 @@ def _flux_counts(win: _Window) -> tuple[list[int], bool]:
     flux = float(img.sum(axis=(1, 2)).mean()) - background * n_px
     s = win.scale if win.scale is not None else 1.0
     sigma = s * math.sqrt(n_px / n_frames) + 1.0  # noise of the frame-mean sum (+1: rounding of bounds)
+    if win.white is not None:
+        flux, sigma = _clutter_flux(win, img.mean(axis=0).ravel() - background)
     k_lo = max(1, math.ceil((flux - cfg.flux_z * sigma) / hi))
     k_hi = math.floor((flux + cfg.flux_z * sigma) / lo)
     open_ended = win.any_sat or win.at_border or win.background is None
@@ -1128,6 +1283,28 @@ def _flux_counts(win: _Window) -> tuple[list[int], bool]:
         k_lo = k_hi = max(1, round(flux / (0.5 * (lo + hi))))
     k_lo, k_hi = min(k_lo, cfg.max_targets), min(k_hi, cfg.max_targets)
     return list(range(k_lo, k_hi + 1)), open_ended
+
+
+def _clutter_flux(win: _Window, mean: np.ndarray) -> tuple[float, float]:
+    """Targets' flux in a window with clutter, and its sigma: the frame-mean residual ``mean``
+    (P,) summed over the pixels near the start positions, less the clutter there as predicted
+    (kriged) from the crop's other pixels."""
+    _, rows, cols = win.shape
+    yy, xx = np.mgrid[win.r0 : win.r1, win.c0 : win.c1]
+    reach = 3.0 * win.cfg.psf_sigma + 0.5 + win.cfg.max_speed_px * float(np.max(np.abs(win.times)))
+    dist = np.hypot(xx.ravel()[:, None] - win.peaks[None, :, 0], yy.ravel()[:, None] - win.peaks[None, :, 1])
+    ok = ~win.stuck[: rows * cols]
+    near = (dist.min(axis=1) <= reach)[ok]
+    m = mean[ok]
+    kern = win.kern
+    if near.all():
+        return float(m.sum()), math.sqrt(float(kern.sum()) + win.white_var * m.size) + 1.0
+    k_oo = kern[np.ix_(~near, ~near)] + win.white_var * np.eye(int((~near).sum()))
+    k_zo = kern[np.ix_(near, ~near)]
+    gain = np.linalg.solve(k_oo, k_zo.T).T  # (Z, O)
+    flux = float(np.sum(m[near] - gain @ m[~near]))
+    cov = kern[np.ix_(near, near)] - gain @ k_zo.T
+    return flux, math.sqrt(max(float(cov.sum()), 0.0) + win.white_var * int(near.sum())) + 1.0
 
 
 def _start(win: _Window, peaks: np.ndarray, k: int, v) -> tuple[np.ndarray, np.ndarray]:
@@ -1163,8 +1340,11 @@ def _may_grow(win: _Window, fit: _Fit) -> bool:
     ``grow_chi2`` times the degrees of freedom, or a target sits at the brightness upper bound
     (it may be two). The gate skips the try where it cannot change the answer, which is most
     windows of clean data."""
-    hi = win.cfg.brightness_range[1]
-    return bool(fit.targets[:, 2].max() >= hi - 1e-3 * hi or win.reduced_chi2(fit) > win.cfg.grow_chi2)
+    cfg = win.cfg
+    lo, hi = cfg.brightness_range
+    # brighter than the calibration expects: with the flux a lower bound, they may be more
+    bright = hi * 0.99 if cfg.brightness_prior is None else min(0.5 * (lo + hi) + cfg.brightness_prior, hi * 0.99)
+    return bool(fit.targets[:, 2].max() >= bright or win.reduced_chi2(fit) > cfg.grow_chi2)
 
 
 def _retry(win: _Window, peaks: np.ndarray, k: int, v0, previous: _Fit | None, scale: float) -> _Fit | None:

@@ -500,3 +500,67 @@ def test_a_rejected_fit_has_no_uncertainty():
     frames = window(DIAMOND, quantize=True)
     r = fit_window(frames, DIAMOND, FitConfig(max_reduced_chi2=1e-9))  # any misfit is too much
     assert not r.accepted and r.uncertainty.shape == (0, 4) and np.isnan(r.count_confidence)
+
+
+def clutter(std: float, length: float, seed: int, pedestal: float = 40.0) -> np.ndarray:
+    """A static clutter background (11, 11): white noise smoothed by a Gaussian of ``length``
+    px, scaled to standard deviation ``std`` over the patch, on ``pedestal``."""
+    from scipy.ndimage import gaussian_filter
+
+    z = gaussian_filter(np.random.default_rng(seed).standard_normal((31, 31)), length, mode="wrap")[10:21, 10:21]
+    return pedestal + std * (z - z.mean()) / z.std()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clutter_is_marginalised_as_a_random_field(seed):
+    # three targets on clutter of std 20 grey levels that varies over ~2 px: a plane cannot
+    # follow it, and its bumps are as bright as the targets' peaks
+    truth = DIAMOND[:3]
+    frames = window(truth) + clutter(20.0, 1.5, seed)
+    frames = np.stack([physics.quantize(f) for f in frames]).astype(np.float64)
+    start = perturbed(truth, seed=seed, px=0.08)
+    r = fit_window(frames, start)
+    assert r.accepted, r.reason
+    assert r.k_final == 3
+    assert match_error(r.targets, truth) < 0.08
+    # the plane alone: the wrong count, a worse answer, or the peaks back
+    plane = fit_window(frames, start, FitConfig(clutter=False))
+    assert (
+        not plane.accepted
+        or plane.k_final != 3
+        or match_error(plane.targets, truth) > 2 * match_error(r.targets, truth)
+    )
+
+
+def test_clutter_is_found_only_where_the_background_varies_beyond_the_noise():
+    truth = DIAMOND[:3]
+    kw = dict(cfg=FitConfig(), planes=None)
+    cluttered = np.stack([physics.quantize(f) for f in window(truth) + clutter(15.0, 1.5, 3)]).astype(float)
+    noisy = window(truth, quantize=True, noise=4.0, seed=2) + 30.0
+    ramped = np.stack([physics.quantize(f) for f in window(truth) + ramp(30.0, 3.0, -2.0)]).astype(float)
+    found = _Window(cluttered, TIMES, truth, **kw).clutter
+    assert found is not None
+    var, length, noise, shape = found
+    assert 0.5 * 15.0**2 < var < 1.5 * 15.0**2  # less what the plane takes
+    assert 1.0 < length < 4.0
+    assert noise < 0.5  # a static background: the noise is the frames' own, none here
+    assert shape == "smooth"  # a blurred field, not a rough one
+    assert _Window(noisy, TIMES, truth, **kw).clutter is None
+    assert _Window(ramped, TIMES, truth, **kw).clutter is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_saturated_packed_group_of_seven_is_counted(seed):
+    # seven calibrated targets 0.45 px around a point: their core clips at 255, so the flux is
+    # only a lower bound and fewer, brighter targets fit the frames nearly as well; the
+    # calibration (its prior counts in the criterion) and growth past targets brighter than it
+    # expects find all seven
+    rng = np.random.default_rng(seed)
+    ang = np.arange(7) * np.pi / 4
+    truth = np.column_stack([5.1 + 0.45 * np.cos(ang), 4.9 + 0.45 * np.sin(ang), rng.uniform(220, 250, 7)])
+    frames = window(truth, quantize=True)
+    assert (frames >= 255).any()
+    r = fit_window(frames, perturbed(truth, seed=seed, px=0.1))
+    assert r.accepted, r.reason
+    assert r.k_final == 7
+    assert match_error(r.targets, truth) < 0.1
