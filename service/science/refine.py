@@ -20,8 +20,18 @@ The model of a window (frame ``f`` taken ``t_f`` frames after the middle one, -2
   :func:`service.science.physics.pixel_fractions_grad`). Solver ``"lm"`` (default) is a compact
   projected Levenberg-Marquardt written for this problem size (<= 26 parameters, a few hundred
   residuals), where the per-iteration overhead of ``scipy.optimize.least_squares`` cost more
-  than the model itself; ``"scipy"`` runs ``least_squares(method="trf")`` on the same
-  residuals, bounds and Jacobian (the reference; the tests check both agree).
+  than the model itself. It runs in C (``service/kernels/_native/fit.c``, the same algorithm on
+  the same residuals) where that extension is built, else in numpy; ``"scipy"`` runs
+  ``least_squares(method="trf")`` on the same residuals, bounds and Jacobian (the reference;
+  the tests check all three agree).
+- Clutter: where the frame-mean background left by the plane varies more than the frames' noise
+  explains (:func:`_clutter`: the noise from the frames' deviations from their mean, which a
+  static background does not have; the clutter's variance, correlation length and covariance
+  shape, smooth or rough, from the far pixels), the background's departure from the plane is a
+  Gaussian random field, marginalised: the frame-mean residual is whitened by the clutter-plus-
+  noise covariance (the frames' deviations from it keep the noise alone), the crop grows by a
+  correlation length, and the flux that sets the count is the one left after kriging the
+  clutter under the targets from the pixels around them (:func:`_clutter_flux`).
 - 8-bit physics: residuals are divided by ``s = sqrt(noise^2 + 1/12 + model_error^2)`` (the
   1/12 is the variance of rounding to integers). A pixel at the saturation level (255) only
   says "the truth is at least 255": its residual is ``min(model - 255, 0) / s``, i.e. it counts
@@ -44,10 +54,13 @@ every count within ``flux_z`` sigma of the measured flux is fitted (almost alway
 Where the flux is only a lower bound (saturated pixels, a target near the patch border), more
 targets are added one at a time while the information criterion (``bic``: chi2 + p ln n;
 ``aic``: chi2 + 2p) keeps falling and the last fit leaves room for one (:func:`_may_grow`);
-among the fitted counts the lowest criterion wins. Where the chosen fit pins a target at a bound
-of ``brightness_range`` or leaves a misfit, the calibration does not hold for this window: it is
-counted again with brightness free (:func:`_free_brightness`; with the PSF sigma free too where
-that still misfits past the fallback's limit) and the criterion decides. Stuck pixels
+among the fitted counts the lowest criterion wins (the brightness calibration's prior counts
+in it: a fit that needs targets far from the calibration pays for them). Where the flux is a
+lower bound, targets brighter than the calibration expects also make room for one more. Where
+the chosen fit pins a target at a bound of ``brightness_range`` or leaves a misfit, the
+calibration does not hold for this window: it is counted again with brightness free
+(:func:`_free_brightness`; with the PSF sigma free too where that still misfits past the
+fallback's limit) and the criterion decides. Stuck pixels
 (:func:`service.science.background.defects`) read as background and are left out. Where the network
 gave no peaks, the brightest spot of the frames is the start (:func:`_frame_seed`). The start of a K-target fit
 (:func:`_start`): with more peaks than K, the centres of a brightness-weighted K-means
@@ -93,8 +106,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy.linalg import solve_triangular
 from scipy.linalg.lapack import dposv as _posv
-from scipy.optimize import brentq, least_squares
-from scipy.special import ndtri
+from scipy.optimize import least_squares
+from scipy.special import lambertw, ndtri
 
 from service.science.background import defects, fit_planes, plane_basis, plane_image
 from service.science.physics import (
@@ -106,6 +119,12 @@ from service.science.physics import (
     pixel_fractions_grad,
 )
 
+try:
+    from service.kernels import _fit as _native_fit
+except ImportError:  # installed without a C compiler: the numpy solver
+    _native_fit = None
+
+NATIVE = _native_fit is not None  # whether solver "lm" runs in C
 CRITERIA = ("bic", "aic")
 SOLVERS = ("lm", "scipy")
 ROUNDING_VARIANCE = 1.0 / 12.0  # variance of the error of rounding to an integer
@@ -113,7 +132,7 @@ CLUTTER_MIN_RATIO = 1.0
 CLUTTER_MIN_VAR = 0.25
 CLUTTER_MIN_LENGTH = 2.0  # x psf sigma
 CLUTTER_MAX_LENGTH = 5.0  # px
-CLUTTER_PAD = 2.0  # correlation lengths
+CLUTTER_PAD = 1.0  # correlation lengths
 CLUTTER_KERNELS = ("smooth", "rough")
 
 
@@ -614,8 +633,8 @@ def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> t
     best, best_ll = None, -math.inf
     for shape in CLUTTER_KERNELS:
         lo, hi = CLUTTER_MIN_LENGTH * cfg.psf_sigma, CLUTTER_MAX_LENGTH
-        at = min(max(rho, _kernel(shape, 1.0, lo)), _kernel(shape, 1.0, hi))
-        length = brentq(lambda ell, s=shape, a=at: _kernel(s, 1.0, ell) - a, lo, hi) if lo < hi else lo
+        at = min(max(rho, float(_kernel(shape, 1.0, lo))), float(_kernel(shape, 1.0, hi)))
+        length = _length(shape, at) if lo < hi else lo
         cov = var_c * _kernel(shape, d2, length) + white_var * np.eye(m)
         try:
             chol = np.linalg.cholesky(cov)
@@ -626,6 +645,16 @@ def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> t
         if ll > best_ll:
             best, best_ll = (var_c, length, noise, shape), ll
     return best
+
+
+def _length(shape: str, rho: float) -> float:
+    """The correlation length at which neighbouring pixels (1 px apart) correlate by ``rho``
+    (0 < rho < 1) under covariance ``shape`` (:func:`_kernel`)."""
+    if shape == "smooth":  # exp(-1 / (2 l^2)) = rho
+        return math.sqrt(-0.5 / math.log(rho))
+    # (1 + z) exp(-z) = rho with z = sqrt(3) / l: z = -1 - W_-1(-rho / e)
+    z = -1.0 - float(lambertw(-rho / math.e, -1).real)
+    return math.sqrt(3.0) / z
 
 
 def _kernel(shape: str, d2, length: float):
@@ -706,9 +735,9 @@ class _Window:
         n_frames, height, width = frames.shape
         self.cfg = cfg
         self.times = times
-        # with clutter, the crop grows by two correlation lengths: the clutter around the
+        # with clutter, the crop grows by a correlation length: the clutter around the
         # targets tells what it is under them
-        pad = 0.0 if measured is None or measured.white is None else CLUTTER_PAD * measured.clutter[1]
+        pad = 0.0 if measured is None or measured.clutter is None else CLUTTER_PAD * measured.clutter[1]
         reach = cfg.crop_px + cfg.max_speed_px * float(np.max(np.abs(times))) + pad
         lo = np.floor(peaks[:, :2].min(axis=0) - reach + 1.0).astype(int)  # first centre >= min - reach
         hi = np.ceil(peaks[:, :2].max(axis=0) + reach).astype(int)  # one past the last centre
@@ -732,6 +761,7 @@ class _Window:
         self.sat &= ~self.stuck
         self.any_sat = bool(self.sat.any())
         self.any_stuck = bool(self.stuck.any())
+        self.sat_f, self.stuck_f = self.sat.astype(np.float64), self.stuck.astype(np.float64)  # for the C solver
         self.n_data = self.n - int(self.stuck.sum())
         self.usable = ~(self.sat | self.stuck)  # pixels the linear solves use
         outside = np.ones((height, width), dtype=bool)
@@ -771,7 +801,8 @@ class _Window:
         if self.clutter is not None:
             self.noise = self.clutter[2]
             self.scale = max(math.sqrt(self.noise**2 + self.extra), 1e-3)
-        self._whitening()
+        # with clutter, fit_window fits a wider crop (a window measured from this one), whitened
+        self.white, self.flux_sigma = None, 0.0
 
     @property
     def extra(self) -> float:
@@ -779,9 +810,10 @@ class _Window:
         return (ROUNDING_VARIANCE if self.cfg.quantized else 0.0) + self.cfg.model_error**2
 
     def _whitening(self) -> None:
-        """The clutter's whitening of the crop's frame-mean residual (None without clutter), the
-        clutter's variance of the crop's flux, and a lone target's flux sigma under it."""
-        self.white, self.flux_var_clutter, self.flux_sigma = None, 0.0, 0.0
+        """The clutter's whitening of the crop's frame-mean residual (None without clutter), its
+        covariance (for the kriged flux of :func:`_clutter_flux`), and a lone target's flux sigma
+        under the clutter and the noise (the floor of the brightness-free search)."""
+        self.white, self.flux_sigma = None, 0.0
         if self.clutter is None:
             return
         var_c, length, _, shape = self.clutter
@@ -796,8 +828,7 @@ class _Window:
         white = np.zeros((rows * cols, rows * cols))
         white[np.ix_(ok, ok)] = np.linalg.inv(np.linalg.cholesky(cov))  # W^T W = cov^-1
         self.white = white
-        self.flux_var_clutter = float(kern.sum())
-        self.kern, self.white_var, self.d2 = kern, white_var, d2
+        self.kern, self.white_var = kern, white_var
         fr = pixel_fractions(np.array([(cols - 1) / 2.0, (rows - 1) / 2.0]), max(rows, cols), self.cfg.psf_sigma)
         unit = np.outer(fr[1, :rows], fr[0, :cols]).ravel()
         self.flux_sigma = 1.0 / max(float(np.linalg.norm(white @ unit)), 1e-12)
@@ -1132,6 +1163,41 @@ def _bounded_step(hess, grad, damping, theta, lower, upper, free) -> np.ndarray 
     return step
 
 
+def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int]:
+    """:func:`_solve_lm` in C (service/kernels/_native/fit.c): the same algorithm on the same
+    residuals, without numpy's per-call overhead."""
+    win = prob.win
+    theta = np.array(theta, dtype=np.float64)
+    empty = np.zeros(0)
+    nfev = _native_fit.lm(
+        theta,
+        prob.lower,
+        prob.upper,
+        prob.x_scale,
+        win.times,
+        win.obs,
+        win.sat_f,
+        win.stuck_f,
+        win.bg_basis,
+        empty if win.white is None else win.white.ravel(),
+        prob.prior_cols.astype(np.float64),
+        prob.prior_mean,
+        prob.prior_w,
+        prob.k,
+        win.shape[1],
+        win.shape[2],
+        win.r0,
+        win.c0,
+        prob.n_psf,
+        win.n_bg,
+        max_nfev,
+        prob.scale,
+        win.cfg.psf_sigma,
+        tol,
+    )
+    return theta, nfev
+
+
 def _solve_scipy(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int]:
     """``scipy.optimize.least_squares`` (trust-region reflective, exact bounds), same problem."""
     lower, upper = prob.lower, np.maximum(prob.upper, prob.lower + 1e-12)  # trf needs lower < upper
@@ -1186,7 +1252,7 @@ def _fit(
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)
     prob = _Problem(win, anchors, has_prior, scale, free_sigma)
-    solve = _solve_lm if cfg.solver == "lm" else _solve_scipy
+    solve = _solve_scipy if cfg.solver == "scipy" else _solve_native if cfg.solver == "lm" and NATIVE else _solve_lm
     theta, nfev = solve(prob, prob.pack(start, v0, win.bg0 if bg0 is None else bg0, sigma0), cfg.max_nfev, cfg.tol)
     targets, v, bg, sigma = prob.unpack(theta)
     res = win.data_residuals(prob.model(theta))

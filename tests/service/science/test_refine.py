@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from service.science import physics
+from service.science import physics, refine
 from service.science.background import fit_planes
 from service.science.refine import (
     FitConfig,
@@ -564,3 +564,60 @@ def test_a_saturated_packed_group_of_seven_is_counted(seed):
     assert r.accepted, r.reason
     assert r.k_final == 7
     assert match_error(r.targets, truth) < 0.1
+
+
+# ------------------------------------------------------------------------------ the C solver
+
+
+def _cases():
+    """Windows that exercise every part of the model: a clean group, noise, a saturated packed
+    group, clutter, a hot pixel with a PSF off the calibration, dim targets (brightness free)."""
+    ang = np.arange(7) * np.pi / 4
+    seven = np.column_stack([5.1 + 0.45 * np.cos(ang), 4.9 + 0.45 * np.sin(ang), np.full(7, 235.0)])
+    cluttered = np.stack([physics.quantize(f) for f in window(DIAMOND[:3]) + clutter(20.0, 1.5, 0)])
+    hot = []
+    for t in TIMES:
+        img = physics.quantize(physics.pixel_response(DIAMOND[:2] + [0.0, -0.05 * t, 0.0], sigma=0.62) + 60.0)
+        img[1, 9] = 250
+        hot.append(img)
+    return {
+        "clean": (window(DIAMOND, quantize=True), perturbed(DIAMOND)),
+        "noisy": (window(DIAMOND, quantize=True, noise=3.0, seed=4), perturbed(DIAMOND)),
+        "saturated": (window(seven, quantize=True), perturbed(seven, px=0.1)),
+        "clutter": (cluttered.astype(np.float64), perturbed(DIAMOND[:3], px=0.08)),
+        "hot pixel, wide PSF": (np.stack(hot).astype(np.float64), perturbed(DIAMOND[:2], px=0.08)),
+        "dim": (window(DIAMOND[:3] * [1, 1, 0.42], quantize=True, noise=1.0, seed=8), perturbed(DIAMOND[:3])),
+    }
+
+
+@pytest.mark.skipif(not refine.NATIVE, reason="service.kernels._fit is not built")
+@pytest.mark.parametrize("case", list(_cases()))
+def test_the_c_solver_gives_the_numpy_solvers_answer(case, monkeypatch):
+    frames, start = _cases()[case]
+    native = fit_window(frames, start)
+    monkeypatch.setattr(refine, "NATIVE", False)
+    reference = fit_window(frames, start)
+    assert native.accepted == reference.accepted and native.k_final == reference.k_final
+    np.testing.assert_allclose(native.targets, reference.targets, atol=1e-6)
+    assert native.nfev == reference.nfev
+    assert native.psf_sigma == pytest.approx(reference.psf_sigma, abs=1e-8)
+
+
+@pytest.mark.skipif(not refine.NATIVE, reason="service.kernels._fit is not built")
+def test_the_c_solver_refuses_bad_buffers():
+    from service.kernels import _fit
+
+    z = np.zeros
+    args = [z(5), z(5), z(5), z(5), z(5), z(5 * 9), z(5 * 9), z(5 * 9), z(5 * 9 * 3), z(0), z(0), z(0), z(0)]
+    ints = [1, 3, 3, 4, 4, 0, 0, 10]
+    assert _fit.lm(*args, *ints, 1.0, 0.5, 1e-4) >= 1  # a well-formed call runs
+    bad = list(args)
+    bad[5] = z(7)
+    with pytest.raises(ValueError, match="obs"):
+        _fit.lm(*bad, *ints, 1.0, 0.5, 1e-4)
+    bad = list(args)
+    bad[0] = z(5, dtype=np.float32)
+    with pytest.raises(TypeError, match="theta"):
+        _fit.lm(*bad, *ints, 1.0, 0.5, 1e-4)
+    with pytest.raises(ValueError, match="bad dimensions"):
+        _fit.lm(*args, 0, 3, 3, 4, 4, 0, 0, 10, 1.0, 0.5, 1e-4)

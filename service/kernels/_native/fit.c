@@ -1,0 +1,431 @@
+/* The physics fit's least-squares solve (service/science/refine.py, _solve_lm) in C.
+ *
+ * Why it exists: a window's fit is a few hundred residuals and at most 30 parameters, so numpy
+ * spends most of each Levenberg-Marquardt iteration on call overhead, not arithmetic. This file
+ * is the same algorithm on the same model (refine._Problem: residuals, analytic Jacobian,
+ * saturation, stuck pixels, clutter whitening, priors, box bounds); refine.py keeps the numpy
+ * version as the reference the tests compare with.
+ *
+ * Parameters theta = (x_1..K, y_1..K, a_1..K, vx, vy, [s], [b0, b1, b2]); a target's column
+ * position in frame f is x + vx t_f (rows alike), and its share of pixel i along an axis is
+ * 0.5 (erf((i + 0.5 - p) / (s sqrt 2)) - erf((i - 0.5 - p) / (s sqrt 2))), as
+ * service.science.physics.pixel_fractions.
+ */
+#include "native.h"
+#include <math.h>
+#include <stdlib.h>
+
+#define MAXP 64 /* parameters: 3 x 20 targets + 4 */
+
+typedef struct {
+    int k, nf, nr, nc, r0, c0, n_psf, n_bg, p, n, npix, nwhite, nprior, nres;
+    double scale, sigma;
+    const double *times, *obs, *sat, *stuck, *bgb, *white, *pcols, *pmean, *pw;
+    /* work: fractions (nf, k, nc | nr) and their derivatives, the model */
+    double *fx, *fy, *dfx, *dfy, *sx, *sy, *model, *raw, *jraw, *mean;
+} Prob;
+
+INLINE double sigma_of(const Prob *q, const double *th) { return q->n_psf ? th[3 * q->k + 2] : q->sigma; }
+
+/* fractions (and their derivatives) of every target in every frame along one axis */
+static void axis(const Prob *q, const double *th, int which, double s, int grad) {
+    const int k = q->k, len = which ? q->nr : q->nc, o = which ? q->r0 : q->c0;
+    double *f = which ? q->fy : q->fx, *df = which ? q->dfy : q->dfx, *sf = which ? q->sy : q->sx;
+    const double inv = 1.0 / (s * sqrt(2.0)), dens = 1.0 / (s * sqrt(2.0 * M_PI));
+    for (int t = 0; t < q->nf; t++)
+        for (int j = 0; j < k; j++) {
+            const double p = th[which * k + j] + th[3 * k + which] * q->times[t];
+            double *fr = f + ((size_t)t * k + j) * len;
+            double *dr = df + ((size_t)t * k + j) * len, *sr = sf + ((size_t)t * k + j) * len;
+            double u = (o - 0.5) - p;
+            double c_lo = erf(u * inv), g_lo = 0.0, h_lo = 0.0;
+            if (grad) {
+                const double e = exp(-0.5 * (u / s) * (u / s)) * dens;
+                g_lo = e;
+                h_lo = -(u / s) * e;
+            }
+            for (int i = 0; i < len; i++) {
+                u = (o + i + 0.5) - p;
+                const double c_hi = erf(u * inv);
+                fr[i] = 0.5 * (c_hi - c_lo);
+                c_lo = c_hi;
+                if (grad) {
+                    const double e = exp(-0.5 * (u / s) * (u / s)) * dens;
+                    const double h = -(u / s) * e;
+                    dr[i] = -(e - g_lo);
+                    sr[i] = h - h_lo;
+                    g_lo = e;
+                    h_lo = h;
+                }
+            }
+        }
+}
+
+/* the model and the raw residuals (model - obs, saturation as a bound, stuck pixels 0) */
+static void evaluate(Prob *q, const double *th, int grad) {
+    const double s = sigma_of(q, th);
+    axis(q, th, 0, s, grad);
+    axis(q, th, 1, s, grad);
+    const int k = q->k, nr = q->nr, nc = q->nc;
+    const double *a = th + 2 * k, *b = th + 3 * k + 2 + q->n_psf;
+    for (int t = 0; t < q->nf; t++)
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < nc; c++) {
+                const size_t i = ((size_t)t * nr + r) * nc + c;
+                double m = 0.0;
+                for (int j = 0; j < k; j++)
+                    m += a[j] * q->fy[((size_t)t * k + j) * nr + r] * q->fx[((size_t)t * k + j) * nc + c];
+                for (int l = 0; l < q->n_bg; l++) m += q->bgb[i * 3 + l] * b[l];
+                q->model[i] = m;
+                double d = m - q->obs[i];
+                if (q->sat[i] != 0.0 && d > 0.0) d = 0.0;
+                if (q->stuck[i] != 0.0) d = 0.0;
+                q->raw[i] = d;
+            }
+}
+
+/* raw rows x (n, w) -> the data part of the residual rows out (nres - nprior, w): x / scale, or
+ * with clutter each frame's deviation from the frame mean / scale and the whitened mean */
+static void whiten(const Prob *q, const double *x, int w, double *out) {
+    const size_t n = (size_t)q->n * w;
+    if (!q->white) {
+        for (size_t i = 0; i < n; i++) out[i] = x[i] / q->scale;
+        return;
+    }
+    const size_t np = (size_t)q->npix * w;
+    double *m = q->mean;
+    for (size_t i = 0; i < np; i++) m[i] = 0.0;
+    for (int t = 0; t < q->nf; t++)
+        for (size_t i = 0; i < np; i++) m[i] += x[t * np + i];
+    for (size_t i = 0; i < np; i++) m[i] /= q->nf;
+    for (int t = 0; t < q->nf; t++)
+        for (size_t i = 0; i < np; i++) out[t * np + i] = (x[t * np + i] - m[i]) / q->scale;
+    /* white is the inverse of a Cholesky factor: lower triangular */
+    double *o = out + n;
+    for (int r = 0; r < q->npix; r++) {
+        double *restrict row = o + (size_t)r * w;
+        for (int c = 0; c < w; c++) row[c] = 0.0;
+        const double *wr = q->white + (size_t)r * q->npix;
+        for (int i = 0; i <= r; i++) {
+            const double v = wr[i];
+            const double *restrict mi = m + (size_t)i * w;
+            for (int c = 0; c < w; c++) row[c] += v * mi[c];
+        }
+    }
+}
+
+static void residuals(Prob *q, const double *th, double *res) {
+    evaluate(q, th, 0);
+    whiten(q, q->raw, 1, res);
+    double *pr = res + q->nres - q->nprior;
+    for (int i = 0; i < q->nprior; i++) {
+        const int c = (int)q->pcols[i];
+        pr[i] = (th[c] - q->pmean[i]) * q->pw[i];
+    }
+}
+
+/* the Jacobian (nres, p) at th; evaluate(q, th, 1) must have run last */
+static void jacobian(Prob *q, const double *th, double *jac) {
+    const int k = q->k, nr = q->nr, nc = q->nc, p = q->p, is = 3 * k + 2, ib = 3 * k + 2 + q->n_psf;
+    const double *a = th + 2 * k;
+    double *jr = q->jraw;
+    for (int t = 0; t < q->nf; t++)
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < nc; c++) {
+                const size_t i = ((size_t)t * nr + r) * nc + c;
+                double *row = jr + i * p;
+                for (int l = 0; l < p; l++) row[l] = 0.0;
+                if ((q->sat[i] != 0.0 && q->model[i] >= q->obs[i]) || q->stuck[i] != 0.0) continue;
+                double vx = 0.0, vy = 0.0, ds = 0.0;
+                for (int j = 0; j < k; j++) {
+                    const size_t bx = ((size_t)t * k + j) * nc + c, by = ((size_t)t * k + j) * nr + r;
+                    const double fx = q->fx[bx], fy = q->fy[by];
+                    const double gx = a[j] * fy * q->dfx[bx], gy = a[j] * q->dfy[by] * fx;
+                    row[j] = gx;
+                    row[k + j] = gy;
+                    row[2 * k + j] = fy * fx;
+                    vx += gx;
+                    vy += gy;
+                    if (q->n_psf) ds += a[j] * (q->sy[by] * fx + fy * q->sx[bx]);
+                }
+                row[3 * k] = q->times[t] * vx;
+                row[3 * k + 1] = q->times[t] * vy;
+                if (q->n_psf) row[is] = ds;
+                for (int l = 0; l < q->n_bg; l++) row[ib + l] = q->bgb[i * 3 + l];
+            }
+    whiten(q, jr, p, jac);
+    double *pj = jac + (size_t)(q->nres - q->nprior) * p;
+    for (int i = 0; i < q->nprior * p; i++) pj[i] = 0.0;
+    for (int i = 0; i < q->nprior; i++) pj[(size_t)i * p + (int)q->pcols[i]] = q->pw[i];
+}
+
+/* Cholesky solve of the SPD m x m system h x = b in place (h destroyed); -1 if not SPD */
+static int chol_solve(double *h, int m, double *b) {
+    for (int j = 0; j < m; j++) {
+        double d = h[j * m + j];
+        for (int l = 0; l < j; l++) d -= h[j * m + l] * h[j * m + l];
+        if (!(d > 0.0)) return -1;
+        d = sqrt(d);
+        h[j * m + j] = d;
+        for (int i = j + 1; i < m; i++) {
+            double v = h[i * m + j];
+            for (int l = 0; l < j; l++) v -= h[i * m + l] * h[j * m + l];
+            h[i * m + j] = v / d;
+        }
+    }
+    for (int i = 0; i < m; i++) {
+        double v = b[i];
+        for (int l = 0; l < i; l++) v -= h[i * m + l] * b[l];
+        b[i] = v / h[i * m + i];
+    }
+    for (int i = m - 1; i >= 0; i--) {
+        double v = b[i];
+        for (int l = i + 1; l < m; l++) v -= h[l * m + i] * b[l];
+        b[i] = v / h[i * m + i];
+    }
+    return 0;
+}
+
+/* refine._bounded_step: the damped step with parameters it would push past a bound put on it
+ * and the rest solved again; -1 when the damped system is singular */
+static int bounded_step(const double *hess, const double *grad, const double *damp, const double *th,
+                        const double *lo, const double *hi, const int *free_in, int p, double *step) {
+    int free[MAXP], idx[MAXP];
+    double h[MAXP * MAXP], rhs[MAXP];
+    for (int i = 0; i < p; i++) {
+        free[i] = free_in[i];
+        step[i] = 0.0;
+    }
+    for (int it = 0; it < p; it++) {
+        int m = 0;
+        for (int i = 0; i < p; i++)
+            if (free[i]) idx[m++] = i;
+        if (m == 0) return 0;
+        for (int a = 0; a < m; a++) {
+            const int i = idx[a];
+            double v = -grad[i];
+            for (int j = 0; j < p; j++)
+                if (!free[j]) v -= hess[i * p + j] * step[j];
+            rhs[a] = v;
+            for (int b = 0; b < m; b++) h[a * m + b] = hess[i * p + idx[b]];
+            h[a * m + a] += damp[i];
+        }
+        if (chol_solve(h, m, rhs) != 0) return -1;
+        int out = 0;
+        for (int a = 0; a < m; a++) {
+            const int i = idx[a];
+            step[i] = rhs[a];
+            const double nw = th[i] + rhs[a];
+            if (nw < lo[i] || nw > hi[i]) out = 1;
+        }
+        if (!out) return 0;
+        for (int a = 0; a < m; a++) {
+            const int i = idx[a];
+            const double nw = th[i] + rhs[a];
+            if (nw < lo[i] || nw > hi[i]) {
+                step[i] = (nw < lo[i] ? lo[i] : hi[i]) - th[i];
+                free[i] = 0;
+            }
+        }
+    }
+    return 0;
+}
+
+static double dot(const double *a, const double *b, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* refine._solve_lm: theta in place; returns the residual evaluations */
+static int solve(Prob *q, double *th, const double *lo, const double *hi, const double *xs, int max_nfev,
+                 double tol, double *res, double *res_new, double *jac) {
+    const int p = q->p, nres = q->nres;
+    double hess[MAXP * MAXP], grad[MAXP], diag[MAXP], damp[MAXP], step[MAXP], nw[MAXP], hs[MAXP];
+    int free[MAXP];
+    residuals(q, th, res);
+    double cost = dot(res, res, nres), cost_new = cost;
+    int nfev = 1;
+    double lam = 1e-3, nu = 2.0;
+    while (nfev < max_nfev) {
+        evaluate(q, th, 1);
+        jacobian(q, th, jac);
+        for (int i = 0; i < p; i++) {
+            grad[i] = 0.0;
+            for (int j = 0; j <= i; j++) hess[i * p + j] = 0.0;
+        }
+        for (int r = 0; r < nres; r++) {
+            const double *row = jac + (size_t)r * p;
+            const double rv = res[r];
+            for (int i = 0; i < p; i++) {
+                const double v = row[i];
+                if (v == 0.0) continue;
+                grad[i] += v * rv;
+                for (int j = 0; j <= i; j++) hess[i * p + j] += v * row[j];
+            }
+        }
+        for (int i = 0; i < p; i++)
+            for (int j = 0; j < i; j++) hess[j * p + i] = hess[i * p + j];
+        int any_free = 0;
+        double hmax = 0.0;
+        for (int i = 0; i < p; i++) {
+            free[i] = !((th[i] <= lo[i] && grad[i] > 0) || (th[i] >= hi[i] && grad[i] < 0));
+            any_free |= free[i];
+            if (hess[i * p + i] > hmax) hmax = hess[i * p + i];
+        }
+        if (!any_free) break;
+        const double floor = 1e-12 * (hmax > 1e-300 ? hmax : 1e-300);
+        for (int i = 0; i < p; i++) diag[i] = hess[i * p + i] > floor ? hess[i * p + i] : floor;
+        int improved = 0;
+        while (nfev < max_nfev) {
+            for (int i = 0; i < p; i++) damp[i] = diag[i] * lam;
+            if (bounded_step(hess, grad, damp, th, lo, hi, free, p, step) != 0) {
+                lam *= nu;
+                nu *= 2.0;
+                if (lam > 1e12) break;
+                continue;
+            }
+            for (int i = 0; i < p; i++) {
+                const double v = th[i] + step[i];
+                nw[i] = v < lo[i] ? lo[i] : (v > hi[i] ? hi[i] : v);
+            }
+            residuals(q, nw, res_new);
+            nfev++;
+            cost_new = dot(res_new, res_new, nres);
+            for (int i = 0; i < p; i++) hs[i] = 2.0 * grad[i] + dot(hess + (size_t)i * p, step, p);
+            const double predicted = -dot(step, hs, p);
+            if (cost_new < cost) {
+                const double rho = predicted > 0 ? (cost - cost_new) / predicted : 1.0;
+                const double f = 1.0 - (2.0 * rho - 1.0) * (2.0 * rho - 1.0) * (2.0 * rho - 1.0);
+                lam *= f > 1.0 / 3.0 ? f : 1.0 / 3.0;
+                nu = 2.0;
+                improved = 1;
+                break;
+            }
+            lam *= nu;
+            nu *= 2.0;
+            if (lam > 1e12) break;
+        }
+        if (!improved) break;
+        int small_step = 1;
+        for (int i = 0; i < p; i++)
+            if (!(fabs(nw[i] - th[i]) <= tol * xs[i])) small_step = 0;
+        const int small_gain = cost - cost_new <= tol * cost;
+        for (int i = 0; i < p; i++) th[i] = nw[i];
+        double *tmp = res;
+        res = res_new;
+        res_new = tmp;
+        cost = cost_new;
+        if (small_step || small_gain) break;
+    }
+    return nfev;
+}
+
+/* lm(theta, lower, upper, x_scale, times, obs, sat, stuck, bg_basis, white, prior_cols,
+ *    prior_mean, prior_w, k, n_rows, n_cols, r0, c0, n_psf, n_bg, max_nfev, scale, sigma, tol)
+ * -> residual evaluations. float64 C-contiguous buffers; theta is updated in place; white is
+ * (n_rows * n_cols)^2 values or empty (no clutter); sat and stuck are 0/1 per fitted pixel. */
+static PyObject *lm(PyObject *self, PyObject *args) {
+    PyObject *o[13];
+    int k, nr, nc, r0, c0, n_psf, n_bg, max_nfev;
+    double scale, sigma, tol;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOiiiiiiiiddd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                          &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &k, &nr, &nc, &r0, &c0, &n_psf, &n_bg,
+                          &max_nfev, &scale, &sigma, &tol))
+        return NULL;
+    Py_buffer b[13];
+    Py_ssize_t p = 3 * (Py_ssize_t)k + 2 + n_psf + n_bg;
+    if (k < 1 || nr < 1 || nc < 1 || p > MAXP || (n_psf != 0 && n_psf != 1) || (n_bg != 0 && n_bg != 3) ||
+        !(scale > 0.0) || !(sigma > 0.0) || max_nfev < 1) {
+        PyErr_SetString(PyExc_ValueError, "lm: bad dimensions or settings");
+        return NULL;
+    }
+    int got = 0;
+    /* times first: its length gives the frames */
+    if (PyObject_GetBuffer(o[4], &b[4], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
+    const Py_ssize_t nf = b[4].len / (Py_ssize_t)sizeof(double);
+    PyBuffer_Release(&b[4]);
+    const Py_ssize_t npix = (Py_ssize_t)nr * nc, n = nf * npix;
+    Py_ssize_t nwhite = 0;
+    {
+        Py_buffer w;
+        if (PyObject_GetBuffer(o[9], &w, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
+        nwhite = w.len / (Py_ssize_t)sizeof(double);
+        PyBuffer_Release(&w);
+    }
+    Py_ssize_t nprior = 0;
+    {
+        Py_buffer w;
+        if (PyObject_GetBuffer(o[10], &w, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
+        nprior = w.len / (Py_ssize_t)sizeof(double);
+        PyBuffer_Release(&w);
+    }
+    if (nwhite != 0 && nwhite != npix * npix) {
+        PyErr_SetString(PyExc_ValueError, "lm: white must be (n_rows * n_cols)^2 values or empty");
+        return NULL;
+    }
+    const Py_ssize_t sizes[13] = {p, p, p, p, nf, n, n, n, n * 3, nwhite, nprior, nprior, nprior};
+    const char *names[13] = {"theta", "lower", "upper", "x_scale", "times", "obs", "sat", "stuck",
+                             "bg_basis", "white", "prior_cols", "prior_mean", "prior_w"};
+    for (got = 0; got < 13; got++)
+        if (get_buffer(o[got], &b[got], sizes[got], "d", got == 0, names[got]) < 0) goto done;
+    for (Py_ssize_t i = 0; i < nprior; i++) {
+        const double c = ((double *)b[10].buf)[i];
+        if (!(c >= 0 && c < p)) {
+            PyErr_SetString(PyExc_ValueError, "lm: prior column out of range");
+            goto done;
+        }
+    }
+    Prob q = {.k = k, .nf = (int)nf, .nr = nr, .nc = nc, .r0 = r0, .c0 = c0, .n_psf = n_psf, .n_bg = n_bg,
+              .p = (int)p, .n = (int)n, .npix = (int)npix, .nwhite = (int)nwhite, .nprior = (int)nprior,
+              .scale = scale, .sigma = sigma};
+    q.nres = (int)(n + (nwhite ? npix : 0) + nprior);
+    q.times = b[4].buf;
+    q.obs = b[5].buf;
+    q.sat = b[6].buf;
+    q.stuck = b[7].buf;
+    q.bgb = b[8].buf;
+    q.white = nwhite ? b[9].buf : NULL;
+    q.pcols = b[10].buf;
+    q.pmean = b[11].buf;
+    q.pw = b[12].buf;
+    const size_t fxn = (size_t)nf * k * nc, fyn = (size_t)nf * k * nr;
+    const size_t total = 3 * fxn + 3 * fyn + 2 * (size_t)n + (size_t)n * p + (size_t)npix * p +
+                         2 * (size_t)q.nres + (size_t)q.nres * p;
+    double *work = malloc(sizeof(double) * total);
+    if (!work) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    double *w = work;
+    q.fx = w, w += fxn;
+    q.dfx = w, w += fxn;
+    q.sx = w, w += fxn;
+    q.fy = w, w += fyn;
+    q.dfy = w, w += fyn;
+    q.sy = w, w += fyn;
+    q.model = w, w += n;
+    q.raw = w, w += n;
+    q.jraw = w, w += (size_t)n * p;
+    q.mean = w, w += (size_t)npix * p;
+    double *res = w, *res_new = w + q.nres, *jac = w + 2 * (size_t)q.nres;
+    int nfev;
+    Py_BEGIN_ALLOW_THREADS
+    nfev = solve(&q, b[0].buf, b[1].buf, b[2].buf, b[3].buf, max_nfev, tol, res, res_new, jac);
+    Py_END_ALLOW_THREADS
+    free(work);
+    for (int i = 0; i < 13; i++) PyBuffer_Release(&b[i]);
+    return PyLong_FromLong(nfev);
+done:
+    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"lm", lm, METH_VARARGS, "lm(theta, lower, upper, x_scale, times, obs, sat, stuck, ...): see fit.c"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fit", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__fit(void) { return PyModule_Create(&module); }
