@@ -37,7 +37,7 @@ import numpy as np
 
 from service.science import physics
 from service.science.peaks import extract_peaks
-from service.science.refine import FitConfig, fit_window
+from service.science.refine import SOLVERS, FitConfig, fit_window
 from training.metric import count_accuracy, cso_map
 from training.simulate import SimParams, render, simulate_trajectory, trajectory_rngs
 
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-nfev", type=int, default=d.max_nfev, help="FitConfig.max_nfev")
     p.add_argument("--tol", type=float, default=d.tol, help="FitConfig.tol")
-    p.add_argument("--solver", default=d.solver, choices=("lm", "scipy"), help="FitConfig.solver")
+    p.add_argument("--solver", default=d.solver, choices=SOLVERS, help="FitConfig.solver")
     p.add_argument("--criterion", default=d.criterion, choices=("bic", "aic"), help="FitConfig.criterion")
     p.add_argument("--model-error", type=float, default=d.model_error, help="FitConfig.model_error, grey levels")
     p.add_argument("--fixed-count", action="store_true", help="FitConfig.try_counts=False: keep the start's count")

@@ -106,6 +106,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy.linalg import solve_triangular
 from scipy.linalg.lapack import dposv as _posv
+from scipy.linalg.lapack import dtrtri as _trtri
 from scipy.optimize import least_squares
 from scipy.special import lambertw, ndtri
 
@@ -126,7 +127,7 @@ except ImportError:  # installed without a C compiler: the numpy solver
 
 NATIVE = _native_fit is not None  # whether solver "lm" runs in C
 CRITERIA = ("bic", "aic")
-SOLVERS = ("lm", "scipy")
+SOLVERS = ("lm", "lm-numpy", "scipy")
 ROUNDING_VARIANCE = 1.0 / 12.0  # variance of the error of rounding to an integer
 CLUTTER_MIN_RATIO = 1.0
 CLUTTER_MIN_VAR = 0.25
@@ -202,7 +203,9 @@ class FitConfig:
     # windows chi2 / dof is 0.77 at the median and 1.36 at the 95th percentile.
     retry_chi2: float = 2.0
     grow_chi2: float = 1.5  # where the flux is a lower bound, try one more target only past this chi2 / dof
-    solver: str = "lm"  # "lm": built-in projected Levenberg-Marquardt; "scipy": least_squares trf
+    # "lm": the built-in projected Levenberg-Marquardt, in C where service.kernels._fit is built
+    # (else as "lm-numpy"); "lm-numpy": the same in numpy (the reference); "scipy": least_squares trf
+    solver: str = "lm"
     max_nfev: int = 20  # residual evaluations per fit (one count)
     tol: float = 1e-4  # stop when the cost falls by less than tol (relative) or the step is tiny
     crop_px: float = 2.0  # fit pixels whose centre is within this of a start position, px
@@ -587,7 +590,8 @@ def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: 
     start, has_prior = _start(win, peaks, k, v0)
     fit = _fit(win, start, v0, start[:, :2], has_prior, scale)
     if win.scale is None:  # too few far pixels: noise from this fit's residuals, then refit
-        scale = max(math.sqrt(float(fit.residual @ fit.residual) / win.dof(fit)), 1e-3)
+        res = win.data_residuals(fit.problem.model(fit.theta))
+        scale = max(math.sqrt(float(res @ res) / win.dof(fit)), 1e-3)
         fit = _fit(win, fit.targets, fit.velocity, fit.anchors, fit.has_prior, scale, fit.nfev, fit.background)
         win.scale = scale
     if win.reduced_chi2(fit) > cfg.retry_chi2:
@@ -616,8 +620,7 @@ def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> t
     if m < cfg.min_noise_pixels:
         return None
     mean = r.mean(axis=0)
-    q1, q3 = np.quantile(r - mean, [0.25, 0.75])
-    noise = (q3 - q1) / 1.349 * math.sqrt(n_frames / (n_frames - 1))
+    noise = _iqr((r - mean).ravel()) / 1.349 * math.sqrt(n_frames / (n_frames - 1))
     centred = mean - np.median(mean)
     white_var = noise**2 / n_frames + extra
     var_c = float(np.mean(centred**2)) - white_var
@@ -645,6 +648,16 @@ def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> t
         if ll > best_ll:
             best, best_ll = (var_c, length, noise, shape), ll
     return best
+
+
+def _iqr(x: np.ndarray) -> float:
+    """Interquartile range of ``x`` (n,), quantiles interpolated as np.quantile's default does,
+    by a partial sort (np.quantile's overhead is most of its cost at these sizes)."""
+    h = (x.size - 1) * np.array([0.25, 0.75])
+    lo = np.floor(h).astype(int)
+    part = np.partition(x, np.unique(np.concatenate([lo, np.minimum(lo + 1, x.size - 1)])))
+    q = part[lo] + (h - lo) * (part[np.minimum(lo + 1, x.size - 1)] - part[lo])
+    return float(q[1] - q[0])
 
 
 def _length(shape: str, rho: float) -> float:
@@ -782,8 +795,8 @@ class _Window:
             self.clutter = measured.clutter
             self._whitening()
             return
-        far = _above_plane(frames[:, outside], basis[outside] @ self.bg0)
-        self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
+        raw_far = frames[:, outside]
+        far = _above_plane(raw_far, basis[outside] @ self.bg0)
         # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
         self.background = float(far.mean()) if far.size >= cfg.min_noise_pixels else None
         # a target near the patch border loses flux over the edge
@@ -792,17 +805,22 @@ class _Window:
             or np.any(peaks[:, 0] > width - 2.0 - cfg.max_shift_px)
             or np.any(peaks[:, 1] > height - 2.0 - cfg.max_shift_px)
         )
+        # clutter (which also measures the noise); not on a background clipped at the sensor's
+        # floor (noise cut at 0, as estimate_noise reads it): there it is not measurable, and
+        # the frames' deviations understate the noise
+        self.clutter = None
+        if cfg.clutter and cfg.background and n_frames > 1 and cfg.noise is None and raw_far.size:
+            if np.mean(raw_far == 0.0) <= 0.1:
+                self.clutter = _clutter(raw_far - basis[outside] @ self.bg0, outside, self.extra, cfg)
+        if self.clutter is not None:
+            self.noise = self.clutter[2]
+        else:
+            self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
         self.scale = math.sqrt(self.noise**2 + self.extra) if self.noise is not None else None
         if self.scale is not None and self.scale == 0.0:  # float frames, no noise: any scale fits
             self.scale = 1e-3
-        self.clutter = None
-        if cfg.clutter and cfg.background and n_frames > 1 and cfg.noise is None:
-            self.clutter = _clutter(frames[:, outside] - basis[outside] @ self.bg0, outside, self.extra, cfg)
-        if self.clutter is not None:
-            self.noise = self.clutter[2]
-            self.scale = max(math.sqrt(self.noise**2 + self.extra), 1e-3)
         # with clutter, fit_window fits a wider crop (a window measured from this one), whitened
-        self.white, self.flux_sigma = None, 0.0
+        self.chol, self.flux_sigma = None, 0.0
 
     @property
     def extra(self) -> float:
@@ -813,7 +831,7 @@ class _Window:
         """The clutter's whitening of the crop's frame-mean residual (None without clutter), its
         covariance (for the kriged flux of :func:`_clutter_flux`), and a lone target's flux sigma
         under the clutter and the noise (the floor of the brightness-free search)."""
-        self.white, self.flux_sigma = None, 0.0
+        self.chol, self.flux_sigma = None, 0.0
         if self.clutter is None:
             return
         var_c, length, _, shape = self.clutter
@@ -825,29 +843,36 @@ class _Window:
         ok = ~self.stuck[: rows * cols]
         kern = var_c * _kernel(shape, d2[np.ix_(ok, ok)], length)
         cov = kern + np.eye(int(ok.sum())) * white_var
-        white = np.zeros((rows * cols, rows * cols))
-        white[np.ix_(ok, ok)] = np.linalg.inv(np.linalg.cholesky(cov))  # W^T W = cov^-1
-        self.white = white
+        # the covariance's lower Cholesky factor (stuck pixels, whose mean residual is 0, get a
+        # row of the identity): whitening is a triangular solve with it
+        chol = np.eye(rows * cols)
+        chol[np.ix_(ok, ok)] = np.linalg.cholesky(cov)
+        self.chol = chol
+        self.white = _trtri(chol, lower=1)[0]  # its inverse, lower triangular too (numpy's whitening)
         self.kern, self.white_var = kern, white_var
         fr = pixel_fractions(np.array([(cols - 1) / 2.0, (rows - 1) / 2.0]), max(rows, cols), self.cfg.psf_sigma)
         unit = np.outer(fr[1, :rows], fr[0, :cols]).ravel()
-        self.flux_sigma = 1.0 / max(float(np.linalg.norm(white @ unit)), 1e-12)
+        self.flux_sigma = 1.0 / max(float(np.linalg.norm(self.whiten_mean(unit))), 1e-12)
 
     @property
     def n_rows(self) -> int:
         """Rows of the data part of the residual vector."""
-        return self.n + (self.white.shape[0] if self.white is not None else 0)
+        return self.n + (self.chol.shape[0] if self.chol is not None else 0)
 
     def whiten(self, r: np.ndarray, scale: float) -> np.ndarray:
         """Data residuals (n,) or Jacobian rows (n, p) -> rows whose squares sum to the chi2:
         without clutter r / scale; with clutter each frame's deviation from the frame mean / scale
         and the frame mean whitened by the clutter-plus-noise covariance."""
-        if self.white is None:
+        if self.chol is None:
             return r / scale
         f = self.shape[0]
         x = r.reshape(f, -1, *r.shape[1:])
         m = x.mean(axis=0)
-        return np.concatenate([((x - m) / scale).reshape(r.shape), self.white @ m], axis=0)
+        return np.concatenate([((x - m) / scale).reshape(r.shape), self.whiten_mean(m)], axis=0)
+
+    def whiten_mean(self, m: np.ndarray) -> np.ndarray:
+        """The crop's frame-mean values (P,) or (P, p) whitened by the clutter-plus-noise covariance."""
+        return self.white @ m
 
     def chi2(self, r: np.ndarray, scale: float) -> float:
         w = self.whiten(r, scale)
@@ -1048,7 +1073,6 @@ class _Fit:
     nfev: int
     anchors: np.ndarray
     has_prior: np.ndarray
-    residual: np.ndarray  # data residuals (model - obs), flat over the crop, not normalised
     background: np.ndarray  # (3,) fitted background plane
     psf_sigma: float  # fitted (or calibrated) PSF sigma, px
     problem: _Problem  # the least-squares problem and its solution, for the covariance
@@ -1071,8 +1095,9 @@ class _Fit:
 # ------------------------------------------------------------------------------ solvers
 
 
-def _solve_lm(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int]:
-    """Projected Levenberg-Marquardt for box bounds; returns (theta, residual evaluations).
+def _solve_lm(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int, None]:
+    """Projected Levenberg-Marquardt for box bounds; returns (theta, residual evaluations, None:
+    the caller computes the chi2).
 
     Each iteration solves (J^T J + lambda diag(J^T J)) step = -J^T r over the free parameters
     (a parameter on a bound whose gradient pushes it outward is held there), clips the new
@@ -1123,7 +1148,7 @@ def _solve_lm(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> t
         theta, r, cost = new, r_new, cost_new
         if small_step or small_gain:
             break
-    return theta, nfev
+    return theta, nfev, None
 
 
 def _bounded_step(hess, grad, damping, theta, lower, upper, free) -> np.ndarray | None:
@@ -1163,13 +1188,13 @@ def _bounded_step(hess, grad, damping, theta, lower, upper, free) -> np.ndarray 
     return step
 
 
-def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int]:
+def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int, float]:
     """:func:`_solve_lm` in C (service/kernels/_native/fit.c): the same algorithm on the same
-    residuals, without numpy's per-call overhead."""
+    residuals, without numpy's per-call overhead; also returns the data chi2 at the solution."""
     win = prob.win
     theta = np.array(theta, dtype=np.float64)
     empty = np.zeros(0)
-    nfev = _native_fit.lm(
+    nfev, chi2 = _native_fit.lm(
         theta,
         prob.lower,
         prob.upper,
@@ -1179,7 +1204,7 @@ def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) 
         win.sat_f,
         win.stuck_f,
         win.bg_basis,
-        empty if win.white is None else win.white.ravel(),
+        empty if win.chol is None else win.chol.ravel(),
         prob.prior_cols.astype(np.float64),
         prob.prior_mean,
         prob.prior_w,
@@ -1195,10 +1220,10 @@ def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) 
         win.cfg.psf_sigma,
         tol,
     )
-    return theta, nfev
+    return theta, nfev, chi2
 
 
-def _solve_scipy(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int]:
+def _solve_scipy(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -> tuple[np.ndarray, int, None]:
     """``scipy.optimize.least_squares`` (trust-region reflective, exact bounds), same problem."""
     lower, upper = prob.lower, np.maximum(prob.upper, prob.lower + 1e-12)  # trf needs lower < upper
     span = np.where(np.isfinite(upper - lower), upper - lower, 0.0)
@@ -1215,7 +1240,7 @@ def _solve_scipy(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) -
         gtol=1e-10,
         max_nfev=max_nfev,
     )
-    return np.clip(sol.x, prob.lower, prob.upper), int(sol.nfev)
+    return np.clip(sol.x, prob.lower, prob.upper), int(sol.nfev), None
 
 
 # ------------------------------------------------------------------------------ the steps
@@ -1252,11 +1277,13 @@ def _fit(
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)
     prob = _Problem(win, anchors, has_prior, scale, free_sigma)
-    solve = _solve_scipy if cfg.solver == "scipy" else _solve_native if cfg.solver == "lm" and NATIVE else _solve_lm
-    theta, nfev = solve(prob, prob.pack(start, v0, win.bg0 if bg0 is None else bg0, sigma0), cfg.max_nfev, cfg.tol)
+    solve = {"scipy": _solve_scipy, "lm-numpy": _solve_lm}.get(cfg.solver, _solve_native if NATIVE else _solve_lm)
+    theta, nfev, chi2 = solve(
+        prob, prob.pack(start, v0, win.bg0 if bg0 is None else bg0, sigma0), cfg.max_nfev, cfg.tol
+    )
     targets, v, bg, sigma = prob.unpack(theta)
-    res = win.data_residuals(prob.model(theta))
-    chi2 = win.chi2(res, scale)
+    if chi2 is None:
+        chi2 = win.chi2(win.data_residuals(prob.model(theta)), scale)
     return _Fit(
         targets=targets,
         velocity=v,
@@ -1266,7 +1293,6 @@ def _fit(
         nfev=nfev + nfev0,
         anchors=anchors,
         has_prior=has_prior,
-        residual=res,
         background=bg,
         psf_sigma=sigma,
         problem=prob,
@@ -1340,7 +1366,7 @@ def _flux_counts(win: _Window) -> tuple[list[int], bool]:
     flux = float(img.sum(axis=(1, 2)).mean()) - background * n_px
     s = win.scale if win.scale is not None else 1.0
     sigma = s * math.sqrt(n_px / n_frames) + 1.0  # noise of the frame-mean sum (+1: rounding of bounds)
-    if win.white is not None:
+    if win.chol is not None:
         flux, sigma = _clutter_flux(win, img.mean(axis=0).ravel() - background)
     k_lo = max(1, math.ceil((flux - cfg.flux_z * sigma) / hi))
     k_hi = math.floor((flux + cfg.flux_z * sigma) / lo)
@@ -1473,7 +1499,7 @@ def _cluster(xy: np.ndarray, weight: np.ndarray, k: int, iterations: int = 8) ->
         mass = np.bincount(label, weights=w, minlength=k)
         moved = np.column_stack([np.bincount(label, weights=w * xy[:, i], minlength=k) for i in (0, 1)])
         new = np.where(mass[:, None] > 0, moved / np.maximum(mass, 1e-300)[:, None], c)
-        if np.allclose(new, c):
+        if np.all(np.abs(new - c) <= 1e-8 + 1e-5 * np.abs(c)):  # np.allclose, without its overhead
             break
         c = new
     return c

@@ -20,7 +20,7 @@
 typedef struct {
     int k, nf, nr, nc, r0, c0, n_psf, n_bg, p, n, npix, nwhite, nprior, nres;
     double scale, sigma;
-    const double *times, *obs, *sat, *stuck, *bgb, *white, *pcols, *pmean, *pw;
+    const double *times, *obs, *sat, *stuck, *bgb, *chol, *pcols, *pmean, *pw;
     /* work: fractions (nf, k, nc | nr) and their derivatives, the model */
     double *fx, *fy, *dfx, *dfy, *sx, *sy, *model, *raw, *jraw, *mean;
 } Prob;
@@ -85,10 +85,11 @@ static void evaluate(Prob *q, const double *th, int grad) {
 }
 
 /* raw rows x (n, w) -> the data part of the residual rows out (nres - nprior, w): x / scale, or
- * with clutter each frame's deviation from the frame mean / scale and the whitened mean */
+ * with clutter each frame's deviation from the frame mean / scale and the frame mean whitened by
+ * the clutter-plus-noise covariance (whose lower Cholesky factor is chol) */
 static void whiten(const Prob *q, const double *x, int w, double *out) {
     const size_t n = (size_t)q->n * w;
-    if (!q->white) {
+    if (!q->chol) {
         for (size_t i = 0; i < n; i++) out[i] = x[i] / q->scale;
         return;
     }
@@ -100,17 +101,21 @@ static void whiten(const Prob *q, const double *x, int w, double *out) {
     for (size_t i = 0; i < np; i++) m[i] /= q->nf;
     for (int t = 0; t < q->nf; t++)
         for (size_t i = 0; i < np; i++) out[t * np + i] = (x[t * np + i] - m[i]) / q->scale;
-    /* white is the inverse of a Cholesky factor: lower triangular */
+    /* the whitened mean: forward substitution with the covariance's lower Cholesky factor */
     double *o = out + n;
     for (int r = 0; r < q->npix; r++) {
         double *restrict row = o + (size_t)r * w;
-        for (int c = 0; c < w; c++) row[c] = 0.0;
-        const double *wr = q->white + (size_t)r * q->npix;
-        for (int i = 0; i <= r; i++) {
-            const double v = wr[i];
-            const double *restrict mi = m + (size_t)i * w;
-            for (int c = 0; c < w; c++) row[c] += v * mi[c];
+        const double *restrict mr = m + (size_t)r * w;
+        for (int c = 0; c < w; c++) row[c] = mr[c];
+        const double *lr = q->chol + (size_t)r * q->npix;
+        for (int i = 0; i < r; i++) {
+            const double v = lr[i];
+            if (v == 0.0) continue;
+            const double *restrict zi = o + (size_t)i * w;
+            for (int c = 0; c < w; c++) row[c] -= v * zi[c];
         }
+        const double d = 1.0 / lr[r];
+        for (int c = 0; c < w; c++) row[c] *= d;
     }
 }
 
@@ -237,9 +242,10 @@ static double dot(const double *a, const double *b, int n) {
     return s;
 }
 
-/* refine._solve_lm: theta in place; returns the residual evaluations */
+/* refine._solve_lm: theta in place; returns the residual evaluations, and the data part of the
+ * final cost (the chi2 without the priors) in data_cost */
 static int solve(Prob *q, double *th, const double *lo, const double *hi, const double *xs, int max_nfev,
-                 double tol, double *res, double *res_new, double *jac) {
+                 double tol, double *res, double *res_new, double *jac, double *data_cost) {
     const int p = q->p, nres = q->nres;
     double hess[MAXP * MAXP], grad[MAXP], diag[MAXP], damp[MAXP], step[MAXP], nw[MAXP], hs[MAXP];
     int free[MAXP];
@@ -318,13 +324,15 @@ static int solve(Prob *q, double *th, const double *lo, const double *hi, const 
         cost = cost_new;
         if (small_step || small_gain) break;
     }
+    *data_cost = dot(res, res, nres - q->nprior);
     return nfev;
 }
 
-/* lm(theta, lower, upper, x_scale, times, obs, sat, stuck, bg_basis, white, prior_cols,
+/* lm(theta, lower, upper, x_scale, times, obs, sat, stuck, bg_basis, chol, prior_cols,
  *    prior_mean, prior_w, k, n_rows, n_cols, r0, c0, n_psf, n_bg, max_nfev, scale, sigma, tol)
- * -> residual evaluations. float64 C-contiguous buffers; theta is updated in place; white is
- * (n_rows * n_cols)^2 values or empty (no clutter); sat and stuck are 0/1 per fitted pixel. */
+ * -> (residual evaluations, data chi2 at the solution). float64 C-contiguous buffers; theta is updated in place; chol is the
+ * clutter-plus-noise covariance's lower Cholesky factor, (n_rows * n_cols)^2 values, or empty
+ * (no clutter); sat and stuck are 0/1 per fitted pixel. */
 static PyObject *lm(PyObject *self, PyObject *args) {
     PyObject *o[13];
     int k, nr, nc, r0, c0, n_psf, n_bg, max_nfev;
@@ -361,12 +369,12 @@ static PyObject *lm(PyObject *self, PyObject *args) {
         PyBuffer_Release(&w);
     }
     if (nwhite != 0 && nwhite != npix * npix) {
-        PyErr_SetString(PyExc_ValueError, "lm: white must be (n_rows * n_cols)^2 values or empty");
+        PyErr_SetString(PyExc_ValueError, "lm: chol must be (n_rows * n_cols)^2 values or empty");
         return NULL;
     }
     const Py_ssize_t sizes[13] = {p, p, p, p, nf, n, n, n, n * 3, nwhite, nprior, nprior, nprior};
     const char *names[13] = {"theta", "lower", "upper", "x_scale", "times", "obs", "sat", "stuck",
-                             "bg_basis", "white", "prior_cols", "prior_mean", "prior_w"};
+                             "bg_basis", "chol", "prior_cols", "prior_mean", "prior_w"};
     for (got = 0; got < 13; got++)
         if (get_buffer(o[got], &b[got], sizes[got], "d", got == 0, names[got]) < 0) goto done;
     for (Py_ssize_t i = 0; i < nprior; i++) {
@@ -385,7 +393,7 @@ static PyObject *lm(PyObject *self, PyObject *args) {
     q.sat = b[6].buf;
     q.stuck = b[7].buf;
     q.bgb = b[8].buf;
-    q.white = nwhite ? b[9].buf : NULL;
+    q.chol = nwhite ? b[9].buf : NULL;
     q.pcols = b[10].buf;
     q.pmean = b[11].buf;
     q.pw = b[12].buf;
@@ -410,12 +418,13 @@ static PyObject *lm(PyObject *self, PyObject *args) {
     q.mean = w, w += (size_t)npix * p;
     double *res = w, *res_new = w + q.nres, *jac = w + 2 * (size_t)q.nres;
     int nfev;
+    double data_cost = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    nfev = solve(&q, b[0].buf, b[1].buf, b[2].buf, b[3].buf, max_nfev, tol, res, res_new, jac);
+    nfev = solve(&q, b[0].buf, b[1].buf, b[2].buf, b[3].buf, max_nfev, tol, res, res_new, jac, &data_cost);
     Py_END_ALLOW_THREADS
     free(work);
     for (int i = 0; i < 13; i++) PyBuffer_Release(&b[i]);
-    return PyLong_FromLong(nfev);
+    return Py_BuildValue("id", nfev, data_cost);
 done:
     for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
     return NULL;
