@@ -90,9 +90,10 @@ def run(args) -> dict:
     predictor = load_predictor(args.model, args.threads, stream=True)
     rows = []
     names = args.conditions or list(CONDITIONS)
-    for k, name in enumerate(tqdm(names, desc="conditions", unit="cond")):
+    for name in tqdm(names, desc="conditions", unit="cond"):
         kind, changes = CONDITIONS[name]
-        split = simulate(kind, changes, args.trajectories, SEED_BASE + k)
+        # a condition's seed is its place in CONDITIONS: a subset run scores the same trajectories
+        split = simulate(kind, changes, args.trajectories, SEED_BASE + list(CONDITIONS).index(name))
         t0 = time.perf_counter()
         maps, timing = predict(predictor, split)
         row = {"condition": name, "trajectories": args.trajectories, "windows": int(maps.shape[0] * maps.shape[1])}

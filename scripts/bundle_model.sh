@@ -12,7 +12,7 @@ FT=${FT:-runs/derefnet-cond}
 CKPT=${CKPT:-$FT/best.pt}      # the checkpoint exported
 TEST_SEED=${TEST_SEED:-1001}   # never used for training data
 TEST_DATA=data/seqcsist-test-s${TEST_SEED}
-EVAL=${EVAL:-runs/eval6}       # where the metrics step writes its report
+EVAL=${EVAL:-runs/eval7}       # where the metrics step writes its report
 
 step=${1:-all}  # data, train, finetune, evaluate, export, all; or metrics, int8, reexport, split, amx
 if [[ $step == data || $step == all ]]; then

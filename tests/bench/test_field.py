@@ -51,3 +51,10 @@ def test_quick_field_report(tiny_model, tmp_path):
         for refine in ("none", "fit"):
             assert 0 <= r[refine]["mAP"] <= 100 and r[refine]["postprocess_ms_per_window"] >= 0
     assert "| flat background +30 |" in md.read_text()
+    # a condition scores the same trajectories whichever others run with it
+    alone = tmp_path / "alone.json"
+    args = ["field", "--model", str(tiny_model), "--trajectories", "2", "--conditions", names[1], "--out", str(alone)]
+    assert cli.main(args) == 0
+    row = json.loads(alone.read_text())["rows"][0]
+    assert row["none"]["mAP"] == report["rows"][1]["none"]["mAP"]
+    assert row["fit"]["mAP"] == report["rows"][1]["fit"]["mAP"]
