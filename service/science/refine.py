@@ -126,15 +126,19 @@ except ImportError:  # installed without a C compiler: the numpy solver
     _native_fit = None
 
 NATIVE = _native_fit is not None  # whether solver "lm" runs in C
+NATIVE_MAX_PARAMS = 64  # the C solver's limit (MAXP in fit.c); larger problems run in numpy
 CRITERIA = ("bic", "aic")
 SOLVERS = ("lm", "lm-numpy", "scipy")
 ROUNDING_VARIANCE = 1.0 / 12.0  # variance of the error of rounding to an integer
+# Clutter is modelled where the frame mean's variance beyond the noise exceeds the noise's own
+# share of it (so that it doubles the variance: far past what ~70 far pixels' sampling error of
+# a pure-noise variance reaches) and a quarter grey level squared (the rounding's scale)
 CLUTTER_MIN_RATIO = 1.0
 CLUTTER_MIN_VAR = 0.25
-CLUTTER_MIN_LENGTH = 2.0  # x psf sigma
-CLUTTER_MAX_LENGTH = 5.0  # px
-CLUTTER_PAD = 1.0  # correlation lengths
-CLUTTER_KERNELS = ("smooth", "rough")
+CLUTTER_MIN_LENGTH = 2.0  # correlation length >= this many PSF sigmas: clutter seen through the optics
+CLUTTER_MAX_LENGTH = 5.0  # px: longer than this, the plane takes it within an 11-px patch
+CLUTTER_PAD = 1.0  # the crop grows by this many correlation lengths where there is clutter
+CLUTTER_KERNELS = ("smooth", "rough")  # covariance shapes tried (_kernel), the likelier kept
 
 
 @dataclass(frozen=True)
@@ -1277,7 +1281,8 @@ def _fit(
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)
     prob = _Problem(win, anchors, has_prior, scale, free_sigma)
-    solve = {"scipy": _solve_scipy, "lm-numpy": _solve_lm}.get(cfg.solver, _solve_native if NATIVE else _solve_lm)
+    native = NATIVE and prob.n_params <= NATIVE_MAX_PARAMS
+    solve = {"scipy": _solve_scipy, "lm-numpy": _solve_lm}.get(cfg.solver, _solve_native if native else _solve_lm)
     theta, nfev, chi2 = solve(
         prob, prob.pack(start, v0, win.bg0 if bg0 is None else bg0, sigma0), cfg.max_nfev, cfg.tol
     )

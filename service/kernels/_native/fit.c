@@ -15,10 +15,10 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define MAXP 64 /* parameters: 3 x 20 targets + 4 */
+#define MAXP 64 /* parameters: up to 19 targets with velocity, PSF sigma and plane (refine.NATIVE_MAX_PARAMS) */
 
 typedef struct {
-    int k, nf, nr, nc, r0, c0, n_psf, n_bg, p, n, npix, nwhite, nprior, nres;
+    int k, nf, nr, nc, r0, c0, n_psf, n_bg, p, n, npix, nchol, nprior, nres;
     double scale, sigma;
     const double *times, *obs, *sat, *stuck, *bgb, *chol, *pcols, *pmean, *pw;
     /* work: fractions (nf, k, nc | nr) and their derivatives, the model */
@@ -354,11 +354,11 @@ static PyObject *lm(PyObject *self, PyObject *args) {
     const Py_ssize_t nf = b[4].len / (Py_ssize_t)sizeof(double);
     PyBuffer_Release(&b[4]);
     const Py_ssize_t npix = (Py_ssize_t)nr * nc, n = nf * npix;
-    Py_ssize_t nwhite = 0;
+    Py_ssize_t nchol = 0;
     {
         Py_buffer w;
         if (PyObject_GetBuffer(o[9], &w, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
-        nwhite = w.len / (Py_ssize_t)sizeof(double);
+        nchol = w.len / (Py_ssize_t)sizeof(double);
         PyBuffer_Release(&w);
     }
     Py_ssize_t nprior = 0;
@@ -368,11 +368,11 @@ static PyObject *lm(PyObject *self, PyObject *args) {
         nprior = w.len / (Py_ssize_t)sizeof(double);
         PyBuffer_Release(&w);
     }
-    if (nwhite != 0 && nwhite != npix * npix) {
+    if (nchol != 0 && nchol != npix * npix) {
         PyErr_SetString(PyExc_ValueError, "lm: chol must be (n_rows * n_cols)^2 values or empty");
         return NULL;
     }
-    const Py_ssize_t sizes[13] = {p, p, p, p, nf, n, n, n, n * 3, nwhite, nprior, nprior, nprior};
+    const Py_ssize_t sizes[13] = {p, p, p, p, nf, n, n, n, n * 3, nchol, nprior, nprior, nprior};
     const char *names[13] = {"theta", "lower", "upper", "x_scale", "times", "obs", "sat", "stuck",
                              "bg_basis", "chol", "prior_cols", "prior_mean", "prior_w"};
     for (got = 0; got < 13; got++)
@@ -385,15 +385,15 @@ static PyObject *lm(PyObject *self, PyObject *args) {
         }
     }
     Prob q = {.k = k, .nf = (int)nf, .nr = nr, .nc = nc, .r0 = r0, .c0 = c0, .n_psf = n_psf, .n_bg = n_bg,
-              .p = (int)p, .n = (int)n, .npix = (int)npix, .nwhite = (int)nwhite, .nprior = (int)nprior,
+              .p = (int)p, .n = (int)n, .npix = (int)npix, .nchol = (int)nchol, .nprior = (int)nprior,
               .scale = scale, .sigma = sigma};
-    q.nres = (int)(n + (nwhite ? npix : 0) + nprior);
+    q.nres = (int)(n + (nchol ? npix : 0) + nprior);
     q.times = b[4].buf;
     q.obs = b[5].buf;
     q.sat = b[6].buf;
     q.stuck = b[7].buf;
     q.bgb = b[8].buf;
-    q.chol = nwhite ? b[9].buf : NULL;
+    q.chol = nchol ? b[9].buf : NULL;
     q.pcols = b[10].buf;
     q.pmean = b[11].buf;
     q.pw = b[12].buf;

@@ -626,3 +626,12 @@ def test_the_c_solver_refuses_bad_buffers():
         _fit.lm(*bad, *ints, 1.0, 0.5, 1e-4)
     with pytest.raises(ValueError, match="bad dimensions"):
         _fit.lm(*args, 0, 3, 3, 4, 4, 0, 0, 10, 1.0, 0.5, 1e-4)
+
+
+def test_more_targets_than_the_c_solver_takes_run_in_numpy():
+    # 21 targets: 69 parameters, past the C solver's 64; the fit still answers
+    rng = np.random.default_rng(2)
+    truth = np.column_stack([rng.uniform(1.5, 8.5, 21), rng.uniform(1.5, 8.5, 21), rng.uniform(220, 250, 21)])
+    frames = window(truth, quantize=True)
+    r = fit_window(frames, truth, FitConfig(max_targets=21, try_counts=False))
+    assert r.k_final == 21 and np.isfinite(r.targets).all()
