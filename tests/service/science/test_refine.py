@@ -532,6 +532,38 @@ def test_clutter_is_marginalised_as_a_random_field(seed):
     )
 
 
+def test_uncertainties_under_clutter_are_calibrated():
+    """On clutter (std 5-20, correlation 1-2 px) with noise sigma 2, the fit counts right and
+    its normalised errors spread about 1; the plane alone (clutter=False) fails the count and
+    error bounds."""
+    rng = np.random.default_rng(12)
+    z_pos, z_bright, errors, right = [], [], [], 0
+    for _ in range(80):
+        k = int(rng.integers(2, 5))
+        angle, dist, centre = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.6), rng.uniform(4.0, 6.0, 2)
+        dirs = np.array([[np.cos(angle + j * np.pi / 2), np.sin(angle + j * np.pi / 2)] for j in range(k)])
+        truth = np.column_stack([centre + dist * dirs, np.clip(rng.normal(235, 20, k), 201, 269)])
+        frames = window(truth, velocity=rng.uniform(-0.05, 0.05, 2), noise=2.0, seed=int(rng.integers(1e9)))
+        background = clutter(rng.uniform(5, 20), rng.uniform(1.0, 2.0), int(rng.integers(1e9)))
+        frames = np.stack([physics.quantize(f) for f in frames + background]).astype(np.float64)
+        start = truth.copy()
+        start[:, :2] += rng.normal(0, 0.1, (k, 2))
+        r = fit_window(frames, start)
+        if not r.accepted or r.k_final != k:
+            continue
+        match = np.hypot(*(r.targets[:, None, :2] - truth[None, :, :2]).transpose(2, 0, 1)).argmin(axis=1)
+        if len(set(match)) < k:
+            continue
+        right += 1
+        errors += list((r.targets[:, :2] - truth[match, :2]).ravel())
+        z_pos += list((r.targets[:, :2] - truth[match, :2]).ravel() / r.uncertainty[:, :2].ravel())
+        z_bright += list((r.targets[:, 2] - truth[match, 2]) / r.uncertainty[:, 3])
+    assert right >= 72
+    assert np.sqrt(np.mean(np.square(errors))) < 0.055
+    assert 0.8 < np.std(z_pos) < 1.2
+    assert 0.75 < np.std(z_bright) < 1.25
+
+
 def test_clutter_is_found_only_where_the_background_varies_beyond_the_noise():
     truth = DIAMOND[:3]
     kw = dict(cfg=FitConfig(), planes=None)
