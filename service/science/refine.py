@@ -385,8 +385,6 @@ def fit_window(
         return reject("non-finite input")
 
     win = _Window(frames, times, peaks_in, cfg, planes, stuck)
-    if win.clutter is not None:
-        win = _Window(frames, times, peaks_in, cfg, planes, stuck, measured=win)
     if cfg.fallback and win.noise is not None and win.noise > cfg.max_noise:
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
@@ -607,6 +605,16 @@ def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: 
     return fit, scale
 
 
+def _crop_bounds(peaks: np.ndarray, reach: float, height: int, width: int) -> tuple[int, int, int, int]:
+    """Rows r0:r1 and columns c0:c1 of the pixels whose centre lies within ``reach`` px of the
+    peaks' bounding box (at least one pixel, inside the patch)."""
+    lo = np.floor(peaks[:, :2].min(axis=0) - reach + 1.0).astype(int)  # first centre >= min - reach
+    hi = np.ceil(peaks[:, :2].max(axis=0) + reach).astype(int)  # one past the last centre
+    c0, r0 = min(max(0, int(lo[0])), width - 1), min(max(0, int(lo[1])), height - 1)
+    c1, r1 = max(min(width, int(hi[0])), c0 + 1), max(min(height, int(hi[1])), r0 + 1)
+    return r0, r1, c0, c1
+
+
 def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> tuple[float, float, float, str] | None:
     """Clutter of a window from its far pixels' residuals ``r`` (F, m) about the background plane
     (``mask`` (H, W) marks where they are): (variance, correlation length px, noise sigma,
@@ -747,58 +755,23 @@ class _Window:
         cfg: FitConfig,
         planes: np.ndarray | None = None,
         stuck: np.ndarray | None = None,
-        measured: _Window | None = None,
     ):
         n_frames, height, width = frames.shape
         self.cfg = cfg
         self.times = times
-        # with clutter, the crop grows by a correlation length: the clutter around the
-        # targets tells what it is under them
-        pad = 0.0 if measured is None or measured.clutter is None else CLUTTER_PAD * measured.clutter[1]
-        reach = cfg.crop_px + cfg.max_speed_px * float(np.max(np.abs(times))) + pad
-        lo = np.floor(peaks[:, :2].min(axis=0) - reach + 1.0).astype(int)  # first centre >= min - reach
-        hi = np.ceil(peaks[:, :2].max(axis=0) + reach).astype(int)  # one past the last centre
-        self.c0, self.r0 = min(max(0, int(lo[0])), width - 1), min(max(0, int(lo[1])), height - 1)
-        self.c1, self.r1 = max(min(width, int(hi[0])), self.c0 + 1), max(min(height, int(hi[1])), self.r0 + 1)
-        # pixel_fractions counts pixels from 0, so one call of this size covers rows and columns
-        self.size = max(self.r1, self.c1)
-        crop = frames[:, self.r0 : self.r1, self.c0 : self.c1]
-        self.shape = crop.shape
-        self.obs = crop.ravel()
-        self.n = self.obs.size
-        self.t_pix = np.repeat(times, crop[0].size)  # the time of every fitted pixel
-        self.sat = self.obs >= cfg.saturation if cfg.saturation is not None else np.zeros(self.n, dtype=bool)
-        # stuck pixels: no residual, no Jacobian row, not counted as data
-        self.stuck = (
-            np.zeros(self.n, dtype=bool)
-            if stuck is None
-            else np.tile(stuck[self.r0 : self.r1, self.c0 : self.c1].ravel(), n_frames)
-        )
         self.peaks = peaks
-        self.sat &= ~self.stuck
-        self.any_sat = bool(self.sat.any())
-        self.any_stuck = bool(self.stuck.any())
-        self.sat_f, self.stuck_f = self.sat.astype(np.float64), self.stuck.astype(np.float64)  # for the C solver
-        self.n_data = self.n - int(self.stuck.sum())
-        self.usable = ~(self.sat | self.stuck)  # pixels the linear solves use
-        outside = np.ones((height, width), dtype=bool)
-        outside[self.r0 : self.r1, self.c0 : self.c1] = False
-        if stuck is not None:
-            outside &= ~stuck
         basis = plane_basis(height, width).reshape(height, width, 3)
         if planes is None and cfg.background:
             planes = fit_planes(frames)[0]
         self.bg0 = np.median(planes, axis=0) if cfg.background else np.zeros(3)
         self.n_bg = 3 if cfg.background else 0
-        self.bg_basis = np.tile(basis[self.r0 : self.r1, self.c0 : self.c1].reshape(-1, 3), (n_frames, 1))  # (n, 3)
-        # the observations less the starting background: what the targets must explain
-        self.sig = self.obs - self.bg_basis @ self.bg0
-        if measured is not None:  # the noise, background and clutter of the default crop's far pixels
-            self.noise, self.background, self.scale = measured.noise, measured.background, measured.scale
-            self.at_border = measured.at_border
-            self.clutter = measured.clutter
-            self._whitening()
-            return
+        # the noise, background level and clutter, from the pixels outside the default crop
+        reach = cfg.crop_px + cfg.max_speed_px * float(np.max(np.abs(times)))
+        r0, r1, c0, c1 = _crop_bounds(peaks, reach, height, width)
+        outside = np.ones((height, width), dtype=bool)
+        outside[r0:r1, c0:c1] = False
+        if stuck is not None:
+            outside &= ~stuck
         raw_far = frames[:, outside]
         far = _above_plane(raw_far, basis[outside] @ self.bg0)
         # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
@@ -818,13 +791,37 @@ class _Window:
                 self.clutter = _clutter(raw_far - basis[outside] @ self.bg0, outside, self.extra, cfg)
         if self.clutter is not None:
             self.noise = self.clutter[2]
+            # the crop grows by a correlation length: the clutter around the targets tells what
+            # it is under them
+            r0, r1, c0, c1 = _crop_bounds(peaks, reach + CLUTTER_PAD * self.clutter[1], height, width)
         else:
             self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
         self.scale = math.sqrt(self.noise**2 + self.extra) if self.noise is not None else None
         if self.scale is not None and self.scale == 0.0:  # float frames, no noise: any scale fits
             self.scale = 1e-3
-        # with clutter, fit_window fits a wider crop (a window measured from this one), whitened
-        self.chol, self.flux_sigma = None, 0.0
+
+        # the fitted crop
+        self.r0, self.r1, self.c0, self.c1 = r0, r1, c0, c1
+        # pixel_fractions counts pixels from 0, so one call of this size covers rows and columns
+        self.size = max(r1, c1)
+        crop = frames[:, r0:r1, c0:c1]
+        self.shape = crop.shape
+        self.obs = crop.ravel()
+        self.n = self.obs.size
+        self.t_pix = np.repeat(times, crop[0].size)  # the time of every fitted pixel
+        self.sat = self.obs >= cfg.saturation if cfg.saturation is not None else np.zeros(self.n, dtype=bool)
+        # stuck pixels: no residual, no Jacobian row, not counted as data
+        self.stuck = np.zeros(self.n, dtype=bool) if stuck is None else np.tile(stuck[r0:r1, c0:c1].ravel(), n_frames)
+        self.sat &= ~self.stuck
+        self.any_sat = bool(self.sat.any())
+        self.any_stuck = bool(self.stuck.any())
+        self.sat_f, self.stuck_f = self.sat.astype(np.float64), self.stuck.astype(np.float64)  # for the C solver
+        self.n_data = self.n - int(self.stuck.sum())
+        self.usable = ~(self.sat | self.stuck)  # pixels the linear solves use
+        self.bg_basis = np.tile(basis[r0:r1, c0:c1].reshape(-1, 3), (n_frames, 1))  # (n, 3)
+        # the observations less the starting background: what the targets must explain
+        self.sig = self.obs - self.bg_basis @ self.bg0
+        self._whitening()
 
     @property
     def extra(self) -> float:
