@@ -251,6 +251,11 @@ class FitConfig:
         if self.flux_z <= 0 or self.retry_chi2 <= 0 or self.grow_chi2 <= 0:
             raise ValueError("flux_z, retry_chi2 and grow_chi2 must be > 0")
 
+    @property
+    def brightness_centre(self) -> float:
+        """Centre of the calibrated brightness range: the prior's mean."""
+        return 0.5 * (self.brightness_range[0] + self.brightness_range[1])
+
 
 @dataclass(frozen=True)
 class FitResult:
@@ -443,7 +448,6 @@ def fit_window(
         # refitted, penalised as if fitted like the others (so for the same count this
         # compares chi2: "explains the frames better")
         net, bg_net = _linear_fit(best_win, network, best.velocity, best.psf_sigma)
-
         r_net = win.data_residuals(win.model(net, best.velocity, bg_net, best.psf_sigma))
         others = best.n_params - 3 * len(best.targets)  # velocity, background, sigma if fitted
         ics["network"] = _criterion(
@@ -645,9 +649,9 @@ def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> t
     rho = float(np.mean(pairs)) / var_c if pairs.size else 0.0
     rows, cols = np.nonzero(mask)
     d2 = (cols[:, None] - cols[None]) ** 2 + (rows[:, None] - rows[None]) ** 2
+    lo, hi = CLUTTER_MIN_LENGTH * cfg.psf_sigma, CLUTTER_MAX_LENGTH
     best, best_ll = None, -math.inf
     for shape in CLUTTER_KERNELS:
-        lo, hi = CLUTTER_MIN_LENGTH * cfg.psf_sigma, CLUTTER_MAX_LENGTH
         at = min(max(rho, float(_kernel(shape, 1.0, lo))), float(_kernel(shape, 1.0, hi)))
         length = _length(shape, at) if lo < hi else lo
         cov = var_c * _kernel(shape, d2, length) + white_var * np.eye(m)
@@ -832,7 +836,7 @@ class _Window:
         """The clutter's whitening of the crop's frame-mean residual (None without clutter), its
         covariance (for the kriged flux of :func:`_clutter_flux`), and a lone target's flux sigma
         under the clutter and the noise (the floor of the brightness-free search)."""
-        self.chol, self.flux_sigma = None, 0.0
+        self.white, self.flux_sigma = None, 0.0
         if self.clutter is None:
             return
         var_c, length, _, shape = self.clutter
@@ -844,12 +848,11 @@ class _Window:
         ok = ~self.stuck[: rows * cols]
         kern = var_c * _kernel(shape, d2[np.ix_(ok, ok)], length)
         cov = kern + np.eye(int(ok.sum())) * white_var
-        # the covariance's lower Cholesky factor (stuck pixels, whose mean residual is 0, get a
-        # row of the identity): whitening is a triangular solve with it
+        # the inverse of the covariance's lower Cholesky factor, lower triangular too (stuck
+        # pixels, whose mean residual is 0, get a row of the identity): W^T W = cov^-1
         chol = np.eye(rows * cols)
         chol[np.ix_(ok, ok)] = np.linalg.cholesky(cov)
-        self.chol = chol
-        self.white = _trtri(chol, lower=1)[0]  # its inverse, lower triangular too (numpy's whitening)
+        self.white = np.ascontiguousarray(_trtri(chol, lower=1)[0])
         self.kern, self.white_var = kern, white_var
         fr = pixel_fractions(np.array([(cols - 1) / 2.0, (rows - 1) / 2.0]), max(rows, cols), self.cfg.psf_sigma)
         unit = np.outer(fr[1, :rows], fr[0, :cols]).ravel()
@@ -858,13 +861,13 @@ class _Window:
     @property
     def n_rows(self) -> int:
         """Rows of the data part of the residual vector."""
-        return self.n + (self.chol.shape[0] if self.chol is not None else 0)
+        return self.n + (self.white.shape[0] if self.white is not None else 0)
 
     def whiten(self, r: np.ndarray, scale: float) -> np.ndarray:
         """Data residuals (n,) or Jacobian rows (n, p) -> rows whose squares sum to the chi2:
         without clutter r / scale; with clutter each frame's deviation from the frame mean / scale
         and the frame mean whitened by the clutter-plus-noise covariance."""
-        if self.chol is None:
+        if self.white is None:
             return r / scale
         f = self.shape[0]
         x = r.reshape(f, -1, *r.shape[1:])
@@ -954,7 +957,7 @@ class _Problem:
         weights = [np.full(2 * idx.size, prior_w)]
         if cfg.brightness_prior is not None:
             cols.append(2 * k + np.arange(k))
-            means.append(np.full(k, 0.5 * (b_lo + b_hi)))
+            means.append(np.full(k, cfg.brightness_centre))
             weights.append(np.full(k, 1.0 / cfg.brightness_prior))
         self.i_s = 3 * k + 2 if self.n_psf else None  # index of the PSF sigma in theta
         self.i_bg = 3 * k + 2 + self.n_psf  # first background coefficient
@@ -1205,7 +1208,7 @@ def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) 
         win.sat_f,
         win.stuck_f,
         win.bg_basis,
-        empty if win.chol is None else win.chol.ravel(),
+        empty if win.white is None else win.white.ravel(),
         prob.prior_cols.astype(np.float64),
         prob.prior_mean,
         prob.prior_w,
@@ -1252,8 +1255,7 @@ def _calibration_chi2(cfg: FitConfig, brightness: np.ndarray) -> float:
     (0 without a prior)."""
     if cfg.brightness_prior is None:
         return 0.0
-    mid = 0.5 * (cfg.brightness_range[0] + cfg.brightness_range[1])
-    return float(np.sum(((brightness - mid) / cfg.brightness_prior) ** 2))
+    return float(np.sum(((brightness - cfg.brightness_centre) / cfg.brightness_prior) ** 2))
 
 
 def _criterion(chi2: float, n_params: int, n: int, kind: str) -> float:
@@ -1368,13 +1370,13 @@ def _flux_counts(win: _Window) -> tuple[list[int], bool]:
     flux = float(img.sum(axis=(1, 2)).mean()) - background * n_px
     s = win.scale if win.scale is not None else 1.0
     sigma = s * math.sqrt(n_px / n_frames) + 1.0  # noise of the frame-mean sum (+1: rounding of bounds)
-    if win.chol is not None:
+    if win.white is not None:
         flux, sigma = _clutter_flux(win, img.mean(axis=0).ravel() - background)
     k_lo = max(1, math.ceil((flux - cfg.flux_z * sigma) / hi))
     k_hi = math.floor((flux + cfg.flux_z * sigma) / lo)
     open_ended = win.any_sat or win.at_border or win.background is None
     if k_lo > k_hi:  # no count fits the brightness range (miscalibrated sensor?): nearest one
-        k_lo = k_hi = max(1, round(flux / (0.5 * (lo + hi))))
+        k_lo = k_hi = max(1, round(flux / cfg.brightness_centre))
     k_lo, k_hi = min(k_lo, cfg.max_targets), min(k_hi, cfg.max_targets)
     return list(range(k_lo, k_hi + 1)), open_ended
 
@@ -1431,13 +1433,13 @@ def _start(win: _Window, peaks: np.ndarray, k: int, v) -> tuple[np.ndarray, np.n
 
 def _may_grow(win: _Window, fit: _Fit) -> bool:
     """Whether one more target could explain the frames better than ``fit``: its misfit is above
-    ``grow_chi2`` times the degrees of freedom, or a target sits at the brightness upper bound
-    (it may be two). The gate skips the try where it cannot change the answer, which is most
-    windows of clean data."""
+    ``grow_chi2`` times the degrees of freedom, or a target is brighter than the calibration
+    expects (a prior sigma above its centre, or at the range's top without a prior): with the
+    flux a lower bound, it may be two. The gate skips the try where it cannot change the answer,
+    which is most windows of clean data."""
     cfg = win.cfg
-    lo, hi = cfg.brightness_range
-    # brighter than the calibration expects: with the flux a lower bound, they may be more
-    bright = hi * 0.99 if cfg.brightness_prior is None else min(0.5 * (lo + hi) + cfg.brightness_prior, hi * 0.99)
+    hi = cfg.brightness_range[1]
+    bright = hi * 0.99 if cfg.brightness_prior is None else min(cfg.brightness_centre + cfg.brightness_prior, hi * 0.99)
     return bool(fit.targets[:, 2].max() >= bright or win.reduced_chi2(fit) > cfg.grow_chi2)
 
 

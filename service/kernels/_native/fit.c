@@ -18,9 +18,9 @@
 #define MAXP 64 /* parameters: up to 19 targets with velocity, PSF sigma and plane (refine.NATIVE_MAX_PARAMS) */
 
 typedef struct {
-    int k, nf, nr, nc, r0, c0, n_psf, n_bg, p, n, npix, nchol, nprior, nres;
+    int k, nf, nr, nc, r0, c0, n_psf, n_bg, p, n, npix, nwhite, nprior, nres;
     double scale, sigma;
-    const double *times, *obs, *sat, *stuck, *bgb, *chol, *pcols, *pmean, *pw;
+    const double *times, *obs, *sat, *stuck, *bgb, *white, *pcols, *pmean, *pw;
     /* work: fractions (nf, k, nc | nr) and their derivatives, the model */
     double *fx, *fy, *dfx, *dfy, *sx, *sy, *model, *raw, *jraw, *mean;
 } Prob;
@@ -86,10 +86,10 @@ static void evaluate(Prob *q, const double *th, int grad) {
 
 /* raw rows x (n, w) -> the data part of the residual rows out (nres - nprior, w): x / scale, or
  * with clutter each frame's deviation from the frame mean / scale and the frame mean whitened by
- * the clutter-plus-noise covariance (whose lower Cholesky factor is chol) */
+ * the clutter-plus-noise covariance (white: the inverse of its lower Cholesky factor) */
 static void whiten(const Prob *q, const double *x, int w, double *out) {
     const size_t n = (size_t)q->n * w;
-    if (!q->chol) {
+    if (!q->white) {
         for (size_t i = 0; i < n; i++) out[i] = x[i] / q->scale;
         return;
     }
@@ -101,21 +101,19 @@ static void whiten(const Prob *q, const double *x, int w, double *out) {
     for (size_t i = 0; i < np; i++) m[i] /= q->nf;
     for (int t = 0; t < q->nf; t++)
         for (size_t i = 0; i < np; i++) out[t * np + i] = (x[t * np + i] - m[i]) / q->scale;
-    /* the whitened mean: forward substitution with the covariance's lower Cholesky factor */
+    /* the whitened mean: white (the inverse of the covariance's lower Cholesky factor) is
+     * lower triangular */
     double *o = out + n;
     for (int r = 0; r < q->npix; r++) {
         double *restrict row = o + (size_t)r * w;
-        const double *restrict mr = m + (size_t)r * w;
-        for (int c = 0; c < w; c++) row[c] = mr[c];
-        const double *lr = q->chol + (size_t)r * q->npix;
-        for (int i = 0; i < r; i++) {
-            const double v = lr[i];
+        for (int c = 0; c < w; c++) row[c] = 0.0;
+        const double *wr = q->white + (size_t)r * q->npix;
+        for (int i = 0; i <= r; i++) {
+            const double v = wr[i];
             if (v == 0.0) continue;
-            const double *restrict zi = o + (size_t)i * w;
-            for (int c = 0; c < w; c++) row[c] -= v * zi[c];
+            const double *restrict mi = m + (size_t)i * w;
+            for (int c = 0; c < w; c++) row[c] += v * mi[c];
         }
-        const double d = 1.0 / lr[r];
-        for (int c = 0; c < w; c++) row[c] *= d;
     }
 }
 
@@ -328,11 +326,12 @@ static int solve(Prob *q, double *th, const double *lo, const double *hi, const 
     return nfev;
 }
 
-/* lm(theta, lower, upper, x_scale, times, obs, sat, stuck, bg_basis, chol, prior_cols,
+/* lm(theta, lower, upper, x_scale, times, obs, sat, stuck, bg_basis, white, prior_cols,
  *    prior_mean, prior_w, k, n_rows, n_cols, r0, c0, n_psf, n_bg, max_nfev, scale, sigma, tol)
- * -> (residual evaluations, data chi2 at the solution). float64 C-contiguous buffers; theta is updated in place; chol is the
- * clutter-plus-noise covariance's lower Cholesky factor, (n_rows * n_cols)^2 values, or empty
- * (no clutter); sat and stuck are 0/1 per fitted pixel. */
+ * -> (residual evaluations, data chi2 at the solution). float64 C-contiguous buffers; theta is
+ * updated in place; white is the inverse of the clutter-plus-noise covariance's lower Cholesky
+ * factor, (n_rows * n_cols)^2 values, or empty (no clutter); sat and stuck are 0/1 per fitted
+ * pixel. */
 static PyObject *lm(PyObject *self, PyObject *args) {
     PyObject *o[13];
     int k, nr, nc, r0, c0, n_psf, n_bg, max_nfev;
@@ -354,11 +353,11 @@ static PyObject *lm(PyObject *self, PyObject *args) {
     const Py_ssize_t nf = b[4].len / (Py_ssize_t)sizeof(double);
     PyBuffer_Release(&b[4]);
     const Py_ssize_t npix = (Py_ssize_t)nr * nc, n = nf * npix;
-    Py_ssize_t nchol = 0;
+    Py_ssize_t nwhite = 0;
     {
         Py_buffer w;
         if (PyObject_GetBuffer(o[9], &w, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
-        nchol = w.len / (Py_ssize_t)sizeof(double);
+        nwhite = w.len / (Py_ssize_t)sizeof(double);
         PyBuffer_Release(&w);
     }
     Py_ssize_t nprior = 0;
@@ -368,13 +367,13 @@ static PyObject *lm(PyObject *self, PyObject *args) {
         nprior = w.len / (Py_ssize_t)sizeof(double);
         PyBuffer_Release(&w);
     }
-    if (nchol != 0 && nchol != npix * npix) {
-        PyErr_SetString(PyExc_ValueError, "lm: chol must be (n_rows * n_cols)^2 values or empty");
+    if (nwhite != 0 && nwhite != npix * npix) {
+        PyErr_SetString(PyExc_ValueError, "lm: white must be (n_rows * n_cols)^2 values or empty");
         return NULL;
     }
-    const Py_ssize_t sizes[13] = {p, p, p, p, nf, n, n, n, n * 3, nchol, nprior, nprior, nprior};
+    const Py_ssize_t sizes[13] = {p, p, p, p, nf, n, n, n, n * 3, nwhite, nprior, nprior, nprior};
     const char *names[13] = {"theta", "lower", "upper", "x_scale", "times", "obs", "sat", "stuck",
-                             "bg_basis", "chol", "prior_cols", "prior_mean", "prior_w"};
+                             "bg_basis", "white", "prior_cols", "prior_mean", "prior_w"};
     for (got = 0; got < 13; got++)
         if (get_buffer(o[got], &b[got], sizes[got], "d", got == 0, names[got]) < 0) goto done;
     for (Py_ssize_t i = 0; i < nprior; i++) {
@@ -385,15 +384,15 @@ static PyObject *lm(PyObject *self, PyObject *args) {
         }
     }
     Prob q = {.k = k, .nf = (int)nf, .nr = nr, .nc = nc, .r0 = r0, .c0 = c0, .n_psf = n_psf, .n_bg = n_bg,
-              .p = (int)p, .n = (int)n, .npix = (int)npix, .nchol = (int)nchol, .nprior = (int)nprior,
+              .p = (int)p, .n = (int)n, .npix = (int)npix, .nwhite = (int)nwhite, .nprior = (int)nprior,
               .scale = scale, .sigma = sigma};
-    q.nres = (int)(n + (nchol ? npix : 0) + nprior);
+    q.nres = (int)(n + (nwhite ? npix : 0) + nprior);
     q.times = b[4].buf;
     q.obs = b[5].buf;
     q.sat = b[6].buf;
     q.stuck = b[7].buf;
     q.bgb = b[8].buf;
-    q.chol = nchol ? b[9].buf : NULL;
+    q.white = nwhite ? b[9].buf : NULL;
     q.pcols = b[10].buf;
     q.pmean = b[11].buf;
     q.pw = b[12].buf;
