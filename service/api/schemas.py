@@ -43,7 +43,9 @@ _STRICT = ConfigDict(extra="forbid")
 
 
 class Origin(BaseModel):
-    """Sensor coordinates of the centre of the patch's top-left pixel."""
+    """Sensor coordinates of the centre of the patch's top-left pixel. A track's patch may move
+    by whole pixels (at most 2 per axis from frame to frame: a tracker re-centring it), and its
+    windows follow; any other move starts a new segment."""
 
     model_config = _STRICT
 

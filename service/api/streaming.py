@@ -48,7 +48,7 @@ from service.api.answers import deadline_s, peak_options, targets_payload, windo
 from service.api.schemas import CLIENT_MESSAGE, EndMessage, FrameMessage, Origin, describe_errors
 from service.engine.batcher import DeadlineExceeded, Overloaded, PeakOptions, ShuttingDown
 from service.runtime.lifecycle import Runtime
-from service.science.windows import SegmentWindows, Window
+from service.science.windows import SegmentWindows, Window, missing_pixels, recentre_step
 
 log = logging.getLogger("service.ws")
 
@@ -277,8 +277,8 @@ class StreamSession:
                     f"frame_index {msg.frame_index} is not after this track's last frame {track.last_index}",
                 )
                 return
-            # a gap, or a re-centred patch: the old segment ends here
-            if msg.frame_index != track.last_index + 1 or origin != track.last_origin:
+            # a gap, or a move of the patch its windows do not follow: the old segment ends here
+            if msg.frame_index != track.last_index + 1 or recentre_step(track.last_origin, origin) is None:
                 windows += track.segment.flush()
         meta = FrameMeta(
             msg.frame_index,
@@ -287,7 +287,7 @@ class StreamSession:
             peak_options(self.rt, msg.options),
             deadline_s(self.rt, msg.options, self.deadline_ms),
         )
-        windows += track.segment.push(np.asarray(msg.patch, dtype=np.float32), meta)
+        windows += track.segment.push(np.asarray(msg.patch, dtype=np.float32), meta, origin)
         track.last_index = msg.frame_index
         track.last_origin = origin
         track.frames += 1
@@ -361,6 +361,7 @@ class StreamSession:
                     [w.pairs for w in group],
                     deadline_s=window_deadline_s,
                     owner=self,
+                    missing=missing_pixels([w.frames for w in group], [w.missing for w in group]),
                 )
             except (Overloaded, ShuttingDown) as exc:
                 code = error_code(exc)

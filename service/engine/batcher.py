@@ -167,6 +167,7 @@ class _Item:
     shared_out: bool = False  # put back by a batch that shared its groups out: no second wait
     deadline: float | None = None  # perf_counter time by which inference must start
     owner: object | None = None  # who submitted it (a connection, a request): see Batcher.cancel
+    missing: np.ndarray | None = None  # (k, H, W) pixels registered frames do not cover (the fit leaves them out)
 
     @property
     def early(self) -> bool:
@@ -280,6 +281,7 @@ class Batcher:
         pairs: list[list[FeatureSlot]] | None = None,
         deadline_s: float | None = None,
         owner: object | None = None,
+        missing: np.ndarray | None = None,
     ) -> asyncio.Future:
         """Queue a group of windows; the returned future resolves to a :class:`GroupResult`.
 
@@ -289,7 +291,8 @@ class Batcher:
         queue ahead of it would make miss it is refused at once (DeadlineExceeded), and one that
         can no longer make it when its batch is gathered is dropped (its future raises
         DeadlineExceeded). The fit is skipped for windows it would make late.
-        ``owner``: what :meth:`cancel` drops the group by.
+        ``owner``: what :meth:`cancel` drops the group by. ``missing``: (k, H, W) pixels of each
+        window that a frame registered into its patch does not cover (service.science.windows).
         Raises Overloaded (queue full), DeadlineExceeded or ShuttingDown immediately rather
         than waiting.
         """
@@ -314,7 +317,11 @@ class Batcher:
             raise ValueError(f"{len(slots)} slot rows for {k} windows")
         if pairs is not None and (slots is None or len(pairs) != k):
             raise ValueError(f"pair slots need feature slots, and one row per window ({k})")
-        self._items.append(_Item(windows, options, future, slots, pairs, enqueued=now, deadline=deadline, owner=owner))
+        if missing is not None and missing.shape != (k, *windows.shape[2:]):
+            raise ValueError(f"missing pixels of shape {missing.shape} for windows of shape {windows.shape}")
+        self._items.append(
+            _Item(windows, options, future, slots, pairs, enqueued=now, deadline=deadline, owner=owner, missing=missing)
+        )
         self._queued += k
         self._metrics.queue_windows.set(self._queued)
         self._wakeup.set()
@@ -684,6 +691,15 @@ class Batcher:
     def _windows(batch: list[_Item]) -> np.ndarray:
         return batch[0].windows if len(batch) == 1 else np.concatenate([i.windows for i in batch])
 
+    @staticmethod
+    def _missing(batch: list[_Item]) -> np.ndarray | None:
+        """The batch's missing pixels (n, H, W), or None where no window misses any."""
+        if all(i.missing is None for i in batch):
+            return None
+        return np.concatenate(
+            [np.zeros((i.size, *i.windows.shape[2:]), dtype=bool) if i.missing is None else i.missing for i in batch]
+        )
+
     def _infer(
         self, batch: list[_Item], claims: list[Claim] | None, inline: bool = False
     ) -> tuple[np.ndarray, float, list[GroupResult] | None]:
@@ -730,6 +746,7 @@ class Batcher:
         ``degrade``: the windows asking for the fit get the network's peaks instead (answered
         with ``refined`` False), because the fit would be late."""
         windows = self._windows(batch)
+        missing = self._missing(batch)
         n = windows.shape[0]
         bounds = np.cumsum([0] + [i.size for i in batch])
         by_options: dict[PeakOptions, list[int]] = {}
@@ -753,6 +770,7 @@ class Batcher:
                 fit_config=opts.fit_config(),
                 snr=opts.snr,
                 details=True,
+                missing=None if missing is None else missing[sel],
             )
             dt = time.perf_counter() - p0
             if skip_fit:

@@ -70,6 +70,7 @@ def find_targets(
     fit_config: FitConfig | None = None,
     snr: float | None = None,
     details: bool = False,
+    missing: np.ndarray | None = None,
 ) -> list:
     """Targets (K, 3) rows (x, y, brightness) of each map of (N, H, W), brightest first.
 
@@ -77,7 +78,9 @@ def find_targets(
     ``refine="fit"`` and for ``snr``. ``snr``: the peak threshold of each window is ``snr``
     times its flux noise (:func:`snr_thresholds`) instead of the absolute ``threshold``.
     ``max_targets`` applies to the final answer. ``details``: a :class:`Found` per map instead,
-    with the fit's uncertainties where the fit answered.
+    with the fit's uncertainties where the fit answered. ``missing`` (N, H, W): pixels of each
+    window that a frame registered into its patch does not cover
+    (:func:`service.science.windows.register`); the fit leaves them out, as it does stuck pixels.
     """
     if refine not in REFINE_MODES:
         raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
@@ -108,6 +111,11 @@ def find_targets(
         found = [f if max_targets is None else f[:max_targets] for f in found]
         return [Found(f) for f in found] if details else found
     stuck = defects(windows, planes, noise, fit_config.psf_sigma * (1.0 - fit_config.psf_range))
+    if missing is not None:
+        missing = np.asarray(missing, dtype=bool)
+        if missing.shape != (len(windows), *windows.shape[2:]):
+            raise ValueError(f"missing must be (N, H, W) = {(len(windows), *windows.shape[2:])}, got {missing.shape}")
+        stuck = stuck | missing
     fits = refine_windows(windows, found, fit_config, details=True, planes=planes, stuck=stuck)
     if not details:
         return [r.targets if max_targets is None else r.targets[:max_targets] for r in fits]

@@ -8,6 +8,15 @@ one window, and a streamed frame's window is complete as soon as frame ``t+2`` h
 Frame indices must increase along a track; a jump (gap) starts a new segment, because a window
 that spans a gap would show the model motion that did not happen.
 
+A tracker that re-centres its patch on the target moves the patch's ``origin`` (the sensor
+coordinates of its top-left pixel centre) by whole pixels now and then. The segment carries on
+across such a step (at most :data:`MAX_RECENTRE_PX` per axis): every frame of a window is shifted
+into the middle frame's patch (:func:`register`), so the window shows the scene in one set of
+sensor coordinates, as a staring patch would. The pixels a shifted frame does not cover repeat
+its edge for the network and are marked missing (:attr:`Window.missing`), which the fit leaves
+out. Any other change of origin (a fraction of a pixel, a larger jump, an origin given on some
+frames only) starts a new segment.
+
 Every frame also gets one :class:`FeatureSlot`, shared by the (up to 5) windows that hold it:
 with the streaming model parts, the batcher fills a slot with the frame's encoder features the
 first time a window needs it, and every later window of that frame reuses them.
@@ -24,6 +33,10 @@ from typing import Any
 import numpy as np
 
 WINDOW = 5  # frames per window, the model's input
+# a re-centring step of the patch that the windows follow, whole pixels per axis: 2 steps either
+# side of the middle frame then leave at least 11 - 2 * 2 * 2 = 3 columns and rows of an 11-px
+# patch in every frame of a window, around its centre, where a re-centring tracker keeps its target
+MAX_RECENTRE_PX = 2
 HALF = WINDOW // 2  # frames each side of the middle one: the streaming latency
 _OFFSETS = np.arange(-HALF, HALF + 1)
 NEIGHBOURS = tuple(p for p in range(WINDOW) if p != HALF)  # window positions aligned to the middle
@@ -57,10 +70,76 @@ def window_indices(t, n: int) -> np.ndarray:
     return np.clip(t[..., None] + _OFFSETS, 0, n - 1)
 
 
-def sequence_windows(frames: np.ndarray) -> np.ndarray:
-    """Windows (n, 5, H, W) for every frame of one segment (n, H, W), edges replicated."""
+def recentre_step(previous, current) -> tuple[int, int] | None:
+    """The whole-pixel step (dx, dy) of the patch origin from one frame to the next that a segment
+    carries on across: (0, 0) for the same origin or none on either; None where a new segment
+    must start (an origin on one of them only, a fractional step or one over MAX_RECENTRE_PX)."""
+    if previous is None and current is None:
+        return (0, 0)
+    if previous is None or current is None:
+        return None
+    step = (current[0] - previous[0], current[1] - previous[1])
+    whole = tuple(round(v) for v in step)
+    if any(abs(v - w) > 1e-6 or abs(w) > MAX_RECENTRE_PX for v, w in zip(step, whole, strict=True)):
+        return None
+    return int(whole[0]), int(whole[1])
+
+
+def register(frame: np.ndarray, shift) -> tuple[np.ndarray, np.ndarray]:
+    """``frame`` (H, W) shown in a patch whose origin lies ``shift`` = (dx, dy) whole pixels from
+    its own (the other patch's origin minus this frame's): pixel (r, c) there is the frame's
+    pixel (r + dy, c + dx). Returns the shifted frame, the pixels it does not cover repeating its
+    nearest edge pixel, and the (H, W) mask of those missing pixels."""
+    height, width = frame.shape
+    rows, cols = np.arange(height) + int(shift[1]), np.arange(width) + int(shift[0])
+    out = frame[np.clip(rows, 0, height - 1)][:, np.clip(cols, 0, width - 1)]
+    missing = ((rows < 0) | (rows >= height))[:, None] | ((cols < 0) | (cols >= width))[None, :]
+    return out, missing
+
+
+def window_shifts(origins, index: np.ndarray) -> np.ndarray:
+    """(..., 5, 2) integer shifts that :func:`register` each frame of each window by: the middle
+    frame's origin minus the frame's (windows as ``index`` (..., 5) of :func:`window_indices`,
+    ``origins`` one (x, y) per frame of the segment, or None for a patch that does not move)."""
+    index = np.asarray(index)
+    if origins is None or all(o is None for o in origins):
+        return np.zeros(index.shape + (2,), dtype=np.int64)
+    xy = np.asarray(origins, dtype=np.float64)  # (n, 2); steps are whole pixels, origins need not be
+    return np.rint(xy[index[..., HALF : HALF + 1]] - xy[index]).astype(np.int64)
+
+
+def registered(frames: np.ndarray, index: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Windows (k, 5, H, W) of ``frames`` (n, H, W) picked by ``index`` (k, 5), each frame
+    registered by its shift (k, 5, 2), and the (k, H, W) pixels missing from any of a window's
+    frames (None where no frame moved)."""
+    windows = frames[index]
+    if not shifts.any():
+        return windows, None
+    windows = windows.copy()
+    missing = np.zeros((len(index),) + frames.shape[1:], dtype=bool)
+    for w, p in zip(*np.nonzero(shifts.any(axis=-1)), strict=True):
+        windows[w, p], gone = register(frames[index[w, p]], shifts[w, p])
+        missing[w] |= gone
+    return windows, missing
+
+
+def missing_pixels(frames: list[np.ndarray], missing: list[np.ndarray | None]) -> np.ndarray | None:
+    """The (k, H, W) missing pixels of k windows (their ``frames`` (5, H, W) and each one's mask
+    or None), or None where no window misses any."""
+    if all(m is None for m in missing):
+        return None
+    return np.stack(
+        [np.zeros(f.shape[1:], dtype=bool) if m is None else m for f, m in zip(frames, missing, strict=True)]
+    )
+
+
+def sequence_windows(frames: np.ndarray, origins=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Windows (n, 5, H, W) for every frame of one segment (n, H, W), edges replicated, each frame
+    registered into its window's middle patch where ``origins`` (one (x, y) per frame, or None)
+    moved; and the (n, H, W) pixels missing from a window's frames (None where none moved)."""
     n = frames.shape[0]
-    return frames[window_indices(np.arange(n), n)]
+    index = window_indices(np.arange(n), n)
+    return registered(frames, index, window_shifts(origins, index))
 
 
 _SLOT_LOCK = threading.Lock()  # claim/fill are a few bytecodes; one lock for all slots is enough
@@ -108,10 +187,17 @@ class FeatureSlot:
             event.wait()
 
 
-def sequence_slots(n: int) -> list[list[FeatureSlot]]:
-    """One slot per frame of a segment of ``n`` frames, arranged as its windows (n lists of 5)."""
+def sequence_slots(n: int, origins=None) -> list[list[FeatureSlot]]:
+    """One slot per frame of a segment of ``n`` frames, arranged as its windows (n lists of 5);
+    a frame registered into another patch (``origins`` as for :func:`sequence_windows`) shows
+    other pixels, and gets a slot of its own in that window."""
     slots = [FeatureSlot() for _ in range(n)]
-    return [[slots[i] for i in row] for row in window_indices(np.arange(n), n).tolist()]
+    index = window_indices(np.arange(n), n)
+    moved = window_shifts(origins, index).any(axis=-1)
+    return [
+        [FeatureSlot() if m else slots[i] for i, m in zip(row, mrow, strict=True)]
+        for row, mrow in zip(index.tolist(), moved.tolist(), strict=True)
+    ]
 
 
 @dataclass
@@ -126,6 +212,7 @@ class Window:
     meta: Any
     slots: list[FeatureSlot | None] | None = None  # the 5 frames' feature slots, in window order
     pairs: list[FeatureSlot] | None = None  # the 4 aligned neighbours' slots, in NEIGHBOURS order
+    missing: np.ndarray | None = None  # (H, W) pixels a registered frame does not cover; None: all there
 
 
 class SegmentWindows:
@@ -141,7 +228,11 @@ class SegmentWindows:
         self._frames: deque[np.ndarray] = deque(maxlen=WINDOW)
         self._slots: deque[FeatureSlot] = deque(maxlen=WINDOW)
         self._metas: deque[Any] = deque(maxlen=WINDOW)
+        self._origins: deque[tuple[float, float] | None] = deque(maxlen=WINDOW)
         self._pairs: deque[list[FeatureSlot]] = deque(maxlen=WINDOW)  # per middle frame
+        # per middle frame: the slots of its window's registered (moved) frames, by position,
+        # made once so that its early and final windows share them
+        self._moved: deque[dict[int, FeatureSlot]] = deque(maxlen=WINDOW)
         self._count = 0  # frames pushed into this segment
         self._emitted = 0  # frames whose window has been handed out
 
@@ -150,12 +241,16 @@ class SegmentWindows:
         """Frames pushed whose window has not been handed out yet (0, 1 or 2)."""
         return self._count - self._emitted
 
-    def push(self, frame: np.ndarray, meta: Any = None) -> list[Window]:
-        """Add the next frame; return the windows it completes."""
+    def push(self, frame: np.ndarray, meta: Any = None, origin: tuple[float, float] | None = None) -> list[Window]:
+        """Add the next frame (its patch's ``origin``, where the patch moves: see the module
+        docstring; the caller starts a new segment where :func:`recentre_step` says so); return
+        the windows it completes."""
         self._frames.append(frame)
         self._slots.append(FeatureSlot())
         self._metas.append(meta)
+        self._origins.append(origin)
         self._pairs.append([FeatureSlot() for _ in NEIGHBOURS])
+        self._moved.append({})
         self._count += 1
         return self._emit(until=self._count - HALF, n=None)
 
@@ -171,15 +266,33 @@ class SegmentWindows:
         out = []
         for t in range(max(self._emitted, self._count - HALF), self._count):
             idx = (window_indices(t, self._count) - first).tolist()  # frames to come: the newest
+            parts = [
+                self._frame(t - first, i, p) if t + p - HALF < self._count else (self._frames[i], None, None)
+                for p, i in enumerate(idx)
+            ]
             out.append(
                 Window(
-                    np.stack([self._frames[i] for i in idx]),
+                    np.stack([f for f, _, _ in parts]),
                     self._metas[t - first],
-                    [self._slots[i] if t + p - HALF < self._count else None for p, i in enumerate(idx)],
+                    [s for _, s, _ in parts],
                     self._pairs[t - first],
                 )
             )
         return out
+
+    def _frame(self, t: int, i: int, p: int) -> tuple[np.ndarray, FeatureSlot, np.ndarray | None]:
+        """Buffered frame ``i`` at position ``p`` of buffered frame ``t``'s window: registered
+        into ``t``'s patch, with its slot (the frame's own where it did not move, else the
+        window's) and the pixels it does not cover (None where it did not move)."""
+        a, b = self._origins[t], self._origins[i]
+        shift = (0, 0) if a is None or b is None else (round(a[0] - b[0]), round(a[1] - b[1]))
+        if shift == (0, 0):
+            return self._frames[i], self._slots[i], None
+        frame, missing = register(self._frames[i], shift)
+        moved = self._moved[t]
+        if p not in moved:
+            moved[p] = FeatureSlot()
+        return frame, moved[p], missing
 
     def flush(self) -> list[Window]:
         """Windows of all remaining frames (end of segment); the segment starts over empty."""
@@ -187,7 +300,9 @@ class SegmentWindows:
         self._frames.clear()
         self._slots.clear()
         self._metas.clear()
+        self._origins.clear()
         self._pairs.clear()
+        self._moved.clear()
         self._count = self._emitted = 0
         return out
 
@@ -202,12 +317,15 @@ class SegmentWindows:
         total = self._count if n is None else n
         for t in range(self._emitted, until):
             idx = (window_indices(t, total) - first).tolist()
+            parts = [self._frame(t - first, i, p) for p, i in enumerate(idx)]
+            gone = [m for _, _, m in parts if m is not None]
             out.append(
                 Window(
-                    np.stack([self._frames[i] for i in idx]),
+                    np.stack([f for f, _, _ in parts]),
                     self._metas[t - first],
-                    [self._slots[i] for i in idx],
+                    [s for _, s, _ in parts],
                     self._pairs[t - first],
+                    np.logical_or.reduce(gone) if gone else None,
                 )
             )
         self._emitted = max(self._emitted, until)
@@ -217,8 +335,9 @@ class SegmentWindows:
 def split_segments(frame_indices: Sequence[int], origins: Sequence | None = None) -> list[slice]:
     """Consecutive runs of a strictly increasing index sequence, as slices; gaps split runs.
 
-    A change of the patch ``origin`` (the tracker re-centred its patch) splits runs too: a
-    window must show one patch position, or the model would read the shift as motion.
+    A change of the patch ``origin`` that the windows do not follow by registering the frames
+    (:func:`recentre_step` None: a fraction of a pixel, a jump over MAX_RECENTRE_PX) splits runs
+    too, or the model would read the shift as motion.
     Raises ValueError naming the position if an index repeats or goes back.
     """
     starts = [0]
@@ -226,7 +345,7 @@ def split_segments(frame_indices: Sequence[int], origins: Sequence | None = None
         prev, cur = frame_indices[k - 1], frame_indices[k]
         if cur <= prev:
             raise ValueError(f"frame {k}: frame_index {cur} is not after the previous frame's {prev}")
-        if cur != prev + 1 or (origins is not None and origins[k] != origins[k - 1]):
+        if cur != prev + 1 or (origins is not None and recentre_step(origins[k - 1], origins[k]) is None):
             starts.append(k)
     ends = starts[1:] + [len(frame_indices)]
     return [slice(a, b) for a, b in zip(starts, ends, strict=True) if b > a]

@@ -162,6 +162,53 @@ def simulate_track(n_frames: int, seed: int = 0, n_targets: int = 3, spread: flo
     return np.asarray(frames, dtype=np.float64)
 
 
+def recentred_track(n: int = 12, seed: int = 2, noise: float = 0.0):
+    """A group of 3 targets moving 0.1 px a frame on a 30 x 30 sensor (Gaussian noise of sigma
+    ``noise``), cut into 11 x 11 patches by a tracker that re-centres on it with a jitter of a
+    pixel (steps of up to 2 px), and cut at one fixed origin (9, 10). Returns the true targets
+    in sensor coordinates (n, 3, 3), the re-centred patches, their origins ({"x", "y"} dicts)
+    and the fixed patches."""
+    rng = np.random.default_rng(seed)
+    centre = np.array([14.3, 15.6]) + rng.uniform(-0.5, 0.5, size=2)
+    offsets = np.array([[0.0, -0.7], [0.7, 0.1], [-0.5, 0.6]])
+    bright = rng.uniform(220, 250, size=3)
+    jitter = [0, 1, 0, -1, 1, 0, -1, 0, 1, 1, -1, 0]
+    truth, moving, fixed, origins = [], [], [], []
+    for t in range(n):
+        c = centre + np.array([0.1 * t, 0.05 * t])
+        targets = np.column_stack([c + offsets, bright])
+        scene = quantize(pixel_response(targets, 30) + noise * rng.standard_normal((30, 30)))
+        ox, oy = int(round(c[0])) - 5 + jitter[t % len(jitter)], int(round(c[1])) - 5
+        origins.append({"x": float(ox), "y": float(oy)})
+        moving.append(scene[oy : oy + 11, ox : ox + 11])
+        fixed.append(scene[10:21, 9:20])
+        truth.append(targets)
+    return np.array(truth), np.array(moving, dtype=np.float64), origins, np.array(fixed, dtype=np.float64)
+
+
+def origin_runs(origins: list) -> list[list[int]]:
+    """The frames of each run of one origin: the segments a service that does not follow a
+    re-centred patch would make."""
+    runs = [[0]]
+    for t in range(1, len(origins)):
+        if origins[t] == origins[t - 1]:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
+
+
+def matched(results: list[dict], truth: np.ndarray, within: float = 0.05) -> int:
+    """True targets with an answered target (sensor coordinates) within ``within`` px, over all frames."""
+    n = 0
+    for res, want in zip(results, truth, strict=True):
+        got = np.array([[t["sensor_x"], t["sensor_y"]] for t in res["targets"]]).reshape(-1, 2)
+        if len(got):
+            d = np.hypot(got[:, None, 0] - want[None, :, 0], got[:, None, 1] - want[None, :, 1])
+            n += int((d.min(axis=0) <= within).sum())
+    return n
+
+
 class LiveServer:
     """A real uvicorn server (the service's own CsistServer) in a thread on a free port."""
 

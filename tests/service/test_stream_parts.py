@@ -61,7 +61,7 @@ def tiny_server(tiny_model):
 def test_loader_verifies_and_uses_the_parts(tiny_model):
     model = load_model(tiny_model)
     assert model.has_parts
-    windows = sequence_windows(simulate_track(9, seed=1).astype(np.float32))
+    windows = sequence_windows(simulate_track(9, seed=1).astype(np.float32))[0]
     feats = model.encode(windows.reshape(-1, 11, 11))
     assert feats.shape == (45, 33 * 33)
     split = model.head(feats.reshape(9, 5, -1))
@@ -108,7 +108,7 @@ def expected_targets(tiny_model, frames) -> list[list[list[float]]]:
     service's default threshold, relative to each window's noise)."""
     package = load_package(tiny_model)
     sess = ort.InferenceSession(str(package.model_file), providers=["CPUExecutionProvider"])
-    windows = sequence_windows(frames.astype(np.float32))
+    windows = sequence_windows(frames.astype(np.float32))[0]
     maps = sess.run(None, {"lr": condition(windows)})[0]
     pp = package.postprocess
     found = find_targets(maps, windows, threshold=pp.threshold, refine=pp.refine, snr=DEFAULT_SNR)

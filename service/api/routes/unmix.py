@@ -13,7 +13,7 @@ from service.api.answers import deadline_s, peak_options, targets_payload, windo
 from service.api.deps import RuntimeDep, require_token
 from service.api.schemas import ErrorResponse, UnmixRequest, UnmixResponse
 from service.engine.batcher import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from service.science.windows import sequence_slots, sequence_windows, split_segments
+from service.science.windows import missing_pixels, sequence_slots, sequence_windows, split_segments
 
 router = APIRouter(tags=["unmix"])
 
@@ -80,9 +80,11 @@ async def _disconnected(request: Request) -> None:
 )
 async def unmix(body: UnmixRequest, runtime: RuntimeDep, request: Request) -> dict | Response:
     """Each frame t is answered from the window of frames t-2..t+2 (edges replicated; a
-    frame_index gap or a change of origin starts a new segment), so 5 frames give 5 results and the middle one uses
-    no padding. Coordinates: x = column, y = row, pixel centres at integers, origin at the
-    patch's top-left pixel centre; sensor_x/sensor_y add the frame's origin.
+    frame_index gap, or a change of origin other than a re-centring step of whole pixels, starts
+    a new segment; the frames of a re-centred patch are shifted into their window's middle
+    patch), so 5 frames give 5 results and the middle one uses no padding. Coordinates: x =
+    column, y = row, pixel centres at integers, origin at the patch's top-left pixel centre;
+    sensor_x/sensor_y add the frame's origin.
 
     The windows must start inference within the deadline (``options.deadline_ms``, default
     ``CSIST_DEADLINE_MS``), else 503; a fit that would answer later is skipped (``refined``
@@ -93,16 +95,21 @@ async def unmix(body: UnmixRequest, runtime: RuntimeDep, request: Request) -> di
     frames = np.asarray([f.patch for f in body.frames], dtype=np.float32)
     origins = [None if f.origin is None else (f.origin.x, f.origin.y) for f in body.frames]
     segments = split_segments(indices, origins)
-    windows = np.concatenate([sequence_windows(frames[s]) for s in segments])
+    built = [sequence_windows(frames[s], origins[s]) for s in segments]
+    windows = np.concatenate([w for w, _ in built])
+    missing = missing_pixels(
+        list(windows), [m for w, gone in built for m in (gone if gone is not None else [None] * len(w))]
+    )
     # One feature slot per distinct frame: with the streaming parts, each frame is encoded
-    # once per request although it appears in up to 5 windows.
-    slots = [row for s in segments for row in sequence_slots(s.stop - s.start)]
+    # once per request although it appears in up to 5 windows (a frame registered into a
+    # re-centred window's patch shows other pixels and gets a slot of its own there).
+    slots = [row for s in segments for row in sequence_slots(s.stop - s.start, origins[s])]
     options = peak_options(runtime, body.options)
     metrics.frames.labels("rest").inc(len(indices))
     owner = object()  # this request, for the batcher's cancel
     try:
         future = runtime.batcher.submit(
-            windows, options, slots, deadline_s=deadline_s(runtime, body.options), owner=owner
+            windows, options, slots, deadline_s=deadline_s(runtime, body.options), owner=owner, missing=missing
         )
         gone = asyncio.ensure_future(_disconnected(request))
         try:

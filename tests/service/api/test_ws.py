@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.service.conftest import simulate_track
+from tests.service.conftest import origin_runs, recentred_track, simulate_track
 
 
 def frame_msg(track_id, index, patch, **extra) -> str:
@@ -47,8 +47,10 @@ async def nothing_within(ws, seconds: float) -> bool:
     return False
 
 
-def rest_results(base_url, frames, origin=None) -> list[list[dict]]:
+def rest_results(base_url, frames, origin=None, options=None) -> list[list[dict]]:
     body = {"frames": [{"patch": f.tolist(), **({"origin": origin} if origin else {})} for f in frames]}
+    if options:
+        body["options"] = options
     r = httpx.post(f"{base_url}/unmix", json=body)
     assert r.status_code == 200, r.text
     return [res["targets"] for res in r.json()["results"]]
@@ -341,10 +343,11 @@ def test_websocket_auth(start_server):
     assert asyncio.run(try_connect(suffix="?token=s3cret")) == ["result", "ended"]
 
 
-def test_a_recentred_patch_starts_a_new_segment(server):
-    """The tracker moves its patch (origin changes): windows never mix two patch positions."""
+def test_a_patch_moved_by_a_fraction_or_a_jump_starts_a_new_segment(server):
+    """Windows never mix two patch positions they cannot register: a move of the origin by a
+    fraction of a pixel, or by more than a re-centring step, ends the segment."""
     frames = simulate_track(8, seed=9)
-    a, b = {"x": 100.0, "y": 50.0}, {"x": 101.0, "y": 50.0}
+    a, b = {"x": 100.0, "y": 50.0}, {"x": 100.5, "y": 50.0}
 
     async def main():
         async with connect(server.ws_url) as ws:
@@ -358,10 +361,43 @@ def test_a_recentred_patch_starts_a_new_segment(server):
     assert [m["frame_index"] for m in results] == list(range(8))
     want = rest_results(server.base_url, frames[:4], a) + rest_results(server.base_url, frames[4:], b)
     assert [m["targets"] for m in results] == want
-    # REST splits the same way when one request carries both positions
-    body = {"frames": [{"patch": f.tolist(), "origin": a if i < 4 else b} for i, f in enumerate(frames)]}
-    r = httpx.post(f"{server.base_url}/unmix", json=body)
-    assert [res["targets"] for res in r.json()["results"]] == want
+    # REST splits the same way when one request carries both positions, and at a jump of 3 px
+    for far in (b, {"x": 103.0, "y": 50.0}):
+        body = {"frames": [{"patch": f.tolist(), "origin": a if i < 4 else far} for i, f in enumerate(frames)]}
+        r = httpx.post(f"{server.base_url}/unmix", json=body)
+        split = rest_results(server.base_url, frames[:4], a) + rest_results(server.base_url, frames[4:], far)
+        assert [res["targets"] for res in r.json()["results"]] == split
+
+
+def test_a_recentred_patch_is_followed_on_websocket_as_on_rest(server):
+    """A tracker that re-centres its patch by whole pixels keeps its windows (every frame shifted
+    into its window's middle patch): the stream answers as REST does, and not as separate
+    segments would. (How close the answers come to a patch that never moved: on the bundled
+    model, tests/service/test_bundled_model.py.)"""
+    _, moving, origins, _ = recentred_track()
+    steps = {(b["x"] - a["x"], b["y"] - a["y"]) for a, b in zip(origins, origins[1:])}
+    assert any(s != (0.0, 0.0) for s in steps) and max(max(abs(v) for v in s) for s in steps) <= 2
+    fit = {"refine": "fit", "threshold": 30.0}
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            for i in range(len(moving)):
+                await ws.send(frame_msg("m", i, moving[i], origin=origins[i], options=fit))
+            await ws.send(end_msg("m"))
+            return await recv_n(ws, len(moving) + 1)
+
+    streamed = [m for m in asyncio.run(main()) if m["type"] == "result"]
+    body = {
+        "frames": [{"patch": f.tolist(), "origin": o} for f, o in zip(moving, origins, strict=True)],
+        "options": fit,
+    }
+    rest = httpx.post(f"{server.base_url}/unmix", json=body).json()["results"]
+    assert [m["frame_index"] for m in streamed] == list(range(len(moving)))
+    assert [m["targets"] for m in streamed] == [r["targets"] for r in rest]
+    split = [
+        r for run in origin_runs(origins) for r in rest_results(server.base_url, moving[run], origins[run[0]], fit)
+    ]
+    assert [r["targets"] for r in rest] != split
 
 
 def test_fitted_results_carry_the_same_uncertainties_as_rest(server):

@@ -255,9 +255,9 @@ def test_cached_path_encodes_each_distinct_slot_once_per_batch_and_reuses_it():
         frames = np.zeros((6, 11, 11), dtype=np.float32)
         frames[:, 0, 0] = [3, 4, 5, 6, 7, 8]
         slots = sequence_slots(6)
-        first = await b.submit(sequence_windows(frames), OPTS, slots)
+        first = await b.submit(sequence_windows(frames)[0], OPTS, slots)
         assert parts.encoded == [6] and b.frames_encoded == 6  # 30 frame uses, 6 distinct
-        again = await b.submit(sequence_windows(frames), OPTS, slots)  # same slots: no encode
+        again = await b.submit(sequence_windows(frames)[0], OPTS, slots)  # same slots: no encode
         assert parts.encoded == [6] and parts.heads == [6, 6]
         # a group without slots in the same batch sends the whole batch to the single graph
         fresh = [[FeatureSlot() for _ in range(5)]]
@@ -422,9 +422,9 @@ def _stream_batches(parts: GatedParts):
         frames = np.zeros((6, 11, 11), dtype=np.float32)
         frames[:, 0, 0] = [3, 4, 5, 6, 7, 8]
         slots = sequence_slots(6)
-        first = b.submit(sequence_windows(frames), OPTS, slots)
+        first = b.submit(sequence_windows(frames)[0], OPTS, slots)
         await asyncio.to_thread(parts.entered.wait, 5)
-        second = b.submit(sequence_windows(frames), OPTS, slots)
+        second = b.submit(sequence_windows(frames)[0], OPTS, slots)
         await asyncio.sleep(0.2)  # batch 2 is dispatched and waits on batch 1's frames
         parts.gate.set()
         results = await asyncio.gather(first, second, return_exceptions=True)
@@ -631,3 +631,23 @@ def test_early_work_waits_while_windows_wait():
     # window 1 (5 frames, 4 pairs), then window 3, and only then the early work (4 frames, 3 pairs)
     assert parts.log == ["encode5", "align4", "fuse1", "encode5", "align4", "fuse1", "encode4", "align3"]
     assert b.early_pairs == 3 and b.windows_run == 2
+
+
+def test_missing_pixels_must_fit_the_windows():
+    async def main():
+        b = Batcher(FunctionPlan(FakeModel()), Metrics(), max_batch=64, max_wait_s=0.01)
+        b.start()
+        try:
+            with pytest.raises(ValueError, match="missing"):
+                b.submit(windows_with([1, 2]), OPTS, missing=np.zeros((2, 5, 11), dtype=bool))
+            missing = np.zeros((2, 11, 11), dtype=bool)
+            missing[:, :, 0] = True
+            # one batch of a group with missing pixels and one without
+            return await asyncio.gather(
+                b.submit(windows_with([1, 2]), OPTS, missing=missing), b.submit(windows_with([3]), OPTS)
+            )
+        finally:
+            await b.stop()
+
+    with_missing, without = run(main())
+    assert with_missing.batch_size == 3 and len(with_missing.peaks) == 2 and len(without.peaks) == 1

@@ -60,3 +60,22 @@ def test_fit_needs_windows_and_bad_refine_is_named():
         find_targets(maps, refine="fit")
     with pytest.raises(ValueError, match="refine"):
         find_targets(maps, refine="magic")
+
+
+def test_the_fit_leaves_missing_pixels_out():
+    """Pixels a registered frame does not cover hold a repeated edge, not the scene: marked
+    missing, the fit answers as on the true frames, where left in they pull it off."""
+    wins, maps, truth = simulated_windows(6, seed=5)
+    clean = find_targets(maps, wins, refine="fit")
+    spoiled = wins.copy()
+    spoiled[:, 0, :, :3] = 180.0  # the first frame's 3 left columns: what a shifted frame repeats
+    missing = np.zeros((len(wins), 11, 11), dtype=bool)
+    missing[:, :, :3] = True
+    kept = find_targets(maps, spoiled, refine="fit", missing=missing)
+    for a, b, t in zip(kept, clean, truth, strict=True):
+        assert len(a) == len(b) == len(t)
+        np.testing.assert_allclose(a[:, :2], b[:, :2], atol=0.02)
+    left_in = find_targets(maps, spoiled, refine="fit")
+    assert any(len(a) != len(t) or np.abs(a[:, :2] - b[:, :2]).max() > 0.02 for a, b, t in zip(left_in, clean, truth))
+    with pytest.raises(ValueError, match="missing"):
+        find_targets(maps, wins, refine="fit", missing=missing[:, :5])

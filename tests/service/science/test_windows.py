@@ -1,4 +1,4 @@
-"""Windowing: edge replication, streaming == batch, gaps split segments."""
+"""Windowing: edge replication, streaming == batch, gaps split segments, re-centred patches registered."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import pytest
 
 from service.science.windows import (
     HALF,
+    MAX_RECENTRE_PX,
     NEIGHBOURS,
     WINDOW,
     FeatureSlot,
     SegmentWindows,
     fuse_features,
     pair_features,
+    recentre_step,
+    register,
+    sequence_slots,
     sequence_windows,
     split_segments,
     window_indices,
@@ -30,7 +34,8 @@ def test_window_indices_replicate_edges():
 
 def test_sequence_windows_middle_frame_uses_no_padding():
     frames = np.arange(5)[:, None, None] * np.ones((5, 2, 2))
-    w = sequence_windows(frames)
+    w, missing = sequence_windows(frames)
+    assert missing is None
     assert w.shape == (5, 5, 2, 2)
     np.testing.assert_array_equal(w[2], frames)  # the middle frame's window is the input
     np.testing.assert_array_equal(w[0, :, 0, 0], [0, 0, 0, 1, 2])
@@ -53,7 +58,7 @@ def test_streaming_equals_batch_and_answers_two_frames_late(n):
     assert [w.meta for w in tail] == list(range(max(n - 2, 0), n))
     got += tail
     assert seg.pending == 0
-    np.testing.assert_array_equal(np.stack([w.frames for w in got]), sequence_windows(frames))
+    np.testing.assert_array_equal(np.stack([w.frames for w in got]), sequence_windows(frames)[0])
 
 
 def test_segment_restarts_after_flush():
@@ -98,9 +103,112 @@ def test_streamed_windows_share_one_slot_per_frame():
 def test_split_segments_on_origin_change():
     from service.science.windows import split_segments
 
-    origins = [(0.0, 0.0)] * 3 + [(1.0, 0.0)] * 2
-    assert split_segments([0, 1, 2, 3, 4], origins) == [slice(0, 3), slice(3, 5)]
+    # a re-centring step of whole pixels (up to MAX_RECENTRE_PX) is followed, not split
+    recentred = [(0.0, 0.0)] * 3 + [(1.0, 0.0), (1.0, -2.0)]
+    assert split_segments([0, 1, 2, 3, 4], recentred) == [slice(0, 5)]
+    # a fraction of a pixel, a larger jump, or an origin given on some frames only splits
+    assert split_segments([0, 1, 2, 3], [(0.0, 0.0), (0.5, 0.0), (0.5, 0.0), (0.5, 3.0)]) == [
+        slice(0, 1),
+        slice(1, 3),
+        slice(3, 4),
+    ]
+    assert split_segments([0, 1, 2], [(0.0, 0.0), None, None]) == [slice(0, 1), slice(1, 3)]
     assert split_segments([0, 1, 2, 3, 4], [None] * 5) == [slice(0, 5)]
+
+
+def test_half_pixel_origins_register_by_their_whole_pixel_steps():
+    frames = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    origins = [(100.5, 7.5), (101.5, 7.5), (102.5, 8.5)]
+    assert split_segments([0, 1, 2], origins) == [slice(0, 3)]
+    windows, missing = sequence_windows(frames, origins)
+    # frame 0 in frame 1's patch: 1 px to the left of it, so its column c + 1 is column c there
+    np.testing.assert_array_equal(windows[1, 1][:, :3], frames[0][:, 1:])
+    np.testing.assert_array_equal(windows[1, 3][1:, 1:], frames[2][:3, :3])
+    assert missing[1][:, 3].all() and missing[1][:, 0].all() and missing[1][0].all()
+
+
+def test_recentre_step():
+    assert recentre_step(None, None) == (0, 0)
+    assert recentre_step((10.0, 20.0), (12.0, 19.0)) == (2, -1)
+    assert recentre_step((10.0, 20.0), (10.0, 20.0)) == (0, 0)
+    assert recentre_step((10.0, 20.0), (13.0, 20.0)) is None  # over MAX_RECENTRE_PX
+    assert recentre_step((10.0, 20.0), (10.5, 20.0)) is None  # a fraction of a pixel
+    assert recentre_step(None, (10.0, 20.0)) is None and recentre_step((10.0, 20.0), None) is None
+    assert MAX_RECENTRE_PX == 2
+
+
+def test_register_shifts_the_frame_into_the_other_patch_and_marks_what_it_misses():
+    frame = np.arange(20.0).reshape(4, 5)
+    out, missing = register(frame, (1, -2))  # the other patch lies 1 px right of and 2 px above this one
+    # its pixel (r, c) is this frame's (r - 2, c + 1)
+    np.testing.assert_array_equal(out[2:, :4], frame[:2, 1:])
+    assert missing[:2].all() and missing[:, 4].all()
+    assert not missing[2:, :4].any()
+    np.testing.assert_array_equal(out[:2, :4], np.repeat(frame[:1, 1:], 2, axis=0))  # the edge repeated
+    same, none = register(frame, (0, 0))
+    np.testing.assert_array_equal(same, frame)
+    assert not none.any()
+
+
+def _recentred_track(n: int = 9, seed: int = 0):
+    """A sensor scene cut into 11 x 11 patches whose origin a tracker moves by 0-2 px a frame."""
+    rng = np.random.default_rng(seed)
+    scene = rng.integers(0, 255, size=(40, 40)).astype(np.float32)
+    origins, x, y = [], 12, 14
+    for _ in range(n):
+        origins.append((float(x), float(y)))
+        x, y = x + int(rng.integers(-2, 3)), y + int(rng.integers(-2, 3))
+    patches = np.stack([scene[int(oy) : int(oy) + 11, int(ox) : int(ox) + 11] for ox, oy in origins])
+    return scene, origins, patches
+
+
+def test_recentred_windows_show_the_scene_in_the_middle_frames_patch():
+    scene, origins, patches = _recentred_track()
+    windows, missing = sequence_windows(patches, origins)
+    assert windows.shape == (9, 5, 11, 11) and missing.shape == (9, 11, 11)
+    index = window_indices(np.arange(9), 9)
+    for t in range(9):
+        ox, oy = (int(v) for v in origins[t])
+        middle_patch = scene[oy : oy + 11, ox : ox + 11]
+        covered = np.ones((11, 11), dtype=bool)
+        for p in range(5):  # each frame, where it covers the middle patch, shows the scene there
+            fx, fy = (int(v) for v in origins[index[t, p]])
+            rows, cols = np.arange(11) + oy - fy, np.arange(11) + ox - fx
+            inside = ((rows >= 0) & (rows < 11))[:, None] & ((cols >= 0) & (cols < 11))[None, :]
+            np.testing.assert_array_equal(windows[t, p][inside], middle_patch[inside])
+            covered &= inside
+        np.testing.assert_array_equal(missing[t], ~covered)
+        np.testing.assert_array_equal(windows[t, 2], patches[t])  # the middle frame as it came
+    assert missing.any() and not missing.all(axis=(1, 2)).any()
+
+
+def test_streamed_recentred_windows_match_the_sequence_and_share_slots_only_where_unmoved():
+    _, origins, patches = _recentred_track(seed=3)
+    seg = SegmentWindows()
+    got, early = [], {}
+    for t in range(9):
+        got += seg.push(patches[t], t, origins[t])
+        for w in seg.early():
+            early.setdefault(w.meta, []).append(w)
+    got += seg.flush()
+    frames, missing = sequence_windows(patches, origins)
+    np.testing.assert_array_equal(np.stack([w.frames for w in got]), frames)
+    for w, m in zip(got, missing, strict=True):
+        np.testing.assert_array_equal(np.zeros((11, 11), bool) if w.missing is None else w.missing, m)
+    index = window_indices(np.arange(9), 9)
+    shifts = [[tuple(np.subtract(origins[t], origins[i]).astype(int)) for i in index[t]] for t in range(9)]
+    for t, w in enumerate(got):
+        for p in range(5):
+            i = index[t, p]
+            # an unmoved frame uses its own slot (encoded once for all its windows), a moved one the window's
+            own = got[i].slots[2]
+            assert (w.slots[p] is own) == (shifts[t][p] == (0, 0))
+        for e in early.get(t, []):  # the early windows of frame t fill the same slots as its final window
+            assert all(a is None or a is b for a, b in zip(e.slots, w.slots, strict=True))
+    rows = sequence_slots(9, origins)
+    for t in range(9):
+        for p in range(5):
+            assert (rows[t][p] is rows[index[t, p]][2]) == (shifts[t][p] == (0, 0))
 
 
 def test_feature_slot_claims_belong_to_one_holder():
