@@ -2,7 +2,8 @@
 
 It plays the part of an infrared tracker next to the unmixing service: ``--tracks`` tracks at
 a time, each a SeqCSIST-protocol trajectory (``training.simulate``; ``--track-frames`` frames,
-optional sensor noise ``--noise``), sent frame by frame at ``--fps`` frames per second per track
+optional sensor noise ``--noise``; with ``--recentre`` the patch follows the group as a
+tracker's does, its origin moving by whole pixels), sent frame by frame at ``--fps`` frames per second per track
 over one WebSocket (``/ws/unmix``, protocol in docs/api.md): ``frame`` messages, then
 ``end`` when a trajectory is over, after which a new track takes its slot. Because it knows the
 truth, it scores what comes back: once a second it prints the answers per second (one answer is
@@ -46,7 +47,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -54,8 +55,9 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from service.science.windows import MAX_RECENTRE_PX
 from training.metric import count_accuracy, cso_map
-from training.simulate import SimParams, render, simulate_trajectory
+from training.simulate import SimParams, frames_of, render, simulate_trajectory
 
 RESEND = 4  # frames resent per open track on a new connection: 2 of context for each of the
 #             2 frames whose answers may have been in flight
@@ -78,6 +80,7 @@ class ReplayConfig:
     max_frames: int = 0  # 0 = no frame limit
     track_frames: int = 20
     noise: float = 0.0
+    recentre: bool = False
     seed: int = 0
     token: str | None = None
     refine: str | None = None
@@ -94,24 +97,52 @@ class ReplayConfig:
 # simulated tracks
 
 
+RECENTRE_PAD = 4  # px of scene around the protocol's patch: a patch centred on any group stays inside
+TRACKER_SIGMA = 0.3  # px, per axis: the error of a re-centring tracker's estimate of the group's centre
+
+
 @dataclass
 class SimTrack:
     """One simulated trajectory as a tracker would see it, with its truth."""
 
     track_id: str
     frames: np.ndarray  # (T, size, size) uint8 sensor values
-    truth: np.ndarray  # (T, K, 3) rows (x, y, brightness), patch coordinates
-    origin: tuple[float, float]  # sensor (x, y) of the patch's top-left pixel centre
+    truth: np.ndarray  # (T, K, 3) rows (x, y, brightness), each frame's patch coordinates
+    origins: np.ndarray  # (T, 2) sensor (x, y) of each frame's top-left pixel centre
 
 
-def make_track(number: int, seed: int = 0, frames: int = 20, noise: float = 0.0) -> SimTrack:
-    """Track ``number`` of a replay: deterministic in (seed, number), independent of the rest."""
+def make_track(number: int, seed: int = 0, frames: int = 20, noise: float = 0.0, recentre: bool = False) -> SimTrack:
+    """Track ``number`` of a replay: deterministic in (seed, number), independent of the rest.
+
+    ``recentre``: the patch follows the group as a tracker's does: each frame's patch is cut from
+    the scene around the protocol's patch (RECENTRE_PAD px wider each side), centred on the
+    pixel nearest the tracker's estimate of the group's centroid (the truth plus Gaussian error
+    of TRACKER_SIGMA px per axis), moving at most MAX_RECENTRE_PX a frame; so its origin moves by
+    whole pixels, most often where the centroid lies near a pixel's edge."""
     rng = np.random.default_rng([seed, number])
     params = SimParams(frames=frames, noise=noise)
     frames_float, truth = simulate_trajectory(rng, params)
-    images = render(frames_float, noise, rng, float_out=False)
-    origin = tuple(float(v) for v in rng.integers(0, 1000, size=2))
-    return SimTrack(f"track-{number:05d}", images, truth, origin)
+    if not recentre:
+        images = render(frames_float, noise, rng, float_out=False)
+        origin = np.array(rng.integers(0, 1000, size=2), dtype=np.float64)
+        return SimTrack(f"track-{number:05d}", images, truth, np.tile(origin, (frames, 1)))
+    pad, size = RECENTRE_PAD, params.size
+    in_scene = truth.copy()
+    in_scene[..., :2] += pad
+    scene = render(frames_of(in_scene, replace(params, size=size + 2 * pad)), noise, rng, float_out=False)
+    origin = np.array(rng.integers(0, 1000, size=2), dtype=np.float64)
+    estimate = in_scene[:, :, :2].mean(axis=1) + rng.normal(0.0, TRACKER_SIGMA, size=(frames, 2))
+    corners = []  # (x, y) of each patch's top-left pixel in the scene
+    for t in range(frames):
+        corner = np.clip(np.rint(estimate[t]).astype(int) - (size - 1) // 2, 0, 2 * pad)
+        if corners:
+            corner = np.clip(corner, corners[-1] - MAX_RECENTRE_PX, corners[-1] + MAX_RECENTRE_PX)
+        corners.append(corner)
+    corners = np.array(corners)
+    patches = np.stack([scene[t, y : y + size, x : x + size] for t, (x, y) in enumerate(corners)])
+    in_patch = in_scene.copy()
+    in_patch[..., :2] -= corners[:, None, :]
+    return SimTrack(f"track-{number:05d}", patches, in_patch, origin + corners - pad)
 
 
 @dataclass
@@ -316,7 +347,9 @@ class Replay:
     # -- producing frames -------------------------------------------------------------------
 
     def _new_track(self) -> TrackState:
-        sim = make_track(self._next_number, self.config.seed, self.config.track_frames, self.config.noise)
+        sim = make_track(
+            self._next_number, self.config.seed, self.config.track_frames, self.config.noise, self.config.recentre
+        )
         self._next_number += 1
         return TrackState(sim)
 
@@ -387,7 +420,7 @@ class Replay:
             "track_id": track.track_id,
             "frame_index": idx,
             "patch": track.sim.frames[idx].tolist(),
-            "origin": {"x": track.sim.origin[0], "y": track.sim.origin[1]},
+            "origin": {"x": float(track.sim.origins[idx, 0]), "y": float(track.sim.origins[idx, 1])},
         }
         options = {}
         if self.config.refine is not None:
@@ -646,6 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames per track before it ends and a new one starts (SeqCSIST: 20)",
     )
     p.add_argument("--noise", type=float, default=0.0, help="sensor noise sigma in grey levels (0: none)")
+    p.add_argument(
+        "--recentre",
+        action="store_true",
+        help="re-centre each track's patch on the tracker's estimate of its group's centre (0.3 px of "
+        "error): its origin moves by whole pixels, up to 2 a frame",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated tracks")
     p.add_argument(
         "--token",
@@ -691,6 +730,7 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
         max_frames=args.max_frames,
         track_frames=args.track_frames,
         noise=args.noise,
+        recentre=args.recentre,
         seed=args.seed,
         token=args.token,
         refine=args.refine,

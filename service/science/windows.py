@@ -190,13 +190,13 @@ class FeatureSlot:
 def sequence_slots(n: int, origins=None) -> list[list[FeatureSlot]]:
     """One slot per frame of a segment of ``n`` frames, arranged as its windows (n lists of 5);
     a frame registered into another patch (``origins`` as for :func:`sequence_windows`) shows
-    other pixels, and gets a slot of its own in that window."""
-    slots = [FeatureSlot() for _ in range(n)]
+    other pixels, and has one more slot per shift it is shown with."""
     index = window_indices(np.arange(n), n)
-    moved = window_shifts(origins, index).any(axis=-1)
+    shifts = window_shifts(origins, index)
+    slots: dict[tuple[int, int, int], FeatureSlot] = {}
     return [
-        [FeatureSlot() if m else slots[i] for i, m in zip(row, mrow, strict=True)]
-        for row, mrow in zip(index.tolist(), moved.tolist(), strict=True)
+        [slots.setdefault((i, dx, dy), FeatureSlot()) for i, (dx, dy) in zip(row, srow, strict=True)]
+        for row, srow in zip(index.tolist(), shifts.tolist(), strict=True)
     ]
 
 
@@ -230,9 +230,9 @@ class SegmentWindows:
         self._metas: deque[Any] = deque(maxlen=WINDOW)
         self._origins: deque[tuple[float, float] | None] = deque(maxlen=WINDOW)
         self._pairs: deque[list[FeatureSlot]] = deque(maxlen=WINDOW)  # per middle frame
-        # per middle frame: the slots of its window's registered (moved) frames, by position,
-        # made once so that its early and final windows share them
-        self._moved: deque[dict[int, FeatureSlot]] = deque(maxlen=WINDOW)
+        # per frame: its slots registered into other patches, by shift, shared by every window
+        # (early or final) that shows it with that shift
+        self._moved: deque[dict[tuple[int, int], FeatureSlot]] = deque(maxlen=WINDOW)
         self._count = 0  # frames pushed into this segment
         self._emitted = 0  # frames whose window has been handed out
 
@@ -267,7 +267,7 @@ class SegmentWindows:
         for t in range(max(self._emitted, self._count - HALF), self._count):
             idx = (window_indices(t, self._count) - first).tolist()  # frames to come: the newest
             parts = [
-                self._frame(t - first, i, p) if t + p - HALF < self._count else (self._frames[i], None, None)
+                self._frame(t - first, i) if t + p - HALF < self._count else (self._frames[i], None, None)
                 for p, i in enumerate(idx)
             ]
             out.append(
@@ -280,19 +280,19 @@ class SegmentWindows:
             )
         return out
 
-    def _frame(self, t: int, i: int, p: int) -> tuple[np.ndarray, FeatureSlot, np.ndarray | None]:
-        """Buffered frame ``i`` at position ``p`` of buffered frame ``t``'s window: registered
-        into ``t``'s patch, with its slot (the frame's own where it did not move, else the
-        window's) and the pixels it does not cover (None where it did not move)."""
+    def _frame(self, t: int, i: int) -> tuple[np.ndarray, FeatureSlot, np.ndarray | None]:
+        """Buffered frame ``i`` in buffered frame ``t``'s window: registered into ``t``'s patch,
+        with its slot (the frame's own where it did not move, else its slot for that shift) and
+        the pixels it does not cover (None where it did not move)."""
         a, b = self._origins[t], self._origins[i]
         shift = (0, 0) if a is None or b is None else (round(a[0] - b[0]), round(a[1] - b[1]))
         if shift == (0, 0):
             return self._frames[i], self._slots[i], None
         frame, missing = register(self._frames[i], shift)
-        moved = self._moved[t]
-        if p not in moved:
-            moved[p] = FeatureSlot()
-        return frame, moved[p], missing
+        moved = self._moved[i]
+        if shift not in moved:
+            moved[shift] = FeatureSlot()
+        return frame, moved[shift], missing
 
     def flush(self) -> list[Window]:
         """Windows of all remaining frames (end of segment); the segment starts over empty."""
@@ -317,7 +317,7 @@ class SegmentWindows:
         total = self._count if n is None else n
         for t in range(self._emitted, until):
             idx = (window_indices(t, total) - first).tolist()
-            parts = [self._frame(t - first, i, p) for p, i in enumerate(idx)]
+            parts = [self._frame(t - first, i) for i in idx]
             gone = [m for _, _, m in parts if m is not None]
             out.append(
                 Window(

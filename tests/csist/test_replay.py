@@ -22,6 +22,7 @@ from websockets.asyncio.server import serve
 from csist import replay
 from csist.replay import RESEND, Replay, ReplayConfig, TrackState, make_track
 from service.runtime.config import Settings
+from service.science.windows import MAX_RECENTRE_PX
 from tests.service.conftest import LiveServer, standin_weights, write_standin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ class FakeService:
             number = int(track_id.split("-")[1])
             self._tracks[track_id] = make_track(number, self.seed, self.track_frames)
         track = self._tracks[track_id]
-        ox, oy = track.origin
+        ox, oy = track.origins[idx]
         return [
             {"x": x, "y": y, "sensor_x": x + ox, "sensor_y": y + oy, "brightness": b, "score": b}
             for x, y, b in track.truth[idx]
@@ -264,6 +265,24 @@ def test_make_track_is_deterministic_and_noisy_on_request():
     assert np.array_equal(noisy.truth, a.truth) and not np.array_equal(noisy.frames, a.frames)
 
 
+def test_a_recentred_track_shows_the_same_scene_through_a_moving_patch():
+    still, moving = make_track(6, seed=2), make_track(6, seed=2, recentre=True)
+    steps = np.diff(moving.origins, axis=0)
+    assert np.array_equal(steps, np.rint(steps)) and np.abs(steps).max() <= MAX_RECENTRE_PX and np.abs(steps).max() > 0
+    # the same targets in sensor coordinates (noise-free: the same draws)
+    np.testing.assert_allclose(
+        moving.truth[..., :2] + moving.origins[:, None, :], still.truth[..., :2] + still.origins[:, None, :], atol=1e-9
+    )
+    np.testing.assert_array_equal(moving.truth[..., 2], still.truth[..., 2])
+    # and the same pixels where the moving patch overlaps the still one
+    for t in range(20):
+        dx, dy = (moving.origins[t] - still.origins[t]).astype(int)
+        a = moving.frames[t][max(0, -dy) : 11 - max(0, dy), max(0, -dx) : 11 - max(0, dx)]
+        b = still.frames[t][max(0, dy) : 11 - max(0, -dy), max(0, dx) : 11 - max(0, -dx)]
+        np.testing.assert_array_equal(a, b)
+    assert all(0 <= x <= 10 and 0 <= y <= 10 for x, y, _ in moving.truth.reshape(-1, 3))
+
+
 def test_unreachable_service_fails_fast(tmp_path):
     out = tmp_path / "summary.json"
     with socket.socket() as s:
@@ -327,10 +346,12 @@ def service(model):
     server.stop()
 
 
-def test_streams_to_the_service_and_matches_rest(service, tmp_path, capsys):
+@pytest.mark.parametrize("recentre", [False, True], ids=["still", "recentred"])
+def test_streams_to_the_service_and_matches_rest(service, tmp_path, capsys, recentre):
     summary_path, answers_path = tmp_path / "s.json", tmp_path / "a.jsonl"
     code = replay.main(
-        [
+        ["--recentre"] * recentre
+        + [
             "--url",
             service.ws_url,
             "--tracks",
@@ -363,7 +384,8 @@ def test_streams_to_the_service_and_matches_rest(service, tmp_path, capsys):
     }
     assert set(answers) == expected_keys(summary)
     # a whole track through REST (same windows, same padding) gives the same answers
-    track = make_track(0, seed=4, frames=12)
+    track = make_track(0, seed=4, frames=12, recentre=recentre)
+    assert np.ptp(track.origins, axis=0).any() == recentre
     n = summary["frames_per_track"][track.track_id]
     assert n == 12
     body = {
@@ -372,7 +394,7 @@ def test_streams_to_the_service_and_matches_rest(service, tmp_path, capsys):
             {
                 "patch": f.tolist(),
                 "frame_index": i,
-                "origin": {"x": track.origin[0], "y": track.origin[1]},
+                "origin": {"x": float(track.origins[i, 0]), "y": float(track.origins[i, 1])},
             }
             for i, f in enumerate(track.frames)
         ],
