@@ -48,25 +48,28 @@ def plane_basis(height: int, width: int) -> np.ndarray:
     )
 
 
-def fit_planes(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fit_planes(frames: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Background plane and noise sigma of every frame of (..., H, W).
 
     Returns ``coef`` (..., 3), the plane ``c0 + c1 (x - xc) + c2 (y - yc)`` in grey levels per
     pixel, and ``sigma`` (...,), the robust standard deviation (1.4826 MAD) of the pixels the
-    plane kept, about them.
+    plane kept, about them. ``valid`` (broadcastable to the frames): the pixels that hold data
+    (default all); the others, e.g. the repeated edge of a frame shifted into another patch
+    (service.science.windows.register), take no part.
     """
     frames = np.asarray(frames, dtype=np.float64)
     if frames.ndim < 2:
         raise ValueError(f"frames must be (..., H, W), got shape {frames.shape}")
     lead, (h, w) = frames.shape[:-2], frames.shape[-2:]
     y = frames.reshape(-1, h * w)  # (N, P)
+    ok = True if valid is None else np.broadcast_to(np.asarray(valid, dtype=bool), frames.shape).reshape(-1, h * w)
     basis = plane_basis(h, w)  # (P, 3)
     coef = np.zeros((len(y), 3))
-    coef[:, 0] = np.median(y, axis=1)
+    coef[:, 0] = np.median(y, axis=1) if valid is None else _masked_median(y, ok)
     sigma = np.ones(len(y))
     for _ in range(ITERATIONS):
         r = y - coef @ basis.T  # (N, P)
-        keep = r < CLIP_Z * np.maximum(sigma, 0.5)[:, None]
+        keep = (r < CLIP_Z * np.maximum(sigma, 0.5)[:, None]) & ok
         sigma = _robust_sigma(r, keep)
         # L1 by IRLS: weight 1/|r|, floored so that exact fits (flat noise-free frames) stay finite
         wts = keep / np.maximum(np.abs(r), 0.05 * np.maximum(sigma, 1.0)[:, None])
@@ -75,8 +78,14 @@ def fit_planes(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         coef = np.linalg.solve(gram, ((wts * y) @ basis)[..., None])[..., 0]
     coef[np.mean(y == 0.0, axis=1) > DARK_SHARE] = 0.0
     r = y - coef @ basis.T
-    sigma = _robust_sigma(r, r < CLIP_Z * np.maximum(sigma, 0.5)[:, None])
+    sigma = _robust_sigma(r, (r < CLIP_Z * np.maximum(sigma, 0.5)[:, None]) & ok)
     return coef.reshape(*lead, 3), sigma.reshape(lead)
+
+
+def _masked_median(y: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Median of each row (N,) of ``y`` (N, P) over its ``ok`` pixels (all of a row with none)."""
+    ok = ok & ok.any(axis=1, keepdims=True) | ~ok.any(axis=1, keepdims=True)
+    return np.nanmedian(np.where(ok, y, np.nan), axis=1)
 
 
 def _robust_sigma(r: np.ndarray, keep: np.ndarray) -> np.ndarray:

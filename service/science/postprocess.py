@@ -59,6 +59,16 @@ def snr_thresholds(noise: np.ndarray, snr: float, psf_sigma: float = SIGMA) -> n
     return snr * flux_noise(np.maximum(np.median(noise, axis=1), MIN_NOISE), psf_sigma)
 
 
+def _on(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Which targets (K, 3) sit on a pixel of ``mask`` (H, W) (pixel centres at integers)."""
+    if not len(rows):
+        return np.zeros(0, dtype=bool)
+    h, w = mask.shape
+    c = np.clip(np.rint(rows[:, 0]).astype(int), 0, w - 1)
+    r = np.clip(np.rint(rows[:, 1]).astype(int), 0, h - 1)
+    return mask[r, c]
+
+
 def find_targets(
     maps: np.ndarray,
     windows: np.ndarray | None = None,
@@ -80,7 +90,8 @@ def find_targets(
     ``max_targets`` applies to the final answer. ``details``: a :class:`Found` per map instead,
     with the fit's uncertainties where the fit answered. ``missing`` (N, H, W): pixels of each
     window that a frame registered into its patch does not cover
-    (:func:`service.science.windows.register`); the fit leaves them out, as it does stuck pixels.
+    (:func:`service.science.windows.register`): the background planes are fitted without them,
+    a peak on one is dropped, and the fit leaves them out, as it does stuck pixels.
     """
     if refine not in REFINE_MODES:
         raise ValueError(f"refine must be one of {REFINE_MODES}, got {refine!r}")
@@ -89,11 +100,15 @@ def find_targets(
         raise ValueError("refine='fit' and snr need the LR window of every map")
     kwargs = {} if mode is None else {"mode": mode}
     fit_config = fit_config or FitConfig()
+    if missing is not None:
+        missing = np.asarray(missing, dtype=bool)
+        if windows is None or missing.shape != (len(maps), *np.shape(windows)[2:]):
+            raise ValueError(f"missing must be (N, H, W) like the windows' frames, got {missing.shape}")
     if needs_windows:  # one batched call: the threshold and the fit share the background planes
         windows = np.asarray(windows, dtype=np.float64)
         if windows.ndim != 4:
             raise ValueError(f"windows must be (N, F, H, W), got shape {windows.shape}")
-        planes, noise = fit_planes(windows)
+        planes, noise = fit_planes(windows, None if missing is None else ~missing[:, None])
     per_window = None if snr is None else snr_thresholds(noise, snr, fit_config.psf_sigma)
     floor = threshold if per_window is None or not len(per_window) else float(per_window.min())
     peak_refine = "none" if refine == "fit" else refine
@@ -107,14 +122,13 @@ def find_targets(
     )
     if per_window is not None:  # each window's own threshold: rows are brightness-sorted
         found = [f[f[:, 2] > t] for f, t in zip(found, per_window)]
+    if missing is not None:  # a peak on a repeated edge pixel is the network reading the copy
+        found = [f[~_on(m, f)] for f, m in zip(found, missing)]
     if refine != "fit":
         found = [f if max_targets is None else f[:max_targets] for f in found]
         return [Found(f) for f in found] if details else found
     stuck = defects(windows, planes, noise, fit_config.psf_sigma * (1.0 - fit_config.psf_range))
     if missing is not None:
-        missing = np.asarray(missing, dtype=bool)
-        if missing.shape != (len(windows), *windows.shape[2:]):
-            raise ValueError(f"missing must be (N, H, W) = {(len(windows), *windows.shape[2:])}, got {missing.shape}")
         stuck = stuck | missing
     fits = refine_windows(windows, found, fit_config, details=True, planes=planes, stuck=stuck)
     if not details:

@@ -90,3 +90,21 @@ def test_a_pixel_stuck_in_one_frame_is_not_a_defect():
     frames[2, 1, 9] = 200.0  # ...but for one frame
     coef, sigma = fit_planes(frames)
     assert not defects(frames, coef, sigma, 0.3)[1, 9]
+
+
+def test_planes_leave_out_pixels_without_data():
+    """A frame shifted into another patch repeats its edge where it has no data: fitted with
+    those pixels the slope flattens, left out it is the scene's."""
+    from service.science.windows import register
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:11, 0:11]
+    scene = 50.0 + 3.0 * xx + 1.0 * yy + rng.normal(0.0, 1.0, (11, 11))
+    shifted, missing = register(scene, (-4, 0))  # the other patch lies 4 px left: 4 columns repeat
+    true_slope = fit_planes(scene)[0][1]
+    assert true_slope == pytest.approx(3.0, abs=0.1)
+    assert fit_planes(shifted)[0][1] < 2.5
+    assert fit_planes(shifted, ~missing)[0][1] == pytest.approx(3.0, abs=0.15)
+    # per frame of a stack, broadcast
+    coef, sigma = fit_planes(np.stack([scene, shifted]), ~missing[None])
+    assert coef[:, 1] == pytest.approx([3.0, 3.0], abs=0.15) and np.all(sigma > 0.5)

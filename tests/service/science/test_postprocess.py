@@ -79,3 +79,18 @@ def test_the_fit_leaves_missing_pixels_out():
     assert any(len(a) != len(t) or np.abs(a[:, :2] - b[:, :2]).max() > 0.02 for a, b, t in zip(left_in, clean, truth))
     with pytest.raises(ValueError, match="missing"):
         find_targets(maps, wins, refine="fit", missing=missing[:, :5])
+
+
+def test_peaks_on_missing_pixels_are_dropped():
+    wins, maps, _ = simulated_windows(2, seed=8)
+    maps = maps.copy()
+    maps[:, 16, 1] = 500.0  # a bright cell on LR column 0 (HR column 1), row 5
+    missing = np.zeros((2, 11, 11), dtype=bool)
+    missing[:, :, 0] = True  # column 0 is a repeated edge
+    with_cell = find_targets(maps, wins, refine="none", snr=5.0)
+    without = find_targets(maps, wins, refine="none", snr=5.0, missing=missing)
+    for a, b in zip(with_cell, without, strict=True):
+        assert np.any(np.isclose(a[:, 0], 0.0)) and not np.any(np.isclose(b[:, 0], 0.0))
+        assert len(b) == len(a) - 1
+    with pytest.raises(ValueError, match="missing"):
+        find_targets(maps, refine="none", missing=missing)
