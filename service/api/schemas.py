@@ -89,7 +89,8 @@ class UnmixOptions(BaseModel):
         Field(
             None,
             description="the sensor's Gaussian PSF sigma in pixels, for refine 'fit'; default CSIST_PSF_SIGMA or"
-            " the model manifest's (the fit corrects it by up to 40 % where the frames show a misfit)",
+            " the model manifest's (where the frames show a misfit the fit corrects it, from 40 % narrower to"
+            " 3 times wider)",
         )
     )
     saturation: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_SATURATION)] | None = Field(

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         le=PSF_SIGMA_MAX,
         description="the sensor's Gaussian PSF sigma in pixels (its calibration), used by refine 'fit';"
         " unset: the model manifest's interface.physics.psf_sigma. A request's options.psf_sigma overrides it. The fit"
-        " corrects a mismatch of up to 40 % where the frames show it",
+        " corrects a mismatch (from 40 % narrower to 3 times wider) where the frames show it",
     )
     saturation: float | None = Field(
         255.0,

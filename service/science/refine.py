@@ -147,11 +147,14 @@ class FitConfig:
 
     psf_sigma: float = SIGMA  # PSF standard deviation, LR px (the papers' 0.5): the calibration
     # Where the calibrated PSF leaves a misfit (chi2 / dof above ``psf_chi2``), fit the PSF sigma
-    # too, within +-``psf_range`` (relative) of ``psf_sigma``, pulled toward it by a Gaussian
-    # prior of relative width ``psf_prior``, and keep it where the criterion says the frames
-    # support it: optics differ from their calibration (focus, temperature, field position),
-    # and a sigma 20 % off moves and splits targets. Where the calibration fits, sigma stays
-    # fixed: a free sigma trades against close targets' separations and brightness.
+    # too, from ``psf_sigma`` x (1 - ``psf_range``) to ``psf_sigma`` x ``psf_max``, pulled toward
+    # it by a Gaussian prior of relative width ``psf_prior``, and keep it where the criterion says
+    # the frames support it: optics differ from their calibration (focus, temperature, field
+    # position), and a sigma 20 % off moves and splits targets. The range is wider upward: a
+    # defocused or blurred PSF can be several times the calibrated one, and a wider PSF than
+    # the fit may take is explained by splitting each target into several (a sigma-0.9 target
+    # fitted as 6-7 targets at 0.7). Where the calibration fits, sigma stays fixed: a free sigma
+    # trades against close targets' separations and brightness.
     fit_psf: bool = True
     psf_chi2: float = 1.5
     # Where a fitted target sits at a bound of ``brightness_range``, or the calibrated fit leaves
@@ -161,6 +164,7 @@ class FitConfig:
     # then the other) and keep what the criterion prefers.
     free_brightness: bool = True
     psf_range: float = 0.4
+    psf_max: float = 3.0
     psf_prior: float | None = 0.2
     # width of the pull toward each start position, px; None = no pull. Measured on dev windows
     # started from the network's peaks (CSO-mAP clean / sigma 2 / sigma 5): 0.1 -> 93.7 / 72.7
@@ -236,9 +240,10 @@ class FitConfig:
             raise ValueError(f"brightness_range must be 0 < lo < hi, got {self.brightness_range}")
         if self.psf_sigma <= 0 or self.max_shift_px <= 0 or self.max_speed_px < 0:
             raise ValueError("psf_sigma and max_shift_px must be > 0, max_speed_px >= 0")
-        if not 0 < self.psf_range < 1 or (self.psf_prior is not None and self.psf_prior <= 0):
+        if not 0 < self.psf_range < 1 or not self.psf_max > 1 or (self.psf_prior is not None and self.psf_prior <= 0):
             raise ValueError(
-                f"psf_range must be in (0, 1) and psf_prior > 0 or None, got {self.psf_range}, {self.psf_prior}"
+                f"psf_range must be in (0, 1), psf_max > 1 and psf_prior > 0 or None, got {self.psf_range}, "
+                f"{self.psf_max}, {self.psf_prior}"
             )
         if self.prior_px is not None and self.prior_px <= 0:
             raise ValueError(f"prior_px must be > 0 or None, got {self.prior_px}")
@@ -974,7 +979,7 @@ class _Problem:
         vmax = cfg.max_speed_px if np.ptp(win.times) > 0 else 0.0  # one time: no velocity to fit
         ax, ay = anchors[:, 0], anchors[:, 1]
         nb, ns = win.n_bg, self.n_psf
-        s_lo, s_hi = cfg.psf_sigma * (1 - cfg.psf_range), cfg.psf_sigma * (1 + cfg.psf_range)
+        s_lo, s_hi = cfg.psf_sigma * (1 - cfg.psf_range), cfg.psf_sigma * cfg.psf_max
         self.lower = np.concatenate(
             [ax - m, ay - m, np.full(k, b_lo), [-vmax, -vmax], [s_lo][:ns], np.full(nb, -np.inf)]
         )

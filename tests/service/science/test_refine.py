@@ -402,6 +402,30 @@ def test_psf_sigma_is_fitted_where_the_calibration_leaves_a_misfit():
     assert fit_window(window(truth, quantize=True), start).psf_sigma == 0.5
 
 
+@pytest.mark.parametrize("sigma", [0.9, 1.2])
+def test_a_psf_much_wider_than_the_calibration_is_fitted_not_split(sigma):
+    """Defocused optics: a target with a PSF twice the calibrated 0.5 is one wide target, not a
+    ring of narrow ones (with the sigma capped at +40 % it came out as 6-7 targets)."""
+    rng = np.random.default_rng(int(sigma * 10))
+    truth = np.array([[5.2, 4.9, 240.0], [6.6, 5.3, 225.0]])
+    frames = np.stack(
+        [
+            physics.quantize(
+                physics.pixel_response(truth + [VELOCITY[0] * t, VELOCITY[1] * t, 0.0], sigma=sigma)
+                + rng.normal(0.0, 1.0, (11, 11))
+            )
+            for t in TIMES
+        ]
+    ).astype(np.float64)
+    start = np.array([[5.0, 5.0, 150.0], [5.33, 4.67, 120.0], [6.67, 5.33, 110.0], [6.33, 5.67, 90.0]])
+    r = fit_window(frames, start)  # calibrated sigma 0.5
+    assert r.accepted, r.reason
+    assert len(r.targets) == 2 and r.psf_sigma == pytest.approx(sigma, rel=0.1)
+    assert match_error(r.targets, truth) < 0.1
+    capped = fit_window(frames, start, FitConfig(psf_max=1.4))
+    assert not capped.accepted or len(capped.targets) != 2 or match_error(capped.targets, truth) > 0.1
+
+
 def test_sigma_derivative_matches_finite_differences():
     pos = np.array([3.3, 5.0, 7.81])
     eps = 1e-6
