@@ -122,15 +122,15 @@ def make_track(number: int, seed: int = 0, frames: int = 20, noise: float = 0.0,
     rng = np.random.default_rng([seed, number])
     params = SimParams(frames=frames, noise=noise)
     frames_float, truth = simulate_trajectory(rng, params)
-    if not recentre:
-        images = render(frames_float, noise, rng, float_out=False)
-        origin = np.array(rng.integers(0, 1000, size=2), dtype=np.float64)
-        return SimTrack(f"track-{number:05d}", images, truth, np.tile(origin, (frames, 1)))
-    pad, size = RECENTRE_PAD, params.size
+    pad, size = RECENTRE_PAD if recentre else 0, params.size
     in_scene = truth.copy()
     in_scene[..., :2] += pad
-    scene = render(frames_of(in_scene, replace(params, size=size + 2 * pad)), noise, rng, float_out=False)
+    if recentre:  # the scene around the patch the tracker may cut
+        frames_float = frames_of(in_scene, replace(params, size=size + 2 * pad))
+    scene = render(frames_float, noise, rng, float_out=False)
     origin = np.array(rng.integers(0, 1000, size=2), dtype=np.float64)
+    if not recentre:
+        return SimTrack(f"track-{number:05d}", scene, truth, np.tile(origin, (frames, 1)))
     estimate = in_scene[:, :, :2].mean(axis=1) + rng.normal(0.0, TRACKER_SIGMA, size=(frames, 2))
     corners = []  # (x, y) of each patch's top-left pixel in the scene
     for t in range(frames):

@@ -48,7 +48,7 @@ from service.api.answers import deadline_s, peak_options, targets_payload, windo
 from service.api.schemas import CLIENT_MESSAGE, EndMessage, FrameMessage, Origin, describe_errors
 from service.engine.batcher import DeadlineExceeded, Overloaded, PeakOptions, ShuttingDown
 from service.runtime.lifecycle import Runtime
-from service.science.windows import SegmentWindows, Window, missing_pixels, recentre_step
+from service.science.windows import SegmentWindows, Window, recentre_step
 
 log = logging.getLogger("service.ws")
 
@@ -361,7 +361,7 @@ class StreamSession:
                     [w.pairs for w in group],
                     deadline_s=window_deadline_s,
                     owner=self,
-                    missing=missing_pixels([w.frames for w in group], [w.missing for w in group]),
+                    missing=np.stack([w.missing for w in group]),
                 )
             except (Overloaded, ShuttingDown) as exc:
                 code = error_code(exc)

@@ -292,7 +292,8 @@ class Batcher:
         can no longer make it when its batch is gathered is dropped (its future raises
         DeadlineExceeded). The fit is skipped for windows it would make late.
         ``owner``: what :meth:`cancel` drops the group by. ``missing``: (k, H, W) pixels of each
-        window that a frame registered into its patch does not cover (service.science.windows).
+        window that a frame registered into its patch does not cover (service.science.windows);
+        a mask with none is dropped, so that post-processing takes its path for whole windows.
         Raises Overloaded (queue full), DeadlineExceeded or ShuttingDown immediately rather
         than waiting.
         """
@@ -319,6 +320,8 @@ class Batcher:
             raise ValueError(f"pair slots need feature slots, and one row per window ({k})")
         if missing is not None and missing.shape != (k, *windows.shape[2:]):
             raise ValueError(f"missing pixels of shape {missing.shape} for windows of shape {windows.shape}")
+        if missing is not None and not missing.any():
+            missing = None
         self._items.append(
             _Item(windows, options, future, slots, pairs, enqueued=now, deadline=deadline, owner=owner, missing=missing)
         )

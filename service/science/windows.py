@@ -108,38 +108,19 @@ def window_shifts(origins, index: np.ndarray) -> np.ndarray:
     return np.rint(xy[index[..., HALF : HALF + 1]] - xy[index]).astype(np.int64)
 
 
-def registered(frames: np.ndarray, index: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Windows (k, 5, H, W) of ``frames`` (n, H, W) picked by ``index`` (k, 5), each frame
-    registered by its shift (k, 5, 2), and the (k, H, W) pixels missing from any of a window's
-    frames (None where no frame moved)."""
+def sequence_windows(frames: np.ndarray, origins=None) -> tuple[np.ndarray, np.ndarray]:
+    """Windows (n, 5, H, W) for every frame of one segment (n, H, W), edges replicated, each frame
+    registered into its window's middle patch where ``origins`` (one (x, y) per frame, or None)
+    moved; and the (n, H, W) pixels missing from any of a window's frames."""
+    n = frames.shape[0]
+    index = window_indices(np.arange(n), n)
+    shifts = window_shifts(origins, index)
     windows = frames[index]
-    if not shifts.any():
-        return windows, None
-    windows = windows.copy()
-    missing = np.zeros((len(index),) + frames.shape[1:], dtype=bool)
+    missing = np.zeros((n, *frames.shape[1:]), dtype=bool)
     for w, p in zip(*np.nonzero(shifts.any(axis=-1)), strict=True):
         windows[w, p], gone = register(frames[index[w, p]], shifts[w, p])
         missing[w] |= gone
     return windows, missing
-
-
-def missing_pixels(frames: list[np.ndarray], missing: list[np.ndarray | None]) -> np.ndarray | None:
-    """The (k, H, W) missing pixels of k windows (their ``frames`` (5, H, W) and each one's mask
-    or None), or None where no window misses any."""
-    if all(m is None for m in missing):
-        return None
-    return np.stack(
-        [np.zeros(f.shape[1:], dtype=bool) if m is None else m for f, m in zip(frames, missing, strict=True)]
-    )
-
-
-def sequence_windows(frames: np.ndarray, origins=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Windows (n, 5, H, W) for every frame of one segment (n, H, W), edges replicated, each frame
-    registered into its window's middle patch where ``origins`` (one (x, y) per frame, or None)
-    moved; and the (n, H, W) pixels missing from a window's frames (None where none moved)."""
-    n = frames.shape[0]
-    index = window_indices(np.arange(n), n)
-    return registered(frames, index, window_shifts(origins, index))
 
 
 _SLOT_LOCK = threading.Lock()  # claim/fill are a few bytecodes; one lock for all slots is enough
@@ -212,7 +193,7 @@ class Window:
     meta: Any
     slots: list[FeatureSlot | None] | None = None  # the 5 frames' feature slots, in window order
     pairs: list[FeatureSlot] | None = None  # the 4 aligned neighbours' slots, in NEIGHBOURS order
-    missing: np.ndarray | None = None  # (H, W) pixels a registered frame does not cover; None: all there
+    missing: np.ndarray | None = None  # (H, W) pixels a registered frame does not cover (None on early windows)
 
 
 class SegmentWindows:
@@ -318,14 +299,17 @@ class SegmentWindows:
         for t in range(self._emitted, until):
             idx = (window_indices(t, total) - first).tolist()
             parts = [self._frame(t - first, i) for i in idx]
-            gone = [m for _, _, m in parts if m is not None]
+            missing = np.zeros(self._frames[0].shape, dtype=bool)
+            for _, _, gone in parts:
+                if gone is not None:
+                    missing |= gone
             out.append(
                 Window(
                     np.stack([f for f, _, _ in parts]),
                     self._metas[t - first],
                     [s for _, s, _ in parts],
                     self._pairs[t - first],
-                    np.logical_or.reduce(gone) if gone else None,
+                    missing,
                 )
             )
         self._emitted = max(self._emitted, until)

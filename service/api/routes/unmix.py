@@ -13,7 +13,7 @@ from service.api.answers import deadline_s, peak_options, targets_payload, windo
 from service.api.deps import RuntimeDep, require_token
 from service.api.schemas import ErrorResponse, UnmixRequest, UnmixResponse
 from service.engine.batcher import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
-from service.science.windows import missing_pixels, sequence_slots, sequence_windows, split_segments
+from service.science.windows import sequence_slots, sequence_windows, split_segments
 
 router = APIRouter(tags=["unmix"])
 
@@ -97,9 +97,7 @@ async def unmix(body: UnmixRequest, runtime: RuntimeDep, request: Request) -> di
     segments = split_segments(indices, origins)
     built = [sequence_windows(frames[s], origins[s]) for s in segments]
     windows = np.concatenate([w for w, _ in built])
-    missing = missing_pixels(
-        list(windows), [m for w, gone in built for m in (gone if gone is not None else [None] * len(w))]
-    )
+    missing = np.concatenate([m for _, m in built])
     # One feature slot per distinct frame: with the streaming parts, each frame is encoded
     # once per request although it appears in up to 5 windows (a frame registered into a
     # re-centred window's patch shows other pixels and gets a slot of its own there).
