@@ -162,28 +162,21 @@ def simulate_track(n_frames: int, seed: int = 0, n_targets: int = 3, spread: flo
     return np.asarray(frames, dtype=np.float64)
 
 
-def recentred_track(n: int = 12, seed: int = 2, noise: float = 0.0):
-    """A group of 3 targets moving 0.1 px a frame on a 30 x 30 sensor (Gaussian noise of sigma
-    ``noise``), cut into 11 x 11 patches by a tracker that re-centres on it with a jitter of a
-    pixel (steps of up to 2 px), and cut at one fixed origin (9, 10). Returns the true targets
-    in sensor coordinates (n, 3, 3), the re-centred patches, their origins ({"x", "y"} dicts)
-    and the fixed patches."""
-    rng = np.random.default_rng(seed)
-    centre = np.array([14.3, 15.6]) + rng.uniform(-0.5, 0.5, size=2)
-    offsets = np.array([[0.0, -0.7], [0.7, 0.1], [-0.5, 0.6]])
-    bright = rng.uniform(220, 250, size=3)
-    jitter = [0, 1, 0, -1, 1, 0, -1, 0, 1, 1, -1, 0]
-    truth, moving, fixed, origins = [], [], [], []
-    for t in range(n):
-        c = centre + np.array([0.1 * t, 0.05 * t])
-        targets = np.column_stack([c + offsets, bright])
-        scene = quantize(pixel_response(targets, 30) + noise * rng.standard_normal((30, 30)))
-        ox, oy = int(round(c[0])) - 5 + jitter[t % len(jitter)], int(round(c[1])) - 5
-        origins.append({"x": float(ox), "y": float(oy)})
-        moving.append(scene[oy : oy + 11, ox : ox + 11])
-        fixed.append(scene[10:21, 9:20])
-        truth.append(targets)
-    return np.array(truth), np.array(moving, dtype=np.float64), origins, np.array(fixed, dtype=np.float64)
+def recentred_track(number: int, noise: float = 0.0, frames: int = 12):
+    """Replay track ``number`` (csist.replay.make_track, a SeqCSIST-protocol trajectory) cut by a
+    tracker that re-centres its patch on the group, and the same track through a still patch:
+    for each, the patches, their origins ({"x", "y"} dicts) and the true targets in sensor
+    coordinates (T, K, 3)."""
+    from csist.replay import make_track
+
+    out = []
+    for recentre in (True, False):
+        track = make_track(number, seed=5, frames=frames, noise=noise, recentre=recentre)
+        truth = track.truth.copy()
+        truth[..., :2] += track.origins[:, None, :]
+        origins = [{"x": float(x), "y": float(y)} for x, y in track.origins]
+        out.append((track.frames.astype(np.float64), origins, truth))
+    return out
 
 
 def origin_runs(origins: list) -> list[list[int]]:

@@ -60,36 +60,37 @@ def test_the_default_model_path_is_the_repositorys_bundled_model():
 
 @pytest.mark.skipif(not BUNDLED, reason="models/derefnet not exported yet")
 def test_a_recentring_trackers_patches_are_answered_as_a_still_patchs():
-    """A tracker that re-centres its patch on the group by whole pixels (steps of up to 2 px,
-    almost every frame; noise sigma 2): its windows are kept (frames shifted into each window's
-    middle patch), and the targets, in sensor coordinates, land within 0.05 px of the truth
-    about as often as from a patch that never moved; cut into a segment per origin instead
-    (before the service followed re-centring), most windows are a single frame, far less often."""
+    """A tracker that re-centres its patch on the group by whole pixels (csist replay's, on most
+    frames; noise sigma 2): its windows are kept (frames shifted into each window's middle
+    patch), and the targets, in sensor coordinates, land within 0.05 px of the truth about as
+    often as from a patch that never moved; cut into a segment per origin instead (before the
+    service followed re-centring), most windows are a single frame, far less often."""
     live = LiveServer(Settings(model_path=DEFAULT_MODEL_PATH, drain_s=0.0, plan_budget_s=2.0, deadline_ms=0.0)).start()
     found = {"moving": 0, "still": 0, "split": 0, "total": 0}
     try:
         with httpx.Client(base_url=live.base_url, timeout=60) as c:
-            for seed in range(3):
-                truth, moving, origins, fixed = recentred_track(seed=seed, noise=2.0)
+            for number in range(4):
+                (moving, origins, truth), (fixed, fixed_origins, fixed_truth) = recentred_track(number, noise=2.0)
                 frames = [{"patch": f.tolist(), "origin": o} for f, o in zip(moving, origins, strict=True)]
                 rest = c.post("/unmix", json={"frames": frames}).json()["results"]
                 streamed = asyncio.run(_stream(live.ws_url, moving, origins))
                 assert [m["targets"] for m in streamed] == [r["targets"] for r in rest]
-                still = c.post(
-                    "/unmix", json={"frames": [{"patch": f.tolist(), "origin": {"x": 9.0, "y": 10.0}} for f in fixed]}
-                ).json()["results"]
+                body = {
+                    "frames": [{"patch": f.tolist(), "origin": o} for f, o in zip(fixed, fixed_origins, strict=True)]
+                }
+                still = c.post("/unmix", json=body).json()["results"]
                 split = []
                 for run in origin_runs(origins):
                     split += c.post("/unmix", json={"frames": [frames[t] for t in run]}).json()["results"]
                 found["moving"] += matched(rest, truth)
-                found["still"] += matched(still, truth)
+                found["still"] += matched(still, fixed_truth)
                 found["split"] += matched(split, truth)
                 found["total"] += truth.shape[0] * truth.shape[1]
     finally:
         live.stop()
     print(f"targets within 0.05 px of the truth: {found}")  # shown with pytest -s
     total = found["total"]
-    assert found["moving"] >= 0.75 * total and found["moving"] >= found["still"] - 0.1 * total, found
+    assert found["moving"] >= 0.5 * total and found["moving"] >= found["still"] - 0.05 * total, found
     assert found["split"] <= found["moving"] - 0.15 * total, found
 
 

@@ -374,7 +374,7 @@ def test_a_recentred_patch_is_followed_on_websocket_as_on_rest(server):
     into its window's middle patch): the stream answers as REST does, and not as separate
     segments would. (How close the answers come to a patch that never moved: on the bundled
     model, tests/service/test_bundled_model.py.)"""
-    _, moving, origins, _ = recentred_track()
+    (moving, origins, _), _ = recentred_track(1)
     steps = {(b["x"] - a["x"], b["y"] - a["y"]) for a, b in zip(origins, origins[1:])}
     assert any(s != (0.0, 0.0) for s in steps) and max(max(abs(v) for v in s) for s in steps) <= 2
     fit = {"refine": "fit", "threshold": 30.0}
