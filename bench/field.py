@@ -55,6 +55,12 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
     # appended, so that the rows above keep their seeds: optics defocused past the training's
     # 0.4-0.7, the calibration left at 0.5
     "PSF sigma 1.0": ("field", {"psf_sigma": (1.0, 1.0)}),
+    # a bright sky or ground under clutter: targets on it clip at the 8-bit top, and the
+    # clutter's spread is far above the noise
+    "clutter on pedestal 120-180": (
+        "field",
+        {"background": ("clutter",), "clutter_std": (2.0, 25.0), "pedestal": (120.0, 180.0)},
+    ),
 }
 
 

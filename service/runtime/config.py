@@ -106,7 +106,8 @@ class Settings(BaseSettings):
         gt=0.0,
         le=1000.0,
         description="peak threshold of the HR map as a multiple of each window's flux noise (its pixel noise"
-        " about the background plane, at least 1 grey level, times the PSF's sqrt(4 pi) sigma). Empty: the"
+        " from frame to frame, so that static clutter does not count, at least 1 grey level, times the PSF's"
+        " sqrt(4 pi) sigma). Empty: the"
         " model manifest's absolute threshold (interface.postprocess.threshold, the SeqCSIST metric's"
         " 70). A request's threshold or threshold_snr overrides it",
     )

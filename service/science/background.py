@@ -82,6 +82,41 @@ def fit_planes(frames: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.
     return coef.reshape(*lead, 3), sigma.reshape(lead)
 
 
+def temporal_noise(windows: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Noise sigma (N,) of each window of (N, F, H, W), from its frames' deviations from their
+    mean: whatever stays put over a window (pedestal, gradient, clutter, fixed pattern) has none,
+    so this is the sensor's noise alone, where a frame's spread about its plane counts static
+    clutter as noise too. 1.349 x the interquartile range of the deviations (targets move over
+    few pixels and do not shift it), scaled by sqrt(n / (n - 1)) for the mean taken out.
+
+    A frame identical to the one before it is a copy (a track's first or last frames
+    replicated to fill its windows) and is left out; with fewer than two distinct frames the
+    noise is 0. ``valid`` (N, H, W): the pixels that hold data in every frame (default all).
+    """
+    w = np.asarray(windows, dtype=np.float64)
+    if w.ndim != 4:
+        raise ValueError(f"windows must be (N, F, H, W), got shape {w.shape}")
+    n, f = w.shape[:2]
+    distinct = np.ones((n, f), dtype=bool)
+    distinct[:, 1:] = np.any(w[:, 1:] != w[:, :-1], axis=(2, 3))
+    count = distinct.sum(axis=1)
+    mean = np.einsum("nf,nfhw->nhw", distinct.astype(np.float64), w) / count[:, None, None]
+    dev = w - mean[:, None]
+    out = np.zeros(n)
+    plain = (count == f) if valid is None else (count == f) & np.asarray(valid, dtype=bool).reshape(n, -1).all(axis=1)
+    if plain.any():  # the usual case, vectorised
+        q = np.quantile(dev[plain].reshape(int(plain.sum()), -1), [0.25, 0.75], axis=1)
+        out[plain] = (q[1] - q[0]) / 1.349 * np.sqrt(f / (f - 1)) if f > 1 else 0.0
+    for i in np.flatnonzero(~plain & (count > 1)):
+        d = dev[i][distinct[i]]
+        if valid is not None:
+            d = d[:, np.asarray(valid[i], dtype=bool)]
+        if d.size:
+            q = np.quantile(d, [0.25, 0.75])
+            out[i] = (q[1] - q[0]) / 1.349 * np.sqrt(count[i] / (count[i] - 1))
+    return out
+
+
 def _masked_median(y: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Median of each row (N,) of ``y`` (N, P) over its ``ok`` pixels (all of a row with none)."""
     ok = ok & ok.any(axis=1, keepdims=True) | ~ok.any(axis=1, keepdims=True)

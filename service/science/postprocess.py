@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.science import peaks as _peaks
-from service.science.background import defects, fit_planes
+from service.science.background import defects, fit_planes, temporal_noise
 from service.science.physics import DEFAULT_SNR, SIGMA, flux_noise
 from service.science.refine import FitConfig, FitResult, refine_windows
 
@@ -46,17 +46,19 @@ class Found:
 
 
 def snr_thresholds(noise: np.ndarray, snr: float, psf_sigma: float = SIGMA) -> np.ndarray:
-    """Peak thresholds (N,) of windows whose frames have the pixel noise ``noise`` (N, F) (the
-    robust noise about each frame's background plane, :func:`fit_planes`): ``snr`` times the
+    """Peak thresholds (N,) of windows whose frames have the pixel noise ``noise`` (N,) (the
+    sensor's noise, :func:`service.science.background.temporal_noise`): ``snr`` times the
     noise of a target's flux.
 
     The HR map is in brightness (flux) units, so the threshold is ``snr`` x
-    :func:`service.science.physics.flux_noise` of the window's pixel noise: the median over its
-    frames, at least ``MIN_NOISE``.
+    :func:`service.science.physics.flux_noise` of the window's pixel noise, at least
+    ``MIN_NOISE``. Static clutter is not noise here: the network sees it for what it is, and
+    the fit models it; counting it in raised the threshold above the targets on cluttered
+    patches (measured in docs/method.md section 5.0).
     """
     if not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr}")
-    return snr * flux_noise(np.maximum(np.median(noise, axis=1), MIN_NOISE), psf_sigma)
+    return snr * flux_noise(np.maximum(np.asarray(noise, dtype=np.float64), MIN_NOISE), psf_sigma)
 
 
 def _on(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -109,7 +111,10 @@ def find_targets(
         if windows.ndim != 4:
             raise ValueError(f"windows must be (N, F, H, W), got shape {windows.shape}")
         planes, noise = fit_planes(windows, None if missing is None else ~missing[:, None])
-    per_window = None if snr is None else snr_thresholds(noise, snr, fit_config.psf_sigma)
+    per_window = None
+    if snr is not None:
+        valid = None if missing is None else ~missing
+        per_window = snr_thresholds(temporal_noise(windows, valid), snr, fit_config.psf_sigma)
     floor = threshold if per_window is None or not len(per_window) else float(per_window.min())
     peak_refine = "none" if refine == "fit" else refine
     found = _peaks.extract_peaks_batch(

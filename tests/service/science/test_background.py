@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.science import physics
-from service.science.background import condition, defects, fit_planes, plane_image
+from service.science.background import condition, defects, fit_planes, plane_image, temporal_noise
 
 GROUP = np.array([[5.3, 4.9, 160.0], [4.7, 5.0, 150.0], [5.0, 5.3, 155.0]])
 
@@ -108,3 +108,45 @@ def test_planes_leave_out_pixels_without_data():
     # per frame of a stack, broadcast
     coef, sigma = fit_planes(np.stack([scene, shifted]), ~missing[None])
     assert coef[:, 1] == pytest.approx([3.0, 3.0], abs=0.15) and np.all(sigma > 0.5)
+
+
+def static_clutter(std: float, seed: int) -> np.ndarray:
+    """A background (11, 11) of std ``std`` that varies from pixel to pixel, on a pedestal."""
+    from scipy.ndimage import gaussian_filter
+
+    z = gaussian_filter(np.random.default_rng(seed).standard_normal((11, 11)), 1.0)
+    return 80.0 + std * (z - z.mean()) / z.std()
+
+
+@pytest.mark.parametrize("noise", [1.0, 3.0])
+def test_temporal_noise_is_the_sensor_noise_and_not_the_static_clutter(noise):
+    wins = np.stack([frames_with(static_clutter(20.0, s), noise, seed=s) for s in range(6)])
+    got = temporal_noise(wins)
+    assert got.shape == (6,)
+    np.testing.assert_allclose(got, np.sqrt(noise**2 + 1 / 12), rtol=0.3)  # rounding adds 1/12
+    # the spread about each frame's plane counts the clutter too
+    assert np.all(fit_planes(wins)[1] > 5.0)
+
+
+def test_temporal_noise_leaves_replicated_frames_and_missing_pixels_out():
+    wins = np.stack([frames_with(static_clutter(20.0, s), 3.0, seed=s) for s in range(4)])
+    honest = temporal_noise(wins)
+    padded = wins.copy()
+    padded[:, :2] = padded[:, 2:3]  # a track's first frame: its window repeats it twice
+    # three distinct frames of the same noise: the same estimate within its sampling error
+    np.testing.assert_allclose(temporal_noise(padded), honest, rtol=0.3)
+    # copies counted as frames would shrink the deviations
+    zeroed = np.quantile(padded - padded.mean(axis=1, keepdims=True), [0.25, 0.75], axis=(1, 2, 3))
+    assert np.all((zeroed[1] - zeroed[0]) / 1.349 < 0.8 * honest)
+    # one distinct frame: no noise to see
+    assert np.all(temporal_noise(np.repeat(wins[:, :1], 5, axis=1)) == 0.0)
+    # a column repeated from the edge of a shifted frame differs between frames by far more
+    # than the noise; marked missing it is left out
+    spoiled = wins.copy()
+    spoiled[:, 0, :, :4] += 60.0
+    valid = np.ones((4, 11, 11), dtype=bool)
+    valid[:, :, :4] = False
+    assert np.all(temporal_noise(spoiled) > 1.3 * honest)
+    np.testing.assert_allclose(temporal_noise(spoiled, valid), honest, rtol=0.3)
+    with pytest.raises(ValueError, match="windows"):
+        temporal_noise(wins[0])

@@ -3,6 +3,7 @@ import pytest
 
 from service.science import physics
 from service.science.peaks import extract_peaks_batch
+from service.science.physics import flux_noise
 from service.science.postprocess import REFINE_MODES, find_targets
 from training.simulate import SimParams, render, simulate_trajectory
 
@@ -94,3 +95,23 @@ def test_peaks_on_missing_pixels_are_dropped():
         assert len(b) == len(a) - 1
     with pytest.raises(ValueError, match="missing"):
         find_targets(maps, refine="none", missing=missing)
+
+
+def test_the_snr_threshold_counts_the_sensor_noise_not_static_clutter():
+    """A target on clutter that varies more than its noise: the threshold is 5 flux sigmas of the
+    frame-to-frame noise, so a peak the clutter's spread would have hidden is kept."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(4)
+    z = gaussian_filter(rng.standard_normal((11, 11)), 1.0)
+    clutter = 60.0 + 20.0 * (z - z.mean()) / z.std()
+    wins = np.stack([physics.quantize(clutter + 2.0 * rng.standard_normal((11, 11))) for _ in range(5)])[None]
+    noise = np.sqrt(2.0**2 + 1 / 12)
+    maps = np.zeros((1, 33, 33))
+    maps[0, 16, 16] = 5.0 * flux_noise(noise) * 1.5  # 1.5 x the threshold of the noise
+    maps[0, 10, 10] = 5.0 * flux_noise(noise) * 0.5  # half of it
+    found = find_targets(maps, wins.astype(float), refine="none", snr=5.0)[0]
+    assert found.shape == (1, 3) and found[0, :2] == pytest.approx([5.0, 5.0])
+    # the clutter's spread about the plane, taken for noise, would have set it above both
+    spread = np.median(np.std(wins - wins.mean(axis=(2, 3), keepdims=True), axis=(2, 3)))
+    assert 5.0 * flux_noise(spread) > maps[0, 16, 16]
