@@ -104,7 +104,6 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.linalg import solve_triangular
 from scipy.linalg.lapack import dposv as _posv
 from scipy.linalg.lapack import dtrtri as _trtri
 from scipy.optimize import least_squares
@@ -660,12 +659,10 @@ def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> t
         at = min(max(rho, float(_kernel(shape, 1.0, lo))), float(_kernel(shape, 1.0, hi)))
         length = _length(shape, at) if lo < hi else lo
         cov = var_c * _kernel(shape, d2, length) + white_var * np.eye(m)
-        try:
-            chol = np.linalg.cholesky(cov)
-        except np.linalg.LinAlgError:
+        chol, x, info = _posv(cov, centred, lower=1)  # one LAPACK call: the factor and cov^-1 r
+        if info != 0:
             continue
-        z = solve_triangular(chol, centred, lower=True)
-        ll = -0.5 * float(z @ z) - float(np.log(np.diag(chol)).sum())
+        ll = -0.5 * float(centred @ x) - float(np.log(np.diag(chol)).sum())
         if ll > best_ll:
             best, best_ll = (var_c, length, noise, shape), ll
     return best
@@ -1503,10 +1500,11 @@ def _cluster(xy: np.ndarray, weight: np.ndarray, k: int, iterations: int = 8) ->
         centres.append(xy[nxt])
         d2 = np.minimum(d2, ((xy - xy[nxt]) ** 2).sum(axis=1))
     c = np.array(centres)
+    wxy = np.column_stack([w, w[:, None] * xy])  # (n, 3): weight, weighted x, weighted y
     for _ in range(iterations):
         label = np.argmin(((xy[:, None, :] - c[None]) ** 2).sum(axis=2), axis=1)
-        mass = np.bincount(label, weights=w, minlength=k)
-        moved = np.column_stack([np.bincount(label, weights=w * xy[:, i], minlength=k) for i in (0, 1)])
+        sums = (label[None, :] == np.arange(k)[:, None]) @ wxy  # (k, 3) per cluster
+        mass, moved = sums[:, 0], sums[:, 1:]
         new = np.where(mass[:, None] > 0, moved / np.maximum(mass, 1e-300)[:, None], c)
         if np.all(np.abs(new - c) <= 1e-8 + 1e-5 * np.abs(c)):  # np.allclose, without its overhead
             break
