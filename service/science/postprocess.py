@@ -113,8 +113,10 @@ def find_targets(
         planes, noise = fit_planes(windows, None if missing is None else ~missing[:, None])
     per_window = None
     if snr is not None:
-        valid = None if missing is None else ~missing
-        per_window = snr_thresholds(temporal_noise(windows, valid), snr, fit_config.psf_sigma)
+        sensor = temporal_noise(windows, None if missing is None else ~missing)
+        # a window of one distinct frame shows no noise over time: its spread about the plane
+        sensor = np.where(np.isnan(sensor), np.median(noise, axis=1), sensor)
+        per_window = snr_thresholds(sensor, snr, fit_config.psf_sigma)
     floor = threshold if per_window is None or not len(per_window) else float(per_window.min())
     peak_refine = "none" if refine == "fit" else refine
     found = _peaks.extract_peaks_batch(

@@ -115,3 +115,14 @@ def test_the_snr_threshold_counts_the_sensor_noise_not_static_clutter():
     # the clutter's spread about the plane, taken for noise, would have set it above both
     spread = np.median(np.std(wins - wins.mean(axis=(2, 3), keepdims=True), axis=(2, 3)))
     assert 5.0 * flux_noise(spread) > maps[0, 16, 16]
+
+
+def test_a_window_of_one_repeated_frame_takes_its_threshold_from_the_spread():
+    """A track of one frame so far fills its window with copies: no noise shows over time, so
+    the threshold comes from the frame's spread about its plane, not from the 1-grey-level floor."""
+    rng = np.random.default_rng(9)
+    frame = physics.quantize(40.0 + 5.0 * rng.standard_normal((11, 11)))
+    wins = np.repeat(frame[None, None], 5, axis=1).astype(float)
+    maps = np.zeros((1, 33, 33))
+    maps[0, 16, 16] = 30.0  # above the floor's threshold (8.9), below 5 flux sigmas of noise 5 (44)
+    assert find_targets(maps, wins, refine="none", snr=5.0)[0].shape == (0, 3)
