@@ -90,30 +90,35 @@ def temporal_noise(windows: np.ndarray, valid: np.ndarray | None = None) -> np.n
     few pixels and do not shift it), scaled by sqrt(n / (n - 1)) for the mean taken out.
 
     A frame identical to the one before it is a copy (a track's first or last frames
-    replicated to fill its windows) and is left out; with fewer than two distinct frames (a
-    track of one frame so far) the noise cannot be seen and is NaN. ``valid`` (N, H, W): the
-    pixels that hold data in every frame (default all).
+    replicated to fill its windows, which is how windows are padded) and is left out; with
+    fewer than two distinct frames (a track of one frame so far), or no valid pixel, the noise
+    cannot be seen and is NaN. ``valid`` (N, H, W): the pixels that hold data in every frame
+    (default all).
     """
     w = np.asarray(windows, dtype=np.float64)
     if w.ndim != 4:
         raise ValueError(f"windows must be (N, F, H, W), got shape {w.shape}")
     n, f = w.shape[:2]
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != (n, *w.shape[2:]):
+            raise ValueError(f"valid must be (N, H, W) = {(n, *w.shape[2:])}, got shape {valid.shape}")
     distinct = np.ones((n, f), dtype=bool)
     distinct[:, 1:] = np.any(w[:, 1:] != w[:, :-1], axis=(2, 3))
     count = distinct.sum(axis=1)
     mean = np.einsum("nf,nfhw->nhw", distinct.astype(np.float64), w) / count[:, None, None]
     dev = w - mean[:, None]
-    out = np.where(count > 1, 0.0, np.nan)
+    out = np.full(n, np.nan)
     plain = (count == f) & (count > 1)
     if valid is not None:
-        plain &= np.asarray(valid, dtype=bool).reshape(n, -1).all(axis=1)
+        plain &= valid.reshape(n, -1).all(axis=1)
     if plain.any():  # the usual case, vectorised
         q = np.quantile(dev[plain].reshape(int(plain.sum()), -1), [0.25, 0.75], axis=1)
         out[plain] = (q[1] - q[0]) / 1.349 * np.sqrt(f / (f - 1))
     for i in np.flatnonzero(~plain & (count > 1)):
         d = dev[i][distinct[i]]
         if valid is not None:
-            d = d[:, np.asarray(valid[i], dtype=bool)]
+            d = d[:, valid[i]]
         if d.size:
             q = np.quantile(d, [0.25, 0.75])
             out[i] = (q[1] - q[0]) / 1.349 * np.sqrt(count[i] / (count[i] - 1))

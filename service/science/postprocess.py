@@ -58,7 +58,10 @@ def snr_thresholds(noise: np.ndarray, snr: float, psf_sigma: float = SIGMA) -> n
     """
     if not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr}")
-    return snr * flux_noise(np.maximum(np.asarray(noise, dtype=np.float64), MIN_NOISE), psf_sigma)
+    noise = np.asarray(noise, dtype=np.float64)
+    if noise.ndim != 1:
+        raise ValueError(f"noise must be one value per window (N,), got shape {noise.shape}")
+    return snr * flux_noise(np.maximum(noise, MIN_NOISE), psf_sigma)
 
 
 def _on(mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -106,7 +109,7 @@ def find_targets(
         missing = np.asarray(missing, dtype=bool)
         if windows is None or missing.shape != (len(maps), *np.shape(windows)[2:]):
             raise ValueError(f"missing must be (N, H, W) like the windows' frames, got {missing.shape}")
-    if needs_windows:  # one batched call: the threshold and the fit share the background planes
+    if needs_windows:  # one batched call: the fit's planes, also the threshold's fallback
         windows = np.asarray(windows, dtype=np.float64)
         if windows.ndim != 4:
             raise ValueError(f"windows must be (N, F, H, W), got shape {windows.shape}")

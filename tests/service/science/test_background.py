@@ -148,5 +148,9 @@ def test_temporal_noise_leaves_replicated_frames_and_missing_pixels_out():
     valid[:, :, :4] = False
     assert np.all(temporal_noise(spoiled) > 1.3 * honest)
     np.testing.assert_allclose(temporal_noise(spoiled, valid), honest, rtol=0.3)
+    # no valid pixel: nothing to see either
+    assert np.all(np.isnan(temporal_noise(wins, np.zeros((4, 11, 11), dtype=bool))))
     with pytest.raises(ValueError, match="windows"):
         temporal_noise(wins[0])
+    with pytest.raises(ValueError, match="valid"):
+        temporal_noise(wins, valid[:, None])

@@ -4,7 +4,7 @@ import pytest
 from service.science import physics
 from service.science.peaks import extract_peaks_batch
 from service.science.physics import flux_noise
-from service.science.postprocess import REFINE_MODES, find_targets
+from service.science.postprocess import REFINE_MODES, find_targets, snr_thresholds
 from training.simulate import SimParams, render, simulate_trajectory
 
 
@@ -115,6 +115,8 @@ def test_the_snr_threshold_counts_the_sensor_noise_not_static_clutter():
     # the clutter's spread about the plane, taken for noise, would have set it above both
     spread = np.median(np.std(wins - wins.mean(axis=(2, 3), keepdims=True), axis=(2, 3)))
     assert 5.0 * flux_noise(spread) > maps[0, 16, 16]
+    with pytest.raises(ValueError, match="one value per window"):
+        snr_thresholds(np.ones((1, 5)), 5.0)  # per frame: the old signature
 
 
 def test_a_window_of_one_repeated_frame_takes_its_threshold_from_the_spread():
