@@ -84,9 +84,10 @@ def fit_planes(frames: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.
 
 def temporal_noise(windows: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Noise sigma (N,) of each window of (N, F, H, W), from its frames' deviations from their
-    mean: whatever stays put over a window (pedestal, gradient, clutter, fixed pattern) has none,
-    so this is the sensor's noise alone, where a frame's spread about its plane counts static
-    clutter as noise too. 1.349 x the interquartile range of the deviations (targets move over
+    mean, after each frame's median level: whatever stays put over a window (pedestal, gradient,
+    clutter, fixed pattern) has none, nor has a frame's offset as a whole, so this is the
+    sensor's noise alone, where a frame's spread about its plane counts static clutter as noise
+    too. 1.349 x the interquartile range of the deviations (targets move over
     few pixels and do not shift it), scaled by sqrt(n / (n - 1)) for the mean taken out.
 
     A frame identical to the one before it is a copy (a track's first or last frames
@@ -105,6 +106,13 @@ def temporal_noise(windows: np.ndarray, valid: np.ndarray | None = None) -> np.n
             raise ValueError(f"valid must be (N, H, W) = {(n, *w.shape[2:])}, got shape {valid.shape}")
     distinct = np.ones((n, f), dtype=bool)
     distinct[:, 1:] = np.any(w[:, 1:] != w[:, :-1], axis=(2, 3))
+    # a frame's own offset (a sensor's gain control, a non-uniformity correction) is not noise
+    # of its pixels: each frame's median level is taken out first
+    if valid is None or valid.all():
+        level = np.median(w.reshape(n, f, -1), axis=2)
+    else:
+        level = _masked_median(w.reshape(n * f, -1), np.repeat(valid.reshape(n, -1), f, axis=0)).reshape(n, f)
+    w = w - level[:, :, None, None]
     count = distinct.sum(axis=1)
     mean = np.einsum("nf,nfhw->nhw", distinct.astype(np.float64), w) / count[:, None, None]
     dev = w - mean[:, None]

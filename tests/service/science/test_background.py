@@ -126,6 +126,9 @@ def test_temporal_noise_is_the_sensor_noise_and_not_the_static_clutter(noise):
     np.testing.assert_allclose(got, np.sqrt(noise**2 + 1 / 12), rtol=0.3)  # rounding adds 1/12
     # the spread about each frame's plane counts the clutter too
     assert np.all(fit_planes(wins)[1] > 5.0)
+    # a frame's offset as a whole (gain control flicker) is not noise
+    flicker = wins + np.array([0.0, 12.0, -7.0, 20.0, 3.0])[None, :, None, None]
+    np.testing.assert_allclose(temporal_noise(flicker), got, rtol=0.05)
 
 
 def test_temporal_noise_leaves_replicated_frames_and_missing_pixels_out():
