@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.science.physics import pixel_fractions
+from service.science.windows import replicated
 
 ITERATIONS = 8
 CLIP_Z = 3.0  # pixels this many noise sigmas above the plane count as signal, not background
@@ -90,8 +91,8 @@ def temporal_noise(windows: np.ndarray, valid: np.ndarray | None = None) -> np.n
     too. 1.349 x the interquartile range of the deviations (targets move over
     few pixels and do not shift it), scaled by sqrt(n / (n - 1)) for the mean taken out.
 
-    A frame identical to the one before it is a copy (a track's first or last frames
-    replicated to fill its windows, which is how windows are padded) and is left out; with
+    A copy of a frame made to fill the window (:func:`service.science.windows.replicated`) is
+    left out; with
     fewer than two distinct frames (a track of one frame so far), or no valid pixel, the noise
     cannot be seen and is NaN. ``valid`` (N, H, W): the pixels that hold data in every frame
     (default all).
@@ -104,8 +105,7 @@ def temporal_noise(windows: np.ndarray, valid: np.ndarray | None = None) -> np.n
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != (n, *w.shape[2:]):
             raise ValueError(f"valid must be (N, H, W) = {(n, *w.shape[2:])}, got shape {valid.shape}")
-    distinct = np.ones((n, f), dtype=bool)
-    distinct[:, 1:] = np.any(w[:, 1:] != w[:, :-1], axis=(2, 3))
+    distinct = ~replicated(w)
     # a frame's own offset (a sensor's gain control, a non-uniformity correction) is not noise
     # of its pixels: each frame's median level is taken out first
     if valid is None or valid.all():

@@ -118,6 +118,7 @@ from service.science.physics import (
     pixel_fractions_dsigma,
     pixel_fractions_grad,
 )
+from service.science.windows import replicated
 
 try:
     from service.kernels import _fit as _native_fit
@@ -701,20 +702,20 @@ def _kernel(shape: str, d2, length: float):
 def _frame_times(frames: np.ndarray) -> np.ndarray:
     """Frame times relative to the middle frame, replicated edge frames given their copy's time.
 
-    A track's first and last frames are replicated to fill its windows (docs/method.md section 7):
-    [f0, f0, f0, f1, f2] for the first frame, [f0, f0, f1, f2, f3] for the second. A frame
-    bit-identical to its neighbour toward the middle is taken for such a copy. Real frames are
-    never identical in practice (noise, motion), and where they are (a static, noise-free
-    group) equal times are right anyway.
+    A track's first and last frames are replicated to fill its windows (docs/method.md section 7;
+    :func:`service.science.windows.replicated` says which); a copy takes the time of the frame
+    it copies. Where real frames are identical (a static, noise-free group) equal times are
+    right anyway.
     """
     n = frames.shape[0]
     mid = n // 2
+    copy = replicated(frames)
     times = np.arange(n, dtype=np.float64) - mid
     for i in range(mid - 1, -1, -1):
-        if np.array_equal(frames[i], frames[i + 1]):
+        if copy[i]:
             times[i] = times[i + 1]
     for i in range(mid + 1, n):
-        if np.array_equal(frames[i], frames[i - 1]):
+        if copy[i]:
             times[i] = times[i - 1]
     return times
 

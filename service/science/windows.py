@@ -70,6 +70,25 @@ def window_indices(t, n: int) -> np.ndarray:
     return np.clip(t[..., None] + _OFFSETS, 0, n - 1)
 
 
+def replicated(frames: np.ndarray) -> np.ndarray:
+    """Which frames of windows (..., F, H, W) are copies made to fill them (bool (..., F)).
+
+    A segment's first and last frames are repeated to fill its edge windows
+    (:func:`window_indices`): [f0, f0, f0, f1, f2] for the first frame, [f0, f0, f1, f2, f3]
+    for the second. A frame bit-identical to its neighbour toward the middle frame is taken for
+    such a copy; real frames are never identical in practice (noise, motion), and where they
+    are (a static, noise-free scene) nothing is lost by the rule.
+    """
+    frames = np.asarray(frames)
+    f = frames.shape[-3]
+    mid = f // 2
+    same = np.all(frames[..., 1:, :, :] == frames[..., :-1, :, :], axis=(-2, -1))  # (..., F - 1): frame i + 1 == i
+    copy = np.zeros((*same.shape[:-1], f), dtype=bool)
+    copy[..., :mid] = same[..., :mid]  # frame i before the middle equals frame i + 1
+    copy[..., mid + 1 :] = same[..., mid:]  # frame i after it equals frame i - 1
+    return copy
+
+
 def recentre_step(previous, current) -> tuple[int, int] | None:
     """The whole-pixel step (dx, dy) of the patch origin from one frame to the next that a segment
     carries on across: (0, 0) for the same origin or none on either; None where a new segment

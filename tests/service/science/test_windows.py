@@ -16,6 +16,7 @@ from service.science.windows import (
     pair_features,
     recentre_step,
     register,
+    replicated,
     sequence_slots,
     sequence_windows,
     split_segments,
@@ -265,3 +266,18 @@ def test_pair_and_fuse_inputs_put_rows_in_window_positions():
     stack = fuse_features(mid, aligned)
     np.testing.assert_array_equal(stack[:, HALF], mid)
     assert [stack[0, p, 0] for p in NEIGHBOURS] == [10 * p for p in NEIGHBOURS]
+
+
+def test_replicated_marks_the_copies_that_fill_a_segments_edge_windows():
+    rng = np.random.default_rng(0)
+    frames = rng.normal(size=(6, 11, 11))
+    windows = frames[window_indices(np.arange(6), 6)]  # (6, 5, 11, 11), edges repeated
+    got = replicated(windows)
+    assert got.shape == (6, 5)
+    np.testing.assert_array_equal(got[0], [True, True, False, False, False])
+    np.testing.assert_array_equal(got[1], [True, False, False, False, False])
+    assert not got[2:4].any()
+    np.testing.assert_array_equal(got[5], [False, False, False, True, True])
+    # one window alone, and a static scene: every frame but the middle one reads as a copy
+    np.testing.assert_array_equal(replicated(windows[4]), [False, False, False, False, True])
+    np.testing.assert_array_equal(replicated(np.zeros((5, 3, 3))), [True, True, False, True, True])
