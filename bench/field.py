@@ -61,6 +61,7 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
         "field",
         {"background": ("clutter",), "clutter_std": (2.0, 25.0), "pedestal": (120.0, 180.0)},
     ),
+    "edge across the patch, step 10-80": ("field", {"background": ("edge",), "pedestal": (0.0, 150.0)}),
 }
 
 

@@ -21,6 +21,12 @@ Each frame gets its own plane, so that a frame's conditioned copy does not depen
 frames of its window: the service encodes each streamed frame once and reuses its features in
 the five windows that hold it.
 
+An edge (:func:`fit_edge`): a horizon, a coastline or a cloud's rim crossing the patch is a
+step no plane follows. Where a window's static background leaves structure about its plane, the
+fit (:mod:`service.science.refine`) tries a straight, blurred step as one more background term
+(:func:`edge_column`), its geometry from the pixels away from the targets, and keeps it where
+those pixels are likelier with it.
+
 Stuck pixels (:func:`defects`): a hot pixel is a bright spot, and the fit would take it for a
 target, or start a missed target there; a dead one pulls the plane and the targets next to it.
 Both stay where they are, so they are found over a window's frames, never in one frame alone
@@ -29,9 +35,18 @@ Both stay where they are, so they are found over a window's frames, never in one
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
+from scipy.special import ndtr
 
 from service.science.physics import pixel_fractions
+
+try:  # the edge's least squares in C (service/kernels/_native/fit.c), where it is built
+    from service.kernels import _fit as _native_fit
+except ImportError:  # pragma: no cover - a checkout without the extension built
+    _native_fit = None
 from service.science.windows import replicated
 
 ITERATIONS = 8
@@ -39,14 +54,29 @@ CLIP_Z = 3.0  # pixels this many noise sigmas above the plane count as signal, n
 MAD_TO_SIGMA = 1.4826
 DARK_SHARE = 0.25  # a frame with more of its pixels at exactly 0 was clipped at the sensor's floor
 DEFECT_Z = 5.0  # a stuck pixel stands this many noise sigmas off its frame's plane, in every frame
+EDGE_ANGLES = 3  # directions of the edge search's grid, about the residual's mean gradient
+EDGE_ANGLE_SPREAD = 20.0  # degrees either side of it
+EDGE_STEP = 1.0  # px between the grid's edge positions
+EDGE_BLURS = (0.4, 1.2)  # px, the grid's edge widths (a Gaussian's sigma)
+EDGE_MIN_BLUR = 0.15  # px: a step sharper than this is one pixel column, which a model cannot place
+EDGE_MAX_BLUR = 4.0  # px: a wider step is a gradient, the plane's
+EDGE_ITERATIONS = 12
+EDGE_TOL = 1e-3  # Gauss-Newton stops when a step lowers the squares by less than this share
 
 
 def plane_basis(height: int, width: int) -> np.ndarray:
-    """(H*W, 3): columns 1, x - xc, y - yc at the pixel centres (x = column, y = row)."""
+    """(H*W, 3): columns 1, x - xc, y - yc at the pixel centres (x = column, y = row). Read-only
+    (one array per patch size, shared)."""
+    return _plane_basis(int(height), int(width))
+
+
+@functools.lru_cache(maxsize=16)
+def _plane_basis(height: int, width: int) -> np.ndarray:
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
-    return np.column_stack(
-        [np.ones(height * width), (cols - (width - 1) / 2).ravel(), (rows - (height - 1) / 2).ravel()]
-    )
+    x, y = (cols - (width - 1) / 2).ravel(), (rows - (height - 1) / 2).ravel()
+    out = np.column_stack([np.ones(height * width), x, y])
+    out.flags.writeable = False
+    return out
 
 
 def fit_planes(frames: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +198,9 @@ def defects(frames: np.ndarray, coef: np.ndarray, sigma: np.ndarray, min_psf_sig
     noise ``sigma`` (..., F) (:func:`fit_planes`): bool (..., H, W), True where a pixel is, in
     every frame of its window, either
 
-    - dead: ``DEFECT_Z`` sigmas below the plane (a target never darkens a pixel), or
+    - dead: ``DEFECT_Z`` sigmas below the plane (a target never darkens a pixel) and below all
+      its eight neighbours in the patch but one (a dead pixel stands alone, or beside one
+      other: the dark side of an edge or a dark patch of clutter is not dead), or
     - hot: ``DEFECT_Z`` sigmas above the plane, with its four neighbours (the ones inside the
       patch and not dead, scaled up to four) summing to less than half of
       what a PSF of ``min_psf_sigma`` (the narrowest the fit allows) centred on the pixel puts
@@ -182,7 +214,12 @@ def defects(frames: np.ndarray, coef: np.ndarray, sigma: np.ndarray, min_psf_sig
     h, w = frames.shape[-2:]
     r = frames - plane_image(coef, h, w)
     s = np.maximum(np.asarray(sigma, dtype=np.float64), 1.0)[..., None, None]
-    dead = r < -DEFECT_Z * s
+    # the second-lowest of the eight neighbours (outside the patch: none, +inf)
+    up = np.pad(r, [(0, 0)] * (r.ndim - 2) + [(1, 1), (1, 1)], constant_values=np.inf)
+    h, w = r.shape[-2:]
+    ring = [up[..., i : i + h, j : j + w] for i in range(3) for j in range(3) if (i, j) != (1, 1)]
+    second = np.partition(np.stack(ring), 1, axis=0)[1]
+    dead = (r < -DEFECT_Z * s) & (r < second - DEFECT_Z * s)
     # a dead neighbour is left out: next to a target, it must not make the target look hot
     pad = np.pad(np.where(dead, np.nan, r), [(0, 0)] * (r.ndim - 2) + [(1, 1), (1, 1)], constant_values=np.nan)
     near = np.stack([pad[..., :-2, 1:-1], pad[..., 2:, 1:-1], pad[..., 1:-1, :-2], pad[..., 1:-1, 2:]])
@@ -192,3 +229,145 @@ def defects(frames: np.ndarray, coef: np.ndarray, sigma: np.ndarray, min_psf_sig
     share = 0.5 * 4.0 * edge / centre  # 4-neighbour sum / centre pixel of a centred PSF, halved
     hot = (r > DEFECT_Z * s) & (neighbours < share * r)
     return np.all(hot | dead, axis=-3)
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A straight edge, blurred: the background steps by ``contrast`` across the line
+    ``(x - xc) cos(angle) + (y - yc) sin(angle) = offset`` (about the patch centre (xc, yc), x =
+    column, y = row) with the profile of a Gaussian's CDF of width ``blur`` px, rising along the
+    normal (angle, radians)."""
+
+    angle: float
+    offset: float
+    blur: float
+    contrast: float
+
+
+def edge_column(edge: Edge, height: int, width: int) -> np.ndarray:
+    """(H*W,) the unit step of ``edge`` (0 on its low side, 1 on its high side) at the pixel
+    centres: the background column the fit multiplies by the contrast."""
+    x, y = plane_basis(height, width)[:, 1:].T
+    return ndtr((x * np.cos(edge.angle) + y * np.sin(edge.angle) - edge.offset) / edge.blur)
+
+
+def fit_edge(values: np.ndarray, mask: np.ndarray) -> tuple[Edge, np.ndarray, float] | None:
+    """The plane plus edge that fits ``values`` (m,), a static background at the ``mask`` (H, W)
+    pixels, best in least squares: (edge, plane coefficients (3,) as :func:`plane_basis` orders
+    them, residual sum of squares), or None where the pixels cannot place one (too few, or
+    the best step is no step).
+
+    A grid search over direction, position and width (the linear terms, plane and contrast,
+    solved for each by projection) about the residual's principal gradient direction, then
+    Levenberg-Marquardt on all seven. Steps wider than
+    EDGE_MAX_BLUR are left to the plane.
+    """
+    height, width = mask.shape
+    z = np.asarray(values, dtype=np.float64)
+    basis = plane_basis(height, width)[mask.ravel()]  # (m, 3)
+    m = len(z)
+    if m != basis.shape[0]:
+        raise ValueError(f"values must have one entry per masked pixel ({basis.shape[0]}), got {m}")
+    if m < 12:
+        return None
+    x, y = basis[:, 1], basis[:, 2]
+    # plane projector: what the plane leaves of any column
+    q, _ = np.linalg.qr(basis)
+    zr = z - q @ (q.T @ z)
+    theta = _gradient_angle(zr, mask) + np.deg2rad(EDGE_ANGLE_SPREAD) * np.linspace(-1, 1, EDGE_ANGLES)
+    s = x[:, None] * np.cos(theta) + y[:, None] * np.sin(theta)  # (m, A)
+    lo, hi = s.min(), s.max()
+    offsets = np.arange(np.ceil(lo / EDGE_STEP) * EDGE_STEP, hi + 1e-9, EDGE_STEP)
+    blur = np.asarray(EDGE_BLURS)
+    # the grid's steps are linear ramps of the Gaussian CDF's central slope: a start for the
+    # exact profile's refinement, at a tenth of its cost
+    u = (s[:, :, None, None] - offsets[None, None, :, None]) * (1.0 / (np.sqrt(2 * np.pi) * blur))
+    cols = np.clip(u + 0.5, 0.0, 1.0, out=u).reshape(m, -1)  # (m, A * O * B)
+    cols -= q @ (q.T @ cols)
+    norm = np.einsum("mc,mc->c", cols, cols)
+    gain = np.where(norm > 1e-9 * m, (zr @ cols) ** 2 / np.maximum(norm, 1e-300), 0.0)
+    best = int(np.argmax(gain))
+    if gain[best] <= 0.0:
+        return None
+    ia, io, ib = np.unravel_index(best, (len(theta), len(offsets), len(blur)))
+    p = np.array([theta[ia], offsets[io], np.log(blur[ib])])
+    p, lin = _edge_refine(basis, z, x, y, p)
+    if lin is None:
+        return None
+    b = float(np.exp(p[2]))
+    if not EDGE_MIN_BLUR <= b <= EDGE_MAX_BLUR:
+        return None
+    r = basis @ lin[:3] + lin[3] * _edge_profile(x, y, p) - z
+    angle, offset, contrast = float(p[0]), float(p[1]), float(lin[3])
+    plane = lin[:3].copy()
+    if contrast < 0:  # one orientation for one edge: rising along the normal (C Phi(u) = C + |C| Phi(-u))
+        angle, offset, contrast = angle + np.pi, -offset, -contrast
+        plane[0] -= contrast
+    angle = float(np.mod(angle, 2 * np.pi))
+    return Edge(angle, offset, b, contrast), plane, float(r @ r)
+
+
+def _gradient_angle(values: np.ndarray, mask: np.ndarray) -> float:
+    """Direction (radians, [0, pi)) along which ``values`` at the ``mask`` pixels change most:
+    the principal axis of their gradients (central differences where both neighbours are in
+    the mask), the normal of an edge."""
+    img = np.full(mask.shape, np.nan)
+    img[mask] = values
+    gy, gx = np.gradient(img)
+    ok = np.isfinite(gx) & np.isfinite(gy)
+    gx, gy = gx[ok], gy[ok]
+    # the structure tensor's principal direction: half the angle of (sxx - syy, 2 sxy)
+    return float(np.mod(0.5 * np.arctan2(2 * gx @ gy, gx @ gx - gy @ gy), np.pi))
+
+
+def _edge_refine(basis, z, x, y, p, native: bool = True):
+    """Levenberg-Marquardt on all seven terms of plane plus edge from geometry ``p`` (angle,
+    offset, log blur; the linear terms solved for it first): the geometry and the linear
+    terms (plane, contrast), or (p, None) where they cannot be solved. In C where the
+    extension is built and ``native``, else in numpy (the reference the tests compare with)."""
+    a = np.column_stack([basis, _edge_profile(x, y, p)])
+    lin, _, rank, _ = np.linalg.lstsq(a, z, rcond=1e-10)
+    if rank < 4:
+        return p, None
+    full = np.concatenate([p, lin])
+    log_blur = (np.log(EDGE_MIN_BLUR) - 1.0, np.log(EDGE_MAX_BLUR) + 1.0)
+    if native and _native_fit is not None:
+        x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+        _native_fit.edge_lm(full, z, x, y, EDGE_ITERATIONS, EDGE_TOL, *log_blur)
+        return full[:3], full[3:]
+    r = a @ lin - z
+    cost, damp = float(r @ r), 1e-3
+    jac = np.empty((len(z), 7))
+    jac[:, 3:6] = basis
+    for _ in range(EDGE_ITERATIONS):
+        c, s, b = np.cos(full[0]), np.sin(full[0]), np.exp(full[2])
+        u = (x * c + y * s - full[1]) / b
+        g = full[6] * np.exp(-0.5 * u * u) / (np.sqrt(2 * np.pi) * b)  # contrast x d step / d u / b
+        jac[:, 0], jac[:, 1], jac[:, 2], jac[:, 6] = g * (y * c - x * s), -g, -g * u * b, ndtr(u)
+        gram, grad = jac.T @ jac, jac.T @ r
+        diag = np.diag(gram) + 1e-12
+        while damp < 1e6:
+            try:
+                step = np.linalg.solve(gram + damp * np.diag(diag), -grad)
+            except np.linalg.LinAlgError:
+                damp *= 10.0
+                continue
+            new = full + step
+            new[2] = min(max(new[2], log_blur[0]), log_blur[1])
+            r_new = basis @ new[3:6] + new[6] * _edge_profile(x, y, new) - z
+            c_new = float(r_new @ r_new)
+            if c_new <= cost:
+                break
+            damp *= 10.0
+        else:
+            break
+        done = cost - c_new <= EDGE_TOL * cost or np.abs(step[:3]).max() < 1e-4
+        full, r, cost, damp = new, r_new, c_new, max(damp * 0.1, 1e-6)
+        if done:
+            break
+    return full[:3], full[3:]
+
+
+def _edge_profile(x, y, p) -> np.ndarray:
+    """The unit step at the pixels (x, y) for geometry ``p`` (angle, offset, log blur)."""
+    return ndtr((x * np.cos(p[0]) + y * np.sin(p[0]) - p[1]) / np.exp(p[2]))

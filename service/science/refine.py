@@ -101,7 +101,8 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 from scipy.linalg.lapack import dposv as _posv
@@ -109,7 +110,7 @@ from scipy.linalg.lapack import dtrtri as _trtri
 from scipy.optimize import least_squares
 from scipy.special import lambertw, ndtri
 
-from service.science.background import defects, fit_planes, plane_basis, plane_image
+from service.science.background import defects, edge_column, fit_edge, fit_planes, plane_basis, plane_image
 from service.science.physics import (
     DEFAULT_SNR,
     SIGMA,
@@ -229,6 +230,11 @@ class FitConfig:
     # Clutter: where the frame-mean background left by the plane varies more than the frames'
     # noise explains, model it as a Gaussian random field (a Gaussian process) and marginalise it
     clutter: bool = True
+    # Edges: where there is such structure, also try a straight blurred step across the patch (a
+    # horizon, a cloud's rim; service.science.background.fit_edge) as a background term, placed
+    # from the far pixels with its contrast fitted jointly, and keep it where the far pixels are
+    # likelier with it (BIC)
+    edges: bool = True
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -287,6 +293,9 @@ class FitResult:
     # and PSF sigma (the calibration, or fitted where it left a misfit); NaN when not accepted
     background: tuple[float, float, float] = (float("nan"),) * 3
     psf_sigma: float = float("nan")
+    # the background's edge where the window has one (FitConfig.edges): angle (radians), offset
+    # and blur (px) as service.science.background.Edge, and the fitted contrast; else None
+    edge: tuple[float, float, float, float] | None = None
     # per target (rows as ``targets``): sigma_x, sigma_y (px), rho_xy, sigma_brightness, from the
     # fit's covariance; and the chosen count's weight among the counts tried. Empty / NaN when
     # not accepted.
@@ -484,8 +493,9 @@ def fit_window(
         nfev=nfev,
         noise=scale,
         criteria=ics,
-        background=tuple(float(b) for b in best.background),
+        background=tuple(float(b) for b in best.background[:3]),
         psf_sigma=best.psf_sigma,
+        edge=None if win.edge is None else (*astuple(win.edge)[:3], float(best.background[3])),
     )
 
 
@@ -624,11 +634,21 @@ def _crop_bounds(peaks: np.ndarray, reach: float, height: int, width: int) -> tu
     return r0, r1, c0, c1
 
 
-def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> tuple[float, float, float, str] | None:
-    """Clutter of a window from its far pixels' residuals ``r`` (F, m) about the background plane
-    (``mask`` (H, W) marks where they are): (variance, correlation length px, noise sigma,
-    covariance shape), or None where the frame-mean residual varies no more than the noise
-    explains.
+class _Clutter(NamedTuple):
+    """A window's clutter (:func:`_clutter`): variance, correlation length px, noise sigma,
+    covariance shape, and the far pixels' log-likelihood under it (up to a constant)."""
+
+    var: float
+    length: float
+    noise: float
+    shape: str
+    ll: float
+
+
+def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> _Clutter | None:
+    """Clutter of a window from its far pixels' residuals ``r`` (F, m) about the background
+    (``mask`` (H, W) marks where they are), or None where the frame-mean residual varies no more
+    than the noise explains.
 
     The background is static over a window and the noise is not, so the frames' deviations from
     their mean measure the noise, and the frame mean's variance beyond it is clutter. For each
@@ -655,7 +675,7 @@ def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> t
     rows, cols = np.nonzero(mask)
     d2 = (cols[:, None] - cols[None]) ** 2 + (rows[:, None] - rows[None]) ** 2
     lo, hi = CLUTTER_MIN_LENGTH * cfg.psf_sigma, CLUTTER_MAX_LENGTH
-    best, best_ll = None, -math.inf
+    best = None
     for shape in CLUTTER_KERNELS:
         at = min(max(rho, float(_kernel(shape, 1.0, lo))), float(_kernel(shape, 1.0, hi)))
         length = _length(shape, at) if lo < hi else lo
@@ -664,8 +684,8 @@ def _clutter(r: np.ndarray, mask: np.ndarray, extra: float, cfg: FitConfig) -> t
         if info != 0:
             continue
         ll = -0.5 * float(centred @ x) - float(np.log(np.diag(chol)).sum())
-        if ll > best_ll:
-            best, best_ll = (var_c, length, noise, shape), ll
+        if best is None or ll > best.ll:
+            best = _Clutter(var_c, length, noise, shape, ll)
     return best
 
 
@@ -780,9 +800,6 @@ class _Window:
         if stuck is not None:
             outside &= ~stuck
         raw_far = frames[:, outside]
-        far = _above_plane(raw_far, basis[outside] @ self.bg0)
-        # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
-        self.background = float(far.mean()) if far.size >= cfg.min_noise_pixels else None
         # a target near the patch border loses flux over the edge
         self.at_border = bool(
             np.any(peaks[:, :2] < 1.0 + cfg.max_shift_px)
@@ -792,15 +809,20 @@ class _Window:
         # clutter (which also measures the noise); not on a background clipped at the sensor's
         # floor (noise cut at 0, as estimate_noise reads it): there it is not measurable, and
         # the frames' deviations understate the noise
-        self.clutter = None
+        self.clutter, self.edge = None, None
         if cfg.clutter and cfg.background and n_frames > 1 and cfg.noise is None and raw_far.size:
             if np.mean(raw_far == 0.0) <= 0.1:
                 self.clutter = _clutter(raw_far - basis[outside] @ self.bg0, outside, self.extra, cfg)
+                if self.clutter is not None and cfg.edges:
+                    basis = self._edge(raw_far, outside, basis)
+        far = _above_plane(raw_far, basis[outside] @ self.bg0)
+        # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
+        self.background = float(far.mean()) if far.size >= cfg.min_noise_pixels else None
         if self.clutter is not None:
-            self.noise = self.clutter[2]
+            self.noise = self.clutter.noise
             # the crop grows by a correlation length: the clutter around the targets tells what
             # it is under them
-            r0, r1, c0, c1 = _crop_bounds(peaks, reach + CLUTTER_PAD * self.clutter[1], height, width)
+            r0, r1, c0, c1 = _crop_bounds(peaks, reach + CLUTTER_PAD * self.clutter.length, height, width)
         else:
             self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
         self.scale = math.sqrt(self.noise**2 + self.extra) if self.noise is not None else None
@@ -825,10 +847,36 @@ class _Window:
         self.sat_f, self.stuck_f = self.sat.astype(np.float64), self.stuck.astype(np.float64)  # for the C solver
         self.n_data = self.n - int(self.stuck.sum())
         self.usable = ~(self.sat | self.stuck)  # pixels the linear solves use
-        self.bg_basis = np.tile(basis[r0:r1, c0:c1].reshape(-1, 3), (n_frames, 1))  # (n, 3)
+        self.bg_basis = np.tile(basis[r0:r1, c0:c1].reshape(-1, basis.shape[2]), (n_frames, 1))  # (n, 3 or 4)
         # the observations less the starting background: what the targets must explain
         self.sig = self.obs - self.bg_basis @ self.bg0
         self._whitening()
+
+    def _edge(self, raw_far: np.ndarray, outside: np.ndarray, basis: np.ndarray) -> np.ndarray:
+        """Where an edge explains the far pixels' static background better than the clutter
+        does (BIC over the frame mean, :func:`_clutter`'s likelihood): the edge becomes a fourth
+        background column (its geometry fixed, its contrast fitted with the plane), the
+        starting background and the clutter left about it are set, and the widened basis (H, W,
+        4) comes back; else ``basis`` unchanged."""
+        found = fit_edge(raw_far.mean(axis=0), outside)
+        if found is None:
+            return basis
+        edge, plane, rss = found
+        n_frames, m = raw_far.shape
+        # the edge alone, the noise white about it (its four parameters against the clutter's
+        # two), must be likelier than the clutter: a stricter test than edge plus clutter, and
+        # one that needs no second covariance where it fails
+        noise = self.clutter.noise
+        white_var = noise**2 / n_frames + self.extra
+        ll = -0.5 * rss / white_var - 0.5 * m * math.log(white_var)
+        if not ll - math.log(m) > self.clutter.ll:
+            return basis
+        height, width = outside.shape
+        wide = np.concatenate([basis, edge_column(edge, height, width).reshape(height, width, 1)], axis=2)
+        self.edge, self.bg0, self.n_bg = edge, np.append(plane, edge.contrast), 4
+        # whatever structure is left about the edge is clutter again
+        self.clutter = _clutter(raw_far - wide[outside] @ self.bg0, outside, self.extra, self.cfg)
+        return wide
 
     @property
     def extra(self) -> float:
@@ -842,7 +890,7 @@ class _Window:
         self.white, self.flux_sigma = None, 0.0
         if self.clutter is None:
             return
-        var_c, length, _, shape = self.clutter
+        var_c, length, shape = self.clutter.var, self.clutter.length, self.clutter.shape
         n_frames, rows, cols = self.shape
         # rounding of a static background is static too: it does not average over the frames
         white_var = self.noise**2 / n_frames + self.extra
@@ -984,7 +1032,7 @@ class _Problem:
         self.upper = np.concatenate([ax + m, ay + m, np.full(k, b_hi), [vmax, vmax], [s_hi][:ns], np.full(nb, np.inf)])
         # typical size of a meaningful change of each parameter (for stopping and for trf)
         self.x_scale = np.concatenate(
-            [np.full(2 * k, 0.05), np.full(k, 10.0), [0.01, 0.01], [0.01][:ns], [1.0, 0.1, 0.1][:nb]]
+            [np.full(2 * k, 0.05), np.full(k, 10.0), [0.01, 0.01], [0.01][:ns], [1.0, 0.1, 0.1, 1.0][:nb]]
         )
 
         self._key: bytes | None = None
@@ -1063,7 +1111,7 @@ class _Problem:
     def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Targets (K, 3), velocity (2,), background plane (3,) and PSF sigma of a parameter vector."""
         k = self.k
-        bg = theta[self.i_bg :] if self.win.n_bg else np.zeros(3)
+        bg = theta[self.i_bg :] if self.win.n_bg else np.zeros(self.win.bg_basis.shape[1])
         targets = np.stack([theta[:k], theta[k : 2 * k], theta[2 * k : 3 * k]], axis=1)
         return targets, theta[3 * k : 3 * k + 2].copy(), bg.copy(), self.sigma(theta)
 

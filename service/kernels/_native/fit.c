@@ -10,6 +10,9 @@
  * position in frame f is x + vx t_f (rows alike), and its share of pixel i along an axis is
  * 0.5 (erf((i + 0.5 - p) / (s sqrt 2)) - erf((i - 0.5 - p) / (s sqrt 2))), as
  * service.science.physics.pixel_fractions.
+ *
+ * edge_lm is the Levenberg-Marquardt that places a background edge (plane plus a blurred step,
+ * service.science.background.fit_edge) from a window's far pixels, for the same reason.
  */
 #include "native.h"
 #include <math.h>
@@ -18,7 +21,7 @@
 #define MAXP 64 /* parameters: up to 19 targets with velocity, PSF sigma and plane (refine.NATIVE_MAX_PARAMS) */
 
 typedef struct {
-    int k, nf, nr, nc, r0, c0, n_psf, n_bg, p, n, npix, nwhite, nprior, nres;
+    int k, nf, nr, nc, r0, c0, n_psf, n_bg, nbs, p, n, npix, nwhite, nprior, nres;
     double scale, sigma;
     const double *times, *obs, *sat, *stuck, *bgb, *white, *pcols, *pmean, *pw;
     /* work: fractions (nf, k, nc | nr) and their derivatives, the model */
@@ -75,7 +78,7 @@ static void evaluate(Prob *q, const double *th, int grad) {
                 double m = 0.0;
                 for (int j = 0; j < k; j++)
                     m += a[j] * q->fy[((size_t)t * k + j) * nr + r] * q->fx[((size_t)t * k + j) * nc + c];
-                for (int l = 0; l < q->n_bg; l++) m += q->bgb[i * 3 + l] * b[l];
+                for (int l = 0; l < q->n_bg; l++) m += q->bgb[i * q->nbs + l] * b[l];
                 q->model[i] = m;
                 double d = m - q->obs[i];
                 if (q->sat[i] != 0.0 && d > 0.0) d = 0.0;
@@ -154,7 +157,7 @@ static void jacobian(Prob *q, const double *th, double *jac) {
                 row[3 * k] = q->times[t] * vx;
                 row[3 * k + 1] = q->times[t] * vy;
                 if (q->n_psf) row[is] = ds;
-                for (int l = 0; l < q->n_bg; l++) row[ib + l] = q->bgb[i * 3 + l];
+                for (int l = 0; l < q->n_bg; l++) row[ib + l] = q->bgb[i * q->nbs + l];
             }
     whiten(q, jr, p, jac);
     double *pj = jac + (size_t)(q->nres - q->nprior) * p;
@@ -331,7 +334,7 @@ static int solve(Prob *q, double *th, const double *lo, const double *hi, const 
  * -> (residual evaluations, data chi2 at the solution). float64 C-contiguous buffers; theta is
  * updated in place; white is the inverse of the clutter-plus-noise covariance's lower Cholesky
  * factor, (n_rows * n_cols)^2 values, or empty (no clutter); sat and stuck are 0/1 per fitted
- * pixel. */
+ * pixel; bg_basis has 3 columns (the plane), or 4 where n_bg is 4 (the plane and an edge). */
 static PyObject *lm(PyObject *self, PyObject *args) {
     PyObject *o[13];
     int k, nr, nc, r0, c0, n_psf, n_bg, max_nfev;
@@ -342,7 +345,7 @@ static PyObject *lm(PyObject *self, PyObject *args) {
         return NULL;
     Py_buffer b[13];
     Py_ssize_t p = 3 * (Py_ssize_t)k + 2 + n_psf + n_bg;
-    if (k < 1 || nr < 1 || nc < 1 || p > MAXP || (n_psf != 0 && n_psf != 1) || (n_bg != 0 && n_bg != 3) ||
+    if (k < 1 || nr < 1 || nc < 1 || p > MAXP || (n_psf != 0 && n_psf != 1) || (n_bg != 0 && n_bg != 3 && n_bg != 4) ||
         !(scale > 0.0) || !(sigma > 0.0) || max_nfev < 1) {
         PyErr_SetString(PyExc_ValueError, "lm: bad dimensions or settings");
         return NULL;
@@ -371,7 +374,8 @@ static PyObject *lm(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "lm: white must be (n_rows * n_cols)^2 values or empty");
         return NULL;
     }
-    const Py_ssize_t sizes[13] = {p, p, p, p, nf, n, n, n, n * 3, nwhite, nprior, nprior, nprior};
+    const int nbs = n_bg == 4 ? 4 : 3; /* bg_basis columns: the plane, and an edge where n_bg is 4 */
+    const Py_ssize_t sizes[13] = {p, p, p, p, nf, n, n, n, n * nbs, nwhite, nprior, nprior, nprior};
     const char *names[13] = {"theta", "lower", "upper", "x_scale", "times", "obs", "sat", "stuck",
                              "bg_basis", "white", "prior_cols", "prior_mean", "prior_w"};
     for (got = 0; got < 13; got++)
@@ -383,7 +387,7 @@ static PyObject *lm(PyObject *self, PyObject *args) {
             goto done;
         }
     }
-    Prob q = {.k = k, .nf = (int)nf, .nr = nr, .nc = nc, .r0 = r0, .c0 = c0, .n_psf = n_psf, .n_bg = n_bg,
+    Prob q = {.k = k, .nf = (int)nf, .nr = nr, .nc = nc, .r0 = r0, .c0 = c0, .n_psf = n_psf, .n_bg = n_bg, .nbs = nbs,
               .p = (int)p, .n = (int)n, .npix = (int)npix, .nwhite = (int)nwhite, .nprior = (int)nprior,
               .scale = scale, .sigma = sigma};
     q.nres = (int)(n + (nwhite ? npix : 0) + nprior);
@@ -429,8 +433,116 @@ done:
     return NULL;
 }
 
+/* ---- a background edge (service/science/background.py, _edge_refine: the same algorithm) ---- */
+
+/* residuals c0 + c1 x + c2 y + C Phi(u) - z, u = (x cos a + y sin a - d) / exp(log b); their
+ * squares summed; with jac, the Jacobian rows (m, 7) over (a, d, log b, c0, c1, c2, C) */
+static double edge_eval(const double *p, const double *z, const double *x, const double *y, int m, double *r,
+                        double *jac) {
+    const double c = cos(p[0]), s = sin(p[0]), b = exp(p[2]);
+    double cost = 0.0;
+    for (int i = 0; i < m; i++) {
+        const double u = (x[i] * c + y[i] * s - p[1]) / b;
+        const double step = 0.5 * erfc(-u / sqrt(2.0));
+        r[i] = p[3] + p[4] * x[i] + p[5] * y[i] + p[6] * step - z[i];
+        cost += r[i] * r[i];
+        if (jac) {
+            const double g = p[6] * exp(-0.5 * u * u) / (sqrt(2.0 * M_PI) * b);
+            double *row = jac + (size_t)i * 7;
+            row[0] = g * (y[i] * c - x[i] * s);
+            row[1] = -g;
+            row[2] = -g * u * b;
+            row[3] = 1.0;
+            row[4] = x[i];
+            row[5] = y[i];
+            row[6] = step;
+        }
+    }
+    return cost;
+}
+
+/* edge_lm(p, z, x, y, iterations, tol, log_blur_lo, log_blur_hi) -> sum of squares at the
+ * solution; p (7,) = (angle, offset, log blur, c0, c1, c2, contrast) is updated in place */
+static PyObject *edge_lm(PyObject *self, PyObject *args) {
+    PyObject *o[4];
+    int iterations;
+    double tol, lb_lo, lb_hi;
+    if (!PyArg_ParseTuple(args, "OOOOiddd", &o[0], &o[1], &o[2], &o[3], &iterations, &tol, &lb_lo, &lb_hi))
+        return NULL;
+    Py_buffer b[4];
+    if (PyObject_GetBuffer(o[1], &b[1], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
+    const Py_ssize_t m = b[1].len / (Py_ssize_t)sizeof(double);
+    PyBuffer_Release(&b[1]);
+    const Py_ssize_t sizes[4] = {7, m, m, m};
+    const char *names[4] = {"p", "z", "x", "y"};
+    int got;
+    for (got = 0; got < 4; got++)
+        if (get_buffer(o[got], &b[got], sizes[got], "d", got == 0, names[got]) < 0) goto fail;
+    double *work = malloc(sizeof(double) * (size_t)m * 9);
+    if (!work) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    double *p = b[0].buf, *r = work, *r_new = work + m, *jac = work + 2 * m;
+    const double *z = b[1].buf, *x = b[2].buf, *y = b[3].buf;
+    double cost;
+    Py_BEGIN_ALLOW_THREADS
+    cost = edge_eval(p, z, x, y, (int)m, r, NULL);
+    double damp = 1e-3, gram[49], grad[7], h[49], step[7], next[7];
+    for (int it = 0; it < iterations; it++) {
+        edge_eval(p, z, x, y, (int)m, r, jac);
+        for (int a = 0; a < 7; a++) {
+            grad[a] = 0.0;
+            for (int c = 0; c < 7; c++) gram[a * 7 + c] = 0.0;
+        }
+        for (Py_ssize_t i = 0; i < m; i++) {
+            const double *row = jac + (size_t)i * 7;
+            for (int a = 0; a < 7; a++) {
+                grad[a] += row[a] * r[i];
+                for (int c = 0; c <= a; c++) gram[a * 7 + c] += row[a] * row[c];
+            }
+        }
+        for (int a = 0; a < 7; a++)
+            for (int c = a + 1; c < 7; c++) gram[a * 7 + c] = gram[c * 7 + a];
+        int accepted = 0;
+        double c_new = cost;
+        while (damp < 1e6) {
+            for (int a = 0; a < 49; a++) h[a] = gram[a];
+            for (int a = 0; a < 7; a++) {
+                h[a * 8] += damp * (gram[a * 8] + 1e-12);
+                step[a] = -grad[a];
+            }
+            if (chol_solve(h, 7, step) == 0) {
+                for (int a = 0; a < 7; a++) next[a] = p[a] + step[a];
+                next[2] = fmin(fmax(next[2], lb_lo), lb_hi);
+                c_new = edge_eval(next, z, x, y, (int)m, r_new, NULL);
+                if (c_new <= cost) {
+                    accepted = 1;
+                    break;
+                }
+            }
+            damp *= 10.0;
+        }
+        if (!accepted) break;
+        const int done = cost - c_new <= tol * cost ||
+                         fmax(fabs(step[0]), fmax(fabs(step[1]), fabs(step[2]))) < 1e-4;
+        for (int a = 0; a < 7; a++) p[a] = next[a];
+        cost = c_new;
+        damp = fmax(damp * 0.1, 1e-6);
+        if (done) break;
+    }
+    Py_END_ALLOW_THREADS
+    free(work);
+    for (int i = 0; i < 4; i++) PyBuffer_Release(&b[i]);
+    return PyFloat_FromDouble(cost);
+fail:
+    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"lm", lm, METH_VARARGS, "lm(theta, lower, upper, x_scale, times, obs, sat, stuck, ...): see fit.c"},
+    {"edge_lm", edge_lm, METH_VARARGS, "edge_lm(p, z, x, y, iterations, tol, log_blur_lo, log_blur_hi): see fit.c"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.science import physics
-from service.science.background import condition, defects, fit_planes, plane_image, temporal_noise
+from service.science import background, physics
+from service.science.background import (
+    Edge,
+    condition,
+    defects,
+    edge_column,
+    fit_edge,
+    fit_planes,
+    plane_basis,
+    plane_image,
+    temporal_noise,
+)
 
 GROUP = np.array([[5.3, 4.9, 160.0], [4.7, 5.0, 150.0], [5.0, 5.3, 155.0]])
 
@@ -84,6 +94,20 @@ def test_stuck_pixels_are_found_and_targets_are_not(sigma_psf, brightness):
     np.testing.assert_array_equal(defects(frames[None], coef[None], sigma[None], 0.3)[0], found)
 
 
+def test_the_dark_side_of_an_edge_is_not_dead_and_dead_pixels_side_by_side_are():
+    # a step of 80 grey levels cutting off a corner: the median plane follows the bright side,
+    # so the dark corner stands many sigmas below it in every frame, but it is a region, not a
+    # pixel
+    edge = Edge(angle=2.2, offset=-3.0, blur=0.4, contrast=80.0)
+    frames = frames_with(20.0 + edge.contrast * edge_column(edge, 11, 11).reshape(11, 11), 1.0, seed=4)
+    coef, sigma = fit_planes(frames)
+    assert (frames - plane_image(coef, 11, 11) < -5 * np.maximum(sigma, 1.0)[:, None, None]).all(axis=0).sum() > 10
+    assert not defects(frames, coef, sigma, 0.3).any()
+    frames[:, 8, 2] = frames[:, 8, 3] = 0.0  # two dead pixels next to each other, on the bright side
+    coef, sigma = fit_planes(frames)
+    assert {tuple(int(v) for v in p) for p in np.argwhere(defects(frames, coef, sigma, 0.3))} == {(8, 2), (8, 3)}
+
+
 def test_a_pixel_stuck_in_one_frame_is_not_a_defect():
     frames = stuck_frames(0.5, 200.0)
     frames[:, 1, 9] = frames[:, 0, 9]  # the hot pixel is gone...
@@ -157,3 +181,72 @@ def test_temporal_noise_leaves_replicated_frames_and_missing_pixels_out():
         temporal_noise(wins[0])
     with pytest.raises(ValueError, match="valid"):
         temporal_noise(wins, valid[:, None])
+
+
+# ------------------------------------------------------------------------------ edges
+
+
+def far_mask() -> np.ndarray:
+    """The pixels of an 11 x 11 patch outside a 5 x 5 crop (the fit's far pixels)."""
+    mask = np.ones((11, 11), dtype=bool)
+    mask[3:8, 4:9] = False
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_an_edge_is_placed_from_the_pixels_around_a_crop(seed):
+    rng = np.random.default_rng(seed)
+    # any direction, either sign of contrast, a tilted plane under it, noise 1.5
+    truth = Edge(rng.uniform(0, 2 * np.pi), rng.uniform(-2, 2), rng.uniform(0.3, 1.2), rng.uniform(15, 80))
+    plane = np.array([40.0, rng.uniform(-2, 2), rng.uniform(-2, 2)])
+    image = plane_basis(11, 11) @ plane + truth.contrast * edge_column(truth, 11, 11)
+    mask = far_mask()
+    edge, got_plane, rss = fit_edge(image[mask.ravel()] + rng.normal(0, 1.5, mask.sum()), mask)
+    assert edge.contrast > 0 and 0 <= edge.angle < 2 * np.pi
+    # the same line, rising the same way (the angle is the normal's, mod 2 pi)
+    assert abs(np.angle(np.exp(1j * (edge.angle - truth.angle)))) < 0.05
+    assert edge.offset == pytest.approx(truth.offset, abs=0.1 + 0.1 * truth.blur)
+    assert edge.blur == pytest.approx(truth.blur, abs=0.1 + 0.15 * truth.blur)
+    assert edge.contrast == pytest.approx(truth.contrast, rel=0.1)
+    assert np.all(np.abs(got_plane - plane) < [2.0, 0.3, 0.3]), got_plane
+    assert rss < 2.0 * 1.5**2 * mask.sum()
+    # the answer reproduces the patch, crop included
+    model = plane_basis(11, 11) @ got_plane + edge.contrast * edge_column(edge, 11, 11)
+    assert np.abs(model - image).max() < 6.0
+
+
+def test_a_contrast_falling_along_the_normal_is_turned_round():
+    mask = far_mask()
+    falling = Edge(angle=0.5, offset=0.7, blur=0.5, contrast=-40.0)
+    image = 60.0 + falling.contrast * edge_column(falling, 11, 11)
+    edge, plane, _ = fit_edge(image[mask.ravel()], mask)
+    assert edge.contrast == pytest.approx(40.0, rel=1e-3)
+    assert edge.angle == pytest.approx(0.5 + np.pi, abs=1e-3) and edge.offset == pytest.approx(-0.7, abs=1e-3)
+    np.testing.assert_allclose(plane + [edge.contrast, 0, 0], [60.0, 0, 0], atol=1e-2)
+    model = plane_basis(11, 11) @ plane + edge.contrast * edge_column(edge, 11, 11)
+    np.testing.assert_allclose(model, image, atol=1e-2)
+
+
+def test_fit_edge_refuses_mismatched_values_and_gives_up_on_too_few_pixels():
+    mask = far_mask()
+    with pytest.raises(ValueError, match="one entry per masked pixel"):
+        fit_edge(np.zeros(5), mask)
+    few = np.zeros((11, 11), dtype=bool)
+    few[0, :6] = True
+    assert fit_edge(np.arange(6.0), few) is None
+
+
+@pytest.mark.skipif(background._native_fit is None, reason="service.kernels._fit is not built")
+def test_the_c_edge_refinement_gives_the_numpy_answer():
+    rng = np.random.default_rng(5)
+    mask = far_mask()
+    basis = plane_basis(11, 11)[mask.ravel()]
+    x, y = basis[:, 1].copy(), basis[:, 2].copy()
+    for _ in range(40):
+        truth = Edge(rng.uniform(0, 2 * np.pi), rng.uniform(-2, 2), rng.uniform(0.2, 1.5), rng.uniform(-80, 80))
+        z = (40.0 + truth.contrast * edge_column(truth, 11, 11))[mask.ravel()]
+        z = z + rng.normal(0, rng.uniform(0, 5), len(x))
+        start = np.array([truth.angle, truth.offset, np.log(truth.blur)]) + rng.normal(0, [0.2, 0.4, 0.3])
+        native = background._edge_refine(basis, z, x, y, start.copy(), native=True)
+        reference = background._edge_refine(basis, z, x, y, start.copy(), native=False)
+        np.testing.assert_allclose(np.concatenate(native), np.concatenate(reference), atol=1e-7)

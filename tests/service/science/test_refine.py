@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.science import physics, refine
-from service.science.background import fit_planes
+from service.science.background import Edge, edge_column, fit_planes
 from service.science.refine import (
     FitConfig,
     FitResult,
@@ -556,6 +556,38 @@ def test_clutter_is_marginalised_as_a_random_field(seed):
     )
 
 
+def edge_background(truth: np.ndarray, seed: int) -> np.ndarray:
+    """A static background (11, 11): pedestal 30 and a straight blurred step of contrast 30-80
+    grey levels whose line passes 0.5-1.5 px from the group ``truth``, in any direction."""
+    rng = np.random.default_rng(seed)
+    angle, side = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 1.5) * rng.choice([-1, 1])
+    normal = np.array([np.cos(angle), np.sin(angle)])
+    offset = float((truth[:, :2].mean(axis=0) - 5.0) @ normal + side)
+    edge = Edge(angle, offset, rng.uniform(0.3, 0.8), rng.uniform(30, 80))
+    return 30.0 + edge.contrast * edge_column(edge, 11, 11).reshape(11, 11)
+
+
+def test_an_edge_beside_the_targets_is_a_background_term():
+    # a horizon or a cloud's rim a pixel from the group: no plane follows the step, and the
+    # clutter model (a stationary field) takes it for structure everywhere; the edge term
+    # places it from the far pixels and fits its contrast with the targets
+    truth = DIAMOND[:3]
+    found, plain = [], []
+    for seed in range(8):
+        frames = window(truth, noise=1.0, seed=seed) + edge_background(truth, seed)
+        frames = np.stack([physics.quantize(f) for f in frames]).astype(np.float64)
+        start = perturbed(truth, seed=seed, px=0.08)
+        r = fit_window(frames, start)
+        assert r.accepted and r.k_final == 3, (seed, r.reason, r.k_final)
+        assert r.edge is not None
+        found.append(match_error(r.targets, truth))
+        without = fit_window(frames, start, FitConfig(edges=False))
+        ok = without.accepted and without.k_final == 3
+        plain.append(match_error(without.targets, truth) if ok else np.inf)
+    assert max(found) < 0.1
+    assert np.mean(plain) > 1.5 * np.mean(found)
+
+
 def test_uncertainties_under_clutter_are_calibrated():
     """On clutter (std 5-20, correlation 1-2 px) with noise sigma 2, the fit counts right and
     its normalised errors spread about 1; the plane alone (clutter=False) fails the count and
@@ -596,7 +628,7 @@ def test_clutter_is_found_only_where_the_background_varies_beyond_the_noise():
     ramped = np.stack([physics.quantize(f) for f in window(truth) + ramp(30.0, 3.0, -2.0)]).astype(float)
     found = _Window(cluttered, TIMES, truth, **kw).clutter
     assert found is not None
-    var, length, noise, shape = found
+    var, length, noise, shape, _ = found
     assert 0.5 * 15.0**2 < var < 1.5 * 15.0**2  # less what the plane takes
     assert 1.0 < length < 4.0
     assert noise < 0.5  # a static background: the noise is the frames' own, none here
@@ -632,7 +664,8 @@ def test_a_saturated_packed_group_of_seven_is_counted(seed):
 
 def _cases():
     """Windows that exercise every part of the model: a clean group, noise, a saturated packed
-    group, clutter, a hot pixel with a PSF off the calibration, dim targets (brightness free)."""
+    group, clutter, an edge, a hot pixel with a PSF off the calibration, dim targets
+    (brightness free)."""
     ang = np.arange(7) * np.pi / 4
     seven = np.column_stack([5.1 + 0.45 * np.cos(ang), 4.9 + 0.45 * np.sin(ang), np.full(7, 235.0)])
     cluttered = np.stack([physics.quantize(f) for f in window(DIAMOND[:3]) + clutter(20.0, 1.5, 0)])
@@ -641,7 +674,9 @@ def _cases():
         img = physics.quantize(physics.pixel_response(DIAMOND[:2] + [0.0, -0.05 * t, 0.0], sigma=0.62) + 60.0)
         img[1, 9] = 250
         hot.append(img)
+    edged = np.stack([physics.quantize(f) for f in window(DIAMOND[:3], noise=1.0) + edge_background(DIAMOND[:3], 3)])
     return {
+        "edge": (edged.astype(np.float64), perturbed(DIAMOND[:3], px=0.08)),
         "clean": (window(DIAMOND, quantize=True), perturbed(DIAMOND)),
         "noisy": (window(DIAMOND, quantize=True, noise=3.0, seed=4), perturbed(DIAMOND)),
         "saturated": (window(seven, quantize=True), perturbed(seven, px=0.1)),
