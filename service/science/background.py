@@ -36,18 +36,23 @@ Both stay where they are, so they are found over a window's frames, never in one
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import ndtr
 
 from service.science.physics import pixel_fractions
+from service.science.windows import replicated
 
 try:  # the edge's least squares in C (service/kernels/_native/fit.c), where it is built
     from service.kernels import _fit as _native_fit
 except ImportError:  # pragma: no cover - a checkout without the extension built
     _native_fit = None
-from service.science.windows import replicated
+
+# an extension built from older source has no edge_fit: the numpy reference runs instead
+NATIVE_EDGE = _native_fit is not None and hasattr(_native_fit, "edge_fit")
 
 ITERATIONS = 8
 CLIP_Z = 3.0  # pixels this many noise sigmas above the plane count as signal, not background
@@ -244,6 +249,18 @@ class Edge:
     contrast: float
 
 
+class EdgeFit(NamedTuple):
+    """:func:`fit_edge`'s answer: the edge, the plane under it (3,) as :func:`plane_basis`
+    orders its coefficients, the residual sum of squares, and the contrast's standard error
+    for noise of unit sigma (times the values' noise sigma: the contrast's; its geometry's
+    uncertainty included)."""
+
+    edge: Edge
+    plane: np.ndarray
+    rss: float
+    contrast_se: float
+
+
 def edge_column(edge: Edge, height: int, width: int) -> np.ndarray:
     """(H*W,) the unit step of ``edge`` (0 on its low side, 1 on its high side) at the pixel
     centres: the background column the fit multiplies by the contrast."""
@@ -251,37 +268,60 @@ def edge_column(edge: Edge, height: int, width: int) -> np.ndarray:
     return ndtr((x * np.cos(edge.angle) + y * np.sin(edge.angle) - edge.offset) / edge.blur)
 
 
-def fit_edge(values: np.ndarray, mask: np.ndarray) -> tuple[Edge, np.ndarray, float] | None:
+def fit_edge(values: np.ndarray, mask: np.ndarray, native: bool = True) -> EdgeFit | None:
     """The plane plus edge that fits ``values`` (m,), a static background at the ``mask`` (H, W)
-    pixels, best in least squares: (edge, plane coefficients (3,) as :func:`plane_basis` orders
-    them, residual sum of squares), or None where the pixels cannot place one (too few, or
-    the best step is no step).
+    pixels, best in least squares (:class:`EdgeFit`), or None where the pixels cannot place one
+    (too few, or the best step is no step).
 
-    A grid search over direction, position and width (the linear terms, plane and contrast,
-    solved for each by projection) about the residual's principal gradient direction, then
-    Levenberg-Marquardt on all seven. Steps wider than
-    EDGE_MAX_BLUR are left to the plane.
+    A grid search over direction, position and width (each step a linear ramp of the Gaussian
+    CDF's central slope, the plane projected out) about the residual's principal gradient
+    direction, then Levenberg-Marquardt on all seven terms from the best; steps wider than
+    EDGE_MAX_BLUR are left to the plane. In C where the extension is built and ``native``, else
+    in numpy (:func:`_fit_edge_numpy`, the reference the tests compare with).
     """
     height, width = mask.shape
-    z = np.asarray(values, dtype=np.float64)
+    z = np.ascontiguousarray(values, dtype=np.float64)
     basis = plane_basis(height, width)[mask.ravel()]  # (m, 3)
     m = len(z)
     if m != basis.shape[0]:
         raise ValueError(f"values must have one entry per masked pixel ({basis.shape[0]}), got {m}")
     if m < 12:
         return None
-    x, y = basis[:, 1], basis[:, 2]
-    # plane projector: what the plane leaves of any column
-    q, _ = np.linalg.qr(basis)
+    x, y = basis[:, 1].copy(), basis[:, 2].copy()
+    q = np.ascontiguousarray(np.linalg.qr(basis)[0])  # orthonormal plane columns: projects it out
     zr = z - q @ (q.T @ z)
-    theta = _gradient_angle(zr, mask) + np.deg2rad(EDGE_ANGLE_SPREAD) * np.linspace(-1, 1, EDGE_ANGLES)
-    s = x[:, None] * np.cos(theta) + y[:, None] * np.sin(theta)  # (m, A)
+    angles = _gradient_angle(zr, mask) + np.deg2rad(EDGE_ANGLE_SPREAD) * np.linspace(-1, 1, EDGE_ANGLES)
+    blurs = np.asarray(EDGE_BLURS, dtype=np.float64)
+    log_blur = (math.log(EDGE_MIN_BLUR) - 1.0, math.log(EDGE_MAX_BLUR) + 1.0)
+    if native and NATIVE_EDGE:
+        out = np.zeros(9)
+        if not _native_fit.edge_fit(out, z, x, y, q, angles, blurs, EDGE_STEP, EDGE_ITERATIONS, EDGE_TOL, *log_blur):
+            return None
+    else:
+        out = _fit_edge_numpy(z, basis, q, zr, angles, blurs, log_blur)
+        if out is None:
+            return None
+    b = math.exp(out[2])
+    if not EDGE_MIN_BLUR <= b <= EDGE_MAX_BLUR:
+        return None
+    angle, offset, contrast, plane = float(out[0]), float(out[1]), float(out[6]), out[3:6].copy()
+    if contrast < 0:  # one orientation for one edge: rising along the normal (C Phi(u) = C + |C| Phi(-u))
+        angle, offset, contrast = angle + np.pi, -offset, -contrast
+        plane[0] -= contrast
+    se = math.sqrt(out[8]) if 0 < out[8] < np.inf else float("inf")
+    return EdgeFit(Edge(float(np.mod(angle, 2 * np.pi)), offset, b, contrast), plane, float(out[7]), se)
+
+
+def _fit_edge_numpy(z, basis, q, zr, angles, blurs, log_blur) -> np.ndarray | None:
+    """:func:`fit_edge`'s search and refinement in numpy: (9,) as the C extension's edge_fit
+    gives them (angle, offset, log blur, plane (3), contrast, sum of squares, the contrast's
+    variance per unit noise variance), or None."""
+    m = len(z)
+    x, y = basis[:, 1], basis[:, 2]
+    s = x[:, None] * np.cos(angles) + y[:, None] * np.sin(angles)  # (m, A)
     lo, hi = s.min(), s.max()
     offsets = np.arange(np.ceil(lo / EDGE_STEP) * EDGE_STEP, hi + 1e-9, EDGE_STEP)
-    blur = np.asarray(EDGE_BLURS)
-    # the grid's steps are linear ramps of the Gaussian CDF's central slope: a start for the
-    # exact profile's refinement, at a tenth of its cost
-    u = (s[:, :, None, None] - offsets[None, None, :, None]) * (1.0 / (np.sqrt(2 * np.pi) * blur))
+    u = (s[:, :, None, None] - offsets[None, None, :, None]) * (1.0 / (np.sqrt(2 * np.pi) * blurs))
     cols = np.clip(u + 0.5, 0.0, 1.0, out=u).reshape(m, -1)  # (m, A * O * B)
     cols -= q @ (q.T @ cols)
     norm = np.einsum("mc,mc->c", cols, cols)
@@ -289,61 +329,32 @@ def fit_edge(values: np.ndarray, mask: np.ndarray) -> tuple[Edge, np.ndarray, fl
     best = int(np.argmax(gain))
     if gain[best] <= 0.0:
         return None
-    ia, io, ib = np.unravel_index(best, (len(theta), len(offsets), len(blur)))
-    p = np.array([theta[ia], offsets[io], np.log(blur[ib])])
-    p, lin = _edge_refine(basis, z, x, y, p)
-    if lin is None:
-        return None
-    b = float(np.exp(p[2]))
-    if not EDGE_MIN_BLUR <= b <= EDGE_MAX_BLUR:
-        return None
-    r = basis @ lin[:3] + lin[3] * _edge_profile(x, y, p) - z
-    angle, offset, contrast = float(p[0]), float(p[1]), float(lin[3])
-    plane = lin[:3].copy()
-    if contrast < 0:  # one orientation for one edge: rising along the normal (C Phi(u) = C + |C| Phi(-u))
-        angle, offset, contrast = angle + np.pi, -offset, -contrast
-        plane[0] -= contrast
-    angle = float(np.mod(angle, 2 * np.pi))
-    return Edge(angle, offset, b, contrast), plane, float(r @ r)
-
-
-def _gradient_angle(values: np.ndarray, mask: np.ndarray) -> float:
-    """Direction (radians, [0, pi)) along which ``values`` at the ``mask`` pixels change most:
-    the principal axis of their gradients (central differences where both neighbours are in
-    the mask), the normal of an edge."""
-    img = np.full(mask.shape, np.nan)
-    img[mask] = values
-    gy, gx = np.gradient(img)
-    ok = np.isfinite(gx) & np.isfinite(gy)
-    gx, gy = gx[ok], gy[ok]
-    # the structure tensor's principal direction: half the angle of (sxx - syy, 2 sxy)
-    return float(np.mod(0.5 * np.arctan2(2 * gx @ gy, gx @ gx - gy @ gy), np.pi))
-
-
-def _edge_refine(basis, z, x, y, p, native: bool = True):
-    """Levenberg-Marquardt on all seven terms of plane plus edge from geometry ``p`` (angle,
-    offset, log blur; the linear terms solved for it first): the geometry and the linear
-    terms (plane, contrast), or (p, None) where they cannot be solved. In C where the
-    extension is built and ``native``, else in numpy (the reference the tests compare with)."""
+    ia, io, ib = np.unravel_index(best, (len(angles), len(offsets), len(blurs)))
+    p = np.array([angles[ia], offsets[io], np.log(blurs[ib])])
     a = np.column_stack([basis, _edge_profile(x, y, p)])
-    lin, _, rank, _ = np.linalg.lstsq(a, z, rcond=1e-10)
-    if rank < 4:
-        return p, None
+    gram = a.T @ a
+    try:
+        np.linalg.cholesky(gram)  # as the C solve: the normal equations must be positive definite
+        lin = np.linalg.solve(gram, a.T @ z)
+    except np.linalg.LinAlgError:
+        return None
     full = np.concatenate([p, lin])
-    log_blur = (np.log(EDGE_MIN_BLUR) - 1.0, np.log(EDGE_MAX_BLUR) + 1.0)
-    if native and _native_fit is not None:
-        x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
-        _native_fit.edge_lm(full, z, x, y, EDGE_ITERATIONS, EDGE_TOL, *log_blur)
-        return full[:3], full[3:]
-    r = a @ lin - z
+    cost = _edge_refine(basis, z, x, y, full, log_blur)
+    jac = _edge_jacobian(basis, x, y, full)
+    try:
+        var = float(np.linalg.solve(jac.T @ jac, np.eye(7)[6])[6])
+    except np.linalg.LinAlgError:
+        var = float("inf")
+    return np.concatenate([full, [cost, var]])
+
+
+def _edge_refine(basis, z, x, y, full, log_blur) -> float:
+    """Levenberg-Marquardt on all seven terms of plane plus edge (angle, offset, log blur,
+    plane (3), contrast) from ``full`` (updated in place); returns the sum of squares."""
+    r = basis @ full[3:6] + full[6] * _edge_profile(x, y, full) - z
     cost, damp = float(r @ r), 1e-3
-    jac = np.empty((len(z), 7))
-    jac[:, 3:6] = basis
     for _ in range(EDGE_ITERATIONS):
-        c, s, b = np.cos(full[0]), np.sin(full[0]), np.exp(full[2])
-        u = (x * c + y * s - full[1]) / b
-        g = full[6] * np.exp(-0.5 * u * u) / (np.sqrt(2 * np.pi) * b)  # contrast x d step / d u / b
-        jac[:, 0], jac[:, 1], jac[:, 2], jac[:, 6] = g * (y * c - x * s), -g, -g * u * b, ndtr(u)
+        jac = _edge_jacobian(basis, x, y, full)
         gram, grad = jac.T @ jac, jac.T @ r
         diag = np.diag(gram) + 1e-12
         while damp < 1e6:
@@ -362,10 +373,31 @@ def _edge_refine(basis, z, x, y, p, native: bool = True):
         else:
             break
         done = cost - c_new <= EDGE_TOL * cost or np.abs(step[:3]).max() < 1e-4
-        full, r, cost, damp = new, r_new, c_new, max(damp * 0.1, 1e-6)
+        full[:], r, cost, damp = new, r_new, c_new, max(damp * 0.1, 1e-6)
         if done:
             break
-    return full[:3], full[3:]
+    return cost
+
+
+def _gradient_angle(values: np.ndarray, mask: np.ndarray) -> float:
+    """Direction (radians, [0, pi)) along which ``values`` at the ``mask`` pixels change most:
+    the principal axis of their gradients (central differences where both neighbours are in
+    the mask), the normal of an edge."""
+    img = np.full(mask.shape, np.nan)
+    img[mask] = values
+    gy, gx = np.gradient(img)
+    ok = np.isfinite(gx) & np.isfinite(gy)
+    gx, gy = gx[ok], gy[ok]
+    # the structure tensor's principal direction: half the angle of (sxx - syy, 2 sxy)
+    return float(np.mod(0.5 * np.arctan2(2 * gx @ gy, gx @ gx - gy @ gy), np.pi))
+
+
+def _edge_jacobian(basis, x, y, full) -> np.ndarray:
+    """(m, 7) derivatives of plane plus edge over (angle, offset, log blur, plane (3), contrast)."""
+    c, s, b = np.cos(full[0]), np.sin(full[0]), np.exp(full[2])
+    u = (x * c + y * s - full[1]) / b
+    g = full[6] * np.exp(-0.5 * u * u) / (np.sqrt(2 * np.pi) * b)  # contrast x d step / d u / b
+    return np.column_stack([g * (y * c - x * s), -g, -g * u * b, basis, ndtr(u)])
 
 
 def _edge_profile(x, y, p) -> np.ndarray:

@@ -126,7 +126,9 @@ try:
 except ImportError:  # installed without a C compiler: the numpy solver
     _native_fit = None
 
-NATIVE = _native_fit is not None  # whether solver "lm" runs in C
+# whether solver "lm" runs in C (an extension built from older source, without edge_fit, takes
+# no edge column: the numpy solver runs instead)
+NATIVE = _native_fit is not None and hasattr(_native_fit, "edge_fit")
 NATIVE_MAX_PARAMS = 64  # the C solver's limit (MAXP in fit.c); larger problems run in numpy
 CRITERIA = ("bic", "aic")
 SOLVERS = ("lm", "lm-numpy", "scipy")
@@ -809,7 +811,7 @@ class _Window:
         # clutter (which also measures the noise); not on a background clipped at the sensor's
         # floor (noise cut at 0, as estimate_noise reads it): there it is not measurable, and
         # the frames' deviations understate the noise
-        self.clutter, self.edge = None, None
+        self.clutter, self.edge, self.edge_prior, self.temporal_noise = None, None, None, None
         if cfg.clutter and cfg.background and n_frames > 1 and cfg.noise is None and raw_far.size:
             if np.mean(raw_far == 0.0) <= 0.1:
                 self.clutter = _clutter(raw_far - basis[outside] @ self.bg0, outside, self.extra, cfg)
@@ -823,6 +825,8 @@ class _Window:
             # the crop grows by a correlation length: the clutter around the targets tells what
             # it is under them
             r0, r1, c0, c1 = _crop_bounds(peaks, reach + CLUTTER_PAD * self.clutter.length, height, width)
+        elif self.temporal_noise is not None:
+            self.noise = self.temporal_noise
         else:
             self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
         self.scale = math.sqrt(self.noise**2 + self.extra) if self.noise is not None else None
@@ -861,20 +865,26 @@ class _Window:
         found = fit_edge(raw_far.mean(axis=0), outside)
         if found is None:
             return basis
-        edge, plane, rss = found
         n_frames, m = raw_far.shape
-        # the edge alone, the noise white about it (its four parameters against the clutter's
-        # two), must be likelier than the clutter: a stricter test than edge plus clutter, and
-        # one that needs no second covariance where it fails
-        noise = self.clutter.noise
-        white_var = noise**2 / n_frames + self.extra
-        ll = -0.5 * rss / white_var - 0.5 * m * math.log(white_var)
-        if not ll - math.log(m) > self.clutter.ll:
+        # the edge alone, the noise white about it, must be likelier than the clutter: a
+        # stricter test than edge plus clutter, and one that needs no second covariance where
+        # it fails. Seven terms fitted to the far pixels (plane, geometry, contrast) against the
+        # clutter's three (the level, variance and length about the window's median plane).
+        white_var = self.clutter.noise**2 / n_frames + self.extra
+        ll = -0.5 * found.rss / white_var - 0.5 * m * math.log(white_var)
+        if not ll - 2.0 * math.log(m) > self.clutter.ll:
             return basis
+        edge = found.edge
         height, width = outside.shape
         wide = np.concatenate([basis, edge_column(edge, height, width).reshape(height, width, 1)], axis=2)
-        self.edge, self.bg0, self.n_bg = edge, np.append(plane, edge.contrast), 4
-        # whatever structure is left about the edge is clutter again
+        self.edge, self.bg0, self.n_bg = edge, np.append(found.plane, edge.contrast), 4
+        # the far pixels' contrast is a prior of the fit's: where the crop lies on one side of
+        # the edge, the crop alone cannot tell the step's height from the plane's level
+        misfit = max(white_var, found.rss / max(m - 7, 1))
+        self.edge_prior = (edge.contrast, max(found.contrast_se * math.sqrt(misfit), 1e-6))
+        # the noise is still the frames' own (the first clutter estimate's); whatever structure
+        # is left about the edge is clutter again
+        self.temporal_noise = self.clutter.noise
         self.clutter = _clutter(raw_far - wide[outside] @ self.bg0, outside, self.extra, self.cfg)
         return wide
 
@@ -1012,6 +1022,10 @@ class _Problem:
             weights.append(np.full(k, 1.0 / cfg.brightness_prior))
         self.i_s = 3 * k + 2 if self.n_psf else None  # index of the PSF sigma in theta
         self.i_bg = 3 * k + 2 + self.n_psf  # first background coefficient
+        if win.edge_prior is not None:  # the edge's contrast toward the far pixels' (_Window._edge)
+            cols.append(np.array([self.i_bg + 3]))
+            means.append(np.array([win.edge_prior[0]]))
+            weights.append(np.array([1.0 / win.edge_prior[1]]))
         if self.n_psf and cfg.psf_prior is not None:
             cols.append(np.array([self.i_s]))
             means.append(np.array([cfg.psf_sigma]))

@@ -11,8 +11,8 @@
  * 0.5 (erf((i + 0.5 - p) / (s sqrt 2)) - erf((i - 0.5 - p) / (s sqrt 2))), as
  * service.science.physics.pixel_fractions.
  *
- * edge_lm is the Levenberg-Marquardt that places a background edge (plane plus a blurred step,
- * service.science.background.fit_edge) from a window's far pixels, for the same reason.
+ * edge_fit places a background edge (plane plus a blurred step, service.science.background.
+ * fit_edge) from a window's far pixels, grid search and Levenberg-Marquardt, for the same reason.
  */
 #include "native.h"
 #include <math.h>
@@ -461,41 +461,19 @@ static double edge_eval(const double *p, const double *z, const double *x, const
     return cost;
 }
 
-/* edge_lm(p, z, x, y, iterations, tol, log_blur_lo, log_blur_hi) -> sum of squares at the
- * solution; p (7,) = (angle, offset, log blur, c0, c1, c2, contrast) is updated in place */
-static PyObject *edge_lm(PyObject *self, PyObject *args) {
-    PyObject *o[4];
-    int iterations;
-    double tol, lb_lo, lb_hi;
-    if (!PyArg_ParseTuple(args, "OOOOiddd", &o[0], &o[1], &o[2], &o[3], &iterations, &tol, &lb_lo, &lb_hi))
-        return NULL;
-    Py_buffer b[4];
-    if (PyObject_GetBuffer(o[1], &b[1], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
-    const Py_ssize_t m = b[1].len / (Py_ssize_t)sizeof(double);
-    PyBuffer_Release(&b[1]);
-    const Py_ssize_t sizes[4] = {7, m, m, m};
-    const char *names[4] = {"p", "z", "x", "y"};
-    int got;
-    for (got = 0; got < 4; got++)
-        if (get_buffer(o[got], &b[got], sizes[got], "d", got == 0, names[got]) < 0) goto fail;
-    double *work = malloc(sizeof(double) * (size_t)m * 9);
-    if (!work) {
-        PyErr_NoMemory();
-        goto fail;
-    }
-    double *p = b[0].buf, *r = work, *r_new = work + m, *jac = work + 2 * m;
-    const double *z = b[1].buf, *x = b[2].buf, *y = b[3].buf;
-    double cost;
-    Py_BEGIN_ALLOW_THREADS
-    cost = edge_eval(p, z, x, y, (int)m, r, NULL);
+/* Levenberg-Marquardt on all seven terms from p (updated in place); r, r_new (m) and jac (7m)
+ * are work space; returns the sum of squares at the solution */
+static double edge_solve(double *p, const double *z, const double *x, const double *y, int m, int iterations,
+                         double tol, double lb_lo, double lb_hi, double *r, double *r_new, double *jac) {
+    double cost = edge_eval(p, z, x, y, m, r, NULL);
     double damp = 1e-3, gram[49], grad[7], h[49], step[7], next[7];
     for (int it = 0; it < iterations; it++) {
-        edge_eval(p, z, x, y, (int)m, r, jac);
+        edge_eval(p, z, x, y, m, r, jac);
         for (int a = 0; a < 7; a++) {
             grad[a] = 0.0;
             for (int c = 0; c < 7; c++) gram[a * 7 + c] = 0.0;
         }
-        for (Py_ssize_t i = 0; i < m; i++) {
+        for (int i = 0; i < m; i++) {
             const double *row = jac + (size_t)i * 7;
             for (int a = 0; a < 7; a++) {
                 grad[a] += row[a] * r[i];
@@ -515,7 +493,7 @@ static PyObject *edge_lm(PyObject *self, PyObject *args) {
             if (chol_solve(h, 7, step) == 0) {
                 for (int a = 0; a < 7; a++) next[a] = p[a] + step[a];
                 next[2] = fmin(fmax(next[2], lb_lo), lb_hi);
-                c_new = edge_eval(next, z, x, y, (int)m, r_new, NULL);
+                c_new = edge_eval(next, z, x, y, m, r_new, NULL);
                 if (c_new <= cost) {
                     accepted = 1;
                     break;
@@ -524,17 +502,144 @@ static PyObject *edge_lm(PyObject *self, PyObject *args) {
             damp *= 10.0;
         }
         if (!accepted) break;
-        const int done = cost - c_new <= tol * cost ||
-                         fmax(fabs(step[0]), fmax(fabs(step[1]), fabs(step[2]))) < 1e-4;
+        const int done =
+            cost - c_new <= tol * cost || fmax(fabs(step[0]), fmax(fabs(step[1]), fabs(step[2]))) < 1e-4;
         for (int a = 0; a < 7; a++) p[a] = next[a];
         cost = c_new;
         damp = fmax(damp * 0.1, 1e-6);
         if (done) break;
     }
+    return cost;
+}
+
+/* the grid search of fit_edge: the (angle, offset, blur) whose ramp, the plane projected out
+ * (q: orthonormal plane columns, (m, 3)), explains most of zr (z less its plane); 0 if none */
+static int edge_grid(const double *zr, const double *x, const double *y, const double *q, int m,
+                     const double *angles, int na, const double *blurs, int nb, double step_px, double *s,
+                     double *col, double *best) {
+    double lo = INFINITY, hi = -INFINITY, top = 0.0;
+    for (int a = 0; a < na; a++)
+        for (int i = 0; i < m; i++) {
+            const double v = x[i] * cos(angles[a]) + y[i] * sin(angles[a]);
+            s[(size_t)a * m + i] = v;
+            lo = fmin(lo, v);
+            hi = fmax(hi, v);
+        }
+    const double first = ceil(lo / step_px) * step_px;
+    const int no = (int)floor((hi + 1e-9 - first) / step_px) + 1;
+    int found = 0;
+    for (int a = 0; a < na; a++)
+        for (int o = 0; o < no; o++)
+            for (int bl = 0; bl < nb; bl++) {
+                const double off = first + o * step_px, slope = 1.0 / (sqrt(2.0 * M_PI) * blurs[bl]);
+                double qc[3] = {0.0, 0.0, 0.0};
+                for (int i = 0; i < m; i++) {
+                    const double v = fmin(fmax((s[(size_t)a * m + i] - off) * slope + 0.5, 0.0), 1.0);
+                    col[i] = v;
+                    for (int l = 0; l < 3; l++) qc[l] += q[(size_t)i * 3 + l] * v;
+                }
+                double norm = 0.0, dot_zr = 0.0;
+                for (int i = 0; i < m; i++) {
+                    const double v = col[i] - q[(size_t)i * 3] * qc[0] - q[(size_t)i * 3 + 1] * qc[1] -
+                                     q[(size_t)i * 3 + 2] * qc[2];
+                    norm += v * v;
+                    dot_zr += zr[i] * v;
+                }
+                const double gain = norm > 1e-9 * m ? dot_zr * dot_zr / norm : 0.0;
+                if (gain > top) {
+                    top = gain;
+                    best[0] = angles[a];
+                    best[1] = off;
+                    best[2] = log(blurs[bl]);
+                    found = 1;
+                }
+            }
+    return found;
+}
+
+/* edge_fit(out, z, x, y, q, angles, blurs, step, iterations, tol, log_blur_lo, log_blur_hi) ->
+ * whether an edge was found; out (9,) = (angle, offset, log blur, c0, c1, c2, contrast, sum of
+ * squares, the contrast's variance per unit noise variance). background.fit_edge's grid search
+ * and refinement (its numpy twin, _fit_edge_numpy, is the same algorithm). */
+static PyObject *edge_fit(PyObject *self, PyObject *args) {
+    PyObject *o[7];
+    int iterations;
+    double step_px, tol, lb_lo, lb_hi;
+    if (!PyArg_ParseTuple(args, "OOOOOOOdiddd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &step_px,
+                          &iterations, &tol, &lb_lo, &lb_hi))
+        return NULL;
+    Py_buffer b[7];
+    Py_ssize_t m = 0, na = 0, nb = 0;
+    {
+        Py_ssize_t *len[3] = {&m, &na, &nb};
+        const int which[3] = {1, 5, 6};
+        for (int j = 0; j < 3; j++) {
+            if (PyObject_GetBuffer(o[which[j]], &b[0], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
+            *len[j] = b[0].len / (Py_ssize_t)sizeof(double);
+            PyBuffer_Release(&b[0]);
+        }
+    }
+    if (m < 4 || na < 1 || nb < 1 || !(step_px > 0.0) || iterations < 0) {
+        PyErr_SetString(PyExc_ValueError, "edge_fit: bad dimensions or settings");
+        return NULL;
+    }
+    const Py_ssize_t sizes[7] = {9, m, m, m, 3 * m, na, nb};
+    const char *names[7] = {"out", "z", "x", "y", "q", "angles", "blurs"};
+    int got;
+    for (got = 0; got < 7; got++)
+        if (get_buffer(o[got], &b[got], sizes[got], "d", got == 0, names[got]) < 0) goto fail;
+    for (Py_ssize_t j = 0; j < nb; j++)
+        if (!(((double *)b[6].buf)[j] > 0.0)) {
+            PyErr_SetString(PyExc_ValueError, "edge_fit: blurs must be > 0");
+            goto fail;
+        }
+    double *work = malloc(sizeof(double) * (size_t)m * (11 + (size_t)na));
+    if (!work) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    double *out = b[0].buf, *r = work, *r_new = work + m, *jac = work + 2 * m, *zr = work + 9 * m,
+           *col = work + 10 * m, *s = work + 11 * m;
+    const double *z = b[1].buf, *x = b[2].buf, *y = b[3].buf, *q = b[4].buf;
+    int found = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* z less its plane */
+    double qz[3] = {0.0, 0.0, 0.0};
+    for (Py_ssize_t i = 0; i < m; i++)
+        for (int l = 0; l < 3; l++) qz[l] += q[i * 3 + l] * z[i];
+    for (Py_ssize_t i = 0; i < m; i++) zr[i] = z[i] - q[i * 3] * qz[0] - q[i * 3 + 1] * qz[1] - q[i * 3 + 2] * qz[2];
+    double p[7];
+    if (edge_grid(zr, x, y, q, (int)m, b[5].buf, (int)na, b[6].buf, (int)nb, step_px, s, col, p)) {
+        /* the linear terms (plane, contrast) at the grid's geometry: 4 x 4 normal equations */
+        const double c = cos(p[0]), sn = sin(p[0]), bl = exp(p[2]);
+        double g[16] = {0.0}, rhs[4] = {0.0};
+        for (Py_ssize_t i = 0; i < m; i++) {
+            const double v[4] = {1.0, x[i], y[i], 0.5 * erfc(-((x[i] * c + y[i] * sn - p[1]) / bl) / sqrt(2.0))};
+            for (int a = 0; a < 4; a++) {
+                rhs[a] += v[a] * z[i];
+                for (int d = 0; d < 4; d++) g[a * 4 + d] += v[a] * v[d];
+            }
+        }
+        if (chol_solve(g, 4, rhs) == 0) {
+            for (int a = 0; a < 4; a++) p[3 + a] = rhs[a];
+            const double cost = edge_solve(p, z, x, y, (int)m, iterations, tol, lb_lo, lb_hi, r, r_new, jac);
+            /* the contrast's variance per unit noise variance: [(J^T J)^-1]_66 at the solution */
+            double gram[49] = {0.0}, e6[7] = {0, 0, 0, 0, 0, 0, 1.0};
+            edge_eval(p, z, x, y, (int)m, r, jac);
+            for (Py_ssize_t i = 0; i < m; i++)
+                for (int a = 0; a < 7; a++)
+                    for (int d = 0; d < 7; d++) gram[a * 7 + d] += jac[i * 7 + a] * jac[i * 7 + d];
+            const double var = chol_solve(gram, 7, e6) == 0 ? e6[6] : INFINITY;
+            for (int a = 0; a < 7; a++) out[a] = p[a];
+            out[7] = cost;
+            out[8] = var;
+            found = 1;
+        }
+    }
     Py_END_ALLOW_THREADS
     free(work);
-    for (int i = 0; i < 4; i++) PyBuffer_Release(&b[i]);
-    return PyFloat_FromDouble(cost);
+    for (int i = 0; i < 7; i++) PyBuffer_Release(&b[i]);
+    return PyBool_FromLong(found);
 fail:
     for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
     return NULL;
@@ -542,7 +647,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"lm", lm, METH_VARARGS, "lm(theta, lower, upper, x_scale, times, obs, sat, stuck, ...): see fit.c"},
-    {"edge_lm", edge_lm, METH_VARARGS, "edge_lm(p, z, x, y, iterations, tol, log_blur_lo, log_blur_hi): see fit.c"},
+    {"edge_fit", edge_fit, METH_VARARGS, "edge_fit(out, z, x, y, q, angles, blurs, step, ...): see fit.c"},
     {NULL, NULL, 0, NULL},
 };
 

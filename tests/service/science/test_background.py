@@ -201,13 +201,15 @@ def test_an_edge_is_placed_from_the_pixels_around_a_crop(seed):
     plane = np.array([40.0, rng.uniform(-2, 2), rng.uniform(-2, 2)])
     image = plane_basis(11, 11) @ plane + truth.contrast * edge_column(truth, 11, 11)
     mask = far_mask()
-    edge, got_plane, rss = fit_edge(image[mask.ravel()] + rng.normal(0, 1.5, mask.sum()), mask)
+    edge, got_plane, rss, se = fit_edge(image[mask.ravel()] + rng.normal(0, 1.5, mask.sum()), mask)
     assert edge.contrast > 0 and 0 <= edge.angle < 2 * np.pi
     # the same line, rising the same way (the angle is the normal's, mod 2 pi)
     assert abs(np.angle(np.exp(1j * (edge.angle - truth.angle)))) < 0.05
     assert edge.offset == pytest.approx(truth.offset, abs=0.1 + 0.1 * truth.blur)
     assert edge.blur == pytest.approx(truth.blur, abs=0.1 + 0.15 * truth.blur)
     assert edge.contrast == pytest.approx(truth.contrast, rel=0.1)
+    # the standard error the fit gives the contrast covers its error (noise sigma 1.5)
+    assert 0 < se < np.inf and abs(edge.contrast - truth.contrast) < 4 * 1.5 * se
     assert np.all(np.abs(got_plane - plane) < [2.0, 0.3, 0.3]), got_plane
     assert rss < 2.0 * 1.5**2 * mask.sum()
     # the answer reproduces the patch, crop included
@@ -219,7 +221,7 @@ def test_a_contrast_falling_along_the_normal_is_turned_round():
     mask = far_mask()
     falling = Edge(angle=0.5, offset=0.7, blur=0.5, contrast=-40.0)
     image = 60.0 + falling.contrast * edge_column(falling, 11, 11)
-    edge, plane, _ = fit_edge(image[mask.ravel()], mask)
+    edge, plane, _, _ = fit_edge(image[mask.ravel()], mask)
     assert edge.contrast == pytest.approx(40.0, rel=1e-3)
     assert edge.angle == pytest.approx(0.5 + np.pi, abs=1e-3) and edge.offset == pytest.approx(-0.7, abs=1e-3)
     np.testing.assert_allclose(plane + [edge.contrast, 0, 0], [60.0, 0, 0], atol=1e-2)
@@ -236,17 +238,39 @@ def test_fit_edge_refuses_mismatched_values_and_gives_up_on_too_few_pixels():
     assert fit_edge(np.arange(6.0), few) is None
 
 
-@pytest.mark.skipif(background._native_fit is None, reason="service.kernels._fit is not built")
-def test_the_c_edge_refinement_gives_the_numpy_answer():
+@pytest.mark.skipif(not background.NATIVE_EDGE, reason="service.kernels._fit is not built")
+def test_the_c_edge_fit_gives_the_numpy_answer():
     rng = np.random.default_rng(5)
     mask = far_mask()
-    basis = plane_basis(11, 11)[mask.ravel()]
-    x, y = basis[:, 1].copy(), basis[:, 2].copy()
-    for _ in range(40):
-        truth = Edge(rng.uniform(0, 2 * np.pi), rng.uniform(-2, 2), rng.uniform(0.2, 1.5), rng.uniform(-80, 80))
-        z = (40.0 + truth.contrast * edge_column(truth, 11, 11))[mask.ravel()]
-        z = z + rng.normal(0, rng.uniform(0, 5), len(x))
-        start = np.array([truth.angle, truth.offset, np.log(truth.blur)]) + rng.normal(0, [0.2, 0.4, 0.3])
-        native = background._edge_refine(basis, z, x, y, start.copy(), native=True)
-        reference = background._edge_refine(basis, z, x, y, start.copy(), native=False)
-        np.testing.assert_allclose(np.concatenate(native), np.concatenate(reference), atol=1e-7)
+    for _ in range(60):
+        truth = Edge(rng.uniform(0, 2 * np.pi), rng.uniform(-3, 3), rng.uniform(0.2, 1.5), rng.uniform(-80, 80))
+        plane = np.array([40.0, rng.uniform(-3, 3), rng.uniform(-3, 3)])
+        image = plane_basis(11, 11) @ plane + truth.contrast * edge_column(truth, 11, 11)
+        z = image[mask.ravel()] + rng.normal(0, rng.uniform(0, 5), mask.sum())
+        native, reference = fit_edge(z, mask), fit_edge(z, mask, native=False)
+        assert (native is None) == (reference is None)
+        if native is None:
+            continue
+        got = [*native.edge.__dict__.values(), *native.plane, native.rss, native.contrast_se]
+        want = [*reference.edge.__dict__.values(), *reference.plane, reference.rss, reference.contrast_se]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # pure noise: both give the same answer, whatever it is
+    z = rng.normal(0, 2, mask.sum())
+    native, reference = fit_edge(z, mask), fit_edge(z, mask, native=False)
+    assert (native is None) == (reference is None)
+
+
+def test_the_c_edge_fit_refuses_bad_buffers():
+    if not background.NATIVE_EDGE:
+        pytest.skip("service.kernels._fit is not built")
+    from service.kernels import _fit
+
+    m = 20
+    args = [np.zeros(9), np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(3 * m), np.zeros(3), np.array([0.5])]
+    assert _fit.edge_fit(*args, 1.0, 12, 1e-3, -3.0, 3.0) in (True, False)  # a well-formed call runs
+    with pytest.raises(ValueError, match="q"):
+        _fit.edge_fit(*args[:4], np.zeros(m), *args[5:], 1.0, 12, 1e-3, -3.0, 3.0)
+    with pytest.raises(ValueError, match="blurs must be > 0"):
+        _fit.edge_fit(*args[:6], np.array([0.0]), 1.0, 12, 1e-3, -3.0, 3.0)
+    with pytest.raises(TypeError, match="out"):
+        _fit.edge_fit(np.zeros(9, dtype=np.float32), *args[1:], 1.0, 12, 1e-3, -3.0, 3.0)
