@@ -11,7 +11,8 @@
  * 0.5 (erf((i + 0.5 - p) / (s sqrt 2)) - erf((i - 0.5 - p) / (s sqrt 2))), as
  * service.science.physics.pixel_fractions.
  *
- * edge_fit places a background edge (plane plus a blurred step, service.science.background.
+ * kmeans clusters the network's peaks into a fit's starts (refine._cluster), and edge_fit places a
+ * background edge (plane plus a blurred step, service.science.background.
  * fit_edge) from a window's far pixels, grid search and Levenberg-Marquardt, for the same reason.
  */
 #include "native.h"
@@ -645,9 +646,90 @@ fail:
     return NULL;
 }
 
+/* ---- the starts' clustering (service/science/refine.py, _cluster: the same algorithm) ---- */
+
+/* kmeans(centres, xy, weight, k, iterations): centres (k, 2) of a weighted k-means of the n
+ * points xy (n, 2), n > k, weights floored at 1e-12; deterministic start (the heaviest point,
+ * then each time the point with the largest weight x squared distance to the centres so far) */
+static PyObject *kmeans(PyObject *self, PyObject *args) {
+    PyObject *o[3];
+    int k, iterations;
+    if (!PyArg_ParseTuple(args, "OOOii", &o[0], &o[1], &o[2], &k, &iterations)) return NULL;
+    Py_buffer b[3];
+    if (PyObject_GetBuffer(o[2], &b[2], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
+    const Py_ssize_t n = b[2].len / (Py_ssize_t)sizeof(double);
+    PyBuffer_Release(&b[2]);
+    if (k < 1 || n <= k || iterations < 0) {
+        PyErr_SetString(PyExc_ValueError, "kmeans: need 1 <= k < n points");
+        return NULL;
+    }
+    const Py_ssize_t sizes[3] = {2 * (Py_ssize_t)k, 2 * n, n};
+    const char *names[3] = {"centres", "xy", "weight"};
+    int got;
+    for (got = 0; got < 3; got++)
+        if (get_buffer(o[got], &b[got], sizes[got], "d", got == 0, names[got]) < 0) goto fail;
+    double *work = malloc(sizeof(double) * (size_t)n * 2 + sizeof(double) * (size_t)k * 5);
+    if (!work) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    double *c = b[0].buf, *w = work, *d2 = work + n, *sum = work + 2 * n, *nw = work + 2 * n + 3 * (size_t)k;
+    const double *xy = b[1].buf, *weight = b[2].buf;
+    for (Py_ssize_t i = 0; i < n; i++) w[i] = fmax(weight[i], 1e-12);
+    Py_ssize_t first = 0;
+    for (Py_ssize_t i = 1; i < n; i++)
+        if (w[i] > w[first]) first = i;
+    c[0] = xy[2 * first], c[1] = xy[2 * first + 1];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const double dx = xy[2 * i] - c[0], dy = xy[2 * i + 1] - c[1];
+        d2[i] = dx * dx + dy * dy;
+    }
+    for (int j = 1; j < k; j++) {
+        Py_ssize_t nxt = 0;
+        for (Py_ssize_t i = 1; i < n; i++)
+            if (w[i] * d2[i] > w[nxt] * d2[nxt]) nxt = i;
+        c[2 * j] = xy[2 * nxt], c[2 * j + 1] = xy[2 * nxt + 1];
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const double dx = xy[2 * i] - c[2 * j], dy = xy[2 * i + 1] - c[2 * j + 1];
+            d2[i] = fmin(d2[i], dx * dx + dy * dy);
+        }
+    }
+    for (int it = 0; it < iterations; it++) {
+        for (int j = 0; j < 3 * k; j++) sum[j] = 0.0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int label = 0;
+            double best = INFINITY;
+            for (int j = 0; j < k; j++) {
+                const double dx = xy[2 * i] - c[2 * j], dy = xy[2 * i + 1] - c[2 * j + 1];
+                const double e = dx * dx + dy * dy;
+                if (e < best) best = e, label = j;
+            }
+            sum[3 * label] += w[i];
+            sum[3 * label + 1] += w[i] * xy[2 * i];
+            sum[3 * label + 2] += w[i] * xy[2 * i + 1];
+        }
+        int moved = 0;
+        for (int j = 0; j < k; j++)
+            for (int l = 0; l < 2; l++) {
+                const double v = sum[3 * j] > 0 ? sum[3 * j + 1 + l] / sum[3 * j] : c[2 * j + l];
+                nw[2 * j + l] = v;
+                if (!(fabs(v - c[2 * j + l]) <= 1e-8 + 1e-5 * fabs(c[2 * j + l]))) moved = 1;
+            }
+        if (!moved) break;
+        for (int j = 0; j < 2 * k; j++) c[j] = nw[j];
+    }
+    free(work);
+    for (int i = 0; i < 3; i++) PyBuffer_Release(&b[i]);
+    Py_RETURN_NONE;
+fail:
+    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"lm", lm, METH_VARARGS, "lm(theta, lower, upper, x_scale, times, obs, sat, stuck, ...): see fit.c"},
     {"edge_fit", edge_fit, METH_VARARGS, "edge_fit(out, z, x, y, q, angles, blurs, step, ...): see fit.c"},
+    {"kmeans", kmeans, METH_VARARGS, "kmeans(centres, xy, weight, k, iterations): see fit.c"},
     {NULL, NULL, 0, NULL},
 };
 

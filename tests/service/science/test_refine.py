@@ -235,12 +235,30 @@ def test_flux_counts_with_a_miscalibrated_brightness_range():
     assert _flux_counts(win) == ([1], False)
 
 
-def test_cluster_centres():
+@pytest.mark.parametrize("native", [True, False])
+def test_cluster_centres(native):
     xy = np.array([[1.0, 1.0], [1.2, 1.0], [5.0, 5.0], [5.0, 5.4], [5.0, 5.2]])
     w = np.array([1.0, 3.0, 2.0, 1.0, 1.0])
-    c = _cluster(xy, w, 2)
+    c = _cluster(xy, w, 2, native=native)
     c = c[np.argsort(c[:, 0])]
     np.testing.assert_allclose(c, [[1.15, 1.0], [5.0, 5.15]])
+
+
+@pytest.mark.skipif(not refine.NATIVE, reason="service.kernels._fit is not built")
+def test_the_c_clustering_gives_the_numpy_answer():
+    rng = np.random.default_rng(9)
+    for _ in range(300):
+        n = int(rng.integers(2, 16))
+        k = int(rng.integers(1, n))
+        xy = rng.uniform(2, 8, (n, 2)).round(2)  # the network's peaks sit on a grid: ties happen
+        w = rng.choice([0.0, 50.0, 120.0, 240.0], n) if rng.random() < 0.3 else rng.uniform(0, 300, n)
+        np.testing.assert_allclose(_cluster(xy, w, k), _cluster(xy, w, k, native=False), rtol=1e-12, atol=1e-12)
+    from service.kernels import _fit
+
+    with pytest.raises(ValueError, match="k < n"):
+        _fit.kmeans(np.zeros((2, 2)), np.zeros((2, 2)), np.ones(2), 2, 8)
+    with pytest.raises(ValueError, match="xy"):
+        _fit.kmeans(np.zeros((2, 2)), np.zeros((3, 3)), np.ones(3), 2, 8)
 
 
 def test_best_subset_leaves_the_spurious_peak_out():
