@@ -318,7 +318,8 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m service`` on a free loopback port, with the given CSIST_* settings.
 
-    Ready when ``/readyz`` answers 200 (the model is loaded and warmed).
+    Ready when ``/readyz`` answers 200 (the model is loaded, its plan chosen and warmed);
+    ``ready_s``: seconds from the process's start to that answer.
     """
 
     def __init__(self, model: Path, settings: dict[str, str], timeout: float = 120.0):
@@ -328,6 +329,7 @@ class ServerProcess:
         env.update({f"CSIST_{k.upper()}": str(v) for k, v in settings.items()})
         env["PYTHONPATH"] = str(REPO)
         self.port = free_port()
+        t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)],
             stdout=subprocess.DEVNULL,
@@ -347,6 +349,7 @@ class ServerProcess:
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+                    self.ready_s = time.monotonic() - t0
                     return
             except httpx.HTTPError:
                 pass
@@ -424,6 +427,24 @@ def ws_run(
         "ok": summary["ok"],
         "cso_map": summary["cso_map"],
     }
+
+
+# A server is taken as saturated when it carries less than this share of the offered rate: at a
+# load it keeps up with, the windows/s measured is the client's rate, not the server's capacity.
+SATURATED_SHARE = 0.9
+
+
+def saturate(run, rate: float, doublings: int) -> dict:
+    """``run(rate)`` at ``rate`` windows/s, then at twice the rate while the server still keeps up
+    with what is offered (at most ``doublings`` times): the capacity is the windows/s carried at
+    the first rate it falls behind. The result says whether that was reached (``saturated``)."""
+    for i in range(doublings + 1):
+        result = run(rate)
+        saturated = result["windows_per_s"] < SATURATED_SHARE * rate
+        if saturated or i == doublings:
+            return {**result, "saturated": saturated}
+        rate *= 2
+    raise AssertionError("unreachable")
 
 
 def abandon_run(
@@ -563,13 +584,16 @@ def server_runs(
             "pair_cache": pair_cache,
             "settings": {f"CSIST_{k.upper()}": v for k, v in settings.items()},
             "refine": args.refine,
+            "ready_s": round(server.ready_s, 2),
             **server.plan(),
         }
         if "ws_fixed" in phases:
             out["ws_fixed"] = ws_run(server.port, args.tracks, args.rate, args.seconds, SEED, args.refine)
         if "ws_saturation" in phases:  # capacity: every window computed, however late (no deadline)
-            out["ws_saturation"] = ws_run(
-                server.port, args.tracks, args.max_rate, args.seconds, SEED + 1, args.refine, deadline_ms=0
+            out["ws_saturation"] = saturate(
+                lambda rate: ws_run(server.port, args.tracks, rate, args.seconds, SEED + 1, args.refine, deadline_ms=0),
+                args.max_rate,
+                args.max_doublings,
             )
         if "rest" in phases:
             out["rest"] = rest_run(server.port, args.rest_rate, args.seconds, frames, refine=args.refine)
@@ -791,7 +815,8 @@ def run(args) -> dict:
                 "fit_unrefined": f["unrefined"],
                 "fit_answered": f["answered"],
                 "fit_missing": f["missing"],
-                "fit_errors": f["errors"],
+                "fit_shed": f["error_codes"].get("deadline_exceeded", 0),
+                "fit_errors": f["errors"] - f["error_codes"].get("deadline_exceeded", 0),
                 "abandon": c["abandon"],
             }
         report["done_when"] = {
@@ -895,9 +920,10 @@ def markdown(report: dict) -> str:
             ):
                 if key in s:
                     r = s[key]
+                    short = " (not saturated: the server kept up)" if r.get("saturated") is False else ""
                     rows.append(
                         [
-                            f"{label} ({name})",
+                            f"{label} ({name}){short}",
                             r.get("tracks", "-"),
                             r["offered_windows_per_s"],
                             r["windows_per_s"],
@@ -916,12 +942,16 @@ def markdown(report: dict) -> str:
                 f"{o['target_p99_ms']:.0f}), {o['shed']} shed (deadline_exceeded), {o['other_errors']} other errors, "
                 f"{o['missing']} missing, {o['duplicates']} duplicates. Fit at the saturated rate: p99 "
                 f"{o['fit_p99_ms']:.1f} ms, {o['fit_unrefined']} of {o['fit_answered']} answered without the fit, "
-                f"{o['fit_missing']} missing, {o['fit_errors']} errors. {a['connections']} connections x {a['tracks']} "
+                f"{o['fit_missing']} missing, {o['fit_shed']} shed, {o['fit_errors']} other errors. "
+                f"{a['connections']} connections x {a['tracks']} "
                 f"tracks x {a['frames_per_track']} frames vanished: {a['server_cpu_s_after']} s of server CPU in the "
                 f"next {a['after_s']:g} s (target < {a['target_cpu_s']:g}).\n"
             )
         out.append("\nReal server end to end (loopback, client on the same machine):\n\n")
         out.append(md_table(["load", "tracks", "offered windows/s", "windows/s", "p50 ms", "p95 ms", "p99 ms"], rows))
+        ready = [f"{name} {s['ready_s']:g} s" for name, s in report["server"].items() if "ready_s" in s]
+        if ready:
+            out.append(f"\nStart-up to ready (process start to the first 200 of /readyz): {', '.join(ready)}.\n")
         d = report["done_when"]
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         out.append(
@@ -957,7 +987,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure-seconds", type=float, default=2.0, help="seconds per in-process measurement")
     p.add_argument("--tracks", type=int, default=8, help="concurrent WebSocket tracks of the replay client")
     p.add_argument("--rate", type=float, default=100.0, help="fixed offered WebSocket load, windows/s (all tracks)")
-    p.add_argument("--max-rate", type=float, default=400.0, help="saturating offered WebSocket load, windows/s")
+    p.add_argument(
+        "--max-rate",
+        type=float,
+        default=400.0,
+        help="first saturating offered WebSocket load, windows/s (doubled while the server keeps up)",
+    )
+    p.add_argument(
+        "--max-doublings",
+        type=int,
+        default=3,
+        help="how many times the saturating load may be doubled before the run stops short of saturation",
+    )
     p.add_argument(
         "--rest-rate", type=float, default=50.0, help="fixed offered REST load, windows/s (5 frames per request)"
     )
@@ -1016,6 +1057,7 @@ def main(args) -> int:
         args.windows = min(args.windows, 64)
         args.seconds = min(args.seconds, 1.0)
         args.overload_seconds = min(args.overload_seconds, 1.0)
+        args.max_doublings = min(args.max_doublings, 1)
     report = run(args)
     text = markdown(report)
     write_outputs(report, args.out, text, args.markdown)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench import cli
+from bench import cli, speed
 from bench.flops import window_flops
 from service.kernels import conv, deform
 from training.model import DeRefNetConfig
@@ -84,6 +84,8 @@ def test_quick_speed_report(tiny_model, tmp_path):
     for key in ("ws_fixed", "ws_saturation"):
         assert s[key]["ok"] and s[key]["answered"] > 0 and s[key]["missing"] == 0
         assert s[key]["p50_ms"] <= s[key]["p99_ms"]
+    assert isinstance(s["ws_saturation"]["saturated"], bool)
+    assert 0 < s["ready_s"] < 120 and "Start-up to ready" in md.read_text()
     assert s["rest"]["requests"] > 0 and s["rest"]["failures"] == 0
     # from the server's csist_model_info: the auto plan (4 channels, no amx_split), beside the stock plan
     assert s["plan"] == report["plans"]["name"] or s["plan"] in ("onnxruntime", "native-deform")
@@ -94,6 +96,26 @@ def test_quick_speed_report(tiny_model, tmp_path):
     text = md.read_text()
     assert "| ONNX single graph | 32 |" in text and "WebSocket, fixed rate (cached)" in text
     assert "Execution plans as the service chooses them" in text
+
+
+def test_the_saturating_load_doubles_until_the_server_falls_behind():
+    offered = []
+
+    def server(capacity):
+        def run(rate):
+            offered.append(rate)
+            return {"windows_per_s": min(rate, capacity), "offered_windows_per_s": rate}
+
+        return run
+
+    r = speed.saturate(server(700.0), 200.0, 3)
+    assert offered == [200.0, 400.0, 800.0]
+    assert r["saturated"] and r["windows_per_s"] == 700.0 and r["offered_windows_per_s"] == 800.0
+    offered.clear()
+    r = speed.saturate(server(1e6), 200.0, 2)
+    assert offered == [200.0, 400.0, 800.0] and not r["saturated"]
+    offered.clear()
+    assert speed.saturate(server(50.0), 200.0, 3)["saturated"] and offered == [200.0]
 
 
 def test_server_settings_parse():
