@@ -62,6 +62,10 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
         {"background": ("clutter",), "clutter_std": (2.0, 25.0), "pedestal": (120.0, 180.0)},
     ),
     "edge across the patch, step 10-80": ("field", {"background": ("edge",), "pedestal": (0.0, 150.0)}),
+    # real optics are not Gaussian (the fit's PSF is): the same core, with an Airy pattern's rings
+    # or a Moffat's power-law wings (training.field.psf_profile), the calibration left at 0.5
+    "Airy optics, core sigma 0.5": ("field", {"psf_shape": ("airy",)}),
+    "Moffat optics (beta 2.5-4.5), core sigma 0.5": ("field", {"psf_shape": ("moffat",)}),
 }
 
 

@@ -14,9 +14,16 @@ column, y = row, pixel centres at integers, the patch spans [-0.5, size - 0.5]).
 
 Sensor (per trajectory):
 
-- PSF: Gaussian, sigma ~ U(``--psf-sigma``) (0.4, 0.7) px, rendered by
-  ``physics.pixel_response`` (the project's one forward model) and written to the XML's
-  ``<sigma>``.
+- PSF: sigma ~ U(``--psf-sigma``) (0.4, 0.7) px, written to the XML's ``<sigma>``. Its shape
+  is one of ``--psf-shape`` (``gaussian``; ``mixed`` = gaussian, airy, moffat uniformly):
+  gaussian is rendered by ``physics.pixel_response`` (the project's one forward model, the
+  one the fit assumes); real optics are not Gaussian, so airy (a diffraction-limited circular
+  aperture, (2 J1(x) / x)^2 with x = pi r / (lambda N)) and moffat ((1 + (r / alpha)^2)^-beta,
+  beta ~ U(``--moffat-beta``) (2.5, 4.5): a core with the power-law wings of aberrations and
+  scatter) have the Gaussian of that sigma as their core: lambda N = sigma / 0.42 (the
+  Gaussian that best matches an Airy core) and the Moffat's FWHM is the Gaussian's, 2.355
+  sigma. They are integrated over each pixel on a 9 x 9 sub-pixel grid and normalised over
+  the whole plane, so the flux that falls outside the patch is lost, as on a sensor.
 - Noise: additive Gaussian, sigma ~ U(``--noise``) (0, 5) grey levels, independent per pixel
   and frame.
 - Bit depth: one of ``--bit-depth`` (8; any of 8, 12, 14, 16, a comma list draws uniformly
@@ -86,7 +93,7 @@ Targets (per trajectory):
 Determinism: trajectory i draws from ``SeedSequence(seed).spawn(n)[i]`` (as the protocol), so
 it does not depend on the number of trajectories, and the same seed gives byte-identical
 files. That sequence is split again into one stream per nuisance (sensor, background,
-defects, geometry, brightness, noise), so fixing one nuisance by a flag does not change the
+defects, geometry, brightness, noise, optics), so fixing one nuisance by a flag does not change the
 others' draws: ``--background flat`` and ``--background clutter`` with one seed give the same
 target tracks, PSF and noise realisation (noise is drawn as a unit field times the sigma), and
 the same brightness unless the SNR's top is ``sat`` (which depends on the background).
@@ -96,7 +103,8 @@ Output: the protocol's layout (``DIR/<split>/image/image_<n>.png``,
 parameter and these rules' constants), plus ``DIR/<split>/conditions.jsonl``: line t holds
 the split's trajectory t (frames 20t..20t+19; ``split_index`` t, ``trajectory`` its index
 over all splits, the seed's child): background kind and parameters, defects,
-PSF and noise sigma, bit depth and saturation level, geometry, radius, velocity, drifts,
+PSF sigma, shape and Moffat beta (null unless moffat), noise sigma,
+bit depth and saturation level, geometry, radius, velocity, drifts,
 per-target brightness, peak and peak SNR, the closest pair's separation and the count of
 saturated pixels (``read_conditions`` reads it back).
 """
@@ -111,7 +119,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from scipy.special import erf
+from scipy.special import erf, j1
 
 from service.science import physics
 from training import data, sim_io
@@ -130,7 +138,11 @@ PLACE_BATCHES = 10  # batches before the group is drawn again
 MAX_ATTEMPTS = 1000  # group draws
 CONDITIONS_FILE = "conditions.jsonl"
 # one child stream of the trajectory's SeedSequence each, in this order
-STREAMS = ("sensor", "background", "defects", "geometry", "brightness", "noise")
+# (appended streams leave the earlier ones' draws unchanged)
+STREAMS = ("sensor", "background", "defects", "geometry", "brightness", "noise", "optics")
+PSF_SHAPES = ("gaussian", "airy", "moffat")
+AIRY_CORE = 0.42  # sigma of the Gaussian matching an Airy core, in units of lambda N
+PSF_SUBPIXELS = 9  # sub-pixel grid per axis for the non-Gaussian PSFs
 
 _S = float(np.sqrt(0.5))
 AXIS_UNITS = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
@@ -158,6 +170,8 @@ class FieldParams:
     snr: tuple[float | None, float | None] = (5.0, None)  # None: the saturation peak
     brightness: tuple[float, float] | None = None  # flux range; replaces snr when given
     psf_sigma: tuple[float, float] = (0.4, 0.7)
+    psf_shape: tuple[str, ...] = ("gaussian",)
+    moffat_beta: tuple[float, float] = (2.5, 4.5)
     noise: tuple[float, float] = (0.0, 5.0)
     bit_depth: tuple[int, ...] = (8,)
     geometry: tuple[str, ...] = ("random",)
@@ -180,6 +194,10 @@ class FieldParams:
         lo, hi = self.targets
         if not 1 <= lo <= hi <= MAX_TARGETS:
             raise ValueError(f"--targets must lie within 1..{MAX_TARGETS} for the field scenario, got {lo}-{hi}")
+        if not 1.0 < self.moffat_beta[0] <= self.moffat_beta[1]:
+            raise ValueError(
+                f"--moffat-beta must be > 1 (a Moffat of beta <= 1 has no finite flux), got {self.moffat_beta}"
+            )
         if self.bad_pixels[1] > self.size * self.size:
             raise ValueError(f"--bad-pixels: at most {self.size * self.size} on a {self.size} x {self.size} patch")
         room = self.size - 1 - 2 * self.margin
@@ -202,6 +220,8 @@ class FieldTrajectory:
     noise: float
     bit_depth: int
     conditions: dict  # JSON-ready drawn values (see the module docstring)
+    psf_shape: str = "gaussian"
+    moffat_beta: float | None = None
 
     @property
     def saturation(self) -> int:
@@ -226,10 +246,38 @@ def min_radius(geometry: str, k: int, s: float) -> float:
     raise ValueError(f"unknown geometry {geometry!r}")
 
 
-def unit_peak(size: int, sigma: float) -> float:
+def unit_peak(size: int, sigma: float, shape: str = "gaussian", beta: float | None = None) -> float:
     """Brightest pixel of a unit-flux target centred on a pixel: peak = flux * this."""
     c = (size - 1) // 2
-    return float(physics.pixel_response([[c, c, 1.0]], size, sigma).max())
+    return float(psf_response([[c, c, 1.0]], size, sigma, shape, beta).max())
+
+
+def psf_profile(r: np.ndarray, sigma: float, shape: str, beta: float | None = None) -> np.ndarray:
+    """Intensity of a unit-flux PSF at radius ``r`` (px): ``shape`` airy or moffat with the
+    Gaussian of ``sigma`` as its core (module docstring), normalised over the plane."""
+    if shape == "airy":
+        ln = sigma / AIRY_CORE  # lambda N, px
+        x = np.pi * np.maximum(r, 1e-12) / ln
+        return (2.0 * j1(x) / x) ** 2 * np.pi / (4.0 * ln * ln)  # the pattern's integral is 4 (lambda N)^2 / pi
+    if shape == "moffat":
+        alpha = sigma * np.sqrt(2.0 * np.log(2.0)) / np.sqrt(2.0 ** (1.0 / beta) - 1.0)  # FWHM = 2.355 sigma
+        return (1.0 + (r / alpha) ** 2) ** (-beta) * (beta - 1.0) / (np.pi * alpha * alpha)
+    raise ValueError(f"unknown PSF shape {shape!r}")
+
+
+def psf_response(targets, size: int, sigma: float, shape: str = "gaussian", beta: float | None = None) -> np.ndarray:
+    """Noise-free float image (size, size) of point targets, rows (x, y, brightness), through a
+    PSF of ``shape``: gaussian is ``physics.pixel_response``; airy and moffat are integrated
+    over each pixel on a ``PSF_SUBPIXELS`` grid per axis."""
+    if shape == "gaussian":
+        return physics.pixel_response(targets, size, sigma)
+    t = physics.as_targets(targets)
+    n = PSF_SUBPIXELS
+    sub = (np.arange(size * n) + 0.5) / n - 0.5  # sub-pixel centres, px
+    image = np.zeros((size * n, size * n))
+    for x, y, b in t:
+        image += b * psf_profile(np.hypot(sub[None, :] - x, sub[:, None] - y), sigma, shape, beta)
+    return image.reshape(size, n, size, n).mean(axis=(1, 3))
 
 
 def quantize(image: np.ndarray, bit_depth: int) -> np.ndarray:
@@ -418,14 +466,21 @@ def sample_geometry(rng: np.random.Generator, params: FieldParams) -> tuple[np.n
 
 
 def sample_brightness(
-    rng: np.random.Generator, params: FieldParams, k: int, noise: float, psf_sigma: float, headroom: float
+    rng: np.random.Generator,
+    params: FieldParams,
+    k: int,
+    noise: float,
+    psf_sigma: float,
+    headroom: float,
+    optics: tuple[str, float | None] = ("gaussian", None),
 ) -> tuple[np.ndarray, dict]:
     """Per-target flux (k,) from the SNR or flux range, and each target's peak and peak SNR.
 
-    ``headroom``: full scale minus the background's highest value, the peak ``sat`` stands for.
+    ``headroom``: full scale minus the background's highest value, the peak ``sat`` stands for;
+    ``optics``: the PSF's shape and Moffat beta, which set the peak of a unit flux.
     """
     noise_ref = max(noise, SNR_NOISE_FLOOR)
-    u = unit_peak(params.size, psf_sigma)
+    u = unit_peak(params.size, psf_sigma, *optics)
     if params.brightness is not None:
         flux = rng.uniform(params.brightness[0], params.brightness[1], size=k)
     else:
@@ -452,17 +507,23 @@ def sample_field_trajectory(
     psf_sigma = _uniform(sensor, params.psf_sigma)
     noise = _uniform(sensor, params.noise)
     bit_depth = int(_pick(sensor, params.bit_depth))
+    optics = rngs["optics"]
+    shape = str(_pick(optics, params.psf_shape))
+    beta = _uniform(optics, params.moffat_beta)
+    beta = beta if shape == "moffat" else None
     background, bg_info = sample_background(rngs["background"], params)
     defects = sample_defects(rngs["defects"], params, bit_depth)
     pos, geo_info = sample_geometry(rngs["geometry"], params)
     k = pos.shape[1]
     headroom = 2**bit_depth - 1 - float(background.max())
-    flux, b_info = sample_brightness(rngs["brightness"], params, k, noise, psf_sigma, headroom)
+    flux, b_info = sample_brightness(rngs["brightness"], params, k, noise, psf_sigma, headroom, (shape, beta))
     targets = np.concatenate([pos, np.broadcast_to(flux[None, :, None], pos.shape[:2] + (1,))], axis=2)
     conditions = {
         "background": bg_info,
         "defects": defects.tolist(),
         "psf_sigma": psf_sigma,
+        "psf_shape": shape,
+        "moffat_beta": beta,
         "noise": noise,
         "bit_depth": bit_depth,
         "saturation": 2**bit_depth - 1,
@@ -477,13 +538,17 @@ def sample_field_trajectory(
         noise=noise,
         bit_depth=bit_depth,
         conditions=conditions,
+        psf_shape=shape,
+        moffat_beta=beta,
     )
     return traj, rngs["noise"]
 
 
 def clean_frames(traj: FieldTrajectory, size: int) -> np.ndarray:
     """Noise-free float64 frames (T, size, size): background plus the targets' forward model."""
-    return traj.background[None] + np.stack([physics.pixel_response(t, size, traj.psf_sigma) for t in traj.targets])
+    return traj.background[None] + np.stack(
+        [psf_response(t, size, traj.psf_sigma, traj.psf_shape, traj.moffat_beta) for t in traj.targets]
+    )
 
 
 def render(traj: FieldTrajectory, rng: np.random.Generator, size: int, float_out: bool = False) -> np.ndarray:
@@ -745,6 +810,16 @@ FIELD_FLAGS = {
         "target peak SNR, X, LO,HI, LO,sat or sat (log-uniform; sat = the peak that takes the highest background "
         "pixel to full scale); ignored with --brightness",
     ),
+    "psf_shape": (
+        "--psf-shape",
+        _choices(PSF_SHAPES, PSF_SHAPES),
+        "PSF shape, its core the Gaussian of --psf-sigma: gaussian, airy, moffat, a comma list or mixed",
+    ),
+    "moffat_beta": (
+        "--moffat-beta",
+        float_range(1.0, strict=True),
+        "Moffat PSF's power-law index beta (> 1; smaller: heavier wings)",
+    ),
     "bit_depth": (
         "--bit-depth",
         _choices(BIT_DEPTHS, BIT_DEPTHS, int),
@@ -772,7 +847,7 @@ def default_text(dest: str) -> str:
     value = getattr(FieldParams(), dest)
     if value is None:
         return ""
-    if value in (BACKGROUNDS, GEOMETRIES):
+    if value in (BACKGROUNDS, GEOMETRIES, PSF_SHAPES):
         return "mixed"
     if dest in ("targets", "bad_pixels"):
         return f"{value[0]}-{value[1]}"

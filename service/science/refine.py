@@ -15,7 +15,9 @@ The model of a window (frame ``f`` taken ``t_f`` frames after the middle one, -2
   own outward drift, <= 0.0014 px/frame, is ignored) and the background plane b (offset and
   two gradients, static over the window, started from the frames' median planes of
   :mod:`service.science.background`). The PSF sigma s is the calibration, and becomes an
-  unknown too where the calibrated fit leaves a misfit (``psf_chi2``).
+  unknown too where the calibrated fit leaves a misfit (``psf_chi2``); where a misfit remains,
+  the PSF may gain a halo, a wider Gaussian holding a share of the flux (:func:`_halo`: the
+  wings of real optics).
 - Bounded nonlinear least squares with the analytic Jacobian (built from
   :func:`service.science.physics.pixel_fractions_grad`). Solver ``"lm"`` (default) is a compact
   projected Levenberg-Marquardt written for this problem size (<= 26 parameters, a few hundred
@@ -127,8 +129,8 @@ except ImportError:  # installed without a C compiler: the numpy solver
     _native_fit = None
 
 # whether solver "lm" and the starts' clustering run in C (an extension built from older source
-# lacks an entry point, or takes no edge column: numpy runs instead)
-NATIVE = _native_fit is not None and all(hasattr(_native_fit, f) for f in ("lm", "edge_fit", "kmeans"))
+# lacks an entry point, takes no edge column or no halo: numpy runs instead)
+NATIVE = _native_fit is not None and all(hasattr(_native_fit, f) for f in ("lm", "edge_fit", "kmeans", "HALO"))
 NATIVE_MAX_PARAMS = 64  # the C solver's limit (MAXP in fit.c); larger problems run in numpy
 CRITERIA = ("bic", "aic")
 SOLVERS = ("lm", "lm-numpy", "scipy")
@@ -160,6 +162,15 @@ class FitConfig:
     # trades against close targets' separations and brightness.
     fit_psf: bool = True
     psf_chi2: float = 1.5
+    # Real optics are not Gaussian: aberrations, scatter and diffraction put a share of the flux
+    # in wings around the core. Where the calibrated PSF (sigma freed too) still leaves a misfit,
+    # the PSF also gets a halo, a Gaussian of one of ``halo_scales`` times the core's sigma
+    # holding one of ``halos`` of each target's flux, each pair in turn, kept where the criterion
+    # prefers it (two more parameters); without it such wings are explained as extra targets.
+    halos: tuple[float, ...] = (0.15, 0.3, 0.5)
+    halo_scales: tuple[float, ...] = (2.0, 3.0)
+    # the halo of the PSF in use: (share of the flux, width / core sigma); None: a Gaussian core
+    psf_halo: tuple[float, float] | None = None
     # Where a fitted target sits at a bound of ``brightness_range``, or the calibrated fit leaves
     # a misfit (chi2 / dof above ``psf_chi2``, after the PSF was freed), the window's targets are
     # dimmer or brighter than the calibration (whose flux then allows only wrong counts): count
@@ -295,6 +306,8 @@ class FitResult:
     # and PSF sigma (the calibration, or fitted where it left a misfit); NaN when not accepted
     background: tuple[float, float, float] = (float("nan"),) * 3
     psf_sigma: float = float("nan")
+    # the share of each target's flux in the PSF's halo (FitConfig.halos) where one was fitted
+    psf_halo: float = 0.0
     # the background's edge where the window has one (FitConfig.edges): angle (radians), offset
     # and blur (px) as service.science.background.Edge, and the fitted contrast; else None
     edge: tuple[float, float, float, float] | None = None
@@ -434,6 +447,17 @@ def fit_window(
         # free (the flux, which sets the count, does not depend on sigma), kept where better
         nfev += _free_psf(win, fits, len(best.targets), scale)
         best = min(fits.values(), key=lambda f: f.ic)
+    halo = None
+    if cfg.halos and win.white is None and win.reduced_chi2(best) > cfg.psf_chi2:
+        # still a misfit: the wings of non-Gaussian optics, which the counts below would explain
+        # as more targets; or targets dimmer or brighter than calibrated, which a halo would
+        # explain by spreading their flux. Both are tried, the criterion decides below. (Under
+        # clutter, whose correlation length is a halo's width, the misfit is the background's.)
+        halo_fits = dict(fits)
+        halo_win, extra = _halo(win, halo_fits, len(best.targets), scale)
+        nfev += extra
+        if halo_win is not win:
+            halo = (halo_win, halo_fits, min(halo_fits.values(), key=lambda f: f.ic))
     best_win = win  # the window (and its brightness range) the chosen fit was made in
     lo, hi = cfg.brightness_range
     pinned = best.targets[:, 2].min() <= lo * 1.01 or best.targets[:, 2].max() >= hi * 0.99
@@ -450,6 +474,9 @@ def fit_window(
             free = min(tried.values(), key=lambda f: f.ic)
         if free.ic < best.ic:
             best, best_win = free, free_win
+    if halo is not None and halo[2].ic < best.ic:
+        win, fits, best = halo
+        best_win = win
     ics: dict = {k: f.ic for k, f in fits.items()}
 
     if not (np.isfinite(best.targets).all() and math.isfinite(best.chi2)):
@@ -497,6 +524,7 @@ def fit_window(
         criteria=ics,
         background=tuple(float(b) for b in best.background[:3]),
         psf_sigma=best.psf_sigma,
+        psf_halo=0.0 if best_win.cfg.psf_halo is None else best_win.cfg.psf_halo[0],
         edge=None if win.edge is None else (*astuple(win.edge)[:3], float(best.background[3])),
     )
 
@@ -506,8 +534,7 @@ def _linear_fit(win: _Window, targets: np.ndarray, v, sigma: float) -> tuple[np.
     linear least-squares solve (saturated pixels left out; brightness clipped to the calibrated
     range, the plane then solved again for it)."""
     keep = win.usable
-    fx, fy = win.fractions(targets[:, 0], targets[:, 1], v, sigma)
-    cols = np.einsum("fkr,fkc->frck", fy, fx).reshape(win.n, -1)  # (n, K)
+    cols = win.unit_columns(targets[:, :2], v, sigma)  # (n, K)
     basis = win.bg_basis[:, : win.n_bg]
     lo, hi = win.cfg.brightness_range
     try:
@@ -618,6 +645,46 @@ def _free_psf(win: _Window, fits: dict, k: int, scale: float) -> int:
         if alt.ic < f.ic:
             fits[kk] = alt
     return nfev
+
+
+def _halo(win: _Window, fits: dict, k: int, scale: float) -> tuple[_Window, int]:
+    """Count ``k`` of ``fits`` fitted again with a halo in the PSF, for each share of
+    ``FitConfig.halos`` and width of ``halo_scales``, then its neighbours with the best of them.
+    Where the criterion prefers it (the halo's share and width count as two more parameters),
+    those fits replace the counts' in ``fits`` (in place) and their window is returned, else
+    ``win``; also returns the residual evaluations."""
+    cfg = win.cfg
+
+    def trial(pair: tuple[float, float], kk: int) -> tuple[_Window, _Fit]:
+        f = fits[kk]
+        halo = copy.copy(win)
+        halo.cfg = replace(cfg, psf_halo=pair)
+        free_sigma = bool(f.problem.n_psf)
+        return halo, _fit(
+            halo, f.targets, f.velocity, f.anchors, f.has_prior, scale, 0, f.background, f.psf_sigma, free_sigma
+        )
+
+    best_ic, nfev = min(f.ic for f in fits.values()), 0
+    pairs = list(itertools.product(cfg.halos, cfg.halo_scales))
+    # the middle share first: where it does not help, the window is not about wings (e.g. its
+    # brightness is not the calibrated one) and pays one fit
+    pairs.insert(0, pairs.pop(len(cfg.halos) // 2 * len(cfg.halo_scales)))
+    top = None
+    for i, pair in enumerate(pairs):
+        halo, fit = trial(pair, k)
+        nfev += fit.nfev
+        if i == 0 and not fit.ic < best_ic:
+            return win, nfev
+        if top is None or fit.ic < top[1].ic:
+            top = (halo, fit, pair)
+    halo, fit, pair = top
+    tried = {k: fit}
+    for kk in (k - 1, k + 1):
+        if kk in fits:
+            tried[kk] = trial(pair, kk)[1]
+            nfev += tried[kk].nfev
+    fits.update(tried)
+    return halo, nfev
 
 
 def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: dict) -> tuple[_Fit, float]:
@@ -970,17 +1037,29 @@ class _Window:
         vals = values.reshape(2, len(self.times), k, self.size)
         return vals[0, :, :, self.c0 : self.c1], vals[1, :, :, self.r0 : self.r1]
 
-    def fractions(self, x: np.ndarray, y: np.ndarray, v, sigma: float | None = None):
-        """Column and row pixel fractions (F, K, C) and (F, K, R) of every target in every frame."""
-        pos = self.positions(x, y, v)
-        return self.split(pixel_fractions(pos.ravel(), self.size, sigma or self.cfg.psf_sigma), len(x))
+    def components(self, sigma: float | None = None) -> tuple[tuple[float, float], ...]:
+        """The PSF as Gaussians, (share of the flux, sigma) each: the core of ``sigma`` (default:
+        the calibrated one), and the halo where this window's PSF has one."""
+        core = sigma or self.cfg.psf_sigma
+        if self.cfg.psf_halo is None:
+            return ((1.0, core),)
+        share, width = self.cfg.psf_halo
+        return ((1.0 - share, core), (share, width * core))
+
+    def unit_images(self, x: np.ndarray, y: np.ndarray, v, sigma: float | None = None) -> np.ndarray:
+        """(F, R, C, K): every target's cropped frames at unit brightness."""
+        pos = self.positions(x, y, v).ravel()
+        out = 0.0
+        for share, s in self.components(sigma):
+            fx, fy = self.split(pixel_fractions(pos, self.size, s), len(x))
+            out = out + share * np.einsum("fkr,fkc->frck", fy, fx)
+        return out
 
     def model(self, targets: np.ndarray, v, bg: np.ndarray | None = None, sigma: float | None = None) -> np.ndarray:
         """Noise-free cropped frames, flat, of targets (K, 3) moving with velocity v over the
         background plane ``bg`` (3,) (default: the starting one), PSF ``sigma`` (default: the
         calibrated one)."""
-        fx, fy = self.fractions(targets[:, 0], targets[:, 1], v, sigma)
-        targets_only = np.matmul(fy.transpose(0, 2, 1) * targets[None, None, :, 2], fx).ravel()
+        targets_only = (self.unit_images(targets[:, 0], targets[:, 1], v, sigma) @ targets[:, 2]).ravel()
         return targets_only + self.bg_basis @ (self.bg0 if bg is None else bg)
 
     def data_residuals(self, model: np.ndarray) -> np.ndarray:
@@ -999,10 +1078,9 @@ class _Window:
     def reduced_chi2(self, fit: _Fit) -> float:
         return fit.chi2 / self.dof(fit)
 
-    def unit_columns(self, xy: np.ndarray, v) -> np.ndarray:
+    def unit_columns(self, xy: np.ndarray, v, sigma: float | None = None) -> np.ndarray:
         """(n, K): each target's cropped frames at unit brightness (for linear brightness fits)."""
-        fx, fy = self.fractions(xy[:, 0], xy[:, 1], v)
-        return np.einsum("fkr,fkc->frck", fy, fx).reshape(self.n, -1)
+        return self.unit_images(xy[:, 0], xy[:, 1], v, sigma).reshape(self.n, -1)
 
 
 class _Problem:
@@ -1075,21 +1153,24 @@ class _Problem:
         if key != self._key:
             k, win = self.k, self.win
             pos = win.positions(theta[:k], theta[k : 2 * k], theta[3 * k : 3 * k + 2]).ravel()
-            fx, fy = win.split(pixel_fractions(pos, win.size, self.sigma(theta)), k)
-            fya = fy * theta[None, 2 * k : 3 * k, None]
-            model = np.matmul(fya.transpose(0, 2, 1), fx).ravel()
+            parts, model = [], 0.0
+            for share, s in win.components(self.sigma(theta)):  # the core, and the halo if any
+                fx, fy = win.split(pixel_fractions(pos, win.size, s), k)
+                fya = fy * theta[None, 2 * k : 3 * k, None]
+                model = model + share * np.matmul(fya.transpose(0, 2, 1), fx).ravel()
+                parts.append((share, s, fx, fy, fya))
             if win.n_bg:
                 model += win.bg_basis @ theta[self.i_bg :]
-            self._key, self._state = key, (fx, fy, fya, model, pos)
+            self._key, self._state = key, (parts, model, pos)
         return self._state
 
     def model(self, theta: np.ndarray) -> np.ndarray:
-        return self._eval(theta)[3]
+        return self._eval(theta)[1]
 
     def residuals(self, theta: np.ndarray) -> np.ndarray:
         n = self.win.n_rows
         r = np.empty(self.n_res)
-        r[:n] = self.win.whiten(self.win.data_residuals(self._eval(theta)[3]), self.scale)
+        r[:n] = self.win.whiten(self.win.data_residuals(self._eval(theta)[1]), self.scale)
         r[n:] = (theta[self.prior_cols] - self.prior_mean) * self.prior_w
         return r
 
@@ -1097,28 +1178,30 @@ class _Problem:
         """Analytic d residuals / d theta, shape (n_res, 3K + 2).
 
         d model / d x_k = a_k fy_k (outer) dfx_k, d / d y_k = a_k dfy_k (outer) fx_k,
-        d / d a_k = fy_k (outer) fx_k, d / d (vx, vy) = sum_k t_f d / d (x_k, y_k).
+        d / d a_k = fy_k (outer) fx_k, d / d (vx, vy) = sum_k t_f d / d (x_k, y_k); with a halo,
+        the share-weighted sum of each Gaussian's terms.
         """
-        fx, fy, fya, model, pos = self._eval(theta)
+        parts, model, pos = self._eval(theta)
         k, win = self.k, self.win
         n = win.n
         sigma = self.sigma(theta)
-        dfx, dfy = win.split(pixel_fractions_grad(pos, win.size, sigma), k)
         n_frames = len(win.times)
-        rows = np.empty((3, n_frames, k, fy.shape[2]))
-        rows[0], rows[1], rows[2] = fya, dfy * theta[None, 2 * k : 3 * k, None], fy
-        cols = np.empty((3, n_frames, k, fx.shape[2]))
-        cols[0], cols[1], cols[2] = dfx, fx, fx
         jac = np.zeros((n, self.n_params))
-        jac[:n, : 3 * k] = np.einsum("sfkr,sfkc->frcsk", rows, cols).reshape(n, 3 * k)
+        for share, s, fx, fy, fya in parts:
+            dfx, dfy = win.split(pixel_fractions_grad(pos, win.size, s), k)
+            rows = np.empty((3, n_frames, k, fy.shape[2]))
+            rows[0], rows[1], rows[2] = fya, dfy * theta[None, 2 * k : 3 * k, None], fy
+            cols = np.empty((3, n_frames, k, fx.shape[2]))
+            cols[0], cols[1], cols[2] = dfx, fx, fx
+            jac[:n, : 3 * k] += share * np.einsum("sfkr,sfkc->frcsk", rows, cols).reshape(n, 3 * k)
+            if self.i_s is not None:  # d / d sigma = sum_k a_k (dfy_s (outer) fx + fy (outer) dfx_s)
+                sx, sy = win.split(pixel_fractions_dsigma(pos, win.size, s), k)
+                jac[:n, self.i_s] += (share * s / sigma) * (
+                    np.matmul((sy * theta[None, 2 * k : 3 * k, None]).transpose(0, 2, 1), fx)
+                    + np.matmul(fya.transpose(0, 2, 1), sx)
+                ).ravel()
         jac[:n, 3 * k] = win.t_pix * jac[:n, :k].sum(axis=1)
         jac[:n, 3 * k + 1] = win.t_pix * jac[:n, k : 2 * k].sum(axis=1)
-        if self.i_s is not None:  # d / d sigma = sum_k a_k (dfy_s (outer) fx + fy (outer) dfx_s)
-            sx, sy = win.split(pixel_fractions_dsigma(pos, win.size, sigma), k)
-            jac[:n, self.i_s] = (
-                np.matmul((sy * theta[None, 2 * k : 3 * k, None]).transpose(0, 2, 1), fx)
-                + np.matmul(fya.transpose(0, 2, 1), sx)
-            ).ravel()
         jac[:n, self.i_bg :] = win.bg_basis[:, : win.n_bg]
         if win.any_sat:
             jac[:n][win.sat & (model >= win.obs)] = 0.0
@@ -1302,6 +1385,7 @@ def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) 
         prob.scale,
         win.cfg.psf_sigma,
         tol,
+        *((0.0, 1.0) if win.cfg.psf_halo is None else win.cfg.psf_halo),
     )
     return theta, nfev, chi2
 
@@ -1367,12 +1451,13 @@ def _fit(
     targets, v, bg, sigma = prob.unpack(theta)
     if chi2 is None:
         chi2 = win.chi2(win.data_residuals(prob.model(theta)), scale)
+    n_params = prob.n_params + 2 * (cfg.psf_halo is not None)  # the halo's share and width were chosen too
     return _Fit(
         targets=targets,
         velocity=v,
         chi2=chi2,
-        ic=_criterion(chi2 + _calibration_chi2(cfg, targets[:, 2]), prob.n_params, win.n_data, cfg.criterion),
-        n_params=prob.n_params,
+        ic=_criterion(chi2 + _calibration_chi2(cfg, targets[:, 2]), n_params, win.n_data, cfg.criterion),
+        n_params=n_params,
         nfev=nfev + nfev0,
         anchors=anchors,
         has_prior=has_prior,

@@ -290,6 +290,53 @@ def test_unit_peak():
         assert field.unit_peak(11, sigma) == pytest.approx(erf(0.5 / (sigma * np.sqrt(2))) ** 2, rel=1e-12)
 
 
+# --- optics ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, beta", [("airy", None), ("moffat", 2.5), ("moffat", 4.5)])
+def test_psf_shapes_hold_unit_flux_around_the_gaussian_core(shape, beta):
+    r = np.linspace(0.0, 400.0, 2_000_001)
+    profile = field.psf_profile(r, 0.5, shape, beta)
+    flux = np.sum(2 * np.pi * r * profile) * (r[1] - r[0])
+    assert flux == pytest.approx(1.0, abs=2e-3)  # the Airy's r^-3 wings leave a little past 400 px
+    half = r[np.argmax(profile < profile[0] / 2)]  # half maximum, px
+    expect = 2.3548 * 0.5 / 2 if shape == "moffat" else 0.514 * 0.5 / field.AIRY_CORE
+    assert half == pytest.approx(expect, rel=2e-3)  # the Moffat's FWHM is the Gaussian's; the Airy's 1.029 lambda N
+    img = field.psf_response([[20.3, 19.8, 100.0]], 41, 0.5, shape, beta)
+    assert img.sum() == pytest.approx(100.0 * np.sum(2 * np.pi * r * profile * (r < 20)) * (r[1] - r[0]), rel=0.02)
+    assert np.unravel_index(img.argmax(), img.shape) == (20, 20)
+    gauss = physics.pixel_response([[20.3, 19.8, 100.0]], 41, 0.5)
+    assert img.max() < gauss.max() and img[20, 28] > 10 * gauss[20, 28]  # the same core, lower, with wings
+
+
+def test_gaussian_optics_are_the_forward_model_and_shapes_keep_the_other_draws():
+    np.testing.assert_array_equal(
+        field.psf_response([[5.2, 4.9, 230.0], [5.6, 5.1, 220.0]], 11, 0.6),
+        physics.pixel_response([[5.2, 4.9, 230.0], [5.6, 5.1, 220.0]], 11, 0.6),
+    )
+    scenes = {shape: _scenes(_params("--psf-shape", shape, "--snr", "5,50"), 8) for shape in field.PSF_SHAPES}
+    for g, a, m in zip(*scenes.values()):
+        np.testing.assert_array_equal(g.targets[..., :2], a.targets[..., :2])
+        np.testing.assert_array_equal(g.background, m.background)
+        assert g.psf_sigma == a.psf_sigma == m.psf_sigma and g.noise == a.noise == m.noise
+        assert (g.psf_shape, a.psf_shape, m.psf_shape) == field.PSF_SHAPES
+        assert g.moffat_beta is None and a.moffat_beta is None and 2.5 <= m.moffat_beta <= 4.5
+        assert m.conditions["psf_shape"] == "moffat" and m.conditions["moffat_beta"] == m.moffat_beta
+        # the peak SNR is the shaped PSF's: a wider PSF needs more flux for the same peak
+        np.testing.assert_allclose(a.conditions["peak_snr"], g.conditions["peak_snr"], rtol=1e-12)
+        assert np.all(a.targets[0, :, 2] > g.targets[0, :, 2])
+        np.testing.assert_allclose(
+            a.conditions["peak"], a.targets[0, :, 2] * field.unit_peak(11, a.psf_sigma, "airy"), rtol=1e-12
+        )
+        clean = field.clean_frames(a, 11)
+        np.testing.assert_allclose(
+            clean[3], a.background + field.psf_response(a.targets[3], 11, a.psf_sigma, "airy"), rtol=1e-12
+        )
+    shapes = {t.psf_shape for t in _scenes(_params("--psf-shape", "mixed"), 40)}
+    assert shapes == set(field.PSF_SHAPES)
+    assert {t.psf_shape for t in _scenes(FieldParams(), 20)} == {"gaussian"}
+
+
 def test_snr_range(mixed):
     snr, logs = [], []
     for t in mixed:
@@ -517,6 +564,9 @@ def test_help_lists_the_flags(capsys):
         ("--velocity", "abc"),
         ("--psf-sigma", "0.7,0.4"),
         ("--edge-blur", "nan"),
+        ("--psf-shape", "sphere"),
+        ("--moffat-beta", "1"),
+        ("--moffat-beta", "4,3"),
     ],
 )
 def test_bad_values_name_the_flag(tmp_path, capsys, flag, value):

@@ -24,17 +24,24 @@
 typedef struct {
     int k, nf, nr, nc, r0, c0, n_psf, n_bg, nbs, p, n, npix, nwhite, nprior, nres;
     double scale, sigma;
+    /* the PSF's halo (refine.FitConfig.psf_halo): its share of the flux and its sigma over the
+     * core's; share 0: a Gaussian core alone */
+    double halo, width;
     const double *times, *obs, *sat, *stuck, *bgb, *white, *pcols, *pmean, *pw;
-    /* work: fractions (nf, k, nc | nr) and their derivatives, the model */
+    /* work: fractions (nf, k, nc | nr) and their derivatives, the model; h*: the halo's */
     double *fx, *fy, *dfx, *dfy, *sx, *sy, *model, *raw, *jraw, *mean;
+    double *hfx, *hfy, *hdfx, *hdfy, *hsx, *hsy;
 } Prob;
 
 INLINE double sigma_of(const Prob *q, const double *th) { return q->n_psf ? th[3 * q->k + 2] : q->sigma; }
 
-/* fractions (and their derivatives) of every target in every frame along one axis */
-static void axis(const Prob *q, const double *th, int which, double s, int grad) {
+/* fractions (and their derivatives) of every target in every frame along one axis, for the
+ * Gaussian of sigma s: the core, or with halo set the halo's */
+static void axis(const Prob *q, const double *th, int which, double s, int grad, int halo) {
     const int k = q->k, len = which ? q->nr : q->nc, o = which ? q->r0 : q->c0;
-    double *f = which ? q->fy : q->fx, *df = which ? q->dfy : q->dfx, *sf = which ? q->sy : q->sx;
+    double *f = halo ? (which ? q->hfy : q->hfx) : (which ? q->fy : q->fx);
+    double *df = halo ? (which ? q->hdfy : q->hdfx) : (which ? q->dfy : q->dfx);
+    double *sf = halo ? (which ? q->hsy : q->hsx) : (which ? q->sy : q->sx);
     const double inv = 1.0 / (s * sqrt(2.0)), dens = 1.0 / (s * sqrt(2.0 * M_PI));
     for (int t = 0; t < q->nf; t++)
         for (int j = 0; j < k; j++) {
@@ -67,9 +74,13 @@ static void axis(const Prob *q, const double *th, int which, double s, int grad)
 
 /* the model and the raw residuals (model - obs, saturation as a bound, stuck pixels 0) */
 static void evaluate(Prob *q, const double *th, int grad) {
-    const double s = sigma_of(q, th);
-    axis(q, th, 0, s, grad);
-    axis(q, th, 1, s, grad);
+    const double s = sigma_of(q, th), h = q->halo, core = 1.0 - h;
+    axis(q, th, 0, s, grad, 0);
+    axis(q, th, 1, s, grad, 0);
+    if (h > 0.0) {
+        axis(q, th, 0, q->width * s, grad, 1);
+        axis(q, th, 1, q->width * s, grad, 1);
+    }
     const int k = q->k, nr = q->nr, nc = q->nc;
     const double *a = th + 2 * k, *b = th + 3 * k + 2 + q->n_psf;
     for (int t = 0; t < q->nf; t++)
@@ -77,8 +88,12 @@ static void evaluate(Prob *q, const double *th, int grad) {
             for (int c = 0; c < nc; c++) {
                 const size_t i = ((size_t)t * nr + r) * nc + c;
                 double m = 0.0;
-                for (int j = 0; j < k; j++)
-                    m += a[j] * q->fy[((size_t)t * k + j) * nr + r] * q->fx[((size_t)t * k + j) * nc + c];
+                for (int j = 0; j < k; j++) {
+                    const size_t bx = ((size_t)t * k + j) * nc + c, by = ((size_t)t * k + j) * nr + r;
+                    double u = q->fy[by] * q->fx[bx];
+                    if (h > 0.0) u = core * u + h * q->hfy[by] * q->hfx[bx];
+                    m += a[j] * u;
+                }
                 for (int l = 0; l < q->n_bg; l++) m += q->bgb[i * q->nbs + l] * b[l];
                 q->model[i] = m;
                 double d = m - q->obs[i];
@@ -134,7 +149,7 @@ static void residuals(Prob *q, const double *th, double *res) {
 /* the Jacobian (nres, p) at th; evaluate(q, th, 1) must have run last */
 static void jacobian(Prob *q, const double *th, double *jac) {
     const int k = q->k, nr = q->nr, nc = q->nc, p = q->p, is = 3 * k + 2, ib = 3 * k + 2 + q->n_psf;
-    const double *a = th + 2 * k;
+    const double *a = th + 2 * k, h = q->halo, core = 1.0 - h;
     double *jr = q->jraw;
     for (int t = 0; t < q->nf; t++)
         for (int r = 0; r < nr; r++)
@@ -147,13 +162,23 @@ static void jacobian(Prob *q, const double *th, double *jac) {
                 for (int j = 0; j < k; j++) {
                     const size_t bx = ((size_t)t * k + j) * nc + c, by = ((size_t)t * k + j) * nr + r;
                     const double fx = q->fx[bx], fy = q->fy[by];
-                    const double gx = a[j] * fy * q->dfx[bx], gy = a[j] * q->dfy[by] * fx;
+                    double gx = fy * q->dfx[bx], gy = q->dfy[by] * fx, u = fy * fx;
+                    double sg = q->n_psf ? q->sy[by] * fx + fy * q->sx[bx] : 0.0;
+                    if (h > 0.0) { /* the halo's sigma is width x the core's: d / d sigma gains width */
+                        const double hx = q->hfx[bx], hy = q->hfy[by];
+                        gx = core * gx + h * hy * q->hdfx[bx];
+                        gy = core * gy + h * q->hdfy[by] * hx;
+                        u = core * u + h * hy * hx;
+                        if (q->n_psf) sg = core * sg + h * q->width * (q->hsy[by] * hx + hy * q->hsx[bx]);
+                    }
+                    gx *= a[j];
+                    gy *= a[j];
                     row[j] = gx;
                     row[k + j] = gy;
-                    row[2 * k + j] = fy * fx;
+                    row[2 * k + j] = u;
                     vx += gx;
                     vy += gy;
-                    if (q->n_psf) ds += a[j] * (q->sy[by] * fx + fy * q->sx[bx]);
+                    ds += a[j] * sg;
                 }
                 row[3 * k] = q->times[t] * vx;
                 row[3 * k + 1] = q->times[t] * vy;
@@ -330,20 +355,39 @@ static int solve(Prob *q, double *th, const double *lo, const double *hi, const 
     return nfev;
 }
 
+/* one Gaussian's fractions and their derivatives along the columns (fxn values each) and the
+ * rows (fyn) from the work buffer w; returns what follows them */
+static double *carve(double *w, size_t fxn, size_t fyn, double **fx, double **dfx, double **sx, double **fy,
+                     double **dfy, double **sy) {
+    *fx = w, w += fxn;
+    *dfx = w, w += fxn;
+    *sx = w, w += fxn;
+    *fy = w, w += fyn;
+    *dfy = w, w += fyn;
+    *sy = w, w += fyn;
+    return w;
+}
+
 /* lm(theta, lower, upper, x_scale, times, obs, sat, stuck, bg_basis, white, prior_cols,
- *    prior_mean, prior_w, k, n_rows, n_cols, r0, c0, n_psf, n_bg, max_nfev, scale, sigma, tol)
+ *    prior_mean, prior_w, k, n_rows, n_cols, r0, c0, n_psf, n_bg, max_nfev, scale, sigma, tol
+ *    [, halo, width])
  * -> (residual evaluations, data chi2 at the solution). float64 C-contiguous buffers; theta is
  * updated in place; white is the inverse of the clutter-plus-noise covariance's lower Cholesky
  * factor, (n_rows * n_cols)^2 values, or empty (no clutter); sat and stuck are 0/1 per fitted
- * pixel; bg_basis has 3 columns (the plane), or 4 where n_bg is 4 (the plane and an edge). */
+ * pixel; bg_basis has 3 columns (the plane), or 4 where n_bg is 4 (the plane and an edge); halo
+ * (0 by default) is the share of the flux in the PSF's halo, a Gaussian width x the core's sigma. */
 static PyObject *lm(PyObject *self, PyObject *args) {
     PyObject *o[13];
     int k, nr, nc, r0, c0, n_psf, n_bg, max_nfev;
-    double scale, sigma, tol;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOiiiiiiiiddd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+    double scale, sigma, tol, halo = 0.0, width = 1.0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOiiiiiiiiddd|dd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
                           &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &k, &nr, &nc, &r0, &c0, &n_psf, &n_bg,
-                          &max_nfev, &scale, &sigma, &tol))
+                          &max_nfev, &scale, &sigma, &tol, &halo, &width))
         return NULL;
+    if (!(halo >= 0.0 && halo < 1.0) || !(width > 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "lm: halo must be in [0, 1) and width > 0");
+        return NULL;
+    }
     Py_buffer b[13];
     Py_ssize_t p = 3 * (Py_ssize_t)k + 2 + n_psf + n_bg;
     if (k < 1 || nr < 1 || nc < 1 || p > MAXP || (n_psf != 0 && n_psf != 1) || (n_bg != 0 && n_bg != 3 && n_bg != 4) ||
@@ -390,7 +434,7 @@ static PyObject *lm(PyObject *self, PyObject *args) {
     }
     Prob q = {.k = k, .nf = (int)nf, .nr = nr, .nc = nc, .r0 = r0, .c0 = c0, .n_psf = n_psf, .n_bg = n_bg, .nbs = nbs,
               .p = (int)p, .n = (int)n, .npix = (int)npix, .nwhite = (int)nwhite, .nprior = (int)nprior,
-              .scale = scale, .sigma = sigma};
+              .scale = scale, .sigma = sigma, .halo = halo, .width = width};
     q.nres = (int)(n + (nwhite ? npix : 0) + nprior);
     q.times = b[4].buf;
     q.obs = b[5].buf;
@@ -402,20 +446,16 @@ static PyObject *lm(PyObject *self, PyObject *args) {
     q.pmean = b[11].buf;
     q.pw = b[12].buf;
     const size_t fxn = (size_t)nf * k * nc, fyn = (size_t)nf * k * nr;
-    const size_t total = 3 * fxn + 3 * fyn + 2 * (size_t)n + (size_t)n * p + (size_t)npix * p +
+    const size_t halos = halo > 0.0 ? 3 * fxn + 3 * fyn : 0;
+    const size_t total = 3 * fxn + 3 * fyn + halos + 2 * (size_t)n + (size_t)n * p + (size_t)npix * p +
                          2 * (size_t)q.nres + (size_t)q.nres * p;
     double *work = malloc(sizeof(double) * total);
     if (!work) {
         PyErr_NoMemory();
         goto done;
     }
-    double *w = work;
-    q.fx = w, w += fxn;
-    q.dfx = w, w += fxn;
-    q.sx = w, w += fxn;
-    q.fy = w, w += fyn;
-    q.dfy = w, w += fyn;
-    q.sy = w, w += fyn;
+    double *w = carve(work, fxn, fyn, &q.fx, &q.dfx, &q.sx, &q.fy, &q.dfy, &q.sy);
+    if (halos) w = carve(w, fxn, fyn, &q.hfx, &q.hdfx, &q.hsx, &q.hfy, &q.hdfy, &q.hsy);
     q.model = w, w += n;
     q.raw = w, w += n;
     q.jraw = w, w += (size_t)n * p;
@@ -735,4 +775,13 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fit", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fit(void) { return PyModule_Create(&module); }
+/* HALO marks a build whose lm takes the PSF's halo (refine.py falls back to numpy for a halo
+ * without it) */
+PyMODINIT_FUNC PyInit__fit(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "HALO", 1) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -444,6 +444,56 @@ def test_a_psf_much_wider_than_the_calibration_is_fitted_not_split(sigma):
     assert not capped.accepted or len(capped.targets) != 2 or match_error(capped.targets, truth) > 0.1
 
 
+def haloed(targets: np.ndarray, share: float, width: float, noise: float = 1.0, seed: int = 0) -> np.ndarray:
+    """8-bit frames of ``targets`` through a PSF whose halo, a Gaussian ``width`` x 0.5 px, holds
+    ``share`` of each target's flux (the wings of real optics)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for t in TIMES:
+        moved = targets + [VELOCITY[0] * t, VELOCITY[1] * t, 0.0]
+        img = (1 - share) * physics.pixel_response(moved) + share * physics.pixel_response(moved, sigma=0.5 * width)
+        frames.append(physics.quantize(img + rng.normal(0.0, noise, img.shape)))
+    return np.stack(frames).astype(np.float64)
+
+
+def test_the_jacobian_with_a_halo_matches_finite_differences():
+    truth = DIAMOND[:3]
+    frames = haloed(truth, 0.3, 2.0)
+    win = _Window(frames, TIMES, truth, FitConfig(noise=1.0, psf_halo=(0.3, 2.0)))
+    prob = _Problem(win, truth[:, :2], np.array([True, True, True]), win.scale, free_sigma=True)
+    theta = prob.pack(perturbed(truth, seed=5, px=0.05), [0.03, 0.01], [0.5, 0.1, -0.1], 0.52)
+    eps = 1e-6
+    numeric = np.stack(
+        [(prob.residuals(theta + eps * e) - prob.residuals(theta - eps * e)) / (2 * eps) for e in np.eye(theta.size)],
+        axis=1,
+    )
+    jac = prob.jacobian(theta)
+    np.testing.assert_allclose(jac, numeric, atol=1e-6 * np.abs(jac).max())
+    # the model is the shares' sum of the two Gaussians
+    targets, v, bg, sigma = prob.unpack(theta)
+    plain = _Window(frames, TIMES, truth, FitConfig(noise=1.0))
+    expect = 0.7 * plain.model(targets, v, bg, sigma) + 0.3 * plain.model(targets, v, bg, 2 * sigma)
+    np.testing.assert_allclose(prob.model(theta), expect, atol=1e-9)
+
+
+@pytest.mark.parametrize("share, width", [(0.3, 2.0), (0.45, 3.0)])
+def test_wings_of_the_optics_are_a_halo_not_more_targets(share, width):
+    """A PSF with a halo (aberrations, scatter): without one the fit explains the wings as extra
+    targets around each real one, or moves them."""
+    truth = DIAMOND[:3]
+    frames = haloed(truth, share, width, seed=int(10 * width))
+    start = perturbed(truth, seed=7, px=0.08)
+    r = fit_window(frames, start)
+    assert r.accepted, r.reason
+    assert len(r.targets) == 3 and match_error(r.targets, truth) < 0.06
+    assert r.psf_halo > 0 and r.psf_sigma == pytest.approx(0.5, rel=0.1)
+    plain = fit_window(frames, start, FitConfig(halos=()))
+    assert plain.psf_halo == 0
+    assert not plain.accepted or len(plain.targets) != 3 or match_error(plain.targets, truth) > 0.06
+    # a Gaussian PSF gets none
+    assert fit_window(window(truth, quantize=True, noise=1.0), start).psf_halo == 0
+
+
 def test_sigma_derivative_matches_finite_differences():
     pos = np.array([3.3, 5.0, 7.81])
     eps = 1e-6
@@ -720,6 +770,7 @@ def _cases():
         "clutter": (cluttered.astype(np.float64), perturbed(DIAMOND[:3], px=0.08)),
         "hot pixel, wide PSF": (np.stack(hot).astype(np.float64), perturbed(DIAMOND[:2], px=0.08)),
         "dim": (window(DIAMOND[:3] * [1, 1, 0.42], quantize=True, noise=1.0, seed=8), perturbed(DIAMOND[:3])),
+        "wings (a halo)": (haloed(DIAMOND[:3], 0.45, 3.0, seed=9), perturbed(DIAMOND[:3], px=0.08)),
     }
 
 
@@ -733,6 +784,9 @@ def test_the_c_solver_gives_the_numpy_solvers_answer(case):
     np.testing.assert_allclose(native.targets, reference.targets, atol=1e-6)
     assert native.nfev == reference.nfev
     assert native.psf_sigma == pytest.approx(reference.psf_sigma, abs=1e-8)
+    assert native.psf_halo == reference.psf_halo
+    if case == "wings (a halo)":
+        assert native.psf_halo > 0
 
 
 def test_a_built_extension_is_used():
@@ -766,6 +820,10 @@ def test_the_c_solver_refuses_bad_buffers():
         _fit.lm(*bad, *ints, 1.0, 0.5, 1e-4)
     with pytest.raises(ValueError, match="bad dimensions"):
         _fit.lm(*args, 0, 3, 3, 4, 4, 0, 0, 10, 1.0, 0.5, 1e-4)
+    with pytest.raises(ValueError, match="halo"):
+        _fit.lm(*args, *ints, 1.0, 0.5, 1e-4, 1.0, 2.0)
+    with pytest.raises(ValueError, match="halo"):
+        _fit.lm(*args, *ints, 1.0, 0.5, 1e-4, 0.3, 0.0)
 
 
 def test_more_targets_than_the_c_solver_takes_run_in_numpy():
