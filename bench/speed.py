@@ -438,13 +438,12 @@ def saturate(run, rate: float, doublings: int) -> dict:
     """``run(rate)`` at ``rate`` windows/s, then at twice the rate while the server still keeps up
     with what is offered (at most ``doublings`` times): the capacity is the windows/s carried at
     the first rate it falls behind. The result says whether that was reached (``saturated``)."""
-    for i in range(doublings + 1):
+    while True:
         result = run(rate)
         saturated = result["windows_per_s"] < SATURATED_SHARE * rate
-        if saturated or i == doublings:
+        if saturated or doublings == 0:
             return {**result, "saturated": saturated}
-        rate *= 2
-    raise AssertionError("unreachable")
+        rate, doublings = 2 * rate, doublings - 1
 
 
 def abandon_run(

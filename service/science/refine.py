@@ -655,14 +655,10 @@ def _halo(win: _Window, fits: dict, k: int, scale: float) -> tuple[_Window, int]
     ``win``; also returns the residual evaluations."""
     cfg = win.cfg
 
-    def trial(pair: tuple[float, float], kk: int) -> tuple[_Window, _Fit]:
+    def trial(halo: _Window, kk: int) -> _Fit:
         f = fits[kk]
-        halo = copy.copy(win)
-        halo.cfg = replace(cfg, psf_halo=pair)
-        free_sigma = bool(f.problem.n_psf)
-        return halo, _fit(
-            halo, f.targets, f.velocity, f.anchors, f.has_prior, scale, 0, f.background, f.psf_sigma, free_sigma
-        )
+        free = bool(f.problem.n_psf)
+        return _fit(halo, f.targets, f.velocity, f.anchors, f.has_prior, scale, 0, f.background, f.psf_sigma, free)
 
     best_ic, nfev = min(f.ic for f in fits.values()), 0
     pairs = list(itertools.product(cfg.halos, cfg.halo_scales))
@@ -671,17 +667,19 @@ def _halo(win: _Window, fits: dict, k: int, scale: float) -> tuple[_Window, int]
     pairs.insert(0, pairs.pop(len(cfg.halos) // 2 * len(cfg.halo_scales)))
     top = None
     for i, pair in enumerate(pairs):
-        halo, fit = trial(pair, k)
+        halo = copy.copy(win)
+        halo.cfg = replace(cfg, psf_halo=pair)
+        fit = trial(halo, k)
         nfev += fit.nfev
         if i == 0 and not fit.ic < best_ic:
             return win, nfev
         if top is None or fit.ic < top[1].ic:
-            top = (halo, fit, pair)
-    halo, fit, pair = top
+            top = (halo, fit)
+    halo, fit = top
     tried = {k: fit}
     for kk in (k - 1, k + 1):
         if kk in fits:
-            tried[kk] = trial(pair, kk)[1]
+            tried[kk] = trial(halo, kk)
             nfev += tried[kk].nfev
     fits.update(tried)
     return halo, nfev

@@ -21,6 +21,12 @@
 
 #define MAXP 64 /* parameters: up to 19 targets with velocity, PSF sigma and plane (refine.NATIVE_MAX_PARAMS) */
 
+/* one Gaussian of the PSF, per axis ([0] the columns, [1] the rows): the fractions (nf, k, nc |
+ * nr) of every target in every frame, their derivatives in position (d) and in sigma (s) */
+typedef struct {
+    double *f[2], *d[2], *s[2];
+} Gauss;
+
 typedef struct {
     int k, nf, nr, nc, r0, c0, n_psf, n_bg, nbs, p, n, npix, nwhite, nprior, nres;
     double scale, sigma;
@@ -28,20 +34,18 @@ typedef struct {
      * core's; share 0: a Gaussian core alone */
     double halo, width;
     const double *times, *obs, *sat, *stuck, *bgb, *white, *pcols, *pmean, *pw;
-    /* work: fractions (nf, k, nc | nr) and their derivatives, the model; h*: the halo's */
-    double *fx, *fy, *dfx, *dfy, *sx, *sy, *model, *raw, *jraw, *mean;
-    double *hfx, *hfy, *hdfx, *hdfy, *hsx, *hsy;
+    /* work: the core's and the halo's fractions, the model */
+    Gauss g[2];
+    double *model, *raw, *jraw, *mean;
 } Prob;
 
 INLINE double sigma_of(const Prob *q, const double *th) { return q->n_psf ? th[3 * q->k + 2] : q->sigma; }
 
 /* fractions (and their derivatives) of every target in every frame along one axis, for the
- * Gaussian of sigma s: the core, or with halo set the halo's */
-static void axis(const Prob *q, const double *th, int which, double s, int grad, int halo) {
+ * Gaussian g of sigma s */
+static void axis(const Prob *q, const double *th, int which, double s, int grad, const Gauss *g) {
     const int k = q->k, len = which ? q->nr : q->nc, o = which ? q->r0 : q->c0;
-    double *f = halo ? (which ? q->hfy : q->hfx) : (which ? q->fy : q->fx);
-    double *df = halo ? (which ? q->hdfy : q->hdfx) : (which ? q->dfy : q->dfx);
-    double *sf = halo ? (which ? q->hsy : q->hsx) : (which ? q->sy : q->sx);
+    double *f = g->f[which], *df = g->d[which], *sf = g->s[which];
     const double inv = 1.0 / (s * sqrt(2.0)), dens = 1.0 / (s * sqrt(2.0 * M_PI));
     for (int t = 0; t < q->nf; t++)
         for (int j = 0; j < k; j++) {
@@ -75,11 +79,10 @@ static void axis(const Prob *q, const double *th, int which, double s, int grad,
 /* the model and the raw residuals (model - obs, saturation as a bound, stuck pixels 0) */
 static void evaluate(Prob *q, const double *th, int grad) {
     const double s = sigma_of(q, th), h = q->halo, core = 1.0 - h;
-    axis(q, th, 0, s, grad, 0);
-    axis(q, th, 1, s, grad, 0);
-    if (h > 0.0) {
-        axis(q, th, 0, q->width * s, grad, 1);
-        axis(q, th, 1, q->width * s, grad, 1);
+    const Gauss *cg = &q->g[0], *hg = &q->g[1];
+    for (int which = 0; which < 2; which++) {
+        axis(q, th, which, s, grad, cg);
+        if (h > 0.0) axis(q, th, which, q->width * s, grad, hg);
     }
     const int k = q->k, nr = q->nr, nc = q->nc;
     const double *a = th + 2 * k, *b = th + 3 * k + 2 + q->n_psf;
@@ -90,8 +93,8 @@ static void evaluate(Prob *q, const double *th, int grad) {
                 double m = 0.0;
                 for (int j = 0; j < k; j++) {
                     const size_t bx = ((size_t)t * k + j) * nc + c, by = ((size_t)t * k + j) * nr + r;
-                    double u = q->fy[by] * q->fx[bx];
-                    if (h > 0.0) u = core * u + h * q->hfy[by] * q->hfx[bx];
+                    double u = cg->f[1][by] * cg->f[0][bx];
+                    if (h > 0.0) u = core * u + h * hg->f[1][by] * hg->f[0][bx];
                     m += a[j] * u;
                 }
                 for (int l = 0; l < q->n_bg; l++) m += q->bgb[i * q->nbs + l] * b[l];
@@ -150,6 +153,7 @@ static void residuals(Prob *q, const double *th, double *res) {
 static void jacobian(Prob *q, const double *th, double *jac) {
     const int k = q->k, nr = q->nr, nc = q->nc, p = q->p, is = 3 * k + 2, ib = 3 * k + 2 + q->n_psf;
     const double *a = th + 2 * k, h = q->halo, core = 1.0 - h;
+    const Gauss *cg = &q->g[0], *hg = &q->g[1];
     double *jr = q->jraw;
     for (int t = 0; t < q->nf; t++)
         for (int r = 0; r < nr; r++)
@@ -161,15 +165,15 @@ static void jacobian(Prob *q, const double *th, double *jac) {
                 double vx = 0.0, vy = 0.0, ds = 0.0;
                 for (int j = 0; j < k; j++) {
                     const size_t bx = ((size_t)t * k + j) * nc + c, by = ((size_t)t * k + j) * nr + r;
-                    const double fx = q->fx[bx], fy = q->fy[by];
-                    double gx = fy * q->dfx[bx], gy = q->dfy[by] * fx, u = fy * fx;
-                    double sg = q->n_psf ? q->sy[by] * fx + fy * q->sx[bx] : 0.0;
+                    const double fx = cg->f[0][bx], fy = cg->f[1][by];
+                    double gx = fy * cg->d[0][bx], gy = cg->d[1][by] * fx, u = fy * fx;
+                    double sg = q->n_psf ? cg->s[1][by] * fx + fy * cg->s[0][bx] : 0.0;
                     if (h > 0.0) { /* the halo's sigma is width x the core's: d / d sigma gains width */
-                        const double hx = q->hfx[bx], hy = q->hfy[by];
-                        gx = core * gx + h * hy * q->hdfx[bx];
-                        gy = core * gy + h * q->hdfy[by] * hx;
+                        const double hx = hg->f[0][bx], hy = hg->f[1][by];
+                        gx = core * gx + h * hy * hg->d[0][bx];
+                        gy = core * gy + h * hg->d[1][by] * hx;
                         u = core * u + h * hy * hx;
-                        if (q->n_psf) sg = core * sg + h * q->width * (q->hsy[by] * hx + hy * q->hsx[bx]);
+                        if (q->n_psf) sg = core * sg + h * q->width * (hg->s[1][by] * hx + hy * hg->s[0][bx]);
                     }
                     gx *= a[j];
                     gy *= a[j];
@@ -355,16 +359,15 @@ static int solve(Prob *q, double *th, const double *lo, const double *hi, const 
     return nfev;
 }
 
-/* one Gaussian's fractions and their derivatives along the columns (fxn values each) and the
- * rows (fyn) from the work buffer w; returns what follows them */
-static double *carve(double *w, size_t fxn, size_t fyn, double **fx, double **dfx, double **sx, double **fy,
-                     double **dfy, double **sy) {
-    *fx = w, w += fxn;
-    *dfx = w, w += fxn;
-    *sx = w, w += fxn;
-    *fy = w, w += fyn;
-    *dfy = w, w += fyn;
-    *sy = w, w += fyn;
+/* a Gaussian's arrays from the work buffer w, fxn values each along the columns and fyn along
+ * the rows; returns what follows them */
+static double *carve(double *w, size_t fxn, size_t fyn, Gauss *g) {
+    for (int which = 0; which < 2; which++) {
+        const size_t len = which ? fyn : fxn;
+        g->f[which] = w, w += len;
+        g->d[which] = w, w += len;
+        g->s[which] = w, w += len;
+    }
     return w;
 }
 
@@ -454,8 +457,8 @@ static PyObject *lm(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    double *w = carve(work, fxn, fyn, &q.fx, &q.dfx, &q.sx, &q.fy, &q.dfy, &q.sy);
-    if (halos) w = carve(w, fxn, fyn, &q.hfx, &q.hdfx, &q.hsx, &q.hfy, &q.hdfy, &q.hsy);
+    double *w = carve(work, fxn, fyn, &q.g[0]);
+    if (halos) w = carve(w, fxn, fyn, &q.g[1]);
     q.model = w, w += n;
     q.raw = w, w += n;
     q.jraw = w, w += (size_t)n * p;
