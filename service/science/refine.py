@@ -101,6 +101,7 @@ the mismatch, less accurately than real windows.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from dataclasses import astuple, dataclass, field, replace
@@ -668,7 +669,7 @@ def _halo(win: _Window, fits: dict, k: int, scale: float) -> tuple[_Window, int]
     top = None
     for i, pair in enumerate(pairs):
         halo = copy.copy(win)
-        halo.cfg = replace(cfg, psf_halo=pair)
+        halo.cfg = _variant(cfg, psf_halo=pair)
         fit = trial(halo, k)
         nfev += fit.nfev
         if i == 0 and not fit.ic < best_ic:
@@ -683,6 +684,13 @@ def _halo(win: _Window, fits: dict, k: int, scale: float) -> tuple[_Window, int]
             nfev += tried[kk].nfev
     fits.update(tried)
     return halo, nfev
+
+
+@functools.lru_cache(maxsize=64)
+def _variant(cfg: FitConfig, **changes) -> FitConfig:
+    """``cfg`` with ``changes`` (dataclasses.replace), made once per setting: the halo fits ask
+    for the same few variants in every window, and each new FitConfig is validated again."""
+    return replace(cfg, **changes)
 
 
 def _fit_count(win: _Window, peaks: np.ndarray, k: int, v0, scale: float, fits: dict) -> tuple[_Fit, float]:
@@ -867,6 +875,7 @@ class _Window:
         n_frames, height, width = frames.shape
         self.cfg = cfg
         self.times = times
+        self.moving = bool(np.ptp(times) > 0)  # more than one time: a velocity to fit
         self.peaks = peaks
         basis = plane_basis(height, width).reshape(height, width, 3)
         if planes is None and cfg.background:
@@ -1081,6 +1090,9 @@ class _Window:
         return self.unit_images(xy[:, 0], xy[:, 1], v, sigma).reshape(self.n, -1)
 
 
+_BG_SCALE = np.array([1.0, 0.1, 0.1, 1.0])  # x_scale of the plane's offset, gradients and edge
+
+
 class _Problem:
     """Least squares for one count: parameters theta = (x_1..K, y_1..K, a_1..K, vx, vy, s, b)
     with s the PSF sigma (absent without ``FitConfig.fit_psf``) and b the background plane (3
@@ -1095,49 +1107,54 @@ class _Problem:
     ):
         cfg = win.cfg
         self.win = win
-        self.n_psf = 1 if free_sigma else 0
+        self.n_psf = ns = 1 if free_sigma else 0
         self.k = k = len(anchors)
         self.scale = scale
-        prior_w = 0.0 if cfg.prior_px is None else 1.0 / cfg.prior_px
-        idx = np.flatnonzero(has_prior) if prior_w > 0 else np.zeros(0, dtype=int)
-        b_lo, b_hi = cfg.brightness_range
-        # prior residuals (theta[col] - mean) * weight: positions toward the anchors, then
-        # brightness toward the centre of the range
-        cols = [idx, k + idx]
-        means = [np.asarray(anchors, dtype=np.float64).T.ravel()[np.concatenate(cols)]]
-        weights = [np.full(2 * idx.size, prior_w)]
-        if cfg.brightness_prior is not None:
-            cols.append(2 * k + np.arange(k))
-            means.append(np.full(k, cfg.brightness_centre))
-            weights.append(np.full(k, 1.0 / cfg.brightness_prior))
-        self.i_s = 3 * k + 2 if self.n_psf else None  # index of the PSF sigma in theta
-        self.i_bg = 3 * k + 2 + self.n_psf  # first background coefficient
-        if win.edge_prior is not None:  # the edge's contrast toward the far pixels' (_Window._edge)
-            cols.append(np.array([self.i_bg + 3]))
-            means.append(np.array([win.edge_prior[0]]))
-            weights.append(np.array([1.0 / win.edge_prior[1]]))
-        if self.n_psf and cfg.psf_prior is not None:
-            cols.append(np.array([self.i_s]))
-            means.append(np.array([cfg.psf_sigma]))
-            weights.append(np.array([1.0 / (cfg.psf_prior * cfg.psf_sigma)]))
-        self.prior_cols = np.concatenate(cols).astype(int)
-        self.prior_mean = np.concatenate(means)
-        self.prior_w = np.concatenate(weights)
-        self.n_params = 3 * k + 2 + self.n_psf + win.n_bg
-        self.n_res = win.n_rows + self.prior_cols.size
-        m = cfg.max_shift_px
-        vmax = cfg.max_speed_px if np.ptp(win.times) > 0 else 0.0  # one time: no velocity to fit
+        nb = win.n_bg
+        self.i_s = 3 * k + 2 if ns else None  # index of the PSF sigma in theta
+        self.i_bg = 3 * k + 2 + ns  # first background coefficient
+        self.n_params = n_params = 3 * k + 2 + ns + nb
         ax, ay = anchors[:, 0], anchors[:, 1]
-        nb, ns = win.n_bg, self.n_psf
-        s_lo, s_hi = cfg.psf_sigma * (1 - cfg.psf_range), cfg.psf_sigma * cfg.psf_max
-        self.lower = np.concatenate(
-            [ax - m, ay - m, np.full(k, b_lo), [-vmax, -vmax], [s_lo][:ns], np.full(nb, -np.inf)]
-        )
-        self.upper = np.concatenate([ax + m, ay + m, np.full(k, b_hi), [vmax, vmax], [s_hi][:ns], np.full(nb, np.inf)])
-        # typical size of a meaningful change of each parameter (for stopping and for trf)
-        self.x_scale = np.concatenate(
-            [np.full(2 * k, 0.05), np.full(k, 10.0), [0.01, 0.01], [0.01][:ns], [1.0, 0.1, 0.1, 1.0][:nb]]
-        )
+        # prior residuals (theta[col] - mean) * weight: positions toward the anchors, then
+        # brightness toward the centre of the range, the edge's contrast toward the far
+        # pixels' (_Window._edge), the PSF sigma toward its calibration
+        idx = np.flatnonzero(has_prior) if cfg.prior_px is not None else np.zeros(0, dtype=int)
+        n_pos = 2 * idx.size
+        bright = cfg.brightness_prior is not None
+        edge = win.edge_prior is not None
+        psf = bool(ns) and cfg.psf_prior is not None
+        n_prior = n_pos + k * bright + edge + psf
+        cols, means, weights = np.empty(n_prior, dtype=int), np.empty(n_prior), np.empty(n_prior)
+        cols[: idx.size], cols[idx.size : n_pos] = idx, k + idx
+        means[: idx.size], means[idx.size : n_pos] = ax[idx], ay[idx]
+        weights[:n_pos] = 0.0 if cfg.prior_px is None else 1.0 / cfg.prior_px
+        i = n_pos
+        if bright:
+            cols[i : i + k] = 2 * k + np.arange(k)
+            means[i : i + k] = cfg.brightness_centre
+            weights[i : i + k] = 1.0 / cfg.brightness_prior
+            i += k
+        if edge:
+            cols[i], means[i], weights[i] = self.i_bg + 3, win.edge_prior[0], 1.0 / win.edge_prior[1]
+            i += 1
+        if psf:
+            cols[i], means[i], weights[i] = self.i_s, cfg.psf_sigma, 1.0 / (cfg.psf_prior * cfg.psf_sigma)
+        self.prior_cols, self.prior_mean, self.prior_w = cols, means, weights
+        self.n_res = win.n_rows + n_prior
+        # box bounds, and the typical size of a meaningful change of each parameter (for
+        # stopping and for trf)
+        m = cfg.max_shift_px
+        vmax = cfg.max_speed_px if win.moving else 0.0  # one time: no velocity to fit
+        b_lo, b_hi = cfg.brightness_range
+        lower, upper, x_scale = np.empty(n_params), np.empty(n_params), np.empty(n_params)
+        lower[:k], lower[k : 2 * k], lower[2 * k : 3 * k], lower[3 * k : 3 * k + 2] = ax - m, ay - m, b_lo, -vmax
+        upper[:k], upper[k : 2 * k], upper[2 * k : 3 * k], upper[3 * k : 3 * k + 2] = ax + m, ay + m, b_hi, vmax
+        x_scale[: 2 * k], x_scale[2 * k : 3 * k], x_scale[3 * k : 3 * k + 2 + ns] = 0.05, 10.0, 0.01
+        if ns:
+            lower[self.i_s], upper[self.i_s] = cfg.psf_sigma * (1 - cfg.psf_range), cfg.psf_sigma * cfg.psf_max
+        lower[self.i_bg :], upper[self.i_bg :], x_scale[self.i_bg :] = -np.inf, np.inf, _BG_SCALE[:nb]
+        self.lower, self.upper, self.x_scale = lower, upper, x_scale
+        self.prior_cols_f = cols.astype(np.float64)  # for the C solver
 
         self._key: bytes | None = None
         self._state = None
@@ -1212,16 +1229,20 @@ class _Problem:
         return out
 
     def pack(self, targets: np.ndarray, v, bg: np.ndarray, sigma: float | None = None) -> np.ndarray:
-        win = self.win
-        s = [sigma or win.cfg.psf_sigma][: self.n_psf]
-        flat = [targets[:, 0], targets[:, 1], targets[:, 2], np.asarray(v, float), s, np.asarray(bg, float)[: win.n_bg]]
-        return np.clip(np.concatenate(flat), self.lower, self.upper)
+        k, win = self.k, self.win
+        theta = np.empty(self.n_params)
+        theta[: 3 * k] = targets[:, :3].T.ravel()
+        theta[3 * k : 3 * k + 2] = v
+        if self.n_psf:
+            theta[self.i_s] = sigma or win.cfg.psf_sigma
+        theta[self.i_bg :] = np.asarray(bg, float)[: win.n_bg]
+        return np.minimum(np.maximum(theta, self.lower, out=theta), self.upper, out=theta)
 
     def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Targets (K, 3), velocity (2,), background plane (3,) and PSF sigma of a parameter vector."""
         k = self.k
         bg = theta[self.i_bg :] if self.win.n_bg else np.zeros(self.win.bg_basis.shape[1])
-        targets = np.stack([theta[:k], theta[k : 2 * k], theta[2 * k : 3 * k]], axis=1)
+        targets = theta[: 3 * k].reshape(3, k).T.copy()
         return targets, theta[3 * k : 3 * k + 2].copy(), bg.copy(), self.sigma(theta)
 
 
@@ -1369,7 +1390,7 @@ def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) 
         win.stuck_f,
         win.bg_basis,
         empty if win.white is None else win.white.ravel(),
-        prob.prior_cols.astype(np.float64),
+        prob.prior_cols_f,
         prob.prior_mean,
         prob.prior_w,
         prob.k,
@@ -1473,11 +1494,13 @@ def _separate(peaks: np.ndarray, min_px: float = 0.05) -> np.ndarray:
     which the solver creeps away slowly; 0.05 px apart they separate at once.
     """
     out = np.array(peaks, dtype=np.float64)
-    for i in range(1, len(out)):
+    xs, ys = out[:, 0].tolist(), out[:, 1].tolist()  # Python floats: a few pairs, no numpy calls
+    for i in range(1, len(xs)):
         for j in range(i):
-            if np.hypot(*(out[i, :2] - out[j, :2])) < min_px:
-                out[i, 0] += 0.5 * min_px
-                out[j, 0] -= 0.5 * min_px
+            if math.hypot(xs[i] - xs[j], ys[i] - ys[j]) < min_px:
+                xs[i] += 0.5 * min_px
+                xs[j] -= 0.5 * min_px
+    out[:, 0] = xs
     return out
 
 

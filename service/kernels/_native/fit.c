@@ -41,48 +41,53 @@ typedef struct {
 
 INLINE double sigma_of(const Prob *q, const double *th) { return q->n_psf ? th[3 * q->k + 2] : q->sigma; }
 
-/* fractions (and their derivatives) of every target in every frame along one axis, for the
- * Gaussian g of sigma s */
-static void axis(const Prob *q, const double *th, int which, double s, int grad, const Gauss *g) {
+/* fractions of every target in every frame along one axis, for the Gaussian g of sigma s */
+static void fractions(const Prob *q, const double *th, int which, double s, const Gauss *g) {
     const int k = q->k, len = which ? q->nr : q->nc, o = which ? q->r0 : q->c0;
-    double *f = g->f[which], *df = g->d[which], *sf = g->s[which];
-    const double inv = 1.0 / (s * sqrt(2.0)), dens = 1.0 / (s * sqrt(2.0 * M_PI));
+    const double inv = 1.0 / (s * sqrt(2.0));
     for (int t = 0; t < q->nf; t++)
         for (int j = 0; j < k; j++) {
             const double p = th[which * k + j] + th[3 * k + which] * q->times[t];
-            double *fr = f + ((size_t)t * k + j) * len;
-            double *dr = df + ((size_t)t * k + j) * len, *sr = sf + ((size_t)t * k + j) * len;
-            double u = (o - 0.5) - p;
-            double c_lo = erf(u * inv), g_lo = 0.0, h_lo = 0.0;
-            if (grad) {
-                const double e = exp(-0.5 * (u / s) * (u / s)) * dens;
-                g_lo = e;
-                h_lo = -(u / s) * e;
-            }
+            double *fr = g->f[which] + ((size_t)t * k + j) * len;
+            double c_lo = erf(((o - 0.5) - p) * inv);
             for (int i = 0; i < len; i++) {
-                u = (o + i + 0.5) - p;
-                const double c_hi = erf(u * inv);
+                const double c_hi = erf(((o + i + 0.5) - p) * inv);
                 fr[i] = 0.5 * (c_hi - c_lo);
                 c_lo = c_hi;
-                if (grad) {
-                    const double e = exp(-0.5 * (u / s) * (u / s)) * dens;
-                    const double h = -(u / s) * e;
-                    dr[i] = -(e - g_lo);
-                    sr[i] = h - h_lo;
-                    g_lo = e;
-                    h_lo = h;
-                }
             }
         }
 }
 
-/* the model and the raw residuals (model - obs, saturation as a bound, stuck pixels 0) */
-static void evaluate(Prob *q, const double *th, int grad) {
+/* the fractions' derivatives in position (d) and in sigma (s), as fractions() */
+static void derivatives(const Prob *q, const double *th, int which, double s, const Gauss *g) {
+    const int k = q->k, len = which ? q->nr : q->nc, o = which ? q->r0 : q->c0;
+    const double dens = 1.0 / (s * sqrt(2.0 * M_PI));
+    for (int t = 0; t < q->nf; t++)
+        for (int j = 0; j < k; j++) {
+            const double p = th[which * k + j] + th[3 * k + which] * q->times[t];
+            double *dr = g->d[which] + ((size_t)t * k + j) * len, *sr = g->s[which] + ((size_t)t * k + j) * len;
+            double u = (o - 0.5) - p;
+            double g_lo = exp(-0.5 * (u / s) * (u / s)) * dens, h_lo = -(u / s) * g_lo;
+            for (int i = 0; i < len; i++) {
+                u = (o + i + 0.5) - p;
+                const double e = exp(-0.5 * (u / s) * (u / s)) * dens;
+                const double h = -(u / s) * e;
+                dr[i] = -(e - g_lo);
+                sr[i] = h - h_lo;
+                g_lo = e;
+                h_lo = h;
+            }
+        }
+}
+
+/* the fractions, the model and the raw residuals (model - obs, saturation as a bound, stuck
+ * pixels 0) at th */
+static void evaluate(Prob *q, const double *th) {
     const double s = sigma_of(q, th), h = q->halo, core = 1.0 - h;
     const Gauss *cg = &q->g[0], *hg = &q->g[1];
     for (int which = 0; which < 2; which++) {
-        axis(q, th, which, s, grad, cg);
-        if (h > 0.0) axis(q, th, which, q->width * s, grad, hg);
+        fractions(q, th, which, s, cg);
+        if (h > 0.0) fractions(q, th, which, q->width * s, hg);
     }
     const int k = q->k, nr = q->nr, nc = q->nc;
     const double *a = th + 2 * k, *b = th + 3 * k + 2 + q->n_psf;
@@ -140,7 +145,7 @@ static void whiten(const Prob *q, const double *x, int w, double *out) {
 }
 
 static void residuals(Prob *q, const double *th, double *res) {
-    evaluate(q, th, 0);
+    evaluate(q, th);
     whiten(q, q->raw, 1, res);
     double *pr = res + q->nres - q->nprior;
     for (int i = 0; i < q->nprior; i++) {
@@ -149,8 +154,14 @@ static void residuals(Prob *q, const double *th, double *res) {
     }
 }
 
-/* the Jacobian (nres, p) at th; evaluate(q, th, 1) must have run last */
+/* the Jacobian (nres, p) at th; evaluate(q, th) must have run last (its fractions and model
+ * are reused: the solver asks for the Jacobian at the point it last accepted) */
 static void jacobian(Prob *q, const double *th, double *jac) {
+    const double s = sigma_of(q, th);
+    for (int which = 0; which < 2; which++) {
+        derivatives(q, th, which, s, &q->g[0]);
+        if (q->halo > 0.0) derivatives(q, th, which, q->width * s, &q->g[1]);
+    }
     const int k = q->k, nr = q->nr, nc = q->nc, p = q->p, is = 3 * k + 2, ib = 3 * k + 2 + q->n_psf;
     const double *a = th + 2 * k, h = q->halo, core = 1.0 - h;
     const Gauss *cg = &q->g[0], *hg = &q->g[1];
@@ -273,6 +284,50 @@ static double dot(const double *a, const double *b, int n) {
     return s;
 }
 
+/* hess = J^T J and grad = J^T r of the rows jac (nres, p) and r (nres). Four rows at a time, so
+ * that each element of hess is loaded and stored once per four rows; each sum still runs over
+ * the rows in order. */
+static void normal_equations(const double *jac, const double *res, int nres, int p, double *hess, double *grad) {
+    for (int i = 0; i < p; i++) {
+        grad[i] = 0.0;
+        for (int j = 0; j <= i; j++) hess[i * p + j] = 0.0;
+    }
+    int r = 0;
+    for (; r + 4 <= nres; r += 4) {
+        const double *r0 = jac + (size_t)r * p, *r1 = r0 + p, *r2 = r1 + p, *r3 = r2 + p;
+        for (int i = 0; i < p; i++) {
+            const double v0 = r0[i], v1 = r1[i], v2 = r2[i], v3 = r3[i];
+            if (v0 == 0.0 && v1 == 0.0 && v2 == 0.0 && v3 == 0.0) continue;
+            double g = grad[i];
+            g += v0 * res[r];
+            g += v1 * res[r + 1];
+            g += v2 * res[r + 2];
+            g += v3 * res[r + 3];
+            grad[i] = g;
+            double *restrict hi = hess + (size_t)i * p;
+            for (int j = 0; j <= i; j++) {
+                double h = hi[j];
+                h += v0 * r0[j];
+                h += v1 * r1[j];
+                h += v2 * r2[j];
+                h += v3 * r3[j];
+                hi[j] = h;
+            }
+        }
+    }
+    for (; r < nres; r++) {
+        const double *row = jac + (size_t)r * p;
+        for (int i = 0; i < p; i++) {
+            const double v = row[i];
+            if (v == 0.0) continue;
+            grad[i] += v * res[r];
+            for (int j = 0; j <= i; j++) hess[i * p + j] += v * row[j];
+        }
+    }
+    for (int i = 0; i < p; i++)
+        for (int j = 0; j < i; j++) hess[j * p + i] = hess[i * p + j];
+}
+
 /* refine._solve_lm: theta in place; returns the residual evaluations, and the data part of the
  * final cost (the chi2 without the priors) in data_cost */
 static int solve(Prob *q, double *th, const double *lo, const double *hi, const double *xs, int max_nfev,
@@ -285,24 +340,8 @@ static int solve(Prob *q, double *th, const double *lo, const double *hi, const 
     int nfev = 1;
     double lam = 1e-3, nu = 2.0;
     while (nfev < max_nfev) {
-        evaluate(q, th, 1);
-        jacobian(q, th, jac);
-        for (int i = 0; i < p; i++) {
-            grad[i] = 0.0;
-            for (int j = 0; j <= i; j++) hess[i * p + j] = 0.0;
-        }
-        for (int r = 0; r < nres; r++) {
-            const double *row = jac + (size_t)r * p;
-            const double rv = res[r];
-            for (int i = 0; i < p; i++) {
-                const double v = row[i];
-                if (v == 0.0) continue;
-                grad[i] += v * rv;
-                for (int j = 0; j <= i; j++) hess[i * p + j] += v * row[j];
-            }
-        }
-        for (int i = 0; i < p; i++)
-            for (int j = 0; j < i; j++) hess[j * p + i] = hess[i * p + j];
+        jacobian(q, th, jac); /* the last residuals() ran at th */
+        normal_equations(jac, res, nres, p, hess, grad);
         int any_free = 0;
         double hmax = 0.0;
         for (int i = 0; i < p; i++) {
