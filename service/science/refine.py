@@ -943,6 +943,9 @@ class _Window:
         # the observations less the starting background: what the targets must explain
         self.sig = self.obs - self.bg_basis @ self.bg0
         self._whitening()
+        # the peaks' linear system for _best_subset, by velocity and PSF: the same in every count
+        # tried (copies of the window, with other brightness settings, share it)
+        self.subset_system: dict = {}
 
     def _edge(self, raw_far: np.ndarray, outside: np.ndarray, basis: np.ndarray) -> np.ndarray:
         """Where an edge explains the far pixels' static background better than the clutter
@@ -1653,11 +1656,14 @@ def _best_subset(win: _Window, peaks: np.ndarray, k: int, v, max_subsets: int = 
     c = len(peaks)
     if math.comb(c, k) > max_subsets:
         return None
-    keep = win.usable
-    a_mat = win.unit_columns(peaks[:, :2], v)[keep]
-    y = win.sig[keep]
-    gram, rhs = a_mat.T @ a_mat, a_mat.T @ y
-    gram[np.diag_indices(c)] += 1e-9 * max(float(np.trace(gram)), 1e-12)
+    key = (peaks.tobytes(), float(v[0]), float(v[1]), win.cfg.psf_sigma, win.cfg.psf_halo)
+    if key not in win.subset_system:
+        keep = win.usable
+        a_mat = win.unit_columns(peaks[:, :2], v)[keep]
+        gram, rhs = a_mat.T @ a_mat, a_mat.T @ win.sig[keep]
+        gram[np.diag_indices(c)] += 1e-9 * max(float(np.trace(gram)), 1e-12)
+        win.subset_system[key] = gram, rhs
+    gram, rhs = win.subset_system[key]
     subsets = np.array(list(itertools.combinations(range(c), k)))  # (M, k)
     g = gram[subsets[:, :, None], subsets[:, None, :]]  # (M, k, k)
     b = rhs[subsets]
