@@ -16,7 +16,8 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> tuple[str, frozenset[str]]:
-    """(model name, flags) from /proc/cpuinfo; ("", {}) where it cannot be read."""
+    """(model name, flags) from /proc/cpuinfo; ("", {}) where it cannot be read. For what the
+    kernels can use, :func:`cpu_flags`."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -32,14 +33,26 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return name, flags
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The instruction sets this process can use, as ONNX Runtime's kernels and the native
+    kernels' dispatch see them: CPUID, where the OS saves their registers (``service.kernels.conv
+    .cpu_flags``); /proc/cpuinfo's flags where the extension is not built. /proc/cpuinfo describes
+    the host's CPU, and a process can be shown another: under an emulator such as qemu-user an
+    AVX2-only CPU runs on a host whose /proc/cpuinfo lists AVX-512 VNNI, and the int8 kernels,
+    which read CPUID, then saturate."""
+    flags = conv.cpu_flags()
+    return frozenset(flags) if flags is not None else cpu_info()[1]
+
+
 def has_vnni() -> bool:
     """Whether ONNX Runtime's u8s8 int8 kernels can use VNNI (they saturate without it)."""
-    return any(f in cpu_info()[1] for f in VNNI_FLAGS)
+    return any(f in cpu_flags() for f in VNNI_FLAGS)
 
 
 def isa() -> str:
     """The widest instruction set the plans' kernels can use here: amx, avx512, avx2 or baseline."""
-    flags = cpu_info()[1]
+    flags = cpu_flags()
     if conv.AMX:
         return "amx"
     if "avx512f" in flags:

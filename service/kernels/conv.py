@@ -18,8 +18,9 @@ block's x + body(x)), given as a second input.
     y = conv(x)                                   # x (N, C_in, H, W) -> (N, C_out, H, W)
 
 :data:`BUILT` says whether the extension was built, :data:`AMX` whether AMX can run here (CPU, OS
-and kernel), :data:`WHY_NOT_AMX` why not. Calls release the GIL; with ``threads`` > 1 one call
-also spreads its batch over that many threads.
+and kernel), :data:`WHY_NOT_AMX` why not; :func:`cpu_flags` which instruction sets the CPU offers
+the process. Calls release the GIL; with ``threads`` > 1 one call also spreads its batch over that
+many threads.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ if _conv is None:
     AMX, WHY_NOT_AMX = False, "the extension service.kernels._conv is not built (install with a C compiler)"
 else:
     AMX, WHY_NOT_AMX = _conv.amx_usable()
+
+
+def cpu_flags() -> tuple[str, ...] | None:
+    """The instruction sets this process may use (CPUID where the OS saves their registers,
+    named as /proc/cpuinfo names them), read by the extension; None where it is not built (or
+    was built from older source) or the CPU has no CPUID."""
+    read = getattr(_conv, "cpu_flags", None)
+    return None if read is None else read()
+
+
 KERNELS = ("amx", "direct")
 ACTIVATIONS = {"none": 0, "relu": 1, "soft_threshold": 2}
 DIRECT_MAX_CHANNELS = 8  # direct when C_in or C_out is at most this

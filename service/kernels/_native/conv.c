@@ -28,6 +28,9 @@
  * refuses to run until it has said yes.
  */
 #include "native.h"
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h> /* cpu_flags() */
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
@@ -689,6 +692,52 @@ static PyObject *amx_usable(PyObject *self, PyObject *args) {
     return Py_BuildValue("(Os)", usable_cached ? Py_True : Py_False, why_not);
 }
 
+/* cpu_flags() -> tuple of the instruction sets this process may use, named as /proc/cpuinfo
+ * names them: what CPUID reports (as ONNX Runtime's kernels and GCC's target_clones read it)
+ * where the OS also saves its registers (XCR0); None on a compiler or CPU without CPUID. The
+ * host's /proc/cpuinfo can differ from it, e.g. under an emulator that presents another CPU. */
+static PyObject *cpu_flags(PyObject *self, PyObject *args) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    unsigned a = 0, b = 0, c = 0, d = 0, a71 = 0, xcr0 = 0;
+    const char *names[16];
+    int n = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return PyTuple_New(0);
+    const unsigned ecx1 = c;
+    if (ecx1 & (1u << 27)) { /* OSXSAVE: XCR0 tells which register states the OS saves */
+        unsigned hi;
+        __asm__ volatile("xgetbv" : "=a"(xcr0), "=d"(hi) : "c"(0));
+    }
+    const int avx_os = (xcr0 & 0x6) == 0x6, avx512_os = (xcr0 & 0xE6) == 0xE6;
+    const int amx_os = (xcr0 & 0x60000) == 0x60000;
+    unsigned b7 = 0, c7 = 0, d7 = 0;
+    if (__get_cpuid_count(7, 0, &a, &b7, &c7, &d7) && a >= 1) __get_cpuid_count(7, 1, &a71, &b, &c, &d);
+    if (avx_os && (ecx1 & (1u << 28))) names[n++] = "avx";
+    if (avx_os && (ecx1 & (1u << 12))) names[n++] = "fma";
+    if (avx_os && (b7 & (1u << 5))) names[n++] = "avx2";
+    if (avx_os && (a71 & (1u << 4))) names[n++] = "avx_vnni";
+    if (avx512_os && (b7 & (1u << 16))) names[n++] = "avx512f";
+    if (avx512_os && (b7 & (1u << 30))) names[n++] = "avx512bw";
+    if (avx512_os && (c7 & (1u << 11))) names[n++] = "avx512_vnni";
+    if (avx512_os && (a71 & (1u << 5))) names[n++] = "avx512_bf16";
+    if (amx_os && (d7 & (1u << 24))) names[n++] = "amx_tile";
+    if (amx_os && (d7 & (1u << 22))) names[n++] = "amx_bf16";
+    if (amx_os && (d7 & (1u << 25))) names[n++] = "amx_int8";
+    PyObject *out = PyTuple_New(n);
+    if (!out) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *s = PyUnicode_FromString(names[i]);
+        if (!s) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, s);
+    }
+    return out;
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
 /* Buffers shared by both entry points: x (n, cin, h, w), weight, bias (cout_out), out. */
 typedef struct {
     Py_buffer x, wt, bias, out, res;
@@ -1017,6 +1066,7 @@ static PyMethodDef methods[] = {
     {"amx_deform", amx_deform, METH_VARARGS,
      "amx_deform(x, offset, wt, bias, out, n, cin, cout, cout_out, h, w): see conv.c"},
     {"amx_usable", amx_usable, METH_NOARGS, "amx_usable() -> (bool, reason): whether amx_conv() can run here"},
+    {"cpu_flags", cpu_flags, METH_NOARGS, "cpu_flags() -> tuple of usable instruction sets (CPUID and XCR0), or None"},
     {"amx_conv", amx_conv, METH_VARARGS,
      "amx_conv(x, wt, bias, act, lo, hi, out, n, cin, cout, cout_out, h, w[, residual]): see conv.c"},
     {"attention", attention, METH_VARARGS,
