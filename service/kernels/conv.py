@@ -44,7 +44,7 @@ else:
 def cpu_flags() -> tuple[str, ...] | None:
     """The instruction sets this process may use (CPUID where the OS saves their registers,
     named as /proc/cpuinfo names them), read by the extension; None where it is not built (or
-    was built from older source) or the CPU has no CPUID."""
+    was built from older source) or not for x86-64."""
     read = getattr(_conv, "cpu_flags", None)
     return None if read is None else read()
 

@@ -251,6 +251,12 @@ class FitConfig:
     edges: bool = True
 
     def __post_init__(self) -> None:
+        # sequences as tuples: a config is hashable (the fit caches its variants by it) and
+        # cannot be changed through a list it was given
+        for name in ("brightness_range", "halos", "halo_scales", "psf_halo"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.solver not in SOLVERS:

@@ -494,6 +494,18 @@ def test_wings_of_the_optics_are_a_halo_not_more_targets(share, width):
     assert fit_window(window(truth, quantize=True, noise=1.0), start).psf_halo == 0
 
 
+def test_a_config_given_lists_fits_as_with_tuples():
+    # FitConfig is hashable (the halo search caches its variants by it) whatever sequence it got
+    truth = DIAMOND[:3]
+    frames = haloed(truth, 0.3, 2.0, seed=20)
+    start = perturbed(truth, seed=7, px=0.08)
+    listed = FitConfig(brightness_range=[200.0, 270.0], halos=[0.15, 0.3, 0.5], halo_scales=[2.0, 3.0])
+    assert listed == FitConfig() and hash(listed) == hash(FitConfig())
+    got, want = fit_window(frames, start, listed), fit_window(frames, start)
+    assert got.psf_halo == want.psf_halo > 0
+    np.testing.assert_array_equal(got.targets, want.targets)
+
+
 def test_sigma_derivative_matches_finite_differences():
     pos = np.array([3.3, 5.0, 7.81])
     eps = 1e-6
