@@ -799,12 +799,13 @@ def run(args) -> dict:
         deadline_ms = float(server_settings(args.server_setting).get("deadline_ms", 500.0))
         if "ws_overload" in c:
             o, f = c["ws_overload"], c["ws_fit"]
+            o_shed, f_shed = (r["error_codes"].get("deadline_exceeded", 0) for r in (o, f))  # shed by deadline
             report["overload"] = {
                 "deadline_ms": deadline_ms,
                 "offered": o["offered_windows_per_s"],
                 "answered": o["answered"],
-                "shed": o["error_codes"].get("deadline_exceeded", 0),
-                "other_errors": o["errors"] - o["error_codes"].get("deadline_exceeded", 0),
+                "shed": o_shed,
+                "other_errors": o["errors"] - o_shed,
                 "missing": o["missing"],
                 "duplicates": o["duplicates"],
                 "p50_ms": o["p50_ms"],
@@ -814,8 +815,8 @@ def run(args) -> dict:
                 "fit_unrefined": f["unrefined"],
                 "fit_answered": f["answered"],
                 "fit_missing": f["missing"],
-                "fit_shed": f["error_codes"].get("deadline_exceeded", 0),
-                "fit_errors": f["errors"] - f["error_codes"].get("deadline_exceeded", 0),
+                "fit_shed": f_shed,
+                "fit_errors": f["errors"] - f_shed,
                 "abandon": c["abandon"],
             }
         report["done_when"] = {

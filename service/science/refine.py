@@ -1136,7 +1136,8 @@ class _Problem:
         cols, means, weights = np.empty(n_prior, dtype=int), np.empty(n_prior), np.empty(n_prior)
         cols[: idx.size], cols[idx.size : n_pos] = idx, k + idx
         means[: idx.size], means[idx.size : n_pos] = ax[idx], ay[idx]
-        weights[:n_pos] = 0.0 if cfg.prior_px is None else 1.0 / cfg.prior_px
+        if n_pos:  # prior_px is set
+            weights[:n_pos] = 1.0 / cfg.prior_px
         i = n_pos
         if bright:
             cols[i : i + k] = 2 * k + np.arange(k)
@@ -1518,7 +1519,7 @@ def _initial_velocity(win: _Window) -> np.ndarray:
     img = np.maximum(win.sig, 0.0).reshape(win.shape)
     mass = img.sum(axis=(1, 2))
     t = win.times
-    if np.any(mass <= 0) or np.ptp(t) == 0:
+    if np.any(mass <= 0) or not win.moving:
         return np.zeros(2)
     cx = (img.sum(axis=1) @ np.arange(win.c0, win.c1)) / mass
     cy = (img.sum(axis=2) @ np.arange(win.r0, win.r1)) / mass

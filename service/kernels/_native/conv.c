@@ -28,12 +28,40 @@
  * refuses to run until it has said yes.
  */
 #include "native.h"
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <cpuid.h> /* cpu_flags() */
-#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#define HAVE_CPUID 1
+
+/* The CPUID words the instruction-set checks (cpu_flags, amx_check) read: leaf 1's ECX, leaf 7
+ * subleaf 0's EBX, ECX and EDX, subleaf 1's EAX (0 where the CPU has no subleaf 1), and XCR0,
+ * the register states the OS saves (0 without OSXSAVE); all 0 without CPUID leaf 1, and leaf7 0
+ * where the CPU has no leaf 7. */
+typedef struct {
+    unsigned ecx1, ebx7, ecx7, edx7, eax71, xcr0;
+    int leaf7;
+} isa_words;
+
+static isa_words read_isa(void) {
+    isa_words w = {0};
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return w;
+    w.ecx1 = c;
+    if (c & (1u << 27)) { /* OSXSAVE */
+        unsigned hi;
+        __asm__ volatile("xgetbv" : "=a"(w.xcr0), "=d"(hi) : "c"(0));
+    }
+    if (!__get_cpuid_count(7, 0, &a, &w.ebx7, &w.ecx7, &w.edx7)) return w;
+    w.leaf7 = 1;
+    if (a >= 1) __get_cpuid_count(7, 1, &w.eax71, &b, &c, &d);
+    return w;
+}
+#else
+#define HAVE_CPUID 0
+#endif
 
 #define ACT_NONE 0
 #define ACT_RELU 1
@@ -217,7 +245,6 @@ TARGETS static void attention_maps(const float *mid, const float *nb, const floa
 }
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -234,17 +261,14 @@ typedef struct {
 
 /* Empty string when AMX can be used on this thread's process, else why not. */
 static const char *amx_check(void) {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return "CPUID leaf 7 is missing";
-    if (!(d & (1u << 24)) || !(d & (1u << 22))) return "the CPU has no AMX-TILE/AMX-BF16";
-    if (!(b & (1u << 16)) || !(b & (1u << 30))) return "the CPU has no AVX-512F/AVX-512BW";
-    __get_cpuid_count(7, 1, &a, &b, &c, &d);
-    if (!(a & (1u << 5))) return "the CPU has no AVX512-BF16";
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return "the OS does not enable XSAVE";
-    unsigned lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if ((lo & 0xE6) != 0xE6) return "the OS does not enable the AVX-512 state (XCR0)";
-    if ((lo & 0x60000) != 0x60000) return "the OS does not enable the AMX tile state (XCR0)";
+    const isa_words w = read_isa();
+    if (!w.leaf7) return "CPUID leaf 7 is missing";
+    if (!(w.edx7 & (1u << 24)) || !(w.edx7 & (1u << 22))) return "the CPU has no AMX-TILE/AMX-BF16";
+    if (!(w.ebx7 & (1u << 16)) || !(w.ebx7 & (1u << 30))) return "the CPU has no AVX-512F/AVX-512BW";
+    if (!(w.eax71 & (1u << 5))) return "the CPU has no AVX512-BF16";
+    if (!(w.ecx1 & (1u << 27))) return "the OS does not enable XSAVE";
+    if ((w.xcr0 & 0xE6) != 0xE6) return "the OS does not enable the AVX-512 state (XCR0)";
+    if ((w.xcr0 & 0x60000) != 0x60000) return "the OS does not enable the AMX tile state (XCR0)";
     if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0)
         return "the kernel refused AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)";
     return "";
@@ -697,31 +721,23 @@ static PyObject *amx_usable(PyObject *self, PyObject *args) {
  * where the OS also saves its registers (XCR0); None on a compiler or CPU without CPUID. The
  * host's /proc/cpuinfo can differ from it, e.g. under an emulator that presents another CPU. */
 static PyObject *cpu_flags(PyObject *self, PyObject *args) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    unsigned a = 0, b = 0, c = 0, d = 0, a71 = 0, xcr0 = 0;
+#if HAVE_CPUID
+    const isa_words w = read_isa();
     const char *names[16];
     int n = 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return PyTuple_New(0);
-    const unsigned ecx1 = c;
-    if (ecx1 & (1u << 27)) { /* OSXSAVE: XCR0 tells which register states the OS saves */
-        unsigned hi;
-        __asm__ volatile("xgetbv" : "=a"(xcr0), "=d"(hi) : "c"(0));
-    }
-    const int avx_os = (xcr0 & 0x6) == 0x6, avx512_os = (xcr0 & 0xE6) == 0xE6;
-    const int amx_os = (xcr0 & 0x60000) == 0x60000;
-    unsigned b7 = 0, c7 = 0, d7 = 0;
-    if (__get_cpuid_count(7, 0, &a, &b7, &c7, &d7) && a >= 1) __get_cpuid_count(7, 1, &a71, &b, &c, &d);
-    if (avx_os && (ecx1 & (1u << 28))) names[n++] = "avx";
-    if (avx_os && (ecx1 & (1u << 12))) names[n++] = "fma";
-    if (avx_os && (b7 & (1u << 5))) names[n++] = "avx2";
-    if (avx_os && (a71 & (1u << 4))) names[n++] = "avx_vnni";
-    if (avx512_os && (b7 & (1u << 16))) names[n++] = "avx512f";
-    if (avx512_os && (b7 & (1u << 30))) names[n++] = "avx512bw";
-    if (avx512_os && (c7 & (1u << 11))) names[n++] = "avx512_vnni";
-    if (avx512_os && (a71 & (1u << 5))) names[n++] = "avx512_bf16";
-    if (amx_os && (d7 & (1u << 24))) names[n++] = "amx_tile";
-    if (amx_os && (d7 & (1u << 22))) names[n++] = "amx_bf16";
-    if (amx_os && (d7 & (1u << 25))) names[n++] = "amx_int8";
+    const int avx_os = (w.xcr0 & 0x6) == 0x6, avx512_os = (w.xcr0 & 0xE6) == 0xE6;
+    const int amx_os = (w.xcr0 & 0x60000) == 0x60000;
+    if (avx_os && (w.ecx1 & (1u << 28))) names[n++] = "avx";
+    if (avx_os && (w.ecx1 & (1u << 12))) names[n++] = "fma";
+    if (avx_os && (w.ebx7 & (1u << 5))) names[n++] = "avx2";
+    if (avx_os && (w.eax71 & (1u << 4))) names[n++] = "avx_vnni";
+    if (avx512_os && (w.ebx7 & (1u << 16))) names[n++] = "avx512f";
+    if (avx512_os && (w.ebx7 & (1u << 30))) names[n++] = "avx512bw";
+    if (avx512_os && (w.ecx7 & (1u << 11))) names[n++] = "avx512_vnni";
+    if (avx512_os && (w.eax71 & (1u << 5))) names[n++] = "avx512_bf16";
+    if (amx_os && (w.edx7 & (1u << 24))) names[n++] = "amx_tile";
+    if (amx_os && (w.edx7 & (1u << 22))) names[n++] = "amx_bf16";
+    if (amx_os && (w.edx7 & (1u << 25))) names[n++] = "amx_int8";
     PyObject *out = PyTuple_New(n);
     if (!out) return NULL;
     for (int i = 0; i < n; i++) {
