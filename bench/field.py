@@ -66,6 +66,9 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
     # or a Moffat's power-law wings (training.field.psf_profile), the calibration left at 0.5
     "Airy optics, core sigma 0.5": ("field", {"psf_shape": ("airy",)}),
     "Moffat optics (beta 2.5-4.5), core sigma 0.5": ("field", {"psf_shape": ("moffat",)}),
+    # a sensor's background is never at 0 and its noise is a few grey levels: the noise is read
+    # from rounded pixels about a plane that is not a whole grey level
+    "pedestal 20-150, noise 1-3": ("field", {"pedestal": (20.0, 150.0), "noise": (1.0, 3.0)}),
 }
 
 

@@ -328,41 +328,57 @@ class FitResult:
 # ------------------------------------------------------------------------------ public API
 
 
-def estimate_noise(values: np.ndarray, min_pixels: int = 20) -> float | None:
+def estimate_noise(values: np.ndarray, min_pixels: int = 20, plane: np.ndarray | float | None = None) -> float | None:
     """Gaussian noise sigma (grey levels) from pixel values far from every target (any shape).
 
     Robust to a minority of pixels holding signal (quantiles, not moments), and aware of how
-    8-bit frames were made: noise added, then rounded and clipped at 0.
+    8-bit frames were made: noise added to the background ``plane`` (each value's own, or one
+    level; default 0), then rounded and clipped at 0.
 
-    - Dark background (more than 10 % of the values exactly 0, i.e. clipped): if at least 75 %
-      are 0, their share p0 = P(noise < 0.5) gives sigma = 0.5 / Phi^-1(p0) (0 when all are 0);
-      otherwise sigma = (75th percentile of the noise) / 0.6745.
-    - Otherwise: sigma = interquartile range / 1.349.
+    - Dark background (more than 10 % of the values exactly 0, i.e. clipped; the plane is then
+      taken for 0): if at least 75 % are 0, their share p0 = P(noise < 0.5) gives
+      sigma = 0.5 / Phi^-1(p0) (0 when all are 0); otherwise sigma = (75th percentile of the
+      noise) / 0.6745.
+    - Otherwise: sigma = interquartile range of the values less the plane / 1.349.
 
-    Quantiles of integer values are interpolated inside the unit bin each value stands for
-    (a value k means k - 0.5 <= x < k + 0.5), so that rounding does not make them jump.
-    Returns None when fewer than ``min_pixels`` values are given (the caller then estimates the
-    noise from the fit's residuals).
+    Where the values are integers, each stands for the unit bin it was rounded from
+    (k - 0.5 <= x < k + 0.5), shifted by its plane, and the quantiles are read from those bins
+    (:func:`_binned_quantiles`): read from the rounded values themselves they move by whole
+    grey levels, and at a noise of 2 the estimate swung from 1.5 to 2.2 with the plane's
+    fractional part. Returns None when fewer than ``min_pixels`` values are given (the caller
+    then estimates the noise from the fit's residuals).
     """
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    v = np.asarray(values, dtype=np.float64).ravel()
     if v.size < max(min_pixels, 1):
         return None
+    integers = bool(np.all(v == np.rint(v)))
     p0 = float(np.mean(v == 0.0))
     if p0 > 0.1:
         if p0 >= 0.75:
             return 0.0 if p0 == 1.0 else float(0.5 / ndtri(p0))
-        return _quantile(v, 0.75) / 0.6745
-    return (_quantile(v, 0.75) - _quantile(v, 0.25)) / 1.349
+        q3 = _binned_quantiles(v - 0.5, (0.75,))[0] if integers else np.quantile(v, 0.75)
+        return float(q3) / 0.6745
+    base = 0.0 if plane is None else np.broadcast_to(np.asarray(plane, dtype=np.float64), np.shape(values)).ravel()
+    if not integers:
+        q1, q3 = np.quantile(v - base, (0.25, 0.75))
+        return float(q3 - q1) / 1.349
+    # the bins' spread is the rounding's twice over (once in the values, once in the bins):
+    # 1/6 of variance beyond the noise's, which the fit counts once itself (ROUNDING_VARIANCE)
+    q1, q3 = _binned_quantiles(v - 0.5 - base, (0.25, 0.75))
+    return math.sqrt(max((float(q3 - q1) / 1.349) ** 2 - 2.0 * ROUNDING_VARIANCE, 0.0))
 
 
-def _quantile(v: np.ndarray, q: float) -> float:
-    """Quantile ``q`` of sorted values ``v``; binned interpolation if they are all integers."""
-    if not np.all(v == np.rint(v)):
-        return float(np.quantile(v, q))
-    k = v[min(int(np.searchsorted(np.arange(1, v.size + 1) / v.size, q)), v.size - 1)]
-    below = np.searchsorted(v, k, side="left") / v.size  # share < k
-    upto = np.searchsorted(v, k, side="right") / v.size  # share <= k
-    return float(k - 0.5 + (q - below) / (upto - below))
+def _binned_quantiles(lower: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """Quantiles ``qs`` of values each spread evenly over its unit bin [lower, lower + 1): the
+    inverse of their CDF F(x) = mean(clip(x - lower, 0, 1)), which is linear between the bins'
+    edges."""
+    a = np.sort(lower)
+    sums = np.concatenate([[0.0], np.cumsum(a)])
+    knots = np.unique(np.concatenate([a, a + 1.0]))
+    full = np.searchsorted(a, knots - 1.0, side="right")  # bins wholly below each knot
+    begun = np.searchsorted(a, knots, side="right")  # bins begun by each knot
+    cdf = (full + (begun - full) * knots - (sums[begun] - sums[full])) / a.size
+    return np.interp(qs, cdf, knots)
 
 
 def fit_window(
@@ -576,7 +592,7 @@ def _frame_seed(frames: np.ndarray, planes: np.ndarray) -> np.ndarray | None:
     frame's noise; else None."""
     n_frames, height, width = frames.shape
     plane = plane_image(np.median(planes, axis=0), height, width)
-    noise = max(estimate_noise(_above_plane(frames, plane)) or 0.0, 1.0) / math.sqrt(n_frames)
+    noise = max(estimate_noise(frames, plane=plane) or 0.0, 1.0) / math.sqrt(n_frames)
     x, y, mass, peak = _spot((frames - plane).mean(axis=0), np.arange(height), np.arange(width))
     return np.array([[x, y, mass / 0.6]]) if peak > DEFAULT_SNR * noise else None
 
@@ -597,9 +613,9 @@ def _spot(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[float,
 
 
 def _above_plane(values: np.ndarray, plane: np.ndarray) -> np.ndarray:
-    """Pixel values less their background plane, for :func:`estimate_noise`; left as they are
-    where more than 10 % of them are exactly 0: a patch clipped at the sensor's floor, whose
-    noise estimate_noise reads from the zeros (and whose plane is 0)."""
+    """Pixel values less their background plane (the window's background level is their mean);
+    left as they are where more than 10 % of them are exactly 0: a patch clipped at the sensor's
+    floor, whose plane is 0 (and whose noise :func:`estimate_noise` reads from the zeros)."""
     return values - plane if values.size and np.mean(values == 0.0) <= 0.1 else values
 
 
@@ -911,7 +927,8 @@ class _Window:
                 self.clutter = _clutter(raw_far - basis[outside] @ self.bg0, outside, self.extra, cfg)
                 if self.clutter is not None and cfg.edges:
                     basis = self._edge(raw_far, outside, basis)
-        far = _above_plane(raw_far, basis[outside] @ self.bg0)
+        plane_far = basis[outside] @ self.bg0
+        far = _above_plane(raw_far, plane_far)
         # mean level of a pixel without signal above the plane (noise clipped at 0 raises it)
         self.background = float(far.mean()) if far.size >= cfg.min_noise_pixels else None
         if self.clutter is not None:
@@ -922,7 +939,9 @@ class _Window:
         elif self.temporal_noise is not None:
             self.noise = self.temporal_noise
         else:
-            self.noise = cfg.noise if cfg.noise is not None else estimate_noise(far, cfg.min_noise_pixels)
+            self.noise = (
+                cfg.noise if cfg.noise is not None else estimate_noise(raw_far, cfg.min_noise_pixels, plane_far)
+            )
         self.scale = math.sqrt(self.noise**2 + self.extra) if self.noise is not None else None
         if self.scale is not None and self.scale == 0.0:  # float frames, no noise: any scale fits
             self.scale = 1e-3

@@ -342,6 +342,26 @@ def test_noise_estimate():
     signal[:500] = 200.0  # 10 % of the pixels hold signal: quantiles move a little only
     assert 3.0 < estimate_noise(signal) < 4.5  # (a mean square would say about 90)
     assert estimate_noise(np.zeros(5)) is None
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 4.0])
+def test_noise_estimate_of_rounded_frames_does_not_depend_on_the_planes_fraction(sigma):
+    # rounded frames on a pedestal: read as whole grey levels, a noise of 2 came out anywhere
+    # from 1.5 to 2.2 with the fractional part of the plane under the pixels
+    rng = np.random.default_rng(12)
+    yy, xx = np.mgrid[0:11, 0:11]
+    for level in (20.0, 20.3, 20.5, 149.98):
+        for slope in (0.0, 0.13):
+            plane = np.tile((level + slope * xx - 0.07 * slope * yy).ravel(), 5)
+            values = np.rint(plane + rng.normal(0.0, sigma, size=plane.size))
+            assert estimate_noise(values, plane=plane) == pytest.approx(sigma, rel=0.1), (level, slope)
+    # noise-free rounded frames have no noise beyond the rounding, which the fit adds itself
+    flat = np.full(300, 150.0)
+    assert estimate_noise(flat, plane=149.7) == 0.0
+    assert estimate_noise(flat, plane=150.0) == 0.0
+    # float frames are read as they are
+    floats = 150.3 + rng.normal(0.0, sigma, size=2000)
+    assert estimate_noise(floats, plane=150.3) == pytest.approx(sigma, rel=0.1)
     # a noisy window: the fit uses about the true sigma (plus 1/12 of rounding)
     r = fit_window(window(DIAMOND, quantize=True, noise=4.0, seed=12), DIAMOND)
     assert r.noise == pytest.approx(np.sqrt(16 + 1 / 12), rel=0.2)
