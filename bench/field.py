@@ -5,7 +5,8 @@ draw), simulated in memory by the project's simulators (``training.simulate``,
 ``training.field``) on seeds kept for this benchmark, run through the service's streaming path
 (the execution plan ``auto`` chooses) and scored with the service's post-processing at its
 defaults (peak threshold 5 x each window's flux noise, the card's peak rule, the fit's default
-calibration): refine ``none`` (the network's cells) and ``fit``.
+calibration for the clip level of the frames' bit depth, ``training.evaluate.sensor_saturation``:
+255 for 8-bit frames): refine ``none`` (the network's cells) and ``fit``.
 
     csist bench field --model models/derefnet --trajectories 100 \\
         --out bench/results/field.json --markdown bench/results/field.md
@@ -69,6 +70,12 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
     # a sensor's background is never at 0 and its noise is a few grey levels: the noise is read
     # from rounded pixels about a plane that is not a whole grey level
     "pedestal 20-150, noise 1-3": ("field", {"pedestal": (20.0, 150.0), "noise": (1.0, 3.0)}),
+    # the row above read by a 12-bit sensor (every grey level 16 times the 8-bit one); the fit is
+    # calibrated for the clip level of the frames' bit depth (4095), as CSIST_SATURATION sets it
+    "12-bit sensor: pedestal 320-2400, noise 16-48": (
+        "field",
+        {"bit_depth": (12,), "brightness": (3520.0, 4000.0), "pedestal": (320.0, 2400.0), "noise": (16.0, 48.0)},
+    ),
 }
 
 

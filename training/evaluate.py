@@ -25,6 +25,7 @@ from tqdm import tqdm
 from service.engine.names import AUTO, PLANS
 from service.science.background import condition
 from service.science.peaks import DEFAULT_MODE, PEAK_MODES
+from service.science.physics import SIGMA
 from service.science.postprocess import DEFAULT_SNR, REFINE_MODES, Found, find_targets
 from service.science.refine import FitConfig
 from training.data import read_split, window_middles, windows
@@ -155,9 +156,17 @@ def predict_trajectories(model, frames: np.ndarray, batch: int = 8) -> np.ndarra
     return np.concatenate(out)
 
 
-def is_8bit(frames: np.ndarray) -> bool:
-    """True for sensor frames as published (integers in 0..255), False for --float data."""
-    return bool(frames.min() >= 0 and frames.max() <= 255 and np.array_equal(frames, np.round(frames)))
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def sensor_saturation(frames: np.ndarray) -> float | None:
+    """The clip level of the sensor that made ``frames``: 2^b - 1 for the fewest bits b of
+    :data:`BIT_DEPTHS` that hold them where they are integers from 0 (255 for frames as
+    published), None for float (``--float``) data."""
+    if not (frames.min() >= 0 and np.array_equal(frames, np.round(frames))):
+        return None
+    top = float(frames.max())
+    return next((2.0**b - 1 for b in BIT_DEPTHS if top <= 2**b - 1), None)
 
 
 def detections(
@@ -175,13 +184,20 @@ def detections(
 
     ``frames`` (n, T, 11, 11), the trajectories the maps came from, is needed for refine="fit"
     and for ``snr`` (the peak threshold relative to each window's noise, instead of the absolute
-    ``threshold``); float (unquantised) frames get a fit without 8-bit rounding and saturation.
+    ``threshold``); integer frames get the fit calibrated for the clip level of their bit depth
+    (:func:`sensor_saturation`: 255 for 8-bit data), float (unquantised) frames a fit without
+    rounding and saturation.
     """
     flat = maps.reshape(-1, *maps.shape[-2:])
     win, fit = None, None
     if (refine == "fit" or snr is not None) and frames is not None:
         win = windows(frames, WINDOW)
-        fit = FitConfig() if is_8bit(frames) else FitConfig(quantized=False, saturation=None)
+        saturation = sensor_saturation(frames)
+        fit = (
+            FitConfig(quantized=False, saturation=None)
+            if saturation is None
+            else FitConfig.calibrated(SIGMA, saturation)
+        )
     return find_targets(
         flat,
         win,

@@ -102,7 +102,7 @@ class UnmixOptions(BaseModel):
         None,
         description="[lo, hi]: the range of target brightness (integrated flux, sensor units) from the"
         " sensor's calibration, for refine 'fit' (which counts targets by it); default"
-        " CSIST_BRIGHTNESS_RANGE, else the SeqCSIST protocol's",
+        " CSIST_BRIGHTNESS_RANGE, else the SeqCSIST protocol's 200-270 times the saturation over 255",
     )
     deadline_ms: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=60_000)] | None = Field(
         None,

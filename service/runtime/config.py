@@ -124,13 +124,15 @@ class Settings(BaseSettings):
         gt=0.0,
         le=MAX_SATURATION,
         description="grey level at which the sensor clips (8-bit: 255; 12-bit: 4095): the fit takes pixels"
-        " at or above it as lower bounds. Empty = the sensor never clips. options.saturation overrides it",
+        " at or above it as lower bounds, and its default brightness range and largest noise (8-bit grey"
+        " levels) scale by it over 255. Empty = the sensor never clips. options.saturation overrides it",
     )
     brightness_range: tuple[float, float] | None = Field(
         None,
         description="'lo,hi': the range of target brightness (integrated flux, sensor units) from the"
         " sensor's calibration; the fit counts targets by it, with a prior spanning it. Unset: the"
-        " SeqCSIST protocol's 200,270. options.brightness_range overrides it",
+        " SeqCSIST protocol's 200,270, times CSIST_SATURATION / 255 for a sensor that does not clip at 255."
+        " options.brightness_range overrides it",
     )
     require_token: bool = Field(
         False,

@@ -28,6 +28,7 @@ SIGMA = 0.5  # PSF standard deviation, LR pixels
 # target's flux (nothing left to unmix by), above 3 px the 11-px patch no longer holds the PSF.
 PSF_SIGMA_MIN, PSF_SIGMA_MAX = 0.2, 3.0
 MAX_SATURATION = 65535.0  # the clip level of a 16-bit sensor, the deepest the project reads
+EIGHT_BIT = 255.0  # the clip level of an 8-bit sensor: the SeqCSIST protocol's, and the default
 DEFAULT_SNR = 5.0  # peaks are kept above this many sigmas of a target's flux noise (flux_noise)
 
 

@@ -116,6 +116,7 @@ from scipy.special import lambertw, ndtri
 from service.science.background import defects, edge_column, fit_edge, fit_planes, plane_basis, plane_image
 from service.science.physics import (
     DEFAULT_SNR,
+    EIGHT_BIT,
     SIGMA,
     flux_noise,
     pixel_fractions,
@@ -202,12 +203,27 @@ class FitConfig:
     ) -> FitConfig:
         """The fit for a sensor's calibration: PSF sigma, clip level and, where known, the range of
         target brightness (integrated flux), whose Gaussian prior then spans it at +-1.75 sigma
-        (the default's 20 for its 70 wide range)."""
+        (the default's 20 for its 70 wide range).
+
+        The defaults' grey levels (the brightness range and prior, ``max_noise``) are an 8-bit
+        sensor's, clipping at 255. A sensor that clips elsewhere has them scaled by its clip level
+        over 255: a 12-bit sensor (4095) read with 8-bit levels has all its targets 16 times too
+        bright for the range and its noise past ``max_noise``, and the fit gives up on every
+        window. Without a clip level (``saturation`` None) they stay as they are."""
+        scale = 1.0 if saturation is None else saturation / EIGHT_BIT
+        base = cls()
         if brightness_range is None:
-            return cls(psf_sigma=psf_sigma, saturation=saturation)
-        lo, hi = brightness_range
+            lo, hi = (scale * b for b in base.brightness_range)
+            prior = None if base.brightness_prior is None else scale * base.brightness_prior
+        else:
+            lo, hi = brightness_range
+            prior = (hi - lo) / 3.5
         return cls(
-            psf_sigma=psf_sigma, saturation=saturation, brightness_range=(lo, hi), brightness_prior=(hi - lo) / 3.5
+            psf_sigma=psf_sigma,
+            saturation=saturation,
+            brightness_range=(lo, hi),
+            brightness_prior=prior,
+            max_noise=scale * base.max_noise,
         )
 
     max_speed_px: float = 0.15  # |vx|, |vy| bound, px/frame (SeqCSIST: <= 0.09)

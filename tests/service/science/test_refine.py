@@ -344,6 +344,39 @@ def test_noise_estimate():
     assert estimate_noise(np.zeros(5)) is None
 
 
+def test_calibrated_scales_the_8bit_defaults_by_the_clip_level():
+    assert FitConfig.calibrated(0.5, 255.0) == FitConfig()
+    assert FitConfig.calibrated(0.5, None) == FitConfig(saturation=None)  # no clip level: no scale
+    twelve = FitConfig.calibrated(0.6, 4095.0)
+    scale = 4095.0 / 255.0
+    assert twelve.psf_sigma == 0.6 and twelve.saturation == 4095.0
+    assert twelve.brightness_range == pytest.approx((200.0 * scale, 270.0 * scale))
+    assert twelve.brightness_prior == pytest.approx(20.0 * scale)
+    assert twelve.max_noise == pytest.approx(25.0 * scale)
+    given = FitConfig.calibrated(0.5, 4095.0, (3000.0, 4200.0))  # a calibrated range is kept as given
+    assert given.brightness_range == (3000.0, 4200.0) and given.brightness_prior == pytest.approx(1200.0 / 3.5)
+    assert given.max_noise == pytest.approx(25.0 * scale)
+
+
+def test_a_12bit_window_is_fitted_with_its_clip_level():
+    # DIAMOND 16 times as bright on a pedestal of 800 at noise 32: an 8-bit window at noise 2 as a
+    # 12-bit sensor delivers it
+    truth = DIAMOND * [1.0, 1.0, 16.0]
+    rng = np.random.default_rng(13)
+    frames = []
+    for t in TIMES:
+        image = physics.pixel_response(truth + [VELOCITY[0] * t, VELOCITY[1] * t, 0.0]) + 800.0
+        frames.append(np.clip(np.rint(image + rng.normal(0.0, 32.0, image.shape)), 0.0, 4095.0))
+    frames, start = np.stack(frames), perturbed(truth, grey=150.0)
+    # with 8-bit grey levels the noise is past max_noise and the targets past the brightness range
+    assert not fit_window(frames, start, FitConfig(saturation=4095.0)).accepted
+    r = fit_window(frames, start, FitConfig.calibrated(0.5, 4095.0))
+    assert r.accepted and r.k_final == 4
+    assert r.noise == pytest.approx(32.0, rel=0.15)
+    assert match_error(r.targets, truth) < 0.1
+    assert np.sort(r.targets[:, 2]) == pytest.approx(np.sort(truth[:, 2]), rel=0.1)
+
+
 @pytest.mark.parametrize("sigma", [1.0, 2.0, 4.0])
 def test_noise_estimate_of_rounded_frames_does_not_depend_on_the_planes_fraction(sigma):
     # rounded frames on a pedestal: read as whole grey levels, a noise of 2 came out anywhere
