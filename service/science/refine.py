@@ -43,7 +43,9 @@ The model of a window (frame ``f`` taken ``t_f`` frames after the middle one, -2
 - Priors: each target's position is bounded to +-``max_shift_px`` of its start (below) and
   pulled toward it by a Gaussian prior of width ``prior_px`` (a residual ``(x - x_peak) / prior_px``);
   brightness is bounded to ``brightness_range`` and pulled toward its centre by a Gaussian
-  prior of width ``brightness_prior``; the velocity is bounded to +-``max_speed_px``.
+  prior of width ``brightness_prior``; the velocity is bounded to +-``max_speed_px``, a bound
+  that grows with the group's speed where its frames' centroid moves near or past it
+  (:func:`_speed_bound`).
 - Only pixels whose centre lies within ``crop_px`` of a start position (plus the possible
   motion) are fitted: a sigma-0.5 PSF puts < 1e-4 of a target's flux beyond 2.5 px.
 
@@ -146,6 +148,14 @@ CLUTTER_MIN_LENGTH = 2.0  # correlation length >= this many PSF sigmas: clutter 
 CLUTTER_MAX_LENGTH = 5.0  # px: longer than this, the plane takes it within an 11-px patch
 CLUTTER_PAD = 1.0  # the crop grows by this many correlation lengths where there is clutter
 CLUTTER_KERNELS = ("smooth", "rough")  # covariance shapes tried (_kernel), the likelier kept
+# A group whose frames' centroid moves faster than FAST_SHARE of the speed bound is fitted with
+# the bound (and the crop) grown to FAST_ROOM times that speed, at most MAX_SPEED px/frame: a
+# tracker's patch can hold targets moving faster than SeqCSIST's (<= 0.1 px/frame), and a
+# bound below their speed leaves every fit a misfit. A tracker re-centring its patch keeps the
+# motion within a patch below a pixel per frame.
+FAST_SHARE = 0.8
+FAST_ROOM = 2.0
+MAX_SPEED = 1.0
 
 
 @dataclass(frozen=True)
@@ -226,7 +236,7 @@ class FitConfig:
             max_noise=scale * base.max_noise,
         )
 
-    max_speed_px: float = 0.15  # |vx|, |vy| bound, px/frame (SeqCSIST: <= 0.09)
+    max_speed_px: float = 0.15  # |vx|, |vy| bound, px/frame (SeqCSIST: <= 0.09); grown for faster groups
     noise: float | None = None  # Gaussian noise sigma, grey levels; None = estimate from the patch
     quantized: bool = True  # frames were rounded to integers: add 1/12 to the noise variance
     model_error: float = 0.0  # extra per-pixel error, grey levels (unmodelled physics)
@@ -458,6 +468,12 @@ def fit_window(
         return reject("non-finite input")
 
     win = _Window(frames, times, peaks_in, cfg, planes, stuck)
+    fast = _speed_bound(win)
+    if fast is not None:
+        # the group moves about as fast as the bound allows, or faster: the bound and the crop
+        # (which reaches as far as the bound lets a target move) grow to its speed
+        cfg = _variant(cfg, max_speed_px=fast)
+        win = _Window(frames, times, peaks_in, cfg, planes, stuck)
     if cfg.fallback and win.noise is not None and win.noise > cfg.max_noise:
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
@@ -1549,8 +1565,9 @@ def _separate(peaks: np.ndarray, min_px: float = 0.05) -> np.ndarray:
     return out
 
 
-def _initial_velocity(win: _Window) -> np.ndarray:
-    """Group velocity from the motion of each frame's intensity centroid (least-squares slope)."""
+def _centroid_velocity(win: _Window) -> np.ndarray:
+    """Group velocity from the motion of each frame's intensity centroid in the crop
+    (least-squares slope); 0 where a frame has no signal or the window one time."""
     img = np.maximum(win.sig, 0.0).reshape(win.shape)
     mass = img.sum(axis=(1, 2))
     t = win.times
@@ -1559,8 +1576,23 @@ def _initial_velocity(win: _Window) -> np.ndarray:
     cx = (img.sum(axis=1) @ np.arange(win.c0, win.c1)) / mass
     cy = (img.sum(axis=2) @ np.arange(win.r0, win.r1)) / mass
     tc = t - t.mean()
-    v = np.array([tc @ cx, tc @ cy]) / (tc @ tc)
-    return np.clip(v, -win.cfg.max_speed_px, win.cfg.max_speed_px)
+    return np.array([tc @ cx, tc @ cy]) / (tc @ tc)
+
+
+def _initial_velocity(win: _Window) -> np.ndarray:
+    """The velocity the fits start from: :func:`_centroid_velocity` within the speed bound."""
+    return np.clip(_centroid_velocity(win), -win.cfg.max_speed_px, win.cfg.max_speed_px)
+
+
+def _speed_bound(win: _Window) -> float | None:
+    """A larger speed bound for a window whose group moves near or past its bound (the
+    centroid's speed, which a crop too small for the motion understates, above FAST_SHARE of
+    it): FAST_ROOM times that speed, at most MAX_SPEED; None for the others."""
+    bound = win.cfg.max_speed_px
+    speed = float(np.max(np.abs(_centroid_velocity(win))))
+    if not speed > FAST_SHARE * bound or bound >= MAX_SPEED:
+        return None
+    return min(max(FAST_ROOM * speed, bound), MAX_SPEED)
 
 
 def _linear_brightness(win: _Window, xy: np.ndarray, v, fallback: np.ndarray) -> np.ndarray:

@@ -344,6 +344,22 @@ def test_noise_estimate():
     assert estimate_noise(np.zeros(5)) is None
 
 
+def test_a_group_faster_than_the_speed_bound_is_fitted_with_a_larger_bound():
+    # 0.3 px/frame: twice the default bound (0.15, about SeqCSIST's speeds); a tracker's patch can
+    # hold such motion, and fitted within the bound every count misfits and falls back
+    fast = np.array([0.3, -0.22])
+    frames = window(DIAMOND, velocity=fast, quantize=True, noise=1.0, seed=14)
+    start = perturbed(DIAMOND, seed=15)
+    assert FitConfig().max_speed_px < 0.3
+    r = fit_window(frames, start)
+    assert r.accepted and r.k_final == 4
+    assert r.velocity == pytest.approx(tuple(fast), abs=0.02)
+    assert match_error(r.targets, DIAMOND) < 0.06
+    # a group within the bound keeps it (the answer of the default window)
+    slow = fit_window(window(DIAMOND, quantize=True, noise=1.0, seed=14), start)
+    assert slow.accepted and max(abs(v) for v in slow.velocity) <= FitConfig().max_speed_px
+
+
 def test_calibrated_scales_the_8bit_defaults_by_the_clip_level():
     assert FitConfig.calibrated(0.5, 255.0) == FitConfig()
     assert FitConfig.calibrated(0.5, None) == FitConfig(saturation=None)  # no clip level: no scale
