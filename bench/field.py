@@ -72,12 +72,16 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
     "pedestal 20-150, noise 1-3": ("field", {"pedestal": (20.0, 150.0), "noise": (1.0, 3.0)}),
     # the row above read by a 12-bit sensor (every grey level 16 times the 8-bit one); the fit is
     # calibrated for the clip level of the frames' bit depth (4095), as CSIST_SATURATION sets it
-    # a tracker's patch holds groups moving faster than SeqCSIST's (<= 0.1 px/frame)
-    "fast motion, 0.15-0.3 px/frame": ("field", {"velocity": (0.15, 0.3)}),
     "12-bit sensor: pedestal 320-2400, noise 16-48": (
         "field",
         {"bit_depth": (12,), "brightness": (3520.0, 4000.0), "pedestal": (320.0, 2400.0), "noise": (16.0, 48.0)},
     ),
+    # a tracker's patch holds groups moving faster than SeqCSIST's (<= 0.1 px/frame)
+    "fast motion, 0.15-0.3 px/frame": ("field", {"velocity": (0.15, 0.3)}),
+    # a real sensor's frames differ from one another beyond the motion: the platform jitters
+    # the group off its track, and targets scintillate (training.field's turbulence)
+    "jitter 0.1 px per frame": ("field", {"jitter": (0.1, 0.1)}),
+    "scintillation 20 % per frame": ("field", {"scintillation": (0.2, 0.2)}),
 }
 
 

@@ -72,6 +72,10 @@ Targets (per trajectory):
   px/frame in a direction U(0, 2 pi); every target adds its own constant drift, speed
   U(``--target-drift``) (0, 0.005) px/frame in a direction U(0, 2 pi), so the group slowly
   deforms. R bounds the first frame; later frames may reach R + drift x (frames - 1).
+- Turbulence (off by default): the whole group shifted off its track in every frame by a
+  Gaussian of sd U(``--jitter``) px per axis (platform jitter, turbulence), and each target's
+  flux scaled in every frame by 1 + a Gaussian of sd U(``--scintillation``) (at least 0.05).
+  The ground truth is where and how bright the targets are in each frame.
 - Separation: every pair of targets stays at least s apart in every frame. Targets are
   placed one at a time; a target's candidates (random: position and drift; line, cross:
   drift) are drawn in batches of 64 and the first whose whole track keeps s from the tracks
@@ -139,7 +143,8 @@ MAX_ATTEMPTS = 1000  # group draws
 CONDITIONS_FILE = "conditions.jsonl"
 # one child stream of the trajectory's SeedSequence each, in this order
 # (appended streams leave the earlier ones' draws unchanged)
-STREAMS = ("sensor", "background", "defects", "geometry", "brightness", "noise", "optics")
+# a stream appended keeps the others' draws (SeedSequence children by index)
+STREAMS = ("sensor", "background", "defects", "geometry", "brightness", "noise", "optics", "turbulence")
 PSF_SHAPES = ("gaussian", "airy", "moffat")
 AIRY_CORE = 0.42  # sigma of the Gaussian matching an Airy core, in units of lambda N
 PSF_SUBPIXELS = 9  # sub-pixel grid per axis for the non-Gaussian PSFs
@@ -179,6 +184,8 @@ class FieldParams:
     min_separation: float = 0.25
     velocity: tuple[float, float] = (0.0, 0.1)
     target_drift: tuple[float, float] = (0.0, 0.005)
+    jitter: tuple[float, float] = (0.0, 0.0)  # sd of the group's shift off its track per frame, px
+    scintillation: tuple[float, float] = (0.0, 0.0)  # sd of each target's relative brightness per frame
     float_out: bool = False
 
     def max_span(self) -> float:
@@ -518,6 +525,12 @@ def sample_field_trajectory(
     headroom = 2**bit_depth - 1 - float(background.max())
     flux, b_info = sample_brightness(rngs["brightness"], params, k, noise, psf_sigma, headroom, (shape, beta))
     targets = np.concatenate([pos, np.broadcast_to(flux[None, :, None], pos.shape[:2] + (1,))], axis=2)
+    turbulence = rngs["turbulence"]
+    jitter, scintillation = _uniform(turbulence, params.jitter), _uniform(turbulence, params.scintillation)
+    if jitter > 0:  # the whole group, off its track, frame by frame (platform jitter, turbulence)
+        targets[:, :, :2] += turbulence.normal(0.0, jitter, (len(targets), 1, 2))
+    if scintillation > 0:  # each target's flux, frame by frame (never below 5 % of it)
+        targets[:, :, 2] *= np.maximum(1.0 + turbulence.normal(0.0, scintillation, targets.shape[:2]), 0.05)
     conditions = {
         "background": bg_info,
         "defects": defects.tolist(),
@@ -527,6 +540,8 @@ def sample_field_trajectory(
         "noise": noise,
         "bit_depth": bit_depth,
         "saturation": 2**bit_depth - 1,
+        "jitter": jitter,
+        "scintillation": scintillation,
         **geo_info,
         **b_info,
     }
@@ -838,6 +853,12 @@ FIELD_FLAGS = {
     ),
     "velocity": ("--velocity", float_range(), "group speed, px/frame, random direction"),
     "target_drift": ("--target-drift", float_range(), "each target's own drift speed, px/frame, random direction"),
+    "jitter": ("--jitter", float_range(), "sd of the group's shift off its track in each frame, px (platform jitter)"),
+    "scintillation": (
+        "--scintillation",
+        float_range(),
+        "sd of each target's relative brightness change in each frame (scintillation)",
+    ),
 }
 PROTOCOL_ONLY = {"step": "--step", "spacing": "--spacing", "drift": "--drift"}
 

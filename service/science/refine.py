@@ -95,9 +95,17 @@ with ``detect_padding``) a frame bit-identical to its neighbour toward the middl
 a copy and given that neighbour's time, e.g. (0, 0, 0, 1, 2) for a track's first frame; the
 model is then exact again (the copies count the same noise more than once, which makes the fit
 a little overconfident). Callers that know the padding may pass ``times`` themselves. Fitted as
-ordinary windows (``detect_padding=False``), clean padded windows fail the misfit check and
-fall back to the network's peaks; noisy ones are fitted with a velocity that absorbs part of
-the mismatch, less accurately than real windows.
+ordinary windows (``detect_padding=False``), clean padded windows misfit the window's model,
+and the frame terms below take the copies up as shifts of their frames off the track; noisy
+ones are fitted with a velocity that absorbs part of the mismatch, less accurately than real
+windows.
+
+Frame terms. A real sensor's frames also depart from one another in ways the window's model
+does not have: the platform jitters and turbulence moves the group off its track from frame to
+frame, and targets scintillate. Where even the best fit misfits past the fallback's limit, its
+count and the counts next to it are fitted again with every frame but the middle one shifted
+and each target's brightness in it scaled (:class:`_FrameProblem`, :func:`_free_frames`; in
+numpy), and the criterion decides.
 """
 
 from __future__ import annotations
@@ -156,6 +164,16 @@ CLUTTER_KERNELS = ("smooth", "rough")  # covariance shapes tried (_kernel), the 
 FAST_SHARE = 0.8
 FAST_ROOM = 2.0
 MAX_SPEED = 1.0
+# Where even the best fit misfits past the fallback's limit, the frames may depart from the
+# window's model, each but the middle one: the group shifted off its track (platform jitter,
+# turbulence; a prior of FRAME_JITTER_PX, at most FRAME_MAX_JITTER_PX) and each target's
+# brightness scaled (scintillation; a prior of FRAME_GAIN, within FRAME_MIN_GAIN .. its
+# inverse). Fitted from the best fit with FRAME_NFEV residual evaluations at most.
+FRAME_JITTER_PX = 0.2
+FRAME_MAX_JITTER_PX = 0.6
+FRAME_GAIN = 0.3
+FRAME_MIN_GAIN = 0.1
+FRAME_NFEV = 40
 
 
 @dataclass(frozen=True)
@@ -538,6 +556,14 @@ def fit_window(
         return reject("fit not finite", nfev, s=scale, ics=ics)
     if cfg.fallback:
         reduced = win.reduced_chi2(best)
+        if reduced > cfg.max_reduced_chi2 and win.moving:
+            # a misfit no count, PSF or brightness explains: the frames may differ from each
+            # other in ways the window's model does not have (jitter, scintillation)
+            free, extra = _free_frames(best_win, best, fits, scale)
+            nfev += extra
+            if free.ic < best.ic:
+                best = free
+                reduced = win.reduced_chi2(best)
         if reduced > cfg.max_reduced_chi2:
             return reject(
                 f"reduced chi2 {reduced:.3g} > {cfg.max_reduced_chi2}", nfev, best.chi2, best.velocity, scale, ics
@@ -688,6 +714,40 @@ def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: flo
         if len(top.targets) != k0:
             break  # the first direction helped: the other will not
     return top, nfev, tried, free
+
+
+def _free_frames(best_win: _Window, best: _Fit, fits: dict, scale: float) -> tuple[_Fit, int]:
+    """The counts of ``fits`` at and next to ``best``'s fitted again, from their rigid fits, with
+    each frame free to depart from the window's model (:class:`_FrameProblem`), in ``best_win``
+    (whose brightness settings ``best`` was made with); the one the criterion prefers, and the
+    residual evaluations. The misfit also chose the count, and with the frames free a count one
+    short can fit as well as the rigid model did. (Started from ``best`` itself, which may have
+    taken a halo or a free PSF for the misfit, the fits kept what those had absorbed, and placed
+    the targets worse.)"""
+
+    def free(f: _Fit) -> _Fit:
+        return _fit(
+            best_win,
+            f.targets,
+            f.velocity,
+            f.anchors,
+            f.has_prior,
+            scale,
+            0,
+            f.background,
+            f.psf_sigma,
+            bool(f.problem.n_psf),
+            frames_free=True,
+        )
+
+    k = len(best.targets)
+    top, nfev = None, 0
+    for f in [fits[kk] for kk in (k, k - 1, k + 1) if kk in fits] or [best]:
+        alt = free(f)
+        nfev += alt.nfev
+        if top is None or alt.ic < top.ic:
+            top = alt
+    return top, nfev
 
 
 def _free_psf(win: _Window, fits: dict, k: int, scale: float) -> int:
@@ -1236,7 +1296,7 @@ class _Problem:
                 model = model + share * np.matmul(fya.transpose(0, 2, 1), fx).ravel()
                 parts.append((share, s, fx, fy, fya))
             if win.n_bg:
-                model += win.bg_basis @ theta[self.i_bg :]
+                model += win.bg_basis @ theta[self.i_bg : self.i_bg + win.n_bg]
             self._key, self._state = key, (parts, model, pos)
         return self._state
 
@@ -1278,7 +1338,13 @@ class _Problem:
                 ).ravel()
         jac[:n, 3 * k] = win.t_pix * jac[:n, :k].sum(axis=1)
         jac[:n, 3 * k + 1] = win.t_pix * jac[:n, k : 2 * k].sum(axis=1)
-        jac[:n, self.i_bg :] = win.bg_basis[:, : win.n_bg]
+        return self._finish(jac, model)
+
+    def _finish(self, jac: np.ndarray, model: np.ndarray) -> np.ndarray:
+        """The model's Jacobian ``jac`` (n, p), its background columns still to fill, as the
+        residuals' (saturation, stuck pixels, whitening, then the priors' rows)."""
+        win, n = self.win, self.win.n
+        jac[:n, self.i_bg : self.i_bg + win.n_bg] = win.bg_basis[:, : win.n_bg]
         if win.any_sat:
             jac[:n][win.sat & (model >= win.obs)] = 0.0
         if win.any_stuck:
@@ -1296,15 +1362,118 @@ class _Problem:
         theta[3 * k : 3 * k + 2] = v
         if self.n_psf:
             theta[self.i_s] = sigma or win.cfg.psf_sigma
-        theta[self.i_bg :] = np.asarray(bg, float)[: win.n_bg]
+        theta[self.i_bg : self.i_bg + win.n_bg] = np.asarray(bg, float)[: win.n_bg]
         return np.minimum(np.maximum(theta, self.lower, out=theta), self.upper, out=theta)
 
     def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Targets (K, 3), velocity (2,), background plane (3,) and PSF sigma of a parameter vector."""
         k = self.k
-        bg = theta[self.i_bg :] if self.win.n_bg else np.zeros(self.win.bg_basis.shape[1])
+        nb = self.win.n_bg
+        bg = theta[self.i_bg : self.i_bg + nb] if nb else np.zeros(self.win.bg_basis.shape[1])
         targets = theta[: 3 * k].reshape(3, k).T.copy()
         return targets, theta[3 * k : 3 * k + 2].copy(), bg.copy(), self.sigma(theta)
+
+
+class _FrameProblem(_Problem):
+    """A count's least squares where each frame may depart from the window's model, every frame
+    but the middle one: the group shifted by (ox_f, oy_f) off its constant-velocity track
+    (platform jitter, turbulence) and each target's brightness scaled by g_fk (scintillation),
+    with Gaussian priors of FRAME_JITTER_PX and FRAME_GAIN toward none. theta appends to
+    :class:`_Problem`'s (ox, then oy, of the F-1 other frames; then g, (F-1, K) row-major).
+    Solved in numpy only (the C solver has the rigid model)."""
+
+    def __init__(
+        self, win: _Window, anchors: np.ndarray, has_prior: np.ndarray, scale: float, free_sigma: bool = False
+    ):
+        super().__init__(win, anchors, has_prior, scale, free_sigma)
+        n_frames, k = len(win.times), self.k
+        self.others = np.flatnonzero(np.arange(n_frames) != n_frames // 2)
+        m = len(self.others)
+        self.i_off, self.i_gain = self.n_params, self.n_params + 2 * m
+        extra = 2 * m + m * k
+        cols = np.arange(self.n_params, self.n_params + extra)
+        self.n_params += extra
+        self.n_res += extra
+        self.prior_cols = np.concatenate([self.prior_cols, cols])
+        self.prior_cols_f = self.prior_cols.astype(np.float64)
+        self.prior_mean = np.concatenate([self.prior_mean, np.zeros(2 * m), np.ones(m * k)])
+        self.prior_w = np.concatenate(
+            [self.prior_w, np.full(2 * m, 1.0 / FRAME_JITTER_PX), np.full(m * k, 1.0 / FRAME_GAIN)]
+        )
+        lower = np.concatenate([np.full(2 * m, -FRAME_MAX_JITTER_PX), np.full(m * k, FRAME_MIN_GAIN)])
+        upper = np.concatenate([np.full(2 * m, FRAME_MAX_JITTER_PX), np.full(m * k, 1.0 / FRAME_MIN_GAIN)])
+        self.lower, self.upper = np.concatenate([self.lower, lower]), np.concatenate([self.upper, upper])
+        self.x_scale = np.concatenate([self.x_scale, np.full(2 * m, 0.05), np.full(m * k, 0.1)])
+
+    def frame_terms(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(2, F) offsets and (F, K) gains of every frame (the middle one's 0 and 1)."""
+        n_frames, m = len(self.win.times), len(self.others)
+        off = np.zeros((2, n_frames))
+        off[:, self.others] = theta[self.i_off : self.i_gain].reshape(2, m)
+        gain = np.ones((n_frames, self.k))
+        gain[self.others] = theta[self.i_gain :].reshape(m, self.k)
+        return off, gain
+
+    def _eval(self, theta: np.ndarray):
+        key = theta.tobytes()
+        if key != self._key:
+            k, win = self.k, self.win
+            off, gain = self.frame_terms(theta)
+            pos = win.positions(theta[:k], theta[k : 2 * k], theta[3 * k : 3 * k + 2])
+            pos = (pos + off[:, :, None]).ravel()
+            amp = theta[None, 2 * k : 3 * k] * gain  # (F, K)
+            parts, model = [], 0.0
+            for share, s in win.components(self.sigma(theta)):
+                fx, fy = win.split(pixel_fractions(pos, win.size, s), k)
+                fya = fy * amp[:, :, None]
+                model = model + share * np.matmul(fya.transpose(0, 2, 1), fx).ravel()
+                parts.append((share, s, fx, fy, fya))
+            if win.n_bg:
+                model += win.bg_basis @ theta[self.i_bg : self.i_bg + win.n_bg]
+            self._key, self._state = key, (parts, model, pos)
+        return self._state
+
+    def jacobian(self, theta: np.ndarray) -> np.ndarray:
+        parts, model, pos = self._eval(theta)
+        k, win = self.k, self.win
+        n, n_frames = win.n, len(win.times)
+        sigma = self.sigma(theta)
+        off, gain = self.frame_terms(theta)
+        amp = theta[None, 2 * k : 3 * k] * gain
+        d_x = d_y = unit = 0.0
+        d_s = np.zeros(n)
+        for share, s, fx, fy, fya in parts:
+            dfx, dfy = win.split(pixel_fractions_grad(pos, win.size, s), k)
+            d_x = d_x + share * np.einsum("fkr,fkc->frck", fya, dfx)  # (F, R, C, K)
+            d_y = d_y + share * np.einsum("fkr,fkc->frck", dfy * amp[:, :, None], fx)
+            unit = unit + share * np.einsum("fkr,fkc->frck", fy, fx)
+            if self.i_s is not None:
+                sx, sy = win.split(pixel_fractions_dsigma(pos, win.size, s), k)
+                d_s += (share * s / sigma) * (
+                    np.matmul((sy * amp[:, :, None]).transpose(0, 2, 1), fx) + np.matmul(fya.transpose(0, 2, 1), sx)
+                ).ravel()
+        jac = np.zeros((n, self.n_params))
+        jac[:n, :k], jac[:n, k : 2 * k] = d_x.reshape(n, k), d_y.reshape(n, k)
+        jac[:n, 2 * k : 3 * k] = (unit * gain[:, None, None, :]).reshape(n, k)
+        if self.i_s is not None:
+            jac[:n, self.i_s] = d_s
+        jac[:n, 3 * k] = win.t_pix * jac[:n, :k].sum(axis=1)
+        jac[:n, 3 * k + 1] = win.t_pix * jac[:n, k : 2 * k].sum(axis=1)
+        per = n // n_frames  # pixels of one frame
+        m = len(self.others)
+        a = theta[2 * k : 3 * k]
+        for j, f in enumerate(self.others):
+            rows = slice(f * per, (f + 1) * per)
+            jac[rows, self.i_off + j] = d_x[f].sum(axis=-1).ravel()
+            jac[rows, self.i_off + m + j] = d_y[f].sum(axis=-1).ravel()
+            jac[rows, self.i_gain + j * k : self.i_gain + (j + 1) * k] = unit[f].reshape(per, k) * a
+        return self._finish(jac, model)
+
+    def pack(self, targets: np.ndarray, v, bg: np.ndarray, sigma: float | None = None) -> np.ndarray:
+        theta = np.zeros(self.n_params)
+        theta[: self.i_off] = super().pack(targets, v, bg, sigma)[: self.i_off]
+        theta[self.i_gain :] = 1.0
+        return theta
 
 
 @dataclass
@@ -1517,16 +1686,21 @@ def _fit(
     bg0: np.ndarray | None = None,
     sigma0: float | None = None,
     free_sigma: bool = False,
+    frames_free: bool = False,
 ) -> _Fit:
     """Fit K = len(start) targets from ``start`` (K, 3); ``anchors`` (K, 2) centre bounds and
-    priors; the background from ``bg0`` (default: the window's starting plane)."""
+    priors; the background from ``bg0`` (default: the window's starting plane); with
+    ``frames_free``, each frame's departures too (:class:`_FrameProblem`)."""
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)
-    prob = _Problem(win, anchors, has_prior, scale, free_sigma)
-    native = NATIVE and prob.n_params <= NATIVE_MAX_PARAMS
+    prob = (_FrameProblem if frames_free else _Problem)(win, anchors, has_prior, scale, free_sigma)
+    native = NATIVE and prob.n_params <= NATIVE_MAX_PARAMS and not frames_free
     solve = {"scipy": _solve_scipy, "lm-numpy": _solve_lm}.get(cfg.solver, _solve_native if native else _solve_lm)
     theta, nfev, chi2 = solve(
-        prob, prob.pack(start, v0, win.bg0 if bg0 is None else bg0, sigma0), cfg.max_nfev, cfg.tol
+        prob,
+        prob.pack(start, v0, win.bg0 if bg0 is None else bg0, sigma0),
+        max(cfg.max_nfev, FRAME_NFEV) if frames_free else cfg.max_nfev,
+        cfg.tol,
     )
     targets, v, bg, sigma = prob.unpack(theta)
     if chi2 is None:

@@ -337,6 +337,29 @@ def test_gaussian_optics_are_the_forward_model_and_shapes_keep_the_other_draws()
     assert {t.psf_shape for t in _scenes(FieldParams(), 20)} == {"gaussian"}
 
 
+def test_jitter_and_scintillation_move_and_scale_each_frame_and_keep_the_other_draws():
+    plain = _scenes(_params("--velocity", "0.05", "--target-drift", "0"), 30)
+    turb = _scenes(
+        _params("--velocity", "0.05", "--target-drift", "0", "--jitter", "0.1", "--scintillation", "0.2"), 30
+    )
+    shifts, gains = [], []
+    for p, t in zip(plain, turb, strict=True):
+        np.testing.assert_array_equal(p.background, t.background)
+        assert p.psf_sigma == t.psf_sigma and p.noise == t.noise
+        assert p.conditions["jitter"] == 0.0 and t.conditions["jitter"] == 0.1
+        assert t.conditions["scintillation"] == 0.2
+        d = t.targets[..., :2] - p.targets[..., :2]  # (T, K, 2): one shift per frame for the group
+        np.testing.assert_allclose(d, np.broadcast_to(d[:, :1], d.shape), atol=1e-12)
+        shifts.append(d[:, 0])
+        gains.append(t.targets[..., 2] / p.targets[..., 2])
+    assert np.std(np.concatenate(shifts)) == pytest.approx(0.1, rel=0.1)
+    assert np.std(np.concatenate([g.ravel() for g in gains])) == pytest.approx(0.2, rel=0.1)
+    # without them a straight track of constant flux, as before
+    for p in plain:
+        np.testing.assert_allclose(np.diff(p.targets[..., :2], 2, axis=0), 0.0, atol=1e-12)
+        np.testing.assert_array_equal(p.targets[..., 2], np.broadcast_to(p.targets[0, :, 2], p.targets.shape[:2]))
+
+
 def test_snr_range(mixed):
     snr, logs = [], []
     for t in mixed:

@@ -20,6 +20,7 @@ from service.science.refine import (
     _cluster,
     _flux_counts,
     _frame_times,
+    _FrameProblem,
     _Problem,
     _Window,
     estimate_noise,
@@ -99,10 +100,15 @@ def test_padding_detection():
     np.testing.assert_array_equal(_frame_times(end), [-2, -1, 0, 0, 0])
     np.testing.assert_array_equal(_frame_times(second), [-1, -1, 0, 1, 2])
     np.testing.assert_array_equal(_frame_times(window(DIAMOND)), [-2, -1, 0, 1, 2])
-    # fitted as an ordinary window, a clean padded one does not fit: the peaks come back
-    padded = fit_window(end, DIAMOND + [0.1, 0.0, 0.0], FitConfig(detect_padding=False))
-    assert not padded.accepted
-    np.testing.assert_array_equal(padded.targets, DIAMOND + [0.1, 0.0, 0.0])
+    # fitted as an ordinary window, a clean padded one misfits the rigid model, and each frame's
+    # shift off the track takes up the copies (the frame terms): nearly the padding-aware answer
+    start, truth = DIAMOND + [0.1, 0.0, 0.0], DIAMOND + [3 * VELOCITY[0], 3 * VELOCITY[1], 0.0]
+    rigid = fit_window(end, start, FitConfig(detect_padding=False, max_reduced_chi2=1e9))
+    assert rigid.cost / (end.size - 18) > FitConfig().max_reduced_chi2
+    padded = fit_window(end, start, FitConfig(detect_padding=False))
+    assert padded.accepted and padded.k_final == 4
+    assert match_error(padded.targets, truth) < 0.02
+    assert match_error(fit_window(end, start).targets, truth) < 0.01
 
 
 def test_clean_8bit_window_beats_the_cell_centres():
@@ -137,6 +143,66 @@ def test_analytic_jacobian_matches_finite_differences():
     # rows: data pixels, 2 x 2 position priors (targets 0 and 2), 3 brightness priors, the PSF prior
     assert prob.n_res == win.n + 4 + 3 + 1
     np.testing.assert_allclose(jac, numeric, atol=1e-6 * np.abs(jac).max())
+
+
+def test_frame_problem_jacobian_matches_finite_differences():
+    truth = DIAMOND[:3]
+    frames = window(truth, quantize=True, noise=2.0)
+    frames[2, 5, 5] = 255.0
+    win = _Window(frames, TIMES, truth, FitConfig(noise=2.0))
+    prob = _FrameProblem(win, truth[:, :2], np.array([True, False, True]), win.scale, free_sigma=True)
+    theta = prob.pack(perturbed(truth, seed=4, px=0.05), [0.03, 0.01], [1.5, 0.2, -0.1], 0.55)
+    rng = np.random.default_rng(6)
+    theta[prob.i_off : prob.i_gain] = rng.uniform(-0.2, 0.2, prob.i_gain - prob.i_off)  # frame shifts
+    theta[prob.i_gain :] = rng.uniform(0.7, 1.3, prob.n_params - prob.i_gain)  # per-frame gains
+    jac = prob.jacobian(theta)
+    eps = 1e-6
+    numeric = np.stack(
+        [(prob.residuals(theta + eps * e) - prob.residuals(theta - eps * e)) / (2 * eps) for e in np.eye(theta.size)],
+        axis=1,
+    )
+    # the rigid problem's parameters, then 4 frames' shifts (x, y) and 4 x 3 gains
+    assert jac.shape == (prob.n_res, 3 * 3 + 2 + 1 + 3 + 2 * 4 + 4 * 3)
+    assert prob.n_res == win.n + 4 + 3 + 1 + 2 * 4 + 4 * 3  # their priors too
+    np.testing.assert_allclose(jac, numeric, atol=1e-6 * np.abs(jac).max())
+    # shifts 0 and gains 1: the rigid model
+    rigid = _Problem(win, truth[:, :2], np.array([True, False, True]), win.scale, free_sigma=True)
+    plain = prob.pack(truth, [0.03, 0.01], [1.5, 0.2, -0.1], 0.5)
+    np.testing.assert_allclose(prob.model(plain), rigid.model(plain[: rigid.n_params]))
+
+
+# DIAMOND twice as wide (targets 0.6 px from its centre): in a group as packed as DIAMOND, per-frame
+# shifts and gains trade against the positions, and the fit places targets to 0.1-0.2 px
+WIDE = np.column_stack([5.0 + 2.0 * (DIAMOND[:, :2] - 5.0), DIAMOND[:, 2]])
+
+
+def jittered_window(shift_sd: float, gain_sd: float, seed: int) -> np.ndarray:
+    """WIDE's window with the group shifted off its track in every frame and each target's
+    brightness scaled in every frame but the middle one (platform jitter, scintillation), 8-bit,
+    noise 1."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for t in TIMES:
+        moved = WIDE + [VELOCITY[0] * t, VELOCITY[1] * t, 0.0]
+        if t != 0:
+            moved[:, :2] += rng.normal(0.0, shift_sd, 2)
+            moved[:, 2] *= np.clip(1.0 + rng.normal(0.0, gain_sd, len(DIAMOND)), 0.3, None)
+        frames.append(physics.quantize(physics.pixel_response(moved) + rng.normal(0.0, 1.0, (11, 11))))
+    return np.stack(frames).astype(np.float64)
+
+
+@pytest.mark.parametrize("shift_sd, gain_sd", [(0.12, 0.0), (0.0, 0.25)])
+def test_frames_that_depart_from_the_window_model_are_fitted_with_frame_terms(shift_sd, gain_sd):
+    frames = jittered_window(shift_sd, gain_sd, seed=16)
+    start = perturbed(WIDE, seed=17)
+    rigid = fit_window(frames, start, FitConfig(max_reduced_chi2=1e9))
+    assert rigid.cost / (frames.size - 18) > FitConfig().max_reduced_chi2  # the rigid model misfits
+    r = fit_window(frames, start)
+    assert r.accepted and r.k_final == 4
+    # the middle frame's targets, to a few hundredths of a pixel (the rigid model's fallback
+    # answer, the start, is off by up to 0.12)
+    assert match_error(r.targets, WIDE) < 0.08 < match_error(start, WIDE)
+    assert np.sort(r.targets[:, 2]) == pytest.approx(np.sort(WIDE[:, 2]), rel=0.15)
 
 
 def test_saturated_pixels_are_lower_bounds():
