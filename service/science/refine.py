@@ -1283,16 +1283,22 @@ class _Problem:
     def sigma(self, theta: np.ndarray) -> float:
         return float(theta[self.i_s]) if self.i_s is not None else self.win.cfg.psf_sigma
 
+    def _placed(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every target's position in every frame, flat (2FK,), and its brightness there (1, K)."""
+        k = self.k
+        pos = self.win.positions(theta[:k], theta[k : 2 * k], theta[3 * k : 3 * k + 2]).ravel()
+        return pos, theta[None, 2 * k : 3 * k]
+
     def _eval(self, theta: np.ndarray):
         """Fractions and model at theta, cached: Jacobians are asked for at the last point."""
         key = theta.tobytes()
         if key != self._key:
             k, win = self.k, self.win
-            pos = win.positions(theta[:k], theta[k : 2 * k], theta[3 * k : 3 * k + 2]).ravel()
+            pos, amp = self._placed(theta)
             parts, model = [], 0.0
             for share, s in win.components(self.sigma(theta)):  # the core, and the halo if any
                 fx, fy = win.split(pixel_fractions(pos, win.size, s), k)
-                fya = fy * theta[None, 2 * k : 3 * k, None]
+                fya = fy * amp[:, :, None]
                 model = model + share * np.matmul(fya.transpose(0, 2, 1), fx).ravel()
                 parts.append((share, s, fx, fy, fya))
             if win.n_bg:
@@ -1414,24 +1420,12 @@ class _FrameProblem(_Problem):
         gain[self.others] = theta[self.i_gain :].reshape(m, self.k)
         return off, gain
 
-    def _eval(self, theta: np.ndarray):
-        key = theta.tobytes()
-        if key != self._key:
-            k, win = self.k, self.win
-            off, gain = self.frame_terms(theta)
-            pos = win.positions(theta[:k], theta[k : 2 * k], theta[3 * k : 3 * k + 2])
-            pos = (pos + off[:, :, None]).ravel()
-            amp = theta[None, 2 * k : 3 * k] * gain  # (F, K)
-            parts, model = [], 0.0
-            for share, s in win.components(self.sigma(theta)):
-                fx, fy = win.split(pixel_fractions(pos, win.size, s), k)
-                fya = fy * amp[:, :, None]
-                model = model + share * np.matmul(fya.transpose(0, 2, 1), fx).ravel()
-                parts.append((share, s, fx, fy, fya))
-            if win.n_bg:
-                model += win.bg_basis @ theta[self.i_bg : self.i_bg + win.n_bg]
-            self._key, self._state = key, (parts, model, pos)
-        return self._state
+    def _placed(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (2FK,) shifted by each frame's offset, brightness (F, K) scaled by its gains."""
+        k = self.k
+        off, gain = self.frame_terms(theta)
+        pos = self.win.positions(theta[:k], theta[k : 2 * k], theta[3 * k : 3 * k + 2]) + off[:, :, None]
+        return pos.ravel(), theta[None, 2 * k : 3 * k] * gain
 
     def jacobian(self, theta: np.ndarray) -> np.ndarray:
         parts, model, pos = self._eval(theta)
