@@ -82,6 +82,11 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
     # the group off its track, and targets scintillate (training.field's turbulence)
     "jitter 0.1 px per frame": ("field", {"jitter": (0.1, 0.1)}),
     "scintillation 20 % per frame": ("field", {"scintillation": (0.2, 0.2)}),
+    # each frame's level moves (a sensor's gain control), on a pedestal with noise, as a sensor has
+    "frame level flicker 4, pedestal 40-80, noise 1-2": (
+        "field",
+        {"flicker": (4.0, 4.0), "pedestal": (40.0, 80.0), "noise": (1.0, 2.0)},
+    ),
 }
 
 

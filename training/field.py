@@ -74,7 +74,9 @@ Targets (per trajectory):
   deforms. R bounds the first frame; later frames may reach R + drift x (frames - 1).
 - Turbulence (off by default): the whole group shifted off its track in every frame by a
   Gaussian of sd U(``--jitter``) px per axis (platform jitter, turbulence), and each target's
-  flux scaled in every frame by 1 + a Gaussian of sd U(``--scintillation``) (at least 0.05).
+  flux scaled in every frame by 1 + a Gaussian of sd U(``--scintillation``) (at least 0.05);
+  and each frame's background level moved by a Gaussian of sd U(``--flicker``) grey levels (a
+  sensor's gain control, frame-level noise).
   The ground truth is where and how bright the targets are in each frame.
 - Separation: every pair of targets stays at least s apart in every frame. Targets are
   placed one at a time; a target's candidates (random: position and drift; line, cross:
@@ -186,6 +188,7 @@ class FieldParams:
     target_drift: tuple[float, float] = (0.0, 0.005)
     jitter: tuple[float, float] = (0.0, 0.0)  # sd of the group's shift off its track per frame, px
     scintillation: tuple[float, float] = (0.0, 0.0)  # sd of each target's relative brightness per frame
+    flicker: tuple[float, float] = (0.0, 0.0)  # sd of each frame's background level, grey levels
     float_out: bool = False
 
     def max_span(self) -> float:
@@ -229,6 +232,7 @@ class FieldTrajectory:
     conditions: dict  # JSON-ready drawn values (see the module docstring)
     psf_shape: str = "gaussian"
     moffat_beta: float | None = None
+    levels: np.ndarray | None = None  # (T,) each frame's background level off the pedestal (flicker)
 
     @property
     def saturation(self) -> int:
@@ -531,6 +535,8 @@ def sample_field_trajectory(
         targets[:, :, :2] += turbulence.normal(0.0, jitter, (len(targets), 1, 2))
     if scintillation > 0:  # each target's flux, frame by frame (never below 5 % of it)
         targets[:, :, 2] *= np.maximum(1.0 + turbulence.normal(0.0, scintillation, targets.shape[:2]), 0.05)
+    flicker = _uniform(turbulence, params.flicker)  # drawn last: the draws above stay as they were
+    levels = turbulence.normal(0.0, flicker, len(targets)) if flicker > 0 else None
     conditions = {
         "background": bg_info,
         "defects": defects.tolist(),
@@ -542,6 +548,7 @@ def sample_field_trajectory(
         "saturation": 2**bit_depth - 1,
         "jitter": jitter,
         "scintillation": scintillation,
+        "flicker": flicker,
         **geo_info,
         **b_info,
     }
@@ -555,15 +562,18 @@ def sample_field_trajectory(
         conditions=conditions,
         psf_shape=shape,
         moffat_beta=beta,
+        levels=levels,
     )
     return traj, rngs["noise"]
 
 
 def clean_frames(traj: FieldTrajectory, size: int) -> np.ndarray:
-    """Noise-free float64 frames (T, size, size): background plus the targets' forward model."""
-    return traj.background[None] + np.stack(
+    """Noise-free float64 frames (T, size, size): background (with each frame's level where it
+    flickers) plus the targets' forward model."""
+    frames = traj.background[None] + np.stack(
         [psf_response(t, size, traj.psf_sigma, traj.psf_shape, traj.moffat_beta) for t in traj.targets]
     )
+    return frames if traj.levels is None else frames + traj.levels[:, None, None]
 
 
 def render(traj: FieldTrajectory, rng: np.random.Generator, size: int, float_out: bool = False) -> np.ndarray:
@@ -859,6 +869,7 @@ FIELD_FLAGS = {
         float_range(),
         "sd of each target's relative brightness change in each frame (scintillation)",
     ),
+    "flicker": ("--flicker", float_range(), "sd of each frame's background level, grey levels (gain control)"),
 }
 PROTOCOL_ONLY = {"step": "--step", "spacing": "--spacing", "drift": "--drift"}
 

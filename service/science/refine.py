@@ -105,7 +105,8 @@ does not have: the platform jitters and turbulence moves the group off its track
 frame, and targets scintillate. Where even the best fit misfits past the fallback's limit, its
 count and the counts next to it are fitted again with every frame but the middle one shifted
 and each target's brightness in it scaled (:class:`_FrameProblem`, :func:`_free_frames`; in
-numpy), and the criterion decides.
+numpy), and the criterion decides. Frames whose levels differ (a sensor's gain control) are
+taken to the window's level before any of this (:func:`_frame_levels`).
 """
 
 from __future__ import annotations
@@ -123,7 +124,15 @@ from scipy.linalg.lapack import dtrtri as _trtri
 from scipy.optimize import least_squares
 from scipy.special import lambertw, ndtri
 
-from service.science.background import defects, edge_column, fit_edge, fit_planes, plane_basis, plane_image
+from service.science.background import (
+    defects,
+    edge_column,
+    fit_edge,
+    fit_planes,
+    plane_basis,
+    plane_image,
+    temporal_noise,
+)
 from service.science.physics import (
     DEFAULT_SNR,
     EIGHT_BIT,
@@ -174,6 +183,7 @@ FRAME_MAX_JITTER_PX = 0.6
 FRAME_GAIN = 0.3
 FRAME_MIN_GAIN = 0.1
 FRAME_NFEV = 40
+FRAME_LEVEL_Z = 5.0  # frames' levels differ where one is this many standard errors off the median
 
 
 @dataclass(frozen=True)
@@ -485,13 +495,25 @@ def fit_window(
     if not (np.isfinite(frames).all() and np.isfinite(peaks_in).all()):
         return reject("non-finite input")
 
-    win = _Window(frames, times, peaks_in, cfg, planes, stuck)
+    saturated = None
+    if planes is not None and cfg.background:
+        levels = _frame_levels(frames)
+        if levels is not None:
+            # the frames' levels differ by more than their noise explains (a sensor's gain control,
+            # frame-level noise): each frame is taken to the window's level, and the pixels it
+            # clipped stay lower bounds
+            if cfg.saturation is not None:
+                saturated = frames >= cfg.saturation
+            frames = frames - levels[:, None, None]
+            planes = planes.copy()
+            planes[:, 0] -= levels
+    win = _Window(frames, times, peaks_in, cfg, planes, stuck, saturated)
     fast = _speed_bound(win)
     if fast is not None:
         # the group moves about as fast as the bound allows, or faster: the bound and the crop
         # (which reaches as far as the bound lets a target move) grow to its speed
         cfg = _variant(cfg, max_speed_px=fast)
-        win = _Window(frames, times, peaks_in, cfg, planes, stuck)
+        win = _Window(frames, times, peaks_in, cfg, planes, stuck, saturated)
     if cfg.fallback and win.noise is not None and win.noise > cfg.max_noise:
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
@@ -642,6 +664,28 @@ def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if info == 0 and d.min() > 1e-6 * d.max():
             return x
     return np.linalg.lstsq(a, b, rcond=1e-6)[0]
+
+
+def _frame_levels(frames: np.ndarray) -> np.ndarray | None:
+    """Each frame's level (F,) off the window's: the mean of the central half of its pixels'
+    differences from the pixel-wise median frame (a static background and clutter cancel, the
+    few pixels a moving target changes fall outside it), where one is more than FRAME_LEVEL_Z
+    standard errors of such a mean (and half a grey level) off the median level; None where
+    they are not (the frames share one level)."""
+    n_frames, height, width = frames.shape
+    if n_frames < 3 or np.mean(frames == 0.0) > 0.1:  # a dark floor clips the noise: no level to see
+        return None
+    diff = np.sort((frames - np.median(frames, axis=0)).reshape(n_frames, -1), axis=1)
+    quarter = diff.shape[1] // 4
+    levels = diff[:, quarter : diff.shape[1] - quarter].mean(axis=1)
+    levels -= np.median(levels)
+    noise = temporal_noise(frames[None])[0]
+    if not np.isfinite(noise):
+        return None
+    error = 1.5 * max(float(noise), 0.5) / math.sqrt(height * width)
+    if not np.max(np.abs(levels)) > max(FRAME_LEVEL_Z * error, 0.5):
+        return None
+    return levels
 
 
 def _frame_seed(frames: np.ndarray, planes: np.ndarray) -> np.ndarray | None:
@@ -985,6 +1029,7 @@ class _Window:
         cfg: FitConfig,
         planes: np.ndarray | None = None,
         stuck: np.ndarray | None = None,
+        saturated: np.ndarray | None = None,
     ):
         n_frames, height, width = frames.shape
         self.cfg = cfg
@@ -1047,7 +1092,12 @@ class _Window:
         self.obs = crop.ravel()
         self.n = self.obs.size
         self.t_pix = np.repeat(times, crop[0].size)  # the time of every fitted pixel
-        self.sat = self.obs >= cfg.saturation if cfg.saturation is not None else np.zeros(self.n, dtype=bool)
+        if cfg.saturation is None:
+            self.sat = np.zeros(self.n, dtype=bool)
+        elif saturated is not None:  # frames moved off the sensor's levels: where they clipped
+            self.sat = saturated[:, r0:r1, c0:c1].ravel()
+        else:
+            self.sat = self.obs >= cfg.saturation
         # stuck pixels: no residual, no Jacobian row, not counted as data
         self.stuck = np.zeros(self.n, dtype=bool) if stuck is None else np.tile(stuck[r0:r1, c0:c1].ravel(), n_frames)
         self.sat &= ~self.stuck

@@ -360,6 +360,19 @@ def test_jitter_and_scintillation_move_and_scale_each_frame_and_keep_the_other_d
         np.testing.assert_array_equal(p.targets[..., 2], np.broadcast_to(p.targets[0, :, 2], p.targets.shape[:2]))
 
 
+def test_flicker_moves_each_frames_level_and_keeps_the_other_draws():
+    plain = _scenes(_params("--pedestal", "50"), 30)
+    flick = _scenes(_params("--pedestal", "50", "--flicker", "3"), 30)
+    levels = []
+    for p, f in zip(plain, flick, strict=True):
+        assert p.levels is None and f.conditions["flicker"] == 3.0
+        np.testing.assert_array_equal(p.targets, f.targets)
+        diff = field.clean_frames(f, 11) - field.clean_frames(p, 11)  # (T, 11, 11): one level per frame
+        np.testing.assert_allclose(diff, np.broadcast_to(f.levels[:, None, None], diff.shape), atol=1e-9)
+        levels.append(f.levels)
+    assert np.std(np.concatenate(levels)) == pytest.approx(3.0, rel=0.1)
+
+
 def test_snr_range(mixed):
     snr, logs = [], []
     for t in mixed:

@@ -6,6 +6,7 @@ a common velocity, imaged by service.science.physics (float, or 8-bit via physic
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from service.science.refine import (
     _best_subset,
     _cluster,
     _flux_counts,
+    _frame_levels,
     _frame_times,
     _FrameProblem,
     _Problem,
@@ -203,6 +205,25 @@ def test_frames_that_depart_from_the_window_model_are_fitted_with_frame_terms(sh
     # answer, the start, is off by up to 0.12)
     assert match_error(r.targets, WIDE) < 0.08 < match_error(start, WIDE)
     assert np.sort(r.targets[:, 2]) == pytest.approx(np.sort(WIDE[:, 2]), rel=0.15)
+
+
+def test_frames_at_different_levels_are_taken_to_one():
+    # a sensor's gain control moves each frame's level: 4 grey levels here, noise 1.5
+    rng = np.random.default_rng(18)
+    levels = np.array([3.0, -4.0, 0.0, 5.0, -2.0])
+    clean = window(DIAMOND) + 60.0
+    frames = np.rint(clean + levels[:, None, None] + rng.normal(0.0, 1.5, clean.shape))
+    found = _frame_levels(frames)
+    assert found is not None
+    np.testing.assert_allclose(found - found[2], levels, atol=0.5)
+    steady = np.rint(clean + rng.normal(0.0, 1.5, clean.shape))
+    assert _frame_levels(steady) is None  # one level: the window is left as it is
+    assert _frame_levels(window(DIAMOND, quantize=True)) is None  # a dark floor: no level to see
+    start = perturbed(DIAMOND, seed=19)
+    r = fit_window(frames, start)
+    assert r.accepted and r.k_final == 4
+    assert r.noise == pytest.approx(math.sqrt(1.5**2 + 1 / 12), rel=0.2)  # not the levels' spread
+    assert match_error(r.targets, DIAMOND) < 0.12  # the steady window's fit: 0.09
 
 
 def test_saturated_pixels_are_lower_bounds():
