@@ -87,6 +87,11 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
         "field",
         {"flicker": (4.0, 4.0), "pedestal": (40.0, 80.0), "noise": (1.0, 2.0)},
     ),
+    # targets 3-8 times the brightness calibration's, their cores clipped: a near target
+    "bright targets (flux 600-2000), 1-2 per group": (
+        "field",
+        {"targets": (1, 2), "brightness": (600.0, 2000.0), "pedestal": (20.0, 60.0), "noise": (1.0, 2.0)},
+    ),
 }
 
 

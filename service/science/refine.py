@@ -183,6 +183,14 @@ FRAME_MAX_JITTER_PX = 0.6
 FRAME_GAIN = 0.3
 FRAME_MIN_GAIN = 0.1
 FRAME_NFEV = 40
+# A fitted answer with STACK_TARGETS or more targets within STACK_PX of one of them is one
+# target brighter than the brightness calibration, split by it into several of calibrated
+# brightness at one place (which fit as well): the count is searched again with brightness free.
+# (Two coincident targets are left alone: in packed groups fitted pairs come that close.)
+STACK_TARGETS = 3
+STACK_PX = 0.2
+# the brightness-free fits' flux bound, in clip levels (a peak of about 5 of them)
+BRIGHT_SATURATIONS = 10.0
 FRAME_LEVEL_Z = 5.0  # frames' levels differ where one is this many standard errors off the median
 
 
@@ -556,7 +564,9 @@ def fit_window(
     best_win = win  # the window (and its brightness range) the chosen fit was made in
     lo, hi = cfg.brightness_range
     pinned = best.targets[:, 2].min() <= lo * 1.01 or best.targets[:, 2].max() >= hi * 0.99
-    if cfg.free_brightness and (pinned or win.reduced_chi2(best) > cfg.psf_chi2):
+    # or targets stacked at one place: one brighter than the calibration (STACK_TARGETS)
+    stacked = _stack(best.targets) >= STACK_TARGETS
+    if cfg.free_brightness and (pinned or stacked or win.reduced_chi2(best) > cfg.psf_chi2):
         # a target pinned at a bound of the calibrated range, or a misfit the PSF does not
         # explain: this window's targets are dimmer or brighter than the calibration says (the
         # flux then allows only wrong counts), so count and fit again with brightness free; and
@@ -726,11 +736,14 @@ def _free_brightness(win: _Window, peaks: np.ndarray, best: _Fit, v0, scale: flo
     one target more or fewer at a time while the criterion falls. The flux is fixed, so targets
     pinned at the range's top mean more, dimmer targets: that direction is tried first, the
     other only if the first step does not help. Brightness stays above a 5-sigma flux (any
-    dimmer target is noise) and below 4x the range's top. Returns the best fit, the residual
-    evaluations, every count's fit and the window with brightness free."""
+    dimmer target is noise) and below 4x the range's top or BRIGHT_SATURATIONS times the clip
+    level, whichever is higher. Returns the best fit, the residual evaluations, every count's fit
+    and the window with brightness free."""
     cfg = win.cfg
     floor = float(DEFAULT_SNR * max(flux_noise(max(scale, 1.0), cfg.psf_sigma), win.flux_sigma))
-    hi = max(4.0 * cfg.brightness_range[1], 2.0 * floor)
+    # a target far brighter than the calibration clips its core; its wings still tell its flux
+    top = 0.0 if cfg.saturation is None else BRIGHT_SATURATIONS * cfg.saturation
+    hi = max(4.0 * cfg.brightness_range[1], 2.0 * floor, top)
     free = copy.copy(win)
     free.cfg = replace(cfg, brightness_range=(min(floor, 0.5 * hi), hi), brightness_prior=None)
     k0 = len(best.targets)
@@ -1764,6 +1777,14 @@ def _fit(
         problem=prob,
         theta=theta,
     )
+
+
+def _stack(targets: np.ndarray) -> int:
+    """The most of ``targets`` (K, 3) within STACK_PX of one of them, itself counted."""
+    if len(targets) < 2:
+        return len(targets)
+    d = np.hypot(targets[:, None, 0] - targets[None, :, 0], targets[:, None, 1] - targets[None, :, 1])
+    return int((d < STACK_PX).sum(axis=1).max())
 
 
 def _separate(peaks: np.ndarray, min_px: float = 0.05) -> np.ndarray:

@@ -226,6 +226,28 @@ def test_frames_at_different_levels_are_taken_to_one():
     assert match_error(r.targets, DIAMOND) < 0.12  # the steady window's fit: 0.09
 
 
+def test_a_target_far_brighter_than_the_calibration_is_one_target():
+    # flux 1400 against a calibration of 200-270: counted as six calibrated targets at one place,
+    # which fit its clipped frames as well as one target does
+    truth = np.array([[5.1, 4.8, 1400.0]])
+    rng = np.random.default_rng(20)
+    frames = np.stack(
+        [
+            physics.quantize(
+                physics.pixel_response(truth + [VELOCITY[0] * t, VELOCITY[1] * t, 0.0])
+                + 40.0
+                + rng.normal(0, 1.5, (11, 11))
+            )
+            for t in TIMES
+        ]
+    ).astype(np.float64)
+    assert (frames[2] >= 255).any()
+    r = fit_window(frames, truth + [0.1, -0.1, -1000.0])
+    assert r.accepted and r.k_final == 1
+    assert match_error(r.targets, truth) < 0.05
+    assert r.targets[0, 2] == pytest.approx(1400.0, rel=0.05)
+
+
 def test_saturated_pixels_are_lower_bounds():
     # two bright targets: the centre pixel clips at 255 in every frame
     truth = np.array([[5.0, 5.2, 500.0], [5.5, 4.9, 460.0]])
