@@ -516,17 +516,19 @@ def fit_window(
             planes = planes.copy()
             planes[:, 0] -= levels
     win = _Window(frames, times, peaks_in, cfg, planes, stuck, saturated)
-    fast = _speed_bound(win)
+    drift = _centroid_velocity(win)
+    fast = _speed_bound(cfg.max_speed_px, drift)
     if fast is not None:
         # the group moves about as fast as the bound allows, or faster: the bound and the crop
         # (which reaches as far as the bound lets a target move) grow to its speed
         cfg = _variant(cfg, max_speed_px=fast)
         win = _Window(frames, times, peaks_in, cfg, planes, stuck, saturated)
+        drift = _centroid_velocity(win)
     if cfg.fallback and win.noise is not None and win.noise > cfg.max_noise:
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
 
-    v0 = _initial_velocity(win)
+    v0 = np.clip(drift, -cfg.max_speed_px, cfg.max_speed_px)  # the fits' start, within the bound
     if cfg.try_counts:
         counts, open_ended = _flux_counts(win)
     else:
@@ -689,6 +691,8 @@ def _frame_levels(frames: np.ndarray) -> np.ndarray | None:
     quarter = diff.shape[1] // 4
     levels = diff[:, quarter : diff.shape[1] - quarter].mean(axis=1)
     levels -= np.median(levels)
+    if not np.max(np.abs(levels)) > 0.5:  # within half a grey level: no need of the noise
+        return None
     noise = temporal_noise(frames[None])[0]
     if not np.isfinite(noise):
         return None
@@ -1818,17 +1822,12 @@ def _centroid_velocity(win: _Window) -> np.ndarray:
     return np.array([tc @ cx, tc @ cy]) / (tc @ tc)
 
 
-def _initial_velocity(win: _Window) -> np.ndarray:
-    """The velocity the fits start from: :func:`_centroid_velocity` within the speed bound."""
-    return np.clip(_centroid_velocity(win), -win.cfg.max_speed_px, win.cfg.max_speed_px)
-
-
-def _speed_bound(win: _Window) -> float | None:
-    """A larger speed bound for a window whose group moves near or past its bound (the
-    centroid's speed, which a crop too small for the motion understates, above FAST_SHARE of
-    it): FAST_ROOM times that speed, at most MAX_SPEED; None for the others."""
-    bound = win.cfg.max_speed_px
-    speed = float(np.max(np.abs(_centroid_velocity(win))))
+def _speed_bound(bound: float, drift: np.ndarray) -> float | None:
+    """A larger speed bound than ``bound`` for a window whose frames' centroid moves with
+    ``drift`` (:func:`_centroid_velocity`) near or past it (a speed, which a crop too small for
+    the motion understates, above FAST_SHARE of it): FAST_ROOM times that speed, at most
+    MAX_SPEED; None for the others."""
+    speed = float(np.max(np.abs(drift)))
     if not speed > FAST_SHARE * bound or bound >= MAX_SPEED:
         return None
     return min(max(FAST_ROOM * speed, bound), MAX_SPEED)
