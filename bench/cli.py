@@ -3,6 +3,8 @@
 csist bench speed --model models/derefnet --out bench/results/speed.json --markdown bench/results/speed.md
 csist bench accuracy --model models/derefnet --out bench/results/accuracy.json --markdown bench/results/accuracy.md
 csist bench field --model models/derefnet --out bench/results/field.json --markdown bench/results/field.md
+csist bench ceiling --field bench/results/field.json --out bench/results/ceiling.json \\
+    --markdown bench/results/ceiling.md
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench import accuracy, field, speed
+    from bench import accuracy, ceiling, field, speed
 
     p = argparse.ArgumentParser(
         prog="csist bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
             field,
             "CSO-mAP by field condition (backgrounds, brightness, PSF, geometry), network and network + fit",
         ),
+        ("ceiling", ceiling, "what each field condition's frames allow: the Cramer-Rao bound and its CSO-mAP"),
     ):
         sp = sub.add_parser(
             name, help=text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -169,6 +169,15 @@ def sensor_saturation(frames: np.ndarray) -> float | None:
     return next((2.0**b - 1 for b in BIT_DEPTHS if top <= 2**b - 1), None)
 
 
+def fit_config(frames: np.ndarray) -> FitConfig:
+    """The fit's calibration for ``frames``: the clip level of their bit depth
+    (:func:`sensor_saturation`) for integer frames, no rounding and no clipping for float ones."""
+    saturation = sensor_saturation(frames)
+    return (
+        FitConfig(quantized=False, saturation=None) if saturation is None else FitConfig.calibrated(SIGMA, saturation)
+    )
+
+
 def detections(
     maps: np.ndarray,
     threshold: float = 70.0,
@@ -192,12 +201,7 @@ def detections(
     win, fit = None, None
     if (refine == "fit" or snr is not None) and frames is not None:
         win = windows(frames, WINDOW)
-        saturation = sensor_saturation(frames)
-        fit = (
-            FitConfig(quantized=False, saturation=None)
-            if saturation is None
-            else FitConfig.calibrated(SIGMA, saturation)
-        )
+        fit = fit_config(frames)
     return find_targets(
         flat,
         win,

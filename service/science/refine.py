@@ -104,9 +104,22 @@ Frame terms. A real sensor's frames also depart from one another in ways the win
 does not have: the platform jitters and turbulence moves the group off its track from frame to
 frame, and targets scintillate. Where even the best fit misfits past the fallback's limit, its
 count and the counts next to it are fitted again with every frame but the middle one shifted
-and each target's brightness in it scaled (:class:`_FrameProblem`, :func:`_free_frames`; in
-numpy), and the criterion decides. Frames whose levels differ (a sensor's gain control) are
-taken to the window's level before any of this (:func:`_frame_levels`).
+and each target's brightness in it scaled (:class:`_FrameProblem`, :func:`_free_frames`; in C
+like the rigid fits, numpy the reference), and the criterion decides. Frames whose levels
+differ (a sensor's gain control) are taken to the window's level before any of this
+(:func:`_frame_levels`).
+
+Missed targets. Every start comes from the network's peaks, and the crop is cut around them:
+a target the network did not see, away from the others, gets neither a start nor all of its
+pixels, and the window misfits. Where the fit still misfits past the fallback's limit, the
+light it leaves in the window's mean frame (:func:`_missed`: spots as wide as a target, above
+the noise and the residual's spread, away from its targets, the whole frame searched) becomes
+peaks too, peaks with no light under them are dropped, and the window is fitted again from
+those; the new fit replaces the network's answer only where it passes every test above.
+
+Information. :func:`position_bound` gives the Cramer-Rao bound on the targets' positions at
+given true values: the least covariance an unbiased estimator reaches from a window's frames
+(``csist bench ceiling`` turns it into each condition's ceiling).
 """
 
 from __future__ import annotations
@@ -153,6 +166,7 @@ except ImportError:  # installed without a C compiler: the numpy solver
 # lacks an entry point, takes no edge column or no halo: numpy runs instead)
 NATIVE = _native_fit is not None and all(hasattr(_native_fit, f) for f in ("lm", "edge_fit", "kmeans", "HALO"))
 NATIVE_MAX_PARAMS = 64  # the C solver's limit (MAXP in fit.c); larger problems run in numpy
+NATIVE_FRAMES = NATIVE and hasattr(_native_fit, "FRAMES")  # the C solver takes the frame terms
 CRITERIA = ("bic", "aic")
 SOLVERS = ("lm", "lm-numpy", "scipy")
 ROUNDING_VARIANCE = 1.0 / 12.0  # variance of the error of rounding to an integer
@@ -191,6 +205,12 @@ STACK_TARGETS = 3
 STACK_PX = 0.2
 # the brightness-free fits' flux bound, in clip levels (a peak of about 5 of them)
 BRIGHT_SATURATIONS = 10.0
+# a spot the chosen fit leaves unexplained this far from its targets (px) is a target the network
+# missed (_missed); at most MISSED_MAX of them are added
+MISSED_PX = 1.0
+MISSED_MAX = 3
+# a target's brightest pixel holds at most about half of its 3 x 3 pixels' flux (sigma 0.5)
+MISSED_PEAK_SHARE = 0.75
 FRAME_LEVEL_Z = 5.0  # frames' levels differ where one is this many standard errors off the median
 
 
@@ -450,6 +470,7 @@ def fit_window(
     times: np.ndarray | None = None,
     planes: np.ndarray | None = None,
     stuck: np.ndarray | None = None,
+    _rescue: bool = True,
 ) -> FitResult:
     """Refine the middle frame's targets of one window by fitting all its frames.
 
@@ -472,28 +493,14 @@ def fit_window(
     if peaks_in.size != 0 and (peaks_in.ndim != 2 or peaks_in.shape[1] != 3):
         raise ValueError(f"peaks must have shape (K, 3), got {peaks_in.shape}")
     network = peaks_in.reshape(-1, 3)  # the answer kept where the fit is not better
-    if planes is None and np.isfinite(frames).all():
-        planes, noise = fit_planes(frames)
-        if stuck is None:
-            stuck = defects(frames, planes, noise, cfg.psf_sigma * (1.0 - cfg.psf_range))
-    if stuck is not None and stuck.any() and planes is not None:
-        # a stuck pixel reads as its frame's background: no flux, seed or centroid comes from
-        # it, and the fit leaves it out (_Window)
-        frames = np.where(stuck, plane_image(planes, *frames.shape[1:]), frames)
-    else:
-        stuck = None
+    frames, planes, stuck = _sensor_frames(frames, cfg, planes, stuck)
     if peaks_in.size == 0:
         # nothing above the network's threshold: the frames may still hold a target it did not
         # see (dim, or an unfamiliar shape); start from their brightest spot
         peaks_in = _frame_seed(frames, planes) if planes is not None else None
         if peaks_in is None:
             return FitResult(np.zeros((0, 3)), False, 0, 0, float("nan"), (0.0, 0.0), 0, reason="no peaks")
-    n_frames = frames.shape[0]
-    if times is None:
-        times = _frame_times(frames) if cfg.detect_padding else np.arange(n_frames, dtype=np.float64) - n_frames // 2
-    times = np.asarray(times, dtype=np.float64)
-    if times.shape != (n_frames,):
-        raise ValueError(f"times must have one entry per frame ({n_frames}), got shape {times.shape}")
+    times = _times(frames, times, cfg)
     k0 = len(peaks_in)
 
     def reject(reason: str, nfev: int = 0, chi2: float = float("nan"), v=(0.0, 0.0), s=float("nan"), ics=None):
@@ -503,27 +510,8 @@ def fit_window(
     if not (np.isfinite(frames).all() and np.isfinite(peaks_in).all()):
         return reject("non-finite input")
 
-    saturated = None
-    if planes is not None and cfg.background:
-        levels = _frame_levels(frames)
-        if levels is not None:
-            # the frames' levels differ by more than their noise explains (a sensor's gain control,
-            # frame-level noise): each frame is taken to the window's level, and the pixels it
-            # clipped stay lower bounds
-            if cfg.saturation is not None:
-                saturated = frames >= cfg.saturation
-            frames = frames - levels[:, None, None]
-            planes = planes.copy()
-            planes[:, 0] -= levels
-    win = _Window(frames, times, peaks_in, cfg, planes, stuck, saturated)
-    drift = _centroid_velocity(win)
-    fast = _speed_bound(cfg.max_speed_px, drift)
-    if fast is not None:
-        # the group moves about as fast as the bound allows, or faster: the bound and the crop
-        # (which reaches as far as the bound lets a target move) grow to its speed
-        cfg = _variant(cfg, max_speed_px=fast)
-        win = _Window(frames, times, peaks_in, cfg, planes, stuck, saturated)
-        drift = _centroid_velocity(win)
+    win, drift = _window(frames, times, peaks_in, cfg, planes, stuck)
+    cfg = win.cfg
     if cfg.fallback and win.noise is not None and win.noise > cfg.max_noise:
         return reject(f"noise {win.noise:.3g} > {cfg.max_noise}", s=win.noise)
     scale = win.scale if win.scale is not None else 1.0
@@ -598,6 +586,17 @@ def fit_window(
             if free.ic < best.ic:
                 best = free
                 reduced = win.reduced_chi2(best)
+        if reduced > cfg.max_reduced_chi2 and _rescue and planes is not None:
+            # still a misfit, with light where the fit has no target: the network missed a target
+            # away from the others, whose light the crop (around the peaks) cut, and no start or
+            # bound reaches it. The whole fit again, with those spots as peaks too (and without
+            # peaks that have no light under them).
+            missed = _missed(frames, planes, best, times, scale, peaks_in)
+            if missed is not None:
+                again = fit_window(frames, missed, config, times, planes, stuck, False)
+                nfev += again.nfev
+                if again.accepted:
+                    return replace(again, k_start=k0, nfev=nfev)
         if reduced > cfg.max_reduced_chi2:
             return reject(
                 f"reduced chi2 {reduced:.3g} > {cfg.max_reduced_chi2}", nfev, best.chi2, best.velocity, scale, ics
@@ -642,6 +641,67 @@ def fit_window(
         psf_halo=0.0 if best_win.cfg.psf_halo is None else best_win.cfg.psf_halo[0],
         edge=None if win.edge is None else (*astuple(win.edge)[:3], float(best.background[3])),
     )
+
+
+def _sensor_frames(
+    frames: np.ndarray, cfg: FitConfig, planes: np.ndarray | None, stuck: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The frames as the fit reads them, their background planes and stuck pixels (found where
+    not given, and the frames are finite); None for stuck where there are none."""
+    if planes is None and np.isfinite(frames).all():
+        planes, noise = fit_planes(frames)
+        if stuck is None:
+            stuck = defects(frames, planes, noise, cfg.psf_sigma * (1.0 - cfg.psf_range))
+    if stuck is not None and stuck.any() and planes is not None:
+        # a stuck pixel reads as its frame's background: no flux, seed or centroid comes from
+        # it, and the fit leaves it out (_Window)
+        return np.where(stuck, plane_image(planes, *frames.shape[1:]), frames), planes, stuck
+    return frames, planes, None
+
+
+def _times(frames: np.ndarray, times: np.ndarray | None, cfg: FitConfig) -> np.ndarray:
+    """Each frame's time (frames after the middle one): as given, else with replicated edge
+    frames detected (``detect_padding``), else -(F//2) .. F//2."""
+    n_frames = frames.shape[0]
+    if times is None:
+        times = _frame_times(frames) if cfg.detect_padding else np.arange(n_frames, dtype=np.float64) - n_frames // 2
+    times = np.asarray(times, dtype=np.float64)
+    if times.shape != (n_frames,):
+        raise ValueError(f"times must have one entry per frame ({n_frames}), got shape {times.shape}")
+    return times
+
+
+def _window(
+    frames: np.ndarray,
+    times: np.ndarray,
+    peaks: np.ndarray,
+    cfg: FitConfig,
+    planes: np.ndarray | None,
+    stuck: np.ndarray | None,
+) -> tuple[_Window, np.ndarray]:
+    """The window the fit works in (its ``cfg`` the config it is fitted with) and the frames'
+    centroid velocity."""
+    saturated = None
+    if planes is not None and cfg.background:
+        levels = _frame_levels(frames)
+        if levels is not None:
+            # the frames' levels differ by more than their noise explains (a sensor's gain control,
+            # frame-level noise): each frame is taken to the window's level, and the pixels it
+            # clipped stay lower bounds
+            if cfg.saturation is not None:
+                saturated = frames >= cfg.saturation
+            frames = frames - levels[:, None, None]
+            planes = planes.copy()
+            planes[:, 0] -= levels
+    win = _Window(frames, times, peaks, cfg, planes, stuck, saturated)
+    drift = _centroid_velocity(win)
+    fast = _speed_bound(cfg.max_speed_px, drift)
+    if fast is not None:
+        # the group moves about as fast as the bound allows, or faster: the bound and the crop
+        # (which reaches as far as the bound lets a target move) grow to its speed
+        win = _Window(frames, times, peaks, _variant(cfg, max_speed_px=fast), planes, stuck, saturated)
+        drift = _centroid_velocity(win)
+    return win, drift
 
 
 def _linear_fit(win: _Window, targets: np.ndarray, v, sigma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -726,6 +786,59 @@ def _spot(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[float,
     else:
         x, y = float(cols[c]), float(rows[r])
     return x, y, mass, float(image[r, c])
+
+
+def _missed(
+    frames: np.ndarray, planes: np.ndarray, fit: _Fit, times: np.ndarray, scale: float, peaks: np.ndarray
+) -> np.ndarray | None:
+    """Peaks (m, 3) to fit the window from again where ``fit`` leaves light unexplained, or None.
+
+    The light: spots of the window's mean frame farther than MISSED_PX from the fit's targets
+    (the whole frame, not only the crop it was fitted in), DEFAULT_SNR sigmas above the mean
+    frame's noise and the residual's own spread, and as wide as a target (a pixel of its own is
+    a defect), brightest first, each taken away before the next is looked for. The peaks: those
+    of ``peaks`` on light of that strength, then the spots (None where there are no spots)."""
+    n_frames, height, width = frames.shape
+    size = max(height, width)
+    plane = plane_image(np.median(planes, axis=0), height, width)
+    model = np.zeros((size, size))
+    for t in times:
+        moved = fit.targets + [fit.velocity[0] * t, fit.velocity[1] * t, 0.0]
+        fx = pixel_fractions(moved[:, 0], size, fit.psf_sigma)
+        fy = pixel_fractions(moved[:, 1], size, fit.psf_sigma)
+        model += np.einsum("n,nr,nc->rc", moved[:, 2], fy, fx)
+    excess = (frames - plane).mean(axis=0)
+    residual = excess - model[:height, :width] / n_frames
+    rows, cols = np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64)
+    near = np.hypot(cols[None, :, None] - fit.targets[:, 0], rows[:, None, None] - fit.targets[:, 1])
+    masked = (near < MISSED_PX).any(axis=2)
+    residual[masked] = 0.0
+    # above the mean frame's noise, and above what the background leaves (clutter the plane
+    # does not take: its bumps are no targets)
+    spread = (
+        1.4826 * float(np.median(np.abs(residual[~masked] - np.median(residual[~masked])))) if (~masked).any() else 0.0
+    )
+    floor = DEFAULT_SNR * max(scale / math.sqrt(n_frames), spread)
+    found = []
+    for _ in range(4 * MISSED_MAX):  # defects and bumps are passed over, a few of them
+        r, c = np.unravel_index(int(np.argmax(residual)), residual.shape)
+        x, y, mass, peak = _spot(residual, rows, cols)
+        if not peak > floor or len(found) == MISSED_MAX:
+            break
+        if peak <= MISSED_PEAK_SHARE * mass:
+            found.append([x, y, mass / 0.6])
+        # its wings are no other target: a target of its light taken away (3 x 3 pixels hold
+        # more than 60 % of a sigma-0.5 PSF's flux, so the wings go with some to spare)
+        residual -= (mass / 0.6) * np.outer(
+            pixel_fractions(y, height, fit.psf_sigma)[0], pixel_fractions(x, width, fit.psf_sigma)[0]
+        )
+        residual[r, c] = min(residual[r, c], 0.0)
+    if not found:
+        return None
+    # a peak with no light under it (the network's answer far from the group) starts nothing
+    r = np.clip(np.rint(peaks[:, 1]).astype(int), 0, height - 1)
+    c = np.clip(np.rint(peaks[:, 0]).astype(int), 0, width - 1)
+    return np.vstack([peaks[excess[r, c] > floor], found])
 
 
 def _above_plane(values: np.ndarray, plane: np.ndarray) -> np.ndarray:
@@ -1030,6 +1143,45 @@ def refine_windows(
         stuck = [None] * len(windows)
     results = [fit_window(w, p, config, times, b, d) for w, p, b, d in zip(windows, peaks, planes, stuck, strict=True)]
     return results if details else [r.targets for r in results]
+
+
+def position_bound(
+    frames: np.ndarray,
+    targets: np.ndarray,
+    velocity=(0.0, 0.0),
+    config: FitConfig = FitConfig(),
+    times: np.ndarray | None = None,
+) -> np.ndarray:
+    """(K, 3) rows (sigma_x, sigma_y, rho_xy): the Cramer-Rao bound on the middle frame's target
+    positions, the least covariance an unbiased estimator reaches from these frames and the
+    brightness calibration, where ``targets`` (K, 3) rows (x, y, brightness) and ``velocity``
+    are the truth.
+
+    It is the Fisher information of the window's model as :func:`fit_window` builds it (the
+    calibrated PSF, the background plane and clutter, saturation, the noise estimated from the
+    frames) plus the calibration's brightness prior (``brightness_prior``; None leaves it out),
+    without the pull toward start positions (those come from an estimate, not from knowledge).
+    Where targets are packed closer than the data can separate, the information is singular
+    and the bound is huge: no estimator places them without knowing their geometry beforehand.
+    Benchmarks read it as a condition's ceiling.
+    """
+    frames = np.asarray(frames, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64).reshape(-1, 3)
+    if len(targets) == 0:
+        return np.zeros((0, 3))
+    cfg = replace(config, prior_px=None)
+    frames, planes, stuck = _sensor_frames(frames, cfg, None, None)
+    win, _ = _window(frames, _times(frames, times, cfg), targets, cfg, planes, stuck)
+    k = len(targets)
+    scale = win.scale if win.scale is not None else math.sqrt(ROUNDING_VARIANCE if cfg.quantized else 1e-6)
+    prob = _Problem(win, targets[:, :2], np.zeros(k, dtype=bool), scale)
+    theta = np.concatenate([targets[:, :3].T.ravel(), np.asarray(velocity, dtype=np.float64), win.bg0[: win.n_bg]])
+    jac = prob.jacobian(theta)
+    cov = _covariance(jac.T @ jac, 2 * k)
+    i = np.arange(k)
+    sx, sy = np.sqrt(np.maximum(cov[i, i], 0.0)), np.sqrt(np.maximum(cov[k + i, k + i], 0.0))
+    rho = np.divide(cov[i, k + i], sx * sy, out=np.zeros(k), where=sx * sy > 0)
+    return np.column_stack([sx, sy, np.clip(rho, -1.0, 1.0)])
 
 
 # ------------------------------------------------------------------------------ the problem
@@ -1453,7 +1605,8 @@ class _FrameProblem(_Problem):
     (platform jitter, turbulence) and each target's brightness scaled by g_fk (scintillation),
     with Gaussian priors of FRAME_JITTER_PX and FRAME_GAIN toward none. theta appends to
     :class:`_Problem`'s (ox, then oy, of the F-1 other frames; then g, (F-1, K) row-major).
-    Solved in numpy only (the C solver has the rigid model)."""
+    Solved in C where the extension has these terms (``FRAMES``) and the parameters fit its
+    limit, else in numpy."""
 
     def __init__(
         self, win: _Window, anchors: np.ndarray, has_prior: np.ndarray, scale: float, free_sigma: bool = False
@@ -1559,13 +1712,22 @@ class _Fit:
         every target from the inverse of J^T J at the solution (residuals are noise-normalised,
         so J^T J is the Fisher information of the data plus the priors' own)."""
         jac = self.problem.jacobian(self.theta)
-        cov = np.linalg.pinv(jac.T @ jac)
         k = len(self.targets)
+        cov = _covariance(jac.T @ jac, 3 * k)
         i = np.arange(k)
         var_x, var_y, var_a = cov[i, i], cov[k + i, k + i], cov[2 * k + i, 2 * k + i]
         sx, sy = np.sqrt(np.maximum(var_x, 0.0)), np.sqrt(np.maximum(var_y, 0.0))
         rho = np.divide(cov[i, k + i], sx * sy, out=np.zeros(k), where=sx * sy > 0)
         return np.column_stack([sx, sy, np.clip(rho, -1.0, 1.0), np.sqrt(np.maximum(var_a, 0.0))])
+
+
+def _covariance(info: np.ndarray, m: int) -> np.ndarray:
+    """The first ``m`` columns of the inverse of the information matrix ``info`` (p, p): one
+    Cholesky solve where it is positive definite (the usual case, several times cheaper than an
+    SVD), else the pseudo-inverse's (a parameter the data do not constrain)."""
+    rhs = np.eye(len(info), m)
+    _, cov, ok = _posv(info, rhs, lower=1)
+    return cov if ok == 0 and np.isfinite(cov).all() else np.linalg.pinv(info)[:, :m]
 
 
 # ------------------------------------------------------------------------------ solvers
@@ -1696,6 +1858,7 @@ def _solve_native(prob: _Problem, theta: np.ndarray, max_nfev: int, tol: float) 
         win.cfg.psf_sigma,
         tol,
         *((0.0, 1.0) if win.cfg.psf_halo is None else win.cfg.psf_halo),
+        int(isinstance(prob, _FrameProblem)),
     )
     return theta, nfev, chi2
 
@@ -1755,7 +1918,7 @@ def _fit(
     cfg = win.cfg
     anchors = np.asarray(anchors, dtype=np.float64)
     prob = (_FrameProblem if frames_free else _Problem)(win, anchors, has_prior, scale, free_sigma)
-    native = NATIVE and prob.n_params <= NATIVE_MAX_PARAMS and not frames_free
+    native = NATIVE and prob.n_params <= NATIVE_MAX_PARAMS and (NATIVE_FRAMES or not frames_free)
     solve = {"scipy": _solve_scipy, "lm-numpy": _solve_lm}.get(cfg.solver, _solve_native if native else _solve_lm)
     theta, nfev, chi2 = solve(
         prob,

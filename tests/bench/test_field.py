@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from bench import cli
-from bench.field import CONDITIONS, SEED_BASE, simulate
+from bench.field import CONDITIONS, SEED_BASE, rotated, simulate
+from training.metric import cso_map
 
 
 def test_conditions_change_what_they_say():
@@ -50,6 +52,7 @@ def test_quick_field_report(tiny_model, tmp_path):
         assert r["windows"] == 2 * 16 and r["inference_ms_per_window"] > 0
         for refine in ("none", "fit"):
             assert 0 <= r[refine]["mAP"] <= 100 and r[refine]["postprocess_ms_per_window"] >= 0
+            assert 0 <= r[refine]["rotated_mAP"] <= 100
     assert "| flat background +30 |" in md.read_text()
     # a condition scores the same trajectories whichever others run with it
     alone = tmp_path / "alone.json"
@@ -58,3 +61,18 @@ def test_quick_field_report(tiny_model, tmp_path):
     row = json.loads(alone.read_text())["rows"][0]
     assert row["none"]["mAP"] == report["rows"][1]["none"]["mAP"]
     assert row["fit"]["mAP"] == report["rows"][1]["fit"]["mAP"]
+
+
+def test_the_chance_column_turns_each_answer_about_its_group():
+    truth = [np.array([[5.0, 5.0, 240.0], [5.3, 5.0, 230.0]]), np.array([[4.0, 6.0, 200.0]]), np.zeros((0, 3))]
+    dets = [truth[0].copy(), np.array([[4.1, 6.0, 190.0]]), np.array([[5.0, 5.0, 100.0]])]
+    turned = rotated(dets, truth, np.random.default_rng(0))
+    # about the group's centre: the distances to it, the count and the scores stay
+    centre = truth[0][:, :2].mean(axis=0)
+    np.testing.assert_allclose(np.hypot(*(turned[0][:, :2] - centre).T), [0.15, 0.15])
+    np.testing.assert_array_equal(turned[0][:, 2], dets[0][:, 2])
+    assert not np.allclose(turned[0][:, :2], truth[0][:, :2])  # no longer on the targets
+    # one target: turning about it keeps the answer's distance, and so its score
+    assert np.hypot(*(turned[1][0, :2] - truth[1][0, :2])) == pytest.approx(0.1)
+    np.testing.assert_array_equal(turned[2], dets[2])  # nothing to turn about
+    assert cso_map(turned[1:2], truth[1:2])["mAP"] == cso_map(dets[1:2], truth[1:2])["mAP"]

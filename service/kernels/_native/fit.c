@@ -9,7 +9,9 @@
  * Parameters theta = (x_1..K, y_1..K, a_1..K, vx, vy, [s], [b0, b1, b2]); a target's column
  * position in frame f is x + vx t_f (rows alike), and its share of pixel i along an axis is
  * 0.5 (erf((i + 0.5 - p) / (s sqrt 2)) - erf((i - 0.5 - p) / (s sqrt 2))), as
- * service.science.physics.pixel_fractions.
+ * service.science.physics.pixel_fractions. With the frames free (refine._FrameProblem) theta
+ * goes on with every other frame's offset (ox, then oy, of the F-1 frames but the middle one)
+ * and its gains (F-1, K) row-major: the position gains ox_f, the brightness a_k g_fk.
  *
  * kmeans clusters the network's peaks into a fit's starts (refine._cluster), and edge_fit places a
  * background edge (plane plus a blurred step, service.science.background.
@@ -29,6 +31,8 @@ typedef struct {
 
 typedef struct {
     int k, nf, nr, nc, r0, c0, n_psf, n_bg, nbs, p, n, npix, nwhite, nprior, nres;
+    /* the frame terms: on or off, the middle frame (which has none), where they start in theta */
+    int ff, mid, ioff, igain;
     double scale, sigma;
     /* the PSF's halo (refine.FitConfig.psf_halo): its share of the flux and its sigma over the
      * core's; share 0: a Gaussian core alone */
@@ -41,13 +45,28 @@ typedef struct {
 
 INLINE double sigma_of(const Prob *q, const double *th) { return q->n_psf ? th[3 * q->k + 2] : q->sigma; }
 
+/* frame t's place among the frames with terms, -1 for the middle frame or without them */
+INLINE int other(const Prob *q, int t) { return q->ff && t != q->mid ? (t < q->mid ? t : t - 1) : -1; }
+
+/* frame t's offset along one axis (0 columns, 1 rows) */
+INLINE double offset(const Prob *q, const double *th, int which, int t) {
+    const int o = other(q, t);
+    return o < 0 ? 0.0 : th[q->ioff + which * (q->nf - 1) + o];
+}
+
+/* target j's brightness gain in frame t */
+INLINE double gain(const Prob *q, const double *th, int t, int j) {
+    const int o = other(q, t);
+    return o < 0 ? 1.0 : th[q->igain + o * q->k + j];
+}
+
 /* fractions of every target in every frame along one axis, for the Gaussian g of sigma s */
 static void fractions(const Prob *q, const double *th, int which, double s, const Gauss *g) {
     const int k = q->k, len = which ? q->nr : q->nc, o = which ? q->r0 : q->c0;
     const double inv = 1.0 / (s * sqrt(2.0));
     for (int t = 0; t < q->nf; t++)
         for (int j = 0; j < k; j++) {
-            const double p = th[which * k + j] + th[3 * k + which] * q->times[t];
+            const double p = th[which * k + j] + th[3 * k + which] * q->times[t] + offset(q, th, which, t);
             double *fr = g->f[which] + ((size_t)t * k + j) * len;
             double c_lo = erf(((o - 0.5) - p) * inv);
             for (int i = 0; i < len; i++) {
@@ -64,7 +83,7 @@ static void derivatives(const Prob *q, const double *th, int which, double s, co
     const double dens = 1.0 / (s * sqrt(2.0 * M_PI));
     for (int t = 0; t < q->nf; t++)
         for (int j = 0; j < k; j++) {
-            const double p = th[which * k + j] + th[3 * k + which] * q->times[t];
+            const double p = th[which * k + j] + th[3 * k + which] * q->times[t] + offset(q, th, which, t);
             double *dr = g->d[which] + ((size_t)t * k + j) * len, *sr = g->s[which] + ((size_t)t * k + j) * len;
             double u = (o - 0.5) - p;
             double g_lo = exp(-0.5 * (u / s) * (u / s)) * dens, h_lo = -(u / s) * g_lo;
@@ -100,7 +119,7 @@ static void evaluate(Prob *q, const double *th) {
                     const size_t bx = ((size_t)t * k + j) * nc + c, by = ((size_t)t * k + j) * nr + r;
                     double u = cg->f[1][by] * cg->f[0][bx];
                     if (h > 0.0) u = core * u + h * hg->f[1][by] * hg->f[0][bx];
-                    m += a[j] * u;
+                    m += a[j] * gain(q, th, t, j) * u;
                 }
                 for (int l = 0; l < q->n_bg; l++) m += q->bgb[i * q->nbs + l] * b[l];
                 q->model[i] = m;
@@ -174,6 +193,7 @@ static void jacobian(Prob *q, const double *th, double *jac) {
                 for (int l = 0; l < p; l++) row[l] = 0.0;
                 if ((q->sat[i] != 0.0 && q->model[i] >= q->obs[i]) || q->stuck[i] != 0.0) continue;
                 double vx = 0.0, vy = 0.0, ds = 0.0;
+                const int o = other(q, t);
                 for (int j = 0; j < k; j++) {
                     const size_t bx = ((size_t)t * k + j) * nc + c, by = ((size_t)t * k + j) * nr + r;
                     const double fx = cg->f[0][bx], fy = cg->f[1][by];
@@ -186,17 +206,23 @@ static void jacobian(Prob *q, const double *th, double *jac) {
                         u = core * u + h * hy * hx;
                         if (q->n_psf) sg = core * sg + h * q->width * (hg->s[1][by] * hx + hy * hg->s[0][bx]);
                     }
-                    gx *= a[j];
-                    gy *= a[j];
+                    const double g = gain(q, th, t, j), ag = a[j] * g;
+                    gx *= ag;
+                    gy *= ag;
                     row[j] = gx;
                     row[k + j] = gy;
-                    row[2 * k + j] = u;
+                    row[2 * k + j] = u * g;
                     vx += gx;
                     vy += gy;
-                    ds += a[j] * sg;
+                    ds += ag * sg;
+                    if (o >= 0) row[q->igain + o * k + j] = u * a[j];
                 }
                 row[3 * k] = q->times[t] * vx;
                 row[3 * k + 1] = q->times[t] * vy;
+                if (o >= 0) {
+                    row[q->ioff + o] = vx;
+                    row[q->ioff + q->nf - 1 + o] = vy;
+                }
                 if (q->n_psf) row[is] = ds;
                 for (int l = 0; l < q->n_bg; l++) row[ib + l] = q->bgb[i * q->nbs + l];
             }
@@ -417,31 +443,32 @@ static double *carve(double *w, size_t fxn, size_t fyn, Gauss *g) {
  * updated in place; white is the inverse of the clutter-plus-noise covariance's lower Cholesky
  * factor, (n_rows * n_cols)^2 values, or empty (no clutter); sat and stuck are 0/1 per fitted
  * pixel; bg_basis has 3 columns (the plane), or 4 where n_bg is 4 (the plane and an edge); halo
- * (0 by default) is the share of the flux in the PSF's halo, a Gaussian width x the core's sigma. */
+ * (0 by default) is the share of the flux in the PSF's halo, a Gaussian width x the core's sigma;
+ * frames_free (0 by default) appends the frame terms to theta (see the top of this file). */
 static PyObject *lm(PyObject *self, PyObject *args) {
     PyObject *o[13];
-    int k, nr, nc, r0, c0, n_psf, n_bg, max_nfev;
+    int k, nr, nc, r0, c0, n_psf, n_bg, max_nfev, ff = 0;
     double scale, sigma, tol, halo = 0.0, width = 1.0;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOiiiiiiiiddd|dd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOiiiiiiiiddd|ddi", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
                           &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &k, &nr, &nc, &r0, &c0, &n_psf, &n_bg,
-                          &max_nfev, &scale, &sigma, &tol, &halo, &width))
+                          &max_nfev, &scale, &sigma, &tol, &halo, &width, &ff))
         return NULL;
     if (!(halo >= 0.0 && halo < 1.0) || !(width > 0.0)) {
         PyErr_SetString(PyExc_ValueError, "lm: halo must be in [0, 1) and width > 0");
         return NULL;
     }
     Py_buffer b[13];
-    Py_ssize_t p = 3 * (Py_ssize_t)k + 2 + n_psf + n_bg;
-    if (k < 1 || nr < 1 || nc < 1 || p > MAXP || (n_psf != 0 && n_psf != 1) || (n_bg != 0 && n_bg != 3 && n_bg != 4) ||
-        !(scale > 0.0) || !(sigma > 0.0) || max_nfev < 1) {
-        PyErr_SetString(PyExc_ValueError, "lm: bad dimensions or settings");
-        return NULL;
-    }
     int got = 0;
     /* times first: its length gives the frames */
     if (PyObject_GetBuffer(o[4], &b[4], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return NULL;
     const Py_ssize_t nf = b[4].len / (Py_ssize_t)sizeof(double);
     PyBuffer_Release(&b[4]);
+    const Py_ssize_t base = 3 * (Py_ssize_t)k + 2 + n_psf + n_bg, p = base + (ff ? (nf - 1) * (2 + (Py_ssize_t)k) : 0);
+    if (k < 1 || nr < 1 || nc < 1 || p > MAXP || (n_psf != 0 && n_psf != 1) || (n_bg != 0 && n_bg != 3 && n_bg != 4) ||
+        !(scale > 0.0) || !(sigma > 0.0) || max_nfev < 1 || (ff != 0 && ff != 1) || (ff && nf < 2)) {
+        PyErr_SetString(PyExc_ValueError, "lm: bad dimensions or settings");
+        return NULL;
+    }
     const Py_ssize_t npix = (Py_ssize_t)nr * nc, n = nf * npix;
     Py_ssize_t nwhite = 0;
     {
@@ -476,7 +503,8 @@ static PyObject *lm(PyObject *self, PyObject *args) {
     }
     Prob q = {.k = k, .nf = (int)nf, .nr = nr, .nc = nc, .r0 = r0, .c0 = c0, .n_psf = n_psf, .n_bg = n_bg, .nbs = nbs,
               .p = (int)p, .n = (int)n, .npix = (int)npix, .nwhite = (int)nwhite, .nprior = (int)nprior,
-              .scale = scale, .sigma = sigma, .halo = halo, .width = width};
+              .scale = scale, .sigma = sigma, .halo = halo, .width = width, .ff = ff, .mid = (int)nf / 2,
+              .ioff = (int)base, .igain = (int)(base + 2 * (nf - 1))};
     q.nres = (int)(n + (nwhite ? npix : 0) + nprior);
     q.times = b[4].buf;
     q.obs = b[5].buf;
@@ -817,11 +845,11 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fit", NULL, -1, methods};
 
-/* HALO marks a build whose lm takes the PSF's halo (refine.py falls back to numpy for a halo
- * without it) */
+/* HALO marks a build whose lm takes the PSF's halo, FRAMES one whose lm takes the frame terms
+ * (refine.py falls back to numpy for them without it) */
 PyMODINIT_FUNC PyInit__fit(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "HALO", 1) != 0) {
+    if (m && (PyModule_AddIntConstant(m, "HALO", 1) != 0 || PyModule_AddIntConstant(m, "FRAMES", 1) != 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -27,6 +27,7 @@ from service.science.refine import (
     _Window,
     estimate_noise,
     fit_window,
+    position_bound,
     refine_windows,
 )
 
@@ -205,6 +206,29 @@ def test_frames_that_depart_from_the_window_model_are_fitted_with_frame_terms(sh
     # answer, the start, is off by up to 0.12)
     assert match_error(r.targets, WIDE) < 0.08 < match_error(start, WIDE)
     assert np.sort(r.targets[:, 2]) == pytest.approx(np.sort(WIDE[:, 2]), rel=0.15)
+
+
+@pytest.mark.skipif(not refine.NATIVE_FRAMES, reason="service.kernels._fit is not built with the frame terms")
+@pytest.mark.parametrize("shift_sd, gain_sd", [(0.12, 0.0), (0.0, 0.25), (0.1, 0.2)])
+def test_the_c_solver_fits_the_frame_terms_as_numpy_does(shift_sd, gain_sd, monkeypatch):
+    frames = jittered_window(shift_sd, gain_sd, seed=21)
+    start = perturbed(WIDE, seed=22)
+    native = fit_window(frames, start)
+    monkeypatch.setattr(refine, "NATIVE_FRAMES", False)
+    reference = fit_window(frames, start)
+    assert native.accepted == reference.accepted and native.k_final == reference.k_final
+    assert native.nfev == reference.nfev
+    np.testing.assert_allclose(native.targets, reference.targets, atol=1e-6)
+    assert native.cost == pytest.approx(reference.cost, rel=1e-9)
+    # and the frame terms' Jacobian the C solver steps with is the numpy one's
+    win = _Window(frames, TIMES, start, FitConfig())
+    prob = _FrameProblem(win, start[:, :2], np.ones(4, dtype=bool), win.scale)
+    theta = prob.pack(start, VELOCITY, win.bg0)
+    theta[prob.i_off :] += np.random.default_rng(23).normal(0.0, 0.05, theta.size - prob.i_off)
+    native_theta, native_nfev, _ = refine._solve_native(prob, theta.copy(), 30, 1e-4)
+    numpy_theta, numpy_nfev, _ = refine._solve_lm(prob, theta.copy(), 30, 1e-4)
+    assert native_nfev == numpy_nfev > 2
+    np.testing.assert_allclose(native_theta, numpy_theta, atol=1e-7)
 
 
 def test_frames_at_different_levels_are_taken_to_one():
@@ -392,9 +416,16 @@ def test_fallback_on_garbage_frames_returns_the_peaks_unchanged():
     assert r.k_final == r.k_start == 2
 
 
-def test_fallback_when_the_targets_are_out_of_reach():
+def test_a_group_away_from_the_peaks_is_fitted_where_its_light_is(monkeypatch):
     frames = window(DIAMOND - [3.0, 3.0, 0.0], quantize=True)  # the group is near (2, 2)
     peaks = DIAMOND.copy()  # the peaks say (5, 5): 3 px away, the fit may move 0.5 px
+    r = fit_window(frames, peaks)
+    # the fit from the peaks misfits, and leaves the group's light: fitted again from there,
+    # without the peaks that have no light under them
+    assert r.accepted and r.k_start == 4 and r.k_final == 4
+    assert match_error(r.targets, DIAMOND - [3.0, 3.0, 0.0]) < 0.05
+    # without that, the targets are out of reach and the peaks come back
+    monkeypatch.setattr(refine, "_missed", lambda *args, **kwargs: None)
     r = fit_window(frames, peaks)
     assert not r.accepted
     np.testing.assert_array_equal(r.targets, peaks)
@@ -1023,3 +1054,80 @@ def test_more_targets_than_the_c_solver_takes_run_in_numpy():
     frames = window(truth, quantize=True)
     r = fit_window(frames, truth, FitConfig(max_targets=21, try_counts=False))
     assert r.k_final == 21 and np.isfinite(r.targets).all()
+
+
+# ------------------------------------------------------------------------------ the information bound
+
+
+def test_the_position_bound_is_the_spread_of_an_efficient_fit():
+    # one bright target on a pedestal, noise 2: the fit is efficient, so the spread of its
+    # positions over noise draws is the bound
+    truth = np.array([[5.1, 4.8, 240.0]])
+    bound = position_bound(window(truth, noise=2.0) + 30.0, truth, VELOCITY, FitConfig(prior_px=None), TIMES)
+    assert bound.shape == (1, 3) and abs(bound[0, 2]) < 0.2
+    found = []
+    for seed in range(60):
+        frames = np.rint(window(truth, noise=2.0, seed=100 + seed) + 30.0)
+        r = fit_window(frames, truth, FitConfig(prior_px=None))
+        assert r.accepted and r.k_final == 1
+        found.append(r.targets[0, :2])
+    spread = np.std(np.array(found), axis=0)
+    np.testing.assert_allclose(spread, bound[0, :2], rtol=0.3)
+    # the fit's own uncertainty is the same Fisher information at its answer
+    assert r.uncertainty[0, 0] == pytest.approx(bound[0, 0], rel=0.2)
+
+
+def test_the_position_bound_grows_as_targets_pack_and_is_empty_without_targets():
+    def bound(separation: float, config: FitConfig = FitConfig()) -> float:
+        truth = np.array([[5.0 - separation / 2, 5.0, 235.0], [5.0 + separation / 2, 5.0, 235.0]])
+        frames = np.rint(window(truth, noise=2.0, seed=3) + 20.0)
+        return float(position_bound(frames, truth, VELOCITY, config)[:, 0].max())
+
+    free = FitConfig(brightness_prior=None)
+    assert bound(1.2, free) < 0.04  # resolved: a few hundredths of a pixel at noise 2
+    # 0.3 px apart, the frames alone barely separate them: where the flux sits between two
+    # targets trades against where they are
+    assert bound(0.3, free) > 5 * bound(1.2, free)
+    # the brightness calibration tells the frames how the flux is shared
+    assert bound(0.3) < 0.2 * bound(0.3, free)
+    truth = np.array([[4.4, 5.0, 235.0]])
+    assert position_bound(window(truth, quantize=True), np.zeros((0, 3))).shape == (0, 3)
+
+
+# ------------------------------------------------------------------------------ missed targets
+
+# four targets 2-3 px apart; the network's cells (three per target, on its 1/3-px grid) found three
+APART = np.array([[3.0, 3.2, 235.0], [6.2, 3.0, 228.0], [4.6, 5.6, 241.0], [7.4, 6.8, 232.0]])
+CELLS = np.array([[0.0, 0.0], [1 / 3, 0.0], [0.0, 1 / 3]])
+
+
+def test_a_target_the_network_missed_is_found_from_the_light_the_fit_leaves(monkeypatch):
+    frames = window(APART, quantize=True, noise=1.0, seed=4)
+    peaks = np.vstack([np.column_stack([np.round(t[:2] * 3) / 3 + CELLS, np.full(3, 80.0)]) for t in APART[:3]])
+    r = fit_window(frames, peaks)
+    assert r.accepted and r.k_final == 4 and r.k_start == 9
+    assert match_error(r.targets, APART) < 0.05
+    # without looking past its targets, every start comes from the cells and the fit gives up
+    monkeypatch.setattr(refine, "_missed", lambda *args, **kwargs: None)
+    r = fit_window(frames, peaks)
+    assert not r.accepted and "reduced chi2" in r.reason
+
+
+def test_a_defect_or_clutter_is_no_missed_target():
+    frames = window(APART[:3], quantize=True, noise=1.0, seed=5)
+    result = fit_window(frames, APART[:3], FitConfig(max_reduced_chi2=1e9))
+    fit = refine._Fit(
+        result.targets, np.array(result.velocity), 0.0, 0.0, 0, 0, None, None, np.zeros(3), 0.5, None, None
+    )
+    planes = fit_planes(frames)[0]
+    scale = result.noise
+    peaks = np.vstack([APART[:3], [[1.0, 9.0, 80.0]]])  # the last with no light under it
+    assert refine._missed(frames, planes, fit, TIMES, scale, peaks) is None  # all light explained
+    hot = frames.copy()
+    hot[:, 8, 8] = 200.0  # one pixel of its own, in every frame
+    assert refine._missed(hot, planes, fit, TIMES, scale, peaks) is None
+    lit = frames + physics.pixel_response([[8.0, 8.0, 230.0]])  # a target there
+    found = refine._missed(lit, planes, fit, TIMES, scale, peaks)
+    assert found is not None and len(found) == 4
+    np.testing.assert_array_equal(found[:3], APART[:3])  # the peaks on light, then the spot
+    assert np.hypot(found[3, 0] - 8.0, found[3, 1] - 8.0) < 0.1
