@@ -109,6 +109,11 @@ like the rigid fits, numpy the reference), and the criterion decides. Frames who
 differ (a sensor's gain control) are taken to the window's level before any of this
 (:func:`_frame_levels`).
 
+Reach. Where the fit misfits past the fallback's limit with a target stopped at its bound, its
+counts are also fitted with every target free to move UNBOUND_SHIFT times further and not
+pulled toward the network's answer (:func:`_unbound`): the network's cells may carpet some
+targets and miss one nearby, whose start then stops at its bound.
+
 Missed targets. Every start comes from the network's peaks, and the crop is cut around them:
 a target the network did not see, away from the others, gets neither a start nor all of its
 pixels, and the window misfits. Where the fit still misfits past the fallback's limit, the
@@ -207,6 +212,9 @@ STACK_PX = 0.2
 BRIGHT_SATURATIONS = 10.0
 # a spot the chosen fit leaves unexplained this far from its targets (px) is a target the network
 # missed (_missed); at most MISSED_MAX of them are added
+# a fit that misfits is tried with its targets free to move this many times max_shift_px (_unbound)
+UNBOUND_SHIFT = 3.0
+BOUND_SHARE = 0.9  # ... where a target stopped at this share of its reach or beyond
 MISSED_PX = 1.0
 MISSED_MAX = 3
 # a target's brightest pixel holds at most about half of its 3 x 3 pixels' flux (sigma 0.5)
@@ -578,14 +586,30 @@ def fit_window(
         return reject("fit not finite", nfev, s=scale, ics=ics)
     if cfg.fallback:
         reduced = win.reduced_chi2(best)
-        if reduced > cfg.max_reduced_chi2 and win.moving:
-            # a misfit no count, PSF or brightness explains: the frames may differ from each
-            # other in ways the window's model does not have (jitter, scintillation)
-            free, extra = _free_frames(best_win, best, fits, scale)
-            nfev += extra
-            if free.ic < best.ic:
-                best = free
-                reduced = win.reduced_chi2(best)
+        if reduced > cfg.max_reduced_chi2:
+            # a misfit: the fits that take it up are tried from the rigid fits, and the one the
+            # criterion prefers is kept
+            rigid, tried = best, []
+            # the targets may sit beyond their starts' reach: the network's cells covered some
+            # targets several times and another not at all, and the start meant for it stopped
+            # at its bound. Where one did, the counts again from their fits, each target free to
+            # move further and not pulled back; kept where that takes the misfit away by moving a
+            # target past the reach (freer targets fit any misfit a little better)
+            if _stretched(rigid, BOUND_SHARE * cfg.max_shift_px):
+                loose, extra = _unbound(best_win, rigid, fits, scale)
+                nfev += extra
+                if win.reduced_chi2(loose) <= cfg.max_reduced_chi2 and _beyond(
+                    loose.targets, rigid.anchors, cfg.max_shift_px
+                ):
+                    tried.append(loose)
+            if win.moving:
+                # the frames may differ from each other in ways the window's model does not have
+                # (jitter, scintillation)
+                free, extra = _free_frames(best_win, rigid, fits, scale)
+                nfev += extra
+                tried.append(free)
+            best = min([rigid, *tried], key=lambda f: f.ic)
+            reduced = win.reduced_chi2(best)
         if reduced > cfg.max_reduced_chi2 and _rescue and planes is not None:
             # still a misfit, with light where the fit has no target: the network missed a target
             # away from the others, whose light the crop (around the peaks) cut, and no start or
@@ -922,6 +946,47 @@ def _free_frames(best_win: _Window, best: _Fit, fits: dict, scale: float) -> tup
         if top is None or alt.ic < top.ic:
             top = alt
     return top, nfev
+
+
+def _unbound(best_win: _Window, best: _Fit, fits: dict, scale: float) -> tuple[_Fit, int]:
+    """The counts of ``fits`` at and next to ``best``'s fitted again from their fits (``best``
+    itself for its own count) with each target free to move UNBOUND_SHIFT times further than
+    ``max_shift_px`` and no pull toward the network's answer; the one the criterion prefers, and
+    the residual evaluations."""
+    loose = copy.copy(best_win)
+    loose.cfg = _variant(best_win.cfg, max_shift_px=UNBOUND_SHIFT * best_win.cfg.max_shift_px)
+    k = len(best.targets)
+    top, nfev = None, 0
+    for f in [best] + [fits[kk] for kk in (k - 1, k + 1) if kk in fits]:
+        free = bool(f.problem.n_psf)
+        alt = _fit(
+            loose,
+            f.targets,
+            f.velocity,
+            f.targets[:, :2],
+            np.zeros(len(f.targets), dtype=bool),
+            scale,
+            0,
+            f.background,
+            f.psf_sigma,
+            free,
+        )
+        nfev += alt.nfev
+        if top is None or alt.ic < top.ic:
+            top = alt
+    return top, nfev
+
+
+def _stretched(fit: _Fit, reach: float) -> bool:
+    """Whether a target of ``fit`` lies ``reach`` or farther from its own anchor."""
+    d = np.hypot(fit.targets[:, 0] - fit.anchors[:, 0], fit.targets[:, 1] - fit.anchors[:, 1])
+    return bool((d >= reach).any())
+
+
+def _beyond(targets: np.ndarray, anchors: np.ndarray, reach: float) -> bool:
+    """Whether a target of ``targets`` (K, 3) lies farther than ``reach`` from every anchor (M, 2)."""
+    d = np.hypot(targets[:, None, 0] - anchors[None, :, 0], targets[:, None, 1] - anchors[None, :, 1])
+    return bool(len(anchors) and (d.min(axis=1) > reach).any())
 
 
 def _free_psf(win: _Window, fits: dict, k: int, scale: float) -> int:

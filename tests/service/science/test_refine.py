@@ -1131,3 +1131,19 @@ def test_a_defect_or_clutter_is_no_missed_target():
     assert found is not None and len(found) == 4
     np.testing.assert_array_equal(found[:3], APART[:3])  # the peaks on light, then the spot
     assert np.hypot(found[3, 0] - 8.0, found[3, 1] - 8.0) < 0.1
+
+
+def test_a_target_beyond_its_starts_reach_is_reached(monkeypatch):
+    # the network's cells carpet three targets and miss the fourth, 1.3 px from the nearest
+    # cell: the start meant for it stops at its bound (0.5 px) and the window misfits
+    truth = np.array([[5.09, 5.85, 233.0], [5.84, 4.64, 226.0], [4.18, 4.2, 226.0], [5.45, 5.51, 239.0]])
+    frames = window(truth, quantize=True, noise=1.0, seed=6)
+    grid = np.arange(5.0, 6.01, 1 / 3)
+    cells = np.array([[x, y, 90.0] for x in grid for y in np.arange(4.67, 6.01, 1 / 3)])
+    r = fit_window(frames, cells)
+    assert r.accepted and r.k_final == 4
+    assert match_error(r.targets, truth) < 0.05
+    # without the targets freed past their reach, the frame terms take the misfit up instead,
+    # with a wrong count
+    monkeypatch.setattr(refine, "_unbound", lambda best_win, best, fits, scale: (best, 0))
+    assert fit_window(frames, cells).k_final != 4
