@@ -478,7 +478,6 @@ def fit_window(
     times: np.ndarray | None = None,
     planes: np.ndarray | None = None,
     stuck: np.ndarray | None = None,
-    _rescue: bool = True,
 ) -> FitResult:
     """Refine the middle frame's targets of one window by fitting all its frames.
 
@@ -493,6 +492,20 @@ def fit_window(
     brightest spot (:func:`_frame_seed`), and where there is none the empty answer comes back
     with ``accepted`` False.
     """
+    return _fit_window(frames, peaks, config, times, planes, stuck, rescue=True)
+
+
+def _fit_window(
+    frames: np.ndarray,
+    peaks: np.ndarray,
+    config: FitConfig,
+    times: np.ndarray | None,
+    planes: np.ndarray | None,
+    stuck: np.ndarray | None,
+    rescue: bool,
+) -> FitResult:
+    """:func:`fit_window`; with ``rescue``, a window that still misfits is fitted once more from
+    the light its fit leaves (:func:`_missed`)."""
     cfg = config
     frames = np.asarray(frames, dtype=np.float64)
     if frames.ndim != 3 or min(frames.shape) < 1:
@@ -610,14 +623,14 @@ def fit_window(
                 tried.append(free)
             best = min([rigid, *tried], key=lambda f: f.ic)
             reduced = win.reduced_chi2(best)
-        if reduced > cfg.max_reduced_chi2 and _rescue and planes is not None:
+        if reduced > cfg.max_reduced_chi2 and rescue and planes is not None:
             # still a misfit, with light where the fit has no target: the network missed a target
             # away from the others, whose light the crop (around the peaks) cut, and no start or
             # bound reaches it. The whole fit again, with those spots as peaks too (and without
             # peaks that have no light under them).
             missed = _missed(frames, planes, best, times, scale, peaks_in)
             if missed is not None:
-                again = fit_window(frames, missed, config, times, planes, stuck, False)
+                again = _fit_window(frames, missed, config, times, planes, stuck, rescue=False)
                 nfev += again.nfev
                 if again.accepted:
                     return replace(again, k_start=k0, nfev=nfev)
