@@ -6,7 +6,9 @@ draw), simulated in memory by the project's simulators (``training.simulate``,
 (the execution plan ``auto`` chooses) and scored with the service's post-processing at its
 defaults (peak threshold 5 x each window's flux noise, the card's peak rule, the fit's default
 calibration for the clip level of the frames' bit depth, ``training.evaluate.sensor_saturation``:
-255 for 8-bit frames): refine ``none`` (the network's cells) and ``fit``.
+255 for 8-bit frames): refine ``none`` (the network's cells) and ``fit``. Each is also scored
+turned at random about the true group's centre (:func:`rotated`): the share of its score that
+chance earns in packed groups.
 
     csist bench field --model models/derefnet --trajectories 100 \\
         --out bench/results/field.json --markdown bench/results/field.md

@@ -210,11 +210,12 @@ STACK_TARGETS = 3
 STACK_PX = 0.2
 # the brightness-free fits' flux bound, in clip levels (a peak of about 5 of them)
 BRIGHT_SATURATIONS = 10.0
+# a fit that misfits is tried with its targets free to move this many times max_shift_px
+# (_unbound), where a target stopped at BOUND_SHARE of its reach or beyond
+UNBOUND_SHIFT = 3.0
+BOUND_SHARE = 0.9
 # a spot the chosen fit leaves unexplained this far from its targets (px) is a target the network
 # missed (_missed); at most MISSED_MAX of them are added
-# a fit that misfits is tried with its targets free to move this many times max_shift_px (_unbound)
-UNBOUND_SHIFT = 3.0
-BOUND_SHARE = 0.9  # ... where a target stopped at this share of its reach or beyond
 MISSED_PX = 1.0
 MISSED_MAX = 3
 # a target's brightest pixel holds at most about half of its 3 x 3 pixels' flux (sigma 0.5)
@@ -1240,8 +1241,8 @@ def position_bound(
     frames) plus the calibration's brightness prior (``brightness_prior``; None leaves it out),
     without the pull toward start positions (those come from an estimate, not from knowledge).
     Where targets are packed closer than the data can separate, the information is singular
-    and the bound is huge: no estimator places them without knowing their geometry beforehand.
-    Benchmarks read it as a condition's ceiling.
+    and the bound is huge: no unbiased estimator places them (a biased one needs to know their
+    geometry beforehand). Benchmarks read it as a condition's ceiling.
     """
     frames = np.asarray(frames, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.float64).reshape(-1, 3)
