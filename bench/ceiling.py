@@ -87,6 +87,13 @@ def run(args) -> dict:
 
     field = json.loads(args.field.read_text()) if args.field else None
     measured = {r["condition"]: r for r in field["rows"]} if field else {}
+    other = sorted({r.get("trajectories") for r in measured.values()} - {args.trajectories}, key=str)
+    if other:
+        # the same seeds with another count are other windows: their scores are no neighbours
+        raise SystemExit(
+            f"csist bench ceiling: --field {args.field} scored {other} trajectories per condition, "
+            f"not --trajectories {args.trajectories}"
+        )
     rows = []
     for name in tqdm(args.conditions or list(CONDITIONS), desc="conditions", unit="cond"):
         kind, changes = CONDITIONS[name]

@@ -35,7 +35,7 @@ def test_efficient_draws_follow_the_bound():
 
 def test_quick_ceiling_report(tmp_path):
     field = tmp_path / "field.json"
-    row = {"condition": "2-8 targets", "none": {"mAP": 30.0}, "fit": {"mAP": 60.0}}
+    row = {"condition": "2-8 targets", "trajectories": 3, "none": {"mAP": 30.0}, "fit": {"mAP": 60.0}}
     field.write_text(json.dumps({"rows": [row]}))
     out, md = tmp_path / "ceiling.json", tmp_path / "ceiling.md"
     names = ["protocol, clean", "2-8 targets"]
@@ -52,6 +52,8 @@ def test_quick_ceiling_report(tmp_path):
     assert "| 2-8 targets |" in md.read_text()
     with pytest.raises(SystemExit, match="--field"):
         cli.main(["ceiling", "--field", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="scored \\[3\\] trajectories"):
+        cli.main(["ceiling", "--trajectories", "2", "--conditions", "2-8 targets", "--field", str(field)])
 
 
 @pytest.mark.parametrize("command", ["speed", "accuracy", "field", "ceiling"])
