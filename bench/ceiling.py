@@ -101,12 +101,13 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         truths, bounds = condition_bounds(frames, targets, sigmas)
         rng = np.random.default_rng(DRAW_SEED + list(CONDITIONS).index(name))
+        # each target's radial bound, and how many targets its window has
         radial = np.concatenate([np.hypot(b[:, 0], b[:, 1]) for b in bounds])
-        counts = np.array([len(t) for t in truths])
-        by_count = {}
-        for k in np.unique(counts):
-            r = np.concatenate([np.hypot(b[:, 0], b[:, 1]) for b, c in zip(bounds, counts, strict=True) if c == k])
-            by_count[str(int(k))] = {"targets": int(r.size), "median_bound_px": float(np.median(r))}
+        counts = np.concatenate([np.full(len(t), len(t)) for t in truths])
+        by_count = {
+            str(int(k)): {"targets": int((counts == k).sum()), "median_bound_px": float(np.median(radial[counts == k]))}
+            for k in np.unique(counts)
+        }
         row = {
             "condition": name,
             "trajectories": args.trajectories,

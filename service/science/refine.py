@@ -159,6 +159,7 @@ from service.science.physics import (
     pixel_fractions,
     pixel_fractions_dsigma,
     pixel_fractions_grad,
+    pixel_response,
 )
 from service.science.windows import replicated
 
@@ -837,16 +838,15 @@ def _missed(
     a defect), brightest first, each taken away before the next is looked for. The peaks: those
     of ``peaks`` on light of that strength, then the spots (None where there are no spots)."""
     n_frames, height, width = frames.shape
-    size = max(height, width)
+    size = max(height, width)  # pixel_response draws square images
+
+    def image(targets: np.ndarray) -> np.ndarray:
+        return pixel_response(targets, size, fit.psf_sigma)[:height, :width]
+
     plane = plane_image(np.median(planes, axis=0), height, width)
-    model = np.zeros((size, size))
-    for t in times:
-        moved = fit.targets + [fit.velocity[0] * t, fit.velocity[1] * t, 0.0]
-        fx = pixel_fractions(moved[:, 0], size, fit.psf_sigma)
-        fy = pixel_fractions(moved[:, 1], size, fit.psf_sigma)
-        model += np.einsum("n,nr,nc->rc", moved[:, 2], fy, fx)
+    model = sum(image(fit.targets + [fit.velocity[0] * t, fit.velocity[1] * t, 0.0]) for t in times)
     excess = (frames - plane).mean(axis=0)
-    residual = excess - model[:height, :width] / n_frames
+    residual = excess - model / n_frames
     rows, cols = np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64)
     near = np.hypot(cols[None, :, None] - fit.targets[:, 0], rows[:, None, None] - fit.targets[:, 1])
     masked = (near < MISSED_PX).any(axis=2)
@@ -867,9 +867,7 @@ def _missed(
             found.append([x, y, mass / 0.6])
         # its wings are no other target: a target of its light taken away (3 x 3 pixels hold
         # more than 60 % of a sigma-0.5 PSF's flux, so the wings go with some to spare)
-        residual -= (mass / 0.6) * np.outer(
-            pixel_fractions(y, height, fit.psf_sigma)[0], pixel_fractions(x, width, fit.psf_sigma)[0]
-        )
+        residual -= image(np.array([[x, y, mass / 0.6]]))
         residual[r, c] = min(residual[r, c], 0.0)
     if not found:
         return None
@@ -953,9 +951,15 @@ def _free_frames(best_win: _Window, best: _Fit, fits: dict, scale: float) -> tup
         )
 
     k = len(best.targets)
+    return _best_refit([fits[kk] for kk in (k, k - 1, k + 1) if kk in fits] or [best], free)
+
+
+def _best_refit(starts: list, refit) -> tuple[_Fit, int]:
+    """``refit`` of each fit of ``starts``: the one the criterion prefers (the first of equals),
+    and the residual evaluations of all."""
     top, nfev = None, 0
-    for f in [fits[kk] for kk in (k, k - 1, k + 1) if kk in fits] or [best]:
-        alt = free(f)
+    for f in starts:
+        alt = refit(f)
         nfev += alt.nfev
         if top is None or alt.ic < top.ic:
             top = alt
@@ -970,25 +974,14 @@ def _unbound(best_win: _Window, best: _Fit, fits: dict, scale: float) -> tuple[_
     loose = copy.copy(best_win)
     loose.cfg = _variant(best_win.cfg, max_shift_px=UNBOUND_SHIFT * best_win.cfg.max_shift_px)
     k = len(best.targets)
-    top, nfev = None, 0
-    for f in [best] + [fits[kk] for kk in (k - 1, k + 1) if kk in fits]:
-        free = bool(f.problem.n_psf)
-        alt = _fit(
-            loose,
-            f.targets,
-            f.velocity,
-            f.targets[:, :2],
-            np.zeros(len(f.targets), dtype=bool),
-            scale,
-            0,
-            f.background,
-            f.psf_sigma,
-            free,
+
+    def free(f: _Fit) -> _Fit:
+        anchors, unpulled = f.targets[:, :2], np.zeros(len(f.targets), dtype=bool)
+        return _fit(
+            loose, f.targets, f.velocity, anchors, unpulled, scale, 0, f.background, f.psf_sigma, bool(f.problem.n_psf)
         )
-        nfev += alt.nfev
-        if top is None or alt.ic < top.ic:
-            top = alt
-    return top, nfev
+
+    return _best_refit([best] + [fits[kk] for kk in (k - 1, k + 1) if kk in fits], free)
 
 
 def _stretched(fit: _Fit, reach: float) -> bool:
@@ -1256,11 +1249,7 @@ def position_bound(
     prob = _Problem(win, targets[:, :2], np.zeros(k, dtype=bool), scale)
     theta = np.concatenate([targets[:, :3].T.ravel(), np.asarray(velocity, dtype=np.float64), win.bg0[: win.n_bg]])
     jac = prob.jacobian(theta)
-    cov = _covariance(jac.T @ jac, 2 * k)
-    i = np.arange(k)
-    sx, sy = np.sqrt(np.maximum(cov[i, i], 0.0)), np.sqrt(np.maximum(cov[k + i, k + i], 0.0))
-    rho = np.divide(cov[i, k + i], sx * sy, out=np.zeros(k), where=sx * sy > 0)
-    return np.column_stack([sx, sy, np.clip(rho, -1.0, 1.0)])
+    return _position_spread(_covariance(jac.T @ jac, 2 * k), k)
 
 
 # ------------------------------------------------------------------------------ the problem
@@ -1793,11 +1782,17 @@ class _Fit:
         jac = self.problem.jacobian(self.theta)
         k = len(self.targets)
         cov = _covariance(jac.T @ jac, 3 * k)
-        i = np.arange(k)
-        var_x, var_y, var_a = cov[i, i], cov[k + i, k + i], cov[2 * k + i, 2 * k + i]
-        sx, sy = np.sqrt(np.maximum(var_x, 0.0)), np.sqrt(np.maximum(var_y, 0.0))
-        rho = np.divide(cov[i, k + i], sx * sy, out=np.zeros(k), where=sx * sy > 0)
-        return np.column_stack([sx, sy, np.clip(rho, -1.0, 1.0), np.sqrt(np.maximum(var_a, 0.0))])
+        var_a = cov[2 * k + np.arange(k), 2 * k + np.arange(k)]
+        return np.column_stack([_position_spread(cov, k), np.sqrt(np.maximum(var_a, 0.0))])
+
+
+def _position_spread(cov: np.ndarray, k: int) -> np.ndarray:
+    """(K, 3) rows (sigma_x, sigma_y, rho_xy) of the K targets from a covariance whose first 2K
+    rows are theta's x_1..K, y_1..K."""
+    i = np.arange(k)
+    sx, sy = np.sqrt(np.maximum(cov[i, i], 0.0)), np.sqrt(np.maximum(cov[k + i, k + i], 0.0))
+    rho = np.divide(cov[i, k + i], sx * sy, out=np.zeros(k), where=sx * sy > 0)
+    return np.column_stack([sx, sy, np.clip(rho, -1.0, 1.0)])
 
 
 def _covariance(info: np.ndarray, m: int) -> np.ndarray:
